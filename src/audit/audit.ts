@@ -1,0 +1,84 @@
+import { EventEmitter } from "node:events";
+import type { Logger } from "pino";
+import type { Clock } from "../clock.js";
+import type { NewEvent, Store } from "../store/store.js";
+
+export const AUDIT_EVENTS = [
+  "daemon.started",
+  "daemon.stopping",
+  "daemon.stopped",
+  "session.registered",
+  "session.closed",
+  "session.expired",
+  "reap.started",
+  "reap.step",
+  "reap.finished",
+] as const;
+export type AuditEventName = (typeof AUDIT_EVENTS)[number];
+
+export interface AuditEvent {
+  event: AuditEventName;
+  sessionId?: string | undefined;
+  reason?: string | undefined;
+  step?: string | undefined;
+  outcome?: string | undefined;
+  durationMs?: number | undefined;
+  detail?: Record<string, unknown> | undefined;
+}
+
+export interface RecordedAuditEvent extends AuditEvent {
+  at: number;
+}
+
+/**
+ * The audit trail: each decision is one row in SQLite and one pino JSON line (stdout, so
+ * journald, or a file), and is emitted as a typed event so tests and the daemon's own parts
+ * can wait for it instead of sleeping.
+ *
+ * `record` inside a store transaction persists with that transaction; the line is written
+ * and the event emitted only once the transaction has committed, so the trail never
+ * announces a decision the database does not hold.
+ */
+export class AuditTrail {
+  readonly events = new EventEmitter<{ audit: [RecordedAuditEvent] }>();
+  private pending: RecordedAuditEvent[] | null = null;
+
+  constructor(
+    private readonly store: Store,
+    private readonly log: Logger,
+    private readonly clock: Clock,
+  ) {
+    this.events.setMaxListeners(0);
+  }
+
+  /** Runs `fn` in one transaction; events recorded inside are published after commit. */
+  transaction<T>(fn: () => T): T {
+    if (this.pending !== null) return fn();
+    this.pending = [];
+    let result: T;
+    let committed: RecordedAuditEvent[];
+    try {
+      result = this.store.transaction(fn);
+      committed = this.pending;
+    } finally {
+      this.pending = null;
+    }
+    for (const e of committed) this.publish(e);
+    return result;
+  }
+
+  record(e: AuditEvent): void {
+    const full: RecordedAuditEvent = { ...e, at: this.clock.now() };
+    if (full.durationMs !== undefined) full.durationMs = Math.round(full.durationMs);
+    this.store.insertEvent(full);
+    if (this.pending !== null) this.pending.push(full);
+    else this.publish(full);
+  }
+
+  private publish(e: RecordedAuditEvent): void {
+    const { at, ...fields } = e;
+    void at; // pino stamps the line with the same injected clock (see createLogger)
+    this.log.info(fields, e.event);
+    this.events.emit("audit", e);
+  }
+}

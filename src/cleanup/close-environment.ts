@@ -1,0 +1,78 @@
+import { spawn } from "node:child_process";
+import { performance } from "node:perf_hooks";
+import { errorMessage } from "../errors.js";
+import { liveness } from "../proc/identity.js";
+import { readUid } from "../proc/stat.js";
+import { sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
+
+/**
+ * Asks the engine to shut down gracefully through the profile's close hook (an HTTP POST to
+ * the engine's first registered port on loopback, or an admin-configured argv run as the
+ * engine's uid), then gives it the grace period to exit on its own before `terminate`.
+ */
+export const closeEnvironment: CleanupStep = {
+  name: "close-environment",
+  timeoutMs: (p) => p.stepTimeoutSec * 1000,
+
+  async run(ctx, signal) {
+    const { session, profile } = ctx;
+    const hook = profile.closeHook;
+    if (liveness(session.engine) === "gone") return { ok: true, detail: { skipped: "engine already gone" } };
+    if (hook === null) return { ok: true, detail: { skipped: "the profile has no close hook" } };
+
+    let out: StepOutput;
+    if (hook.kind === "http") {
+      const port = session.ports[0];
+      if (port === undefined) {
+        return { ok: false, detail: { error: "the close hook is an HTTP path but the session registered no port" } };
+      }
+      const url = `http://127.0.0.1:${port}${hook.path}`;
+      const res = await fetch(url, { method: "POST", signal, redirect: "error" });
+      await res.arrayBuffer().catch(() => undefined);
+      out = { ok: res.ok, detail: { hook: "http", url, status: res.status } };
+    } else {
+      out = await runCommand(ctx, hook.argv, signal);
+    }
+    if (!out.ok) return out;
+    const exited = await waitForExit(ctx, signal);
+    return { ok: true, detail: { ...out.detail, engineExited: exited } };
+  },
+};
+
+async function runCommand(ctx: StepContext, argv: readonly string[], signal: AbortSignal): Promise<StepOutput> {
+  const { session } = ctx;
+  const gid = readUid(session.engine.pid, "Gid");
+  const asEngineUser = process.geteuid?.() === 0 && session.engine.uid !== 0 && gid !== null;
+  const [file, ...args] = argv as [string, ...string[]];
+  const code = await new Promise<number | string>((resolve) => {
+    const child = spawn(file, args, {
+      stdio: ["ignore", "ignore", "pipe"],
+      signal,
+      killSignal: "SIGKILL",
+      env: {
+        PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        SESSION_ID: session.id,
+        ENGINE_PID: String(session.engine.pid),
+        SESSION_PORTS: session.ports.join(","),
+        SESSION_PATHS: session.paths.join(":"),
+      },
+      ...(asEngineUser ? { uid: session.engine.uid, gid: gid ?? undefined } : {}),
+    });
+    let stderr = "";
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr = (stderr + d).slice(-2048)));
+    child.on("error", (err) => resolve(errorMessage(err)));
+    child.on("close", (c, sig) => resolve(c ?? `killed by ${sig}`));
+    child.on("close", () => stderr && ctx.log.info({ stderr: stderr.trim() }, "close hook stderr"));
+  });
+  return { ok: code === 0, detail: { hook: "command", argv, exit: code } };
+}
+
+/** Polls until the engine is gone, the grace period ends, or the step's own time runs out. */
+async function waitForExit(ctx: StepContext, signal: AbortSignal): Promise<boolean> {
+  const until = Math.min(performance.now() + ctx.profile.gracePeriodSec * 1000, ctx.deadline - 100);
+  while (!signal.aborted && performance.now() < until) {
+    if (liveness(ctx.session.engine) === "gone") return true;
+    await sleep(Math.min(50, until - performance.now()));
+  }
+  return liveness(ctx.session.engine) === "gone";
+}

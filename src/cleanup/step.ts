@@ -1,0 +1,35 @@
+import type { Logger } from "pino";
+import type { Profile } from "../config/load.js";
+import type { Leftover, Session, StepName, StepResult } from "../sessions/types.js";
+
+export interface StepContext {
+  readonly session: Session;
+  readonly profile: Profile;
+  /** Bound to sessionId and step. */
+  readonly log: Logger;
+  readonly daemonPid: number;
+  /** Results of the steps already journaled for this session (also from before a restart). */
+  readonly journal: ReadonlyMap<StepName, StepResult>;
+  /** performance.now() value by which the step must have returned. */
+  readonly deadline: number;
+}
+
+export interface StepOutput {
+  /** The step did what it is for (leftovers may still be reported, e.g. an outsider's port). */
+  readonly ok: boolean;
+  readonly detail: Record<string, unknown>;
+  readonly leftovers?: Leftover[];
+}
+
+/**
+ * One step of the cleanup pipeline. A step is idempotent (already done = success), never
+ * throws past the runner (which catches and records anyway), and honours `signal`, which
+ * aborts when its own timeout passes.
+ */
+export interface CleanupStep {
+  readonly name: StepName;
+  timeoutMs(profile: Profile): number;
+  run(ctx: StepContext, signal: AbortSignal): Promise<StepOutput>;
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, Math.max(0, ms)));

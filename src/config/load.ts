@@ -1,0 +1,213 @@
+import { existsSync, readFileSync } from "node:fs";
+import { isAbsolute, join, normalize, resolve } from "node:path";
+import { Ajv, type ErrorObject } from "ajv";
+import { Cron } from "croner";
+import { parse as parseToml } from "smol-toml";
+import { ReaperError, errorMessage } from "../errors.js";
+import { DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
+
+export type CloseHook = { kind: "http"; path: string } | { kind: "command"; argv: readonly string[] };
+
+export interface Profile {
+  readonly name: string;
+  readonly heartbeatTimeoutSec: number;
+  readonly idleTimeoutSec: number;
+  /** 0 means no maximum lifetime. */
+  readonly maxLifetimeSec: number;
+  readonly gracePeriodSec: number;
+  readonly stepTimeoutSec: number;
+  readonly allowedRoots: readonly string[];
+  readonly closeHook: CloseHook | null;
+}
+
+export type LogLevel = "fatal" | "error" | "warn" | "info" | "debug" | "trace" | "silent";
+
+export interface Config {
+  /** The file this came from, or null when running on embedded defaults. */
+  readonly source: string | null;
+  readonly api: { readonly socket: string; readonly socketMode: number; readonly bodyLimitBytes: number };
+  readonly store: { readonly path: string; readonly flushIntervalMs: number };
+  readonly log: { readonly level: LogLevel; readonly file: string };
+  readonly detect: { readonly livenessSchedule: string };
+  readonly reaper: { readonly concurrency: number; readonly shutdownGraceSec: number };
+  readonly profiles: Readonly<Record<string, Profile>>;
+}
+
+export const DEFAULT_CONFIG_PATH = "/etc/session-reaper/config.toml";
+
+export interface LoadOptions {
+  /** `--config FILE`; wins over REAPER_CONFIG. */
+  configPath?: string | undefined;
+  env: Readonly<Record<string, string | undefined>>;
+  cwd: string;
+}
+
+const validate = new Ajv({ allErrors: true, strict: true }).compile(configSchema);
+
+/** "/profiles/gpu/grace_period_sec" -> "profiles.gpu.grace_period_sec" */
+function keyOf(err: ErrorObject): string {
+  const base = err.instancePath.split("/").filter(Boolean).join(".");
+  const extra =
+    err.keyword === "additionalProperties"
+      ? (err.params as { additionalProperty: string }).additionalProperty
+      : err.keyword === "propertyNames"
+        ? (err.params as { propertyName: string }).propertyName
+        : "";
+  return [base, extra].filter(Boolean).join(".") || "(top level)";
+}
+
+function describe(err: ErrorObject): string {
+  if (err.keyword === "additionalProperties") return `${keyOf(err)}: unknown key`;
+  if (err.keyword === "propertyNames") return `${keyOf(err)}: invalid profile name`;
+  return `${keyOf(err)}: ${err.message ?? "invalid"}`;
+}
+
+function configFile(opts: LoadOptions): string | null {
+  const explicit = opts.configPath ?? opts.env.REAPER_CONFIG;
+  if (explicit) return resolve(opts.cwd, explicit);
+  const candidates = [DEFAULT_CONFIG_PATH];
+  if (opts.env.CONFIGURATION_DIRECTORY) candidates.unshift(join(opts.env.CONFIGURATION_DIRECTORY, "config.toml"));
+  return candidates.find((p) => existsSync(p)) ?? null;
+}
+
+/** Reads, validates and freezes the configuration. Throws SR_CONFIG_INVALID naming the key. */
+export function loadConfig(opts: LoadOptions): Config {
+  const file = configFile(opts);
+  let raw: Record<string, unknown> = {};
+  if (file !== null) {
+    let text: string;
+    try {
+      text = readFileSync(file, "utf8");
+    } catch (err) {
+      throw new ReaperError("SR_CONFIG_INVALID", `cannot read config file ${file}: ${errorMessage(err)}`);
+    }
+    try {
+      raw = parseToml(text);
+    } catch (err) {
+      throw new ReaperError("SR_CONFIG_INVALID", `${file}: not valid TOML: ${errorMessage(err)}`);
+    }
+  }
+  return buildConfig(raw, file, opts);
+}
+
+type Raw = {
+  api?: { socket?: string; socket_mode?: string; body_limit_bytes?: number };
+  store?: { path?: string; flush_interval_ms?: number };
+  log?: { level?: LogLevel; file?: string };
+  detect?: { liveness_schedule?: string };
+  reaper?: { concurrency?: number; shutdown_grace_sec?: number };
+  profiles?: Record<string, RawProfile>;
+};
+type RawProfile = {
+  heartbeat_timeout_sec?: number;
+  idle_timeout_sec?: number;
+  max_lifetime_sec?: number;
+  grace_period_sec?: number;
+  step_timeout_sec?: number;
+  allowed_roots?: string[];
+  close_hook?: string | string[];
+};
+
+/** Validates an already-parsed document (exported for tests and for embedding). */
+export function buildConfig(doc: Record<string, unknown>, source: string | null, opts: LoadOptions): Config {
+  const where = source ?? "configuration";
+  if (!validate(doc)) {
+    const lines = (validate.errors ?? []).map(describe);
+    throw new ReaperError("SR_CONFIG_INVALID", `${where}: ${[...new Set(lines)].join("; ")}`);
+  }
+  const raw = doc as Raw;
+  const env = opts.env;
+
+  const level = env.REAPER_LOG_LEVEL ?? raw.log?.level ?? DEFAULTS.log.level;
+  const levels = configSchema.properties.log.properties.level.enum as readonly string[];
+  if (!levels.includes(level)) {
+    throw new ReaperError("SR_CONFIG_INVALID", `REAPER_LOG_LEVEL: must be one of ${levels.join(", ")}`);
+  }
+
+  const schedule = raw.detect?.liveness_schedule ?? DEFAULTS.detect.liveness_schedule;
+  try {
+    new Cron(schedule, { paused: true }).stop();
+  } catch (err) {
+    throw new ReaperError("SR_CONFIG_INVALID", `${where}: detect.liveness_schedule: ${errorMessage(err)}`);
+  }
+
+  // systemd's RuntimeDirectory= / StateDirectory= may list several dirs separated by ':'.
+  const firstDir = (v: string | undefined): string | undefined => v?.split(":")[0] || undefined;
+  const socket =
+    env.REAPER_SOCKET ?? raw.api?.socket ?? join(firstDir(env.RUNTIME_DIRECTORY) ?? opts.cwd, "reaper.sock");
+  const dbPath = env.REAPER_DB ?? raw.store?.path ?? join(firstDir(env.STATE_DIRECTORY) ?? opts.cwd, "reaper.db");
+  if (!isAbsolute(socket)) {
+    throw new ReaperError("SR_CONFIG_INVALID", `REAPER_SOCKET: must be an absolute path`);
+  }
+
+  const rawProfiles = raw.profiles ?? {};
+  const baseRaw = rawProfiles.default ?? {};
+  const profiles: Record<string, Profile> = {};
+  for (const name of new Set(["default", ...Object.keys(rawProfiles)])) {
+    profiles[name] = buildProfile(name, { ...PROFILE_DEFAULTS, ...baseRaw, ...rawProfiles[name] }, where);
+  }
+
+  return deepFreeze({
+    source,
+    api: {
+      socket,
+      socketMode: parseInt(raw.api?.socket_mode ?? DEFAULTS.api.socket_mode, 8),
+      bodyLimitBytes: raw.api?.body_limit_bytes ?? DEFAULTS.api.body_limit_bytes,
+    },
+    store: {
+      path: dbPath === ":memory:" ? dbPath : resolve(opts.cwd, dbPath),
+      flushIntervalMs: raw.store?.flush_interval_ms ?? DEFAULTS.store.flush_interval_ms,
+    },
+    log: { level: level as LogLevel, file: raw.log?.file ?? DEFAULTS.log.file },
+    detect: { livenessSchedule: schedule },
+    reaper: {
+      concurrency: raw.reaper?.concurrency ?? DEFAULTS.reaper.concurrency,
+      shutdownGraceSec: raw.reaper?.shutdown_grace_sec ?? DEFAULTS.reaper.shutdown_grace_sec,
+    },
+    profiles,
+  });
+}
+
+function buildProfile(
+  name: string,
+  p: Required<Omit<RawProfile, "close_hook" | "allowed_roots">> & {
+    allowed_roots: readonly string[];
+    close_hook?: string | string[];
+  },
+  where: string,
+): Profile {
+  const roots = p.allowed_roots.map((r) => {
+    const n = normalize(r).replace(/\/+$/, "");
+    if (n !== r.replace(/\/+$/, "") || n === "" || n === "/") {
+      throw new ReaperError(
+        "SR_CONFIG_INVALID",
+        `${where}: profiles.${name}.allowed_roots: "${r}" must be a normalized absolute path other than /`,
+      );
+    }
+    return n;
+  });
+  const hook = p.close_hook;
+  return {
+    name,
+    heartbeatTimeoutSec: p.heartbeat_timeout_sec,
+    idleTimeoutSec: p.idle_timeout_sec,
+    maxLifetimeSec: p.max_lifetime_sec,
+    gracePeriodSec: p.grace_period_sec,
+    stepTimeoutSec: p.step_timeout_sec,
+    allowedRoots: roots,
+    closeHook:
+      hook === undefined
+        ? null
+        : typeof hook === "string"
+          ? { kind: "http", path: hook }
+          : { kind: "command", argv: hook },
+  };
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value !== null && typeof value === "object") {
+    for (const v of Object.values(value)) deepFreeze(v);
+    Object.freeze(value);
+  }
+  return value;
+}

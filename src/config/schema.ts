@@ -1,0 +1,99 @@
+/**
+ * The configuration file's schema and every default, in one place. The file is TOML with
+ * snake_case keys; the rest of the code sees the camelCase `Config` built by load.ts.
+ */
+export const PROFILE_DEFAULTS = {
+  heartbeat_timeout_sec: 30,
+  idle_timeout_sec: 3600,
+  max_lifetime_sec: 0,
+  grace_period_sec: 10,
+  step_timeout_sec: 30,
+  allowed_roots: ["/tmp", "/var/tmp"],
+} as const;
+
+export const DEFAULTS = {
+  api: { socket_mode: "0660", body_limit_bytes: 65536 },
+  store: { flush_interval_ms: 1000 },
+  log: { level: "info", file: "" },
+  detect: { liveness_schedule: "*/2 * * * * *" },
+  reaper: { concurrency: 8, shutdown_grace_sec: 20 },
+} as const;
+
+const seconds = (minimum: number) => ({ type: "integer", minimum, maximum: 10 * 365 * 86400 });
+
+const profileSchema = {
+  type: "object",
+  additionalProperties: false,
+  properties: {
+    heartbeat_timeout_sec: seconds(1),
+    idle_timeout_sec: seconds(1),
+    max_lifetime_sec: seconds(0),
+    grace_period_sec: { type: "number", minimum: 0, maximum: 3600 },
+    step_timeout_sec: { type: "number", minimum: 0.1, maximum: 3600 },
+    allowed_roots: {
+      type: "array",
+      items: { type: "string", pattern: "^/", minLength: 2 },
+      uniqueItems: true,
+    },
+    close_hook: {
+      oneOf: [
+        // An HTTP path POSTed to the engine's first registered port on loopback.
+        { type: "string", pattern: "^/[^\\s]*$", maxLength: 1024 },
+        // An argv run by the daemon, as the session's uid.
+        { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
+      ],
+    },
+  },
+} as const;
+
+export const configSchema = {
+  type: "object",
+  additionalProperties: false,
+  properties: {
+    api: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        socket: { type: "string", pattern: "^/", minLength: 2 },
+        socket_mode: { type: "string", pattern: "^0?[0-7]{3}$" },
+        body_limit_bytes: { type: "integer", minimum: 1024, maximum: 16777216 },
+      },
+    },
+    store: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        path: { type: "string", minLength: 1 },
+        flush_interval_ms: { type: "integer", minimum: 10, maximum: 60000 },
+      },
+    },
+    log: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        level: { enum: ["fatal", "error", "warn", "info", "debug", "trace", "silent"] },
+        file: { type: "string" },
+      },
+    },
+    detect: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        liveness_schedule: { type: "string", minLength: 1 },
+      },
+    },
+    reaper: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        concurrency: { type: "integer", minimum: 1, maximum: 1024 },
+        shutdown_grace_sec: { type: "number", minimum: 0, maximum: 3600 },
+      },
+    },
+    profiles: {
+      type: "object",
+      propertyNames: { pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$" },
+      additionalProperties: profileSchema,
+    },
+  },
+} as const;

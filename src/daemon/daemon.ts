@@ -1,0 +1,210 @@
+import { readFileSync } from "node:fs";
+import type { FastifyInstance } from "fastify";
+import pidusage from "pidusage";
+import type { DestinationStream, Logger } from "pino";
+import { AuditTrail } from "../audit/audit.js";
+import { createLogger, type Loggers } from "../audit/logger.js";
+import { systemClock, type Clock } from "../clock.js";
+import type { Config } from "../config/load.js";
+import { Detector, type LiveSession } from "../detect/detector.js";
+import { buildServer, type DaemonInfo } from "../http/server.js";
+import { Reaper } from "../reaper/reaper.js";
+import { Sessions } from "../sessions/sessions.js";
+import { deadlineOf } from "../detect/deadline.js";
+import { Store } from "../store/store.js";
+
+export const VERSION = (
+  JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }
+).version;
+
+/** Rows per heartbeat flush transaction: keeps each event-loop block to a few ms. */
+const FLUSH_CHUNK = 500;
+
+export type DaemonState = "starting" | "running" | "shutting_down" | "stopped";
+
+export interface DaemonOptions {
+  config: Config;
+  clock?: Clock;
+  /** Where log and audit lines go; default: the configured file or stdout. */
+  logStream?: DestinationStream;
+  /** The daemon's own pid, never signalled. */
+  pid?: number;
+}
+
+/**
+ * Wires the parts together and owns the lifecycle: start (migrations, recovery, resume),
+ * stop (SHUTTING_DOWN first, keep serving, finish or pause reaps, flush, close).
+ */
+export class Daemon {
+  readonly config: Config;
+  readonly clock: Clock;
+  readonly loggers: Loggers;
+  readonly log: Logger;
+  readonly store: Store;
+  readonly audit: AuditTrail;
+  readonly detector: Detector;
+  readonly reaper: Reaper;
+  readonly sessions: Sessions;
+  readonly app: FastifyInstance;
+  private stateValue: DaemonState = "starting";
+  private startedAt = 0;
+  private flushTimer: NodeJS.Timeout | null = null;
+  private flushing: Promise<void> | null = null;
+
+  constructor(opts: DaemonOptions) {
+    const config = opts.config;
+    const clock = opts.clock ?? systemClock;
+    const daemonPid = opts.pid ?? process.pid;
+    this.config = config;
+    this.clock = clock;
+    this.loggers = createLogger({ level: config.log.level, file: config.log.file, clock, stream: opts.logStream });
+    this.log = this.loggers.log;
+    this.store = new Store(config.store.path, clock.now());
+    this.audit = new AuditTrail(this.store, this.loggers.audit, clock);
+    this.reaper = new Reaper({ store: this.store, audit: this.audit, clock, log: this.log, config, daemonPid });
+    this.detector = new Detector(clock, config.detect.livenessSchedule, this.log, (id, reason, detail) =>
+      this.sessions.expire(id, reason, detail),
+    );
+    this.sessions = new Sessions({
+      store: this.store,
+      audit: this.audit,
+      detector: this.detector,
+      reaper: this.reaper,
+      clock,
+      config,
+      daemonPid,
+      accepting: () => this.stateValue === "running" || this.stateValue === "starting",
+    });
+    this.app = buildServer({
+      sessions: this.sessions,
+      store: this.store,
+      log: this.log,
+      bodyLimitBytes: config.api.bodyLimitBytes,
+      info: () => this.info(),
+    });
+  }
+
+  get state(): DaemonState {
+    return this.stateValue;
+  }
+
+  info(): DaemonInfo {
+    return {
+      state: this.stateValue === "running" || this.stateValue === "starting" ? "running" : "shutting_down",
+      version: VERSION,
+      startedAt: new Date(this.startedAt).toISOString(),
+      ready: this.stateValue === "running",
+    };
+  }
+
+  /**
+   * Recovery follows the restart rule: live sessions get their time-based clocks restarted
+   * from now (downtime never counts against them); those whose engine or owner died
+   * meanwhile are reaped at once; reaps left unfinished resume.
+   */
+  async start(): Promise<void> {
+    const now = this.clock.now();
+    this.startedAt = now;
+    await this.app.ready();
+    const resumed = this.reaper.resumeAll();
+    const recovered = this.store.sessionsInState("live");
+    for (const s of recovered) {
+      const live: LiveSession = {
+        id: s.id,
+        engine: s.engine,
+        ownerPid: s.ownerPid,
+        createdAt: s.createdAt,
+        lastHeartbeatAt: s.lastHeartbeatAt,
+        lastActivityAt: s.lastActivityAt,
+        heartbeatTimeoutSec: s.heartbeatTimeoutSec,
+        idleTimeoutSec: s.idleTimeoutSec,
+        maxLifetimeSec: s.maxLifetimeSec,
+        recoveredAt: now,
+        dirty: true, // the recomputed deadline reaches SQLite at the next flush
+      };
+      this.detector.add(live);
+    }
+    const goneAtStart = this.detector.checkLiveness();
+    this.detector.start();
+    this.flushTimer = setInterval(() => void this.flushHeartbeats(), this.config.store.flushIntervalMs);
+    this.flushTimer.unref();
+    this.stateValue = "running";
+    this.audit.record({
+      event: "daemon.started",
+      detail: {
+        version: VERSION,
+        pid: process.pid,
+        config: this.config.source,
+        database: this.config.store.path,
+        socket: this.config.api.socket,
+        recovered: recovered.length,
+        resumedReaps: resumed,
+        reapedAtStart: goneAtStart,
+      },
+    });
+  }
+
+  /**
+   * Graceful stop (Trino's lesson): report shutting_down first and keep answering heartbeats
+   * and reads; take no new sessions; never expire a live session because we stop; let
+   * in-flight reaps finish within the grace budget, or pause them at a step boundary to
+   * resume at the next start; then flush, close the socket and the database.
+   */
+  async stop(): Promise<void> {
+    if (this.stateValue === "shutting_down" || this.stateValue === "stopped") return;
+    this.stateValue = "shutting_down";
+    this.audit.record({
+      event: "daemon.stopping",
+      detail: { inFlightReaps: this.reaper.inFlight, queuedReaps: this.reaper.pending },
+    });
+    this.detector.stop();
+    await this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000);
+    if (this.flushTimer) clearInterval(this.flushTimer);
+    await this.flushing;
+    this.flushAllNow();
+    await this.app.close();
+    this.audit.record({ event: "daemon.stopped", detail: { counts: this.store.counts() } });
+    this.store.close();
+    pidusage.clear();
+    this.stateValue = "stopped";
+    this.loggers.flush();
+  }
+
+  /** Writes coalesced heartbeats in chunks, yielding to the event loop between chunks. */
+  flushHeartbeats(): Promise<void> {
+    this.flushing ??= (async () => {
+      try {
+        const dirty = this.takeDirty();
+        for (let i = 0; i < dirty.length; i += FLUSH_CHUNK) {
+          if (!this.store.db.open) return;
+          this.store.writeHeartbeats(dirty.slice(i, i + FLUSH_CHUNK));
+          await new Promise((r) => setImmediate(r));
+        }
+      } catch (err) {
+        this.log.error({ err }, "heartbeat flush failed");
+      } finally {
+        this.flushing = null;
+      }
+    })();
+    return this.flushing;
+  }
+
+  private flushAllNow(): void {
+    if (this.store.db.open) this.store.writeHeartbeats(this.takeDirty());
+  }
+
+  private takeDirty() {
+    const out = [];
+    for (const s of this.detector.live.values()) {
+      if (!s.dirty) continue;
+      s.dirty = false;
+      out.push({
+        id: s.id,
+        lastHeartbeatAt: s.lastHeartbeatAt,
+        lastActivityAt: s.lastActivityAt,
+        deadline: deadlineOf(s).at,
+      });
+    }
+    return out;
+  }
+}

@@ -1,0 +1,124 @@
+import { Cron } from "croner";
+import type { Logger } from "pino";
+import type { Clock } from "../clock.js";
+import { liveness } from "../proc/identity.js";
+import type { ProcessIdentity, Reason } from "../sessions/types.js";
+import { deadlineOf, type Timing } from "./deadline.js";
+import { DeadlineHeap } from "./heap.js";
+
+/** The in-memory view of a live session: all that heartbeats and detection touch. */
+export interface LiveSession extends Timing {
+  readonly id: string;
+  readonly engine: ProcessIdentity;
+  readonly ownerPid: ProcessIdentity | null;
+  /** Heartbeat fields changed since the last flush to SQLite. */
+  dirty: boolean;
+}
+
+export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
+
+/**
+ * Finds sessions that are due. Time-based: a min-heap of deadlines and one timer armed for
+ * the earliest, so expiry starts within milliseconds of the deadline instead of on a coarse
+ * poll. Heartbeats never touch the heap (they only move a session's deadline later): when an
+ * entry comes due, the session's current deadline is computed, and the entry is pushed back
+ * if it moved. Evidence-based: a croner job checks that every engine and owner process
+ * still has the identity it registered with.
+ */
+export class Detector {
+  readonly live = new Map<string, LiveSession>();
+  private readonly heap = new DeadlineHeap();
+  private cancelTimer: (() => void) | null = null;
+  private armedAt = Number.POSITIVE_INFINITY;
+  private cron: Cron | null = null;
+  private running = false;
+
+  constructor(
+    private readonly clock: Clock,
+    private readonly livenessSchedule: string,
+    private readonly log: Logger,
+    private readonly expire: ExpireFn,
+  ) {}
+
+  add(s: LiveSession): void {
+    this.live.set(s.id, s);
+    this.heap.push(deadlineOf(s).at, s.id);
+    if (this.running) this.arm();
+  }
+
+  /** Drops a session (fenced); its heap entry is discarded when it comes due. */
+  remove(id: string): void {
+    this.live.delete(id);
+  }
+
+  /** A heartbeat: O(1), in memory. `busy` moves activity too. */
+  heartbeat(id: string, busy: boolean): LiveSession | undefined {
+    const s = this.live.get(id);
+    if (s === undefined) return undefined;
+    const now = this.clock.now();
+    s.lastHeartbeatAt = now;
+    if (busy) s.lastActivityAt = now;
+    s.dirty = true;
+    return s;
+  }
+
+  start(): void {
+    this.running = true;
+    this.arm();
+    this.cron = new Cron(this.livenessSchedule, { protect: true, name: "liveness" }, () => {
+      this.checkLiveness();
+    });
+  }
+
+  stop(): void {
+    this.running = false;
+    this.cancelTimer?.();
+    this.cancelTimer = null;
+    this.armedAt = Number.POSITIVE_INFINITY;
+    this.cron?.stop();
+    this.cron = null;
+  }
+
+  /** Expires every session whose deadline has passed; re-queues those that moved. */
+  expireDue(): void {
+    const now = this.clock.now();
+    for (let top = this.heap.peekAt(); top !== undefined && top <= now; top = this.heap.peekAt()) {
+      const entry = this.heap.pop() as { at: number; id: string };
+      const s = this.live.get(entry.id);
+      if (s === undefined) continue;
+      const d = deadlineOf(s);
+      if (d.at <= now) {
+        this.expire(s.id, d.reason, { deadline: new Date(d.at).toISOString(), lagMs: now - d.at });
+      } else {
+        this.heap.push(d.at, s.id);
+      }
+    }
+    if (this.running) this.arm();
+  }
+
+  /** Evidence-based expiry: engine or owner process gone (exited, zombie, or pid reused). */
+  checkLiveness(): number {
+    const due: [string, Reason, ProcessIdentity][] = [];
+    for (const s of this.live.values()) {
+      if (liveness(s.engine) === "gone") due.push([s.id, "engine_gone", s.engine]);
+      else if (s.ownerPid !== null && liveness(s.ownerPid) === "gone") due.push([s.id, "owner_gone", s.ownerPid]);
+    }
+    for (const [id, reason, proc] of due) {
+      if (this.live.has(id)) this.expire(id, reason, { pid: proc.pid });
+    }
+    if (due.length > 0) this.log.debug({ expired: due.length }, "liveness check");
+    return due.length;
+  }
+
+  private arm(): void {
+    const next = this.heap.peekAt();
+    if (next === undefined || next >= this.armedAt) return;
+    this.cancelTimer?.();
+    this.armedAt = next;
+    this.cancelTimer = this.clock.at(next, () => {
+      this.cancelTimer = null;
+      this.armedAt = Number.POSITIVE_INFINITY;
+      this.expireDue();
+    });
+  }
+}

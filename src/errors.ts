@@ -1,0 +1,50 @@
+/**
+ * Every error the daemon reports has a stable code and an HTTP status, kept here in one
+ * place (as fastify's lib/errors.js does). Clients and tests match on `code`, never on
+ * the message, so messages may be improved freely; codes are a contract.
+ */
+export const ERRORS = {
+  SR_BAD_REQUEST: { status: 400, summary: "the request does not match the route's schema" },
+  SR_INVALID_JSON: { status: 400, summary: "the body is not valid JSON" },
+  SR_BODY_TOO_LARGE: { status: 413, summary: "the body exceeds the size cap" },
+  SR_UNSUPPORTED_MEDIA_TYPE: { status: 415, summary: "the body must be application/json" },
+  SR_ROUTE_NOT_FOUND: { status: 404, summary: "no such route" },
+  SR_INVALID_PID: { status: 400, summary: "the pid may not be managed (pid <= 1, the daemon, a kernel thread)" },
+  SR_PROCESS_NOT_FOUND: { status: 400, summary: "no live process has this pid" },
+  SR_INVALID_PATH: { status: 400, summary: "the path is not absolute and normalized, or is a root itself" },
+  SR_PATH_SYMLINK: { status: 400, summary: "a component of the path is a symbolic link" },
+  SR_PATH_OUTSIDE_ROOT: { status: 400, summary: "the path is not below one of the profile's allowed roots" },
+  SR_PATH_NOT_OWNED: { status: 400, summary: "the path is not owned by the engine's uid" },
+  SR_PATH_OTHER_FS: { status: 400, summary: "the path is on another file system than its allowed root" },
+  SR_UNKNOWN_PROFILE: { status: 400, summary: "no profile has this name" },
+  SR_TIMEOUT_ABOVE_MAX: { status: 400, summary: "a requested timeout exceeds the profile's maximum" },
+  SR_SESSION_EXISTS: { status: 409, summary: "a session with this id already exists" },
+  SR_SESSION_NOT_FOUND: { status: 404, summary: "no session has this id" },
+  SR_SESSION_FENCED: { status: 409, summary: "the session is being reaped or was reaped" },
+  SR_SESSION_NOT_LIVE: { status: 409, summary: "the session is no longer live" },
+  SR_INVALID_CURSOR: { status: 400, summary: "the list cursor is malformed" },
+  SR_SHUTTING_DOWN: { status: 503, summary: "the daemon is shutting down and takes no new sessions" },
+  SR_INTERNAL: { status: 500, summary: "an unexpected error; see the daemon's log" },
+  SR_CONFIG_INVALID: { status: 500, summary: "the configuration is invalid" },
+  SR_DAEMON_UNREACHABLE: { status: 503, summary: "the daemon's socket cannot be reached (CLI only)" },
+} as const;
+
+export type ErrorCode = keyof typeof ERRORS;
+
+export class ReaperError extends Error {
+  readonly code: ErrorCode;
+  readonly status: number;
+  readonly detail: Record<string, unknown> | undefined;
+
+  constructor(code: ErrorCode, message: string, detail?: Record<string, unknown>) {
+    super(message);
+    this.name = "ReaperError";
+    this.code = code;
+    this.status = ERRORS[code].status;
+    this.detail = detail;
+  }
+}
+
+export function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,0 +1,40 @@
+import { chmodSync, lstatSync, mkdirSync, unlinkSync } from "node:fs";
+import { connect } from "node:net";
+import { dirname } from "node:path";
+import type { FastifyInstance } from "fastify";
+import { ReaperError } from "../errors.js";
+
+/** True if something accepts connections on this unix socket. */
+function socketAnswers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = connect({ path });
+    c.once("connect", () => (c.destroy(), resolve(true)));
+    c.once("error", () => resolve(false));
+  });
+}
+
+/**
+ * Listens on a unix socket with the given mode. A stale socket file left by a crashed daemon
+ * is replaced; a socket another daemon still answers on is not (two daemons on one host
+ * would both reap the same engines).
+ */
+export async function listenUnix(app: FastifyInstance, path: string, mode: number): Promise<void> {
+  mkdirSync(dirname(path), { recursive: true });
+  let existing;
+  try {
+    existing = lstatSync(path);
+  } catch {
+    existing = null;
+  }
+  if (existing !== null) {
+    if (!existing.isSocket()) {
+      throw new ReaperError("SR_CONFIG_INVALID", `api.socket: ${path} exists and is not a socket`);
+    }
+    if (await socketAnswers(path)) {
+      throw new ReaperError("SR_CONFIG_INVALID", `api.socket: another daemon is already listening on ${path}`);
+    }
+    unlinkSync(path);
+  }
+  await app.listen({ path });
+  chmodSync(path, mode);
+}

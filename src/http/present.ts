@@ -1,0 +1,58 @@
+import type { EngineUsage } from "../sessions/sessions.js";
+import type { Session, StepResult } from "../sessions/types.js";
+import type { StoredEvent } from "../store/store.js";
+
+const iso = (ms: number | null): string | null => (ms === null ? null : new Date(ms).toISOString());
+
+/** The session as the API shows it: DESIGN.md's names, times in ISO 8601 UTC. */
+export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: EngineUsage | null) {
+  return {
+    id: s.id,
+    profile: s.profile,
+    owner: s.owner,
+    engine: s.engine,
+    ownerPid: s.ownerPid,
+    ports: s.ports,
+    paths: s.paths,
+    labels: s.labels,
+    heartbeatTimeoutSec: s.heartbeatTimeoutSec,
+    idleTimeoutSec: s.idleTimeoutSec,
+    maxLifetimeSec: s.maxLifetimeSec,
+    state: s.state,
+    reason: s.reason,
+    outcome: s.outcome,
+    leftovers: s.leftovers,
+    createdAt: iso(s.createdAt),
+    lastHeartbeatAt: iso(s.lastHeartbeatAt),
+    lastActivityAt: iso(s.lastActivityAt),
+    deadline: iso(s.deadline),
+    reapStartedAt: iso(s.reapStartedAt),
+    reapedAt: iso(s.reapedAt),
+    ...(steps === undefined ? {} : { steps: steps.map(stepJson) }),
+    ...(usage === undefined ? {} : { usage }),
+  };
+}
+
+export function stepJson(r: StepResult) {
+  return {
+    name: r.name,
+    outcome: r.outcome,
+    startedAt: iso(r.startedAt),
+    durationMs: Math.round(r.durationMs),
+    detail: r.detail,
+  };
+}
+
+export function eventJson(e: StoredEvent) {
+  return {
+    seq: e.seq,
+    time: iso(e.at),
+    event: e.event,
+    sessionId: e.sessionId,
+    reason: e.reason,
+    step: e.step,
+    outcome: e.outcome,
+    durationMs: e.durationMs,
+    detail: e.detail,
+  };
+}

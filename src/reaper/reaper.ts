@@ -1,0 +1,240 @@
+import { performance } from "node:perf_hooks";
+import type { Logger } from "pino";
+import type { AuditTrail } from "../audit/audit.js";
+import { closeEnvironment } from "../cleanup/close-environment.js";
+import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
+import { removePaths } from "../cleanup/remove-paths.js";
+import type { CleanupStep, StepOutput } from "../cleanup/step.js";
+import { terminate } from "../cleanup/terminate.js";
+import type { Clock } from "../clock.js";
+import type { Config, Profile } from "../config/load.js";
+import { errorMessage } from "../errors.js";
+import type { Leftover, Outcome, Reason, Session, StepName, StepResult } from "../sessions/types.js";
+import type { Store } from "../store/store.js";
+
+/** DESIGN.md's order. `fence` happens in `begin`, `finish` closes the pipeline. */
+export const CLEANUP_STEPS: readonly CleanupStep[] = [
+  closeEnvironment,
+  terminate,
+  releaseConnectionsAndPorts,
+  removePaths,
+];
+
+const POSITION: Record<StepName, number> = {
+  fence: 0,
+  "close-environment": 1,
+  terminate: 2,
+  "release-connections-and-ports": 3,
+  "remove-paths": 4,
+  finish: 5,
+};
+
+class StepTimeout extends Error {}
+
+export interface ReaperDeps {
+  store: Store;
+  audit: AuditTrail;
+  clock: Clock;
+  log: Logger;
+  config: Config;
+  daemonPid: number;
+}
+
+/**
+ * Runs the cleanup pipeline for fenced sessions, at most `reaper.concurrency` at a time.
+ * Every step's result is journaled before the next starts, so a daemon killed mid-reap
+ * resumes after the last journaled step (`resumeAll`).
+ */
+export class Reaper {
+  private readonly queue: string[] = [];
+  private readonly queued = new Set<string>();
+  private readonly running = new Map<string, Promise<void>>();
+  /** No new pipeline starts (shutdown). */
+  private stopping = false;
+  /** Running pipelines stop at their next step boundary (shutdown grace exhausted). */
+  private halted = false;
+
+  constructor(private readonly deps: ReaperDeps) {}
+
+  get inFlight(): number {
+    return this.running.size;
+  }
+
+  get pending(): number {
+    return this.queue.length;
+  }
+
+  /**
+   * The fence: commits `reaping` (with the audit rows) before anything acts, so from this
+   * moment heartbeats answer 409 and the session cannot come back. Returns false if the
+   * session was not live (already fenced by someone else: nothing to do).
+   */
+  begin(id: string, reason: Reason, detail: Record<string, unknown> = {}): boolean {
+    const { store, audit, clock } = this.deps;
+    const now = clock.now();
+    const fenced = audit.transaction(() => {
+      if (!store.fence(id, reason, now)) return false;
+      audit.record({
+        event: reason === "closed" ? "session.closed" : "session.expired",
+        sessionId: id,
+        reason,
+        detail,
+      });
+      audit.record({ event: "reap.started", sessionId: id, reason });
+      const fence: StepResult = { name: "fence", outcome: "ok", startedAt: now, durationMs: 0, detail: {} };
+      store.recordStep(id, POSITION.fence, fence);
+      audit.record({ event: "reap.step", sessionId: id, reason, step: "fence", outcome: "ok", durationMs: 0 });
+      return true;
+    });
+    if (fenced) this.enqueue(id);
+    return fenced;
+  }
+
+  /** Re-queues every session left in `reaping` by an earlier run of the daemon. */
+  resumeAll(): number {
+    const left = this.deps.store.sessionsInState("reaping");
+    for (const s of left) this.enqueue(s.id);
+    return left.length;
+  }
+
+  /**
+   * Shutdown: start nothing new; let running pipelines finish within `graceMs`, then make
+   * them stop at their next step boundary. What did not finish resumes at the next start.
+   */
+  async drain(graceMs: number): Promise<void> {
+    this.stopping = true;
+    const all = (): Promise<unknown> => Promise.allSettled([...this.running.values()]);
+    let timer: NodeJS.Timeout | undefined;
+    const graceOver = new Promise<void>((r) => (timer = setTimeout(r, graceMs)));
+    await Promise.race([all(), graceOver]);
+    clearTimeout(timer);
+    this.halted = true;
+    await all();
+  }
+
+  private enqueue(id: string): void {
+    if (this.queued.has(id) || this.running.has(id)) return;
+    this.queued.add(id);
+    this.queue.push(id);
+    this.pump();
+  }
+
+  private pump(): void {
+    while (!this.stopping && this.running.size < this.deps.config.reaper.concurrency && this.queue.length > 0) {
+      const id = this.queue.shift() as string;
+      this.queued.delete(id);
+      const run = this.runPipeline(id)
+        .catch((err: unknown) => this.deps.log.error({ sessionId: id, err }, "reap pipeline crashed"))
+        .finally(() => {
+          this.running.delete(id);
+          this.pump();
+        });
+      this.running.set(id, run);
+    }
+  }
+
+  private profileOf(session: Session): Profile {
+    const { config, log } = this.deps;
+    const p = config.profiles[session.profile];
+    if (p !== undefined) return p;
+    log.warn({ sessionId: session.id, profile: session.profile }, "profile no longer configured; using default");
+    return config.profiles.default as Profile;
+  }
+
+  private async runPipeline(id: string): Promise<void> {
+    const { store, audit, clock } = this.deps;
+    const session = store.getSession(id);
+    if (session === undefined || session.state !== "reaping") return;
+    const profile = this.profileOf(session);
+    const journal = new Map(store.steps(id).map((s) => [s.name, s]));
+    const log = this.deps.log.child({ sessionId: id });
+
+    for (const step of CLEANUP_STEPS) {
+      if (journal.has(step.name)) continue; // done before a restart: never run twice
+      if (this.halted) {
+        log.info({ step: step.name }, "reap paused by shutdown; resumes at next start");
+        return;
+      }
+      const result = await this.runStep(step, session, profile, journal, log.child({ step: step.name }));
+      audit.transaction(() => {
+        store.recordStep(id, POSITION[step.name], result);
+        audit.record({
+          event: "reap.step",
+          sessionId: id,
+          reason: session.reason ?? undefined,
+          step: step.name,
+          outcome: result.outcome,
+          durationMs: result.durationMs,
+          detail: result.detail,
+        });
+      });
+      journal.set(step.name, result);
+    }
+
+    const steps = CLEANUP_STEPS.map((s) => journal.get(s.name) as StepResult);
+    const leftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
+    const outcome = outcomeOf(steps, leftovers);
+    const now = clock.now();
+    audit.transaction(() => {
+      if (!store.finish(id, outcome, leftovers, now)) return;
+      const finish: StepResult = { name: "finish", outcome: "ok", startedAt: now, durationMs: 0, detail: { outcome } };
+      store.recordStep(id, POSITION.finish, finish);
+      audit.record({
+        event: "reap.finished",
+        sessionId: id,
+        reason: session.reason ?? undefined,
+        outcome,
+        durationMs: now - (session.reapStartedAt ?? now),
+        detail: { leftovers },
+      });
+    });
+  }
+
+  /** Own deadline, own try/catch, own record: a step never throws past here. */
+  private async runStep(
+    step: CleanupStep,
+    session: Session,
+    profile: Profile,
+    journal: ReadonlyMap<StepName, StepResult>,
+    log: Logger,
+  ): Promise<StepResult> {
+    const startedAt = this.deps.clock.now();
+    const t0 = performance.now();
+    const timeoutMs = step.timeoutMs(profile);
+    const controller = new AbortController();
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const err = new StepTimeout(`${step.name} did not finish within ${timeoutMs} ms`);
+        controller.abort(err);
+        reject(err);
+      }, timeoutMs);
+    });
+    let out: StepOutput;
+    let outcome: StepResult["outcome"];
+    try {
+      const ctx = { session, profile, log, daemonPid: this.deps.daemonPid, journal, deadline: t0 + timeoutMs };
+      out = await Promise.race([step.run(ctx, controller.signal), timedOut]);
+      outcome = out.ok ? "ok" : "failed";
+    } catch (err) {
+      const isTimeout = err instanceof StepTimeout || controller.signal.aborted;
+      outcome = isTimeout ? "timeout" : "failed";
+      out = { ok: false, detail: { error: errorMessage(err) } };
+      log.warn({ err }, `step ${outcome}`);
+    } finally {
+      clearTimeout(timer);
+      controller.abort(new Error("step over"));
+    }
+    const detail: StepResult["detail"] = { ...out.detail };
+    if (out.leftovers && out.leftovers.length > 0) detail.leftovers = out.leftovers;
+    return { name: step.name, outcome, startedAt, durationMs: performance.now() - t0, detail };
+  }
+}
+
+/** clean: every step ok and nothing left; failed: no step succeeded; partial otherwise. */
+export function outcomeOf(steps: readonly StepResult[], leftovers: readonly Leftover[]): Outcome {
+  const ok = steps.filter((s) => s.outcome === "ok").length;
+  if (ok === steps.length && leftovers.length === 0) return "clean";
+  if (ok === 0) return "failed";
+  return "partial";
+}

@@ -1,0 +1,217 @@
+import { randomUUID } from "node:crypto";
+import pidusage from "pidusage";
+import type { AuditTrail } from "../audit/audit.js";
+import type { Clock } from "../clock.js";
+import type { Config, Profile } from "../config/load.js";
+import { deadlineOf } from "../detect/deadline.js";
+import type { Detector, LiveSession } from "../detect/detector.js";
+import { ReaperError } from "../errors.js";
+import type { ListQuery, RegisterBody } from "../http/schemas.js";
+import { identify, liveness } from "../proc/identity.js";
+import { checkPath } from "../paths/validate.js";
+import type { Reaper } from "../reaper/reaper.js";
+import type { Store } from "../store/store.js";
+import type { Reason, Session, StepResult } from "./types.js";
+
+export interface EngineUsage {
+  cpu: number;
+  memory: number;
+}
+
+export interface SessionView {
+  session: Session;
+  steps: StepResult[];
+  usage: EngineUsage | null;
+}
+
+export interface SessionsDeps {
+  store: Store;
+  audit: AuditTrail;
+  detector: Detector;
+  reaper: Reaper;
+  clock: Clock;
+  config: Config;
+  daemonPid: number;
+  /** False while shutting down: registrations get 503. */
+  accepting: () => boolean;
+}
+
+/**
+ * What the API does with sessions: register (with every policy check), heartbeat (in
+ * memory, O(1)), close, force-reap, read. Expiry by the detector enters through `expire`.
+ */
+export class Sessions {
+  constructor(private readonly deps: SessionsDeps) {}
+
+  register(body: RegisterBody): Session {
+    const { config, store, audit, clock, detector, daemonPid } = this.deps;
+    if (!this.deps.accepting()) {
+      throw new ReaperError("SR_SHUTTING_DOWN", "the daemon is shutting down and takes no new sessions");
+    }
+    const profileName = body.profile ?? "default";
+    const profile = config.profiles[profileName];
+    if (profile === undefined) {
+      throw new ReaperError("SR_UNKNOWN_PROFILE", `profile: no profile is named "${profileName}"`, {
+        profiles: Object.keys(config.profiles),
+      });
+    }
+    const engine = identify(body.engine.pid, "engine.pid", daemonPid);
+    const ownerPid = body.ownerPid === undefined ? null : identify(body.ownerPid, "ownerPid", daemonPid);
+    const timeouts = clampTimeouts(body, profile);
+    const paths = (body.paths ?? []).map((p, i) => checkPath(p, profile.allowedRoots, engine.uid, `paths[${i}]`).path);
+    const now = clock.now();
+    const live: LiveSession = {
+      id: body.id ?? randomUUID(),
+      engine,
+      ownerPid,
+      createdAt: now,
+      lastHeartbeatAt: now,
+      lastActivityAt: now,
+      recoveredAt: 0,
+      dirty: false,
+      ...timeouts,
+    };
+    const session: Session = {
+      id: live.id,
+      profile: profileName,
+      owner: body.owner ?? null,
+      engine,
+      ownerPid,
+      ports: body.ports ?? [],
+      paths,
+      labels: body.labels ?? {},
+      ...timeouts,
+      createdAt: now,
+      lastHeartbeatAt: now,
+      lastActivityAt: now,
+      deadline: deadlineOf(live).at,
+      state: "live",
+      reason: null,
+      outcome: null,
+      leftovers: [],
+      reapStartedAt: null,
+      reapedAt: null,
+    };
+    audit.transaction(() => {
+      store.insertSession(session);
+      audit.record({
+        event: "session.registered",
+        sessionId: session.id,
+        detail: { profile: profileName, enginePid: engine.pid, ownerPid: ownerPid?.pid ?? null },
+      });
+    });
+    detector.add(live);
+    return session;
+  }
+
+  heartbeat(id: string, activity: "busy" | "idle"): { id: string; state: "live"; deadline: string; expiresBy: string } {
+    const live = this.deps.detector.heartbeat(id, activity === "busy");
+    if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
+    const d = deadlineOf(live);
+    return { id, state: "live", deadline: new Date(d.at).toISOString(), expiresBy: d.reason };
+  }
+
+  /** Client close (reason `closed`) or operator force-reap (reason `forced`). */
+  end(id: string, reason: "closed" | "forced"): Session {
+    if (!this.expire(id, reason, {})) throw this.notLive(id, "SR_SESSION_NOT_LIVE");
+    return this.deps.store.getSession(id) as Session;
+  }
+
+  /** Fences the session and queues its reap; false if it was not live. */
+  expire(id: string, reason: Reason, detail: Record<string, unknown>): boolean {
+    const fenced = this.deps.reaper.begin(id, reason, detail);
+    this.deps.detector.remove(id);
+    return fenced;
+  }
+
+  async view(id: string): Promise<SessionView> {
+    const session = this.get(id);
+    const usage = session.state === "live" ? await engineUsage(session) : null;
+    return { session, steps: this.deps.store.steps(id), usage };
+  }
+
+  get(id: string): Session {
+    const session = this.deps.store.getSession(id);
+    if (session === undefined) throw new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
+    return this.withLiveTiming(session);
+  }
+
+  list(q: ListQuery): { sessions: Session[]; next: string | null } {
+    let afterSeq: number | undefined;
+    if (q.cursor !== undefined) {
+      const decoded = Buffer.from(q.cursor, "base64url").toString("latin1");
+      if (!/^\d{1,15}$/.test(decoded)) throw new ReaperError("SR_INVALID_CURSOR", "cursor: not a cursor from this API");
+      afterSeq = Number(decoded);
+    }
+    const page = this.deps.store.list({ state: q.state, profile: q.profile, owner: q.owner, limit: q.limit, afterSeq });
+    return {
+      sessions: page.sessions.map((s) => this.withLiveTiming(s)),
+      next:
+        page.more && page.lastSeq !== null ? Buffer.from(String(page.lastSeq), "latin1").toString("base64url") : null,
+    };
+  }
+
+  /** Heartbeats reach SQLite only at the next flush; the in-memory view is the truth. */
+  private withLiveTiming(s: Session): Session {
+    const live = s.state === "live" ? this.deps.detector.live.get(s.id) : undefined;
+    if (live === undefined) return s;
+    return {
+      ...s,
+      lastHeartbeatAt: live.lastHeartbeatAt,
+      lastActivityAt: live.lastActivityAt,
+      deadline: deadlineOf(live).at,
+    };
+  }
+
+  private notLive(id: string, code: "SR_SESSION_FENCED" | "SR_SESSION_NOT_LIVE"): ReaperError {
+    const s = this.deps.store.getSession(id);
+    if (s === undefined) return new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
+    return new ReaperError(code, `session "${id}" is ${s.state}${s.reason ? ` (${s.reason})` : ""}`, {
+      state: s.state,
+      reason: s.reason,
+    });
+  }
+}
+
+/**
+ * Timeouts may only be shortened: a request above the profile's value is refused with
+ * SR_TIMEOUT_ABOVE_MAX (not clamped), so a client never believes it has more time than it has.
+ */
+function clampTimeouts(
+  body: RegisterBody,
+  p: Profile,
+): { heartbeatTimeoutSec: number; idleTimeoutSec: number; maxLifetimeSec: number } {
+  const check = (field: string, asked: number | undefined, max: number): number => {
+    if (asked === undefined) return max;
+    if (asked > max) {
+      throw new ReaperError(
+        "SR_TIMEOUT_ABOVE_MAX",
+        `${field}: ${asked} exceeds the profile "${p.name}" maximum of ${max}`,
+      );
+    }
+    return asked;
+  };
+  let maxLifetimeSec = body.maxLifetimeSec ?? p.maxLifetimeSec;
+  if (p.maxLifetimeSec > 0 && (maxLifetimeSec === 0 || maxLifetimeSec > p.maxLifetimeSec)) {
+    throw new ReaperError(
+      "SR_TIMEOUT_ABOVE_MAX",
+      `maxLifetimeSec: ${maxLifetimeSec === 0 ? "0 (no limit)" : maxLifetimeSec} exceeds the profile "${p.name}" maximum of ${p.maxLifetimeSec}`,
+    );
+  }
+  if (maxLifetimeSec < 0) maxLifetimeSec = 0;
+  return {
+    heartbeatTimeoutSec: check("heartbeatTimeoutSec", body.heartbeatTimeoutSec, p.heartbeatTimeoutSec),
+    idleTimeoutSec: check("idleTimeoutSec", body.idleTimeoutSec, p.idleTimeoutSec),
+    maxLifetimeSec,
+  };
+}
+
+async function engineUsage(s: Session): Promise<EngineUsage | null> {
+  if (liveness(s.engine) !== "alive") return null;
+  try {
+    const u = await pidusage(s.engine.pid);
+    return { cpu: u.cpu, memory: u.memory };
+  } catch {
+    return null;
+  }
+}

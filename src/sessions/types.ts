@@ -1,0 +1,76 @@
+/** The domain's words, one name each, shared by the store, the API and the audit trail. */
+
+export interface ProcessIdentity {
+  readonly pid: number;
+  /** /proc/<pid>/stat field 22: clock ticks after boot at which the process started. */
+  readonly startTime: number;
+  readonly bootId: string;
+  readonly uid: number;
+}
+
+export type SessionState = "live" | "reaping" | "reaped";
+
+export const REASONS = [
+  "heartbeat_timeout",
+  "idle_timeout",
+  "max_lifetime",
+  "owner_gone",
+  "engine_gone",
+  "closed",
+  "forced",
+  "orphaned",
+] as const;
+export type Reason = (typeof REASONS)[number];
+export type TimeReason = "heartbeat_timeout" | "idle_timeout" | "max_lifetime";
+
+export type Outcome = "clean" | "partial" | "failed";
+
+export const STEP_NAMES = [
+  "fence",
+  "close-environment",
+  "terminate",
+  "release-connections-and-ports",
+  "remove-paths",
+  "finish",
+] as const;
+export type StepName = (typeof STEP_NAMES)[number];
+export type StepOutcome = "ok" | "failed" | "timeout";
+
+export interface Leftover {
+  readonly step: StepName;
+  readonly kind: "process" | "port" | "path" | "hook";
+  readonly item: string;
+  readonly detail: string;
+}
+
+export interface StepResult {
+  readonly name: StepName;
+  readonly outcome: StepOutcome;
+  readonly startedAt: number;
+  readonly durationMs: number;
+  readonly detail: Record<string, unknown> & { leftovers?: Leftover[] };
+}
+
+export interface Session {
+  readonly id: string;
+  readonly profile: string;
+  readonly owner: string | null;
+  readonly engine: ProcessIdentity;
+  readonly ownerPid: ProcessIdentity | null;
+  readonly ports: readonly number[];
+  readonly paths: readonly string[];
+  readonly labels: Readonly<Record<string, string>>;
+  readonly heartbeatTimeoutSec: number;
+  readonly idleTimeoutSec: number;
+  readonly maxLifetimeSec: number;
+  readonly createdAt: number;
+  readonly lastHeartbeatAt: number;
+  readonly lastActivityAt: number;
+  readonly deadline: number | null;
+  readonly state: SessionState;
+  readonly reason: Reason | null;
+  readonly outcome: Outcome | null;
+  readonly leftovers: readonly Leftover[];
+  readonly reapStartedAt: number | null;
+  readonly reapedAt: number | null;
+}

@@ -1,0 +1,343 @@
+import BetterSqlite3, { type Database, type Statement } from "better-sqlite3";
+import { mkdirSync } from "node:fs";
+import { dirname } from "node:path";
+import { ReaperError } from "../errors.js";
+import type {
+  Leftover,
+  Outcome,
+  ProcessIdentity,
+  Reason,
+  Session,
+  SessionState,
+  StepName,
+  StepResult,
+} from "../sessions/types.js";
+import { migrate } from "./migrate.js";
+
+interface SessionRow {
+  seq: number;
+  id: string;
+  profile: string;
+  owner: string | null;
+  engine_pid: number;
+  engine_start_time: number;
+  engine_boot_id: string;
+  engine_uid: number;
+  owner_pid: number | null;
+  owner_start_time: number | null;
+  owner_boot_id: string | null;
+  owner_uid: number | null;
+  ports: string;
+  paths: string;
+  labels: string;
+  heartbeat_timeout_sec: number;
+  idle_timeout_sec: number;
+  max_lifetime_sec: number;
+  created_at: number;
+  last_heartbeat_at: number;
+  last_activity_at: number;
+  deadline: number | null;
+  state: SessionState;
+  reason: Reason | null;
+  outcome: Outcome | null;
+  leftovers: string | null;
+  reap_started_at: number | null;
+  reaped_at: number | null;
+}
+
+export interface StoredEvent {
+  seq: number;
+  at: number;
+  event: string;
+  sessionId: string | null;
+  reason: string | null;
+  step: string | null;
+  outcome: string | null;
+  durationMs: number | null;
+  detail: Record<string, unknown> | null;
+}
+
+export interface NewEvent {
+  at: number;
+  event: string;
+  sessionId?: string | undefined;
+  reason?: string | undefined;
+  step?: string | undefined;
+  outcome?: string | undefined;
+  durationMs?: number | undefined;
+  detail?: Record<string, unknown> | undefined;
+}
+
+export interface ListFilter {
+  state?: SessionState | undefined;
+  profile?: string | undefined;
+  owner?: string | undefined;
+  limit: number;
+  /** Return sessions with seq greater than this. */
+  afterSeq?: number | undefined;
+}
+
+export interface HeartbeatWrite {
+  id: string;
+  lastHeartbeatAt: number;
+  lastActivityAt: number;
+  deadline: number;
+}
+
+function toSession(r: SessionRow): Session {
+  const owner: ProcessIdentity | null =
+    r.owner_pid === null
+      ? null
+      : { pid: r.owner_pid, startTime: r.owner_start_time ?? 0, bootId: r.owner_boot_id ?? "", uid: r.owner_uid ?? -1 };
+  return {
+    id: r.id,
+    profile: r.profile,
+    owner: r.owner,
+    engine: { pid: r.engine_pid, startTime: r.engine_start_time, bootId: r.engine_boot_id, uid: r.engine_uid },
+    ownerPid: owner,
+    ports: JSON.parse(r.ports) as number[],
+    paths: JSON.parse(r.paths) as string[],
+    labels: JSON.parse(r.labels) as Record<string, string>,
+    heartbeatTimeoutSec: r.heartbeat_timeout_sec,
+    idleTimeoutSec: r.idle_timeout_sec,
+    maxLifetimeSec: r.max_lifetime_sec,
+    createdAt: r.created_at,
+    lastHeartbeatAt: r.last_heartbeat_at,
+    lastActivityAt: r.last_activity_at,
+    deadline: r.deadline,
+    state: r.state,
+    reason: r.reason,
+    outcome: r.outcome,
+    leftovers: r.leftovers === null ? [] : (JSON.parse(r.leftovers) as Leftover[]),
+    reapStartedAt: r.reap_started_at,
+    reapedAt: r.reaped_at,
+  };
+}
+
+/**
+ * All SQL lives here. Every statement is prepared once; `now` is always a bound parameter
+ * (never datetime('now')), so the store runs on the daemon's injected clock.
+ */
+export class Store {
+  readonly db: Database;
+  private readonly stmts: {
+    insert: Statement;
+    get: Statement;
+    seqOf: Statement;
+    fence: Statement;
+    finish: Statement;
+    heartbeat: Statement;
+    insertStep: Statement;
+    steps: Statement;
+    insertEvent: Statement;
+    events: Statement;
+    byState: Statement;
+    counts: Statement;
+  };
+
+  constructor(path: string, now: number) {
+    if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
+    this.db = new BetterSqlite3(path);
+    this.db.pragma("journal_mode = WAL");
+    // NORMAL in WAL mode: a commit survives a daemon crash; only an OS crash may lose the
+    // last transactions, and the journal is replayed from whatever did reach the disk.
+    this.db.pragma("synchronous = NORMAL");
+    this.db.pragma("foreign_keys = ON");
+    this.db.pragma("busy_timeout = 5000");
+    migrate(this.db, now);
+    const db = this.db;
+    this.stmts = {
+      insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,
+          engine_uid, owner_pid, owner_start_time, owner_boot_id, owner_uid, ports, paths, labels,
+          heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, created_at, last_heartbeat_at,
+          last_activity_at, deadline, state)
+        VALUES (@id, @profile, @owner, @engine_pid, @engine_start_time, @engine_boot_id, @engine_uid, @owner_pid,
+          @owner_start_time, @owner_boot_id, @owner_uid, @ports, @paths, @labels, @heartbeat_timeout_sec,
+          @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live')`),
+      get: db.prepare("SELECT * FROM sessions WHERE id = ?"),
+      seqOf: db.prepare("SELECT seq FROM sessions WHERE id = ?"),
+      fence:
+        db.prepare(`UPDATE sessions SET state = 'reaping', reason = @reason, reap_started_at = @now, deadline = NULL
+        WHERE id = @id AND state = 'live'`),
+      finish:
+        db.prepare(`UPDATE sessions SET state = 'reaped', outcome = @outcome, leftovers = @leftovers, reaped_at = @now
+        WHERE id = @id AND state = 'reaping'`),
+      heartbeat:
+        db.prepare(`UPDATE sessions SET last_heartbeat_at = @lastHeartbeatAt, last_activity_at = @lastActivityAt,
+          deadline = @deadline WHERE id = @id AND state = 'live'`),
+      insertStep:
+        db.prepare(`INSERT OR REPLACE INTO reap_steps (session_id, position, name, outcome, started_at, duration_ms, detail)
+        VALUES (?, ?, ?, ?, ?, ?, ?)`),
+      steps: db.prepare("SELECT * FROM reap_steps WHERE session_id = ? ORDER BY position"),
+      insertEvent:
+        db.prepare(`INSERT INTO audit_events (at, event, session_id, reason, step, outcome, duration_ms, detail)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?)`),
+      events: db.prepare("SELECT * FROM audit_events WHERE session_id = ? ORDER BY seq"),
+      byState: db.prepare("SELECT * FROM sessions WHERE state = ? ORDER BY seq"),
+      counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
+    };
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+
+  /** Runs `fn` in one transaction (better-sqlite3 nests inner calls into it). */
+  transaction<T>(fn: () => T): T {
+    return this.db.transaction(fn)();
+  }
+
+  insertSession(s: Session): void {
+    try {
+      this.stmts.insert.run({
+        id: s.id,
+        profile: s.profile,
+        owner: s.owner,
+        engine_pid: s.engine.pid,
+        engine_start_time: s.engine.startTime,
+        engine_boot_id: s.engine.bootId,
+        engine_uid: s.engine.uid,
+        owner_pid: s.ownerPid?.pid ?? null,
+        owner_start_time: s.ownerPid?.startTime ?? null,
+        owner_boot_id: s.ownerPid?.bootId ?? null,
+        owner_uid: s.ownerPid?.uid ?? null,
+        ports: JSON.stringify(s.ports),
+        paths: JSON.stringify(s.paths),
+        labels: JSON.stringify(s.labels),
+        heartbeat_timeout_sec: s.heartbeatTimeoutSec,
+        idle_timeout_sec: s.idleTimeoutSec,
+        max_lifetime_sec: s.maxLifetimeSec,
+        created_at: s.createdAt,
+        last_heartbeat_at: s.lastHeartbeatAt,
+        last_activity_at: s.lastActivityAt,
+        deadline: s.deadline,
+      });
+    } catch (err) {
+      if ((err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE") {
+        throw new ReaperError("SR_SESSION_EXISTS", `a session with id "${s.id}" already exists`);
+      }
+      throw err;
+    }
+  }
+
+  getSession(id: string): Session | undefined {
+    const row = this.stmts.get.get(id) as SessionRow | undefined;
+    return row && toSession(row);
+  }
+
+  seqOf(id: string): number | undefined {
+    return (this.stmts.seqOf.get(id) as { seq: number } | undefined)?.seq;
+  }
+
+  list(filter: ListFilter): { sessions: Session[]; lastSeq: number | null; more: boolean } {
+    const where: string[] = [];
+    const params: Record<string, unknown> = { limit: filter.limit + 1 };
+    for (const key of ["state", "profile", "owner"] as const) {
+      if (filter[key] !== undefined) {
+        where.push(`${key} = @${key}`);
+        params[key] = filter[key];
+      }
+    }
+    if (filter.afterSeq !== undefined) {
+      where.push("seq > @afterSeq");
+      params.afterSeq = filter.afterSeq;
+    }
+    const sql = `SELECT * FROM sessions ${where.length ? "WHERE " + where.join(" AND ") : ""} ORDER BY seq LIMIT @limit`;
+    const rows = this.db.prepare(sql).all(params) as SessionRow[];
+    const more = rows.length > filter.limit;
+    const page = rows.slice(0, filter.limit);
+    return { sessions: page.map(toSession), lastSeq: page.at(-1)?.seq ?? null, more };
+  }
+
+  sessionsInState(state: SessionState): Session[] {
+    return (this.stmts.byState.all(state) as SessionRow[]).map(toSession);
+  }
+
+  /** The fence: true if this call moved the session from live to reaping. */
+  fence(id: string, reason: Reason, now: number): boolean {
+    return this.stmts.fence.run({ id, reason, now }).changes === 1;
+  }
+
+  finish(id: string, outcome: Outcome, leftovers: readonly Leftover[], now: number): boolean {
+    return this.stmts.finish.run({ id, outcome, leftovers: JSON.stringify(leftovers), now }).changes === 1;
+  }
+
+  writeHeartbeats(batch: readonly HeartbeatWrite[]): void {
+    this.transaction(() => {
+      for (const hb of batch) this.stmts.heartbeat.run(hb);
+    });
+  }
+
+  recordStep(sessionId: string, position: number, r: StepResult): void {
+    this.stmts.insertStep.run(
+      sessionId,
+      position,
+      r.name,
+      r.outcome,
+      r.startedAt,
+      Math.round(r.durationMs),
+      JSON.stringify(r.detail),
+    );
+  }
+
+  steps(sessionId: string): StepResult[] {
+    const rows = this.stmts.steps.all(sessionId) as {
+      name: StepName;
+      outcome: StepResult["outcome"];
+      started_at: number;
+      duration_ms: number;
+      detail: string;
+    }[];
+    return rows.map((r) => ({
+      name: r.name,
+      outcome: r.outcome,
+      startedAt: r.started_at,
+      durationMs: r.duration_ms,
+      detail: JSON.parse(r.detail) as StepResult["detail"],
+    }));
+  }
+
+  insertEvent(e: NewEvent): void {
+    this.stmts.insertEvent.run(
+      e.at,
+      e.event,
+      e.sessionId ?? null,
+      e.reason ?? null,
+      e.step ?? null,
+      e.outcome ?? null,
+      e.durationMs === undefined ? null : Math.round(e.durationMs),
+      e.detail === undefined ? null : JSON.stringify(e.detail),
+    );
+  }
+
+  events(sessionId: string): StoredEvent[] {
+    const rows = this.stmts.events.all(sessionId) as {
+      seq: number;
+      at: number;
+      event: string;
+      session_id: string | null;
+      reason: string | null;
+      step: string | null;
+      outcome: string | null;
+      duration_ms: number | null;
+      detail: string | null;
+    }[];
+    return rows.map((r) => ({
+      seq: r.seq,
+      at: r.at,
+      event: r.event,
+      sessionId: r.session_id,
+      reason: r.reason,
+      step: r.step,
+      outcome: r.outcome,
+      durationMs: r.duration_ms,
+      detail: r.detail === null ? null : (JSON.parse(r.detail) as Record<string, unknown>),
+    }));
+  }
+
+  counts(): Record<SessionState, number> {
+    const out: Record<SessionState, number> = { live: 0, reaping: 0, reaped: 0 };
+    for (const r of this.stmts.counts.all() as { state: SessionState; n: number }[]) out[r.state] = r.n;
+    return out;
+  }
+}
