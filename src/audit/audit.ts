@@ -1,7 +1,7 @@
 import { EventEmitter } from "node:events";
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
-import type { NewEvent, Store } from "../store/store.js";
+import type { Store } from "../store/store.js";
 
 export const AUDIT_EVENTS = [
   "daemon.started",

@@ -77,8 +77,10 @@ function toApiError(err: unknown, log: Logger): { status: number; body: object }
 /** Builds the API without listening (fastify's testing guide): only main.ts listens. */
 export function buildServer(deps: ServerDeps): FastifyInstance {
   const { sessions, store } = deps;
+  // Typed as fastify's logger, so the instance is the plain FastifyInstance type.
+  const loggerInstance: FastifyBaseLogger = deps.log;
   const app = Fastify({
-    loggerInstance: deps.log,
+    loggerInstance,
     // No line per request: heartbeats would cost half the throughput (DESIGN.md).
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: deps.bodyLimitBytes,
