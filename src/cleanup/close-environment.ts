@@ -3,7 +3,8 @@ import { performance } from "node:perf_hooks";
 import { errorMessage } from "../errors.js";
 import { liveness } from "../proc/identity.js";
 import { readUid } from "../proc/stat.js";
-import { sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
+import { processTree } from "../proc/tree.js";
+import { knownProcesses, sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
 
 /**
  * Asks the engine to shut down gracefully through the profile's close hook (an HTTP POST to
@@ -18,13 +19,19 @@ export const closeEnvironment: CleanupStep = {
     const { session, profile } = ctx;
     const hook = profile.closeHook;
     if (liveness(session.engine) === "gone") return { ok: true, detail: { skipped: "engine already gone" } };
-    if (hook === null) return { ok: true, detail: { skipped: "the profile has no close hook" } };
+    // Snapshot the tree before the engine is asked to go: once it exits, its children are
+    // re-parented and only this record still ties them to the session.
+    const processes = processTree(session.engine, knownProcesses(ctx.journal));
+    if (hook === null) return { ok: true, detail: { skipped: "the profile has no close hook", processes } };
 
     let out: StepOutput;
     if (hook.kind === "http") {
       const port = session.ports[0];
       if (port === undefined) {
-        return { ok: false, detail: { error: "the close hook is an HTTP path but the session registered no port" } };
+        return {
+          ok: false,
+          detail: { error: "the close hook is an HTTP path but the session registered no port", processes },
+        };
       }
       const url = `http://127.0.0.1:${port}${hook.path}`;
       const res = await fetch(url, { method: "POST", signal, redirect: "error" });
@@ -33,9 +40,9 @@ export const closeEnvironment: CleanupStep = {
     } else {
       out = await runCommand(ctx, hook.argv, signal);
     }
-    if (!out.ok) return out;
+    if (!out.ok) return { ok: false, detail: { ...out.detail, processes } };
     const exited = await waitForExit(ctx, signal);
-    return { ok: true, detail: { ...out.detail, engineExited: exited } };
+    return { ok: true, detail: { ...out.detail, engineExited: exited, processes } };
   },
 };
 

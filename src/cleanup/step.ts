@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 import type { Profile } from "../config/load.js";
-import type { Leftover, Session, StepName, StepResult } from "../sessions/types.js";
+import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from "../sessions/types.js";
 
 export interface StepContext {
   readonly session: Session;
@@ -30,6 +30,20 @@ export interface CleanupStep {
   readonly name: StepName;
   timeoutMs(profile: Profile): number;
   run(ctx: StepContext, signal: AbortSignal): Promise<StepOutput>;
+}
+
+/**
+ * Processes journaled as part of the session by earlier steps (the fence's last liveness
+ * snapshot, close-environment's snapshot before the hook): the engine's children stay
+ * reachable even after the engine exited and they were re-parented.
+ */
+export function knownProcesses(journal: ReadonlyMap<StepName, StepResult>): ProcessIdentity[] {
+  const out: ProcessIdentity[] = [];
+  for (const step of ["fence", "close-environment"] as const) {
+    const list = journal.get(step)?.detail.processes;
+    if (Array.isArray(list)) out.push(...(list as ProcessIdentity[]));
+  }
+  return out;
 }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, Math.max(0, ms)));

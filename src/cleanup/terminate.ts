@@ -3,7 +3,7 @@ import { liveness } from "../proc/identity.js";
 import { signalProcess } from "../proc/signal.js";
 import { processTree } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
-import { sleep, type CleanupStep, type StepContext } from "./step.js";
+import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
 
 const POLL_MS = 25;
 /** How long SIGKILLed processes get to disappear before they are reported as leftovers. */
@@ -21,11 +21,12 @@ export const terminate: CleanupStep = {
   timeoutMs: (p) => (p.gracePeriodSec + p.stepTimeoutSec) * 1000,
 
   async run(ctx, signal) {
+    const known = knownProcesses(ctx.journal);
     const seen = new Map<string, ProcessIdentity>();
     const key = (p: ProcessIdentity): string => `${p.pid}:${p.startTime}`;
     const rescan = (): ProcessIdentity[] => {
       const fresh: ProcessIdentity[] = [];
-      for (const p of processTree(ctx.session.engine, [...seen.values()])) {
+      for (const p of processTree(ctx.session.engine, [...known, ...seen.values()])) {
         if (!seen.has(key(p))) {
           seen.set(key(p), p);
           fresh.push(p);

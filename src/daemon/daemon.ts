@@ -121,6 +121,7 @@ export class Daemon {
         maxLifetimeSec: s.maxLifetimeSec,
         recoveredAt: now,
         dirty: true, // the recomputed deadline reaches SQLite at the next flush
+        tree: [],
       };
       this.detector.add(live);
     }

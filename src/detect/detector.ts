@@ -1,7 +1,7 @@
 import { Cron } from "croner";
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
-import { liveness } from "../proc/identity.js";
+import { ProcessTable } from "../proc/tree.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
 import { deadlineOf, type Timing } from "./deadline.js";
 import { DeadlineHeap } from "./heap.js";
@@ -13,6 +13,11 @@ export interface LiveSession extends Timing {
   readonly ownerPid: ProcessIdentity | null;
   /** Heartbeat fields changed since the last flush to SQLite. */
   dirty: boolean;
+  /**
+   * The engine's process tree at the last liveness pass: if the engine dies, its children
+   * are re-parented and only this snapshot still ties them to the session.
+   */
+  tree: ProcessIdentity[];
 }
 
 export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
@@ -96,12 +101,18 @@ export class Detector {
     if (this.running) this.arm();
   }
 
-  /** Evidence-based expiry: engine or owner process gone (exited, zombie, or pid reused). */
+  /**
+   * Evidence-based expiry: engine or owner process gone (exited, zombie, or pid reused).
+   * The same pass over /proc refreshes every live engine's tree snapshot.
+   */
   checkLiveness(): number {
+    if (this.live.size === 0) return 0;
+    const table = new ProcessTable();
     const due: [string, Reason, ProcessIdentity][] = [];
     for (const s of this.live.values()) {
-      if (liveness(s.engine) === "gone") due.push([s.id, "engine_gone", s.engine]);
-      else if (s.ownerPid !== null && liveness(s.ownerPid) === "gone") due.push([s.id, "owner_gone", s.ownerPid]);
+      if (table.find(s.engine) === undefined) due.push([s.id, "engine_gone", s.engine]);
+      else if (s.ownerPid !== null && table.find(s.ownerPid) === undefined) due.push([s.id, "owner_gone", s.ownerPid]);
+      else s.tree = table.tree(s.engine, s.tree);
     }
     for (const [id, reason, proc] of due) {
       if (this.live.has(id)) this.expire(id, reason, { pid: proc.pid });

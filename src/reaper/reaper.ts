@@ -9,7 +9,7 @@ import { terminate } from "../cleanup/terminate.js";
 import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { errorMessage } from "../errors.js";
-import type { Leftover, Outcome, Reason, Session, StepName, StepResult } from "../sessions/types.js";
+import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
 import type { Store } from "../store/store.js";
 
 /** DESIGN.md's order. `fence` happens in `begin`, `finish` closes the pipeline. */
@@ -69,7 +69,12 @@ export class Reaper {
    * moment heartbeats answer 409 and the session cannot come back. Returns false if the
    * session was not live (already fenced by someone else: nothing to do).
    */
-  begin(id: string, reason: Reason, detail: Record<string, unknown> = {}): boolean {
+  begin(
+    id: string,
+    reason: Reason,
+    detail: Record<string, unknown> = {},
+    known: readonly ProcessIdentity[] = [],
+  ): boolean {
     const { store, audit, clock } = this.deps;
     const now = clock.now();
     const fenced = audit.transaction(() => {
@@ -81,7 +86,14 @@ export class Reaper {
         detail,
       });
       audit.record({ event: "reap.started", sessionId: id, reason });
-      const fence: StepResult = { name: "fence", outcome: "ok", startedAt: now, durationMs: 0, detail: {} };
+      // The last known process tree is journaled with the fence: terminate starts from it.
+      const fence: StepResult = {
+        name: "fence",
+        outcome: "ok",
+        startedAt: now,
+        durationMs: 0,
+        detail: { processes: known },
+      };
       store.recordStep(id, POSITION.fence, fence);
       audit.record({ event: "reap.step", sessionId: id, reason, step: "fence", outcome: "ok", durationMs: 0 });
       return true;

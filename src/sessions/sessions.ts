@@ -69,6 +69,7 @@ export class Sessions {
       lastActivityAt: now,
       recoveredAt: 0,
       dirty: false,
+      tree: [],
       ...timeouts,
     };
     const session: Session = {
@@ -119,7 +120,8 @@ export class Sessions {
 
   /** Fences the session and queues its reap; false if it was not live. */
   expire(id: string, reason: Reason, detail: Record<string, unknown>): boolean {
-    const fenced = this.deps.reaper.begin(id, reason, detail);
+    const known = this.deps.detector.live.get(id)?.tree ?? [];
+    const fenced = this.deps.reaper.begin(id, reason, detail, known);
     this.deps.detector.remove(id);
     return fenced;
   }

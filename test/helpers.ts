@@ -1,0 +1,202 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { RecordedAuditEvent } from "../src/audit/audit.js";
+import { callApi, type ApiResponse } from "../src/cli/client.js";
+import type { Clock } from "../src/clock.js";
+import { buildConfig, type Config } from "../src/config/load.js";
+import { Daemon } from "../src/daemon/daemon.js";
+import { listenUnix } from "../src/http/listen.js";
+import { readStat, isExited } from "../src/proc/stat.js";
+
+export const ENGINE = fileURLToPath(new URL("./fixtures/engine.js", import.meta.url));
+export const REAPERD = fileURLToPath(new URL("../src/main.js", import.meta.url));
+export const REAPERCTL = fileURLToPath(new URL("../src/cli/reaperctl.js", import.meta.url));
+
+/** A temp dir removed when the test ends. */
+export function tempDir(t: { after: (fn: () => void) => void }, prefix = "sr-test-"): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** A TOML-shaped config document for an in-process daemon rooted in `dir`. */
+export function testConfig(dir: string, doc: Record<string, unknown> = {}): Config {
+  const profiles = (doc.profiles ?? {}) as Record<string, Record<string, unknown>>;
+  const base = {
+    grace_period_sec: 1,
+    step_timeout_sec: 5,
+    allowed_roots: [dir],
+    ...(profiles.default ?? {}),
+  };
+  return buildConfig(
+    {
+      ...doc,
+      api: { socket: join(dir, "reaper.sock"), ...(doc.api as object) },
+      store: { path: join(dir, "reaper.db"), flush_interval_ms: 50, ...(doc.store as object) },
+      log: { level: "warn", ...(doc.log as object) },
+      profiles: { ...profiles, default: base },
+    },
+    null,
+    { env: {}, cwd: dir },
+  );
+}
+
+export interface TestDaemon {
+  daemon: Daemon;
+  socket: string;
+  lines: string[];
+  api<T = Record<string, unknown>>(method: string, path: string, body?: unknown): Promise<ApiResponse<T>>;
+  /** Resolves with the first audit event matching `pred` (also one already recorded). */
+  waitFor(pred: (e: RecordedAuditEvent) => boolean, timeoutMs?: number): Promise<RecordedAuditEvent>;
+  reaped(sessionId: string, timeoutMs?: number): Promise<RecordedAuditEvent>;
+  stop(): Promise<void>;
+}
+
+/** A real daemon in this process, on a real unix socket and a real SQLite file. */
+export async function startDaemon(
+  t: { after: (fn: () => Promise<void> | void) => void },
+  config: Config,
+  clock?: Clock,
+): Promise<TestDaemon> {
+  const lines: string[] = [];
+  const seen: RecordedAuditEvent[] = [];
+  const daemon = new Daemon({ config, clock, logStream: { write: (s: string) => void lines.push(s) } });
+  daemon.audit.events.on("audit", (e) => seen.push(e));
+  await daemon.start();
+  await listenUnix(daemon.app, config.api.socket, config.api.socketMode);
+  const stop = async (): Promise<void> => {
+    if (daemon.state !== "stopped") await daemon.stop();
+  };
+  t.after(stop);
+  const waitFor = (pred: (e: RecordedAuditEvent) => boolean, timeoutMs = 15_000): Promise<RecordedAuditEvent> => {
+    const found = seen.find(pred);
+    if (found) return Promise.resolve(found);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        daemon.audit.events.off("audit", on);
+        reject(
+          new Error(`no matching audit event within ${timeoutMs} ms; seen: ${seen.map((e) => e.event).join(",")}`),
+        );
+      }, timeoutMs);
+      const on = (e: RecordedAuditEvent): void => {
+        if (!pred(e)) return;
+        clearTimeout(timer);
+        daemon.audit.events.off("audit", on);
+        resolve(e);
+      };
+      daemon.audit.events.on("audit", on);
+    });
+  };
+  return {
+    daemon,
+    socket: config.api.socket,
+    lines,
+    api: (method, path, body) => callApi(config.api.socket, method, path, body),
+    waitFor,
+    reaped: (id, timeoutMs) => waitFor((e) => e.event === "reap.finished" && e.sessionId === id, timeoutMs),
+    stop,
+  };
+}
+
+export interface Engine {
+  pid: number;
+  port: number;
+  children: number[];
+  dir: string | undefined;
+  child: ChildProcess;
+  exited: Promise<void>;
+}
+
+/** Starts the engine fixture; killed (whole group) when the test ends if still running. */
+export async function startEngine(
+  t: { after: (fn: () => void) => void },
+  args: string[] = [],
+  dir?: string,
+  opts: { detached?: boolean } = {},
+): Promise<Engine> {
+  // detached: the engine leads its own session and process group, as launchers do.
+  const child = spawn(process.execPath, [ENGINE, ...(dir ? ["--dir", dir] : []), ...args], {
+    stdio: ["ignore", "pipe", "inherit"],
+    detached: opts.detached ?? false,
+  });
+  const exited = new Promise<void>((r) => child.once("exit", () => r()));
+  const ready = await new Promise<{ pid: number; port: number; children: number[] }>((resolve, reject) => {
+    child.stdout?.setEncoding("utf8").once("data", (line: string) => resolve(JSON.parse(line) as never));
+    child.once("exit", (code) => reject(new Error(`engine exited early with ${code}`)));
+  });
+  t.after(() => {
+    for (const pid of [ready.pid, ...ready.children]) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+  });
+  return { ...ready, dir, child, exited };
+}
+
+/** A process is gone for the reaper when it does not exist or is a zombie. */
+export function isGone(pid: number): boolean {
+  const st = readStat(pid);
+  return st === null || isExited(st);
+}
+
+/** Whether a test bind on 127.0.0.1:port succeeds. */
+export function portFree(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const srv = createServer();
+    srv.once("error", () => resolve(false));
+    srv.listen({ port, host: "127.0.0.1", exclusive: true }, () => srv.close(() => resolve(true)));
+  });
+}
+
+export async function until(
+  cond: () => boolean | Promise<boolean>,
+  timeoutMs = 10_000,
+  what = "condition",
+): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`${what} not reached within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Writes a TOML config file for a daemon run as a separate process. */
+export function writeConfig(dir: string, toml: string): string {
+  const file = join(dir, "config.toml");
+  writeFileSync(file, toml);
+  return file;
+}
+
+/** Starts reaperd as a real process; resolves once its socket answers. */
+export async function spawnDaemon(
+  t: { after: (fn: () => void) => void },
+  configFile: string,
+  socket: string,
+): Promise<{ proc: ChildProcess; exit: Promise<number | null>; output: () => string }> {
+  const proc = spawn(process.execPath, [REAPERD, "--config", configFile], { stdio: ["ignore", "pipe", "pipe"] });
+  let out = "";
+  proc.stdout?.setEncoding("utf8").on("data", (d: string) => (out += d));
+  proc.stderr?.setEncoding("utf8").on("data", (d: string) => (out += d));
+  const exit = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
+  t.after(() => void proc.kill("SIGKILL"));
+  await until(
+    async () => {
+      if (proc.exitCode !== null) throw new Error(`reaperd exited with ${proc.exitCode}: ${out}`);
+      try {
+        return (await callApi(socket, "GET", "/readyz")).status === 200;
+      } catch {
+        return false;
+      }
+    },
+    15_000,
+    "daemon ready",
+  );
+  return { proc, exit, output: () => out };
+}
