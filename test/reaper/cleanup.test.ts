@@ -1,0 +1,160 @@
+import assert from "node:assert/strict";
+import { existsSync, mkdirSync, readFileSync, renameSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { test } from "node:test";
+import { isGone, portFree, startDaemon, startEngine, tempDir, testConfig, until } from "../helpers.js";
+
+type Step = { name: string; outcome: string; durationMs: number; detail: Record<string, unknown> };
+type SessionJson = {
+  state: string;
+  outcome: string;
+  leftovers: { kind: string; item: string; detail: string }[];
+  steps: Step[];
+};
+
+const step = (s: SessionJson, name: string): Step => {
+  const found = s.steps.find((x) => x.name === name);
+  assert.ok(found, `no step ${name}`);
+  return found;
+};
+
+test("a hanging close hook times out and every later step still runs (partial)", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(
+    t,
+    testConfig(dir, { profiles: { default: { close_hook: "/shutdown", step_timeout_sec: 1 } } }),
+  );
+  const engine = await startEngine(t, ["--hang-shutdown", "--fork", "1"], join(dir, "engine"));
+  const reg = await d.api<{ id: string }>("POST", "/v1/sessions", {
+    engine: { pid: engine.pid },
+    ports: [engine.port],
+    paths: [engine.dir],
+  });
+  const id = reg.body.id;
+  await d.api("POST", `/v1/sessions/${id}/reap`);
+  const finished = await d.reaped(id);
+  assert.equal(finished.outcome, "partial");
+  const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
+  assert.equal(step(s, "close-environment").outcome, "timeout");
+  assert.equal(step(s, "terminate").outcome, "ok");
+  assert.equal(step(s, "release-connections-and-ports").outcome, "ok");
+  assert.equal(step(s, "remove-paths").outcome, "ok");
+  for (const pid of [engine.pid, ...engine.children]) assert.ok(isGone(pid));
+  assert.ok(await portFree(engine.port));
+  assert.ok(!existsSync(engine.dir as string));
+});
+
+test("an engine that ignores SIGTERM is SIGKILLed after the grace period", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { grace_period_sec: 1 } } }));
+  const engine = await startEngine(t, ["--ignore-term", "--fork", "1"], join(dir, "engine"));
+  const id = (
+    await d.api<{ id: string }>("POST", "/v1/sessions", { engine: { pid: engine.pid }, ports: [engine.port] })
+  ).body.id;
+  await d.api("DELETE", `/v1/sessions/${id}`);
+  const finished = await d.reaped(id);
+  assert.equal(finished.outcome, "clean");
+  const term = step((await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body, "terminate");
+  assert.equal(term.detail.sigterm, 2);
+  assert.equal(term.detail.sigkill, 2);
+  assert.ok(term.durationMs >= 900, `SIGKILL came before the grace period ended (${term.durationMs} ms)`);
+  for (const pid of [engine.pid, ...engine.children]) assert.ok(isGone(pid));
+});
+
+test("a port held by a process outside the session is reported and never touched", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const engine = await startEngine(t, [], join(dir, "engine"));
+  const outsider = await startEngine(t);
+  const id = (
+    await d.api<{ id: string }>("POST", "/v1/sessions", {
+      engine: { pid: engine.pid },
+      ports: [engine.port, outsider.port],
+    })
+  ).body.id;
+  await d.api("POST", `/v1/sessions/${id}/reap`);
+  const finished = await d.reaped(id);
+  assert.equal(finished.outcome, "partial");
+  const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
+  assert.deepEqual(
+    s.leftovers.map((l) => [l.kind, l.item]),
+    [["port", String(outsider.port)]],
+  );
+  assert.match(s.leftovers[0]?.detail ?? "", new RegExp(`pid ${outsider.pid}.*not touched`));
+  assert.equal(step(s, "release-connections-and-ports").outcome, "ok");
+  assert.ok(!isGone(outsider.pid), "the outsider was signalled");
+  assert.ok(await portFree(engine.port));
+});
+
+test("a command close hook runs with the session's environment", async (t) => {
+  const dir = tempDir(t);
+  const marker = join(dir, "hook-ran");
+  const d = await startDaemon(
+    t,
+    testConfig(dir, {
+      profiles: { default: { close_hook: ["/bin/sh", "-c", `echo "$SESSION_ID $ENGINE_PID" > ${marker}`] } },
+    }),
+  );
+  const engine = await startEngine(t);
+  await d.api("POST", "/v1/sessions", { id: "cmd-hook", engine: { pid: engine.pid } });
+  await d.api("DELETE", "/v1/sessions/cmd-hook");
+  assert.equal((await d.reaped("cmd-hook")).outcome, "clean");
+  assert.equal(readFileSync(marker, "utf8").trim(), `cmd-hook ${engine.pid}`);
+  assert.ok(isGone(engine.pid));
+});
+
+test("a path swapped for a symlink after registration is refused at delete time", async (t) => {
+  const dir = tempDir(t);
+  const outside = tempDir(t, "sr-outside-");
+  writeFileSync(join(outside, "canary"), "keep me");
+  mkdirSync(join(outside, "work"));
+  writeFileSync(join(outside, "work", "canary"), "keep me too");
+  const d = await startDaemon(t, testConfig(dir));
+  const engine = await startEngine(t);
+  const workdir = join(dir, "engine");
+  mkdirSync(join(workdir, "work"), { recursive: true });
+  const id = (
+    await d.api<{ id: string }>("POST", "/v1/sessions", { engine: { pid: engine.pid }, paths: [join(workdir, "work")] })
+  ).body.id;
+  // The attack: after registration, a component of the path becomes a link to elsewhere.
+  renameSync(workdir, join(dir, "moved"));
+  symlinkSync(outside, workdir);
+  await d.api("POST", `/v1/sessions/${id}/reap`);
+  const finished = await d.reaped(id);
+  assert.equal(finished.outcome, "partial");
+  const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
+  assert.equal(step(s, "remove-paths").outcome, "failed");
+  assert.equal(s.leftovers[0]?.kind, "path");
+  assert.match(s.leftovers[0]?.detail ?? "", /refused/);
+  assert.equal(readFileSync(join(outside, "work", "canary"), "utf8"), "keep me too");
+  assert.equal(readFileSync(join(outside, "canary"), "utf8"), "keep me");
+});
+
+test("reaps run at most reaper.concurrency at a time", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(
+    t,
+    testConfig(dir, {
+      reaper: { concurrency: 2 },
+      profiles: { default: { close_hook: "/shutdown", step_timeout_sec: 0.5 } },
+    }),
+  );
+  const ids: string[] = [];
+  for (let i = 0; i < 5; i++) {
+    const engine = await startEngine(t, ["--hang-shutdown"]);
+    const res = await d.api<{ id: string }>("POST", "/v1/sessions", {
+      engine: { pid: engine.pid },
+      ports: [engine.port],
+    });
+    ids.push(res.body.id);
+  }
+  let maxInFlight = 0;
+  const sample = setInterval(() => (maxInFlight = Math.max(maxInFlight, d.daemon.reaper.inFlight)), 5);
+  for (const id of ids) await d.api("POST", `/v1/sessions/${id}/reap`);
+  assert.equal(d.daemon.reaper.inFlight, 2);
+  assert.equal(d.daemon.reaper.pending, 3);
+  await Promise.all(ids.map((id) => d.reaped(id)));
+  clearInterval(sample);
+  assert.equal(maxInFlight, 2);
+  await until(() => d.daemon.reaper.inFlight === 0, 2_000, "queue drained");
+});
