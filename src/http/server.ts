@@ -87,6 +87,8 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
     return503OnClosing: true,
   });
 
+  // JSON only: without this, fastify would parse text/plain bodies and answer 400, not 415.
+  app.removeContentTypeParser("text/plain");
   app.setValidatorCompiler(({ schema, httpPart }) =>
     httpPart === "body" ? bodyAjv.compile(schema) : queryAjv.compile(schema),
   );
