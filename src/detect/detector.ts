@@ -70,7 +70,7 @@ export class Detector {
   start(): void {
     this.running = true;
     this.arm();
-    this.cron = new Cron(this.livenessSchedule, { protect: true, name: "liveness" }, () => {
+    this.cron = new Cron(this.livenessSchedule, { protect: true }, () => {
       this.checkLiveness();
     });
   }

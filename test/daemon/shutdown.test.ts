@@ -1,0 +1,143 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { test } from "node:test";
+import { callApi } from "../../src/cli/client.js";
+import { Store } from "../../src/store/store.js";
+import { isGone, spawnDaemon, startEngine, tempDir, until, writeConfig } from "../helpers.js";
+
+type ErrorBody = { error: { code: string } };
+
+function config(dir: string, graceSec: number): { file: string; socket: string; db: string } {
+  const socket = join(dir, "reaper.sock");
+  const db = join(dir, "reaper.db");
+  const file = writeConfig(
+    dir,
+    `[api]
+socket = "${socket}"
+[store]
+path = "${db}"
+[reaper]
+shutdown_grace_sec = ${graceSec}
+[profiles.default]
+close_hook = "/shutdown"
+step_timeout_sec = 1.5
+grace_period_sec = 1
+allowed_roots = ["${dir}"]
+`,
+  );
+  return { file, socket, db };
+}
+
+test("SIGTERM: shutting_down at once, reads and heartbeats keep answering, in-flight reaps finish, live sessions stay, exit 0", async (t) => {
+  const dir = tempDir(t);
+  const { file, socket, db } = config(dir, 15);
+  const daemon = await spawnDaemon(t, file, socket);
+  const live = await startEngine(t);
+  const hanging = await startEngine(t, ["--hang-shutdown"], join(dir, "hanging"));
+  await callApi(socket, "POST", "/v1/sessions", { id: "live", engine: { pid: live.pid }, heartbeatTimeoutSec: 30 });
+  await callApi(socket, "POST", "/v1/sessions", {
+    id: "inflight",
+    engine: { pid: hanging.pid },
+    ports: [hanging.port],
+    paths: [hanging.dir],
+  });
+  assert.equal((await callApi(socket, "POST", "/v1/sessions/inflight/reap")).status, 202);
+
+  daemon.proc.kill("SIGTERM");
+  await until(
+    async () => (await callApi<{ state: string }>(socket, "GET", "/v1/daemon")).body.state === "shutting_down",
+    5_000,
+    "shutting_down",
+  );
+  // The reap of "inflight" is still in its close hook (1.5 s): the daemon must keep serving.
+  assert.equal((await callApi(socket, "GET", "/readyz")).status, 503);
+  assert.equal((await callApi(socket, "GET", "/healthz")).status, 200);
+  assert.equal((await callApi(socket, "POST", "/v1/sessions/live/heartbeat", { activity: "busy" })).status, 200);
+  assert.equal((await callApi<{ state: string }>(socket, "GET", "/v1/sessions/live")).body.state, "live");
+  const refused = await callApi<ErrorBody>(socket, "POST", "/v1/sessions", { engine: { pid: live.pid } });
+  assert.deepEqual([refused.status, refused.body.error.code], [503, "SR_SHUTTING_DOWN"]);
+
+  assert.equal(await daemon.exit, 0);
+  const out = daemon.output();
+  assert.ok(out.indexOf('"daemon.stopping"') < out.indexOf('"reap.finished"'));
+  assert.ok(out.indexOf('"reap.finished"') < out.indexOf('"daemon.stopped"'));
+
+  const store = new Store(db, Date.now());
+  t.after(() => store.close());
+  assert.equal(store.getSession("live")?.state, "live");
+  assert.equal(store.getSession("inflight")?.state, "reaped");
+  assert.ok(!isGone(live.pid), "a live session was reaped because the daemon stopped");
+  assert.ok(isGone(hanging.pid));
+});
+
+test("SIGTERM with a short grace: the reap pauses at a step boundary and resumes at the next start", async (t) => {
+  const dir = tempDir(t);
+  const { file, socket, db } = config(dir, 0.2);
+  const first = await spawnDaemon(t, file, socket);
+  const hanging = await startEngine(t, ["--hang-shutdown"], join(dir, "hanging"));
+  await callApi(socket, "POST", "/v1/sessions", {
+    id: "paused",
+    engine: { pid: hanging.pid },
+    ports: [hanging.port],
+    paths: [hanging.dir],
+  });
+  await callApi(socket, "POST", "/v1/sessions/paused/reap");
+  first.proc.kill("SIGTERM");
+  assert.equal(await first.exit, 0);
+
+  const mid = new Store(db, Date.now());
+  assert.equal(mid.getSession("paused")?.state, "reaping");
+  assert.deepEqual(
+    mid.steps("paused").map((s) => s.name),
+    ["fence", "close-environment"],
+  );
+  mid.close();
+  assert.ok(!isGone(hanging.pid));
+
+  const second = await spawnDaemon(t, file, socket);
+  await until(
+    async () => (await callApi<{ state: string }>(socket, "GET", "/v1/sessions/paused")).body.state === "reaped",
+    10_000,
+    "resumed reap finished",
+  );
+  const steps = (await callApi<{ steps: { name: string }[] }>(socket, "GET", "/v1/sessions/paused")).body.steps;
+  assert.deepEqual(
+    steps.map((s) => s.name),
+    ["fence", "close-environment", "terminate", "release-connections-and-ports", "remove-paths", "finish"],
+  );
+  assert.ok(isGone(hanging.pid));
+  second.proc.kill("SIGTERM");
+  assert.equal(await second.exit, 0);
+});
+
+test("a second SIGTERM forces the exit; the journal stays consistent and the reap resumes", async (t) => {
+  const dir = tempDir(t);
+  const { file, socket, db } = config(dir, 30);
+  const first = await spawnDaemon(t, file, socket);
+  const hanging = await startEngine(t, ["--hang-shutdown"]);
+  await callApi(socket, "POST", "/v1/sessions", {
+    id: "forced-exit",
+    engine: { pid: hanging.pid },
+    ports: [hanging.port],
+  });
+  await callApi(socket, "POST", "/v1/sessions/forced-exit/reap");
+  first.proc.kill("SIGTERM");
+  await until(
+    async () => (await callApi<{ state: string }>(socket, "GET", "/v1/daemon")).body.state === "shutting_down",
+    5_000,
+    "shutting_down",
+  );
+  first.proc.kill("SIGTERM");
+  assert.equal(await first.exit, 1);
+  const store = new Store(db, Date.now());
+  assert.equal(store.getSession("forced-exit")?.state, "reaping");
+  store.close();
+  const second = await spawnDaemon(t, file, socket);
+  await until(
+    async () => (await callApi<{ state: string }>(socket, "GET", "/v1/sessions/forced-exit")).body.state === "reaped",
+    10_000,
+    "resumed",
+  );
+  second.proc.kill("SIGTERM");
+  assert.equal(await second.exit, 0);
+});
