@@ -118,3 +118,13 @@ test("format: aligned tables and relative times", () => {
   assert.equal(relativeTime("2025-12-31T22:00:00Z", now), "2h ago");
   assert.equal(relativeTime("2026-01-02T00:00:00Z", now), "in 1d");
 });
+
+test("systemd/config.example.toml is a valid configuration", async () => {
+  const { loadConfig } = await import("../../src/config/load.js");
+  const { fileURLToPath } = await import("node:url");
+  const file = fileURLToPath(new URL("../../../systemd/config.example.toml", import.meta.url));
+  const config = loadConfig({ configPath: file, env: {}, cwd: "/tmp" });
+  assert.deepEqual(Object.keys(config.profiles).sort(), ["default", "spark"]);
+  assert.equal(config.profiles.spark?.idleTimeoutSec, 3600);
+  assert.deepEqual(config.profiles.spark?.closeHook, { kind: "http", path: "/api/v1/shutdown" });
+});
