@@ -1,7 +1,7 @@
 import { EventEmitter } from "node:events";
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
-import type { Store } from "../store/store.js";
+import type { NewEvent, Store } from "../store/store.js";
 
 export const AUDIT_EVENTS = [
   "daemon.started",
@@ -16,14 +16,9 @@ export const AUDIT_EVENTS = [
 ] as const;
 export type AuditEventName = (typeof AUDIT_EVENTS)[number];
 
-export interface AuditEvent {
+/** The stored event's fields, with the event name narrowed to the audit vocabulary. */
+export interface AuditEvent extends Omit<NewEvent, "at" | "event"> {
   event: AuditEventName;
-  sessionId?: string | undefined;
-  reason?: string | undefined;
-  step?: string | undefined;
-  outcome?: string | undefined;
-  durationMs?: number | undefined;
-  detail?: Record<string, unknown> | undefined;
 }
 
 export interface RecordedAuditEvent extends AuditEvent {
