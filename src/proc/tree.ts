@@ -9,15 +9,21 @@ import { isExited, isKernelThread, listStats, readUid, type ProcStat } from "./s
 export class ProcessTable {
   private readonly byPid: Map<number, ProcStat>;
   private readonly children = new Map<number, ProcStat[]>();
-  private readonly stats: ProcStat[];
+  /** Members by process group id and by session id (a leader's pid). */
+  private readonly groups = new Map<number, ProcStat[]>();
 
   constructor(stats: ProcStat[] = listStats()) {
-    this.stats = stats.filter((s) => !isExited(s) && !isKernelThread(s));
-    this.byPid = new Map(this.stats.map((s) => [s.pid, s]));
-    for (const s of this.stats) {
-      const list = this.children.get(s.ppid);
+    const live = stats.filter((s) => !isExited(s) && !isKernelThread(s));
+    this.byPid = new Map(live.map((s) => [s.pid, s]));
+    const add = (index: Map<number, ProcStat[]>, key: number, s: ProcStat): void => {
+      const list = index.get(key);
       if (list) list.push(s);
-      else this.children.set(s.ppid, [s]);
+      else index.set(key, [s]);
+    };
+    for (const s of live) {
+      add(this.children, s.ppid, s);
+      add(this.groups, s.pgrp, s);
+      if (s.sid !== s.pgrp) add(this.groups, s.sid, s);
     }
   }
 
@@ -46,7 +52,7 @@ export class ProcessTable {
     // is someone else's).
     const enginePidReused = this.byPid.has(engine.pid) && this.find(engine) === undefined;
     if (!enginePidReused) {
-      for (const s of this.stats) if (s.pgrp === engine.pid || s.sid === engine.pid) members.set(s.pid, s);
+      for (const s of this.groups.get(engine.pid) ?? []) members.set(s.pid, s);
     }
     const queue = [...members.values()];
     while (queue.length > 0) {
@@ -58,11 +64,13 @@ export class ProcessTable {
         }
       }
     }
+    // Identities already known keep their uid: /proc/<pid>/status is read only for newcomers.
+    const knownUid = new Map([engine, ...known].map((k) => [`${k.pid}:${k.startTime}`, k.uid]));
     const boot = bootId();
     const out: ProcessIdentity[] = [];
     for (const s of members.values()) {
       if (s.pid <= 1) continue;
-      const uid = readUid(s.pid);
+      const uid = knownUid.get(`${s.pid}:${s.startTime}`) ?? readUid(s.pid);
       if (uid !== null) out.push({ pid: s.pid, startTime: s.startTime, bootId: boot, uid });
     }
     return out;
