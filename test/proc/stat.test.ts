@@ -1,0 +1,132 @@
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { symlinkSync } from "node:fs";
+import { join } from "node:path";
+import { test } from "node:test";
+import {
+  isExited,
+  isKernelThread,
+  listStats,
+  parseStat,
+  readStat,
+  readUid,
+  type ProcStat,
+} from "../../src/proc/stat.js";
+import { tempDir, until } from "../helpers.js";
+
+/** A /proc/<pid>/stat line (52 fields) with the given values; the rest are zeros. */
+function statLine(pid: number, comm: string, f: { state?: string; ppid?: number; flags?: number; start?: number }) {
+  const fields: (string | number)[] = new Array<number>(52 - 2).fill(0);
+  // fields[0] is field 3 (state)
+  fields[0] = f.state ?? "S";
+  fields[1] = f.ppid ?? 1; // 4
+  fields[2] = 700; // 5 pgrp
+  fields[3] = 800; // 6 session
+  fields[4] = 34816; // 7 tty_nr
+  fields[5] = -1; // 8 tpgid
+  fields[6] = f.flags ?? 4194560; // 9 flags
+  fields[19] = f.start ?? 123456; // 22 starttime
+  return `${pid} (${comm}) ${fields.join(" ")}\n`;
+}
+
+test("parseStat reads the fields after a comm holding spaces and parentheses", () => {
+  const st = parseStat(statLine(4321, "(a) (b)", { state: "R", ppid: 99, flags: 64, start: 987654321 }));
+  assert.deepEqual(st, {
+    pid: 4321,
+    comm: "(a) (b)",
+    state: "R",
+    ppid: 99,
+    pgrp: 700,
+    sid: 800,
+    flags: 64,
+    startTime: 987654321,
+  });
+});
+
+test("parseStat survives a comm that imitates the fields after it", () => {
+  const st = parseStat(statLine(77, ") Z 1 2 (", { state: "S", ppid: 5, start: 42 }));
+  assert.equal(st?.comm, ") Z 1 2 (");
+  assert.equal(st?.state, "S");
+  assert.equal(st?.ppid, 5);
+  assert.equal(st?.startTime, 42);
+});
+
+test("parseStat returns null for garbage", () => {
+  assert.equal(parseStat(""), null);
+  assert.equal(parseStat("no parentheses at all"), null);
+  assert.equal(parseStat("12 ) S 1 ("), null);
+});
+
+test("readStat of this process", () => {
+  const st = readStat(process.pid);
+  assert.ok(st);
+  assert.equal(st.pid, process.pid);
+  assert.equal(st.ppid, process.ppid);
+  assert.ok(["R", "S"].includes(st.state), st.state);
+  assert.ok(st.comm.length > 0);
+  assert.ok(Number.isSafeInteger(st.startTime) && st.startTime > 0);
+  assert.equal(readStat(process.pid)?.startTime, st.startTime, "start time is stable");
+  assert.equal(isKernelThread(st), false);
+  assert.equal(isExited(st), false);
+});
+
+test("readStat of a pid that does not exist is null", () => {
+  assert.equal(readStat(2 ** 22 + 1), null); // above the largest possible pid_max
+  assert.equal(readUid(2 ** 22 + 1), null);
+});
+
+test("readStat of a real process whose comm holds spaces and parentheses", async (t) => {
+  const dir = tempDir(t);
+  const exe = join(dir, "(a) (b)");
+  symlinkSync("/bin/sleep", exe); // comm is the basename of the path given to execve
+  const child = spawn(exe, ["30"], { stdio: "ignore" });
+  t.after(() => child.kill("SIGKILL"));
+  await until(() => readStat(child.pid as number)?.comm === "(a) (b)", 5000, "exec of the renamed sleep");
+  const st = readStat(child.pid as number);
+  assert.equal(st?.pid, child.pid);
+  assert.equal(st?.ppid, process.pid);
+  assert.ok(st && !isExited(st), st?.state);
+});
+
+test("pid 2 (kthreadd) and its children are kernel threads; pid 1 and this process are not", (t) => {
+  const kthreadd = readStat(2);
+  if (kthreadd?.comm !== "kthreadd") {
+    t.diagnostic("no kthreadd at pid 2 in this pid namespace");
+  } else {
+    assert.equal(isKernelThread(kthreadd), true);
+    assert.notEqual(kthreadd.flags & 0x00200000, 0, "PF_KTHREAD set");
+    const kids = listStats().filter((s) => s.ppid === 2);
+    assert.ok(kids.length > 0);
+    for (const k of kids) assert.equal(isKernelThread(k), true, k.comm);
+  }
+  const init = readStat(1);
+  assert.ok(init);
+  assert.equal(isKernelThread(init), false);
+});
+
+test("isExited is true for Z, X and x only", () => {
+  for (const [state, exited] of [
+    ["Z", true],
+    ["X", true],
+    ["x", true],
+    ["R", false],
+    ["S", false],
+    ["D", false],
+    ["T", false],
+    ["I", false],
+  ] as const) {
+    assert.equal(isExited(parseStat(statLine(10, "p", { state })) as ProcStat), exited, state);
+  }
+});
+
+test("readUid reads the real uid and gid of this process", () => {
+  assert.equal(readUid(process.pid), process.getuid?.());
+  assert.equal(readUid(process.pid, "Gid"), process.getgid?.());
+});
+
+test("listStats includes this process and pid 1, and only numeric entries", () => {
+  const all = listStats();
+  assert.ok(all.some((s) => s.pid === process.pid));
+  assert.ok(all.some((s) => s.pid === 1));
+  assert.ok(all.every((s) => Number.isSafeInteger(s.pid) && s.pid > 0));
+});
