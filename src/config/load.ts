@@ -62,11 +62,19 @@ function describe(err: ErrorObject): string {
   return `${keyOf(err)}: ${err.message ?? "invalid"}`;
 }
 
+/** An environment variable, with an empty value treated as unset (`Environment=REAPER_DB=` clears it). */
+const envValue = (env: LoadOptions["env"], name: string): string | undefined => env[name] || undefined;
+
+/** systemd's RuntimeDirectory=, StateDirectory=, ConfigurationDirectory= may list several dirs joined by ':'. */
+const firstDir = (env: LoadOptions["env"], name: string): string | undefined =>
+  envValue(env, name)?.split(":")[0] || undefined;
+
 function configFile(opts: LoadOptions): string | null {
-  const explicit = opts.configPath ?? opts.env.REAPER_CONFIG;
+  const explicit = opts.configPath ?? envValue(opts.env, "REAPER_CONFIG");
   if (explicit) return resolve(opts.cwd, explicit);
   const candidates = [DEFAULT_CONFIG_PATH];
-  if (opts.env.CONFIGURATION_DIRECTORY) candidates.unshift(join(opts.env.CONFIGURATION_DIRECTORY, "config.toml"));
+  const confDir = firstDir(opts.env, "CONFIGURATION_DIRECTORY");
+  if (confDir) candidates.unshift(join(confDir, "config.toml"));
   return candidates.find((p) => existsSync(p)) ?? null;
 }
 
@@ -118,7 +126,7 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
   const raw = doc as Raw;
   const env = opts.env;
 
-  const level = env.REAPER_LOG_LEVEL ?? raw.log?.level ?? DEFAULTS.log.level;
+  const level = envValue(env, "REAPER_LOG_LEVEL") ?? raw.log?.level ?? DEFAULTS.log.level;
   const levels = configSchema.properties.log.properties.level.enum as readonly string[];
   if (!levels.includes(level)) {
     throw new ReaperError("SR_CONFIG_INVALID", `REAPER_LOG_LEVEL: must be one of ${levels.join(", ")}`);
@@ -131,14 +139,19 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
     throw new ReaperError("SR_CONFIG_INVALID", `${where}: detect.liveness_schedule: ${errorMessage(err)}`);
   }
 
-  // systemd's RuntimeDirectory= / StateDirectory= may list several dirs separated by ':'.
-  const firstDir = (v: string | undefined): string | undefined => v?.split(":")[0] || undefined;
-  const socket =
-    env.REAPER_SOCKET ?? raw.api?.socket ?? join(firstDir(env.RUNTIME_DIRECTORY) ?? opts.cwd, "reaper.sock");
-  const dbPath = env.REAPER_DB ?? raw.store?.path ?? join(firstDir(env.STATE_DIRECTORY) ?? opts.cwd, "reaper.db");
-  if (!isAbsolute(socket)) {
-    throw new ReaperError("SR_CONFIG_INVALID", `REAPER_SOCKET: must be an absolute path`);
+  const [socketFrom, socketPath] = envValue(env, "REAPER_SOCKET")
+    ? ["REAPER_SOCKET", envValue(env, "REAPER_SOCKET") as string]
+    : raw.api?.socket
+      ? ["api.socket", raw.api.socket]
+      : firstDir(env, "RUNTIME_DIRECTORY")
+        ? ["RUNTIME_DIRECTORY", join(firstDir(env, "RUNTIME_DIRECTORY") as string, "reaper.sock")]
+        : ["the working directory", join(opts.cwd, "reaper.sock")];
+  if (!isAbsolute(socketPath)) {
+    throw new ReaperError("SR_CONFIG_INVALID", `${socketFrom}: the socket path ${socketPath} must be absolute`);
   }
+  const socket = socketPath;
+  const dbPath =
+    envValue(env, "REAPER_DB") ?? raw.store?.path ?? join(firstDir(env, "STATE_DIRECTORY") ?? opts.cwd, "reaper.db");
 
   const rawProfiles = raw.profiles ?? {};
   const baseRaw = rawProfiles.default ?? {};

@@ -1,4 +1,5 @@
 import { readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { Database } from "better-sqlite3";
 import { ReaperError } from "../errors.js";
@@ -16,7 +17,7 @@ function readMigrations(dir: string): Migration[] {
   return readdirSync(dir)
     .filter((f) => /^\d{3}_[a-z0-9_]+\.sql$/.test(f))
     .sort()
-    .map((f) => ({ version: Number(f.slice(0, 3)), name: f, sql: readFileSync(dir + f, "utf8") }));
+    .map((f) => ({ version: Number(f.slice(0, 3)), name: f, sql: readFileSync(join(dir, f), "utf8") }));
 }
 
 /**
@@ -42,16 +43,22 @@ export function migrate(db: Database, now: number, dir = MIGRATIONS_DIR): number
   const done: number[] = [];
   for (const m of known) {
     if (applied.has(m.version)) continue;
-    // IMMEDIATE takes the write lock first, so two daemons started on one file cannot both migrate.
-    db.transaction(() => {
-      db.exec(m.sql);
-      db.prepare("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)").run(
-        m.version,
-        m.name,
-        now,
-      );
-    }).immediate();
-    done.push(m.version);
+    // IMMEDIATE takes the write lock first; the re-check inside it makes a daemon that lost
+    // the race to another one (started on the same file) skip what the winner applied.
+    const isApplied = db.prepare("SELECT 1 FROM schema_migrations WHERE version = ?");
+    const ran = db
+      .transaction(() => {
+        if (isApplied.get(m.version) !== undefined) return false;
+        db.exec(m.sql);
+        db.prepare("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)").run(
+          m.version,
+          m.name,
+          now,
+        );
+        return true;
+      })
+      .immediate();
+    if (ran) done.push(m.version);
   }
   return done;
 }

@@ -144,7 +144,12 @@ export class Store {
     this.db.pragma("synchronous = NORMAL");
     this.db.pragma("foreign_keys = ON");
     this.db.pragma("busy_timeout = 5000");
-    migrate(this.db, now);
+    try {
+      migrate(this.db, now);
+    } catch (err) {
+      this.db.close();
+      throw err;
+    }
     const db = this.db;
     this.stmts = {
       insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,

@@ -137,18 +137,12 @@ test("REAPER_DB is resolved against the working directory; :memory: is kept as i
   assert.equal(build({}, { REAPER_DB: ":memory:" }).store.path, ":memory:");
 });
 
-test("an empty REAPER_DB is treated as unset (or refused, naming it), never as the working directory", () => {
-  // systemd's `Environment=REAPER_DB=` sets it to "". REAPER_CONFIG="" and an empty
-  // $STATE_DIRECTORY are already treated as unset.
-  let path: string | undefined;
-  try {
-    path = build({}, { REAPER_DB: "" }, "/srv/reaper").store.path;
-  } catch (err) {
-    assert.ok(err instanceof ReaperError && err.code === "SR_CONFIG_INVALID", String(err));
-    assert.ok(err.message.includes("REAPER_DB"), err.message);
-    return;
-  }
-  assert.equal(path, "/srv/reaper/reaper.db");
+test("empty REAPER_DB, REAPER_SOCKET, REAPER_LOG_LEVEL are treated as unset, never as the working directory", () => {
+  // systemd's `Environment=REAPER_DB=` sets it to "": that clears the override.
+  const config = build({}, { REAPER_DB: "", REAPER_SOCKET: "", REAPER_LOG_LEVEL: "" }, "/srv/reaper");
+  assert.equal(config.store.path, "/srv/reaper/reaper.db");
+  assert.equal(config.api.socket, "/srv/reaper/reaper.sock");
+  assert.equal(config.log.level, "info");
 });
 
 test("a relative REAPER_SOCKET is an error naming it", () => {
