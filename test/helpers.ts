@@ -200,3 +200,21 @@ export async function spawnDaemon(
   );
   return { proc, exit, output: () => out };
 }
+
+/** A real child process (default `sleep 30`), killed when the test ends. */
+export function sleeper(
+  t: { after: (fn: () => void) => void },
+  cmd = "sleep",
+  args = ["30"],
+): ChildProcess & { pid: number } {
+  const child = spawn(cmd, args, { stdio: "ignore" });
+  t.after(() => void child.kill("SIGKILL"));
+  if (child.pid === undefined) throw new Error(`could not start ${cmd}`);
+  return child as ChildProcess & { pid: number };
+}
+
+/** Resolves once the child has exited (at once if it already has). */
+export function exited(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((r) => child.once("exit", () => r()));
+}

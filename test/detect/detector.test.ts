@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { test } from "node:test";
+import { sleeper, exited } from "../helpers.js";
 import { pino } from "pino";
 import { FakeClock } from "../../src/clock.js";
 import { Detector, type LiveSession } from "../../src/detect/detector.js";
@@ -26,18 +26,6 @@ interface Call {
   id: string;
   reason: Reason;
   detail: Record<string, unknown>;
-}
-
-function sleeper(t: Cleanup): ChildProcess & { pid: number } {
-  const child = spawn("sleep", ["30"], { stdio: "ignore" });
-  t.after(() => void child.kill("SIGKILL"));
-  assert.ok(child.pid);
-  return child as ChildProcess & { pid: number };
-}
-
-function exited(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
-  return new Promise((r) => child.once("exit", () => r()));
 }
 
 /** A detector on a fake clock whose expire callback records calls and fences (removes) the session. */

@@ -1,26 +1,13 @@
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { test } from "node:test";
+import { sleeper, exited } from "../helpers.js";
 import { ReaperError } from "../../src/errors.js";
 import { bootId, identify, liveness } from "../../src/proc/identity.js";
 import { listStats, readStat } from "../../src/proc/stat.js";
 import { until } from "../helpers.js";
 
 type Cleanup = { after: (fn: () => void) => void };
-
-/** A real child process, killed when the test ends. */
-function sleeper(t: Cleanup, cmd = "sleep", args = ["30"]): ChildProcess & { pid: number } {
-  const child = spawn(cmd, args, { stdio: "ignore" });
-  t.after(() => void child.kill("SIGKILL"));
-  assert.ok(child.pid);
-  return child as ChildProcess & { pid: number };
-}
-
-function exited(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
-  return new Promise((r) => child.once("exit", () => r()));
-}
 
 /** A real zombie: the shell backgrounds `true`, then execs sleep, which never waits for it. */
 async function zombie(t: Cleanup): Promise<{ pid: number; parent: number }> {

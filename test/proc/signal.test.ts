@@ -1,19 +1,13 @@
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { test } from "node:test";
+import { sleeper } from "../helpers.js";
 import { pino } from "pino";
 import { bootId, identify, liveness } from "../../src/proc/identity.js";
 import { signalProcess } from "../../src/proc/signal.js";
 import { readStat } from "../../src/proc/stat.js";
 
 const log = pino({ level: "silent" });
-
-function sleeper(t: { after: (fn: () => void) => void }): ChildProcess & { pid: number } {
-  const child = spawn("sleep", ["30"], { stdio: "ignore" });
-  t.after(() => void child.kill("SIGKILL"));
-  assert.ok(child.pid);
-  return child as ChildProcess & { pid: number };
-}
 
 function exitOf(child: ChildProcess): Promise<NodeJS.Signals | null> {
   if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.signalCode);
