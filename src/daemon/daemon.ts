@@ -164,6 +164,7 @@ export class Daemon {
     await this.flushing;
     this.flushAllNow();
     await this.app.close();
+    this.detector.close();
     this.audit.record({ event: "daemon.stopped", detail: { counts: this.store.counts() } });
     this.store.close();
     pidusage.clear();

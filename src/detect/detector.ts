@@ -1,6 +1,9 @@
 import { Cron } from "croner";
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
+import { liveness } from "../proc/identity.js";
+import { ProcessHandle } from "../proc/pidfd.js";
+import { readUid } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
 import { deadlineOf, type Timing } from "./deadline.js";
@@ -27,11 +30,14 @@ export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unkno
  * the earliest, so expiry starts within milliseconds of the deadline instead of on a coarse
  * poll. Heartbeats never touch the heap (they only move a session's deadline later): when an
  * entry comes due, the session's current deadline is computed, and the entry is pushed back
- * if it moved. Evidence-based: a croner job checks that every engine and owner process
- * still has the identity it registered with.
+ * if it moved. Evidence-based: while a session is live the daemon holds a pidfd on its
+ * engine and owner and is woken the moment either exits; a croner job checks every identity
+ * too (the fallback without pidfd, and the tree snapshots).
  */
 export class Detector {
   readonly live = new Map<string, LiveSession>();
+  /** Held pidfds of live engines and owners, watched for exit. */
+  private readonly handles = new Map<string, ProcessHandle[]>();
   private readonly heap = new DeadlineHeap();
   private cancelTimer: (() => void) | null = null;
   private armedAt = Number.POSITIVE_INFINITY;
@@ -48,12 +54,41 @@ export class Detector {
   add(s: LiveSession): void {
     this.live.set(s.id, s);
     this.heap.push(deadlineOf(s).at, s.id);
+    const handles: ProcessHandle[] = [];
+    this.watch(s, s.engine, "engine_gone", handles);
+    if (s.ownerPid !== null) this.watch(s, s.ownerPid, "owner_gone", handles);
+    if (handles.length > 0) this.handles.set(s.id, handles);
     if (this.running) this.arm();
   }
 
   /** Drops a session (fenced); its heap entry is discarded when it comes due. */
   remove(id: string): void {
     this.live.delete(id);
+    for (const h of this.handles.get(id) ?? []) h.close();
+    this.handles.delete(id);
+  }
+
+  /**
+   * Holds a pidfd on the process and asks to be woken when it exits. The identity is checked
+   * after the pidfd is open (so it is the identity of the process the pidfd holds): after a
+   * restart, a pid now worn by another process is never watched, and the liveness pass reaps
+   * the session instead.
+   */
+  private watch(s: LiveSession, id: ProcessIdentity, reason: Reason, into: ProcessHandle[]): void {
+    const handle = ProcessHandle.open(id.pid);
+    if (handle === null) return; // no pidfd here, or already gone: the liveness pass decides
+    if (liveness(id) !== "alive" || readUid(id.pid) !== id.uid) {
+      handle.close();
+      return;
+    }
+    handle.onExit(() => {
+      try {
+        if (this.live.get(s.id) === s) this.expire(s.id, reason, { pid: id.pid, detectedBy: "pidfd" });
+      } catch (err) {
+        this.log.error({ err, sessionId: s.id }, "expiry on process exit failed");
+      }
+    });
+    into.push(handle);
   }
 
   /** A heartbeat: O(1), in memory. `busy` moves activity too. */
@@ -82,6 +117,13 @@ export class Detector {
     this.armedAt = Number.POSITIVE_INFINITY;
     this.cron?.stop();
     this.cron = null;
+  }
+
+  /** Releases every held pidfd (daemon stop). */
+  close(): void {
+    this.stop();
+    for (const list of this.handles.values()) for (const h of list) h.close();
+    this.handles.clear();
   }
 
   /** Expires every session whose deadline has passed; re-queues those that moved. */
@@ -115,7 +157,7 @@ export class Detector {
       else s.tree = table.tree(s.engine, s.tree);
     }
     for (const [id, reason, proc] of due) {
-      if (this.live.has(id)) this.expire(id, reason, { pid: proc.pid });
+      if (this.live.has(id)) this.expire(id, reason, { pid: proc.pid, detectedBy: "liveness" });
     }
     if (due.length > 0) this.log.debug({ expired: due.length }, "liveness check");
     return due.length;

@@ -1,18 +1,22 @@
+import { constants } from "node:os";
 import type { Logger } from "pino";
 import type { ProcessIdentity } from "../sessions/types.js";
 import { bootId } from "./identity.js";
-import { isExited, isKernelThread, readStat } from "./stat.js";
+import { ProcessHandle } from "./pidfd.js";
+import { isExited, isKernelThread, readStat, type ProcStat } from "./stat.js";
 
 export type SignalResult = "sent" | "gone" | "refused";
 
 /**
  * The one code path through which the daemon signals a process. It refuses pid <= 1, the
- * daemon itself and kernel threads whatever the caller says, and re-checks the identity
- * (boot id + start time) immediately before kill(2), so a pid that was reused since the
- * session registered is never hit. Every signal sent or refused is logged.
+ * daemon itself and kernel threads whatever the caller says, and never hits a reused pid:
  *
- * The window between the check and kill(2) is a few microseconds; a pidfd closes it (see
- * the issue on Linux-grade process safety).
+ * - With pidfd (Linux 5.3+): open a pidfd on the pid, then check the identity (boot id +
+ *   start time) of the process *that pidfd refers to*, then signal through the pidfd. A pidfd
+ *   names one process for good, so a pid reused after the check cannot be hit.
+ * - Without: check the identity, then kill(2) (a window of microseconds remains).
+ *
+ * Every signal sent or refused is logged.
  */
 export function signalProcess(
   target: ProcessIdentity,
@@ -26,19 +30,33 @@ export function signalProcess(
     return "refused";
   }
   if (target.bootId !== bootId()) return "gone";
-  const stat = readStat(target.pid);
-  if (!stat || isExited(stat) || stat.startTime !== target.startTime) return "gone";
-  if (isKernelThread(stat)) {
-    log.warn(fields, "signal refused: kernel thread");
-    return "refused";
-  }
+  const handle = ProcessHandle.open(target.pid);
   try {
-    process.kill(target.pid, signal);
+    // With a handle open, the process it refers to cannot be replaced: this check is final.
+    const stat = readStat(target.pid);
+    const verdict = judge(stat, target);
+    if (verdict !== "ok") {
+      if (verdict === "refused") log.warn(fields, "signal refused: kernel thread");
+      return verdict;
+    }
+    if (handle !== null) {
+      if (!handle.signal(constants.signals[signal])) return "gone";
+    } else {
+      process.kill(target.pid, signal);
+    }
+    log.info({ ...fields, comm: stat?.comm, via: handle ? "pidfd" : "kill" }, "signal sent");
+    return "sent";
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === "ESRCH") return "gone";
     log.warn({ ...fields, err }, "signal failed");
     return "refused";
+  } finally {
+    handle?.close();
   }
-  log.info({ ...fields, comm: stat.comm }, "signal sent");
-  return "sent";
+}
+
+function judge(stat: ProcStat | null, target: ProcessIdentity): "ok" | "gone" | "refused" {
+  if (!stat || isExited(stat) || stat.startTime !== target.startTime) return "gone";
+  if (isKernelThread(stat)) return "refused";
+  return "ok";
 }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { sleeper, exited } from "../helpers.js";
+import { exited, sleeper, until } from "../helpers.js";
 import { pino } from "pino";
 import { FakeClock } from "../../src/clock.js";
 import { Detector, type LiveSession } from "../../src/detect/detector.js";
@@ -29,10 +29,10 @@ interface Call {
 }
 
 /** A detector on a fake clock whose expire callback records calls and fences (removes) the session. */
-function setup(t: Cleanup, opts: { start?: boolean } = {}) {
+function setup(t: Cleanup, opts: { start?: boolean; schedule?: string } = {}) {
   const clock = new CountingClock();
   const calls: Call[] = [];
-  const detector: Detector = new Detector(clock, SCHEDULE, log, (id, reason, detail) => {
+  const detector: Detector = new Detector(clock, opts.schedule ?? SCHEDULE, log, (id, reason, detail) => {
     calls.push({ id, reason, detail });
     detector.remove(id); // what the daemon's fence does
   });
@@ -242,7 +242,7 @@ test("expireDue() directly: only due sessions expire", (t) => {
   detector.stop();
 });
 
-test("liveness: an engine that exits is expired as engine_gone; a live one gets its tree refreshed", async (t) => {
+test("pidfd: an engine that exits is expired as engine_gone at once; a live one gets its tree refreshed", async (t) => {
   const { calls, detector, session, engine } = setup(t, { start: false });
   const doomed = sleeper(t);
   const doomedId = identify(doomed.pid, "engine.pid", process.pid);
@@ -257,13 +257,14 @@ test("liveness: an engine that exits is expired as engine_gone; a live one gets 
 
   doomed.kill("SIGKILL");
   await exited(doomed);
-  assert.equal(detector.checkLiveness(), 1);
-  assert.deepEqual(calls, [{ id: "doomed", reason: "engine_gone", detail: { pid: doomed.pid } }]);
+  // Woken by the held pidfd, without any liveness pass.
+  await until(() => calls.length === 1, 5_000, "exit seen through the pidfd");
+  assert.deepEqual(calls, [{ id: "doomed", reason: "engine_gone", detail: { pid: doomed.pid, detectedBy: "pidfd" } }]);
   assert.equal(detector.checkLiveness(), 0, "expired twice");
   detector.stop();
 });
 
-test("liveness: an owner process that exits is expired as owner_gone; a wrong start time counts as gone", async (t) => {
+test("owner_gone: a wrong start time is found by the liveness pass (never watched); an exit through the pidfd", async (t) => {
   const { calls, detector, session } = setup(t, { start: false });
   const owner = sleeper(t);
   const ownerId = identify(owner.pid, "ownerPid", process.pid);
@@ -273,10 +274,21 @@ test("liveness: an owner process that exits is expired as owner_gone; a wrong st
   assert.equal(detector.checkLiveness(), 1);
   owner.kill("SIGKILL");
   await exited(owner);
-  assert.equal(detector.checkLiveness(), 1);
+  await until(() => calls.length === 2, 5_000, "exit seen through the pidfd");
+  assert.equal(detector.checkLiveness(), 0);
   assert.deepEqual(calls, [
-    { id: "reused", reason: "owner_gone", detail: { pid: owner.pid } },
-    { id: "owned", reason: "owner_gone", detail: { pid: owner.pid } },
+    { id: "reused", reason: "owner_gone", detail: { pid: owner.pid, detectedBy: "liveness" } },
+    { id: "owned", reason: "owner_gone", detail: { pid: owner.pid, detectedBy: "pidfd" } },
+  ]);
+  detector.stop();
+});
+
+test("the croner schedule runs the liveness pass on its own (what a pidfd cannot see: a reused pid)", async (t) => {
+  const { calls, detector, session, engine } = setup(t, { schedule: "* * * * * *" });
+  detector.add(session("reused", { engine: { ...engine, startTime: engine.startTime + 1 } }));
+  await until(() => calls.length === 1, 3_000, "scheduled liveness pass");
+  assert.deepEqual(calls, [
+    { id: "reused", reason: "engine_gone", detail: { pid: engine.pid, detectedBy: "liveness" } },
   ]);
   detector.stop();
 });

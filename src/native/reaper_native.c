@@ -1,0 +1,245 @@
+/*
+ * reaper_native: the few Linux system calls Node 20 does not expose, for session-reaper.
+ *
+ *   pidfdOpen(pid) -> fd             pidfd_open(2): a handle on one process, immune to pid reuse
+ *   pidfdSendSignal(fd, signo)       pidfd_send_signal(2): signals exactly that process
+ *   closeFd(fd)                      close(2)
+ *   watchExit(fd, callback) -> h     calls callback once, on the event loop, when the process
+ *                                    exits (the pidfd becomes readable): no polling
+ *   unwatch(h)                       stops watching (idempotent)
+ *
+ * Errors are thrown as Error objects whose `code` is the errno name ("ESRCH", "ENOSYS", ...),
+ * like Node's own fs errors, so callers can fall back when the kernel lacks pidfd (< 5.3).
+ * Kept deliberately tiny: every function is a thin wrapper over one system call.
+ */
+#include <node_api.h>
+#include <uv.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
+static const char *errno_name(int err) {
+  switch (err) {
+    case ESRCH: return "ESRCH";
+    case ENOSYS: return "ENOSYS";
+    case EPERM: return "EPERM";
+    case EINVAL: return "EINVAL";
+    case EBADF: return "EBADF";
+    case EMFILE: return "EMFILE";
+    case ENFILE: return "ENFILE";
+    case ENOMEM: return "ENOMEM";
+    case EACCES: return "EACCES";
+    default: return "EUNKNOWN";
+  }
+}
+
+static napi_value throw_errno(napi_env env, int err, const char *call) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "%s: %s", call, strerror(err));
+  napi_throw_error(env, errno_name(err), msg);
+  return NULL;
+}
+
+/* Reads argument i as an int32; throws a TypeError and returns 0 on failure. */
+static int int_arg(napi_env env, napi_value *argv, size_t argc, size_t i, int32_t *out) {
+  napi_valuetype t;
+  if (i >= argc || napi_typeof(env, argv[i], &t) != napi_ok || t != napi_number ||
+      napi_get_value_int32(env, argv[i], out) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected an integer argument");
+    return 0;
+  }
+  return 1;
+}
+
+static napi_value pidfd_open_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int32_t pid;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (!int_arg(env, argv, argc, 0, &pid)) return NULL;
+  if (pid <= 0) return throw_errno(env, EINVAL, "pidfd_open");
+  long fd = syscall(SYS_pidfd_open, (pid_t)pid, 0); /* the fd is O_CLOEXEC */
+  if (fd < 0) return throw_errno(env, errno, "pidfd_open");
+  napi_value result;
+  napi_create_int32(env, (int32_t)fd, &result);
+  return result;
+}
+
+static napi_value pidfd_send_signal_js(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int32_t fd, signo;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (!int_arg(env, argv, argc, 0, &fd) || !int_arg(env, argv, argc, 1, &signo)) return NULL;
+  if (syscall(SYS_pidfd_send_signal, fd, signo, NULL, 0) < 0) return throw_errno(env, errno, "pidfd_send_signal");
+  return NULL;
+}
+
+static napi_value close_fd_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int32_t fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (!int_arg(env, argv, argc, 0, &fd)) return NULL;
+  if (close(fd) < 0) return throw_errno(env, errno, "close");
+  return NULL;
+}
+
+/*
+ * A watch lives until both the JS side let go of it (finalizer) and libuv closed its poll
+ * handle: whichever comes last frees it, so neither side can touch freed memory.
+ */
+typedef struct {
+  uv_poll_t poll;
+  napi_env env;
+  napi_ref callback;
+  napi_async_context context;
+  int closing;   /* uv_close requested */
+  int closed;    /* uv_close callback ran */
+  int finalized; /* the JS external was collected */
+} exit_watch;
+
+static void release_js(exit_watch *w) {
+  if (w->callback != NULL) {
+    napi_delete_reference(w->env, w->callback);
+    w->callback = NULL;
+  }
+  if (w->context != NULL) {
+    napi_async_destroy(w->env, w->context);
+    w->context = NULL;
+  }
+}
+
+static void on_closed(uv_handle_t *handle) {
+  exit_watch *w = (exit_watch *)handle->data;
+  w->closed = 1;
+  if (w->finalized) free(w);
+}
+
+static void stop_watch(exit_watch *w) {
+  if (w->closing) return;
+  w->closing = 1;
+  uv_poll_stop(&w->poll);
+  uv_close((uv_handle_t *)&w->poll, on_closed);
+}
+
+static void on_readable(uv_poll_t *handle, int status, int events) {
+  (void)events;
+  exit_watch *w = (exit_watch *)handle->data;
+  napi_env env = w->env;
+  napi_ref ref = w->callback;
+  napi_async_context context = w->context;
+  w->callback = NULL;
+  w->context = NULL;
+  stop_watch(w);
+  if (ref == NULL) return;
+
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value callback, recv, arg, ignored;
+  napi_get_reference_value(env, ref, &callback);
+  napi_get_global(env, &recv); /* make_callback converts the receiver to an object */
+  napi_create_int32(env, status, &arg); /* 0, or a negative libuv error */
+  /* make_callback runs microtasks afterwards and reports exceptions like any Node callback. */
+  napi_make_callback(env, context, recv, callback, 1, &arg, &ignored);
+  napi_close_handle_scope(env, scope);
+  napi_delete_reference(env, ref);
+  napi_async_destroy(env, context);
+}
+
+static void finalize_watch(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  exit_watch *w = (exit_watch *)data;
+  release_js(w);
+  stop_watch(w);
+  w->finalized = 1;
+  if (w->closed) free(w);
+}
+
+static napi_value watch_exit_js(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int32_t fd;
+  napi_valuetype t;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (!int_arg(env, argv, argc, 0, &fd)) return NULL;
+  if (argc < 2 || napi_typeof(env, argv[1], &t) != napi_ok || t != napi_function) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected a callback");
+    return NULL;
+  }
+  uv_loop_t *loop;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) {
+    napi_throw_error(env, "EUNKNOWN", "no event loop");
+    return NULL;
+  }
+  exit_watch *w = calloc(1, sizeof *w);
+  if (w == NULL) return throw_errno(env, ENOMEM, "watchExit");
+  w->env = env;
+  int rc = uv_poll_init(loop, &w->poll, fd);
+  if (rc != 0) {
+    free(w);
+    napi_throw_error(env, uv_err_name(rc), uv_strerror(rc));
+    return NULL;
+  }
+  w->poll.data = w;
+  napi_value name;
+  napi_create_string_utf8(env, "reaper.watchExit", NAPI_AUTO_LENGTH, &name);
+  napi_async_init(env, NULL, name, &w->context);
+  napi_create_reference(env, argv[1], 1, &w->callback);
+  rc = uv_poll_start(&w->poll, UV_READABLE, on_readable);
+  if (rc != 0) {
+    release_js(w);
+    w->closing = 1;
+    w->finalized = 1;
+    uv_close((uv_handle_t *)&w->poll, on_closed);
+    napi_throw_error(env, uv_err_name(rc), uv_strerror(rc));
+    return NULL;
+  }
+  /* A watch must not keep the daemon's event loop alive on its own. */
+  uv_unref((uv_handle_t *)&w->poll);
+  napi_value external;
+  napi_create_external(env, w, finalize_watch, NULL, &external);
+  return external;
+}
+
+static napi_value unwatch_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  void *data = NULL;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || napi_get_value_external(env, argv[0], &data) != napi_ok || data == NULL) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected a watch handle");
+    return NULL;
+  }
+  exit_watch *w = (exit_watch *)data;
+  release_js(w);
+  stop_watch(w);
+  return NULL;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"pidfdOpen", NULL, pidfd_open_js, NULL, NULL, NULL, napi_default, NULL},
+      {"pidfdSendSignal", NULL, pidfd_send_signal_js, NULL, NULL, NULL, napi_default, NULL},
+      {"closeFd", NULL, close_fd_js, NULL, NULL, NULL, napi_default, NULL},
+      {"watchExit", NULL, watch_exit_js, NULL, NULL, NULL, napi_default, NULL},
+      {"unwatch", NULL, unwatch_js, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
