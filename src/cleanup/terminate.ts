@@ -1,6 +1,6 @@
 import { performance } from "node:perf_hooks";
 import { liveness } from "../proc/identity.js";
-import { signalProcess } from "../proc/signal.js";
+import { killCgroup, signalProcess } from "../proc/signal.js";
 import { processTree } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
@@ -8,12 +8,17 @@ import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./ste
 const POLL_MS = 25;
 /** How long SIGKILLed processes get to disappear before they are reported as leftovers. */
 const KILL_WAIT_MS = 3000;
+/** Freeze rounds: each stops the newcomers found by a re-scan, until a scan finds none. */
+const MAX_FREEZE_ROUNDS = 50;
 
 /**
  * Terminates the engine's whole process tree (BullMQ's child.kill: SIGTERM, then SIGKILL
- * after a deadline). The tree is re-scanned while waiting, so children forked during the
- * grace period are signalled too; identities are re-checked before every signal; a zombie
- * counts as gone. The processes handled are journaled for the port step.
+ * after a deadline). Children forked during the grace period are found by re-scanning and
+ * signalled too. Before SIGKILL the tree is frozen with SIGSTOP, round after round until a
+ * scan finds no newcomer, so a process forking in a loop cannot outrun the kill; if the
+ * engine has a cgroup of its own, `cgroup.kill` ends it at once. Every signal goes through
+ * the identity-checked path; a zombie counts as gone. The processes handled are journaled
+ * for the port step.
  */
 export const terminate: CleanupStep = {
   name: "terminate",
@@ -47,7 +52,23 @@ export const terminate: CleanupStep = {
       sigterm += send(rescan(), "SIGTERM");
     }
 
+    let sigstop = 0;
     let sigkill = 0;
+    let cgroupKill: string | null = null;
+    if (alive().length > 0) {
+      rescan();
+      cgroupKill = killCgroup(ctx.session.engine, ctx.log);
+      // Freeze: stop everything alive; a stopped process cannot fork, so a scan that finds no
+      // newcomer means the tree is complete.
+      const stopped = new Set<string>();
+      for (let round = 0; round < MAX_FREEZE_ROUNDS && !signal.aborted; round++) {
+        const fresh = rescan();
+        const toStop = alive().filter((p) => !stopped.has(key(p)));
+        for (const p of toStop) stopped.add(key(p));
+        sigstop += send(toStop, "SIGSTOP");
+        if (round > 0 && fresh.length === 0 && toStop.length === 0) break;
+      }
+    }
     const killEnd = Math.min(performance.now() + KILL_WAIT_MS, ctx.deadline - 50);
     while (!signal.aborted && performance.now() < killEnd) {
       rescan();
@@ -69,7 +90,9 @@ export const terminate: CleanupStep = {
       detail: {
         processes: [...seen.values()].map((p) => ({ pid: p.pid, startTime: p.startTime })),
         sigterm,
+        sigstop,
         sigkill,
+        ...(cgroupKill === null ? {} : { cgroupKill }),
       },
       leftovers,
     };

@@ -1,6 +1,9 @@
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { constants } from "node:os";
 import type { Logger } from "pino";
 import type { ProcessIdentity } from "../sessions/types.js";
+import { ownCgroup } from "./cgroup.js";
 import { bootId } from "./identity.js";
 import { ProcessHandle } from "./pidfd.js";
 import { isExited, isKernelThread, readStat, type ProcStat } from "./stat.js";
@@ -59,4 +62,33 @@ function judge(stat: ProcStat | null, target: ProcessIdentity): "ok" | "gone" | 
   if (!stat || isExited(stat) || stat.startTime !== target.startTime) return "gone";
   if (isKernelThread(stat)) return "refused";
   return "ok";
+}
+
+/**
+ * The other signal path: `cgroup.kill` SIGKILLs every process of a cgroup at once, with no
+ * fork race. Used only when `ownCgroup` finds the cgroup is the engine's own (see there);
+ * the engine's identity is checked first. Logged like every signal.
+ */
+export function killCgroup(engine: ProcessIdentity, log: Logger): string | null {
+  // Held while /proc/<pid>/cgroup is read, so the pid cannot change hands meanwhile.
+  const handle = ProcessHandle.open(engine.pid);
+  let verdict;
+  try {
+    if (engine.bootId !== bootId() || judge(readStat(engine.pid), engine) !== "ok") return null;
+    verdict = ownCgroup(engine.pid, engine.startTime);
+  } finally {
+    handle?.close();
+  }
+  if (!verdict.usable) {
+    log.debug({ pid: engine.pid, why: verdict.why }, "cgroup.kill not used");
+    return null;
+  }
+  try {
+    writeFileSync(join(verdict.dir, "cgroup.kill"), "1");
+  } catch (err) {
+    log.warn({ cgroup: verdict.dir, err }, "cgroup.kill failed");
+    return null;
+  }
+  log.info({ cgroup: verdict.dir, pid: engine.pid }, "signal sent: cgroup.kill");
+  return verdict.dir;
 }
