@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import { cgroup2Mount, cgroupPids } from "../../src/proc/cgroup.js";
 import { listStats } from "../../src/proc/stat.js";
 import { exited, isGone, sleeper, startDaemon, tempDir, testConfig, until } from "../helpers.js";
@@ -121,7 +121,7 @@ test("a zombie engine counts as gone", async (t) => {
 });
 
 /** A fresh cgroup v2 below the mount, removed at the end. */
-function makeCgroup(t: Parameters<typeof sleeper>[0]): string {
+function makeCgroup(t: TestContext): string {
   const mount = cgroup2Mount();
   assert.ok(mount, "no cgroup v2 mounted: the cgroup tests need one");
   const dir = join(mount, `sr-test-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
