@@ -11,6 +11,7 @@ import { loadConfig } from "./config/load.js";
 import { Daemon, VERSION } from "./daemon/daemon.js";
 import { ReaperError, errorMessage } from "./errors.js";
 import { listenUnix } from "./http/listen.js";
+import { FAILPOINTS } from "./reaper/reaper.js";
 
 /** sysexits.h EX_CONFIG: systemd units may list it in RestartPreventExitStatus=. */
 export const EXIT_CONFIG = 78;
@@ -52,7 +53,12 @@ async function main(): Promise<number | null> {
   let daemon: Daemon;
   try {
     const config = loadConfig({ configPath: args.config, env: process.env, cwd: process.cwd() });
-    daemon = new Daemon({ config });
+    daemon = new Daemon({
+      config,
+      failpoints: parseFailpoints(process.env.REAPER_FAILPOINTS),
+      // A failpoint is a crash: no flush, no cleanup, exactly like the OOM killer's SIGKILL.
+      crash: () => process.kill(process.pid, "SIGKILL"),
+    });
     await daemon.start();
     await listenUnix(daemon.app, config.api.socket, config.api.socketMode);
   } catch (err) {
@@ -92,6 +98,19 @@ async function main(): Promise<number | null> {
     process.exit(EXIT_CRASH);
   });
   return null; // keep running
+}
+
+/** REAPER_FAILPOINTS=after-terminate,after-fence: crash-safety testing only. */
+function parseFailpoints(value: string | undefined): ReadonlySet<string> {
+  const names = (value ?? "").split(",").filter(Boolean);
+  const unknown = names.filter((n) => !FAILPOINTS.includes(n));
+  if (unknown.length > 0) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `REAPER_FAILPOINTS: unknown failpoint ${unknown.join(", ")} (known: ${FAILPOINTS.join(", ")})`,
+    );
+  }
+  return new Set(names);
 }
 
 main().then(

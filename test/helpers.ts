@@ -179,8 +179,12 @@ export async function spawnDaemon(
   t: { after: (fn: () => void) => void },
   configFile: string,
   socket: string,
+  env: NodeJS.ProcessEnv = {},
 ): Promise<{ proc: ChildProcess; exit: Promise<number | null>; output: () => string }> {
-  const proc = spawn(process.execPath, [REAPERD, "--config", configFile], { stdio: ["ignore", "pipe", "pipe"] });
+  const proc = spawn(process.execPath, [REAPERD, "--config", configFile], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...env },
+  });
   let out = "";
   proc.stdout?.setEncoding("utf8").on("data", (d: string) => (out += d));
   proc.stderr?.setEncoding("utf8").on("data", (d: string) => (out += d));

@@ -21,7 +21,9 @@ export function createLogger(opts: {
   clock: Clock;
   stream?: pino.DestinationStream;
 }): Loggers {
-  const destination = opts.stream ?? pino.destination({ dest: opts.file || 1, sync: false, mkdir: true });
+  // Synchronous writes: a daemon killed with SIGKILL (OOM killer, failpoint) must not lose
+  // audit lines sitting in a buffer. Lines are few (per decision, never per heartbeat).
+  const destination = opts.stream ?? pino.destination({ dest: opts.file || 1, sync: true, mkdir: true });
   const root = pino(
     {
       level: opts.level === "silent" ? "silent" : "trace",

@@ -34,7 +34,12 @@ export const closeEnvironment: CleanupStep = {
         };
       }
       const url = `http://127.0.0.1:${port}${hook.path}`;
-      const res = await fetch(url, { method: "POST", signal, redirect: "error" });
+      const res = await fetch(url, {
+        method: "POST",
+        signal,
+        redirect: "error",
+        headers: { "x-reaper-session": session.id, "x-reaper-attempt": String(ctx.attempt) },
+      });
       await res.arrayBuffer().catch(() => undefined);
       out = { ok: res.ok, detail: { hook: "http", url, status: res.status } };
     } else {
@@ -62,6 +67,7 @@ async function runCommand(ctx: StepContext, argv: readonly string[], signal: Abo
         ENGINE_PID: String(session.engine.pid),
         SESSION_PORTS: session.ports.join(","),
         SESSION_PATHS: session.paths.join(":"),
+        REAP_ATTEMPT: String(ctx.attempt),
       },
       ...(asEngineUser ? { uid: session.engine.uid, gid: gid ?? undefined } : {}),
     });

@@ -12,6 +12,8 @@ export interface StepContext {
   readonly journal: ReadonlyMap<StepName, StepResult>;
   /** performance.now() value by which the step must have returned. */
   readonly deadline: number;
+  /** Which start of this session's reap pipeline this is (1 unless resumed after a crash). */
+  readonly attempt: number;
 }
 
 export interface StepOutput {

@@ -29,6 +29,9 @@ export interface DaemonOptions {
   logStream?: DestinationStream;
   /** The daemon's own pid, never signalled. */
   pid?: number;
+  /** Crash-safety testing only: step boundaries at which `crash` is called. */
+  failpoints?: ReadonlySet<string>;
+  crash?: () => void;
 }
 
 /**
@@ -61,7 +64,16 @@ export class Daemon {
     this.log = this.loggers.log;
     this.store = new Store(config.store.path, clock.now());
     this.audit = new AuditTrail(this.store, this.loggers.audit, clock);
-    this.reaper = new Reaper({ store: this.store, audit: this.audit, clock, log: this.log, config, daemonPid });
+    this.reaper = new Reaper({
+      store: this.store,
+      audit: this.audit,
+      clock,
+      log: this.log,
+      config,
+      daemonPid,
+      failpoints: opts.failpoints,
+      crash: opts.crash,
+    });
     this.detector = new Detector(clock, config.detect.livenessSchedule, this.log, (id, reason, detail) =>
       this.sessions.expire(id, reason, detail),
     );

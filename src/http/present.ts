@@ -28,6 +28,7 @@ export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: E
     deadline: iso(s.deadline),
     reapStartedAt: iso(s.reapStartedAt),
     reapedAt: iso(s.reapedAt),
+    reapAttempts: s.reapAttempts,
     ...(steps === undefined ? {} : { steps: steps.map(stepJson) }),
     ...(usage === undefined ? {} : { usage }),
   };

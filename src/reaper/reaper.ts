@@ -31,6 +31,13 @@ const POSITION: Record<StepName, number> = {
 
 class StepTimeout extends Error {}
 
+/** Step boundaries at which a failpoint may stop the daemon dead (crash-safety tests). */
+export const FAILPOINTS: readonly string[] = [
+  "after-fence",
+  ...CLEANUP_STEPS.map((s) => `after-${s.name}`),
+  "after-finish",
+];
+
 export interface ReaperDeps {
   store: Store;
   audit: AuditTrail;
@@ -38,6 +45,10 @@ export interface ReaperDeps {
   log: Logger;
   config: Config;
   daemonPid: number;
+  /** Boundaries (names from FAILPOINTS) at which to call `crash`. Empty in production. */
+  failpoints?: ReadonlySet<string> | undefined;
+  /** What a failpoint does: main.ts passes a SIGKILL to the daemon itself. */
+  crash?: (() => void) | undefined;
 }
 
 /**
@@ -98,7 +109,10 @@ export class Reaper {
       audit.record({ event: "reap.step", sessionId: id, reason, step: "fence", outcome: "ok", durationMs: 0 });
       return true;
     });
-    if (fenced) this.enqueue(id);
+    if (fenced) {
+      this.failpoint("after-fence", id);
+      this.enqueue(id);
+    }
     return fenced;
   }
 
@@ -159,7 +173,8 @@ export class Reaper {
     if (session === undefined || session.state !== "reaping") return;
     const profile = this.profileOf(session);
     const journal = new Map(store.steps(id).map((s) => [s.name, s]));
-    const log = this.deps.log.child({ sessionId: id });
+    const attempt = store.startAttempt(id) ?? 1;
+    const log = this.deps.log.child({ sessionId: id, attempt });
 
     for (const step of CLEANUP_STEPS) {
       if (journal.has(step.name)) continue; // done before a restart: never run twice
@@ -167,7 +182,7 @@ export class Reaper {
         log.info({ step: step.name }, "reap paused by shutdown; resumes at next start");
         return;
       }
-      const result = await this.runStep(step, session, profile, journal, log.child({ step: step.name }));
+      const result = await this.runStep(step, session, profile, journal, attempt, log.child({ step: step.name }));
       audit.transaction(() => {
         store.recordStep(id, POSITION[step.name], result);
         audit.record({
@@ -177,10 +192,11 @@ export class Reaper {
           step: step.name,
           outcome: result.outcome,
           durationMs: result.durationMs,
-          detail: result.detail,
+          detail: { ...result.detail, attempt },
         });
       });
       journal.set(step.name, result);
+      this.failpoint(`after-${step.name}`, id);
     }
 
     const steps = CLEANUP_STEPS.map((s) => journal.get(s.name) as StepResult);
@@ -197,9 +213,16 @@ export class Reaper {
         reason: session.reason ?? undefined,
         outcome,
         durationMs: now - (session.reapStartedAt ?? now),
-        detail: { leftovers },
+        detail: { leftovers, attempts: attempt },
       });
     });
+    this.failpoint("after-finish", id);
+  }
+
+  private failpoint(name: string, sessionId: string): void {
+    if (this.deps.failpoints?.has(name) !== true) return;
+    this.deps.log.warn({ failpoint: name, sessionId }, "failpoint reached: crashing on purpose");
+    this.deps.crash?.();
   }
 
   /** Own deadline, own try/catch, own record: a step never throws past here. */
@@ -208,6 +231,7 @@ export class Reaper {
     session: Session,
     profile: Profile,
     journal: ReadonlyMap<StepName, StepResult>,
+    attempt: number,
     log: Logger,
   ): Promise<StepResult> {
     const startedAt = this.deps.clock.now();
@@ -225,7 +249,7 @@ export class Reaper {
     let out: StepOutput;
     let outcome: StepResult["outcome"];
     try {
-      const ctx = { session, profile, log, daemonPid: this.deps.daemonPid, journal, deadline: t0 + timeoutMs };
+      const ctx = { session, profile, log, daemonPid: this.deps.daemonPid, journal, deadline: t0 + timeoutMs, attempt };
       out = await Promise.race([step.run(ctx, controller.signal), timedOut]);
       outcome = out.ok ? "ok" : "failed";
     } catch (err) {

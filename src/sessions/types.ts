@@ -73,4 +73,6 @@ export interface Session {
   readonly leftovers: readonly Leftover[];
   readonly reapStartedAt: number | null;
   readonly reapedAt: number | null;
+  /** Starts of the reap pipeline: 1, plus one per resume after a daemon crash or stop. */
+  readonly reapAttempts: number;
 }

@@ -43,6 +43,7 @@ interface SessionRow {
   leftovers: string | null;
   reap_started_at: number | null;
   reaped_at: number | null;
+  reap_attempts: number;
 }
 
 export interface StoredEvent {
@@ -111,6 +112,7 @@ function toSession(r: SessionRow): Session {
     leftovers: r.leftovers === null ? [] : (JSON.parse(r.leftovers) as Leftover[]),
     reapStartedAt: r.reap_started_at,
     reapedAt: r.reaped_at,
+    reapAttempts: r.reap_attempts,
   };
 }
 
@@ -126,6 +128,7 @@ export class Store {
     seqOf: Statement;
     fence: Statement;
     finish: Statement;
+    attempt: Statement;
     heartbeat: Statement;
     insertStep: Statement;
     steps: Statement;
@@ -167,6 +170,9 @@ export class Store {
       finish:
         db.prepare(`UPDATE sessions SET state = 'reaped', outcome = @outcome, leftovers = @leftovers, reaped_at = @now
         WHERE id = @id AND state = 'reaping'`),
+      attempt: db.prepare(
+        "UPDATE sessions SET reap_attempts = reap_attempts + 1 WHERE id = ? AND state = 'reaping' RETURNING reap_attempts",
+      ),
       heartbeat:
         db.prepare(`UPDATE sessions SET last_heartbeat_at = @lastHeartbeatAt, last_activity_at = @lastActivityAt,
           deadline = @deadline WHERE id = @id AND state = 'live'`),
@@ -265,6 +271,11 @@ export class Store {
 
   finish(id: string, outcome: Outcome, leftovers: readonly Leftover[], now: number): boolean {
     return this.stmts.finish.run({ id, outcome, leftovers: JSON.stringify(leftovers), now }).changes === 1;
+  }
+
+  /** Counts one more start of the session's reap pipeline; returns the attempt number. */
+  startAttempt(id: string): number | undefined {
+    return (this.stmts.attempt.get(id) as { reap_attempts: number } | undefined)?.reap_attempts;
   }
 
   writeHeartbeats(batch: readonly HeartbeatWrite[]): void {

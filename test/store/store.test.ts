@@ -39,6 +39,7 @@ function session(id: string, over: Partial<Session> = {}): Session {
     leftovers: [],
     reapStartedAt: null,
     reapedAt: null,
+    reapAttempts: 0,
     ...over,
   };
 }
