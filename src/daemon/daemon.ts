@@ -12,6 +12,8 @@ import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
 import { deadlineOf } from "../detect/deadline.js";
 import { Store } from "../store/store.js";
+import { addon } from "../native/addon.js";
+import { pidfd } from "../proc/pidfd.js";
 
 export const VERSION = (
   JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }
@@ -136,6 +138,11 @@ export class Daemon {
         tree: [],
       };
       this.detector.add(live);
+    }
+    if (addon === null) {
+      this.log.error("the native addon is not built (npm ci builds it): every path delete will be refused");
+    } else if (pidfd === null) {
+      this.log.warn("no pidfd on this kernel: signals fall back to an identity check before kill(2)");
     }
     const goneAtStart = this.detector.checkLiveness();
     this.detector.start();

@@ -7,6 +7,8 @@
  *   watchExit(fd, callback) -> h     calls callback once, on the event loop, when the process
  *                                    exits (the pidfd becomes readable): no polling
  *   unwatch(h)                       stops watching (idempotent)
+ *   openDirAt(dirfd, name) -> fd     openat(2) with O_DIRECTORY | O_NOFOLLOW: one path component,
+ *                                    never through a symlink (dirfd -100 = AT_FDCWD)
  *
  * Errors are thrown as Error objects whose `code` is the errno name ("ESRCH", "ENOSYS", ...),
  * like Node's own fs errors, so callers can fall back when the kernel lacks pidfd (< 5.3).
@@ -16,6 +18,7 @@
 #include <uv.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +44,9 @@ static const char *errno_name(int err) {
     case ENFILE: return "ENFILE";
     case ENOMEM: return "ENOMEM";
     case EACCES: return "EACCES";
+    case ELOOP: return "ELOOP";
+    case ENOTDIR: return "ENOTDIR";
+    case ENOENT: return "ENOENT";
     default: return "EUNKNOWN";
   }
 }
@@ -230,6 +236,27 @@ static napi_value unwatch_js(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static napi_value open_dir_at_js(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int32_t dirfd;
+  char name[4096];
+  size_t len = 0;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (!int_arg(env, argv, argc, 0, &dirfd)) return NULL;
+  if (argc < 2 || napi_get_value_string_utf8(env, argv[1], name, sizeof name, &len) != napi_ok || len == 0 ||
+      len >= sizeof name - 1) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected a non-empty name");
+    return NULL;
+  }
+  if (strlen(name) != len) return throw_errno(env, EINVAL, "openat"); /* an embedded NUL */
+  int fd = openat(dirfd == -100 ? AT_FDCWD : dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return throw_errno(env, errno, "openat");
+  napi_value result;
+  napi_create_int32(env, fd, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pidfdOpen", NULL, pidfd_open_js, NULL, NULL, NULL, napi_default, NULL},
@@ -237,6 +264,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"closeFd", NULL, close_fd_js, NULL, NULL, NULL, napi_default, NULL},
       {"watchExit", NULL, watch_exit_js, NULL, NULL, NULL, napi_default, NULL},
       {"unwatch", NULL, unwatch_js, NULL, NULL, NULL, napi_default, NULL},
+      {"openDirAt", NULL, open_dir_at_js, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

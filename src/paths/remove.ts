@@ -1,18 +1,34 @@
 import { spawn } from "node:child_process";
-import { lstatSync } from "node:fs";
+import { closeSync, fstatSync, lstatSync, type Stats } from "node:fs";
 import type { Logger } from "pino";
 import { errorMessage } from "../errors.js";
+import { addon, AT_FDCWD } from "../native/addon.js";
 import { checkPath } from "./validate.js";
 
-export type RemoveResult = { status: "removed" | "absent" } | { status: "refused" | "failed"; detail: string };
+export type RemoveResult =
+  | { status: "removed" | "absent"; attempts: number }
+  | { status: "refused" | "failed"; detail: string; attempts: number };
+
+/** rm gives up when a racing rename moves things under it: try again, up to this many times. */
+const MAX_ATTEMPTS = 10;
 
 /**
- * The one code path through which the daemon deletes anything. The policy is checked again
- * at delete time (a component may have become a symlink since registration), then GNU
- * `rm -rf --one-file-system` does the walk: coreutils walks with fts and openat, never
- * following a symlink met during the walk and never crossing a mount point. It runs with the
- * path owner's uid/gid when the daemon is root, so even a race cannot delete what that user
- * could not.
+ * The one code path through which the daemon deletes anything.
+ *
+ * 1. The policy is checked (checkPath: below an allowed root, no symlink, same file system,
+ *    owned by the engine's uid).
+ * 2. The parent directory is opened one component at a time from the root with
+ *    openat(O_DIRECTORY | O_NOFOLLOW) (the native addon), checking the file system of each:
+ *    a component swapped for a symlink after step 1 is refused, never followed.
+ * 3. GNU `rm -rf --one-file-system -- ./NAME` runs with that directory fd as its working
+ *    directory (/proc/self/fd/3 in the child is the fd itself, not a path looked up again),
+ *    as the path owner's uid/gid when the daemon is root. rm walks with openat and never
+ *    follows a symlink met during the walk, nor crosses a mount point.
+ * 4. A race can make rm fail (a name it saw moved away): steps 1-3 are retried until the
+ *    path is gone, refused, or MAX_ATTEMPTS is reached.
+ *
+ * Without the addon (not built) every delete is refused: handing rm an absolute path lets
+ * a parent swapped for a symlink after step 1 be followed (test/paths/race.test.ts shows it).
  */
 export async function removePath(
   path: string,
@@ -21,39 +37,110 @@ export async function removePath(
   log: Logger,
   signal: AbortSignal,
 ): Promise<RemoveResult> {
+  let last: RemoveResult = { status: "failed", detail: "not attempted", attempts: 0 };
+  for (let attempt = 1; attempt <= MAX_ATTEMPTS && !signal.aborted; attempt++) {
+    const r = await removeOnce(path, roots, uid, log, signal);
+    last = { ...r, attempts: attempt };
+    if (r.status !== "failed") break;
+  }
+  if (last.status === "removed") log.info({ path, uid, attempts: last.attempts }, "path deleted");
+  if (last.status === "refused") log.warn({ path, detail: last.detail }, "delete refused");
+  return last;
+}
+
+type Once = { status: "removed" | "absent" } | { status: "refused" | "failed"; detail: string };
+
+async function removeOnce(
+  path: string,
+  roots: readonly string[],
+  uid: number,
+  log: Logger,
+  signal: AbortSignal,
+): Promise<Once> {
   let checked;
   try {
     checked = checkPath(path, roots, uid);
   } catch (err) {
-    log.warn({ path, err }, "delete refused");
     return { status: "refused", detail: errorMessage(err) };
   }
   if (checked.stat === null) return { status: "absent" };
+  if (addon === null) {
+    return { status: "refused", detail: "the native addon is not built: no safe delete is possible (run npm ci)" };
+  }
+
+  const parts = path.slice(checked.root.length + 1).split("/");
+  const name = parts.pop() as string;
+  let dirfd: number;
+  try {
+    dirfd = addon.openDirAt(AT_FDCWD, checked.root);
+  } catch (err) {
+    return { status: "refused", detail: `cannot open the root ${checked.root}: ${errorMessage(err)}` };
+  }
+  try {
+    const rootDev = fstatSync(dirfd).dev;
+    for (const part of parts) {
+      let next: number;
+      try {
+        next = addon.openDirAt(dirfd, part);
+      } catch (err) {
+        const code = (err as { code?: string }).code;
+        if (code === "ENOENT") return { status: "absent" };
+        if (code === "ELOOP" || code === "ENOTDIR") {
+          return { status: "refused", detail: `"${part}" in ${path} is no longer a directory (a symlink swapped in?)` };
+        }
+        throw err;
+      }
+      closeSync(dirfd);
+      dirfd = next;
+      if (fstatSync(dirfd).dev !== rootDev)
+        return { status: "refused", detail: `"${part}" in ${path} is a mount point` };
+    }
+    const inDir = `/proc/self/fd/${dirfd}/${name}`;
+    const target = lstatOrNull(inDir);
+    if (target === null) return { status: "absent" };
+    if (target.uid !== uid) return { status: "refused", detail: `${path} is now owned by uid ${target.uid}` };
+    if (target.dev !== rootDev) return { status: "refused", detail: `${path} is now a mount point` };
+    return await runRm(["--", `./${name}`], dirfd, uid, target, log, signal, () => lstatOrNull(inDir) !== null);
+  } catch (err) {
+    return { status: "failed", detail: errorMessage(err) };
+  } finally {
+    closeSync(dirfd);
+  }
+}
+
+/** Runs rm in the directory `dirfd` and reports whether the target is gone. */
+async function runRm(
+  args: string[],
+  dirfd: number,
+  uid: number,
+  target: Stats,
+  log: Logger,
+  signal: AbortSignal,
+  stillThere: () => boolean,
+): Promise<Once> {
   const asOwner = process.geteuid?.() === 0 && uid !== 0;
   const detail = await new Promise<string | null>((resolve) => {
-    const child = spawn("rm", ["-rf", "--one-file-system", "--", path], {
-      stdio: ["ignore", "ignore", "pipe"],
+    const child = spawn("rm", ["-rf", "--one-file-system", ...args], {
+      // The directory fd becomes fd 3 in the child, and its working directory.
+      stdio: ["ignore", "ignore", "pipe", dirfd],
+      cwd: "/proc/self/fd/3",
       signal,
-      ...(asOwner ? { uid, gid: checked.stat?.gid ?? uid } : {}),
+      ...(asOwner ? { uid, gid: target.gid } : {}),
     });
     let stderr = "";
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d.slice(0, 4096)));
+    child.stderr?.setEncoding("utf8").on("data", (d: string) => (stderr = (stderr + d).slice(0, 4096)));
     child.on("error", (err) => resolve(errorMessage(err)));
     child.on("close", (code) => resolve(code === 0 ? null : stderr.trim() || `rm exited with ${code}`));
   });
-  if (!lexists(path)) {
-    log.info({ path, uid: asOwner ? uid : 0 }, "path deleted");
-    return { status: "removed" };
-  }
+  if (!stillThere()) return { status: "removed" };
+  log.debug({ detail }, "rm left the path in place");
   return { status: "failed", detail: detail ?? "the path still exists after rm" };
 }
 
-/** Like existsSync, but a dangling symlink exists. */
-function lexists(path: string): boolean {
+function lstatOrNull(p: string): Stats | null {
   try {
-    lstatSync(path);
-    return true;
+    return lstatSync(p);
   } catch {
-    return false;
+    return null;
   }
 }

@@ -1,24 +1,6 @@
-import { createRequire } from "node:module";
+import { addon, type NativeAddon } from "../native/addon.js";
 
-/** The native addon (src/native/reaper_native.c), built by node-gyp at install. */
-interface Native {
-  pidfdOpen(pid: number): number;
-  pidfdSendSignal(fd: number, signo: number): void;
-  closeFd(fd: number): void;
-  watchExit(fd: number, callback: (status: number) => void): object;
-  unwatch(handle: object): void;
-}
-
-function load(): Native | null {
-  try {
-    // From dist/src/proc/ to the package root's build/.
-    return createRequire(import.meta.url)("../../../build/Release/reaper_native.node") as Native;
-  } catch {
-    return null;
-  }
-}
-
-function probe(native: Native | null): Native | null {
+function probe(native: NativeAddon | null): NativeAddon | null {
   if (native === null) return null;
   try {
     native.closeFd(native.pidfdOpen(process.pid));
@@ -32,7 +14,7 @@ function probe(native: Native | null): Native | null {
  * pidfd support, or null when the addon is missing or the kernel lacks pidfd_open; every
  * caller then falls back to the /proc identity check (start time + boot id) before kill(2).
  */
-export const pidfd: Native | null = probe(load());
+export const pidfd: NativeAddon | null = probe(addon);
 
 export function errnoOf(err: unknown): string | undefined {
   return (err as { code?: string }).code;

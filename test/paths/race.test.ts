@@ -283,3 +283,33 @@ test("as root deleting another uid's session, a root-owned 0755 victim survives 
   report(t, totals);
   assertTotals(totals, 50);
 });
+
+// The same race one level up: a *parent* of the registered path is exchanged with a symlink
+// to a victim outside the root. rm must not be handed a path the kernel resolves again
+// (found by this suite's author: with `rm -rf /root/workN/job`, 18 of 200 deletions went
+// through the symlink). removePath opens the parents with openat(O_NOFOLLOW) and runs rm in
+// the opened directory: the victim's copy of the name must survive every time.
+test("a parent of the path exchanged with a symlink during 200 deletions: the victim is intact", async (t) => {
+  const root = tempDir(t, "sr-race-parent-root-");
+  const outside = tempDir(t, "sr-race-parent-outside-");
+  let refused = 0;
+  let removed = 0;
+  for (let i = 0; i < 200; i++) {
+    const parent = join(root, `work${i}`);
+    const swapped = join(root, `link${i}`);
+    const victim = join(outside, `v${i}`);
+    mkdirSync(join(parent, "job", "sub"), { recursive: true });
+    writeFileSync(join(parent, "job", "sub", "f"), "session file");
+    mkdirSync(join(victim, "job"), { recursive: true });
+    writeFileSync(join(victim, "job", "canary"), "keep me");
+    symlinkSync(victim, swapped);
+    const swapper = await startSwapper(parent, swapped);
+    const r = await removePath(join(parent, "job"), [root], 0, log, new AbortController().signal);
+    await swapper.stop();
+    if (r.status === "refused") refused++;
+    if (r.status === "removed") removed++;
+    assert.equal(readFileSync(join(victim, "job", "canary"), "utf8"), "keep me", `iteration ${i}: victim deleted`);
+  }
+  t.diagnostic(`parent swaps: removed=${removed} refused=${refused} of 200; victim files lost=0`);
+  assert.ok(removed + refused === 200, "every deletion either removed the session's files or refused");
+});

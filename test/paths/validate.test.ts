@@ -177,7 +177,7 @@ test("removePath deletes a real nested tree", async (t) => {
   writeFileSync(join(dir, "engine.log"), "log");
   writeFileSync(join(dir, "nested", "deeper", "spill.bin"), Buffer.alloc(4096, 7));
   const r = await removePath(dir, [root], 0, log, signal());
-  assert.deepEqual(r, { status: "removed" });
+  assert.deepEqual(r, { status: "removed", attempts: 1 });
   assert.equal(existsSync(dir), false);
   assert.equal(existsSync(root), true, "the root itself was deleted");
 });
@@ -185,13 +185,13 @@ test("removePath deletes a real nested tree", async (t) => {
 test("removePath deletes a single file", async (t) => {
   const root = tempDir(t);
   writeFileSync(join(root, "f"), "x");
-  assert.deepEqual(await removePath(join(root, "f"), [root], 0, log, signal()), { status: "removed" });
+  assert.deepEqual(await removePath(join(root, "f"), [root], 0, log, signal()), { status: "removed", attempts: 1 });
   assert.equal(existsSync(join(root, "f")), false);
 });
 
 test("removePath on an absent path reports absent", async (t) => {
   const root = tempDir(t);
-  assert.deepEqual(await removePath(join(root, "never"), [root], 0, log, signal()), { status: "absent" });
+  assert.deepEqual(await removePath(join(root, "never"), [root], 0, log, signal()), { status: "absent", attempts: 1 });
 });
 
 test("removePath refuses what checkPath refuses, and deletes nothing", async (t) => {
@@ -236,7 +236,7 @@ test("a symlink planted inside the tree is deleted as a link; its target outside
   symlinkSync(join(outside, "canary"), join(dir, "escape-file"));
 
   const r = await removePath(dir, [root], 0, log, signal());
-  assert.deepEqual(r, { status: "removed" });
+  assert.deepEqual(r, { status: "removed", attempts: 1 });
   assert.equal(existsSync(dir), false);
   assert.equal(readFileSync(join(outside, "canary"), "utf8"), "must survive");
   assert.equal(readFileSync(join(outside, "sub", "canary2"), "utf8"), "must survive too");
@@ -263,7 +263,7 @@ test("as root, removePath deletes another uid's tree (running rm as that uid)", 
   lchownSync(join(dir, "link"), OTHER_UID, OTHER_GID);
 
   const r = await removePath(dir, [root], OTHER_UID, log, signal());
-  assert.deepEqual(r, { status: "removed" });
+  assert.deepEqual(r, { status: "removed", attempts: 1 });
   assert.equal(existsSync(dir), false);
   assert.ok(existsSync("/etc/passwd"));
 });

@@ -1,0 +1,26 @@
+import { createRequire } from "node:module";
+
+/** The native addon built from reaper_native.c by node-gyp at install (see that file). */
+export interface NativeAddon {
+  pidfdOpen(pid: number): number;
+  pidfdSendSignal(fd: number, signo: number): void;
+  closeFd(fd: number): void;
+  watchExit(fd: number, callback: (status: number) => void): object;
+  unwatch(handle: object): void;
+  openDirAt(dirfd: number, name: string): number;
+}
+
+/** openDirAt's dirfd for "relative to the working directory" (absolute names). */
+export const AT_FDCWD = -100;
+
+function load(): NativeAddon | null {
+  try {
+    // From dist/src/native/ to the package root's build/.
+    return createRequire(import.meta.url)("../../../build/Release/reaper_native.node") as NativeAddon;
+  } catch {
+    return null;
+  }
+}
+
+/** Null when the addon was not built: callers fall back to what Node offers, and say so. */
+export const addon: NativeAddon | null = load();
