@@ -16,6 +16,10 @@ export const ERRORS = {
   SR_PATH_OUTSIDE_ROOT: { status: 400, summary: "the path is not below one of the profile's allowed roots" },
   SR_PATH_NOT_OWNED: { status: 400, summary: "the path is not owned by the engine's uid" },
   SR_PATH_OTHER_FS: { status: 400, summary: "the path is on another file system than its allowed root" },
+  SR_PORT_NOT_OWNED: {
+    status: 400,
+    summary: "the port is not held by the engine's process tree (TCP LISTEN, or a bound UDP socket)",
+  },
   SR_UNKNOWN_PROFILE: { status: 400, summary: "no profile has this name" },
   SR_TIMEOUT_ABOVE_MAX: { status: 400, summary: "a requested timeout exceeds the profile's maximum" },
   SR_SESSION_EXISTS: { status: 409, summary: "a session with this id already exists" },

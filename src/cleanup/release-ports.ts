@@ -1,21 +1,51 @@
+import { createSocket } from "node:dgram";
 import { createServer } from "node:net";
 import { performance } from "node:perf_hooks";
 import { readStat } from "../proc/stat.js";
-import { holdersOf, tcpSockets } from "../proc/sockets.js";
-import type { Leftover } from "../sessions/types.js";
-import { sleep, type CleanupStep } from "./step.js";
+import {
+  endpoint,
+  holdersByInode,
+  holdersOf,
+  inetSockets,
+  netnsOf,
+  socketInodes,
+  unixSockets,
+  type InetSocket,
+  type SocketSnapshot,
+} from "../proc/sockets.js";
+import type { Leftover, StepName, StepResult } from "../sessions/types.js";
+import { runReleaseHooks, type HookReport } from "./release-hooks.js";
+import { knownProcesses, sleep, type CleanupStep } from "./step.js";
 import { terminatedProcesses } from "./terminate.js";
 
 /** Sockets close as their last holder exits; give the kernel a moment before judging. */
 const SETTLE_MS = 1500;
+const STEP: StepName = "release-connections-and-ports";
+
+type Holder = { by: "session" | "outside"; pid: number; comm: string };
 
 type PortReport =
   | { port: number; status: "free"; timeWait: number }
-  | { port: number; status: "held"; by: "session" | "outside"; pid: number; comm: string }
-  | { port: number; status: "bind-failed"; error: string; timeWait: number };
+  | ({ port: number; status: "held"; proto: string } & Holder)
+  | { port: number; status: "bind-failed"; proto: string; error: string; timeWait: number };
+
+type SocketItem = { kind: "listening" | "established" | "unix"; item: string; inode: number; port?: number };
+
+type SocketsReport =
+  | { skipped: string }
+  | { unverified: string }
+  | {
+      checked: number;
+      gone: number;
+      /** Still open, but also held since before the reap by an ancestor of the engine. */
+      shared: { item: string; pids: number[] }[];
+      /** Snapshot connections the kernel is still closing (FIN_WAIT, LAST_ACK, …; TIME_WAIT is listed apart). */
+      closing: { item: string; state: string }[];
+      survivors: ({ item: string; port?: number } & (Holder | { by: "unknown" }))[];
+    };
 
 /** Whether a test bind on loopback succeeds (the port is really usable again). */
-function testBind(port: number): Promise<string | null> {
+function testBindTcp(port: number): Promise<string | null> {
   return new Promise((resolve) => {
     const srv = createServer();
     srv.once("error", (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
@@ -23,47 +53,210 @@ function testBind(port: number): Promise<string | null> {
   });
 }
 
-async function inspect(port: number, session: Set<string>): Promise<PortReport> {
-  const sockets = tcpSockets().filter((s) => s.localPort === port);
+function testBindUdp(port: number): Promise<string | null> {
+  return new Promise((resolve) => {
+    const sock = createSocket({ type: "udp4", reuseAddr: false });
+    sock.once("error", (err: NodeJS.ErrnoException) => {
+      sock.close();
+      resolve(err.code ?? err.message);
+    });
+    sock.bind({ port, address: "127.0.0.1", exclusive: true }, () => sock.close(() => resolve(null)));
+  });
+}
+
+const isUdp = (s: { proto: string }): boolean => s.proto.startsWith("udp");
+const key = (pid: number, startTime: number): string => `${pid}:${startTime}`;
+
+function holderOf(pid: number, session: ReadonlySet<string>): Holder | null {
+  const st = readStat(pid);
+  if (st === null) return null;
+  return { by: session.has(key(pid, st.startTime)) ? "session" : "outside", pid, comm: st.comm };
+}
+
+/** What matters most is whether the session itself still holds something. */
+const sessionFirst = (a: Holder, b: Holder): number => (a.by === b.by ? 0 : a.by === "session" ? -1 : 1);
+
+/** Holders of these inodes, session processes first. */
+function holdersIn(inodes: ReadonlySet<number>, session: ReadonlySet<string>): Holder[] {
+  const found = holdersOf(inodes)
+    .map((pid) => holderOf(pid, session))
+    .filter((h): h is Holder => h !== null);
+  return found.sort(sessionFirst);
+}
+
+async function inspect(port: number, udp: boolean, session: ReadonlySet<string>): Promise<PortReport> {
+  const sockets = inetSockets().filter((s) => s.localPort === port);
   const timeWait = sockets.filter((s) => s.state === "TIME_WAIT").length;
-  const listening = new Set(sockets.filter((s) => s.state === "LISTEN").map((s) => s.inode));
-  for (const pid of holdersOf(listening)) {
-    const st = readStat(pid);
-    if (st === null) continue;
-    const ours = session.has(`${pid}:${st.startTime}`);
-    return { port, status: "held", by: ours ? "session" : "outside", pid, comm: st.comm };
+  const bound = sockets.filter((s) => s.inode > 0 && (s.state === "LISTEN" || (udp && isUdp(s))));
+  const holder = holdersIn(new Set(bound.map((s) => s.inode)), session)[0];
+  if (holder !== undefined) {
+    const mine = socketInodes(holder.pid);
+    const proto = bound.find((s) => mine.has(s.inode))?.proto ?? "tcp";
+    return { port, status: "held", proto, ...holder };
   }
-  const error = await testBind(port);
-  return error === null ? { port, status: "free", timeWait } : { port, status: "bind-failed", error, timeWait };
+  const tcpError = await testBindTcp(port);
+  if (tcpError !== null) return { port, status: "bind-failed", proto: "tcp", error: tcpError, timeWait };
+  const udpError = udp ? await testBindUdp(port) : null;
+  if (udpError !== null) return { port, status: "bind-failed", proto: "udp", error: udpError, timeWait };
+  return { port, status: "free", timeWait };
+}
+
+/** close-environment's snapshot, if it took one (absent: engine already gone, or an older journal). */
+function snapshotOf(journal: ReadonlyMap<StepName, StepResult>): SocketSnapshot | null {
+  const s = journal.get("close-environment")?.detail.sockets as Partial<SocketSnapshot> | undefined;
+  if (!s || !Array.isArray(s.listening) || !Array.isArray(s.established) || !Array.isArray(s.unix)) return null;
+  return {
+    ...s,
+    listening: s.listening,
+    established: s.established,
+    unix: s.unix,
+    netns: Array.isArray(s.netns) ? s.netns : [],
+    ancestors: Array.isArray(s.ancestors) ? s.ancestors : [],
+  };
+}
+
+function itemsOf(snap: SocketSnapshot): SocketItem[] {
+  return [
+    ...snap.listening.map((s) => ({
+      kind: "listening" as const,
+      item: `${s.proto} ${endpoint(s.address, s.port)}`,
+      inode: s.inode,
+      port: s.port,
+    })),
+    ...snap.established.map((s) => ({
+      kind: "established" as const,
+      item: `${s.proto} ${s.local} -> ${s.remote}`,
+      inode: s.inode,
+    })),
+    ...snap.unix.map((s) => ({
+      kind: "unix" as const,
+      item: `unix ${s.type} ${s.path ?? `inode ${s.inode}`}`,
+      inode: s.inode,
+    })),
+  ];
 }
 
 /**
- * Verifies that every registered port is released: no LISTEN socket on it and a test bind
- * succeeds. TIME_WAIT is reported, not a failure. A port now held by a process outside the
+ * Every socket of the snapshot must be gone from the kernel's tables (a socket no file refers
+ * to any more keeps its line with inode 0 while TCP finishes closing: that is released).
+ */
+function verifySockets(
+  snap: SocketSnapshot | null,
+  tables: { inet: InetSocket[]; unix: Set<number> },
+  session: ReadonlySet<string>,
+): SocketsReport {
+  if (snap === null) {
+    return { skipped: "no socket snapshot in the journal (engine gone before close-environment, or an older journal)" };
+  }
+  const ours = netnsOf("self");
+  const foreign = snap.netns.filter((ns) => ns !== ours);
+  if (foreign.length > 0) {
+    return { unverified: `the engine ran in another network namespace (${foreign.join(", ")})` };
+  }
+  const open = new Set([...tables.inet.map((s) => s.inode), ...tables.unix]);
+  open.delete(0);
+  const items = itemsOf(snap);
+  let left = items.filter((i) => open.has(i.inode));
+
+  // Inherited sockets (a launcher's stdout, systemd's listening socket) stay open in the
+  // ancestor they came from: the session released its copy.
+  const shared: { item: string; pids: number[] }[] = [];
+  const ancestorFds = snap.ancestors
+    .filter((a) => readStat(a.pid)?.startTime === a.startTime)
+    .map((a) => ({ pid: a.pid, fds: left.length > 0 ? socketInodes(a.pid) : new Set<number>() }));
+  left = left.filter((i) => {
+    const pids = ancestorFds.filter((a) => a.fds.has(i.inode)).map((a) => a.pid);
+    if (pids.length > 0) shared.push({ item: i.item, pids });
+    return pids.length === 0;
+  });
+
+  // One walk of every process's fds for all the survivors (usually there are none).
+  const holders = holdersByInode(new Set(left.map((i) => i.inode)));
+  const survivors = left.map((i) => {
+    const holder = (holders.get(i.inode) ?? [])
+      .map((pid) => holderOf(pid, session))
+      .filter((h): h is Holder => h !== null)
+      .sort(sessionFirst)[0];
+    return {
+      item: i.item,
+      ...(i.port === undefined ? {} : { port: i.port }),
+      ...(holder ?? { by: "unknown" as const }),
+    };
+  });
+
+  const closing: { item: string; state: string }[] = [];
+  for (const c of snap.established) {
+    if (open.has(c.inode)) continue;
+    const orphan = tables.inet.find(
+      (s) =>
+        s.inode === 0 &&
+        s.proto === c.proto &&
+        endpoint(s.localAddress, s.localPort) === c.local &&
+        endpoint(s.remoteAddress, s.remotePort) === c.remote,
+    );
+    if (orphan && orphan.state !== "TIME_WAIT") {
+      closing.push({ item: `${c.proto} ${c.local} -> ${c.remote}`, state: orphan.state });
+    }
+  }
+  return { checked: items.length, gone: items.length - left.length - shared.length, shared, closing, survivors };
+}
+
+/**
+ * Runs the profile's release hooks, then verifies that the session released its sockets:
+ * every socket of close-environment's snapshot is gone (or still open only in an ancestor it
+ * was inherited from), and every registered port has no listener and passes a test bind.
+ * TIME_WAIT is reported, not a failure. A port or socket now held by a process outside the
  * session is reported as a leftover and never touched.
  */
 export const releaseConnectionsAndPorts: CleanupStep = {
-  name: "release-connections-and-ports",
-  timeoutMs: (p) => p.stepTimeoutSec * 1000,
+  name: STEP,
+  // Hooks get step_timeout_sec (they run side by side), the verification as much again.
+  timeoutMs: (p) => p.stepTimeoutSec * 1000 * (p.releaseHooks.length > 0 ? 2 : 1),
 
   async run(ctx, signal) {
-    const { ports } = ctx.session;
-    if (ports.length === 0) return { ok: true, detail: { ports: [] } };
-    const session = new Set(terminatedProcesses(ctx).map((p) => `${p.pid}:${p.startTime}`));
+    const { session, profile } = ctx;
+    const leftovers: Leftover[] = [];
+
+    // Hooks first: one may free what the verification checks (an external lock on a port).
+    let hooks: HookReport[] = [];
+    if (profile.releaseHooks.length > 0) {
+      const budget = Math.min(profile.stepTimeoutSec * 1000, (ctx.deadline - performance.now()) / 2);
+      hooks = await runReleaseHooks(profile.releaseHooks, session, ctx.attempt, Math.max(0, budget), signal, ctx.log);
+      for (const h of hooks) {
+        if (h.outcome === "ok") continue;
+        leftovers.push({
+          step: STEP,
+          kind: "hook",
+          item: h.hook === "http" ? h.url : h.argv.join(" "),
+          detail:
+            h.outcome === "timeout"
+              ? `release hook timed out: ${h.error ?? ""}`
+              : `release hook failed: ${h.hook === "http" ? (h.status ?? h.error) : (h.exit ?? h.error)}`,
+        });
+      }
+    }
+
+    const processes = [...terminatedProcesses(ctx), ...knownProcesses(ctx.journal)];
+    const sessionKeys = new Set(processes.map((p) => key(p.pid, p.startTime)));
+    const snap = snapshotOf(ctx.journal);
+    // A port the snapshot shows as TCP only is not checked for UDP (an unrelated UDP
+    // service may use the same number); without the snapshot's word, both are.
+    const udpPorts = new Set(snap?.listening.filter(isUdp).map((s) => s.port));
+    const tcpOnly = new Set(snap?.listening.filter((s) => !isUdp(s) && !udpPorts.has(s.port)).map((s) => s.port));
+
     const settleEnd = Math.min(performance.now() + SETTLE_MS, ctx.deadline - 200);
-    let reports: PortReport[];
+    let ports: PortReport[];
     for (;;) {
-      reports = [];
-      for (const port of ports) reports.push(await inspect(port, session));
-      const pending = reports.some((r) => r.status === "bind-failed" || (r.status === "held" && r.by === "session"));
+      ports = [];
+      for (const port of session.ports) ports.push(await inspect(port, !tcpOnly.has(port), sessionKeys));
+      const pending = ports.some((r) => r.status === "bind-failed" || (r.status === "held" && r.by === "session"));
       if (!pending || signal.aborted || performance.now() >= settleEnd) break;
       await sleep(100);
     }
-    const leftovers: Leftover[] = [];
-    for (const r of reports) {
+    for (const r of ports) {
       if (r.status === "held") {
         leftovers.push({
-          step: "release-connections-and-ports",
+          step: STEP,
           kind: "port",
           item: String(r.port),
           detail:
@@ -73,15 +266,54 @@ export const releaseConnectionsAndPorts: CleanupStep = {
         });
       } else if (r.status === "bind-failed") {
         leftovers.push({
-          step: "release-connections-and-ports",
+          step: STEP,
           kind: "port",
           item: String(r.port),
-          detail: `no listener found, but a test bind failed: ${r.error}`,
+          detail: `no listener found, but a ${r.proto} test bind failed: ${r.error}`,
         });
       }
     }
-    // An outsider on the port is reported, but the session itself released what it held.
-    const ok = reports.every((r) => r.status === "free" || (r.status === "held" && r.by === "outside"));
-    return { ok, detail: { ports: reports }, leftovers };
+
+    const inet = inetSockets();
+    const sockets = verifySockets(snap, { inet, unix: new Set(unixSockets().map((s) => s.inode)) }, sessionKeys);
+    const registered = new Set(session.ports);
+    const survivors = "survivors" in sockets ? sockets.survivors : [];
+    for (const s of survivors) {
+      // A listening socket on a registered port is already reported by the port check.
+      if (s.port !== undefined && registered.has(s.port)) continue;
+      leftovers.push({
+        step: STEP,
+        kind: "port",
+        item: s.item,
+        detail:
+          s.by === "outside"
+            ? `socket still open in pid ${s.pid} (${s.comm}), a process outside the session: not touched`
+            : s.by === "session"
+              ? `socket still open in session process ${s.pid} (${s.comm})`
+              : "socket still open; no process holding it was found",
+      });
+    }
+
+    // TIME_WAIT: the TCP close is done on the session's side; the kernel keeps the line for a
+    // while (2 * MSL). Reported, never a failure: a test bind still succeeds (SO_REUSEADDR).
+    const snapConnections = new Set(snap?.established.map((c) => `${c.proto} ${c.local} -> ${c.remote}`));
+    const timeWait = inet
+      .filter((s) => s.state === "TIME_WAIT")
+      .map((s) => ({
+        item: `${s.proto} ${endpoint(s.localAddress, s.localPort)} -> ${endpoint(s.remoteAddress, s.remotePort)}`,
+        port: s.localPort,
+      }))
+      .filter((s) => registered.has(s.port) || snapConnections.has(s.item))
+      .map((s) => s.item);
+
+    const hooksOk = hooks.every((h) => h.outcome === "ok");
+    // An outsider on a port is reported, but the session itself released what it held.
+    const portsOk = ports.every((r) => r.status === "free" || (r.status === "held" && r.by === "outside"));
+    const socketsOk = survivors.every((s) => s.by === "outside");
+    return {
+      ok: hooksOk && portsOk && socketsOk,
+      detail: { hooks, ports, sockets, timeWait },
+      leftovers,
+    };
   },
 };

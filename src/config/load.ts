@@ -8,6 +8,12 @@ import { DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
 
 export type CloseHook = { kind: "http"; path: string } | { kind: "command"; argv: readonly string[] };
 
+/**
+ * Run by release-connections-and-ports once the engine is gone: a POST to a loopback URL (a
+ * registry or lock service outside the session), or an argv run as the daemon's user.
+ */
+export type ReleaseHook = { kind: "http"; url: string } | { kind: "command"; argv: readonly string[] };
+
 export interface Profile {
   readonly name: string;
   readonly heartbeatTimeoutSec: number;
@@ -18,6 +24,7 @@ export interface Profile {
   readonly stepTimeoutSec: number;
   readonly allowedRoots: readonly string[];
   readonly closeHook: CloseHook | null;
+  readonly releaseHooks: readonly ReleaseHook[];
 }
 
 export type LogLevel = "fatal" | "error" | "warn" | "info" | "debug" | "trace" | "silent";
@@ -114,6 +121,7 @@ type RawProfile = {
   step_timeout_sec?: number;
   allowed_roots?: string[];
   close_hook?: string | string[];
+  release_hooks?: (string | string[])[];
 };
 
 /** Validates an already-parsed document (exported for tests and for embedding). */
@@ -183,9 +191,10 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
 
 function buildProfile(
   name: string,
-  p: Required<Omit<RawProfile, "close_hook" | "allowed_roots">> & {
+  p: Required<Omit<RawProfile, "close_hook" | "allowed_roots" | "release_hooks">> & {
     allowed_roots: readonly string[];
     close_hook?: string | string[];
+    release_hooks: readonly (string | string[])[];
   },
   where: string,
 ): Profile {
@@ -214,7 +223,35 @@ function buildProfile(
         : typeof hook === "string"
           ? { kind: "http", path: hook }
           : { kind: "command", argv: hook },
+    releaseHooks: p.release_hooks.map((h, i) =>
+      typeof h === "string"
+        ? { kind: "http", url: loopbackUrl(h, `${where}: profiles.${name}.release_hooks.${i}`) }
+        : { kind: "command", argv: h },
+    ),
   };
+}
+
+/**
+ * A release hook runs after the engine is gone, against a service the daemon does not know:
+ * only plain http to a literal loopback address (127.0.0.0/8 or [::1]) is accepted, so a
+ * config mistake can never send session details off the host. No host name (`localhost`
+ * resolves through /etc/hosts), no credentials in the URL (it is journaled and logged).
+ */
+function loopbackUrl(text: string, key: string): string {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new ReaperError("SR_CONFIG_INVALID", `${key}: "${text}" is not a valid URL`);
+  }
+  const loopback = /^127\.\d+\.\d+\.\d+$/.test(url.hostname) || url.hostname === "[::1]";
+  if (url.protocol !== "http:" || !loopback || url.username !== "" || url.password !== "" || url.hash !== "") {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${key}: "${text}" must be an http:// URL to a literal loopback address (127.0.0.0/8 or [::1]), without credentials or fragment`,
+    );
+  }
+  return url.href;
 }
 
 function deepFreeze<T>(value: T): T {

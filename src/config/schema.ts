@@ -9,6 +9,7 @@ export const PROFILE_DEFAULTS = {
   grace_period_sec: 10,
   step_timeout_sec: 30,
   allowed_roots: ["/tmp", "/var/tmp"],
+  release_hooks: [],
 } as const;
 
 export const DEFAULTS = {
@@ -42,6 +43,19 @@ const profileSchema = {
         // An argv run by the daemon, as the session's uid.
         { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
       ],
+    },
+    release_hooks: {
+      type: "array",
+      maxItems: 32,
+      items: {
+        oneOf: [
+          // A loopback URL POSTed to (the engine is gone by then: an outside registry or lock
+          // service); load.ts checks that the host is a loopback address.
+          { type: "string", pattern: "^http://[^\\s]+$", maxLength: 2048 },
+          // An argv run by the daemon, as the daemon's own user.
+          { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
+        ],
+      },
     },
   },
 } as const;

@@ -8,10 +8,12 @@ import type { Detector, LiveSession } from "../detect/detector.js";
 import { ReaperError } from "../errors.js";
 import type { ListQuery, RegisterBody } from "../http/schemas.js";
 import { identify, liveness } from "../proc/identity.js";
+import { inetSockets, portsHeldBy } from "../proc/sockets.js";
+import { processTree } from "../proc/tree.js";
 import { checkPath } from "../paths/validate.js";
 import type { Reaper } from "../reaper/reaper.js";
 import type { Store } from "../store/store.js";
-import type { Reason, Session, StepResult } from "./types.js";
+import type { ProcessIdentity, Reason, Session, StepResult } from "./types.js";
 
 export interface EngineUsage {
   cpu: number;
@@ -59,6 +61,8 @@ export class Sessions {
     const ownerPid = body.ownerPid === undefined ? null : identify(body.ownerPid, "ownerPid", daemonPid);
     const timeouts = clampTimeouts(body, profile);
     const paths = (body.paths ?? []).map((p, i) => checkPath(p, profile.allowedRoots, engine.uid, `paths[${i}]`).path);
+    const ports = body.ports ?? [];
+    checkPortsHeld(ports, engine);
     const now = clock.now();
     const live: LiveSession = {
       id: body.id ?? randomUUID(),
@@ -78,7 +82,7 @@ export class Sessions {
       owner: body.owner ?? null,
       engine,
       ownerPid,
-      ports: body.ports ?? [],
+      ports,
       paths,
       labels: body.labels ?? {},
       ...timeouts,
@@ -92,6 +96,7 @@ export class Sessions {
       leftovers: [],
       reapStartedAt: null,
       reapedAt: null,
+      reapAttempts: 0,
     };
     audit.transaction(() => {
       store.insertSession(session);
@@ -206,6 +211,31 @@ function clampTimeouts(
     idleTimeoutSec: check("idleTimeoutSec", body.idleTimeoutSec, p.idleTimeoutSec),
     maxLifetimeSec,
   };
+}
+
+/**
+ * Every declared port must be held by the engine's process tree (a TCP LISTEN socket, or a
+ * bound UDP socket) right now: the reaper later test-binds and reports these ports, so a
+ * caller may not name a port that belongs to someone else. SR_PORT_NOT_OWNED otherwise.
+ */
+function checkPortsHeld(ports: readonly number[], engine: ProcessIdentity): void {
+  if (ports.length === 0) return;
+  const tree = processTree(engine);
+  const held = portsHeldBy(tree.map((p) => p.pid));
+  const i = ports.findIndex((port) => !held.has(port));
+  const port = ports[i];
+  if (port === undefined) return;
+  // Whether anyone listens there is visible to every local user in /proc/net anyway.
+  const inUse = inetSockets(engine.pid).some(
+    (s) => s.localPort === port && (s.state === "LISTEN" || (s.proto.startsWith("udp") && s.remotePort === 0)),
+  );
+  throw new ReaperError(
+    "SR_PORT_NOT_OWNED",
+    `ports[${i}]: port ${port} is not held by the engine (pid ${engine.pid}) or its descendants: ${
+      inUse ? "another process holds it" : "no process listens on it"
+    }`,
+    { port },
+  );
 }
 
 async function engineUsage(s: Session): Promise<EngineUsage | null> {

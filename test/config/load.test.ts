@@ -68,6 +68,7 @@ test("no config file: embedded defaults, socket and db under the working directo
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
     allowedRoots: [...PROFILE_DEFAULTS.allowed_roots],
     closeHook: null,
+    releaseHooks: [],
   });
 });
 
@@ -289,6 +290,76 @@ test("a bad close_hook is an error naming the key", () => {
   assertInvalid(() => build({ profiles: { x: { close_hook: 7 } } }), "profiles.x.close_hook");
 });
 
+test("release_hooks: loopback URLs and argv arrays, in order; inherited from default; [] turns them off", () => {
+  const c = build({
+    profiles: {
+      default: {
+        release_hooks: [
+          "http://127.0.0.1:8500/v1/deregister?from=reaper",
+          ["/usr/local/bin/release-lock", "--quiet"],
+          "http://[::1]:9000/locks/release",
+          "http://127.0.0.2/x",
+        ],
+      },
+      web: {},
+      none: { release_hooks: [] },
+    },
+  });
+  const expected = [
+    { kind: "http", url: "http://127.0.0.1:8500/v1/deregister?from=reaper" },
+    { kind: "command", argv: ["/usr/local/bin/release-lock", "--quiet"] },
+    { kind: "http", url: "http://[::1]:9000/locks/release" },
+    { kind: "http", url: "http://127.0.0.2/x" },
+  ];
+  assert.deepEqual(c.profiles.default?.releaseHooks, expected);
+  assert.deepEqual(c.profiles.web?.releaseHooks, expected);
+  assert.deepEqual(c.profiles.none?.releaseHooks, []);
+  assert.deepEqual(build({}).profiles.default?.releaseHooks, []);
+});
+
+test("release_hooks from a TOML file", (t) => {
+  const dir = tempDir(t);
+  const file = toml(dir, '[profiles.a]\nrelease_hooks = ["http://127.0.0.1:1234/release", ["/bin/true", "x"]]\n');
+  const c = loadConfig({ configPath: file, env: {}, cwd: dir });
+  assert.deepEqual(c.profiles.a?.releaseHooks, [
+    { kind: "http", url: "http://127.0.0.1:1234/release" },
+    { kind: "command", argv: ["/bin/true", "x"] },
+  ]);
+});
+
+test("a release hook URL that is not plain http to a loopback address is an error naming the key", () => {
+  const bad = [
+    "http://10.0.0.5:8500/deregister", // another host
+    "http://192.168.1.1/x",
+    "http://localhost:8500/x", // a name: resolution can be changed, only literals are loopback
+    "http://registry.internal/x",
+    "http://[::ffff:127.0.0.1]:80/x", // IPv4-mapped: not one of the two accepted forms
+    "http://[fe80::1]/x",
+    "http://user:secret@127.0.0.1:8500/x", // credentials would be journaled
+    "http://127.0.0.1.nip.io/x",
+    "http://127.0.0.1:8500/x#frag",
+    "http://127.0.0.999/x", // not a valid URL
+  ];
+  for (const url of bad) {
+    const err = assertInvalid(() => build({ profiles: { x: { release_hooks: [url] } } }), "profiles.x.release_hooks.0");
+    assert.ok(err.message.includes(url), err.message);
+  }
+  // Shapes the schema refuses: a bare path (the engine is gone: no port to send it to), an
+  // empty argv, an empty argument, another scheme (https too: loopback needs no TLS), a number.
+  for (const hook of ["/deregister", [], [""], "https://127.0.0.1:8443/x", "ftp://127.0.0.1/x", 7]) {
+    assertInvalid(() => build({ profiles: { x: { release_hooks: [hook] } } }), "profiles.x.release_hooks.0");
+  }
+  assertInvalid(
+    () => build({ profiles: { x: { release_hooks: "http://127.0.0.1:1/x" } } }),
+    "profiles.x.release_hooks",
+  );
+  // The index names the offending item.
+  assertInvalid(
+    () => build({ profiles: { x: { release_hooks: ["http://127.0.0.1:1/ok", "http://10.1.1.1/no"] } } }),
+    "profiles.x.release_hooks.1",
+  );
+});
+
 test("every offending key is named when several are wrong", () => {
   assertInvalid(
     () => build({ api: { sockt: "/x" }, profiles: { gpu: { grace_perod_sec: 1, heartbeat_timeout_sec: -1 } } }),
@@ -326,6 +397,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
     allowedRoots: ["/srv/scratch"],
     closeHook: null,
+    releaseHooks: [],
   });
   assert.deepEqual(c.profiles.gpu, {
     name: "gpu",
@@ -336,6 +408,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
     allowedRoots: ["/srv/scratch"], // from [profiles.default]
     closeHook: null,
+    releaseHooks: [],
   });
 });
 
@@ -410,6 +483,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
     allowedRoots: ["/tmp", "/var/tmp/spark"],
     closeHook: { kind: "http", path: "/api/v1/shutdown" },
+    releaseHooks: [{ kind: "http", url: "http://127.0.0.1:7077/v1/engines/deregister" }],
   });
 });
 

@@ -1,9 +1,11 @@
 import assert from "node:assert/strict";
+import { once } from "node:events";
 import { mkdirSync, statSync, symlinkSync } from "node:fs";
+import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { test } from "node:test";
 import { callApi } from "../../src/cli/client.js";
-import { startDaemon, startEngine, tempDir, testConfig, type TestDaemon } from "../helpers.js";
+import { startDaemon, startEngine, tempDir, testConfig, type Engine, type TestDaemon } from "../helpers.js";
 
 type ErrorBody = { error: { code: string; message: string } };
 
@@ -19,6 +21,24 @@ async function expectError(
   assert.equal(res.status, status, `${method} ${path} ${JSON.stringify(body)} → ${JSON.stringify(res.body)}`);
   assert.equal(res.body.error.code, code, JSON.stringify(res.body));
   assert.equal(typeof res.body.error.message, "string");
+}
+
+/** A port this test process listens on (outside any engine's tree), closed when the test ends. */
+async function foreignPort(t: { after: (fn: () => Promise<void>) => void }): Promise<number> {
+  const server = createServer();
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  t.after(() => new Promise<void>((r) => server.close(() => r())));
+  return (server.address() as AddressInfo).port;
+}
+
+/** A port nobody listens on (bound, then released). */
+async function unusedPort(): Promise<number> {
+  const server = createServer().listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const port = (server.address() as AddressInfo).port;
+  await new Promise<void>((r) => server.close(() => r()));
+  return port;
 }
 
 async function setup(t: Parameters<typeof startDaemon>[0]) {
@@ -40,6 +60,7 @@ test("register: 201 with the session; defaults from the profile; generated id", 
   const { d, engine } = await setup(t);
   const res = await d.api<Record<string, unknown>>("POST", "/v1/sessions", {
     engine: { pid: engine.pid },
+    ports: [engine.port],
     owner: "alice",
     labels: { app: "notebook" },
   });
@@ -51,6 +72,7 @@ test("register: 201 with the session; defaults from the profile; generated id", 
   assert.equal(s.heartbeatTimeoutSec, 60);
   assert.equal(s.maxLifetimeSec, 3600);
   assert.deepEqual(s.labels, { app: "notebook" });
+  assert.deepEqual(s.ports, [engine.port]);
   const eng = s.engine as { pid: number; startTime: number; bootId: string; uid: number };
   assert.equal(eng.pid, engine.pid);
   assert.ok(eng.startTime > 0 && eng.bootId.length === 36 && eng.uid === process.getuid?.());
@@ -69,6 +91,8 @@ test("register: every bad input gets a 4xx with a stable code and changes nothin
   mkdirSync(join(dir, "real"));
   symlinkSync(join(dir, "real"), join(dir, "link"));
   const pid = engine.pid;
+  const foreign = await foreignPort(t);
+  const unused = await unusedPort();
   const cases: [unknown, number, string][] = [
     [{ engine: { pid: 0 } }, 400, "SR_INVALID_PID"],
     [{ engine: { pid: 1 } }, 400, "SR_INVALID_PID"],
@@ -101,6 +125,10 @@ test("register: every bad input gets a 4xx with a stable code and changes nothin
     [{ engine: { pid }, idleTimeoutSec: 601 }, 400, "SR_TIMEOUT_ABOVE_MAX"],
     [{ engine: { pid }, maxLifetimeSec: 0 }, 400, "SR_TIMEOUT_ABOVE_MAX"], // "no limit" above a limit
     [{ engine: { pid }, heartbeatTimeoutSec: 0 }, 400, "SR_BAD_REQUEST"],
+    // Ports must be held by the engine's tree at registration.
+    [{ engine: { pid }, ports: [foreign] }, 400, "SR_PORT_NOT_OWNED"], // another process's
+    [{ engine: { pid }, ports: [unused] }, 400, "SR_PORT_NOT_OWNED"], // nobody's
+    [{ engine: { pid }, ports: [engine.port, foreign] }, 400, "SR_PORT_NOT_OWNED"], // one of two
   ];
   for (const [body, status, code] of cases) await expectError(d, "POST", "/v1/sessions", body, status, code);
 
@@ -130,6 +158,43 @@ test("register: every bad input gets a 4xx with a stable code and changes nothin
       }
     ).n,
     0,
+  );
+});
+
+test("register: SR_PORT_NOT_OWNED names the port, and whether someone else holds it", async (t) => {
+  const { d, engine } = await setup(t);
+  const foreign = await foreignPort(t);
+  const unused = await unusedPort();
+  const taken = await d.api<ErrorBody>("POST", "/v1/sessions", {
+    engine: { pid: engine.pid },
+    ports: [engine.port, foreign],
+  });
+  assert.equal(taken.body.error.code, "SR_PORT_NOT_OWNED");
+  assert.match(taken.body.error.message, new RegExp(`^ports\\[1\\]: port ${foreign} .*another process holds it`));
+  const free = await d.api<ErrorBody>("POST", "/v1/sessions", { engine: { pid: engine.pid }, ports: [unused] });
+  assert.match(free.body.error.message, new RegExp(`^ports\\[0\\]: port ${unused} .*no process listens on it`));
+});
+
+test("register: ports held by the engine's children, and bound UDP ports, are the engine's", async (t) => {
+  const { d } = await setup(t);
+  const engine = (await startEngine(t, ["--fork", "2", "--child-listen", "--udp"])) as Engine & {
+    childPorts: number[];
+    udpPort: number;
+  };
+  assert.equal(engine.childPorts.length, 2);
+  const ports = [engine.port, ...engine.childPorts, engine.udpPort];
+  const res = await d.api<{ ports: number[] }>("POST", "/v1/sessions", { engine: { pid: engine.pid }, ports });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  assert.deepEqual(res.body.ports, ports);
+  // Another engine may not claim it.
+  const other = await startEngine(t);
+  await expectError(
+    d,
+    "POST",
+    "/v1/sessions",
+    { engine: { pid: other.pid }, ports: [engine.childPorts[0]] },
+    400,
+    "SR_PORT_NOT_OWNED",
   );
 });
 

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync, readFileSync, renameSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { isGone, portFree, startDaemon, startEngine, tempDir, testConfig, until } from "../helpers.js";
+import { ENGINE, isGone, portFree, startDaemon, startEngine, tempDir, testConfig, until } from "../helpers.js";
 
 type Step = { name: string; outcome: string; durationMs: number; detail: Record<string, unknown> };
 type SessionJson = {
@@ -62,28 +62,44 @@ test("an engine that ignores SIGTERM is SIGKILLed after the grace period", async
 });
 
 test("a port held by a process outside the session is reported and never touched", async (t) => {
+  // Registration only accepts the engine's own ports, so the outsider comes later, as in
+  // life: once the engine is gone, another service binds the freed port. A release hook
+  // (which runs before the verification) starts it: another engine process, listening on
+  // $SESSION_PORTS, outside the session's tree.
   const dir = tempDir(t);
-  const d = await startDaemon(t, testConfig(dir));
+  const ready = join(dir, "outsider.json");
+  const startOutsider = [
+    "/bin/sh",
+    "-c",
+    '"$0" "$1" --port "$SESSION_PORTS" > "$2" 2>/dev/null </dev/null & while [ ! -s "$2" ]; do sleep 0.05; done',
+    process.execPath,
+    ENGINE,
+    ready,
+  ];
+  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { release_hooks: [startOutsider] } } }));
   const engine = await startEngine(t, [], join(dir, "engine"));
-  const outsider = await startEngine(t);
   const id = (
     await d.api<{ id: string }>("POST", "/v1/sessions", {
       engine: { pid: engine.pid },
-      ports: [engine.port, outsider.port],
+      ports: [engine.port],
     })
   ).body.id;
   await d.api("POST", `/v1/sessions/${id}/reap`);
   const finished = await d.reaped(id);
+  const outsider = JSON.parse(readFileSync(ready, "utf8")) as { pid: number; port: number };
+  t.after(() => void process.kill(outsider.pid, "SIGKILL"));
+  assert.equal(outsider.port, engine.port);
   assert.equal(finished.outcome, "partial");
   const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
   assert.deepEqual(
     s.leftovers.map((l) => [l.kind, l.item]),
-    [["port", String(outsider.port)]],
+    [["port", String(engine.port)]],
   );
   assert.match(s.leftovers[0]?.detail ?? "", new RegExp(`pid ${outsider.pid}.*not touched`));
   assert.equal(step(s, "release-connections-and-ports").outcome, "ok");
+  assert.ok(isGone(engine.pid));
   assert.ok(!isGone(outsider.pid), "the outsider was signalled");
-  assert.ok(await portFree(engine.port));
+  assert.equal(await portFree(engine.port), false, "the outsider still listens");
 });
 
 test("a command close hook runs with the session's environment", async (t) => {
