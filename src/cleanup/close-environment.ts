@@ -3,6 +3,7 @@ import { performance } from "node:perf_hooks";
 import { errorMessage } from "../errors.js";
 import { liveness } from "../proc/identity.js";
 import { readUid } from "../proc/stat.js";
+import { socketSnapshot } from "../proc/sockets.js";
 import { processTree } from "../proc/tree.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
 
@@ -22,7 +23,10 @@ export const closeEnvironment: CleanupStep = {
     // Snapshot the tree before the engine is asked to go: once it exits, its children are
     // re-parented and only this record still ties them to the session.
     const processes = processTree(session.engine, knownProcesses(ctx.journal));
-    if (hook === null) return { ok: true, detail: { skipped: "the profile has no close hook", processes } };
+    // And its sockets: release-connections-and-ports verifies each one gone after terminate.
+    const sockets = socketSnapshot(processes.map((p) => p.pid));
+    ctx.record({ processes, sockets }); // kept even if the hook below hangs
+    if (hook === null) return { ok: true, detail: { skipped: "the profile has no close hook" } };
 
     let out: StepOutput;
     if (hook.kind === "http") {
@@ -30,7 +34,7 @@ export const closeEnvironment: CleanupStep = {
       if (port === undefined) {
         return {
           ok: false,
-          detail: { error: "the close hook is an HTTP path but the session registered no port", processes },
+          detail: { error: "the close hook is an HTTP path but the session registered no port" },
         };
       }
       const url = `http://127.0.0.1:${port}${hook.path}`;
@@ -45,9 +49,9 @@ export const closeEnvironment: CleanupStep = {
     } else {
       out = await runCommand(ctx, hook.argv, signal);
     }
-    if (!out.ok) return { ok: false, detail: { ...out.detail, processes } };
+    if (!out.ok) return out;
     const exited = await waitForExit(ctx, signal);
-    return { ok: true, detail: { ...out.detail, engineExited: exited, processes } };
+    return { ok: true, detail: { ...out.detail, engineExited: exited } };
   },
 };
 

@@ -283,7 +283,7 @@ export const releaseConnectionsAndPorts: CleanupStep = {
       if (s.port !== undefined && registered.has(s.port)) continue;
       leftovers.push({
         step: STEP,
-        kind: "port",
+        kind: "socket",
         item: s.item,
         detail:
           s.by === "outside"

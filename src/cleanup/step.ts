@@ -14,6 +14,11 @@ export interface StepContext {
   readonly deadline: number;
   /** Which start of this session's reap pipeline this is (1 unless resumed after a crash). */
   readonly attempt: number;
+  /**
+   * Journals fields with the step's result even if the step then times out or throws (a
+   * snapshot taken before a hook that hangs must not be lost).
+   */
+  record(fields: Record<string, unknown>): void;
 }
 
 export interface StepOutput {

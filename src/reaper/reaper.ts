@@ -248,8 +248,18 @@ export class Reaper {
     });
     let out: StepOutput;
     let outcome: StepResult["outcome"];
+    const recorded: Record<string, unknown> = {};
     try {
-      const ctx = { session, profile, log, daemonPid: this.deps.daemonPid, journal, deadline: t0 + timeoutMs, attempt };
+      const ctx = {
+        session,
+        profile,
+        log,
+        daemonPid: this.deps.daemonPid,
+        journal,
+        deadline: t0 + timeoutMs,
+        attempt,
+        record: (fields: Record<string, unknown>) => Object.assign(recorded, fields),
+      };
       out = await Promise.race([step.run(ctx, controller.signal), timedOut]);
       outcome = out.ok ? "ok" : "failed";
     } catch (err) {
@@ -261,7 +271,7 @@ export class Reaper {
       clearTimeout(timer);
       controller.abort(new Error("step over"));
     }
-    const detail: StepResult["detail"] = { ...out.detail };
+    const detail: StepResult["detail"] = { ...recorded, ...out.detail };
     if (out.leftovers && out.leftovers.length > 0) detail.leftovers = out.leftovers;
     return { name: step.name, outcome, startedAt, durationMs: performance.now() - t0, detail };
   }

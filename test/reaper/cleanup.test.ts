@@ -35,7 +35,12 @@ test("a hanging close hook times out and every later step still runs (partial)",
   const finished = await d.reaped(id);
   assert.equal(finished.outcome, "partial");
   const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
-  assert.equal(step(s, "close-environment").outcome, "timeout");
+  const close = step(s, "close-environment");
+  assert.equal(close.outcome, "timeout");
+  // The snapshot taken before the hook survives the timeout: terminate and the port check use it.
+  assert.ok((close.detail.processes as { pid: number }[]).some((p) => p.pid === engine.children[0]));
+  assert.ok(close.detail.sockets, "socket snapshot kept");
+  assert.match(String(close.detail.error), /did not finish/);
   assert.equal(step(s, "terminate").outcome, "ok");
   assert.equal(step(s, "release-connections-and-ports").outcome, "ok");
   assert.equal(step(s, "remove-paths").outcome, "ok");

@@ -136,6 +136,7 @@ async function runRelease(
     journal,
     deadline: performance.now() + releaseConnectionsAndPorts.timeoutMs(profile),
     attempt: 1,
+    record: () => undefined,
   };
   const out = await releaseConnectionsAndPorts.run(ctx, new AbortController().signal);
   return { ...out, detail: out.detail as unknown as ReleaseDetail };
@@ -226,7 +227,7 @@ test("snapshot: a socket still open in a session process that survived is a left
     survivors.map((x) => x.item),
   );
   for (const l of out.leftovers ?? []) {
-    assert.equal(l.kind, "port");
+    assert.equal(l.kind, "socket");
     assert.match(l.detail, new RegExp(`session process ${child} \\(node\\)`));
   }
   assert.ok(!isGone(child), "the step never signals");
@@ -419,29 +420,25 @@ test("release hooks: a hanging or failing hook never stops the others nor the po
   assert.ok(isGone(engine.pid));
 });
 
-test(
-  "close-environment journals the socket snapshot; the release step verifies each socket gone",
-  { todo: "needs `detail.sockets = socketSnapshot(...)` in close-environment.ts" },
-  async (t) => {
-    const dir = tempDir(t);
-    const upstream = await listen(t);
-    const d = await startDaemon(t, testConfig(dir));
-    const engine = (await startEngine(t, ["--connect", String(upstream.port)])) as Ready;
-    await d.api("POST", "/v1/sessions", { id: "snap", engine: { pid: engine.pid }, ports: [engine.port] });
-    await d.api("POST", "/v1/sessions/snap/reap");
-    assert.equal((await d.reaped("snap")).outcome, "clean");
-    const s = (await d.api<SessionJson>("GET", "/v1/sessions/snap")).body;
-    const snap = step(s, "close-environment").detail.sockets as SocketSnapshot;
-    assert.deepEqual(
-      snap.listening.map((l) => [l.proto, l.port]),
-      [["tcp", engine.port]],
-    );
-    assert.deepEqual(
-      snap.established.map((c) => c.remote),
-      [`127.0.0.1:${upstream.port}`],
-    );
-    const report = (step(s, RELEASE).detail as unknown as ReleaseDetail).sockets;
-    assert.deepEqual(report.survivors, []);
-    assert.equal((report.gone ?? 0) + (report.shared ?? []).length, report.checked);
-  },
-);
+test("close-environment journals the socket snapshot; the release step verifies each socket gone", async (t) => {
+  const dir = tempDir(t);
+  const upstream = await listen(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const engine = (await startEngine(t, ["--connect", String(upstream.port)])) as Ready;
+  await d.api("POST", "/v1/sessions", { id: "snap", engine: { pid: engine.pid }, ports: [engine.port] });
+  await d.api("POST", "/v1/sessions/snap/reap");
+  assert.equal((await d.reaped("snap")).outcome, "clean");
+  const s = (await d.api<SessionJson>("GET", "/v1/sessions/snap")).body;
+  const snap = step(s, "close-environment").detail.sockets as SocketSnapshot;
+  assert.deepEqual(
+    snap.listening.map((l) => [l.proto, l.port]),
+    [["tcp", engine.port]],
+  );
+  assert.deepEqual(
+    snap.established.map((c) => c.remote),
+    [`127.0.0.1:${upstream.port}`],
+  );
+  const report = (step(s, RELEASE).detail as unknown as ReleaseDetail).sockets;
+  assert.deepEqual(report.survivors, []);
+  assert.equal((report.gone ?? 0) + (report.shared ?? []).length, report.checked);
+});
