@@ -10,7 +10,8 @@ import { parseArgs } from "node:util";
 import { loadConfig } from "./config/load.js";
 import { Daemon, VERSION } from "./daemon/daemon.js";
 import { ReaperError, errorMessage } from "./errors.js";
-import { listenUnix } from "./http/listen.js";
+import { listenFd, listenUnix } from "./http/listen.js";
+import { activationFd, watchdogIntervalMs } from "./systemd/notify.js";
 import { FAILPOINTS } from "./reaper/reaper.js";
 
 /** sysexits.h EX_CONFIG: systemd units may list it in RestartPreventExitStatus=. */
@@ -55,12 +56,21 @@ async function main(): Promise<number | null> {
     const config = loadConfig({ configPath: args.config, env: process.env, cwd: process.cwd() });
     daemon = new Daemon({
       config,
+      notifySocket: process.env.NOTIFY_SOCKET || undefined,
+      watchdogMs: watchdogIntervalMs(process.env, process.pid),
       failpoints: parseFailpoints(process.env.REAPER_FAILPOINTS),
       // A failpoint is a crash: no flush, no cleanup, exactly like the OOM killer's SIGKILL.
       crash: () => process.kill(process.pid, "SIGKILL"),
     });
+    const inherited = activationFd(process.env, process.pid);
     await daemon.start();
-    await listenUnix(daemon.app, config.api.socket, config.api.socketMode);
+    if (inherited !== null) await listenFd(daemon.app, inherited);
+    else await listenUnix(daemon.app, config.api.socket, config.api.socketMode);
+    daemon.log.info(
+      { socket: inherited === null ? config.api.socket : `fd ${inherited} (socket activation)` },
+      "listening",
+    );
+    daemon.announceReady();
   } catch (err) {
     process.stderr.write(`reaperd: ${errorMessage(err)}\n`);
     return err instanceof ReaperError && err.code === "SR_CONFIG_INVALID" ? EXIT_CONFIG : EXIT_CRASH;

@@ -58,7 +58,8 @@ export const closeEnvironment: CleanupStep = {
 async function runCommand(ctx: StepContext, argv: readonly string[], signal: AbortSignal): Promise<StepOutput> {
   const { session } = ctx;
   const gid = readUid(session.engine.pid, "Gid");
-  const asEngineUser = process.geteuid?.() === 0 && session.engine.uid !== 0 && gid !== null;
+  // As the engine's user whenever that is not us (as root, or with CAP_SETUID/CAP_SETGID).
+  const asEngineUser = session.engine.uid !== process.geteuid?.() && gid !== null;
   const [file, ...args] = argv as [string, ...string[]];
   const code = await new Promise<number | string>((resolve) => {
     const child = spawn(file, args, {

@@ -14,6 +14,7 @@ import { deadlineOf } from "../detect/deadline.js";
 import { Store } from "../store/store.js";
 import { addon } from "../native/addon.js";
 import { pidfd } from "../proc/pidfd.js";
+import { SystemdNotifier } from "../systemd/notify.js";
 
 export const VERSION = (
   JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }
@@ -31,6 +32,10 @@ export interface DaemonOptions {
   logStream?: DestinationStream;
   /** The daemon's own pid, never signalled. */
   pid?: number;
+  /** $NOTIFY_SOCKET: where sd_notify messages go; unset outside systemd. */
+  notifySocket?: string | undefined;
+  /** Watchdog ping interval (WATCHDOG_USEC / 2), or null. */
+  watchdogMs?: number | null;
   /** Crash-safety testing only: step boundaries at which `crash` is called. */
   failpoints?: ReadonlySet<string>;
   crash?: () => void;
@@ -54,6 +59,10 @@ export class Daemon {
   private stateValue: DaemonState = "starting";
   private startedAt = 0;
   private flushTimer: NodeJS.Timeout | null = null;
+  private statusTimer: NodeJS.Timeout | null = null;
+  private watchdogTimer: NodeJS.Timeout | null = null;
+  private readonly notifier: SystemdNotifier;
+  private readonly watchdogMs: number | null;
   private flushing: Promise<void> | null = null;
 
   constructor(opts: DaemonOptions) {
@@ -62,8 +71,10 @@ export class Daemon {
     const daemonPid = opts.pid ?? process.pid;
     this.config = config;
     this.clock = clock;
+    this.watchdogMs = opts.watchdogMs ?? null;
     this.loggers = createLogger({ level: config.log.level, file: config.log.file, clock, stream: opts.logStream });
     this.log = this.loggers.log;
+    this.notifier = new SystemdNotifier(opts.notifySocket, this.log);
     this.store = new Store(config.store.path, clock.now());
     this.audit = new AuditTrail(this.store, this.loggers.audit, clock);
     this.reaper = new Reaper({
@@ -164,6 +175,29 @@ export class Daemon {
     });
   }
 
+  /** One line for systemctl status: the session counts. */
+  statusLine(): string {
+    const c = this.store.counts();
+    const queued = this.reaper.pending + this.reaper.inFlight;
+    return `${this.stateValue === "running" ? "Running" : "Stopping"}: ${c.live} live, ${c.reaping} reaping (${queued} in flight or queued), ${c.reaped} reaped`;
+  }
+
+  /**
+   * Tells systemd the daemon is ready (after migrations, recovery and listening: main.ts
+   * calls this last), then keeps STATUS= fresh and pings the watchdog from the event loop,
+   * so a stalled loop stops the pings and systemd restarts the daemon.
+   */
+  announceReady(): void {
+    if (this.notifier.enabled !== true) return;
+    this.notifier.send({ READY: "1", STATUS: this.statusLine(), MAINPID: String(process.pid) });
+    this.statusTimer = setInterval(() => this.notifier.send({ STATUS: this.statusLine() }), 10_000);
+    this.statusTimer.unref();
+    if (this.watchdogMs !== null) {
+      this.watchdogTimer = setInterval(() => this.notifier.send({ WATCHDOG: "1" }), this.watchdogMs);
+      this.watchdogTimer.unref();
+    }
+  }
+
   /**
    * Graceful stop (Trino's lesson): report shutting_down first and keep answering heartbeats
    * and reads; take no new sessions; never expire a live session because we stop; let
@@ -173,12 +207,16 @@ export class Daemon {
   async stop(): Promise<void> {
     if (this.stateValue === "shutting_down" || this.stateValue === "stopped") return;
     this.stateValue = "shutting_down";
+    if (this.statusTimer) clearInterval(this.statusTimer);
+    this.notifier.send({ STOPPING: "1", STATUS: this.statusLine() });
     this.audit.record({
       event: "daemon.stopping",
       detail: { inFlightReaps: this.reaper.inFlight, queuedReaps: this.reaper.pending },
     });
     this.detector.stop();
+    // Watchdog pings go on while reaps drain: a long, healthy stop is not a hang.
     await this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000);
+    if (this.watchdogTimer) clearInterval(this.watchdogTimer);
     if (this.flushTimer) clearInterval(this.flushTimer);
     await this.flushing;
     this.flushAllNow();

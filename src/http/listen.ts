@@ -38,3 +38,19 @@ export async function listenUnix(app: FastifyInstance, path: string, mode: numbe
   await app.listen({ path });
   chmodSync(path, mode);
 }
+
+/**
+ * Serves on a listening socket inherited from systemd (socket activation). The socket stays
+ * systemd's: it is neither created nor unlinked here, so connections made while the daemon
+ * restarts wait in its backlog instead of failing.
+ */
+export async function listenFd(app: FastifyInstance, fd: number): Promise<void> {
+  await app.ready();
+  await new Promise<void>((resolve, reject) => {
+    app.server.once("error", reject);
+    app.server.listen({ fd }, () => {
+      app.server.off("error", reject);
+      resolve();
+    });
+  });
+}

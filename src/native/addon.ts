@@ -8,6 +8,7 @@ export interface NativeAddon {
   watchExit(fd: number, callback: (status: number) => void): object;
   unwatch(handle: object): void;
   openDirAt(dirfd: number, name: string): number;
+  sendDatagram(path: string, data: Buffer): void;
 }
 
 /** openDirAt's dirfd for "relative to the working directory" (absolute names). */

@@ -9,6 +9,8 @@
  *   unwatch(h)                       stops watching (idempotent)
  *   openDirAt(dirfd, name) -> fd     openat(2) with O_DIRECTORY | O_NOFOLLOW: one path component,
  *                                    never through a symlink (dirfd -100 = AT_FDCWD)
+ *   sendDatagram(path, buffer)       one unix datagram (sd_notify; Node has no AF_UNIX SOCK_DGRAM);
+ *                                    a path starting with '@' is in the abstract namespace
  *
  * Errors are thrown as Error objects whose `code` is the errno name ("ESRCH", "ENOSYS", ...),
  * like Node's own fs errors, so callers can fall back when the kernel lacks pidfd (< 5.3).
@@ -18,12 +20,16 @@
 #include <uv.h>
 
 #include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #ifndef SYS_pidfd_open
@@ -47,6 +53,8 @@ static const char *errno_name(int err) {
     case ELOOP: return "ELOOP";
     case ENOTDIR: return "ENOTDIR";
     case ENOENT: return "ENOENT";
+    case ECONNREFUSED: return "ECONNREFUSED";
+    case EAGAIN: return "EAGAIN";
     default: return "EUNKNOWN";
   }
 }
@@ -257,6 +265,34 @@ static napi_value open_dir_at_js(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value send_datagram_js(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  struct sockaddr_un addr;
+  size_t len = 0;
+  void *data = NULL;
+  size_t size = 0;
+  bool is_buffer = false;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  memset(&addr, 0, sizeof addr);
+  addr.sun_family = AF_UNIX;
+  if (argc < 2 || napi_get_value_string_utf8(env, argv[0], addr.sun_path, sizeof addr.sun_path, &len) != napi_ok ||
+      len == 0 || len >= sizeof addr.sun_path - 1 || napi_is_buffer(env, argv[1], &is_buffer) != napi_ok || !is_buffer ||
+      napi_get_buffer_info(env, argv[1], &data, &size) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected a socket path and a Buffer");
+    return NULL;
+  }
+  if (addr.sun_path[0] == '@') addr.sun_path[0] = '\0'; /* abstract namespace */
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return throw_errno(env, errno, "socket");
+  socklen_t addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len);
+  ssize_t sent = sendto(fd, data, size, MSG_NOSIGNAL, (struct sockaddr *)&addr, addr_len);
+  int err = errno;
+  close(fd);
+  if (sent < 0) return throw_errno(env, err, "sendto");
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pidfdOpen", NULL, pidfd_open_js, NULL, NULL, NULL, napi_default, NULL},
@@ -265,6 +301,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"watchExit", NULL, watch_exit_js, NULL, NULL, NULL, napi_default, NULL},
       {"unwatch", NULL, unwatch_js, NULL, NULL, NULL, napi_default, NULL},
       {"openDirAt", NULL, open_dir_at_js, NULL, NULL, NULL, napi_default, NULL},
+      {"sendDatagram", NULL, send_datagram_js, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -118,7 +118,9 @@ async function runRm(
   signal: AbortSignal,
   stillThere: () => boolean,
 ): Promise<Once> {
-  const asOwner = process.geteuid?.() === 0 && uid !== 0;
+  // As the owner whenever that is not us: as root, or as the dedicated user holding
+  // CAP_SETUID/CAP_SETGID (systemd/session-reaper.service). rm then holds no capability.
+  const asOwner = uid !== process.geteuid?.();
   const detail = await new Promise<string | null>((resolve) => {
     const child = spawn("rm", ["-rf", "--one-file-system", ...args], {
       // The directory fd becomes fd 3 in the child, and its working directory.

@@ -1,0 +1,50 @@
+import assert from "node:assert/strict";
+import { execFileSync, spawnSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { DEFAULTS } from "../../src/config/schema.js";
+
+const SYSTEMD = fileURLToPath(new URL("../../../systemd/", import.meta.url));
+const SERVICE = `${SYSTEMD}session-reaper.service`;
+const SOCKET = `${SYSTEMD}session-reaper.socket`;
+
+test("systemd-analyze verify prints nothing for the service and the socket", () => {
+  const r = spawnSync("systemd-analyze", ["verify", SERVICE, SOCKET], { encoding: "utf8", cwd: SYSTEMD });
+  assert.equal(r.error, undefined, "systemd-analyze is missing: .ci/run installs the systemd package");
+  assert.equal(`${r.stdout}${r.stderr}`, "", "any output is a failure");
+  assert.equal(r.status, 0);
+});
+
+test("systemd-analyze security --offline: exposure at most 3.0", (t) => {
+  const out = execFileSync("systemd-analyze", ["security", "--offline=true", SERVICE], { encoding: "utf8" });
+  const m = /Overall exposure level for session-reaper\.service: ([\d.]+)/.exec(out);
+  assert.ok(m, out);
+  const exposure = Number(m[1]);
+  t.diagnostic(`exposure ${exposure}`);
+  process.stdout.write(`# systemd-analyze security exposure: ${exposure}\n`);
+  assert.ok(exposure <= 3.0, `exposure ${exposure} > 3.0`);
+});
+
+test("the unit keeps its promises to the daemon", () => {
+  const unit = readFileSync(SERVICE, "utf8");
+  const get = (key: string): string[] =>
+    unit
+      .split("\n")
+      .filter((l) => l.startsWith(`${key}=`))
+      .map((l) => l.slice(key.length + 1));
+  assert.deepEqual(get("Type"), ["notify"]);
+  assert.deepEqual(get("KillMode"), ["mixed"]);
+  // Longer than the daemon's own stop: shutdown grace + the 5 s forced-exit margin.
+  const stopSec = Number(/^(\d+)s$/.exec(get("TimeoutStopSec")[0] ?? "")?.[1]);
+  assert.ok(stopSec > DEFAULTS.reaper.shutdown_grace_sec + 5 + 10, `TimeoutStopSec=${stopSec}s`);
+  assert.deepEqual(get("RestartPreventExitStatus"), ["78"]);
+  for (const forbidden of ["PrivateUsers", "ProtectProc", "PrivateTmp", "MemoryDenyWriteExecute"]) {
+    assert.deepEqual(get(forbidden), [], `${forbidden}= breaks the job`);
+    assert.match(unit, new RegExp(`^# ${forbidden}=`, "m"), `the reason for omitting ${forbidden}= is written down`);
+  }
+  const sock = readFileSync(SOCKET, "utf8");
+  assert.match(sock, /^SocketMode=0660$/m);
+  assert.match(sock, /^SocketGroup=session-reaper$/m);
+  assert.match(sock, /^ListenStream=\/run\/session-reaper\/reaper\.sock$/m);
+});
