@@ -18,6 +18,7 @@ import { FAILPOINTS } from "./reaper/reaper.js";
 export const EXIT_CONFIG = 78;
 export const EXIT_FORCED = 1;
 export const EXIT_CRASH = 70;
+const FORCED_EXIT_MARGIN_SEC = 5;
 
 const USAGE = `Usage: reaperd [--config FILE]
 
@@ -85,7 +86,10 @@ async function main(): Promise<number | null> {
     }
     stopping = true;
     daemon.log.info({ signal }, "stopping");
-    const budgetMs = (daemon.config.reaper.shutdownGraceSec + 15) * 1000;
+    // In-flight reaps get shutdown_grace_sec, then pause at their next step boundary; a step
+    // that does not reach one within FORCED_EXIT_MARGIN_SEC more forces the exit (the unit's
+    // TimeoutStopSec must exceed both).
+    const budgetMs = (daemon.config.reaper.shutdownGraceSec + FORCED_EXIT_MARGIN_SEC) * 1000;
     setTimeout(() => {
       daemon.log.error({ budgetMs }, "graceful stop took too long: forced exit");
       daemon.loggers.flush();

@@ -141,3 +141,108 @@ test("a second SIGTERM forces the exit; the journal stays consistent and the rea
   second.proc.kill("SIGTERM");
   assert.equal(await second.exit, 0);
 });
+
+test("SIGTERM with 20 reaps in flight while engines heartbeat: every answer keeps coming, exit 0 well before TimeoutStopSec", async (t) => {
+  const dir = tempDir(t);
+  const socket = join(dir, "reaper.sock");
+  const db = join(dir, "reaper.db");
+  const file = writeConfig(
+    dir,
+    `[api]
+socket = "${socket}"
+[store]
+path = "${db}"
+[reaper]
+concurrency = 20
+shutdown_grace_sec = 15
+[profiles.default]
+close_hook = "/shutdown"
+step_timeout_sec = 1.5
+grace_period_sec = 0.5
+allowed_roots = ["${dir}"]
+`,
+  );
+  const daemon = await spawnDaemon(t, file, socket);
+  const hanging = await Promise.all(Array.from({ length: 20 }, () => startEngine(t, ["--hang-shutdown"])));
+  const live = await Promise.all(Array.from({ length: 3 }, () => startEngine(t)));
+  for (const [i, e] of hanging.entries()) {
+    await callApi(socket, "POST", "/v1/sessions", { id: `r${i}`, engine: { pid: e.pid }, ports: [e.port] });
+  }
+  for (const [i, e] of live.entries()) {
+    await callApi(socket, "POST", "/v1/sessions", { id: `l${i}`, engine: { pid: e.pid }, heartbeatTimeoutSec: 30 });
+  }
+  for (let i = 0; i < 20; i++) assert.equal((await callApi(socket, "POST", `/v1/sessions/r${i}/reap`)).status, 202);
+
+  // The engines keep heartbeating and an operator keeps reading, every 50 ms, until the end.
+  const answers: number[] = [];
+  let stopped = false;
+  const traffic = (async () => {
+    while (!stopped) {
+      try {
+        for (let i = 0; i < 3; i++)
+          answers.push((await callApi(socket, "POST", `/v1/sessions/l${i}/heartbeat`)).status);
+        answers.push((await callApi(socket, "GET", "/v1/sessions?state=reaping")).status);
+      } catch {
+        stopped = true; // the socket closed: the daemon is gone
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  })();
+
+  const t0 = Date.now();
+  daemon.proc.kill("SIGTERM");
+  assert.equal(await daemon.exit, 0);
+  const stopMs = Date.now() - t0;
+  stopped = true;
+  await traffic;
+  t.diagnostic(`stopped in ${stopMs} ms with 20 reaps in flight; ${answers.length} answers during the stop`);
+  assert.ok(answers.length > 20, "heartbeats and reads kept being answered");
+  assert.deepEqual([...new Set(answers)], [200], "every answer during the stop was a 200");
+  assert.ok(stopMs < 60_000, "exit before TimeoutStopSec=60s");
+
+  const store = new Store(db, Date.now());
+  t.after(() => store.close());
+  for (let i = 0; i < 20; i++) assert.equal(store.getSession(`r${i}`)?.state, "reaped", `r${i}`);
+  for (let i = 0; i < 3; i++) assert.equal(store.getSession(`l${i}`)?.state, "live", `l${i} was reaped by the stop`);
+  for (const e of hanging) assert.ok(isGone(e.pid));
+  for (const e of live) assert.ok(!isGone(e.pid));
+});
+
+test("the grace budget forces the exit when a step will not reach a boundary; the journal stays consistent", async (t) => {
+  const dir = tempDir(t);
+  const socket = join(dir, "reaper.sock");
+  const db = join(dir, "reaper.db");
+  const file = writeConfig(
+    dir,
+    `[api]
+socket = "${socket}"
+[store]
+path = "${db}"
+[reaper]
+shutdown_grace_sec = 0.5
+[profiles.default]
+close_hook = "/shutdown"
+step_timeout_sec = 60
+allowed_roots = ["${dir}"]
+`,
+  );
+  const first = await spawnDaemon(t, file, socket);
+  const engine = await startEngine(t, ["--hang-shutdown"]);
+  await callApi(socket, "POST", "/v1/sessions", { id: "stuck", engine: { pid: engine.pid }, ports: [engine.port] });
+  await callApi(socket, "POST", "/v1/sessions/stuck/reap");
+  const t0 = Date.now();
+  first.proc.kill("SIGTERM");
+  assert.equal(await first.exit, 1, "forced exit");
+  const forcedMs = Date.now() - t0;
+  t.diagnostic(`forced exit after ${forcedMs} ms (grace 0.5 s + 5 s margin)`);
+  assert.ok(forcedMs >= 5_000, `forced too early (${forcedMs} ms)`);
+  assert.match(first.output(), /graceful stop took too long: forced exit/);
+  const store = new Store(db, Date.now());
+  assert.equal(store.getSession("stuck")?.state, "reaping");
+  assert.deepEqual(
+    store.steps("stuck").map((s) => s.name),
+    ["fence"],
+  );
+  store.close();
+  assert.ok(!isGone(engine.pid));
+});
