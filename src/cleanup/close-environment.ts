@@ -1,10 +1,9 @@
-import { spawn } from "node:child_process";
 import { performance } from "node:perf_hooks";
-import { errorMessage } from "../errors.js";
 import { liveness } from "../proc/identity.js";
 import { readUid } from "../proc/stat.js";
 import { socketSnapshot } from "../proc/sockets.js";
 import { processTree } from "../proc/tree.js";
+import { commandHook } from "./release-hooks.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
 
 /**
@@ -55,34 +54,14 @@ export const closeEnvironment: CleanupStep = {
   },
 };
 
+/** The close hook's argv, as the engine's user whenever that is not us. */
 async function runCommand(ctx: StepContext, argv: readonly string[], signal: AbortSignal): Promise<StepOutput> {
   const { session } = ctx;
   const gid = readUid(session.engine.pid, "Gid");
-  // As the engine's user whenever that is not us (as root, or with CAP_SETUID/CAP_SETGID).
-  const asEngineUser = session.engine.uid !== process.geteuid?.() && gid !== null;
-  const [file, ...args] = argv as [string, ...string[]];
-  const code = await new Promise<number | string>((resolve) => {
-    const child = spawn(file, args, {
-      stdio: ["ignore", "ignore", "pipe"],
-      signal,
-      killSignal: "SIGKILL",
-      env: {
-        PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        SESSION_ID: session.id,
-        ENGINE_PID: String(session.engine.pid),
-        SESSION_PORTS: session.ports.join(","),
-        SESSION_PATHS: session.paths.join(":"),
-        REAP_ATTEMPT: String(ctx.attempt),
-      },
-      ...(asEngineUser ? { uid: session.engine.uid, gid: gid ?? undefined } : {}),
-    });
-    let stderr = "";
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr = (stderr + d).slice(-2048)));
-    child.on("error", (err) => resolve(errorMessage(err)));
-    child.on("close", (c, sig) => resolve(c ?? `killed by ${sig}`));
-    child.on("close", () => stderr && ctx.log.info({ stderr: stderr.trim() }, "close hook stderr"));
-  });
-  return { ok: code === 0, detail: { hook: "command", argv, exit: code } };
+  const runAs =
+    session.engine.uid !== process.geteuid?.() && gid !== null ? { uid: session.engine.uid, gid } : undefined;
+  const r = await commandHook(argv, session, ctx.attempt, signal, runAs);
+  return { ok: r.outcome === "ok", detail: { ...r } };
 }
 
 /** Polls until the engine is gone, the grace period ends, or the step's own time runs out. */

@@ -102,23 +102,26 @@ async function postHook(url: string, session: Session, attempt: number, signal: 
 }
 
 /**
- * Runs the argv as the daemon's user (release hooks talk to the host's registries and lock
- * services, not to the engine), in a process group of its own, so that on timeout the hook
- * and whatever it started are SIGKILLed together. The group id is the hook's own pid, which
- * cannot have been reused while the hook has not been reaped (no 'exit' yet).
+ * Runs a hook's argv with the session's facts in its environment, in a process group of its
+ * own, so that on timeout the hook and whatever it started are SIGKILLed together. The group
+ * id is the hook's own pid, which cannot have been reused while the hook has not been reaped
+ * (no 'exit' yet). Release hooks run as the daemon's user (they talk to the host's registries
+ * and lock services, not to the engine); the close hook passes `runAs`, the engine's user.
  */
-function commandHook(
+export function commandHook(
   argv: readonly string[],
   session: Session,
   attempt: number,
   signal: AbortSignal,
-): Promise<HookOutcome> {
+  runAs?: { uid: number; gid: number },
+): Promise<CommandOutcome> {
   const [file, ...args] = argv as [string, ...string[]];
   if (signal.aborted) return Promise.resolve({ hook: "command", argv, outcome: "timeout", error: "no time left" });
   return new Promise((resolve) => {
     const child = spawn(file, args, {
       stdio: ["ignore", "ignore", "pipe"],
       detached: true,
+      ...(runAs ?? {}),
       env: {
         PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         SESSION_ID: session.id,
