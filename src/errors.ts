@@ -35,6 +35,14 @@ export const ERRORS = {
 
 export type ErrorCode = keyof typeof ERRORS;
 
+/** Codes that never come from the daemon's own process, so never in an HTTP answer. */
+const NOT_FROM_THE_API: ReadonlySet<ErrorCode> = new Set(["SR_CONFIG_INVALID", "SR_DAEMON_UNREACHABLE"]);
+
+/** The codes an API answer may carry (the OpenAPI document's error envelope lists them). */
+export const API_ERROR_CODES: readonly ErrorCode[] = (Object.keys(ERRORS) as ErrorCode[]).filter(
+  (c) => !NOT_FROM_THE_API.has(c),
+);
+
 export class ReaperError extends Error {
   readonly code: ErrorCode;
   readonly status: number;

@@ -1,4 +1,5 @@
 import { existsSync, readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { isAbsolute, join, normalize, resolve } from "node:path";
 import { Ajv, type ErrorObject } from "ajv";
 import { Cron } from "croner";
@@ -25,6 +26,11 @@ export interface Profile {
   readonly allowedRoots: readonly string[];
   readonly closeHook: CloseHook | null;
   readonly releaseHooks: readonly ReleaseHook[];
+  /**
+   * Engine CPU (percent of one core, averaged since the previous liveness pass) above which
+   * the liveness pass counts the engine as active, moving its activity time; null = off.
+   */
+  readonly busyCpuPercent: number | null;
 }
 
 export type LogLevel = "fatal" | "error" | "warn" | "info" | "debug" | "trace" | "silent";
@@ -122,6 +128,7 @@ type RawProfile = {
   allowed_roots?: string[];
   close_hook?: string | string[];
   release_hooks?: (string | string[])[];
+  busy_cpu_percent?: number;
 };
 
 /** Validates an already-parsed document (exported for tests and for embedding). */
@@ -191,10 +198,11 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
 
 function buildProfile(
   name: string,
-  p: Required<Omit<RawProfile, "close_hook" | "allowed_roots" | "release_hooks">> & {
+  p: Required<Omit<RawProfile, "close_hook" | "allowed_roots" | "release_hooks" | "busy_cpu_percent">> & {
     allowed_roots: readonly string[];
     close_hook?: string | string[];
     release_hooks: readonly (string | string[])[];
+    busy_cpu_percent?: number;
   },
   where: string,
 ): Profile {
@@ -209,6 +217,14 @@ function buildProfile(
     return n;
   });
   const hook = p.close_hook;
+  const busy = p.busy_cpu_percent ?? 0;
+  const cores = availableParallelism();
+  if (busy > 100 * cores) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${where}: profiles.${name}.busy_cpu_percent: ${busy} exceeds 100 × the host's ${cores} cores (${100 * cores})`,
+    );
+  }
   return {
     name,
     heartbeatTimeoutSec: p.heartbeat_timeout_sec,
@@ -228,6 +244,7 @@ function buildProfile(
         ? { kind: "http", url: loopbackUrl(h, `${where}: profiles.${name}.release_hooks.${i}`) }
         : { kind: "command", argv: h },
     ),
+    busyCpuPercent: busy > 0 ? busy : null,
   };
 }
 

@@ -31,6 +31,9 @@ const profileSchema = {
     max_lifetime_sec: seconds(0),
     grace_period_sec: { type: "number", minimum: 0, maximum: 3600 },
     step_timeout_sec: { type: "number", minimum: 0.1, maximum: 3600 },
+    // Engine CPU above this (percent of one core) counts as activity; 0 turns it off (absent
+    // is off too, unless [profiles.default] sets it). load.ts caps it at 100 × the host's cores.
+    busy_cpu_percent: { type: "number", minimum: 0 },
     allowed_roots: {
       type: "array",
       items: { type: "string", pattern: "^/", minLength: 2 },

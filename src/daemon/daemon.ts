@@ -8,6 +8,7 @@ import { systemClock, type Clock } from "../clock.js";
 import type { Config } from "../config/load.js";
 import { Detector, type LiveSession } from "../detect/detector.js";
 import { buildServer, type DaemonInfo } from "../http/server.js";
+import { Metrics } from "../metrics/metrics.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
 import { deadlineOf } from "../detect/deadline.js";
@@ -51,6 +52,7 @@ export class Daemon {
   readonly loggers: Loggers;
   readonly log: Logger;
   readonly store: Store;
+  readonly metrics: Metrics;
   readonly audit: AuditTrail;
   readonly detector: Detector;
   readonly reaper: Reaper;
@@ -77,9 +79,11 @@ export class Daemon {
     this.notifier = new SystemdNotifier(opts.notifySocket, this.log);
     this.store = new Store(config.store.path, clock.now());
     this.audit = new AuditTrail(this.store, this.loggers.audit, clock);
+    this.metrics = new Metrics({ store: this.store, profiles: Object.keys(config.profiles) });
     this.reaper = new Reaper({
       store: this.store,
       audit: this.audit,
+      metrics: this.metrics,
       clock,
       log: this.log,
       config,
@@ -97,12 +101,14 @@ export class Daemon {
       reaper: this.reaper,
       clock,
       config,
+      metrics: this.metrics,
       daemonPid,
       accepting: () => this.stateValue === "running" || this.stateValue === "starting",
     });
     this.app = buildServer({
       sessions: this.sessions,
       store: this.store,
+      metrics: this.metrics,
       log: this.log,
       bodyLimitBytes: config.api.bodyLimitBytes,
       info: () => this.info(),
@@ -147,6 +153,7 @@ export class Daemon {
         recoveredAt: now,
         dirty: true, // the recomputed deadline reaches SQLite at the next flush
         tree: [],
+        busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null,
       };
       this.detector.add(live);
     }

@@ -1,4 +1,5 @@
 import { Cron } from "croner";
+import pidusage from "pidusage";
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
 import { liveness } from "../proc/identity.js";
@@ -21,7 +22,17 @@ export interface LiveSession extends Timing {
    * are re-parented and only this snapshot still ties them to the session.
    */
   tree: ProcessIdentity[];
+  /** The profile's busy_cpu_percent: engine CPU above it counts as activity. null = off. */
+  readonly busyCpuPercent: number | null;
+  /** The engine's CPU time and age (ms) at the last CPU sample: the next one measures from here. */
+  cpuSample?: { readonly cpuMs: number; readonly ageMs: number } | undefined;
 }
+
+/**
+ * A CPU sample closer than this to the previous one is not judged (the counters tick every
+ * 10 ms, so a short window is mostly noise): the older baseline is kept for the next pass.
+ */
+const MIN_CPU_WINDOW_MS = 500;
 
 export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
 
@@ -38,6 +49,8 @@ export class Detector {
   readonly live = new Map<string, LiveSession>();
   /** Held pidfds of live engines and owners, watched for exit. */
   private readonly handles = new Map<string, ProcessHandle[]>();
+  /** Live sessions whose profile sets busy_cpu_percent: the only ones the CPU sampling reads. */
+  private readonly cpuWatched = new Map<string, LiveSession>();
   private readonly heap = new DeadlineHeap();
   private cancelTimer: (() => void) | null = null;
   private armedAt = Number.POSITIVE_INFINITY;
@@ -58,12 +71,17 @@ export class Detector {
     this.watch(s, s.engine, "engine_gone", handles);
     if (s.ownerPid !== null) this.watch(s, s.ownerPid, "owner_gone", handles);
     if (handles.length > 0) this.handles.set(s.id, handles);
+    if (s.busyCpuPercent !== null) {
+      this.cpuWatched.set(s.id, s);
+      void this.sampleCpu([s]); // the baseline: the next liveness pass can judge
+    }
     if (this.running) this.arm();
   }
 
   /** Drops a session (fenced); its heap entry is discarded when it comes due. */
   remove(id: string): void {
     this.live.delete(id);
+    this.cpuWatched.delete(id);
     for (const h of this.handles.get(id) ?? []) h.close();
     this.handles.delete(id);
   }
@@ -105,8 +123,10 @@ export class Detector {
   start(): void {
     this.running = true;
     this.arm();
-    this.cron = new Cron(this.livenessSchedule, { protect: true }, () => {
+    // protect: a pass still sampling CPU when the next is due makes that one skip.
+    this.cron = new Cron(this.livenessSchedule, { protect: true }, async () => {
       this.checkLiveness();
+      await this.sampleCpu();
     });
   }
 
@@ -161,6 +181,46 @@ export class Detector {
     }
     if (due.length > 0) this.log.debug({ expired: due.length }, "liveness check");
     return due.length;
+  }
+
+  /**
+   * Busy CPU counts as activity (long computations must not be culled as idle): for live
+   * sessions whose profile sets busy_cpu_percent, one batched pidusage read of the engines;
+   * an engine whose CPU since the previous sample (percent of one core) is above the
+   * threshold gets its activity moved to now. Heartbeat timeouts are untouched: a spinning
+   * engine whose client is gone is still reaped. Nothing is read when no profile sets it.
+   * Returns how many sessions were found busy.
+   */
+  async sampleCpu(sessions: readonly LiveSession[] = [...this.cpuWatched.values()]): Promise<number> {
+    if (sessions.length === 0) return 0;
+    // A pid that is gone comes back null (pidusage's types omit it).
+    let stats: Record<string, pidusage.Status | null>;
+    try {
+      stats = await pidusage(sessions.map((s) => s.engine.pid));
+    } catch (err) {
+      this.log.warn({ err }, "engine CPU sampling failed");
+      return 0;
+    }
+    const now = this.clock.now();
+    let busy = 0;
+    for (const s of sessions) {
+      const u = stats[s.engine.pid];
+      if (this.live.get(s.id) !== s || s.busyCpuPercent === null || !u) continue; // fenced, or gone
+      const prev = s.cpuSample;
+      const windowMs = prev === undefined ? 0 : u.elapsed - prev.ageMs;
+      if (prev !== undefined && windowMs >= 0 && windowMs < MIN_CPU_WINDOW_MS) continue;
+      s.cpuSample = { cpuMs: u.ctime, ageMs: u.elapsed };
+      // No previous sample, or a younger process under that pid (the liveness pass reaps it):
+      // this one is a baseline.
+      if (prev === undefined || windowMs < 0) continue;
+      if (((u.ctime - prev.cpuMs) / windowMs) * 100 > s.busyCpuPercent) {
+        s.lastActivityAt = now;
+        s.dirty = true;
+        busy++;
+      }
+    }
+    if (busy > 0) this.log.debug({ busy }, "busy engines counted as active");
+    return busy;
   }
 
   private arm(): void {

@@ -1,4 +1,4 @@
-import type { EngineUsage } from "../sessions/sessions.js";
+import type { EngineUsage, ExpiringSession } from "../sessions/sessions.js";
 import type { Session, StepResult } from "../sessions/types.js";
 import type { StoredEvent } from "../store/store.js";
 
@@ -55,5 +55,16 @@ export function eventJson(e: StoredEvent) {
     outcome: e.outcome,
     durationMs: e.durationMs,
     detail: e.detail,
+  };
+}
+
+export function expiringJson(e: ExpiringSession) {
+  return {
+    id: e.id,
+    profile: e.profile,
+    owner: e.owner,
+    deadline: new Date(e.deadline).toISOString(),
+    expiresBy: e.expiresBy,
+    inSec: e.inSec,
   };
 }

@@ -2,7 +2,15 @@
  * JSON schemas for every body, query and path parameter the API accepts. The routes
  * validate with exactly these objects (additionalProperties: false everywhere), and the
  * OpenAPI document is generated from them: one source of truth.
+ *
+ * The response schemas below document what the routes answer (they sit in each route's
+ * `schema.response`, which is where the OpenAPI document reads them); they do not drive
+ * serialization (server.ts keeps JSON.stringify), and test/http/openapi.test.ts validates
+ * real answers against them so they cannot drift from present.ts.
  */
+import { AUDIT_EVENTS } from "../audit/audit.js";
+import { REASONS, STEP_NAMES } from "../sessions/types.js";
+
 export const SESSION_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$";
 
 const timeout = (minimum: number) => ({ type: "integer", minimum, maximum: 315360000 }) as const;
@@ -66,6 +74,237 @@ export const listQuery = {
 
 export const noQuery = { type: "object", additionalProperties: false, properties: {} } as const;
 
+export const expiringQuery = {
+  type: "object",
+  additionalProperties: false,
+  properties: {
+    // Up to a year ahead.
+    withinSec: { type: "integer", minimum: 1, maximum: 31536000, default: 60 },
+  },
+} as const;
+
+// --- responses (documentation, checked by the tests) ----------------------------------------
+
+const time = { type: "string", format: "date-time" } as const;
+const timeOrNull = { type: ["string", "null"], format: "date-time" } as const;
+const TIME_REASONS = ["heartbeat_timeout", "idle_timeout", "max_lifetime"] as const;
+
+const processIdentity = {
+  type: "object",
+  additionalProperties: false,
+  required: ["pid", "startTime", "bootId", "uid"],
+  properties: {
+    pid: { type: "integer" },
+    startTime: { type: "integer", description: "/proc/<pid>/stat field 22, clock ticks after boot" },
+    bootId: { type: "string" },
+    uid: { type: "integer" },
+  },
+} as const;
+
+const leftover = {
+  type: "object",
+  additionalProperties: false,
+  required: ["step", "kind", "item", "detail"],
+  properties: {
+    step: { enum: STEP_NAMES },
+    kind: { enum: ["process", "port", "socket", "path", "hook"] },
+    item: { type: "string" },
+    detail: { type: "string" },
+  },
+} as const;
+
+const stepResult = {
+  type: "object",
+  additionalProperties: false,
+  required: ["name", "outcome", "startedAt", "durationMs", "detail"],
+  properties: {
+    name: { enum: STEP_NAMES },
+    outcome: { enum: ["ok", "failed", "timeout"] },
+    startedAt: time,
+    durationMs: { type: "integer", minimum: 0 },
+    detail: { type: "object" },
+  },
+} as const;
+
+export const sessionResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: [
+    "id",
+    "profile",
+    "owner",
+    "engine",
+    "ownerPid",
+    "ports",
+    "paths",
+    "labels",
+    "heartbeatTimeoutSec",
+    "idleTimeoutSec",
+    "maxLifetimeSec",
+    "state",
+    "reason",
+    "outcome",
+    "leftovers",
+    "createdAt",
+    "lastHeartbeatAt",
+    "lastActivityAt",
+    "deadline",
+    "reapStartedAt",
+    "reapedAt",
+    "reapAttempts",
+  ],
+  properties: {
+    id: { type: "string", pattern: SESSION_ID_PATTERN },
+    profile: { type: "string" },
+    owner: { type: ["string", "null"] },
+    engine: processIdentity,
+    ownerPid: { oneOf: [{ type: "null" }, processIdentity] },
+    ports: { type: "array", items: { type: "integer" } },
+    paths: { type: "array", items: { type: "string" } },
+    labels: { type: "object", additionalProperties: { type: "string" } },
+    heartbeatTimeoutSec: { type: "integer" },
+    idleTimeoutSec: { type: "integer" },
+    maxLifetimeSec: { type: "integer", description: "0: no maximum lifetime" },
+    state: { enum: ["live", "reaping", "reaped"] },
+    reason: { enum: [...REASONS, null] },
+    outcome: { enum: ["clean", "partial", "failed", null] },
+    leftovers: { type: "array", items: leftover },
+    createdAt: time,
+    lastHeartbeatAt: time,
+    lastActivityAt: time,
+    deadline: { ...timeOrNull, description: "the earliest time-based expiry while live; null once fenced" },
+    reapStartedAt: timeOrNull,
+    reapedAt: timeOrNull,
+    reapAttempts: { type: "integer", minimum: 0 },
+    steps: { type: "array", items: stepResult, description: "GET /v1/sessions/{id} only" },
+    usage: {
+      description: "GET /v1/sessions/{id} only: the engine's usage while live and running, else null",
+      oneOf: [
+        { type: "null" },
+        {
+          type: "object",
+          additionalProperties: false,
+          required: ["cpu", "memory", "elapsed"],
+          properties: {
+            cpu: { type: "number", description: "percent of one core since the previous read" },
+            memory: { type: "number", description: "resident bytes" },
+            elapsed: { type: "number", description: "ms since the engine process started" },
+          },
+        },
+      ],
+    },
+  },
+} as const;
+
+export const sessionListResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["sessions", "next"],
+  properties: {
+    sessions: { type: "array", items: sessionResponse },
+    next: { type: ["string", "null"], description: "cursor of the next page, or null" },
+  },
+} as const;
+
+export const heartbeatResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["id", "state", "deadline", "expiresBy"],
+  properties: {
+    id: { type: "string" },
+    state: { const: "live" },
+    deadline: time,
+    expiresBy: { enum: TIME_REASONS },
+  },
+} as const;
+
+export const eventsResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["events"],
+  properties: {
+    events: {
+      type: "array",
+      items: {
+        type: "object",
+        additionalProperties: false,
+        required: ["seq", "time", "event", "sessionId", "reason", "step", "outcome", "durationMs", "detail"],
+        properties: {
+          seq: { type: "integer" },
+          time,
+          event: { enum: AUDIT_EVENTS },
+          sessionId: { type: ["string", "null"] },
+          reason: { type: ["string", "null"] },
+          step: { type: ["string", "null"] },
+          outcome: { type: ["string", "null"] },
+          durationMs: { type: ["integer", "null"] },
+          detail: { type: ["object", "null"] },
+        },
+      },
+    },
+  },
+} as const;
+
+export const expiringResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["sessions"],
+  properties: {
+    sessions: {
+      type: "array",
+      description: "soonest deadline first",
+      items: {
+        type: "object",
+        additionalProperties: false,
+        required: ["id", "profile", "owner", "deadline", "expiresBy", "inSec"],
+        properties: {
+          id: { type: "string" },
+          profile: { type: "string" },
+          owner: { type: ["string", "null"] },
+          deadline: time,
+          expiresBy: { enum: TIME_REASONS },
+          inSec: { type: "number", description: "seconds until the deadline; negative when overdue" },
+        },
+      },
+    },
+  },
+} as const;
+
+export const daemonResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["state", "version", "startedAt", "counts"],
+  properties: {
+    state: { enum: ["running", "shutting_down"] },
+    version: { type: "string" },
+    startedAt: time,
+    counts: {
+      type: "object",
+      additionalProperties: false,
+      required: ["live", "reaping", "reaped"],
+      properties: { live: { type: "integer" }, reaping: { type: "integer" }, reaped: { type: "integer" } },
+    },
+  },
+} as const;
+
+export const healthResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["status"],
+  properties: { status: { const: "ok" } },
+} as const;
+
+export const readyResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["ready", "state"],
+  properties: { ready: { type: "boolean" }, state: { enum: ["running", "shutting_down"] } },
+} as const;
+
+/** A response in another media type than JSON (fastify's `content` form of a response schema). */
+export const textResponse = (mediaType: string, description: string) =>
+  ({ description, content: { [mediaType]: { schema: { type: "string" } } } }) as const;
+
 export interface RegisterBody {
   id?: string;
   profile?: string;
@@ -78,6 +317,10 @@ export interface RegisterBody {
   idleTimeoutSec?: number;
   maxLifetimeSec?: number;
   labels?: Record<string, string>;
+}
+
+export interface ExpiringQuery {
+  withinSec: number;
 }
 
 export interface ListQuery {

@@ -2,16 +2,29 @@ import { Ajv } from "ajv";
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from "fastify";
 import type { Logger } from "pino";
 import { ReaperError, type ErrorCode } from "../errors.js";
+import type { Metrics } from "../metrics/metrics.js";
 import type { Sessions } from "../sessions/sessions.js";
 import type { Store } from "../store/store.js";
-import { eventJson, sessionJson } from "./present.js";
+import { collectRoutes, openApiDocument } from "./openapi.js";
+import { eventJson, expiringJson, sessionJson } from "./present.js";
 import {
+  daemonResponse,
   emptyBody,
+  eventsResponse,
+  expiringQuery,
+  expiringResponse,
+  healthResponse,
   heartbeatBody,
+  heartbeatResponse,
   listQuery,
   noQuery,
+  readyResponse,
   registerBody,
   sessionIdParams,
+  sessionListResponse,
+  sessionResponse,
+  textResponse,
+  type ExpiringQuery,
   type ListQuery,
   type RegisterBody,
 } from "./schemas.js";
@@ -26,6 +39,7 @@ export interface DaemonInfo {
 export interface ServerDeps {
   sessions: Sessions;
   store: Store;
+  metrics: Metrics;
   log: Logger;
   bodyLimitBytes: number;
   info: () => DaemonInfo;
@@ -74,9 +88,15 @@ function toApiError(err: unknown, log: Logger): { status: number; body: object }
   return { status: 500, body: send("SR_INTERNAL", "unexpected error; see the daemon's log") };
 }
 
+/** POST routes whose body is optional: a bodyless request validates as {}. */
+function acceptMissingBody(req: { body: unknown }, _reply: unknown, done: () => void): void {
+  req.body ??= {};
+  done();
+}
+
 /** Builds the API without listening (fastify's testing guide): only main.ts listens. */
 export function buildServer(deps: ServerDeps): FastifyInstance {
-  const { sessions, store } = deps;
+  const { sessions, store, metrics } = deps;
   // Typed as fastify's logger, so the instance is the plain FastifyInstance type.
   const loggerInstance: FastifyBaseLogger = deps.log;
   const app = Fastify({
@@ -92,6 +112,18 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
   app.setValidatorCompiler(({ schema, httpPart }) =>
     httpPart === "body" ? bodyAjv.compile(schema) : queryAjv.compile(schema),
   );
+  // Response schemas are documentation (the OpenAPI document): answers stay plain
+  // JSON.stringify, as without them. fastify's default would compile them with
+  // fast-json-stringify, which silently drops every field a schema does not list.
+  app.setSerializerCompiler(() => (data) => JSON.stringify(data));
+  // Before the first route: every route is collected for /openapi.json as it is registered.
+  const routes = collectRoutes(app, (pre) => [pre].flat().includes(acceptMissingBody));
+  let openApi: string | undefined;
+  // Route patterns, never raw URLs (ids would make one series per session).
+  app.addHook("onResponse", (req, reply, done) => {
+    metrics.httpRequest(req.method, req.routeOptions.url ?? "unmatched", reply.statusCode);
+    done();
+  });
   app.setErrorHandler((err, _req, reply) => {
     const { status, body } = toApiError(err, deps.log);
     void reply.status(status).send(body);
@@ -99,25 +131,44 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
   app.setNotFoundHandler((req, reply) => {
     void reply.status(404).send(send("SR_ROUTE_NOT_FOUND", `no route ${req.method} ${req.url.split("?")[0]}`));
   });
-  // POST routes whose body is optional: a bodyless request validates as {}.
-  const optionalBody = {
-    preValidation: (req: { body: unknown }, _: unknown, done: () => void) => ((req.body ??= {}), done()),
-  };
-
   app.post<{ Body: RegisterBody }>(
     "/v1/sessions",
-    { schema: { body: registerBody, querystring: noQuery } },
+    {
+      schema: {
+        summary: "Register an engine session",
+        body: registerBody,
+        querystring: noQuery,
+        response: { 201: sessionResponse },
+      },
+    },
     (req, reply) => reply.status(201).send(sessionJson(sessions.register(req.body))),
   );
 
-  app.get<{ Querystring: ListQuery }>("/v1/sessions", { schema: { querystring: listQuery } }, (req) => {
-    const page = sessions.list(req.query);
-    return { sessions: page.sessions.map((s) => sessionJson(s)), next: page.next };
-  });
+  app.get<{ Querystring: ListQuery }>(
+    "/v1/sessions",
+    {
+      schema: {
+        summary: "List sessions, oldest first, a page at a time",
+        querystring: listQuery,
+        response: { 200: sessionListResponse },
+      },
+    },
+    (req) => {
+      const page = sessions.list(req.query);
+      return { sessions: page.sessions.map((s) => sessionJson(s)), next: page.next };
+    },
+  );
 
   app.get<{ Params: { id: string } }>(
     "/v1/sessions/:id",
-    { schema: { params: sessionIdParams, querystring: noQuery } },
+    {
+      schema: {
+        summary: "One session, with its reap steps and its engine's usage",
+        params: sessionIdParams,
+        querystring: noQuery,
+        response: { 200: sessionResponse },
+      },
+    },
     async (req) => {
       const v = await sessions.view(req.params.id);
       return sessionJson(v.session, v.steps, v.usage);
@@ -126,41 +177,135 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
 
   app.post<{ Params: { id: string }; Body: { activity?: "busy" | "idle" } }>(
     "/v1/sessions/:id/heartbeat",
-    { schema: { params: sessionIdParams, body: heartbeatBody, querystring: noQuery }, ...optionalBody },
+    {
+      schema: {
+        summary: "Heartbeat (busy, the default, also moves activity); 409 once fenced",
+        params: sessionIdParams,
+        body: heartbeatBody,
+        querystring: noQuery,
+        response: { 200: heartbeatResponse },
+      },
+      preValidation: acceptMissingBody,
+    },
     (req) => sessions.heartbeat(req.params.id, req.body.activity ?? "busy"),
   );
 
   app.delete<{ Params: { id: string } }>(
     "/v1/sessions/:id",
-    { schema: { params: sessionIdParams, querystring: noQuery } },
+    {
+      schema: {
+        summary: "Client close: fence now, full cleanup with reason closed",
+        params: sessionIdParams,
+        querystring: noQuery,
+        response: { 202: sessionResponse },
+      },
+    },
     (req, reply) => reply.status(202).send(sessionJson(sessions.end(req.params.id, "closed"))),
   );
 
   app.post<{ Params: { id: string } }>(
     "/v1/sessions/:id/reap",
-    { schema: { params: sessionIdParams, body: emptyBody, querystring: noQuery }, ...optionalBody },
+    {
+      schema: {
+        summary: "Operator force-reap: fence now, full cleanup with reason forced",
+        params: sessionIdParams,
+        body: emptyBody,
+        querystring: noQuery,
+        response: { 202: sessionResponse },
+      },
+      preValidation: acceptMissingBody,
+    },
     (req, reply) => reply.status(202).send(sessionJson(sessions.end(req.params.id, "forced"))),
   );
 
   app.get<{ Params: { id: string } }>(
     "/v1/sessions/:id/events",
-    { schema: { params: sessionIdParams, querystring: noQuery } },
+    {
+      schema: {
+        summary: "The session's audit events, oldest first",
+        params: sessionIdParams,
+        querystring: noQuery,
+        response: { 200: eventsResponse },
+      },
+    },
     (req) => {
       sessions.get(req.params.id); // 404 for an unknown session
       return { events: store.events(req.params.id).map(eventJson) };
     },
   );
 
-  app.get("/v1/daemon", { schema: { querystring: noQuery } }, () => {
-    const { ready: _ready, ...info } = deps.info();
-    return { ...info, counts: store.counts() };
-  });
+  app.get<{ Querystring: ExpiringQuery }>(
+    "/v1/expiring",
+    {
+      schema: {
+        summary: "Live sessions whose deadline falls within withinSec seconds, soonest first",
+        querystring: expiringQuery,
+        response: { 200: expiringResponse },
+      },
+    },
+    (req) => ({ sessions: sessions.expiring(req.query.withinSec).map(expiringJson) }),
+  );
 
-  app.get("/healthz", () => ({ status: "ok" }));
-  app.get("/readyz", (_req, reply) => {
-    const info = deps.info();
-    return reply.status(info.ready ? 200 : 503).send({ ready: info.ready, state: info.state });
-  });
+  app.get(
+    "/v1/daemon",
+    {
+      schema: {
+        summary: "The daemon's state, version and session counts",
+        querystring: noQuery,
+        response: { 200: daemonResponse },
+      },
+    },
+    () => {
+      const { ready: _ready, ...info } = deps.info();
+      return { ...info, counts: store.counts() };
+    },
+  );
+
+  app.get("/healthz", { schema: { summary: "Liveness", response: { 200: healthResponse } } }, () => ({
+    status: "ok",
+  }));
+  app.get(
+    "/readyz",
+    {
+      schema: {
+        summary: "Readiness: 503 while shutting down",
+        response: { 200: readyResponse, 503: { ...readyResponse, description: "Shutting down" } },
+      },
+    },
+    (_req, reply) => {
+      const info = deps.info();
+      return reply.status(info.ready ? 200 : 503).send({ ready: info.ready, state: info.state });
+    },
+  );
+
+  app.get(
+    "/metrics",
+    {
+      schema: {
+        summary: "Prometheus metrics, text exposition format",
+        response: { 200: textResponse("text/plain", "The metrics (text/plain; version=0.0.4)") },
+      },
+    },
+    async (_req, reply) => {
+      const { contentType, body } = await metrics.exposition();
+      return reply.type(contentType).send(body);
+    },
+  );
+
+  app.get(
+    "/openapi.json",
+    {
+      schema: {
+        summary: "This document",
+        response: { 200: { type: "object", description: "An OpenAPI 3.1 document" } },
+      },
+    },
+    (_req, reply) => {
+      // Built once, on first request: every route is registered by then.
+      openApi ??= JSON.stringify(openApiDocument(routes, deps.info().version));
+      return reply.type("application/json; charset=utf-8").send(openApi);
+    },
+  );
 
   return app;
 }

@@ -9,6 +9,7 @@ import { terminate } from "../cleanup/terminate.js";
 import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { errorMessage } from "../errors.js";
+import type { Metrics } from "../metrics/metrics.js";
 import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
 import type { Store } from "../store/store.js";
 
@@ -44,6 +45,8 @@ export interface ReaperDeps {
   clock: Clock;
   log: Logger;
   config: Config;
+  /** Step durations and finished reaps are counted here once committed. */
+  metrics?: Metrics | undefined;
   daemonPid: number;
   /** Boundaries (names from FAILPOINTS) at which to call `crash`. Empty in production. */
   failpoints?: ReadonlySet<string> | undefined;
@@ -195,6 +198,7 @@ export class Reaper {
           detail: { ...result.detail, attempt },
         });
       });
+      this.deps.metrics?.stepFinished(step.name, result.durationMs);
       journal.set(step.name, result);
       this.failpoint(`after-${step.name}`, id);
     }
@@ -203,8 +207,8 @@ export class Reaper {
     const leftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
     const outcome = outcomeOf(steps, leftovers);
     const now = clock.now();
-    audit.transaction(() => {
-      if (!store.finish(id, outcome, leftovers, now)) return;
+    const finished = audit.transaction(() => {
+      if (!store.finish(id, outcome, leftovers, now)) return false;
       const finish: StepResult = { name: "finish", outcome: "ok", startedAt: now, durationMs: 0, detail: { outcome } };
       store.recordStep(id, POSITION.finish, finish);
       audit.record({
@@ -215,7 +219,9 @@ export class Reaper {
         durationMs: now - (session.reapStartedAt ?? now),
         detail: { leftovers, attempts: attempt },
       });
+      return true;
     });
+    if (finished) this.deps.metrics?.reapFinished(session.reason ?? "forced", outcome, session.profile);
     this.failpoint("after-finish", id);
   }
 

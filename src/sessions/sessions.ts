@@ -7,18 +7,36 @@ import { deadlineOf } from "../detect/deadline.js";
 import type { Detector, LiveSession } from "../detect/detector.js";
 import { ReaperError } from "../errors.js";
 import type { ListQuery, RegisterBody } from "../http/schemas.js";
+import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
 import { inetSockets, portsHeldBy } from "../proc/sockets.js";
 import { processTree } from "../proc/tree.js";
 import { checkPath } from "../paths/validate.js";
 import type { Reaper } from "../reaper/reaper.js";
 import type { Store } from "../store/store.js";
-import type { ProcessIdentity, Reason, Session, StepResult } from "./types.js";
+import type { ProcessIdentity, Reason, Session, StepResult, TimeReason } from "./types.js";
 
 export interface EngineUsage {
+  /** Percent of one core, since the previous pidusage read of this pid. */
   cpu: number;
+  /** Resident memory, bytes. */
   memory: number;
+  /** Milliseconds since the engine process started. */
+  elapsed: number;
 }
+
+/** A live session due within the asked window (GET /v1/expiring). */
+export interface ExpiringSession {
+  id: string;
+  profile: string;
+  owner: string | null;
+  deadline: number;
+  expiresBy: TimeReason;
+  /** Seconds from now to the deadline; negative when overdue (e.g. while shutting down). */
+  inSec: number;
+}
+
+const TIME_REASONS: ReadonlySet<Reason> = new Set<TimeReason>(["heartbeat_timeout", "idle_timeout", "max_lifetime"]);
 
 export interface SessionView {
   session: Session;
@@ -33,6 +51,7 @@ export interface SessionsDeps {
   reaper: Reaper;
   clock: Clock;
   config: Config;
+  metrics: Metrics;
   daemonPid: number;
   /** False while shutting down: registrations get 503. */
   accepting: () => boolean;
@@ -74,6 +93,7 @@ export class Sessions {
       recoveredAt: 0,
       dirty: false,
       tree: [],
+      busyCpuPercent: profile.busyCpuPercent,
       ...timeouts,
     };
     const session: Session = {
@@ -113,6 +133,7 @@ export class Sessions {
   heartbeat(id: string, activity: "busy" | "idle"): { id: string; state: "live"; deadline: string; expiresBy: string } {
     const live = this.deps.detector.heartbeat(id, activity === "busy");
     if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
+    this.deps.metrics.heartbeat();
     const d = deadlineOf(live);
     return { id, state: "live", deadline: new Date(d.at).toISOString(), expiresBy: d.reason };
   }
@@ -123,12 +144,38 @@ export class Sessions {
     return this.deps.store.getSession(id) as Session;
   }
 
-  /** Fences the session and queues its reap; false if it was not live. */
+  /**
+   * Fences the session and queues its reap; false if it was not live. A time-based expiry
+   * carries `lagMs` (fence time minus deadline: the detector fences synchronously, on the
+   * same clock reading), observed as the detection lag; evidence-based ones have no deadline.
+   */
   expire(id: string, reason: Reason, detail: Record<string, unknown>): boolean {
     const known = this.deps.detector.live.get(id)?.tree ?? [];
     const fenced = this.deps.reaper.begin(id, reason, detail, known);
     this.deps.detector.remove(id);
+    if (fenced && TIME_REASONS.has(reason) && typeof detail.lagMs === "number") {
+      this.deps.metrics.detectedLate(reason as TimeReason, detail.lagMs);
+    }
     return fenced;
+  }
+
+  /**
+   * Live sessions whose deadline falls within `withinSec` from now, soonest first. The
+   * (state, deadline) index narrows the candidates (a stored deadline is never later than
+   * the in-memory one); the in-memory deadline decides, since heartbeats reach SQLite late.
+   */
+  expiring(withinSec: number): ExpiringSession[] {
+    const now = this.deps.clock.now();
+    const until = now + withinSec * 1000;
+    const out: ExpiringSession[] = [];
+    for (const row of this.deps.store.liveDueBy(until)) {
+      const live = this.deps.detector.live.get(row.id);
+      if (live === undefined) continue; // fenced since
+      const d = deadlineOf(live);
+      if (d.at > until) continue;
+      out.push({ ...row, deadline: d.at, expiresBy: d.reason, inSec: (d.at - now) / 1000 });
+    }
+    return out.sort((a, b) => a.deadline - b.deadline || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   }
 
   async view(id: string): Promise<SessionView> {
@@ -242,7 +289,7 @@ async function engineUsage(s: Session): Promise<EngineUsage | null> {
   if (liveness(s.engine) !== "alive") return null;
   try {
     const u = await pidusage(s.engine.pid);
-    return { cpu: u.cpu, memory: u.memory };
+    return { cpu: u.cpu, memory: u.memory, elapsed: u.elapsed };
   } catch {
     return null;
   }

@@ -136,6 +136,9 @@ export class Store {
     events: Statement;
     byState: Statement;
     counts: Statement;
+    unfinishedByProfile: Statement;
+    reapedByProfile: Statement;
+    liveDueBy: Statement;
   };
 
   constructor(path: string, now: number) {
@@ -186,6 +189,17 @@ export class Store {
       events: db.prepare("SELECT * FROM audit_events WHERE session_id = ? ORDER BY seq"),
       byState: db.prepare("SELECT * FROM sessions WHERE state = ? ORDER BY seq"),
       counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
+      // These three search the (state, deadline) index by state, so they visit only the rows
+      // of the states they count: live and reaping rows are few, reaped ones most of the table.
+      unfinishedByProfile: db.prepare(
+        "SELECT state, profile, COUNT(*) AS n FROM sessions WHERE state IN ('live', 'reaping') GROUP BY state, profile",
+      ),
+      reapedByProfile: db.prepare(
+        "SELECT profile, COUNT(*) AS n FROM sessions WHERE state = 'reaped' GROUP BY profile",
+      ),
+      liveDueBy: db.prepare(
+        "SELECT id, profile, owner FROM sessions WHERE state = 'live' AND deadline <= ? ORDER BY deadline",
+      ),
     };
   }
 
@@ -349,6 +363,26 @@ export class Store {
       durationMs: r.duration_ms,
       detail: r.detail === null ? null : (JSON.parse(r.detail) as Record<string, unknown>),
     }));
+  }
+
+  /** Live and reaping sessions counted by state and profile (an index range, cheap at scrape time). */
+  unfinishedByProfile(): { state: "live" | "reaping"; profile: string; n: number }[] {
+    return this.stmts.unfinishedByProfile.all() as { state: "live" | "reaping"; profile: string; n: number }[];
+  }
+
+  /** Reaped sessions counted by profile: visits every reaped row, so run once (daemon start). */
+  reapedByProfile(): { profile: string; n: number }[] {
+    return this.stmts.reapedByProfile.all() as { profile: string; n: number }[];
+  }
+
+  /**
+   * Live sessions whose stored deadline is at or before `at`, soonest first. A stored
+   * deadline is never later than the in-memory one (heartbeats, busy CPU and recovery only
+   * move a deadline later, and reach SQLite at the next flush), so this is a superset of
+   * the sessions truly due by `at`: the caller filters on the in-memory deadline.
+   */
+  liveDueBy(at: number): { id: string; profile: string; owner: string | null }[] {
+    return this.stmts.liveDueBy.all(at) as { id: string; profile: string; owner: string | null }[];
   }
 
   counts(): Record<SessionState, number> {

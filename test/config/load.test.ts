@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { mkdirSync, writeFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
@@ -69,6 +70,7 @@ test("no config file: embedded defaults, socket and db under the working directo
     allowedRoots: [...PROFILE_DEFAULTS.allowed_roots],
     closeHook: null,
     releaseHooks: [],
+    busyCpuPercent: null,
   });
 });
 
@@ -360,6 +362,38 @@ test("a release hook URL that is not plain http to a loopback address is an erro
   );
 });
 
+test("busy_cpu_percent: off unless set; inherited from default; 0 turns it off; fractions allowed", () => {
+  assert.equal(build({}).profiles.default?.busyCpuPercent, null);
+  const c = build({
+    profiles: {
+      default: { busy_cpu_percent: 30 },
+      spark: { busy_cpu_percent: 100 }, // one whole core
+      web: {},
+      notebook: { busy_cpu_percent: 0 },
+      tiny: { busy_cpu_percent: 0.5 },
+    },
+  });
+  assert.equal(c.profiles.default?.busyCpuPercent, 30);
+  assert.equal(c.profiles.spark?.busyCpuPercent, 100);
+  assert.equal(c.profiles.web?.busyCpuPercent, 30);
+  assert.equal(c.profiles.notebook?.busyCpuPercent, null);
+  assert.equal(c.profiles.tiny?.busyCpuPercent, 0.5);
+});
+
+test("busy_cpu_percent: negative, not a number, or above 100 × the host's cores is an error naming the key", (t) => {
+  const dir = tempDir(t);
+  const file = toml(dir, '[profiles.gpu]\nbusy_cpu_percent = "50"\n');
+  assertInvalid(() => loadConfig({ configPath: file, env: {}, cwd: dir }), "profiles.gpu.busy_cpu_percent");
+  assertInvalid(() => build({ profiles: { x: { busy_cpu_percent: -1 } } }), "profiles.x.busy_cpu_percent");
+  const cores = availableParallelism();
+  const err = assertInvalid(
+    () => build({ profiles: { x: { busy_cpu_percent: 100 * cores + 1 } } }),
+    "profiles.x.busy_cpu_percent",
+  );
+  assert.ok(err.message.includes(String(100 * cores)), err.message);
+  assert.equal(build({ profiles: { x: { busy_cpu_percent: 100 * cores } } }).profiles.x?.busyCpuPercent, 100 * cores);
+});
+
 test("every offending key is named when several are wrong", () => {
   assertInvalid(
     () => build({ api: { sockt: "/x" }, profiles: { gpu: { grace_perod_sec: 1, heartbeat_timeout_sec: -1 } } }),
@@ -398,6 +432,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     allowedRoots: ["/srv/scratch"],
     closeHook: null,
     releaseHooks: [],
+    busyCpuPercent: null,
   });
   assert.deepEqual(c.profiles.gpu, {
     name: "gpu",
@@ -409,6 +444,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     allowedRoots: ["/srv/scratch"], // from [profiles.default]
     closeHook: null,
     releaseHooks: [],
+    busyCpuPercent: null,
   });
 });
 
@@ -484,6 +520,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     allowedRoots: ["/tmp", "/var/tmp/spark"],
     closeHook: { kind: "http", path: "/api/v1/shutdown" },
     releaseHooks: [{ kind: "http", url: "http://127.0.0.1:7077/v1/engines/deregister" }],
+    busyCpuPercent: 50,
   });
 });
 

@@ -52,6 +52,7 @@ function setup(t: Cleanup, opts: { start?: boolean; schedule?: string } = {}) {
     idleTimeoutSec: 3600,
     maxLifetimeSec: 0,
     recoveredAt: 0,
+    busyCpuPercent: null,
     ...over,
   });
   return { clock, calls, detector, engine, session };

@@ -1,0 +1,97 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { pino } from "pino";
+import { FakeClock } from "../../src/clock.js";
+import { Detector, type LiveSession } from "../../src/detect/detector.js";
+import { identify } from "../../src/proc/identity.js";
+import { sleeper, startDaemon, tempDir, testConfig } from "../helpers.js";
+
+const BURN = ["-e", "for (;;) {}"];
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+type SessionJson = { state: string; reason: string | null; createdAt: string; lastActivityAt: string };
+
+test("busy_cpu_percent: a computing engine is not culled as idle; an idle one in the same profile is", async (t) => {
+  const d = await startDaemon(
+    t,
+    testConfig(tempDir(t), {
+      detect: { liveness_schedule: "* * * * * *" },
+      profiles: { compute: { idle_timeout_sec: 2, busy_cpu_percent: 20 } },
+    }),
+  );
+  const burner = sleeper(t, process.execPath, BURN);
+  const idle = sleeper(t);
+  for (const [id, pid] of [
+    ["busy", burner.pid],
+    ["idle", idle.pid],
+  ] as const) {
+    const res = await d.api("POST", "/v1/sessions", { id, profile: "compute", engine: { pid } });
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+  }
+  const registeredAt = Date.now();
+
+  const idleReaped = await d.reaped("idle", 6000);
+  assert.equal(idleReaped.reason, "idle_timeout");
+
+  // Well past the 2 s idle timeout: the liveness passes kept moving the busy engine's activity.
+  await sleep(Math.max(0, registeredAt + 3500 - Date.now()));
+  const busy = await d.api<SessionJson>("GET", "/v1/sessions/busy");
+  assert.equal(busy.body.state, "live", JSON.stringify(busy.body));
+  assert.ok(Date.parse(busy.body.lastActivityAt) > Date.parse(busy.body.createdAt) + 1000, busy.body.lastActivityAt);
+  assert.equal((await d.api("DELETE", "/v1/sessions/busy")).status, 202);
+  assert.equal((await d.reaped("busy")).reason, "closed");
+});
+
+test("sampleCpu: a baseline first, then activity moves only for an engine above its threshold", async (t) => {
+  const clock = new FakeClock();
+  const detector = new Detector(clock, "*/2 * * * * *", pino({ level: "silent" }), () => undefined);
+  t.after(() => detector.close());
+  const session = (id: string, pid: number, busyCpuPercent: number | null): LiveSession => ({
+    id,
+    engine: identify(pid, "engine.pid", process.pid),
+    ownerPid: null,
+    dirty: false,
+    tree: [],
+    createdAt: clock.now(),
+    lastHeartbeatAt: clock.now(),
+    lastActivityAt: clock.now(),
+    heartbeatTimeoutSec: 30,
+    idleTimeoutSec: 60,
+    maxLifetimeSec: 0,
+    recoveredAt: 0,
+    busyCpuPercent,
+  });
+  const burner = session("burner", sleeper(t, process.execPath, BURN).pid, 20);
+  const quiet = session("quiet", sleeper(t).pid, 20);
+  const unwatched = session("unwatched", sleeper(t, process.execPath, BURN).pid, null);
+  const greedy = session("greedy", sleeper(t, process.execPath, BURN).pid, 100 * 64); // never reached
+  const t0 = clock.now();
+  for (const s of [burner, quiet, unwatched, greedy]) detector.add(s);
+  await detector.sampleCpu(); // may race add()'s own baseline: either way nobody is judged yet
+  assert.equal(burner.lastActivityAt, t0);
+  assert.ok(burner.cpuSample !== undefined && quiet.cpuSample !== undefined);
+  assert.equal(unwatched.cpuSample, undefined, "a session without a threshold is never sampled");
+
+  await sleep(700);
+  clock.advance(5000);
+  assert.equal(await detector.sampleCpu(), 1);
+  assert.equal(burner.lastActivityAt, t0 + 5000);
+  assert.equal(burner.dirty, true);
+  assert.equal(quiet.lastActivityAt, t0);
+  assert.equal(quiet.dirty, false);
+  assert.equal(greedy.lastActivityAt, t0);
+  assert.equal(unwatched.lastActivityAt, t0);
+
+  // Too soon after the last sample to judge: nothing moves, the baseline is kept.
+  clock.advance(1000);
+  const before = burner.cpuSample;
+  assert.equal(await detector.sampleCpu(), 0);
+  assert.equal(burner.cpuSample, before);
+
+  // A fenced session is no longer sampled.
+  detector.remove("burner");
+  await sleep(700);
+  clock.advance(1000);
+  assert.equal(await detector.sampleCpu(), 0);
+  assert.equal(burner.lastActivityAt, t0 + 5000);
+});
