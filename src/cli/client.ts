@@ -6,7 +6,12 @@ export interface ApiResponse<T = unknown> {
   body: T;
 }
 
-/** One JSON request to the daemon over its unix socket. */
+/**
+ * One JSON request to the daemon over its unix socket. Any HTTP answer resolves (callers
+ * look at `status`); only transport failures reject: `SR_DAEMON_UNREACHABLE` (no socket, or
+ * nobody listening), an error with code `ETIMEDOUT` (no answer in time), or the socket's own
+ * error (`ECONNRESET`, `EPIPE`: the daemon went away mid-request).
+ */
 export function callApi<T = unknown>(
   socketPath: string,
   method: string,
@@ -45,7 +50,11 @@ export function callApi<T = unknown>(
       },
     );
     req.on("timeout", () =>
-      req.destroy(new Error(`no answer from ${socketPath} within ${opts.timeoutMs ?? 10_000} ms`)),
+      req.destroy(
+        Object.assign(new Error(`no answer from ${socketPath} within ${opts.timeoutMs ?? 10_000} ms`), {
+          code: "ETIMEDOUT",
+        }),
+      ),
     );
     req.on("error", (err: NodeJS.ErrnoException) => {
       if (err.code === "ENOENT" || err.code === "ECONNREFUSED") {

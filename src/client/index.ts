@@ -1,0 +1,306 @@
+/**
+ * The client library for engines and their launchers:
+ *
+ *   import { ReaperClient } from "session-reaper/client";
+ *   const client = new ReaperClient({ socketPath: "/run/session-reaper/reaper.sock" });
+ *   await client.register({ engine: { pid: process.pid }, paths: [tmp] });
+ *   client.on("fenced", () => shutDown());
+ *   client.start();               // heartbeats every third of the timeout, ±10%
+ *   client.idle(); client.busy(); // the activity sent with the next heartbeats
+ *   await client.close();         // DELETE: the daemon runs the full cleanup
+ *
+ * The heartbeat loop follows etcd's lease keepalive: a jittered interval well inside the
+ * timeout, so one lost beat never expires the session, and exponential backoff while the
+ * daemon cannot be reached (a restart: the socket is gone or refuses), since daemon
+ * downtime never counts against a session. `reaperctl run` is built on this class.
+ */
+import { EventEmitter } from "node:events";
+import { callApi, type ApiResponse } from "../cli/client.js";
+import type { RegisterBody } from "../http/schemas.js";
+import type {
+  Leftover,
+  Outcome,
+  ProcessIdentity,
+  Reason,
+  SessionState,
+  StepName,
+  StepOutcome,
+  StepResult,
+  TimeReason,
+} from "../sessions/types.js";
+
+export type { RegisterBody };
+
+/**
+ * A session as the API answers it (`src/http/present.ts` `sessionJson`; the client tests
+ * pin the two types to each other). Written out rather than derived, so these declarations
+ * do not pull the daemon's internals into an engine's type check.
+ */
+export interface Session {
+  id: string;
+  profile: string;
+  owner: string | null;
+  engine: ProcessIdentity;
+  ownerPid: ProcessIdentity | null;
+  ports: readonly number[];
+  paths: readonly string[];
+  labels: Readonly<Record<string, string>>;
+  heartbeatTimeoutSec: number;
+  idleTimeoutSec: number;
+  maxLifetimeSec: number;
+  state: SessionState;
+  reason: Reason | null;
+  outcome: Outcome | null;
+  leftovers: readonly Leftover[];
+  createdAt: string | null;
+  lastHeartbeatAt: string | null;
+  lastActivityAt: string | null;
+  deadline: string | null;
+  reapStartedAt: string | null;
+  reapedAt: string | null;
+  reapAttempts: number;
+  /** On GET /v1/sessions/{id} only. */
+  steps?: {
+    name: StepName;
+    outcome: StepOutcome;
+    startedAt: string | null;
+    durationMs: number;
+    detail: StepResult["detail"];
+  }[];
+  /** On GET /v1/sessions/{id} only; null once the engine is gone. */
+  usage?: { cpu: number; memory: number; elapsed: number } | null;
+}
+
+/** The answer to a heartbeat: the session's new deadline and the timeout that sets it. */
+export interface HeartbeatAnswer {
+  id: string;
+  state: "live";
+  deadline: string;
+  expiresBy: TimeReason;
+}
+
+export type Activity = "busy" | "idle";
+
+/** The daemon answered with an error: `code` is the stable `SR_…` code. */
+export class ReaperApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly detail?: Record<string, unknown>,
+  ) {
+    super(message);
+    this.name = "ReaperApiError";
+  }
+
+  static from(res: ApiResponse<unknown>): ReaperApiError {
+    const e = (res.body as { error?: { code?: string; message?: string; detail?: Record<string, unknown> } } | null)
+      ?.error;
+    return new ReaperApiError(
+      res.status,
+      e?.code ?? `HTTP_${res.status}`,
+      e?.message ?? `the daemon answered HTTP ${res.status}`,
+      e?.detail,
+    );
+  }
+}
+
+export interface RetryInfo {
+  /** 1 for the first failed heartbeat of an outage. */
+  attempt: number;
+  /** The wait before the next try. */
+  delayMs: number;
+  error: Error;
+}
+
+/** Typed events of the heartbeat loop. */
+export interface ReaperClientEvents {
+  /** A heartbeat was accepted. */
+  heartbeat: [HeartbeatAnswer];
+  /** A heartbeat could not be delivered (daemon unreachable, timeout, 5xx); the loop retries. */
+  retrying: [RetryInfo];
+  /**
+   * The daemon refuses this session's heartbeats: 409 `SR_SESSION_FENCED` (it is being
+   * reaped: the engine is about to be terminated), or 404 if it no longer knows it. The
+   * loop has stopped; `close()` is not needed.
+   */
+  fenced: [ReaperApiError];
+}
+
+export interface ReaperClientOptions {
+  socketPath: string;
+  /** Heartbeat interval before jitter; default a third of the session's heartbeatTimeoutSec. */
+  intervalMs?: number;
+  /** Each request's timeout; default 5000 ms. */
+  requestTimeoutMs?: number;
+  /** Backoff while heartbeats fail: doubles from `initialMs` (100) up to `maxMs` (5000). */
+  backoff?: { initialMs?: number; maxMs?: number };
+}
+
+/** ±10%, so that many engines started together do not beat in lockstep. */
+function jitter(ms: number): number {
+  return Math.round(ms * (0.9 + 0.2 * Math.random()));
+}
+
+export class ReaperClient extends EventEmitter<ReaperClientEvents> {
+  readonly socketPath: string;
+  private readonly intervalMs: number | undefined;
+  private readonly requestTimeoutMs: number;
+  private readonly backoffInitialMs: number;
+  private readonly backoffMaxMs: number;
+  private current: Session | null = null;
+  private activity: Activity = "busy";
+  private timer: NodeJS.Timeout | null = null;
+  /** Bumped by every start and stop: an answer arriving for an older loop is ignored. */
+  private loop = 0;
+  private looping = false;
+  private failures = 0;
+
+  constructor(opts: ReaperClientOptions) {
+    super();
+    this.socketPath = opts.socketPath;
+    this.intervalMs = opts.intervalMs;
+    this.requestTimeoutMs = opts.requestTimeoutMs ?? 5000;
+    this.backoffInitialMs = opts.backoff?.initialMs ?? 100;
+    this.backoffMaxMs = opts.backoff?.maxMs ?? 5000;
+  }
+
+  /** The session as last answered by register, close or get; null before register. */
+  get session(): Session | null {
+    return this.current;
+  }
+
+  /** Whether the heartbeat loop runs. */
+  get running(): boolean {
+    return this.looping;
+  }
+
+  /** Registers the session (201); throws ReaperApiError with the daemon's code otherwise. */
+  async register(body: RegisterBody): Promise<Session> {
+    const res = await this.call<Session>("POST", "/v1/sessions", body);
+    if (res.status !== 201) throw ReaperApiError.from(res);
+    this.current = res.body;
+    return res.body;
+  }
+
+  /**
+   * Starts the heartbeat loop (the first beat after one interval). Its timer does not keep
+   * the process alive: an engine that ends without close() is reaped as `engine_gone`.
+   */
+  start(): void {
+    this.sessionId();
+    if (this.looping) return;
+    this.looping = true;
+    this.failures = 0;
+    this.schedule(++this.loop, this.nextInterval());
+  }
+
+  /** Stops the loop without closing the session (it then expires by heartbeat timeout). */
+  stop(): void {
+    this.looping = false;
+    this.loop++;
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  /** Work is running: the next heartbeats move the idle deadline. The default. */
+  busy(): void {
+    this.activity = "busy";
+  }
+
+  /** Alive with nothing to do: the next heartbeats keep the session without moving activity. */
+  idle(): void {
+    this.activity = "idle";
+  }
+
+  /** One heartbeat now, outside the loop; throws ReaperApiError on a refusal. */
+  async heartbeat(): Promise<HeartbeatAnswer> {
+    const res = await this.call<HeartbeatAnswer>("POST", `${this.path()}/heartbeat`, { activity: this.activity });
+    if (res.status !== 200) throw ReaperApiError.from(res);
+    return res.body;
+  }
+
+  /**
+   * Closes the session (DELETE: full cleanup, reason `closed`) and stops the loop. Resolves
+   * with the session (now `reaping`), or null if the daemon had already ended it.
+   */
+  async close(): Promise<Session | null> {
+    this.stop();
+    const res = await this.call<Session>("DELETE", this.path());
+    if (res.status === 202) return (this.current = res.body);
+    if (res.status === 409) return null;
+    throw ReaperApiError.from(res);
+  }
+
+  /** The session as the daemon holds it now, with its steps. */
+  async get(): Promise<Session> {
+    const res = await this.call<Session>("GET", this.path());
+    if (res.status !== 200) throw ReaperApiError.from(res);
+    return (this.current = res.body);
+  }
+
+  /** Polls until the session is `reaped` (cleanup finished); rejects after `timeoutMs`. */
+  async waitForReap(opts: { timeoutMs?: number; pollMs?: number; signal?: AbortSignal } = {}): Promise<Session> {
+    const end = Date.now() + (opts.timeoutMs ?? 60_000);
+    for (;;) {
+      const s = await this.get();
+      if (s.state === "reaped") return s;
+      opts.signal?.throwIfAborted();
+      if (Date.now() >= end) throw new Error(`session ${s.id} is still ${s.state}`);
+      await new Promise((r) => setTimeout(r, opts.pollMs ?? 100));
+    }
+  }
+
+  private sessionId(): string {
+    if (this.current === null) throw new Error("ReaperClient: register() first");
+    return this.current.id;
+  }
+
+  private path(): string {
+    return `/v1/sessions/${encodeURIComponent(this.sessionId())}`;
+  }
+
+  private call<T>(method: string, path: string, body?: unknown): Promise<ApiResponse<T>> {
+    return callApi<T>(this.socketPath, method, path, body, { timeoutMs: this.requestTimeoutMs });
+  }
+
+  private nextInterval(): number {
+    return jitter(this.intervalMs ?? ((this.current?.heartbeatTimeoutSec ?? 30) * 1000) / 3);
+  }
+
+  private schedule(loop: number, delayMs: number): void {
+    if (loop !== this.loop) return; // stopped (or restarted) meanwhile, e.g. by a listener
+    this.timer = setTimeout(() => void this.beat(loop), delayMs);
+    this.timer.unref();
+  }
+
+  private async beat(loop: number): Promise<void> {
+    let res: ApiResponse<HeartbeatAnswer>;
+    try {
+      res = await this.call<HeartbeatAnswer>("POST", `${this.path()}/heartbeat`, { activity: this.activity });
+    } catch (err) {
+      // Transport failure: the daemon is restarting, or the socket is gone for a while.
+      if (loop === this.loop) this.retry(loop, err instanceof Error ? err : new Error(String(err)));
+      return;
+    }
+    if (loop !== this.loop) return;
+    if (res.status === 200) {
+      this.failures = 0;
+      this.emit("heartbeat", res.body);
+      this.schedule(loop, this.nextInterval());
+    } else if (res.status >= 500) {
+      this.retry(loop, ReaperApiError.from(res)); // e.g. 503 while the daemon closes
+    } else {
+      // 409 fenced, 404 unknown: no later heartbeat can succeed. Stop before telling.
+      this.stop();
+      this.emit("fenced", ReaperApiError.from(res));
+    }
+  }
+
+  private retry(loop: number, error: Error): void {
+    this.failures++;
+    const delayMs = jitter(Math.min(this.backoffMaxMs, this.backoffInitialMs * 2 ** (this.failures - 1)));
+    this.emit("retrying", { attempt: this.failures, delayMs, error });
+    this.schedule(loop, delayMs);
+  }
+}

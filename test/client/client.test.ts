@@ -1,0 +1,157 @@
+import assert from "node:assert/strict";
+import { once } from "node:events";
+import { test } from "node:test";
+import {
+  ReaperClient,
+  type HeartbeatAnswer,
+  type ReaperApiError,
+  type RetryInfo,
+  type Session,
+} from "../../src/client/index.js";
+import type { sessionJson } from "../../src/http/present.js";
+import { sleeper, startDaemon, tempDir, testConfig, until } from "../helpers.js";
+
+/** The next `n` heartbeat answers. */
+function heartbeats(client: ReaperClient, n: number): Promise<HeartbeatAnswer[]> {
+  const got: HeartbeatAnswer[] = [];
+  return new Promise((resolve) => {
+    const on = (a: HeartbeatAnswer): void => {
+      got.push(a);
+      if (got.length < n) return;
+      client.off("heartbeat", on);
+      resolve(got);
+    };
+    client.on("heartbeat", on);
+  });
+}
+
+test("the client's Session type is exactly what the server answers", () => {
+  // Compile-time: each is assignable to the other, so the two cannot drift apart.
+  type Answer = ReturnType<typeof sessionJson>;
+  const toClient = (s: Answer): Session => s;
+  const toServer = (s: Session): Answer => s;
+  assert.equal(typeof toClient, typeof toServer);
+});
+
+test("ReaperClient: register, heartbeat loop, busy/idle, close", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const engine = sleeper(t);
+  const client = new ReaperClient({ socketPath: d.socket, intervalMs: 40 });
+  t.after(() => client.stop());
+  const s = await client.register({
+    id: "lib-1",
+    engine: { pid: engine.pid },
+    heartbeatTimeoutSec: 30,
+    idleTimeoutSec: 20,
+  });
+  assert.equal(s.state, "live");
+  assert.equal(s.engine.pid, engine.pid);
+  assert.equal(client.session?.id, "lib-1");
+
+  // The idle timeout (20 s) sets the deadline: busy heartbeats move it, idle ones do not.
+  client.start();
+  assert.equal(client.running, true);
+  const busy = await heartbeats(client, 3);
+  assert.ok(busy.every((h) => h.id === "lib-1" && h.expiresBy === "idle_timeout"));
+  assert.ok(Date.parse(busy[2]!.deadline) > Date.parse(busy[1]!.deadline));
+  client.idle();
+  const idle = (await heartbeats(client, 3)).slice(1); // the first may have left before idle()
+  assert.equal(idle[0]!.deadline, idle[1]!.deadline);
+  client.busy();
+  const again = (await heartbeats(client, 3)).slice(1);
+  assert.ok(Date.parse(again[1]!.deadline) > Date.parse(again[0]!.deadline));
+
+  const closed = await client.close();
+  assert.equal(client.running, false);
+  assert.equal(closed?.state, "reaping");
+  assert.equal(closed?.reason, "closed");
+  let late = 0;
+  client.on("heartbeat", () => late++);
+  const reaped = await client.waitForReap();
+  assert.equal(reaped.state, "reaped");
+  assert.equal(reaped.outcome, "clean");
+  await new Promise((r) => setTimeout(r, 150));
+  assert.equal(late, 0, "no heartbeat after close()");
+  assert.equal(await client.close(), null, "closing an ended session is not an error");
+  await assert.rejects(
+    new ReaperClient({ socketPath: d.socket }).register({ id: "lib-1", engine: { pid: sleeper(t).pid } }),
+    (err: ReaperApiError) => err.code === "SR_SESSION_EXISTS" && err.status === 409,
+  );
+});
+
+test("ReaperClient: by default heartbeats every third of the heartbeat timeout, ±10%", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const client = new ReaperClient({ socketPath: d.socket });
+  t.after(() => client.stop());
+  await client.register({ engine: { pid: sleeper(t).pid }, heartbeatTimeoutSec: 3 });
+  const started = Date.now();
+  client.start();
+  await heartbeats(client, 1);
+  const elapsed = Date.now() - started;
+  assert.ok(elapsed >= 890 && elapsed < 2000, `first heartbeat after ${elapsed} ms`);
+  await client.close();
+});
+
+test('ReaperClient: "fenced" once the session is force-reaped, and the loop stops', async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const client = new ReaperClient({ socketPath: d.socket, intervalMs: 30 });
+  t.after(() => client.stop());
+  await client.register({ id: "lib-fenced", engine: { pid: sleeper(t).pid } });
+  client.start();
+  await heartbeats(client, 1);
+  const fenced = once(client, "fenced") as Promise<[ReaperApiError]>;
+  assert.equal((await d.api("POST", "/v1/sessions/lib-fenced/reap")).status, 202);
+  const [err] = await fenced;
+  assert.equal(err.status, 409);
+  assert.equal(err.code, "SR_SESSION_FENCED");
+  assert.equal(client.running, false);
+  assert.equal((await d.reaped("lib-fenced")).reason, "forced");
+});
+
+test('ReaperClient: "retrying" with backoff while the daemon restarts, then heartbeats again', async (t) => {
+  const dir = tempDir(t);
+  const config = testConfig(dir);
+  const first = await startDaemon(t, config);
+  const client = new ReaperClient({ socketPath: first.socket, intervalMs: 30, backoff: { initialMs: 20, maxMs: 160 } });
+  t.after(() => client.stop());
+  await client.register({ id: "lib-restart", engine: { pid: sleeper(t).pid }, heartbeatTimeoutSec: 30 });
+  client.start();
+  await heartbeats(client, 1);
+
+  const retries: RetryInfo[] = [];
+  client.on("retrying", (r) => retries.push(r));
+  await first.stop();
+  await until(() => retries.length >= 5, 10_000, "five retries");
+  // A request caught by the stop may fail with EPIPE, ECONNRESET or a 503; then the socket
+  // is gone (SR_DAEMON_UNREACHABLE). Every failure is retried.
+  const codes = retries.map((r) => (r.error as Error & { code?: string }).code);
+  assert.ok(codes.includes("SR_DAEMON_UNREACHABLE"), codes.join(","));
+  assert.deepEqual(
+    retries.map((r) => r.attempt),
+    retries.map((_, i) => i + 1),
+  );
+  // Doubles from 20 ms, capped at 160 ms, each ±10%.
+  for (const r of retries) {
+    const base = Math.min(160, 20 * 2 ** (r.attempt - 1));
+    assert.ok(r.delayMs >= base * 0.9 - 1 && r.delayMs <= base * 1.1 + 1, `attempt ${r.attempt}: ${r.delayMs} ms`);
+  }
+  assert.equal(client.running, true);
+
+  const second = await startDaemon(t, config); // same socket, same database
+  const [answer] = await heartbeats(client, 1);
+  assert.equal(answer!.id, "lib-restart");
+  const s = await client.get();
+  assert.equal(s.state, "live");
+  await client.close();
+  await second.reaped("lib-restart");
+});
+
+test('the package exports the client as "session-reaper/client" and "session-reaper"', async () => {
+  const byName = (await import("session-reaper/client")) as { ReaperClient: unknown };
+  const root = (await import("session-reaper")) as { ReaperClient: unknown };
+  assert.equal(byName.ReaperClient, ReaperClient);
+  assert.equal(root.ReaperClient, ReaperClient);
+});
