@@ -26,3 +26,18 @@ export function relativeTime(iso: string, now: number): string {
   const n = Math.floor(abs / size);
   return ms >= 0 ? `in ${n}${unit}` : `${n}${unit} ago`;
 }
+
+const UNIT_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/**
+ * A duration as operators write it: "30s", "10m", "2h", "1d", "500ms", combined ("1h30m"),
+ * or a bare number of seconds. Milliseconds, or null when the text is not a duration.
+ */
+export function parseDuration(text: string): number | null {
+  if (/^\d+(\.\d+)?$/.test(text)) return Number(text) * 1000;
+  if (!/^(\d+(\.\d+)?(ms|s|m|h|d))+$/.test(text)) return null;
+  let ms = 0;
+  for (const [, n, unit] of text.matchAll(/(\d+(?:\.\d+)?)(ms|s|m|h|d)/g))
+    ms += Number(n) * (UNIT_MS[unit as string] ?? 0);
+  return ms;
+}

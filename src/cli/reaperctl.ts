@@ -1,54 +1,247 @@
 #!/usr/bin/env node
 /**
  * reaperctl: talks to reaperd over its unix socket. Human tables by default, --json for
- * scripts. Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 daemon unreachable.
+ * scripts. This file is the CLI's entry point: it parses the command line, owns the
+ * process's signals and exit code, and hands each command a Context.
  */
 import { existsSync } from "node:fs";
 import { resolve } from "node:path";
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsConfig } from "node:util";
 import { ReaperError, errorMessage } from "../errors.js";
-import { callApi, type ApiResponse } from "./client.js";
-import { relativeTime, table } from "./format.js";
+import { auditVerify } from "./audit-verify.js";
+import { callApi } from "./client.js";
+import { EXIT, UsageError, type Context } from "./command.js";
+import { end, events, expiring, list, show, status } from "./commands.js";
+import { runCommand } from "./run.js";
 
-export const EXIT = { ok: 0, error: 1, usage: 2, notFound: 3, unreachable: 4 } as const;
+type Options = NonNullable<ParseArgsConfig["options"]>;
 
-const USAGE = `Usage: reaperctl [--socket PATH] [--json] COMMAND [ARGS]
+const GLOBAL_OPTIONS = {
+  socket: { type: "string" },
+  json: { type: "boolean", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies Options;
 
-Commands:
-  status                 the daemon's state, version and session counts
-  list [--state S] [--profile P] [--owner O] [--limit N]
-                         sessions, oldest first (all pages)
-  show ID                one session with its cleanup steps
-  events ID              one session's audit events
-  close ID               close a session (full cleanup, reason "closed")
-  reap ID                force-reap a session (reason "forced")
+const EXIT_CODES = `Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 daemon unreachable,
+5 audit verify found problems; run exits with its command's status.`;
 
-Options:
+const GLOBAL_HELP = `Options:
   --socket PATH   the daemon's socket; default $REAPER_SOCKET, then
                   /run/session-reaper/reaper.sock if present, else ./reaper.sock
-  --json          print the API's JSON instead of a table
-  -h, --help      show this help
+  --json          print JSON instead of a table
+  -h, --help      show help`;
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 daemon unreachable.
+interface CommandSpec {
+  /** One or two words: "status", "audit verify". */
+  name: string;
+  synopsis: string;
+  summary: string;
+  /** The rest of `reaperctl CMD --help`: what it does, its options, examples. */
+  help: string;
+  options: Options;
+  run(ctx: Context): Promise<number>;
+}
+
+const COMMANDS: CommandSpec[] = [
+  {
+    name: "status",
+    synopsis: "status",
+    summary: "the daemon's state, version and session counts",
+    help: `Shows whether the daemon is running or shutting down, its version, when it started,
+and how many sessions are live, reaping and reaped.
+
+Example:
+  reaperctl status`,
+    options: {},
+    run: status,
+  },
+  {
+    name: "list",
+    synopsis: "list [--state S] [--profile P] [--owner O] [--limit N]",
+    summary: "sessions, oldest first (all pages)",
+    help: `Lists sessions, oldest first: id, state, profile, owner, engine pid, age, and when a
+live session expires or why a reaped one ended (with its outcome).
+
+Options:
+  --state S       live, reaping or reaped
+  --profile P     only sessions of profile P
+  --owner O       only sessions whose owner is O
+  --limit N       at most N sessions (1..1000; default: every page)
+
+Examples:
+  reaperctl list --state live
+  reaperctl list --owner alice --json`,
+    options: {
+      state: { type: "string" },
+      profile: { type: "string" },
+      owner: { type: "string" },
+      limit: { type: "string" },
+    },
+    run: list,
+  },
+  {
+    name: "show",
+    synopsis: "show ID",
+    summary: "one session with its cleanup steps and leftovers",
+    help: `Shows one session: state and reason, outcome, engine pid, times, deadline, ports,
+paths, engine cpu and memory while live, each cleanup step with its outcome and duration,
+and anything the cleanup left behind. Exit 3 if no session has this id.
+
+Example:
+  reaperctl show spark-42`,
+    options: {},
+    run: show,
+  },
+  {
+    name: "events",
+    synopsis: "events ID",
+    summary: "one session's audit events",
+    help: `Lists one session's audit events as the daemon stored them: time, event, step,
+outcome and duration. Exit 3 if no session has this id.
+
+Example:
+  reaperctl events spark-42 --json`,
+    options: {},
+    run: events,
+  },
+  {
+    name: "expiring",
+    synopsis: "expiring [--within DURATION]",
+    summary: "live sessions that expire soon, and why",
+    help: `Lists the live sessions whose deadline falls within DURATION, soonest first, with the
+timeout that will end them: heartbeat_timeout, idle_timeout or max_lifetime. A session that
+heartbeats (or works) in time moves its deadline and leaves the list.
+
+Options:
+  --within DURATION   30s, 10m, 2h, 1d, 1h30m or a number of seconds (default 10m)
+
+Examples:
+  reaperctl expiring
+  reaperctl expiring --within 30s --json`,
+    options: { within: { type: "string" } },
+    run: expiring,
+  },
+  {
+    name: "close",
+    synopsis: "close ID",
+    summary: 'close a session (full cleanup, reason "closed")',
+    help: `Closes a session as its client would (DELETE): the daemon fences it and runs the full
+cleanup with reason "closed". Returns once the cleanup has started; follow it with
+"reaperctl show ID". Exit 3 if no session has this id, 1 if it is no longer live.
+
+Example:
+  reaperctl close spark-42`,
+    options: {},
+    run: (ctx) => end(ctx, "close"),
+  },
+  {
+    name: "reap",
+    synopsis: "reap ID",
+    summary: 'force-reap a session (full cleanup, reason "forced")',
+    help: `Force-reaps a session as an operator: the daemon fences it (its heartbeats now answer
+409) and runs the full cleanup with reason "forced". Exit 3 if no session has this id, 1
+if it is no longer live.
+
+Example:
+  reaperctl reap spark-42`,
+    options: {},
+    run: (ctx) => end(ctx, "reap"),
+  },
+  {
+    name: "audit verify",
+    synopsis: "audit verify [LOG] [--offline]",
+    summary: "prove every session that left live reached reap.finished",
+    help: `Reads the daemon's JSON audit lines from LOG, or from stdin when LOG is absent or "-",
+and proves that every session that left live (session.closed, session.expired or
+reap.started) reached reap.finished. Lists the sessions that did not, unknown events, and
+malformed lines (line number, first 80 characters). Operational lines without an "event"
+("signal sent", …) are counted and skipped; a prefix before the JSON (journalctl's default
+output) is skipped too. When the daemon answers, each session the log names is
+cross-checked with the daemon's own events (a reap.finished the log lost, or a session the
+daemon does not know, is listed); when it does not, the log is verified alone.
+Exit 0 when complete, 5 when anything is missing, mismatched, malformed or unknown.
+
+Options:
+  --offline   do not ask the daemon
+
+Examples:
+  journalctl -o cat -u session-reaper | reaperctl audit verify
+  reaperctl audit verify /var/log/session-reaper/audit.log --json`,
+    options: { offline: { type: "boolean", default: false } },
+    run: (ctx) => auditVerify(ctx, process.stdin),
+  },
+  {
+    name: "run",
+    synopsis: "run [OPTIONS] -- CMD [ARGS...]",
+    summary: "run CMD as an engine session until it exits",
+    help: `Starts CMD as an engine session in its own process group (stdio inherited), registers
+it (engine: CMD's pid; owner: this reaperctl, so the daemon reaps CMD as owner_gone if
+reaperctl dies, even by SIGKILL), heartbeats while CMD lives, and forwards SIGINT, SIGTERM,
+SIGHUP and SIGQUIT to CMD's process group. When CMD exits, closes the session, waits for
+the cleanup (leftover children, ports, paths), and exits with CMD's status (128+N if a
+signal N killed it). CMD sees REAPER_SESSION_ID and REAPER_SOCKET in its environment.
+Without --port, CMD starts only once its session is registered; with --port, the daemon
+checks that CMD listens, so registration is retried until it does (--wait-ports).
+If the session cannot be registered, CMD is killed and reaperctl exits 1 (4 if the daemon
+is unreachable). If the daemon ends the session (force-reap, timeout), reaperctl says so
+and waits for CMD, which the daemon terminates.
+
+Options:
+  --id ID               the session id (default: a random UUID)
+  --profile P           the daemon's profile (default: "default")
+  --owner O             a label for operators (default: your user name)
+  --port N              a port CMD listens on, freed at cleanup (repeatable)
+  --path DIR            a temp file or dir of CMD's, deleted at cleanup (repeatable)
+  --label KEY=VALUE     (repeatable)
+  --heartbeat DURATION  heartbeat interval (default: a third of the heartbeat timeout)
+  --wait-ports DURATION how long CMD may take to listen on its ports (default 10s)
+  --wait-reap DURATION  how long to wait for the cleanup after CMD exits (default 60s)
+
+Examples:
+  reaperctl run --profile spark --path /tmp/job-7 -- ./spark-submit job.py
+  reaperctl run --port 8998 --heartbeat 5s --label team=data -- ./livy-server`,
+    options: {
+      id: { type: "string" },
+      profile: { type: "string" },
+      owner: { type: "string" },
+      port: { type: "string", multiple: true },
+      path: { type: "string", multiple: true },
+      label: { type: "string", multiple: true },
+      heartbeat: { type: "string" },
+      "wait-ports": { type: "string" },
+      "wait-reap": { type: "string" },
+    },
+    run: (ctx) => runCommand(ctx, process.env),
+  },
+];
+
+function usage(): string {
+  const lines = COMMANDS.map((c) =>
+    c.synopsis.length > 32
+      ? `  ${c.synopsis}\n${" ".repeat(36)}${c.summary}`
+      : `  ${c.synopsis.padEnd(34)}${c.summary}`,
+  );
+  return `Usage: reaperctl [--socket PATH] [--json] COMMAND [ARGS]
+
+Commands:
+${lines.join("\n")}
+
+${GLOBAL_HELP}; "reaperctl COMMAND --help" for one command
+
+${EXIT_CODES}
 `;
+}
 
-type Session = {
-  id: string;
-  profile: string;
-  owner: string | null;
-  state: string;
-  reason: string | null;
-  outcome: string | null;
-  engine: { pid: number };
-  createdAt: string;
-  lastHeartbeatAt: string;
-  deadline: string | null;
-  ports: number[];
-  paths: string[];
-  leftovers: { kind: string; item: string; detail: string }[];
-  steps?: { name: string; outcome: string; durationMs: number; detail: Record<string, unknown> }[];
-  usage?: { cpu: number; memory: number } | null;
-};
+function commandHelp(c: CommandSpec): string {
+  return `Usage: reaperctl [--socket PATH] [--json] ${c.synopsis}
+
+${c.help}
+
+${GLOBAL_HELP}
+
+${EXIT_CODES}
+`;
+}
 
 function defaultSocket(env: NodeJS.ProcessEnv): string {
   if (env.REAPER_SOCKET) return env.REAPER_SOCKET;
@@ -56,182 +249,96 @@ function defaultSocket(env: NodeJS.ProcessEnv): string {
   return existsSync(system) ? system : resolve("reaper.sock");
 }
 
-class UsageError extends Error {}
+/** The command's words among the positionals: "audit verify" is two. */
+function findCommand(positionals: string[]): { spec: CommandSpec | undefined; words: number; name: string } {
+  const [first, second] = positionals;
+  if (first === undefined) return { spec: undefined, words: 0, name: "" };
+  const two = `${first} ${second ?? ""}`;
+  const spec = COMMANDS.find((c) => c.name === two) ?? COMMANDS.find((c) => c.name === first);
+  if (spec === undefined && first === "audit") {
+    throw new UsageError(second === undefined ? "audit needs a subcommand: verify" : `unknown command "${two}"`);
+  }
+  return { spec, words: spec?.name.includes(" ") ? 2 : 1, name: first };
+}
 
-async function run(argv: string[], out: (s: string) => void): Promise<number> {
+/** For the usage hint after an error. */
+let usedCommand = "";
+
+async function main(argv: string[], out: (s: string) => void): Promise<number> {
+  // Everything after the first "--" belongs to run's command, never to reaperctl.
+  const dashes = argv.indexOf("--");
+  const own = dashes < 0 ? argv : argv.slice(0, dashes);
+  const rest = dashes < 0 ? null : argv.slice(dashes + 1);
+
+  // A first, lenient pass finds the command (every command's options declared, so that an
+  // option's value is not taken for the command); the second checks the command's options.
+  const allOptions: Options = { ...GLOBAL_OPTIONS };
+  for (const c of COMMANDS) Object.assign(allOptions, c.options);
+  const loose = parseArgs({ args: own, options: allOptions, allowPositionals: true, strict: false });
+  if (loose.positionals[0] === "help") {
+    const { spec } = findCommand(loose.positionals.slice(1));
+    out(spec ? commandHelp(spec) : usage());
+    return EXIT.ok;
+  }
+  const { spec, words, name } = findCommand(loose.positionals);
+  usedCommand = spec?.name ?? "";
+  if (spec === undefined) {
+    if (loose.values.help === true) {
+      out(usage());
+      return EXIT.ok;
+    }
+    if (name === "") {
+      process.stderr.write(usage());
+      return EXIT.usage;
+    }
+    throw new UsageError(`unknown command "${name}"`);
+  }
   const { values, positionals } = parseArgs({
-    args: argv,
+    args: own,
+    options: { ...GLOBAL_OPTIONS, ...spec.options },
     allowPositionals: true,
-    options: {
-      socket: { type: "string" },
-      json: { type: "boolean", default: false },
-      help: { type: "boolean", short: "h", default: false },
-      state: { type: "string" },
-      profile: { type: "string" },
-      owner: { type: "string" },
-      limit: { type: "string" },
-    },
+    strict: true,
   });
-  const [command, ...rest] = positionals;
-  if (values.help || command === undefined) {
-    out(USAGE);
-    return values.help ? EXIT.ok : EXIT.usage;
+  if (values.help === true) {
+    out(commandHelp(spec));
+    return EXIT.ok;
   }
-  const socket = values.socket ?? defaultSocket(process.env);
-  const api = <T>(method: string, path: string): Promise<ApiResponse<T>> => callApi<T>(socket, method, path);
-  const needId = (): string => {
-    if (rest.length !== 1) throw new UsageError(`${command} takes exactly one session id`);
-    return encodeURIComponent(rest[0] as string);
-  };
-  const print = (value: unknown, human: () => string): void =>
-    out(values.json ? JSON.stringify(value, null, 2) + "\n" : human());
-  const now = Date.now();
-
-  let res: ApiResponse<unknown>;
-  switch (command) {
-    case "status": {
-      res = await api("GET", "/v1/daemon");
-      if (res.status !== 200) break;
-      const d = res.body as { state: string; version: string; startedAt: string; counts: Record<string, number> };
-      print(d, () =>
-        table([
-          ["state", d.state],
-          ["version", d.version],
-          ["started", `${d.startedAt} (${relativeTime(d.startedAt, now)})`],
-          ["live", String(d.counts.live ?? 0)],
-          ["reaping", String(d.counts.reaping ?? 0)],
-          ["reaped", String(d.counts.reaped ?? 0)],
-        ]),
-      );
-      return EXIT.ok;
-    }
-    case "list": {
-      if (rest.length > 0) throw new UsageError("list takes no arguments");
-      const sessions: Session[] = [];
-      const params = new URLSearchParams();
-      for (const key of ["state", "profile", "owner", "limit"] as const) if (values[key]) params.set(key, values[key]);
-      let cursor: string | null = null;
-      do {
-        if (cursor) params.set("cursor", cursor);
-        res = await api("GET", `/v1/sessions?${params.toString()}`);
-        if (res.status !== 200) return fail(res, out);
-        const page = res.body as { sessions: Session[]; next: string | null };
-        sessions.push(...page.sessions);
-        cursor = values.limit ? null : page.next;
-      } while (cursor);
-      print({ sessions }, () =>
-        table(
-          [
-            ["ID", "STATE", "PROFILE", "OWNER", "PID", "CREATED", "EXPIRES / REASON"],
-            ...sessions.map((s) => [
-              s.id,
-              s.state,
-              s.profile,
-              s.owner ?? "-",
-              String(s.engine.pid),
-              relativeTime(s.createdAt, now),
-              s.state === "live" && s.deadline
-                ? relativeTime(s.deadline, now)
-                : `${s.reason ?? ""}${s.outcome ? ` (${s.outcome})` : ""}`,
-            ]),
-          ],
-          true,
-        ),
-      );
-      return EXIT.ok;
-    }
-    case "show": {
-      res = await api("GET", `/v1/sessions/${needId()}`);
-      if (res.status !== 200) break;
-      const s = res.body as Session;
-      print(s, () => showSession(s, now));
-      return EXIT.ok;
-    }
-    case "events": {
-      res = await api("GET", `/v1/sessions/${needId()}/events`);
-      if (res.status !== 200) break;
-      const { events } = res.body as {
-        events: {
-          time: string;
-          event: string;
-          step: string | null;
-          outcome: string | null;
-          durationMs: number | null;
-        }[];
+  const args = positionals.slice(words);
+  if (spec.name !== "run" && rest !== null) args.push(...rest);
+  const socket = typeof values.socket === "string" ? values.socket : defaultSocket(process.env);
+  const ctx: Context = {
+    socket,
+    json: values.json === true,
+    values,
+    args,
+    rest: spec.name === "run" ? rest : null,
+    api: (method, path, body) => callApi(socket, method, path, body),
+    out,
+    note: (line) => void process.stderr.write(`reaperctl: ${line}\n`),
+    trapSignals(signals, handler) {
+      for (const s of signals) process.on(s, handler);
+      return () => {
+        for (const s of signals) process.off(s, handler);
       };
-      print(res.body, () =>
-        table(
-          [
-            ["TIME", "EVENT", "STEP", "OUTCOME", "MS"],
-            ...events.map((e) => [
-              e.time,
-              e.event,
-              e.step ?? "",
-              e.outcome ?? "",
-              e.durationMs === null ? "" : String(e.durationMs),
-            ]),
-          ],
-          true,
-        ),
-      );
-      return EXIT.ok;
-    }
-    case "close":
-    case "reap": {
-      const id = needId();
-      res =
-        command === "close" ? await api("DELETE", `/v1/sessions/${id}`) : await api("POST", `/v1/sessions/${id}/reap`);
-      if (res.status !== 202) break;
-      print(res.body, () => `${decodeURIComponent(id)}: reaping (${command === "close" ? "closed" : "forced"})\n`);
-      return EXIT.ok;
-    }
-    default:
-      throw new UsageError(`unknown command "${command}"`);
-  }
-  return fail(res, out);
+    },
+  };
+  return spec.run(ctx);
 }
 
-function fail(res: ApiResponse<unknown>, _out: (s: string) => void): number {
-  const err = (res.body as { error?: { code: string; message: string } } | null)?.error;
-  process.stderr.write(`reaperctl: ${err ? `${err.message} (${err.code})` : `HTTP ${res.status}`}\n`);
-  return res.status === 404 ? EXIT.notFound : EXIT.error;
-}
-
-function showSession(s: Session, now: number): string {
-  const rows: string[][] = [
-    ["id", s.id],
-    ["state", s.state + (s.reason ? ` (${s.reason})` : "")],
-    ["outcome", s.outcome ?? "-"],
-    ["profile", s.profile],
-    ["owner", s.owner ?? "-"],
-    ["engine pid", String(s.engine.pid)],
-    ["created", `${s.createdAt} (${relativeTime(s.createdAt, now)})`],
-    ["last heartbeat", `${s.lastHeartbeatAt} (${relativeTime(s.lastHeartbeatAt, now)})`],
-    ["deadline", s.deadline ? `${s.deadline} (${relativeTime(s.deadline, now)})` : "-"],
-    ["ports", s.ports.join(", ") || "-"],
-    ["paths", s.paths.join(", ") || "-"],
-  ];
-  if (s.usage)
-    rows.push(["usage", `cpu ${s.usage.cpu.toFixed(1)}%, memory ${(s.usage.memory / 1048576).toFixed(1)} MiB`]);
-  let text = table(rows);
-  if (s.steps && s.steps.length > 0) {
-    text +=
-      "\n" + table([["STEP", "OUTCOME", "MS"], ...s.steps.map((x) => [x.name, x.outcome, String(x.durationMs)])], true);
-  }
-  if (s.leftovers.length > 0) {
-    text += "\n" + table([["LEFTOVER", "ITEM", "DETAIL"], ...s.leftovers.map((l) => [l.kind, l.item, l.detail])], true);
-  }
-  return text;
-}
-
-run(process.argv.slice(2), (s) => process.stdout.write(s)).then(
+main(process.argv.slice(2), (s) => process.stdout.write(s)).then(
   (code) => (process.exitCode = code),
   (err: unknown) => {
-    process.stderr.write(`reaperctl: ${errorMessage(err)}\n`);
-    if (err instanceof UsageError || (err as { code?: string }).code?.startsWith("ERR_PARSE_ARGS")) {
-      process.stderr.write(`Run "reaperctl --help" for usage.\n`);
+    const code = (err as { code?: string }).code;
+    // node:util's message for an unknown option explains "--" at length: one line is enough.
+    const unknown = code === "ERR_PARSE_ARGS_UNKNOWN_OPTION" ? /'([^']+)'/.exec(errorMessage(err))?.[1] : undefined;
+    const message = unknown
+      ? `unknown option ${unknown}${usedCommand ? ` for ${usedCommand}` : ""}`
+      : errorMessage(err);
+    process.stderr.write(`reaperctl: ${message}\n`);
+    if (err instanceof UsageError || code?.startsWith("ERR_PARSE_ARGS")) {
+      process.stderr.write(`Run "reaperctl ${usedCommand ? `${usedCommand} ` : ""}--help" for usage.\n`);
       process.exitCode = EXIT.usage;
-    } else if (err instanceof ReaperError && err.code === "SR_DAEMON_UNREACHABLE") {
+    } else if ((err instanceof ReaperError && err.code === "SR_DAEMON_UNREACHABLE") || code === "ETIMEDOUT") {
       process.exitCode = EXIT.unreachable;
     } else {
       process.exitCode = EXIT.error;

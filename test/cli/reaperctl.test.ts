@@ -2,22 +2,9 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { join } from "node:path";
 import { test } from "node:test";
-import { relativeTime, table } from "../../src/cli/format.js";
-import { REAPERCTL, REAPERD, startDaemon, startEngine, tempDir, testConfig } from "../helpers.js";
-
-function ctl(
-  args: string[],
-  env: NodeJS.ProcessEnv = {},
-): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [REAPERCTL, ...args], { env: { ...process.env, ...env } });
-    let stdout = "";
-    let stderr = "";
-    p.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-    p.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-    p.on("close", (code) => resolve({ code, stdout, stderr }));
-  });
-}
+import { parseDuration, relativeTime, table } from "../../src/cli/format.js";
+import { REAPERD, sleeper, startDaemon, startEngine, tempDir, testConfig } from "../helpers.js";
+import { ctl } from "./ctl.js";
 
 test("reaperctl status, list, show, events, close: tables, --json, exit codes", async (t) => {
   const dir = tempDir(t);
@@ -62,6 +49,83 @@ test("reaperctl status, list, show, events, close: tables, --json, exit codes", 
   const again = await ctl(["close", "cli-1", ...s]);
   assert.equal(again.code, 1);
   assert.match(again.stderr, /SR_SESSION_NOT_LIVE/);
+});
+
+test("reaperctl expiring: soonest first, with the timeout that fires; --within; --json", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const s = ["--socket", d.socket];
+  await d.api("POST", "/v1/sessions", {
+    id: "hb",
+    engine: { pid: sleeper(t).pid },
+    owner: "bob",
+    heartbeatTimeoutSec: 20,
+  });
+  await d.api("POST", "/v1/sessions", {
+    id: "idle",
+    engine: { pid: sleeper(t).pid },
+    heartbeatTimeoutSec: 30,
+    idleTimeoutSec: 15,
+  });
+  await d.api("POST", "/v1/sessions", { id: "later", engine: { pid: sleeper(t).pid }, heartbeatTimeoutSec: 30 });
+
+  // Deadlines: idle in 15 s (idle timeout), hb in 20 s, later in 30 s (heartbeat timeouts).
+  const soon = await ctl(["expiring", "--within", "20s", ...s]);
+  assert.equal(soon.code, 0, soon.stderr);
+  assert.match(
+    soon.stdout,
+    /^ID\s+PROFILE\s+OWNER\s+EXPIRES\s+REASON\nidle\s+default\s+-\s+in \d+s\s+idle_timeout\nhb\s+default\s+bob\s+in \d+s\s+heartbeat_timeout\n$/,
+  );
+  const all = await ctl(["expiring", ...s]); // default: 10m
+  assert.deepEqual(
+    all.stdout
+      .split("\n")
+      .slice(1, -1)
+      .map((l) => l.split(/\s+/)[0]),
+    ["idle", "hb", "later"],
+  );
+  const none = await ctl(["expiring", "--within", "2s", ...s]);
+  assert.equal(none.stdout, "ID  PROFILE  OWNER  EXPIRES  REASON\n(none)\n");
+  const json = await ctl(["expiring", "--within", "1m", "--json", ...s]);
+  const body = JSON.parse(json.stdout) as { sessions: { id: string; expiresBy: string; inSec: number }[] };
+  assert.deepEqual(
+    body.sessions.map((x) => [x.id, x.expiresBy]),
+    [
+      ["idle", "idle_timeout"],
+      ["hb", "heartbeat_timeout"],
+      ["later", "heartbeat_timeout"],
+    ],
+  );
+  assert.ok(body.sessions[0]!.inSec > 0 && body.sessions[0]!.inSec <= 15);
+
+  const bad = await ctl(["expiring", "--within", "soon", ...s]);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--within: "soon" is not a duration/);
+  assert.equal((await ctl(["expiring", "extra", ...s])).code, 2);
+});
+
+test("reaperctl COMMAND --help: every command explains itself", async () => {
+  const commands = ["status", "list", "show", "events", "expiring", "close", "reap", "audit verify", "run"];
+  for (const c of commands) {
+    const words = c.split(" ");
+    for (const args of c === "run"
+      ? [
+          [...words, "--help"],
+          ["help", ...words],
+        ]
+      : [[...words, "--help"]]) {
+      const r = await ctl(args);
+      assert.equal(r.code, 0, `${args.join(" ")}: ${r.stderr}`);
+      assert.ok(r.stdout.startsWith(`Usage: reaperctl [--socket PATH] [--json] ${c}`), r.stdout);
+      assert.match(r.stdout, /Example/);
+      assert.match(r.stdout, /Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 daemon unreachable,\n5 audit verify/);
+    }
+  }
+  const top = await ctl(["--help"]);
+  for (const c of commands) assert.match(top.stdout, new RegExp(`^  ${c}`, "m"));
+  const wrong = await ctl(["list", "--within", "3"]);
+  assert.equal(wrong.code, 2);
+  assert.equal(wrong.stderr, 'reaperctl: unknown option --within for list\nRun "reaperctl list --help" for usage.\n');
 });
 
 test("reaperctl: usage errors exit 2, an absent daemon exits 4 with one line", async (t) => {
@@ -117,6 +181,18 @@ test("format: aligned tables and relative times", () => {
   assert.equal(relativeTime("2025-12-31T23:57:00Z", now), "3m ago");
   assert.equal(relativeTime("2025-12-31T22:00:00Z", now), "2h ago");
   assert.equal(relativeTime("2026-01-02T00:00:00Z", now), "in 1d");
+});
+
+test("format: durations as operators write them", () => {
+  assert.equal(parseDuration("30s"), 30_000);
+  assert.equal(parseDuration("10m"), 600_000);
+  assert.equal(parseDuration("2h"), 7_200_000);
+  assert.equal(parseDuration("1d"), 86_400_000);
+  assert.equal(parseDuration("1h30m"), 5_400_000);
+  assert.equal(parseDuration("500ms"), 500);
+  assert.equal(parseDuration("45"), 45_000);
+  assert.equal(parseDuration("1.5s"), 1500);
+  for (const bad of ["", "s", "10x", "-5s", "5 s", "m10"]) assert.equal(parseDuration(bad), null, bad);
 });
 
 test("systemd/config.example.toml is a valid configuration", async () => {

@@ -1,0 +1,289 @@
+/**
+ * `reaperctl audit verify [LOG]`: proves from an audit trail (the daemon's JSON lines, from a
+ * file or journald through stdin) that every session that left `live` reached
+ * `reap.finished`, and cross-checks each session it names against the daemon's own events
+ * when the daemon answers. Problems are listed, never fatal: the verifier reads everything.
+ */
+import { open } from "node:fs/promises";
+import { createInterface } from "node:readline";
+import type { Readable } from "node:stream";
+import { AUDIT_EVENTS } from "../audit/audit.js";
+import { ReaperError } from "../errors.js";
+import { EXIT, UsageError, type Context } from "./command.js";
+import { table } from "./format.js";
+
+/** The events that take a session out of `live`. */
+const LEAVING_LIVE = new Set(["session.closed", "session.expired", "reap.started"]);
+const KNOWN = new Set<string>(AUDIT_EVENTS);
+
+interface SessionTrail {
+  id: string;
+  leftLive: boolean;
+  finished: boolean;
+  reason: string | null;
+  outcome: string | null;
+  lastEvent: string;
+  lastLine: number;
+}
+
+/** What one pass over the lines found. */
+export interface Trail {
+  lines: number;
+  /** JSON lines without an `event` (operational pino lines: "signal sent", …): skipped. */
+  nonAudit: number;
+  daemonEvents: number;
+  malformed: { line: number; text: string }[];
+  unknown: { line: number; event: string; sessionId: string | null }[];
+  sessions: Map<string, SessionTrail>;
+}
+
+export function newTrail(): Trail {
+  return { lines: 0, nonAudit: 0, daemonEvents: 0, malformed: [], unknown: [], sessions: new Map() };
+}
+
+/**
+ * Adds one line. Lines may carry a prefix before the JSON (journalctl's default output,
+ * "Nov 22 06:46:41 host node[42]: {…}"), which is skipped; blank lines are ignored.
+ */
+export function addLine(trail: Trail, text: string): void {
+  const line = ++trail.lines;
+  const trimmed = text.trim();
+  if (trimmed === "") return;
+  const malformed = (): void => void trail.malformed.push({ line, text: trimmed.slice(0, 80) });
+  const start = trimmed.indexOf("{");
+  let parsed: unknown;
+  try {
+    parsed = start < 0 ? undefined : JSON.parse(trimmed.slice(start));
+  } catch {
+    parsed = undefined;
+  }
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) return malformed();
+  const rec = parsed as Record<string, unknown>;
+  if (rec.event === undefined) {
+    // An audit line always names its event; an operational line never does.
+    if (rec.audit === true) return malformed();
+    trail.nonAudit++;
+    return;
+  }
+  if (typeof rec.event !== "string") return malformed();
+  const sessionId = typeof rec.sessionId === "string" ? rec.sessionId : null;
+  if (!KNOWN.has(rec.event)) {
+    trail.unknown.push({ line, event: rec.event.slice(0, 80), sessionId });
+    return;
+  }
+  if (rec.event.startsWith("daemon.")) {
+    trail.daemonEvents++;
+    return;
+  }
+  if (sessionId === null) return malformed(); // a session event must say which session
+  let s = trail.sessions.get(sessionId);
+  if (s === undefined) {
+    s = { id: sessionId, leftLive: false, finished: false, reason: null, outcome: null, lastEvent: "", lastLine: 0 };
+    trail.sessions.set(sessionId, s);
+  }
+  s.lastEvent = rec.event;
+  s.lastLine = line;
+  if (typeof rec.reason === "string") s.reason = rec.reason;
+  if (LEAVING_LIVE.has(rec.event)) s.leftLive = true;
+  if (rec.event === "reap.finished") {
+    s.finished = true;
+    s.outcome = typeof rec.outcome === "string" ? rec.outcome : null;
+  }
+}
+
+export async function readTrail(input: Readable): Promise<Trail> {
+  const trail = newTrail();
+  for await (const text of createInterface({ input, crlfDelay: Infinity })) addLine(trail, text);
+  return trail;
+}
+
+/** What the daemon's events say about one session; `known: false` when it answers 404. */
+export type DaemonView = { known: false } | { known: true; leftLive: boolean; finished: boolean };
+
+export type DaemonCheck =
+  | { status: "checked"; socket: string; sessions: number }
+  | { status: "unreachable"; socket: string; message: string }
+  | { status: "skipped" };
+
+export interface VerifyReport {
+  complete: boolean;
+  source: string;
+  lines: number;
+  nonAudit: number;
+  sessions: { seen: number; live: number; reaped: number; missing: number };
+  /** Left live with a reap.finished in neither the log nor the daemon's events. */
+  missing: { sessionId: string; reason: string | null; lastEvent: string; line: number; daemon: string }[];
+  /** The log and the daemon disagree about a session's end. */
+  mismatches: { sessionId: string; detail: string }[];
+  malformed: { line: number; text: string }[];
+  unknown: { line: number; event: string; sessionId: string | null }[];
+  daemon: DaemonCheck;
+}
+
+export function verifyTrail(
+  trail: Trail,
+  source: string,
+  daemon: DaemonCheck,
+  views: ReadonlyMap<string, DaemonView>,
+): VerifyReport {
+  const missing: VerifyReport["missing"] = [];
+  const mismatches: VerifyReport["mismatches"] = [];
+  let live = 0;
+  let reaped = 0;
+  for (const s of trail.sessions.values()) {
+    const v = views.get(s.id);
+    const daemonLeft = v?.known === true && v.leftLive;
+    const daemonFinished = v?.known === true && v.finished;
+    if (s.finished || daemonFinished) reaped++;
+    else if (s.leftLive || daemonLeft) {
+      missing.push({
+        sessionId: s.id,
+        reason: s.reason,
+        lastEvent: s.lastEvent,
+        line: s.lastLine,
+        daemon:
+          v === undefined
+            ? "not checked"
+            : !v.known
+              ? "unknown session"
+              : v.leftLive
+                ? "no reap.finished either (still reaping?)"
+                : "live",
+      });
+    } else live++;
+    if (v === undefined) continue;
+    if (s.finished && !v.known) mismatches.push({ sessionId: s.id, detail: "the daemon does not know this session" });
+    else if (s.finished && !daemonFinished)
+      mismatches.push({ sessionId: s.id, detail: "the daemon's events hold no reap.finished" });
+    else if (s.leftLive && !s.finished && daemonFinished)
+      mismatches.push({ sessionId: s.id, detail: "the log lacks the reap.finished the daemon holds" });
+  }
+  return {
+    complete: missing.length + mismatches.length + trail.malformed.length + trail.unknown.length === 0,
+    source,
+    lines: trail.lines,
+    nonAudit: trail.nonAudit,
+    sessions: { seen: trail.sessions.size, live, reaped, missing: missing.length },
+    missing,
+    mismatches,
+    malformed: trail.malformed,
+    unknown: trail.unknown,
+    daemon,
+  };
+}
+
+/** The daemon's view of each session, 8 requests at a time; throws when it cannot be reached. */
+async function askDaemon(ctx: Context, ids: string[]): Promise<Map<string, DaemonView>> {
+  const views = new Map<string, DaemonView>();
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < ids.length) {
+      const id = ids[next++] as string;
+      const res = await ctx.api<{ events: { event: string }[] }>(
+        "GET",
+        `/v1/sessions/${encodeURIComponent(id)}/events`,
+      );
+      if (res.status === 200) {
+        const names = res.body.events.map((e) => e.event);
+        views.set(id, {
+          known: true,
+          leftLive: names.some((n) => LEAVING_LIVE.has(n)),
+          finished: names.includes("reap.finished"),
+        });
+      } else if (res.status === 404 || res.status === 400) {
+        views.set(id, { known: false }); // 400: not even a valid session id
+      } else {
+        throw new Error(`GET /v1/sessions/${id}/events answered HTTP ${res.status}`);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(8, ids.length) }, worker));
+  return views;
+}
+
+export async function auditVerify(ctx: Context, stdin: Readable & { isTTY?: boolean }): Promise<number> {
+  if (ctx.args.length > 1) throw new UsageError("audit verify takes at most one LOG file");
+  const file = ctx.args[0];
+  const fromStdin = file === undefined || file === "-";
+  if (fromStdin && stdin.isTTY) {
+    throw new UsageError("give a LOG file, or pipe the audit lines in (journalctl -o cat -u session-reaper | …)");
+  }
+  let trail: Trail;
+  try {
+    // Opened first, so that a missing file is an error here, not inside the line reader.
+    trail = await readTrail(fromStdin ? stdin : (await open(file)).createReadStream());
+  } catch (err) {
+    ctx.note(`cannot read ${file ?? "stdin"}: ${(err as Error).message}`);
+    return EXIT.error;
+  }
+
+  let daemon: DaemonCheck = { status: "skipped" };
+  let views = new Map<string, DaemonView>();
+  if (ctx.values.offline !== true) {
+    try {
+      await ctx.api("GET", "/v1/daemon"); // reachable at all?
+      views = await askDaemon(ctx, [...trail.sessions.keys()]);
+      daemon = { status: "checked", socket: ctx.socket, sessions: views.size };
+    } catch (err) {
+      views = new Map();
+      const message =
+        err instanceof ReaperError && err.code === "SR_DAEMON_UNREACHABLE"
+          ? `cannot reach the daemon at ${ctx.socket}`
+          : (err as Error).message;
+      daemon = { status: "unreachable", socket: ctx.socket, message };
+    }
+  }
+  const report = verifyTrail(trail, fromStdin ? "stdin" : file, daemon, views);
+  ctx.out(ctx.json ? JSON.stringify(report, null, 2) + "\n" : renderReport(report));
+  return report.complete ? EXIT.ok : EXIT.auditIncomplete;
+}
+
+export function renderReport(r: VerifyReport): string {
+  const daemon =
+    r.daemon.status === "checked"
+      ? `${r.daemon.sessions} sessions cross-checked with the daemon at ${r.daemon.socket}`
+      : r.daemon.status === "unreachable"
+        ? `not cross-checked: ${r.daemon.message}; the log was verified alone`
+        : "not cross-checked (--offline)";
+  let text = table([
+    ["source", `${r.source} (${r.lines} lines; ${r.nonAudit} non-audit lines skipped)`],
+    ["sessions seen", String(r.sessions.seen)],
+    ["reaped", String(r.sessions.reaped)],
+    ["still live", String(r.sessions.live)],
+    ["missing reap.finished", String(r.sessions.missing)],
+    ["log/daemon mismatches", String(r.mismatches.length)],
+    ["malformed lines", String(r.malformed.length)],
+    ["unknown events", String(r.unknown.length)],
+    ["daemon", daemon],
+    ["result", r.complete ? "complete" : "INCOMPLETE"],
+  ]);
+  if (r.missing.length > 0) {
+    text +=
+      "\nSessions that left live without reap.finished:\n" +
+      table(
+        [
+          ["SESSION", "REASON", "LAST EVENT", "LINE", "DAEMON"],
+          ...r.missing.map((m) => [m.sessionId, m.reason ?? "-", m.lastEvent, String(m.line), m.daemon]),
+        ],
+        true,
+      );
+  }
+  if (r.mismatches.length > 0) {
+    text +=
+      "\nLog and daemon disagree:\n" +
+      table([["SESSION", "DETAIL"], ...r.mismatches.map((m) => [m.sessionId, m.detail])], true);
+  }
+  if (r.malformed.length > 0) {
+    text +=
+      "\nMalformed lines:\n" + table([["LINE", "TEXT"], ...r.malformed.map((m) => [String(m.line), m.text])], true);
+  }
+  if (r.unknown.length > 0) {
+    text +=
+      "\nUnknown events:\n" +
+      table(
+        [["LINE", "EVENT", "SESSION"], ...r.unknown.map((u) => [String(u.line), u.event, u.sessionId ?? "-"])],
+        true,
+      );
+  }
+  return text;
+}

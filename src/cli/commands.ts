@@ -1,0 +1,182 @@
+/** The commands that read or act on the daemon's sessions: one API call (or page loop) each. */
+import type { Session } from "../client/index.js";
+import { EXIT, UsageError, apiFailure, stringOption, type Context } from "./command.js";
+import { parseDuration, relativeTime, table } from "./format.js";
+
+function print(ctx: Context, value: unknown, human: () => string): void {
+  ctx.out(ctx.json ? JSON.stringify(value, null, 2) + "\n" : human());
+}
+
+function sessionIdArg(ctx: Context, command: string): string {
+  if (ctx.args.length !== 1) throw new UsageError(`${command} takes exactly one session id`);
+  return encodeURIComponent(ctx.args[0] as string);
+}
+
+function noArgs(ctx: Context, command: string): void {
+  if (ctx.args.length > 0) throw new UsageError(`${command} takes no arguments`);
+}
+
+export async function status(ctx: Context): Promise<number> {
+  noArgs(ctx, "status");
+  const res = await ctx.api<{ state: string; version: string; startedAt: string; counts: Record<string, number> }>(
+    "GET",
+    "/v1/daemon",
+  );
+  if (res.status !== 200) return apiFailure(ctx, res);
+  const d = res.body;
+  const now = Date.now();
+  print(ctx, d, () =>
+    table([
+      ["state", d.state],
+      ["version", d.version],
+      ["started", `${d.startedAt} (${relativeTime(d.startedAt, now)})`],
+      ["live", String(d.counts.live ?? 0)],
+      ["reaping", String(d.counts.reaping ?? 0)],
+      ["reaped", String(d.counts.reaped ?? 0)],
+    ]),
+  );
+  return EXIT.ok;
+}
+
+export async function list(ctx: Context): Promise<number> {
+  noArgs(ctx, "list");
+  const sessions: Session[] = [];
+  const params = new URLSearchParams();
+  for (const key of ["state", "profile", "owner", "limit"]) {
+    const v = stringOption(ctx.values, key);
+    if (v !== undefined) params.set(key, v);
+  }
+  const limited = params.has("limit");
+  let cursor: string | null = null;
+  do {
+    if (cursor !== null) params.set("cursor", cursor);
+    const res = await ctx.api<{ sessions: Session[]; next: string | null }>("GET", `/v1/sessions?${params.toString()}`);
+    if (res.status !== 200) return apiFailure(ctx, res);
+    sessions.push(...res.body.sessions);
+    cursor = limited ? null : res.body.next;
+  } while (cursor !== null);
+  const now = Date.now();
+  print(ctx, { sessions }, () =>
+    table(
+      [
+        ["ID", "STATE", "PROFILE", "OWNER", "PID", "CREATED", "EXPIRES / REASON"],
+        ...sessions.map((s) => [
+          s.id,
+          s.state,
+          s.profile,
+          s.owner ?? "-",
+          String(s.engine.pid),
+          s.createdAt ? relativeTime(s.createdAt, now) : "-",
+          s.state === "live" && s.deadline
+            ? relativeTime(s.deadline, now)
+            : `${s.reason ?? ""}${s.outcome ? ` (${s.outcome})` : ""}`,
+        ]),
+      ],
+      true,
+    ),
+  );
+  return EXIT.ok;
+}
+
+export async function show(ctx: Context): Promise<number> {
+  const res = await ctx.api<Session>("GET", `/v1/sessions/${sessionIdArg(ctx, "show")}`);
+  if (res.status !== 200) return apiFailure(ctx, res);
+  const s = res.body;
+  print(ctx, s, () => showSession(s, Date.now()));
+  return EXIT.ok;
+}
+
+function showSession(s: Session, now: number): string {
+  const when = (iso: string | null): string => (iso ? `${iso} (${relativeTime(iso, now)})` : "-");
+  const rows: string[][] = [
+    ["id", s.id],
+    ["state", s.state + (s.reason ? ` (${s.reason})` : "")],
+    ["outcome", s.outcome ?? "-"],
+    ["profile", s.profile],
+    ["owner", s.owner ?? "-"],
+    ["engine pid", String(s.engine.pid)],
+    ["created", when(s.createdAt)],
+    ["last heartbeat", when(s.lastHeartbeatAt)],
+    ["deadline", when(s.deadline)],
+    ["ports", s.ports.join(", ") || "-"],
+    ["paths", s.paths.join(", ") || "-"],
+  ];
+  if (s.usage)
+    rows.push(["usage", `cpu ${s.usage.cpu.toFixed(1)}%, memory ${(s.usage.memory / 1048576).toFixed(1)} MiB`]);
+  let text = table(rows);
+  if (s.steps && s.steps.length > 0) {
+    text +=
+      "\n" + table([["STEP", "OUTCOME", "MS"], ...s.steps.map((x) => [x.name, x.outcome, String(x.durationMs)])], true);
+  }
+  if (s.leftovers.length > 0) {
+    text += "\n" + table([["LEFTOVER", "ITEM", "DETAIL"], ...s.leftovers.map((l) => [l.kind, l.item, l.detail])], true);
+  }
+  return text;
+}
+
+export async function events(ctx: Context): Promise<number> {
+  const res = await ctx.api<{
+    events: { time: string; event: string; step: string | null; outcome: string | null; durationMs: number | null }[];
+  }>("GET", `/v1/sessions/${sessionIdArg(ctx, "events")}/events`);
+  if (res.status !== 200) return apiFailure(ctx, res);
+  print(ctx, res.body, () =>
+    table(
+      [
+        ["TIME", "EVENT", "STEP", "OUTCOME", "MS"],
+        ...res.body.events.map((e) => [
+          e.time,
+          e.event,
+          e.step ?? "",
+          e.outcome ?? "",
+          e.durationMs === null ? "" : String(e.durationMs),
+        ]),
+      ],
+      true,
+    ),
+  );
+  return EXIT.ok;
+}
+
+export async function end(ctx: Context, command: "close" | "reap"): Promise<number> {
+  const id = sessionIdArg(ctx, command);
+  const res =
+    command === "close"
+      ? await ctx.api("DELETE", `/v1/sessions/${id}`)
+      : await ctx.api("POST", `/v1/sessions/${id}/reap`);
+  if (res.status !== 202) return apiFailure(ctx, res);
+  print(ctx, res.body, () => `${decodeURIComponent(id)}: reaping (${command === "close" ? "closed" : "forced"})\n`);
+  return EXIT.ok;
+}
+
+interface Expiring {
+  id: string;
+  profile: string;
+  owner: string | null;
+  deadline: string;
+  expiresBy: string;
+  inSec: number;
+}
+
+export async function expiring(ctx: Context): Promise<number> {
+  noArgs(ctx, "expiring");
+  const within = stringOption(ctx.values, "within") ?? "10m";
+  const ms = parseDuration(within);
+  if (ms === null || ms <= 0) throw new UsageError(`--within: "${within}" is not a duration (e.g. 30s, 10m, 2h, 1d)`);
+  const res = await ctx.api<{ sessions: Expiring[] }>("GET", `/v1/expiring?withinSec=${Math.ceil(ms / 1000)}`);
+  if (res.status === 404 && (res.body as { error?: { code?: string } } | null)?.error?.code === "SR_ROUTE_NOT_FOUND") {
+    ctx.note("this daemon does not serve GET /v1/expiring yet: upgrade reaperd");
+    return EXIT.error;
+  }
+  if (res.status !== 200) return apiFailure(ctx, res);
+  const now = Date.now();
+  print(ctx, res.body, () =>
+    table(
+      [
+        ["ID", "PROFILE", "OWNER", "EXPIRES", "REASON"],
+        ...res.body.sessions.map((s) => [s.id, s.profile, s.owner ?? "-", relativeTime(s.deadline, now), s.expiresBy]),
+      ],
+      true,
+    ),
+  );
+  return EXIT.ok;
+}

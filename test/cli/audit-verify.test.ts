@@ -1,0 +1,169 @@
+import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { test, type TestContext } from "node:test";
+import type { VerifyReport } from "../../src/cli/audit-verify.js";
+import { sleeper, startDaemon, startEngine, tempDir, testConfig } from "../helpers.js";
+import { ctl } from "./ctl.js";
+
+/**
+ * A real trail: four sessions registered; one closed, one force-reaped, one reaped as
+ * engine_gone (with files, so "path deleted" and "signal sent" lines are in it too), one
+ * left live. Log level info, so the operational lines are there to be skipped.
+ */
+async function realTrail(t: TestContext) {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir, { log: { level: "info" } }));
+  const engine = await startEngine(t, [], join(dir, "engine"));
+  await d.api("POST", "/v1/sessions", { id: "closed-1", engine: { pid: engine.pid }, paths: [engine.dir] });
+  await d.api("POST", "/v1/sessions", { id: "forced-1", engine: { pid: sleeper(t).pid } });
+  const short = sleeper(t, "sleep", ["0.3"]);
+  await d.api("POST", "/v1/sessions", { id: "gone-1", engine: { pid: short.pid } });
+  await d.api("POST", "/v1/sessions", { id: "live-1", engine: { pid: sleeper(t).pid } });
+  await d.api("DELETE", "/v1/sessions/closed-1");
+  await d.api("POST", "/v1/sessions/forced-1/reap");
+  for (const id of ["closed-1", "forced-1", "gone-1"]) await d.reaped(id);
+  return {
+    dir,
+    d,
+    lines: d.lines
+      .join("")
+      .split("\n")
+      .filter((l) => l !== ""),
+  };
+}
+
+function write(dir: string, name: string, lines: string[]): string {
+  const file = join(dir, name);
+  writeFileSync(file, lines.join("\n") + "\n");
+  return file;
+}
+
+function report(stdout: string): VerifyReport {
+  return JSON.parse(stdout) as VerifyReport;
+}
+
+test("audit verify: a complete trail from a real daemon, from a file and from stdin", async (t) => {
+  const { dir, d, lines } = await realTrail(t);
+  const file = write(dir, "audit.log", lines);
+
+  const r = await ctl(["audit", "verify", file, "--socket", d.socket]);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  assert.match(r.stdout, /^sessions seen\s+4$/m);
+  assert.match(r.stdout, /^reaped\s+3$/m);
+  assert.match(r.stdout, /^still live\s+1$/m);
+  assert.match(r.stdout, /^missing reap\.finished\s+0$/m);
+  assert.match(r.stdout, /^daemon\s+4 sessions cross-checked with the daemon/m);
+  assert.match(r.stdout, /^result\s+complete$/m);
+
+  // journalctl -o cat -u session-reaper | reaperctl audit verify
+  const piped = await ctl(["audit", "verify", "--json", "--socket", d.socket], {}, lines.join("\n") + "\n");
+  assert.equal(piped.code, 0, piped.stderr);
+  const rep = report(piped.stdout);
+  assert.equal(rep.complete, true);
+  assert.equal(rep.source, "stdin");
+  assert.deepEqual(rep.sessions, { seen: 4, live: 1, reaped: 3, missing: 0 });
+  assert.ok(rep.nonAudit > 0, "operational lines (signal sent, path deleted) were skipped");
+  assert.deepEqual(rep.daemon, { status: "checked", socket: d.socket, sessions: 4 });
+
+  // journalctl's default format prefixes each line: still verified.
+  const prefixed = write(
+    dir,
+    "journal.txt",
+    lines.map((l) => `Nov 22 06:46:41 host node[42]: ${l}`),
+  );
+  assert.equal((await ctl(["audit", "verify", prefixed, "--offline"])).code, 0);
+
+  // The daemon is not running: the log alone is verified, and that is no error.
+  const alone = await ctl(["audit", "verify", file, "--socket", join(dir, "absent.sock")]);
+  assert.equal(alone.code, 0, alone.stdout);
+  assert.match(
+    alone.stdout,
+    /^daemon\s+not cross-checked: cannot reach the daemon at .*; the log was verified alone$/m,
+  );
+});
+
+test("audit verify: a session whose reap.finished line is missing", async (t) => {
+  const { dir, d, lines } = await realTrail(t);
+  const isFinish = (l: string): boolean =>
+    l.includes('"event":"reap.finished"') && l.includes('"sessionId":"closed-1"');
+  assert.equal(lines.filter(isFinish).length, 1);
+  const file = write(
+    dir,
+    "cut.log",
+    lines.filter((l) => !isFinish(l)),
+  );
+
+  const offline = await ctl(["audit", "verify", file, "--offline"]);
+  assert.equal(offline.code, 5, offline.stdout + offline.stderr);
+  assert.match(offline.stdout, /^missing reap\.finished\s+1$/m);
+  assert.match(offline.stdout, /^result\s+INCOMPLETE$/m);
+  assert.match(offline.stdout, /^Sessions that left live without reap\.finished:$/m);
+  assert.match(offline.stdout, /^closed-1\s+closed\s+reap\.step\s+\d+\s+not checked$/m);
+
+  // The daemon still holds the reap.finished: the session did finish, the log lost a line.
+  const checked = await ctl(["audit", "verify", file, "--json", "--socket", d.socket]);
+  assert.equal(checked.code, 5);
+  const rep = report(checked.stdout);
+  assert.deepEqual(rep.missing, []);
+  assert.deepEqual(rep.mismatches, [
+    { sessionId: "closed-1", detail: "the log lacks the reap.finished the daemon holds" },
+  ]);
+
+  // A log from another daemon (another database): its sessions are unknown here.
+  const other = await startDaemon(t, testConfig(tempDir(t)));
+  const foreign = report(
+    (await ctl(["audit", "verify", write(dir, "all.log", lines), "--json", "--socket", other.socket])).stdout,
+  );
+  assert.equal(foreign.complete, false);
+  assert.deepEqual(foreign.mismatches.map((m) => m.sessionId).sort(), ["closed-1", "forced-1", "gone-1"]);
+});
+
+test("audit verify: garbage, unknown events and operational lines", async (t) => {
+  const { dir, lines } = await realTrail(t);
+  const long = "x".repeat(200);
+  const file = write(dir, "garbage.log", [
+    lines[0]!,
+    "this is not json",
+    '{"level":"info","audit":true,"event":"reap.fin',
+    '{"level":"info","audit":true,"event":"session.teleported","sessionId":"closed-1"}',
+    '{"level":"info","msg":"signal sent","pid":4242}',
+    '{"level":"info","audit":true,"msg":"an audit line without its event"}',
+    '{"level":"info","audit":true,"event":"reap.step"}',
+    "[1,2,3]",
+    long,
+    "",
+    ...lines.slice(1),
+  ]);
+  const r = await ctl(["audit", "verify", file, "--offline", "--json"]);
+  assert.equal(r.code, 5, r.stderr);
+  const rep = report(r.stdout);
+  assert.deepEqual(
+    rep.malformed.map((m) => m.line),
+    [2, 3, 6, 7, 8, 9],
+  );
+  assert.equal(rep.malformed.find((m) => m.line === 9)?.text, "x".repeat(80));
+  assert.deepEqual(rep.unknown, [{ line: 4, event: "session.teleported", sessionId: "closed-1" }]);
+  assert.deepEqual(rep.missing, []);
+  assert.deepEqual(rep.sessions, { seen: 4, live: 1, reaped: 3, missing: 0 });
+
+  const human = await ctl(["audit", "verify", file, "--offline"]);
+  assert.equal(human.code, 5);
+  assert.match(human.stdout, /^malformed lines\s+6$/m);
+  assert.match(human.stdout, /^unknown events\s+1$/m);
+  assert.match(human.stdout, /^2\s+this is not json$/m);
+  assert.match(human.stdout, /^4\s+session\.teleported\s+closed-1$/m);
+});
+
+test("audit verify: usage and unreadable input", async (t) => {
+  const dir = tempDir(t);
+  const missing = await ctl(["audit", "verify", join(dir, "nope.log"), "--offline"]);
+  assert.equal(missing.code, 1);
+  assert.match(missing.stderr, /^reaperctl: cannot read .*nope\.log: ENOENT/);
+  assert.equal((await ctl(["audit", "verify", "a", "b"])).code, 2);
+  assert.equal((await ctl(["audit"])).code, 2);
+  assert.equal((await ctl(["audit", "check"])).code, 2);
+  // An empty trail proves nothing is missing.
+  const empty = await ctl(["audit", "verify", "-", "--offline"], {}, "");
+  assert.equal(empty.code, 0);
+});

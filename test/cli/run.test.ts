@@ -1,0 +1,231 @@
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { request } from "node:http";
+import { createServer, type AddressInfo } from "node:net";
+import { join } from "node:path";
+import { test } from "node:test";
+import type { Session } from "../../src/client/index.js";
+import { ENGINE, isGone, portFree, startDaemon, tempDir, testConfig, until } from "../helpers.js";
+import { ctl, startCtl } from "./ctl.js";
+
+/** A port nobody listens on right now. */
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const srv = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = srv.address() as AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function post(port: number, path: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = request({ host: "127.0.0.1", port, path, method: "POST" }, (res) => {
+      res.resume();
+      resolve(res.statusCode ?? 0);
+    });
+    req.on("error", reject);
+    req.end();
+  });
+}
+
+interface Ready {
+  pid: number;
+  port: number;
+  children: number[];
+}
+
+test("run -- sh -c 'exit 7': exits 7, the session is registered first and reaped after", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const r = await ctl([
+    "run",
+    "--socket",
+    d.socket,
+    "--id",
+    "run-7",
+    "--",
+    "sh",
+    "-c",
+    'echo "$REAPER_SESSION_ID"; exit 7',
+  ]);
+  assert.equal(r.code, 7, r.stderr);
+  assert.equal(r.stdout, "run-7\n");
+  assert.equal(r.stderr, "");
+  // run waits for the cleanup: the session is reaped by the time it exits.
+  const s = (await d.api<Session>("GET", "/v1/sessions/run-7")).body;
+  assert.equal(s.state, "reaped");
+  assert.equal(s.outcome, "clean");
+  assert.equal(s.ownerPid === null, false);
+  // reaperctl closes the session when the command exits, but the daemon's pidfd usually sees
+  // the exit first and reaps it as engine_gone: either way the full cleanup ran.
+  assert.ok(s.reason === "closed" || s.reason === "engine_gone", `reason ${s.reason}`);
+  const registered = await d.waitFor((e) => e.event === "session.registered" && e.sessionId === "run-7");
+  assert.ok(registered);
+});
+
+test("run with --port and --path: registered once listening, everything cleaned after it exits", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const port = await freePort();
+  const files = join(dir, "engine");
+  const run = startCtl(t, [
+    "run",
+    "--socket",
+    d.socket,
+    "--id",
+    "run-port",
+    "--port",
+    String(port),
+    "--path",
+    files,
+    "--label",
+    "team=data",
+    "--owner",
+    "carol",
+    "--heartbeat",
+    "100ms",
+    "--",
+    process.execPath,
+    ENGINE,
+    "--port",
+    String(port),
+    "--dir",
+    files,
+    "--fork",
+    "1",
+  ]);
+  const ready = JSON.parse(await run.firstLine) as Ready;
+  await d.waitFor((e) => e.event === "session.registered" && e.sessionId === "run-port");
+  const s = (await d.api<Session>("GET", "/v1/sessions/run-port")).body;
+  assert.equal(s.engine.pid, ready.pid);
+  assert.equal(s.ownerPid?.pid, run.proc.pid);
+  assert.deepEqual(s.ports, [port]);
+  assert.deepEqual(s.paths, [files]);
+  assert.deepEqual(s.labels, { team: "data" });
+  assert.equal(s.owner, "carol");
+  assert.ok(existsSync(join(files, "engine.log")));
+  // Heartbeats every 100 ms move lastHeartbeatAt.
+  await until(
+    async () => (await d.api<Session>("GET", "/v1/sessions/run-port")).body.lastHeartbeatAt !== s.lastHeartbeatAt,
+    5000,
+    "a heartbeat",
+  );
+
+  assert.equal(await post(port, "/shutdown"), 200); // the engine exits 0, its child stays behind
+  const r = await run.done;
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(existsSync(files), false, "the engine's files are gone");
+  assert.equal(await portFree(port), true, "its port is free");
+  for (const pid of ready.children) assert.equal(isGone(pid), true, `leftover child ${pid} is gone`);
+  const end = (await d.api<Session>("GET", "/v1/sessions/run-port")).body;
+  assert.equal(end.state, "reaped");
+  assert.equal(end.outcome, "clean");
+});
+
+test("run: SIGTERM to reaperctl is forwarded to the engine's group; exit status 143", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const run = startCtl(t, ["run", "--socket", d.socket, "--id", "run-term", "--", process.execPath, ENGINE]);
+  const ready = JSON.parse(await run.firstLine) as Ready;
+  run.proc.kill("SIGTERM");
+  const r = await run.done;
+  assert.equal(r.code, 143, r.stderr);
+  assert.equal(isGone(ready.pid), true);
+  assert.equal((await d.api<Session>("GET", "/v1/sessions/run-term")).body.state, "reaped");
+});
+
+test("run: SIGKILL to reaperctl makes the daemon reap the engine as owner_gone", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const run = startCtl(t, [
+    "run",
+    "--socket",
+    d.socket,
+    "--id",
+    "run-kill",
+    "--",
+    process.execPath,
+    ENGINE,
+    "--fork",
+    "1",
+  ]);
+  const ready = JSON.parse(await run.firstLine) as Ready;
+  run.proc.kill("SIGKILL");
+  const finished = await d.reaped("run-kill");
+  assert.equal(finished.reason, "owner_gone");
+  assert.equal(finished.outcome, "clean", JSON.stringify(finished.detail));
+  for (const pid of [ready.pid, ...ready.children]) assert.equal(isGone(pid), true, `${pid} is gone`);
+});
+
+test("run: the daemon fences the session; reaperctl says so once and waits for the engine", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  // --ignore-term: the engine outlives the SIGTERM for the grace period (1 s), long enough
+  // for a heartbeat to meet the fence.
+  const args = ["run", "--socket", d.socket, "--id", "run-fenced", "--heartbeat", "50ms"];
+  const run = startCtl(t, [...args, "--", process.execPath, ENGINE, "--ignore-term"]);
+  await run.firstLine;
+  assert.equal((await d.api("POST", "/v1/sessions/run-fenced/reap")).status, 202);
+  const r = await run.done;
+  assert.equal(r.code, 137, r.stderr); // SIGKILLed by the daemon after the grace period
+  const notes = r.stderr.trim().split("\n");
+  assert.equal(notes.length, 1, r.stderr);
+  assert.match(notes[0]!, /^reaperctl: session run-fenced was ended by the daemon \(SR_SESSION_FENCED\)/);
+  assert.equal((await d.reaped("run-fenced")).reason, "forced");
+});
+
+test("run: a failed registration never leaves the command running", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+
+  // The daemon is not there: the command never starts.
+  const down = await ctl(["run", "--socket", join(dir, "absent.sock"), "--", "sh", "-c", "echo started"]);
+  assert.equal(down.code, 4);
+  assert.equal(down.stdout, "");
+  assert.equal(down.stderr.trim().split("\n").length, 1);
+  assert.match(down.stderr, /cannot register the session: .*is it running\?/);
+
+  // Refused (unknown profile): same.
+  const refused = await ctl(["run", "--socket", d.socket, "--profile", "nope", "--", "sh", "-c", "echo started"]);
+  assert.equal(refused.code, 1);
+  assert.equal(refused.stdout, "");
+  assert.match(refused.stderr, /SR_UNKNOWN_PROFILE/);
+
+  // A port the command never listens on: retried until --wait-ports, then the command's
+  // whole group is killed.
+  const port = await freePort();
+  const started = Date.now();
+  const noPort = await ctl([
+    "run",
+    "--socket",
+    d.socket,
+    "--port",
+    String(port),
+    "--wait-ports",
+    "600ms",
+    "--",
+    "sh",
+    "-c",
+    "sleep 30 & echo $$ $!; wait",
+  ]);
+  assert.equal(noPort.code, 1);
+  assert.ok(Date.now() - started >= 600);
+  assert.match(noPort.stderr, /SR_PORT_NOT_OWNED/);
+  for (const pid of noPort.stdout.trim().split(" ").map(Number)) assert.equal(isGone(pid), true, `${pid} is gone`);
+  assert.equal((await d.api<{ sessions: unknown[] }>("GET", "/v1/sessions")).body.sessions.length, 0);
+
+  // A command that cannot be found: 127, as in a shell.
+  const missing = await ctl(["run", "--socket", d.socket, "--", join(dir, "no-such-command")]);
+  assert.equal(missing.code, 127);
+});
+
+test("run: usage errors exit 2", async () => {
+  const noDashes = await ctl(["run", "sleep", "1"]);
+  assert.equal(noDashes.code, 2);
+  assert.match(noDashes.stderr, /put the command after "--"/);
+  assert.equal((await ctl(["run", "--"])).code, 2);
+  assert.equal((await ctl(["run", "--port", "http", "--", "true"])).code, 2);
+  assert.equal((await ctl(["run", "--label", "novalue", "--", "true"])).code, 2);
+  assert.equal((await ctl(["run", "--heartbeat", "soon", "--", "true"])).code, 2);
+});
