@@ -37,6 +37,9 @@ export const terminate: CleanupStep = {
           fresh.push(p);
         }
       }
+      // Journaled even if the step times out: the port step needs to know whose sockets these were.
+      if (fresh.length > 0)
+        ctx.record({ processes: [...seen.values()].map((p) => ({ pid: p.pid, startTime: p.startTime })) });
       return fresh;
     };
     const alive = (): ProcessIdentity[] => [...seen.values()].filter((p) => liveness(p) === "alive");

@@ -66,7 +66,11 @@ test("a live session whose engine exits and whose pid is reused at once: the dec
 
 test("an engine that forks in a loop and ignores SIGTERM: frozen, then killed; nothing escapes", async (t) => {
   const dir = tempDir(t);
-  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { grace_period_sec: 0.5 } } }));
+  // Thousands of processes to scan and signal: a step budget that fits the job on a busy machine.
+  const d = await startDaemon(
+    t,
+    testConfig(dir, { profiles: { default: { grace_period_sec: 0.5, step_timeout_sec: 30 } } }),
+  );
   // Every child ignores SIGTERM too (an ignored signal is inherited) and forks a grandchild.
   const script = `trap '' TERM; for i in $(seq 1 1500); do ( sleep 1000 & sleep 1000 ) & done; wait`;
   const engine = spawn("bash", ["-c", script], { stdio: "ignore", detached: true });
