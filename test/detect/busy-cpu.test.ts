@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
+import pidusage from "pidusage";
 import { pino } from "pino";
 import { FakeClock } from "../../src/clock.js";
 import { Detector, type LiveSession } from "../../src/detect/detector.js";
@@ -8,6 +9,15 @@ import { sleeper, startDaemon, tempDir, testConfig } from "../helpers.js";
 
 const BURN = ["-e", "for (;;) {}"];
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Waits until the process has used `ms` of CPU: past its start-up, and spinning. */
+async function burningFor(pid: number, ms: number): Promise<void> {
+  const end = Date.now() + 10_000;
+  while ((await pidusage(pid)).ctime < ms) {
+    if (Date.now() > end) throw new Error(`pid ${pid} does not burn CPU`);
+    await sleep(50);
+  }
+}
 
 type SessionJson = { state: string; reason: string | null; createdAt: string; lastActivityAt: string };
 
@@ -21,6 +31,7 @@ test("busy_cpu_percent: a computing engine is not culled as idle; an idle one in
   );
   const burner = sleeper(t, process.execPath, BURN);
   const idle = sleeper(t);
+  await burningFor(burner.pid, 100);
   for (const [id, pid] of [
     ["busy", burner.pid],
     ["idle", idle.pid],
@@ -61,16 +72,20 @@ test("sampleCpu: a baseline first, then activity moves only for an engine above 
     recoveredAt: 0,
     busyCpuPercent,
   });
-  const burner = session("burner", sleeper(t, process.execPath, BURN).pid, 20);
+  // One burning process: "greedy" watches the same engine with a threshold it cannot reach.
+  const burning = sleeper(t, process.execPath, BURN).pid;
+  await burningFor(burning, 200);
+  const burner = session("burner", burning, 20);
+  const greedy = session("greedy", burning, 100 * 64);
   const quiet = session("quiet", sleeper(t).pid, 20);
-  const unwatched = session("unwatched", sleeper(t, process.execPath, BURN).pid, null);
-  const greedy = session("greedy", sleeper(t, process.execPath, BURN).pid, 100 * 64); // never reached
+  const unwatched = session("unwatched", sleeper(t).pid, null);
   const t0 = clock.now();
   for (const s of [burner, quiet, unwatched, greedy]) detector.add(s);
   await detector.sampleCpu(); // may race add()'s own baseline: either way nobody is judged yet
   assert.equal(burner.lastActivityAt, t0);
   assert.ok(burner.cpuSample !== undefined && quiet.cpuSample !== undefined);
   assert.equal(unwatched.cpuSample, undefined, "a session without a threshold is never sampled");
+  assert.ok(greedy.cpuSample !== undefined);
 
   await sleep(700);
   clock.advance(5000);
