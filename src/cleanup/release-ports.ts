@@ -274,8 +274,22 @@ export const releaseConnectionsAndPorts: CleanupStep = {
       }
     }
 
-    const inet = inetSockets();
-    const sockets = verifySockets(snap, { inet, unix: new Set(unixSockets().map((s) => s.inode)) }, sessionKeys);
+    // A multithreaded engine (a JVM, Node) shows as a zombie, gone for terminate, while its
+    // last threads still release the shared fd table: its sockets may outlive it by a
+    // moment, longer on a loaded host. Give them the same settle time as the ports.
+    let sockets = verifySockets(
+      snap,
+      { inet: inetSockets(), unix: new Set(unixSockets().map((s) => s.inode)) },
+      sessionKeys,
+    );
+    while ("survivors" in sockets && sockets.survivors.length > 0 && !signal.aborted && performance.now() < settleEnd) {
+      await sleep(50);
+      sockets = verifySockets(
+        snap,
+        { inet: inetSockets(), unix: new Set(unixSockets().map((s) => s.inode)) },
+        sessionKeys,
+      );
+    }
     const registered = new Set(session.ports);
     const survivors = "survivors" in sockets ? sockets.survivors : [];
     for (const s of survivors) {
@@ -297,7 +311,7 @@ export const releaseConnectionsAndPorts: CleanupStep = {
     // TIME_WAIT: the TCP close is done on the session's side; the kernel keeps the line for a
     // while (2 * MSL). Reported, never a failure: a test bind still succeeds (SO_REUSEADDR).
     const snapConnections = new Set(snap?.established.map((c) => `${c.proto} ${c.local} -> ${c.remote}`));
-    const timeWait = inet
+    const timeWait = inetSockets()
       .filter((s) => s.state === "TIME_WAIT")
       .map((s) => ({
         item: `${s.proto} ${endpoint(s.localAddress, s.localPort)} -> ${endpoint(s.remoteAddress, s.remotePort)}`,
