@@ -167,6 +167,17 @@ export async function until(
   }
 }
 
+/**
+ * Writes the config of a daemon run as a separate process: its socket and database in
+ * `dir`, then `extra` (more TOML sections: [reaper], [profiles.default], …).
+ */
+export function writeDaemonConfig(dir: string, extra = ""): { file: string; socket: string; db: string } {
+  const socket = join(dir, "reaper.sock");
+  const db = join(dir, "reaper.db");
+  const file = writeConfig(dir, `[api]\nsocket = "${socket}"\n[store]\npath = "${db}"\n${extra}`);
+  return { file, socket, db };
+}
+
 /** Writes a TOML config file for a daemon run as a separate process. */
 export function writeConfig(dir: string, toml: string): string {
   const file = join(dir, "config.toml");

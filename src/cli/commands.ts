@@ -1,5 +1,6 @@
 /** The commands that read or act on the daemon's sessions: one API call (or page loop) each. */
 import type { Session } from "../client/index.js";
+import type { ExpiringJson } from "../http/present.js";
 import { EXIT, UsageError, apiFailure, stringOption, type Context } from "./command.js";
 import { parseDuration, relativeTime, table } from "./format.js";
 
@@ -148,14 +149,7 @@ export async function end(ctx: Context, command: "close" | "reap"): Promise<numb
   return EXIT.ok;
 }
 
-interface Expiring {
-  id: string;
-  profile: string;
-  owner: string | null;
-  deadline: string;
-  expiresBy: string;
-  inSec: number;
-}
+type Expiring = ExpiringJson;
 
 export async function expiring(ctx: Context): Promise<number> {
   noArgs(ctx, "expiring");

@@ -68,3 +68,6 @@ export function expiringJson(e: ExpiringSession) {
     inSec: e.inSec,
   };
 }
+
+/** One entry of GET /v1/expiring, as clients receive it. */
+export type ExpiringJson = ReturnType<typeof expiringJson>;

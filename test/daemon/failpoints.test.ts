@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { callApi } from "../../src/cli/client.js";
 import { FAILPOINTS } from "../../src/reaper/reaper.js";
-import { isGone, portFree, spawnDaemon, startEngine, tempDir, until, writeConfig } from "../helpers.js";
+import { isGone, portFree, spawnDaemon, startEngine, tempDir, until, writeDaemonConfig } from "../helpers.js";
 
 const STEPS = ["close-environment", "terminate", "release-connections-and-ports", "remove-paths"];
 
@@ -18,15 +18,10 @@ type Line = { event?: string; sessionId?: string; step?: string; failpoint?: str
 for (const failpoint of FAILPOINTS) {
   test(`SIGKILL at ${failpoint}: the restarted daemon finishes the reap exactly once`, async (t) => {
     const dir = tempDir(t);
-    const socket = join(dir, "reaper.sock");
     const hookLog = join(dir, "hook.log");
-    const file = writeConfig(
+    const { file, socket } = writeDaemonConfig(
       dir,
-      `[api]
-socket = "${socket}"
-[store]
-path = "${join(dir, "reaper.db")}"
-[profiles.default]
+      `[profiles.default]
 close_hook = ["/bin/sh", "-c", "echo \\"$SESSION_ID $REAP_ATTEMPT\\" >> ${hookLog}"]
 grace_period_sec = 0.5
 step_timeout_sec = 3
@@ -104,8 +99,7 @@ allowed_roots = ["${dir}"]
 
 test("an unknown failpoint name stops reaperd at start (exit 78)", async (t) => {
   const dir = tempDir(t);
-  const socket = join(dir, "reaper.sock");
-  const file = writeConfig(dir, `[api]\nsocket = "${socket}"\n[store]\npath = "${join(dir, "db")}"\n`);
+  const { file, socket } = writeDaemonConfig(dir);
   await assert.rejects(
     spawnDaemon(t, file, socket, { REAPER_FAILPOINTS: "after-lunch" }),
     /exited with 78.*after-lunch/s,

@@ -16,7 +16,7 @@ import {
   tempDir,
   testConfig,
   until,
-  writeConfig,
+  writeDaemonConfig,
 } from "../helpers.js";
 
 type SessionJson = { state: string; reason: string; outcome: string; steps: { name: string; outcome: string }[] };
@@ -56,14 +56,9 @@ test("daemon down longer than the heartbeat timeout: nothing is reaped until the
 
 test("killed with SIGKILL mid-reap, the daemon resumes after the last journaled step", async (t) => {
   const dir = tempDir(t);
-  const socket = join(dir, "reaper.sock");
-  const file = writeConfig(
+  const { file, socket } = writeDaemonConfig(
     dir,
-    `[api]
-socket = "${socket}"
-[store]
-path = "${join(dir, "reaper.db")}"
-[profiles.default]
+    `[profiles.default]
 close_hook = "/shutdown"
 step_timeout_sec = 1
 grace_period_sec = 4

@@ -3,20 +3,14 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { callApi } from "../../src/cli/client.js";
 import { Store } from "../../src/store/store.js";
-import { isGone, spawnDaemon, startEngine, tempDir, until, writeConfig } from "../helpers.js";
+import { isGone, spawnDaemon, startEngine, tempDir, until, writeDaemonConfig } from "../helpers.js";
 
 type ErrorBody = { error: { code: string } };
 
 function config(dir: string, graceSec: number): { file: string; socket: string; db: string } {
-  const socket = join(dir, "reaper.sock");
-  const db = join(dir, "reaper.db");
-  const file = writeConfig(
+  const { file, socket, db } = writeDaemonConfig(
     dir,
-    `[api]
-socket = "${socket}"
-[store]
-path = "${db}"
-[reaper]
+    `[reaper]
 shutdown_grace_sec = ${graceSec}
 [profiles.default]
 close_hook = "/shutdown"
@@ -144,15 +138,9 @@ test("a second SIGTERM forces the exit; the journal stays consistent and the rea
 
 test("SIGTERM with 20 reaps in flight while engines heartbeat: every answer keeps coming, exit 0 well before TimeoutStopSec", async (t) => {
   const dir = tempDir(t);
-  const socket = join(dir, "reaper.sock");
-  const db = join(dir, "reaper.db");
-  const file = writeConfig(
+  const { file, socket, db } = writeDaemonConfig(
     dir,
-    `[api]
-socket = "${socket}"
-[store]
-path = "${db}"
-[reaper]
+    `[reaper]
 concurrency = 20
 shutdown_grace_sec = 15
 [profiles.default]
@@ -210,15 +198,9 @@ allowed_roots = ["${dir}"]
 
 test("the grace budget forces the exit when a step will not reach a boundary; the journal stays consistent", async (t) => {
   const dir = tempDir(t);
-  const socket = join(dir, "reaper.sock");
-  const db = join(dir, "reaper.db");
-  const file = writeConfig(
+  const { file, socket, db } = writeDaemonConfig(
     dir,
-    `[api]
-socket = "${socket}"
-[store]
-path = "${db}"
-[reaper]
+    `[reaper]
 shutdown_grace_sec = 0.5
 [profiles.default]
 close_hook = "/shutdown"

@@ -1,16 +1,10 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { FakeClock } from "../../src/clock.js";
+import type { ExpiringJson } from "../../src/http/present.js";
 import { sleeper, startDaemon, tempDir, testConfig } from "../helpers.js";
 
-type Expiring = {
-  id: string;
-  profile: string;
-  owner: string | null;
-  deadline: string;
-  expiresBy: string;
-  inSec: number;
-};
+type Expiring = ExpiringJson;
 type ErrorBody = { error: { code: string } };
 
 const S = 1000;

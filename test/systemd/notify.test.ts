@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import { fileURLToPath } from "node:url";
 import { callApi } from "../../src/cli/client.js";
-import { REAPERD, spawnDaemon, startEngine, tempDir, until, writeConfig } from "../helpers.js";
+import { REAPERD, spawnDaemon, startEngine, tempDir, until, writeDaemonConfig } from "../helpers.js";
 
 const RECEIVER = fileURLToPath(new URL("../../../test/fixtures/notify_socket.py", import.meta.url));
 const PYTHON = execFileSync("python3", ["-c", "import sys; sys.stdout.write(sys.executable)"], { encoding: "utf8" });
@@ -31,16 +31,10 @@ async function notifySocket(t: TestContext, path: string): Promise<{ messages: s
   return { messages };
 }
 
-function config(dir: string, extra = ""): { file: string; socket: string } {
-  const socket = join(dir, "reaper.sock");
-  const file = writeConfig(dir, `[api]\nsocket = "${socket}"\n[store]\npath = "${join(dir, "reaper.db")}"\n${extra}`);
-  return { file, socket };
-}
-
 for (const kind of ["a path", "the abstract namespace"]) {
   test(`sd_notify to ${kind}: READY after listening, STATUS, WATCHDOG pings, STOPPING, in order`, async (t) => {
     const dir = tempDir(t);
-    const { file, socket } = config(dir);
+    const { file, socket } = writeDaemonConfig(dir);
     const notify = kind === "a path" ? join(dir, "notify.sock") : `@sr-test-notify-${process.pid}-${Date.now()}`;
     const rx = await notifySocket(t, notify);
     const d = await spawnDaemon(t, file, socket, { NOTIFY_SOCKET: notify, WATCHDOG_USEC: "200000" });
@@ -69,7 +63,7 @@ for (const kind of ["a path", "the abstract namespace"]) {
 
 test("without NOTIFY_SOCKET nothing is sent and the daemon runs as usual", async (t) => {
   const dir = tempDir(t);
-  const { file, socket } = config(dir);
+  const { file, socket } = writeDaemonConfig(dir);
   const d = await spawnDaemon(t, file, socket, { NOTIFY_SOCKET: "", WATCHDOG_USEC: "100000" });
   assert.equal((await callApi(socket, "GET", "/readyz")).status, 200);
   d.proc.kill("SIGTERM");
@@ -123,7 +117,7 @@ test("socket activation: serves the inherited fd; a request made while it restar
   const path = join(dir, "activated.sock");
   const log = join(dir, "daemon.log");
   // The config names another socket: with LISTEN_FDS the passed one wins and no file is made.
-  const { file, socket } = config(dir);
+  const { file, socket } = writeDaemonConfig(dir);
   const systemd = await socketHolder(t, path, log, file);
 
   await systemd.start();
@@ -150,7 +144,7 @@ test("socket activation: serves the inherited fd; a request made while it restar
 
 test("more than one passed socket is a configuration error (exit 78)", async (t) => {
   const dir = tempDir(t);
-  const { file } = config(dir);
+  const { file } = writeDaemonConfig(dir);
   const proc = spawn("/bin/sh", ["-c", 'LISTEN_PID=$$ exec "$0" "$@"', process.execPath, REAPERD, "--config", file], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, LISTEN_FDS: "2" },
