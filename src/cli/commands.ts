@@ -95,7 +95,13 @@ function showSession(s: Session, now: number): string {
     ["outcome", s.outcome ?? "-"],
     ["profile", s.profile],
     ["owner", s.owner ?? "-"],
-    ["engine pid", String(s.engine.pid)],
+    ["engine pid", `${s.engine.pid} (uid ${s.engine.uid})`],
+    [
+      "registered by",
+      s.registeredBy.via === "tcp"
+        ? "loopback TCP (token)"
+        : `${s.registeredBy.uid === null ? "unknown uid" : `uid ${s.registeredBy.uid}`}${s.registeredBy.admin ? " (admin)" : ""}`,
+    ],
     ["created", when(s.createdAt)],
     ["last heartbeat", when(s.lastHeartbeatAt)],
     ["deadline", when(s.deadline)],

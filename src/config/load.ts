@@ -24,6 +24,8 @@ export interface Profile {
   readonly gracePeriodSec: number;
   readonly stepTimeoutSec: number;
   readonly allowedRoots: readonly string[];
+  /** Engine uids this profile may manage, whoever registers; null = any uid. */
+  readonly allowedUids: readonly number[] | null;
   readonly closeHook: CloseHook | null;
   readonly releaseHooks: readonly ReleaseHook[];
   /**
@@ -38,12 +40,27 @@ export type LogLevel = "fatal" | "error" | "warn" | "info" | "debug" | "trace" |
 export interface Config {
   /** The file this came from, or null when running on embedded defaults. */
   readonly source: string | null;
-  readonly api: { readonly socket: string; readonly socketMode: number; readonly bodyLimitBytes: number };
+  readonly api: ApiConfig;
   readonly store: { readonly path: string; readonly flushIntervalMs: number };
   readonly log: { readonly level: LogLevel; readonly file: string };
   readonly detect: { readonly livenessSchedule: string };
   readonly reaper: { readonly concurrency: number; readonly shutdownGraceSec: number };
   readonly profiles: Readonly<Record<string, Profile>>;
+}
+
+export interface ApiConfig {
+  readonly socket: string;
+  readonly socketMode: number;
+  readonly bodyLimitBytes: number;
+  /** Members of this gid are administrators (besides root and the daemon's own uid); null = none. */
+  readonly adminGid: number | null;
+  readonly maxSessionsPerUid: number;
+  readonly headerTimeoutMs: number;
+  readonly requestTimeoutMs: number;
+  readonly keepAliveTimeoutMs: number;
+  readonly maxConnections: number;
+  /** Loopback TCP, off unless configured. */
+  readonly tcp: { readonly host: string; readonly port: number; readonly tokenFile: string } | null;
 }
 
 export const DEFAULT_CONFIG_PATH = "/etc/session-reaper/config.toml";
@@ -53,6 +70,8 @@ export interface LoadOptions {
   configPath?: string | undefined;
   env: Readonly<Record<string, string | undefined>>;
   cwd: string;
+  /** Where group names are looked up (api.admin_group); /etc/group unless a test says otherwise. */
+  groupFile?: string;
 }
 
 const validate = new Ajv({ allErrors: true, strict: true }).compile(configSchema);
@@ -112,7 +131,18 @@ export function loadConfig(opts: LoadOptions): Config {
 }
 
 type Raw = {
-  api?: { socket?: string; socket_mode?: string; body_limit_bytes?: number };
+  api?: {
+    socket?: string;
+    socket_mode?: string;
+    body_limit_bytes?: number;
+    admin_group?: string;
+    max_sessions_per_uid?: number;
+    header_timeout_ms?: number;
+    request_timeout_ms?: number;
+    keep_alive_timeout_ms?: number;
+    max_connections?: number;
+    tcp?: { listen: string; token_file: string };
+  };
   store?: { path?: string; flush_interval_ms?: number };
   log?: { level?: LogLevel; file?: string };
   detect?: { liveness_schedule?: string };
@@ -126,6 +156,7 @@ type RawProfile = {
   grace_period_sec?: number;
   step_timeout_sec?: number;
   allowed_roots?: string[];
+  allowed_uids?: number[];
   close_hook?: string | string[];
   release_hooks?: (string | string[])[];
   busy_cpu_percent?: number;
@@ -168,6 +199,14 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
   const dbPath =
     envValue(env, "REAPER_DB") ?? raw.store?.path ?? join(firstDir(env, "STATE_DIRECTORY") ?? opts.cwd, "reaper.db");
 
+  const headerTimeout = raw.api?.header_timeout_ms ?? DEFAULTS.api.header_timeout_ms;
+  const requestTimeout = raw.api?.request_timeout_ms ?? DEFAULTS.api.request_timeout_ms;
+  if (headerTimeout > requestTimeout) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${where}: api.header_timeout_ms: ${headerTimeout} exceeds api.request_timeout_ms (${requestTimeout})`,
+    );
+  }
   const rawProfiles = raw.profiles ?? {};
   const baseRaw = rawProfiles.default ?? {};
   const profiles: Record<string, Profile> = {};
@@ -181,6 +220,15 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       socket,
       socketMode: parseInt(raw.api?.socket_mode ?? DEFAULTS.api.socket_mode, 8),
       bodyLimitBytes: raw.api?.body_limit_bytes ?? DEFAULTS.api.body_limit_bytes,
+      adminGid: groupId(raw.api?.admin_group ?? DEFAULTS.api.admin_group, opts.groupFile ?? "/etc/group", where),
+      maxSessionsPerUid: raw.api?.max_sessions_per_uid ?? DEFAULTS.api.max_sessions_per_uid,
+      headerTimeoutMs: headerTimeout,
+      requestTimeoutMs: requestTimeout,
+      keepAliveTimeoutMs: raw.api?.keep_alive_timeout_ms ?? DEFAULTS.api.keep_alive_timeout_ms,
+      maxConnections: raw.api?.max_connections ?? DEFAULTS.api.max_connections,
+      tcp: raw.api?.tcp
+        ? { ...loopbackListen(raw.api.tcp.listen, `${where}: api.tcp.listen`), tokenFile: raw.api.tcp.token_file }
+        : null,
     },
     store: {
       path: dbPath === ":memory:" ? dbPath : resolve(opts.cwd, dbPath),
@@ -198,8 +246,11 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
 
 function buildProfile(
   name: string,
-  p: Required<Omit<RawProfile, "close_hook" | "allowed_roots" | "release_hooks" | "busy_cpu_percent">> & {
+  p: Required<
+    Omit<RawProfile, "close_hook" | "allowed_roots" | "allowed_uids" | "release_hooks" | "busy_cpu_percent">
+  > & {
     allowed_roots: readonly string[];
+    allowed_uids?: readonly number[];
     close_hook?: string | string[];
     release_hooks: readonly (string | string[])[];
     busy_cpu_percent?: number;
@@ -233,6 +284,7 @@ function buildProfile(
     gracePeriodSec: p.grace_period_sec,
     stepTimeoutSec: p.step_timeout_sec,
     allowedRoots: roots,
+    allowedUids: p.allowed_uids ? [...p.allowed_uids] : null,
     closeHook:
       hook === undefined
         ? null
@@ -269,6 +321,54 @@ function loopbackUrl(text: string, key: string): string {
     );
   }
   return url.href;
+}
+
+/** api.admin_group: "" = none, digits = a gid, otherwise a name looked up in /etc/group. */
+function groupId(value: string, groupFile: string, where: string): number | null {
+  if (value === "") return null;
+  if (/^[0-9]+$/.test(value)) {
+    const gid = Number(value);
+    if (gid > 4294967294)
+      throw new ReaperError("SR_CONFIG_INVALID", `${where}: api.admin_group: ${value} is not a gid`);
+    return gid;
+  }
+  let text: string;
+  try {
+    text = readFileSync(groupFile, "utf8");
+  } catch (err) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${where}: api.admin_group: cannot read ${groupFile}: ${errorMessage(err)}`,
+    );
+  }
+  for (const line of text.split("\n")) {
+    const [name, , gid] = line.split(":");
+    if (name === value && gid !== undefined && /^[0-9]+$/.test(gid)) return Number(gid);
+  }
+  throw new ReaperError("SR_CONFIG_INVALID", `${where}: api.admin_group: no group is named "${value}" in ${groupFile}`);
+}
+
+/**
+ * api.tcp.listen: "127.0.0.1:PORT" (any 127.0.0.0/8 address) or "[::1]:PORT". A literal
+ * loopback address only, never a name or a wildcard: the API must not be reachable off the host.
+ */
+function loopbackListen(text: string, key: string): { host: string; port: number } {
+  const m = /^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]):([0-9]{1,5})$/.exec(text);
+  const port = m ? Number(m[2]) : NaN;
+  const host = m?.[1]?.replace(/^\[|\]$/g, "");
+  if (
+    m === null ||
+    host === undefined ||
+    port < 0 ||
+    port > 65535 ||
+    !/^(::1|127(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3})$/.test(host)
+  ) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${key}: "${text}" must be a literal loopback address and port, e.g. 127.0.0.1:7787 or [::1]:7787`,
+    );
+  }
+  return { host, port };
 }
 
 function deepFreeze<T>(value: T): T {

@@ -13,7 +13,16 @@ export const PROFILE_DEFAULTS = {
 } as const;
 
 export const DEFAULTS = {
-  api: { socket_mode: "0660", body_limit_bytes: 65536 },
+  api: {
+    socket_mode: "0660",
+    body_limit_bytes: 16384,
+    admin_group: "",
+    max_sessions_per_uid: 1000,
+    header_timeout_ms: 10000,
+    request_timeout_ms: 30000,
+    keep_alive_timeout_ms: 5000,
+    max_connections: 1024,
+  },
   store: { flush_interval_ms: 1000 },
   log: { level: "info", file: "" },
   detect: { liveness_schedule: "*/2 * * * * *" },
@@ -37,6 +46,12 @@ const profileSchema = {
     allowed_roots: {
       type: "array",
       items: { type: "string", pattern: "^/", minLength: 2 },
+      uniqueItems: true,
+    },
+    // Engine uids this profile may manage, whoever registers (admins included); absent = any.
+    allowed_uids: {
+      type: "array",
+      items: { type: "integer", minimum: 0, maximum: 4294967294 },
       uniqueItems: true,
     },
     close_hook: {
@@ -74,6 +89,25 @@ export const configSchema = {
         socket: { type: "string", pattern: "^/", minLength: 2 },
         socket_mode: { type: "string", pattern: "^0?[0-7]{3}$" },
         body_limit_bytes: { type: "integer", minimum: 1024, maximum: 16777216 },
+        // Members of this group (a name in /etc/group, or a numeric gid) are administrators, like
+        // root; "" = none.
+        admin_group: { type: "string", pattern: "^([A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10})?$" },
+        max_sessions_per_uid: { type: "integer", minimum: 1, maximum: 1000000 },
+        header_timeout_ms: { type: "integer", minimum: 100, maximum: 600000 },
+        request_timeout_ms: { type: "integer", minimum: 100, maximum: 600000 },
+        keep_alive_timeout_ms: { type: "integer", minimum: 100, maximum: 600000 },
+        max_connections: { type: "integer", minimum: 1, maximum: 65536 },
+        tcp: {
+          type: "object",
+          additionalProperties: false,
+          required: ["listen", "token_file"],
+          properties: {
+            // "127.0.0.1:7787" or "[::1]:7787": a literal loopback address; load.ts checks it.
+            listen: { type: "string", minLength: 3, maxLength: 64 },
+            // A file holding the bearer token: mode 0600 or 0400, owned by the daemon's user.
+            token_file: { type: "string", pattern: "^/", minLength: 2 },
+          },
+        },
       },
     },
     store: {

@@ -6,7 +6,7 @@ import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { readUid } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
-import type { ProcessIdentity, Reason } from "../sessions/types.js";
+import type { ProcessIdentity, Reason, RegisteredBy } from "../sessions/types.js";
 import { deadlineOf, type Timing } from "./deadline.js";
 import { DeadlineHeap } from "./heap.js";
 
@@ -15,6 +15,8 @@ export interface LiveSession extends Timing {
   readonly id: string;
   readonly engine: ProcessIdentity;
   readonly ownerPid: ProcessIdentity | null;
+  /** Who registered it: heartbeats are checked against this without touching SQLite. */
+  readonly registeredBy: RegisteredBy;
   /** Heartbeat fields changed since the last flush to SQLite. */
   dirty: boolean;
   /**

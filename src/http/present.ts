@@ -29,6 +29,7 @@ export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: E
     reapStartedAt: iso(s.reapStartedAt),
     reapedAt: iso(s.reapedAt),
     reapAttempts: s.reapAttempts,
+    registeredBy: s.registeredBy,
     ...(steps === undefined ? {} : { steps: steps.map(stepJson) }),
     ...(usage === undefined ? {} : { usage }),
   };

@@ -152,6 +152,7 @@ export const sessionResponse = {
     "reapStartedAt",
     "reapedAt",
     "reapAttempts",
+    "registeredBy",
   ],
   properties: {
     id: { type: "string", pattern: SESSION_ID_PATTERN },
@@ -176,6 +177,23 @@ export const sessionResponse = {
     reapStartedAt: timeOrNull,
     reapedAt: timeOrNull,
     reapAttempts: { type: "integer", minimum: 0 },
+    registeredBy: {
+      type: "object",
+      additionalProperties: false,
+      required: ["uid", "admin", "via"],
+      description: "who registered the session: the unix socket peer's uid (SO_PEERCRED)",
+      properties: {
+        uid: {
+          type: ["integer", "null"],
+          description: "null for a loopback TCP caller, or a session registered before caller identity existed",
+        },
+        admin: {
+          type: "boolean",
+          description: "the caller was an administrator (root, the daemon's uid, api.admin_group, TCP token)",
+        },
+        via: { enum: ["unix", "tcp", null] },
+      },
+    },
     steps: { type: "array", items: stepResult, description: "GET /v1/sessions/{id} only" },
     usage: {
       description: "GET /v1/sessions/{id} only: the engine's usage while live and running, else null",

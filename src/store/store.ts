@@ -44,6 +44,9 @@ interface SessionRow {
   reap_started_at: number | null;
   reaped_at: number | null;
   reap_attempts: number;
+  registered_by_uid: number | null;
+  registered_as_admin: number;
+  registered_via: "unix" | "tcp" | null;
 }
 
 export interface StoredEvent {
@@ -113,6 +116,7 @@ function toSession(r: SessionRow): Session {
     reapStartedAt: r.reap_started_at,
     reapedAt: r.reaped_at,
     reapAttempts: r.reap_attempts,
+    registeredBy: { uid: r.registered_by_uid, admin: r.registered_as_admin === 1, via: r.registered_via },
   };
 }
 
@@ -138,6 +142,7 @@ export class Store {
     counts: Statement;
     unfinishedByProfile: Statement;
     reapedByProfile: Statement;
+    liveByUid: Statement;
     liveDueBy: Statement;
   };
 
@@ -161,10 +166,11 @@ export class Store {
       insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,
           engine_uid, owner_pid, owner_start_time, owner_boot_id, owner_uid, ports, paths, labels,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, created_at, last_heartbeat_at,
-          last_activity_at, deadline, state)
+          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via)
         VALUES (@id, @profile, @owner, @engine_pid, @engine_start_time, @engine_boot_id, @engine_uid, @owner_pid,
           @owner_start_time, @owner_boot_id, @owner_uid, @ports, @paths, @labels, @heartbeat_timeout_sec,
-          @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live')`),
+          @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live',
+          @registered_by_uid, @registered_as_admin, @registered_via)`),
       get: db.prepare("SELECT * FROM sessions WHERE id = ?"),
       seqOf: db.prepare("SELECT seq FROM sessions WHERE id = ?"),
       fence:
@@ -197,6 +203,7 @@ export class Store {
       reapedByProfile: db.prepare(
         "SELECT profile, COUNT(*) AS n FROM sessions WHERE state = 'reaped' GROUP BY profile",
       ),
+      liveByUid: db.prepare("SELECT COUNT(*) AS n FROM sessions WHERE registered_by_uid = ? AND state = 'live'"),
       liveDueBy: db.prepare(
         "SELECT id, profile, owner FROM sessions WHERE state = 'live' AND deadline <= ? ORDER BY deadline",
       ),
@@ -236,6 +243,9 @@ export class Store {
         last_heartbeat_at: s.lastHeartbeatAt,
         last_activity_at: s.lastActivityAt,
         deadline: s.deadline,
+        registered_by_uid: s.registeredBy.uid,
+        registered_as_admin: s.registeredBy.admin ? 1 : 0,
+        registered_via: s.registeredBy.via,
       });
     } catch (err) {
       if ((err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE") {
@@ -381,6 +391,11 @@ export class Store {
    * move a deadline later, and reach SQLite at the next flush), so this is a superset of
    * the sessions truly due by `at`: the caller filters on the in-memory deadline.
    */
+  /** Live sessions a uid registered (the per-uid cap): an index probe on (registered_by_uid, state). */
+  liveRegisteredBy(uid: number): number {
+    return (this.stmts.liveByUid.get(uid) as { n: number }).n;
+  }
+
   liveDueBy(at: number): { id: string; profile: string; owner: string | null }[] {
     return this.stmts.liveDueBy.all(at) as { id: string; profile: string; owner: string | null }[];
   }
