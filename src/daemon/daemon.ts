@@ -9,6 +9,7 @@ import type { Config } from "../config/load.js";
 import { Detector, type LiveSession } from "../detect/detector.js";
 import { buildServer, type DaemonInfo } from "../http/server.js";
 import { Metrics } from "../metrics/metrics.js";
+import { OrphanSweep } from "../orphans/sweep.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
 import { deadlineOf } from "../detect/deadline.js";
@@ -57,6 +58,7 @@ export class Daemon {
   readonly detector: Detector;
   readonly reaper: Reaper;
   readonly sessions: Sessions;
+  readonly orphans: OrphanSweep;
   readonly app: FastifyInstance;
   private stateValue: DaemonState = "starting";
   private startedAt = 0;
@@ -105,10 +107,22 @@ export class Daemon {
       daemonPid,
       accepting: () => this.stateValue === "running" || this.stateValue === "starting",
     });
+    this.orphans = new OrphanSweep({
+      config,
+      store: this.store,
+      audit: this.audit,
+      reaper: this.reaper,
+      detector: this.detector,
+      metrics: this.metrics,
+      clock,
+      log: this.log,
+      daemonPid,
+    });
     this.app = buildServer({
       sessions: this.sessions,
       store: this.store,
       metrics: this.metrics,
+      orphans: this.orphans,
       log: this.log,
       bodyLimitBytes: config.api.bodyLimitBytes,
       info: () => this.info(),
@@ -180,6 +194,8 @@ export class Daemon {
         reapedAtStart: goneAtStart,
       },
     });
+    // After recovery, so that every session the table still knows claims its processes.
+    this.orphans.start();
   }
 
   /** One line for systemctl status: the session counts. */
@@ -221,6 +237,7 @@ export class Daemon {
       detail: { inFlightReaps: this.reaper.inFlight, queuedReaps: this.reaper.pending },
     });
     this.detector.stop();
+    this.orphans.stop();
     // Watchdog pings go on while reaps drain: a long, healthy stop is not a hang.
     await this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000);
     if (this.watchdogTimer) clearInterval(this.watchdogTimer);
