@@ -261,10 +261,10 @@ export class OrphanSweep {
         if (st.pid <= 1 || excluded.has(st.pid) || claimed.has(key) || covered.has(key)) continue;
         const uid = readUid(st.pid);
         if (uid === null || !m.policy.uids.includes(uid)) continue;
-        const exe = readExe(st.pid);
-        if (m.policy.exe !== null && exe !== m.policy.exe) continue;
+        if (m.policy.exe !== null && readExe(st.pid) !== m.policy.exe) continue;
         const cmdline = readCmdline(st.pid);
         if (cmdline === null || (m.cmdline !== null && !m.cmdline.test(cmdline))) continue;
+        const exe = readExe(st.pid);
         const identity: ProcessIdentity = { pid: st.pid, startTime: st.startTime, bootId: boot, uid };
         const tree = table
           .tree(identity)
