@@ -116,13 +116,15 @@ export async function startEngine(
   t: { after: (fn: () => void) => void },
   args: string[] = [],
   dir?: string,
-  opts: { detached?: boolean; user?: TestUser } = {},
+  opts: { detached?: boolean; user?: TestUser; uid?: number } = {},
 ): Promise<Engine> {
   // detached: the engine leads its own session and process group, as launchers do.
   const child = spawn(process.execPath, [ENGINE, ...(dir ? ["--dir", dir] : []), ...args], {
     stdio: ["ignore", "pipe", "inherit"],
     detached: opts.detached ?? false,
     ...(opts.user ? { uid: opts.user.uid, gid: opts.user.gid } : {}),
+    // Another user's engine (the tests run as root): its group is the same number.
+    ...(opts.uid === undefined ? {} : { uid: opts.uid, gid: opts.uid }),
   });
   const exited = new Promise<void>((r) => child.once("exit", () => r()));
   const ready = await new Promise<{ pid: number; port: number; children: number[] }>((resolve, reject) => {

@@ -5,7 +5,8 @@ import { Ajv, type ErrorObject } from "ajv";
 import { Cron } from "croner";
 import { parse as parseToml } from "smol-toml";
 import { ReaperError, errorMessage } from "../errors.js";
-import { DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
+import { globProblem } from "../orphans/matcher.js";
+import { DEFAULTS, ORPHAN_DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
 
 export type CloseHook = { kind: "http"; path: string } | { kind: "command"; argv: readonly string[] };
 
@@ -33,6 +34,24 @@ export interface Profile {
    * the liveness pass counts the engine as active, moving its activity time; null = off.
    */
   readonly busyCpuPercent: number | null;
+  /** How the orphan sweep recognises this profile's engines and leftovers; null = off. */
+  readonly orphans: OrphanPolicy | null;
+}
+
+/** A profile's [profiles.NAME.orphans], validated (src/orphans/ reads it). */
+export interface OrphanPolicy {
+  /** report: an orphan.found event per finding; reap: each finding also becomes a session reaped as `orphaned`. */
+  readonly mode: "report" | "reap";
+  /** /proc/<pid>/exe must be exactly this (when set). */
+  readonly exe: string | null;
+  /** A regular expression (source) the command line, arguments joined by spaces, must match (when set). */
+  readonly cmdline: string | null;
+  /** Only processes (real uid) and paths (owner) of these uids are considered. */
+  readonly uids: readonly number[];
+  /** Younger processes (start time) and paths (mtime) are left alone. */
+  readonly minAgeSec: number;
+  /** Globs (`*`, `?`, `[...]` within a component) below the profile's allowed roots. */
+  readonly paths: readonly string[];
 }
 
 export type LogLevel = "fatal" | "error" | "warn" | "info" | "debug" | "trace" | "silent";
@@ -45,6 +64,7 @@ export interface Config {
   readonly log: { readonly level: LogLevel; readonly file: string };
   readonly detect: { readonly livenessSchedule: string };
   readonly reaper: { readonly concurrency: number; readonly shutdownGraceSec: number };
+  readonly orphans: { readonly schedule: string };
   readonly profiles: Readonly<Record<string, Profile>>;
 }
 
@@ -147,7 +167,16 @@ type Raw = {
   log?: { level?: LogLevel; file?: string };
   detect?: { liveness_schedule?: string };
   reaper?: { concurrency?: number; shutdown_grace_sec?: number };
+  orphans?: { schedule?: string };
   profiles?: Record<string, RawProfile>;
+};
+type RawOrphans = {
+  mode?: "off" | "report" | "reap";
+  exe?: string;
+  cmdline?: string;
+  uids?: number[];
+  min_age_sec?: number;
+  paths?: string[];
 };
 type RawProfile = {
   heartbeat_timeout_sec?: number;
@@ -160,6 +189,7 @@ type RawProfile = {
   close_hook?: string | string[];
   release_hooks?: (string | string[])[];
   busy_cpu_percent?: number;
+  orphans?: RawOrphans;
 };
 
 /** Validates an already-parsed document (exported for tests and for embedding). */
@@ -178,12 +208,12 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
     throw new ReaperError("SR_CONFIG_INVALID", `REAPER_LOG_LEVEL: must be one of ${levels.join(", ")}`);
   }
 
-  const schedule = raw.detect?.liveness_schedule ?? DEFAULTS.detect.liveness_schedule;
-  try {
-    new Cron(schedule, { paused: true }).stop();
-  } catch (err) {
-    throw new ReaperError("SR_CONFIG_INVALID", `${where}: detect.liveness_schedule: ${errorMessage(err)}`);
-  }
+  const schedule = checkSchedule(
+    raw.detect?.liveness_schedule ?? DEFAULTS.detect.liveness_schedule,
+    where,
+    "detect.liveness_schedule",
+  );
+  const orphanSchedule = checkSchedule(raw.orphans?.schedule ?? DEFAULTS.orphans.schedule, where, "orphans.schedule");
 
   const [socketFrom, socketPath] = envValue(env, "REAPER_SOCKET")
     ? ["REAPER_SOCKET", envValue(env, "REAPER_SOCKET") as string]
@@ -211,7 +241,9 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
   const baseRaw = rawProfiles.default ?? {};
   const profiles: Record<string, Profile> = {};
   for (const name of new Set(["default", ...Object.keys(rawProfiles)])) {
-    profiles[name] = buildProfile(name, { ...PROFILE_DEFAULTS, ...baseRaw, ...rawProfiles[name] }, where);
+    const own = rawProfiles[name] ?? {};
+    // [orphans] is the profile's own: an inherited matcher would find the same process for every profile.
+    profiles[name] = buildProfile(name, { ...PROFILE_DEFAULTS, ...baseRaw, ...own, orphans: own.orphans }, where);
   }
 
   return deepFreeze({
@@ -240,6 +272,7 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       concurrency: raw.reaper?.concurrency ?? DEFAULTS.reaper.concurrency,
       shutdownGraceSec: raw.reaper?.shutdown_grace_sec ?? DEFAULTS.reaper.shutdown_grace_sec,
     },
+    orphans: { schedule: orphanSchedule },
     profiles,
   });
 }
@@ -247,13 +280,14 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
 function buildProfile(
   name: string,
   p: Required<
-    Omit<RawProfile, "close_hook" | "allowed_roots" | "allowed_uids" | "release_hooks" | "busy_cpu_percent">
+    Omit<RawProfile, "close_hook" | "allowed_roots" | "allowed_uids" | "release_hooks" | "busy_cpu_percent" | "orphans">
   > & {
     allowed_roots: readonly string[];
     allowed_uids?: readonly number[];
     close_hook?: string | string[];
     release_hooks: readonly (string | string[])[];
     busy_cpu_percent?: number;
+    orphans?: RawOrphans | undefined;
   },
   where: string,
 ): Profile {
@@ -297,6 +331,68 @@ function buildProfile(
         : { kind: "command", argv: h },
     ),
     busyCpuPercent: busy > 0 ? busy : null,
+    orphans: orphanPolicy(p.orphans, roots, p.allowed_uids ?? null, `${where}: profiles.${name}.orphans`),
+  };
+}
+
+/** A croner pattern, checked by building a paused job. */
+function checkSchedule(pattern: string, where: string, key: string): string {
+  try {
+    new Cron(pattern, { paused: true }).stop();
+  } catch (err) {
+    throw new ReaperError("SR_CONFIG_INVALID", `${where}: ${key}: ${errorMessage(err)}`);
+  }
+  return pattern;
+}
+
+/**
+ * A profile's orphan matcher. The sweep may end up killing what it matches, so nothing is
+ * guessed: uids are required, the regex must compile, and every glob must lie below one of
+ * the profile's own allowed roots (the delete path re-checks at delete time anyway).
+ */
+function orphanPolicy(
+  raw: RawOrphans | undefined,
+  roots: readonly string[],
+  allowedUids: readonly number[] | null,
+  key: string,
+): OrphanPolicy | null {
+  if (raw === undefined) return null;
+  const mode = raw.mode ?? ORPHAN_DEFAULTS.mode;
+  if (mode === "off") return null;
+  const fail = (what: string, message: string): never => {
+    throw new ReaperError("SR_CONFIG_INVALID", `${key}${what}: ${message}`);
+  };
+  const paths = raw.paths ?? [];
+  if (raw.exe === undefined && raw.cmdline === undefined && paths.length === 0) {
+    fail("", `mode "${mode}" needs something to match: exe, cmdline or paths`);
+  }
+  if (raw.uids === undefined) {
+    fail(".uids", "required: the sweep only considers processes and paths of the uids listed here");
+  }
+  const outside = allowedUids === null ? [] : (raw.uids ?? []).filter((u) => !allowedUids.includes(u));
+  if (outside.length > 0) {
+    fail(".uids", `${outside.join(", ")} not in the profile's allowed_uids: the sweep may not act beyond the profile`);
+  }
+  if (raw.exe !== undefined && normalize(raw.exe) !== raw.exe)
+    fail(".exe", `"${raw.exe}" must be a normalized absolute path`);
+  if (raw.cmdline !== undefined) {
+    try {
+      new RegExp(raw.cmdline);
+    } catch (err) {
+      fail(".cmdline", `not a valid regular expression: ${errorMessage(err)}`);
+    }
+  }
+  paths.forEach((glob, i) => {
+    const problem = globProblem(glob, roots);
+    if (problem !== null) fail(`.paths.${i}`, `"${glob}" ${problem}`);
+  });
+  return {
+    mode,
+    exe: raw.exe ?? null,
+    cmdline: raw.cmdline ?? null,
+    uids: raw.uids ?? [],
+    minAgeSec: raw.min_age_sec ?? ORPHAN_DEFAULTS.min_age_sec,
+    paths,
   };
 }
 

@@ -27,7 +27,12 @@ export const DEFAULTS = {
   log: { level: "info", file: "" },
   detect: { liveness_schedule: "*/2 * * * * *" },
   reaper: { concurrency: 8, shutdown_grace_sec: 20 },
+  // Every minute (croner, with seconds); the sweep also runs once at start, after recovery.
+  orphans: { schedule: "0 * * * * *" },
 } as const;
+
+/** A profile's [profiles.NAME.orphans] table: mode when absent, and the age below which nothing is taken. */
+export const ORPHAN_DEFAULTS = { mode: "report", min_age_sec: 600 } as const;
 
 const seconds = (minimum: number) => ({ type: "integer", minimum, maximum: 10 * 365 * 86400 });
 
@@ -73,6 +78,32 @@ const profileSchema = {
           // An argv run by the daemon, as the daemon's own user.
           { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
         ],
+      },
+    },
+    // How to recognise this profile's engines and leftovers that no session claims (the orphan
+    // sweep, src/orphans/). Not inherited from [profiles.default]: a matcher names one profile's
+    // engines. load.ts checks the regex, the uids and that every glob lies below allowed_roots.
+    orphans: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        mode: { enum: ["off", "report", "reap"] },
+        exe: { type: "string", pattern: "^/", minLength: 2, maxLength: 4096 },
+        cmdline: { type: "string", minLength: 1, maxLength: 4096 },
+        uids: {
+          type: "array",
+          minItems: 1,
+          maxItems: 1024,
+          uniqueItems: true,
+          items: { type: "integer", minimum: 0, maximum: 4294967294 },
+        },
+        min_age_sec: seconds(0),
+        paths: {
+          type: "array",
+          maxItems: 64,
+          uniqueItems: true,
+          items: { type: "string", pattern: "^/", minLength: 2, maxLength: 4096 },
+        },
       },
     },
   },
@@ -139,6 +170,13 @@ export const configSchema = {
       properties: {
         concurrency: { type: "integer", minimum: 1, maximum: 1024 },
         shutdown_grace_sec: { type: "number", minimum: 0, maximum: 3600 },
+      },
+    },
+    orphans: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        schedule: { type: "string", minLength: 1 },
       },
     },
     profiles: {

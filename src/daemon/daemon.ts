@@ -13,6 +13,7 @@ import { loadToken } from "../auth/tcp.js";
 import { closeServer, listenFd, listenTcp, listenUnix } from "../http/listen.js";
 import { buildServer, buildTcpServer, type DaemonInfo } from "../http/server.js";
 import { Metrics } from "../metrics/metrics.js";
+import { OrphanSweep } from "../orphans/sweep.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
 import { deadlineOf } from "../detect/deadline.js";
@@ -63,6 +64,7 @@ export class Daemon {
   readonly detector: Detector;
   readonly reaper: Reaper;
   readonly sessions: Sessions;
+  readonly orphans: OrphanSweep;
   readonly app: FastifyInstance;
   /** Peer credentials per connection, shared by the unix socket and loopback TCP. */
   readonly callers: Callers;
@@ -120,10 +122,22 @@ export class Daemon {
       accepting: () => this.stateValue === "running" || this.stateValue === "starting",
     });
     this.callers = new Callers({ adminGid: config.api.adminGid, daemonUid });
+    this.orphans = new OrphanSweep({
+      config,
+      store: this.store,
+      audit: this.audit,
+      reaper: this.reaper,
+      detector: this.detector,
+      metrics: this.metrics,
+      clock,
+      log: this.log,
+      daemonPid,
+    });
     this.app = buildServer({
       sessions: this.sessions,
       store: this.store,
       metrics: this.metrics,
+      orphans: this.orphans,
       log: this.log,
       api: config.api,
       callers: this.callers,
@@ -197,6 +211,8 @@ export class Daemon {
         reapedAtStart: goneAtStart,
       },
     });
+    // After recovery, so that every session the table still knows claims its processes.
+    this.orphans.start();
   }
 
   /**
@@ -270,6 +286,7 @@ export class Daemon {
       detail: { inFlightReaps: this.reaper.inFlight, queuedReaps: this.reaper.pending },
     });
     this.detector.stop();
+    this.orphans.stop();
     // Watchdog pings go on while reaps drain: a long, healthy stop is not a hang.
     await this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000);
     if (this.watchdogTimer) clearInterval(this.watchdogTimer);

@@ -167,11 +167,12 @@ export class Detector {
 
   /**
    * Evidence-based expiry: engine or owner process gone (exited, zombie, or pid reused).
-   * The same pass over /proc refreshes every live engine's tree snapshot.
+   * The same pass over /proc refreshes every live engine's tree snapshot. The orphan sweep
+   * runs it on its own snapshot of /proc first, so the trees it counts as claimed are fresh.
    */
-  checkLiveness(): number {
+  checkLiveness(table?: ProcessTable): number {
     if (this.live.size === 0) return 0;
-    const table = new ProcessTable();
+    table ??= new ProcessTable();
     const due: [string, Reason, ProcessIdentity][] = [];
     for (const s of this.live.values()) {
       if (table.find(s.engine) === undefined) due.push([s.id, "engine_gone", s.engine]);

@@ -8,10 +8,11 @@ import { tcpRefusal } from "../auth/tcp.js";
 import type { ApiConfig } from "../config/load.js";
 import { ReaperError, type ErrorCode } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
+import type { OrphanSweep } from "../orphans/sweep.js";
 import type { Sessions } from "../sessions/sessions.js";
 import type { Store } from "../store/store.js";
 import { collectRoutes, openApiDocument } from "./openapi.js";
-import { eventJson, expiringJson, sessionJson } from "./present.js";
+import { eventJson, expiringJson, orphanJson, sessionJson } from "./present.js";
 import {
   daemonResponse,
   emptyBody,
@@ -23,6 +24,7 @@ import {
   heartbeatResponse,
   listQuery,
   noQuery,
+  orphansResponse,
   readyResponse,
   registerBody,
   sessionIdParams,
@@ -45,6 +47,7 @@ export interface ServerDeps {
   sessions: Sessions;
   store: Store;
   metrics: Metrics;
+  orphans: Pick<OrphanSweep, "current">;
   log: Logger;
   api: Pick<
     ApiConfig,
@@ -309,6 +312,25 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       },
     },
     (req) => ({ sessions: sessions.expiring(req.query.withinSec).map(expiringJson) }),
+  );
+
+  app.get(
+    "/v1/orphans",
+    {
+      schema: {
+        summary: "The orphan sweep's current findings, and what reap mode does or would do with each",
+        querystring: noQuery,
+        response: { 200: orphansResponse },
+      },
+    },
+    () => {
+      const { enabled, sweptAt, findings } = deps.orphans.current();
+      return {
+        enabled,
+        sweptAt: sweptAt === null ? null : new Date(sweptAt).toISOString(),
+        findings: findings.map(orphanJson),
+      };
+    },
   );
 
   app.get(

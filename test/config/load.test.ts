@@ -72,6 +72,7 @@ test("no config file: embedded defaults, socket and db under the working directo
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    orphans: null,
   });
 });
 
@@ -435,6 +436,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    orphans: null,
   });
   assert.deepEqual(c.profiles.gpu, {
     name: "gpu",
@@ -448,6 +450,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    orphans: null,
   });
 });
 
@@ -523,6 +526,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
   assert.deepEqual(c.log, defaults.log);
   assert.deepEqual(c.detect, defaults.detect);
   assert.deepEqual(c.reaper, defaults.reaper);
+  assert.deepEqual(c.orphans, defaults.orphans);
   assert.deepEqual(c.profiles.default, defaults.profiles.default);
   assert.deepEqual(c.profiles.spark, {
     name: "spark",
@@ -536,6 +540,14 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     closeHook: { kind: "http", path: "/api/v1/shutdown" },
     releaseHooks: [{ kind: "http", url: "http://127.0.0.1:7077/v1/engines/deregister" }],
     busyCpuPercent: 50,
+    orphans: {
+      mode: "report",
+      exe: null,
+      cmdline: "org\\.apache\\.spark\\.deploy\\.SparkSubmit",
+      uids: [1001],
+      minAgeSec: 600,
+      paths: ["/var/tmp/spark/driver-*"],
+    },
   });
 });
 
