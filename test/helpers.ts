@@ -10,6 +10,7 @@ import { callApi, type ApiResponse } from "../src/cli/client.js";
 import type { Clock } from "../src/clock.js";
 import { buildConfig, type Config } from "../src/config/load.js";
 import { Daemon } from "../src/daemon/daemon.js";
+import { mountPoints } from "../src/paths/validate.js";
 import { readStat, isExited } from "../src/proc/stat.js";
 
 export const ENGINE = fileURLToPath(new URL("./fixtures/engine.js", import.meta.url));
@@ -19,7 +20,14 @@ export const REAPERCTL = fileURLToPath(new URL("../src/cli/reaperctl.js", import
 /** A temp dir removed when the test ends. */
 export function tempDir(t: { after: (fn: () => void) => void }, prefix = "sr-test-"): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  t.after(() => {
+    // A test's bind mounts go first: rmSync would descend into them (same file system).
+    for (const m of mountPoints()
+      .filter((p) => p.startsWith(dir + "/"))
+      .reverse())
+      spawnSync("umount", ["-l", m]);
+    rmSync(dir, { recursive: true, force: true });
+  });
   return dir;
 }
 
