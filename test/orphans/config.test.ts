@@ -104,3 +104,11 @@ test("orphans: every path glob must lie strictly below one of the profile's allo
     assert.deepEqual(build(spark({ paths: [glob], uids: [1] })).profiles.spark?.orphans?.paths, [glob]);
   }
 });
+
+test("orphans: the matcher's uids must lie within the profile's allowed_uids", () => {
+  const doc = (uids: number[]) => ({
+    profiles: { spark: { allowed_roots: ["/tmp"], allowed_uids: [1001, 1002], orphans: { cmdline: "x", uids } } },
+  });
+  assertInvalid(doc([1001, 0]), "profiles.spark.orphans.uids", /0 not in the profile's allowed_uids/);
+  assert.deepEqual(build(doc([1002])).profiles.spark?.orphans?.uids, [1002]);
+});
