@@ -7,6 +7,11 @@ export const ERRORS = {
   SR_BAD_REQUEST: { status: 400, summary: "the request does not match the route's schema" },
   SR_INVALID_JSON: { status: 400, summary: "the body is not valid JSON" },
   SR_BODY_TOO_LARGE: { status: 413, summary: "the body exceeds the size cap" },
+  SR_HEADERS_TOO_LARGE: { status: 431, summary: "the request line and headers exceed 16 KiB" },
+  SR_REQUEST_TIMEOUT: {
+    status: 408,
+    summary: "the request's headers or body did not arrive within api.header_timeout_ms / request_timeout_ms",
+  },
   SR_UNSUPPORTED_MEDIA_TYPE: { status: 415, summary: "the body must be application/json" },
   SR_ROUTE_NOT_FOUND: { status: 404, summary: "no such route" },
   SR_INVALID_PID: { status: 400, summary: "the pid may not be managed (pid <= 1, the daemon, a kernel thread)" },

@@ -1,7 +1,21 @@
-import { createServer, type IncomingMessage, type Server, type ServerOptions, type ServerResponse } from "node:http";
+import {
+  STATUS_CODES,
+  createServer,
+  type IncomingMessage,
+  type Server,
+  type ServerOptions,
+  type ServerResponse,
+} from "node:http";
+import type { Duplex } from "node:stream";
 import type { Socket } from "node:net";
 import { Ajv } from "ajv";
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from "fastify";
+import Fastify, {
+  LogController,
+  type FastifyBaseLogger,
+  type FastifyReply,
+  type FastifyError,
+  type FastifyInstance,
+} from "fastify";
 import type { Logger } from "pino";
 import type { Callers } from "../auth/caller.js";
 import { tcpRefusal } from "../auth/tcp.js";
@@ -143,6 +157,29 @@ function toApiError(err: unknown, log: Logger): { status: number; body: object }
   return { status: 500, body: send("SR_INTERNAL", "unexpected error; see the daemon's log") };
 }
 
+/**
+ * Errors the HTTP parser raises before any route (malformed request line, bad header bytes,
+ * oversized head, a slow client): answered in the API's envelope, then the connection is
+ * closed, as fastify's and Node's defaults do, but with a stable code.
+ */
+export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  if (err.code === "ECONNRESET" || socket.destroyed) return;
+  const [status, code, message] =
+    err.code === "ERR_HTTP_REQUEST_TIMEOUT"
+      ? ([408, "SR_REQUEST_TIMEOUT", "the request did not arrive in time"] as const)
+      : err.code === "HPE_HEADER_OVERFLOW"
+        ? ([431, "SR_HEADERS_TOO_LARGE", "the request line and headers exceed 16 KiB"] as const)
+        : ([400, "SR_BAD_REQUEST", "malformed HTTP request"] as const);
+  if (socket.writable) {
+    const body = JSON.stringify(send(code, message));
+    socket.write(
+      `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Length: ${Buffer.byteLength(body)}\r\n` +
+        `Content-Type: application/json; charset=utf-8\r\nConnection: close\r\n\r\n${body}`,
+    );
+  }
+  socket.destroy();
+}
+
 /** POST routes whose body is optional: a bodyless request validates as {}. */
 function acceptMissingBody(req: { body: unknown }, _reply: unknown, done: () => void): void {
   req.body ??= {};
@@ -161,6 +198,14 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: deps.api.bodyLimitBytes,
     return503OnClosing: true,
+    // Session ids have up to 128 characters: find-my-way's default cap of 100 would answer 414
+    // for a session the API itself accepted.
+    routerOptions: { maxParamLength: 256 },
+    // A malformed percent-encoding or an over-long path parameter, before any route.
+    frameworkErrors: (err, _req, reply) => {
+      void (reply as FastifyReply).status(400).send(send("SR_BAD_REQUEST", err.message));
+    },
+    clientErrorHandler: answerClientError,
     http: serverOptions(deps.api),
     requestTimeout: deps.api.requestTimeoutMs,
     keepAliveTimeout: deps.api.keepAliveTimeoutMs,
@@ -422,6 +467,7 @@ export function buildTcpServer(
     });
     res.end(body);
   });
+  server.on("clientError", answerClientError);
   server.requestTimeout = deps.api.requestTimeoutMs;
   server.keepAliveTimeout = deps.api.keepAliveTimeoutMs;
   server.maxConnections = deps.api.maxConnections;

@@ -72,7 +72,8 @@ export class Sessions {
       throw new ReaperError("SR_SHUTTING_DOWN", "the daemon is shutting down and takes no new sessions");
     }
     const profileName = body.profile ?? "default";
-    const profile = config.profiles[profileName];
+    // Own keys only: "__proto__", "constructor" or "toString" must not find Object.prototype's.
+    const profile = Object.hasOwn(config.profiles, profileName) ? config.profiles[profileName] : undefined;
     if (profile === undefined) {
       throw new ReaperError("SR_UNKNOWN_PROFILE", `profile: no profile is named "${profileName}"`, {
         profiles: Object.keys(config.profiles),

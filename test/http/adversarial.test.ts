@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { chownSync, existsSync, mkdirSync, readdirSync, symlinkSync, writeFileSync } from "node:fs";
+import { connect } from "node:net";
 import { join } from "node:path";
 import { test } from "node:test";
 import { callApi } from "../../src/cli/client.js";
@@ -361,4 +362,42 @@ test("a bind mount that appears below a registered path after registration: the 
     session.body.leftovers.some((l) => l.kind === "path" && /mount point/.test(l.detail)),
     JSON.stringify(session.body.leftovers),
   );
+});
+
+test("found by the fuzzer: inherited profile names, 128-character ids, bad percent-encoding, malformed HTTP", async (t) => {
+  const { d, engine, register, untouched } = await arena(t);
+  for (const profile of ["__proto__", "constructor", "toString", "hasOwnProperty"]) {
+    await expectRefused(`profile ${profile}`, register({ profile }) as Promise<Answer>, 400, "SR_UNKNOWN_PROFILE");
+  }
+  await expectRefused(
+    "%ZZ in the path",
+    callApi(d.socket, "GET", "/v1/sessions/%ZZ") as Promise<Answer>,
+    400,
+    "SR_BAD_REQUEST",
+  );
+  const raw = (text: string) =>
+    new Promise<string>((resolve) => {
+      const sock = connect(d.socket, () => sock.write(text));
+      let out = "";
+      sock.setEncoding("utf8").on("data", (s: string) => (out += s));
+      sock.on("close", () => resolve(out));
+      sock.on("error", () => resolve(out));
+    });
+  for (const request of [
+    "FOO / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+  ]) {
+    const answer = await raw(request);
+    assert.match(answer, /^HTTP\/1\.1 400 /, JSON.stringify(request));
+    assert.match(answer, /"code":"SR_BAD_REQUEST"/);
+  }
+  const head = await raw(`GET /v1/sessions HTTP/1.1\r\nHost: x\r\nX-Big: ${"a".repeat(20_000)}\r\n\r\n`);
+  assert.match(head, /^HTTP\/1\.1 431 [^]*"code":"SR_HEADERS_TOO_LARGE"/);
+  await untouched();
+  // The longest id the API accepts is usable in every route.
+  const id = "a".repeat(128);
+  assert.equal((await callApi(d.socket, "POST", "/v1/sessions", { id, engine: { pid: engine.pid } })).status, 201);
+  assert.equal((await callApi(d.socket, "GET", `/v1/sessions/${id}`)).status, 200);
+  assert.equal((await callApi(d.socket, "POST", `/v1/sessions/${id}/heartbeat`)).status, 200);
+  assert.equal((await callApi(d.socket, "GET", `/v1/sessions/${id}/events`)).status, 200);
 });
