@@ -12,7 +12,7 @@ import { ReaperError, errorMessage } from "../errors.js";
 import { checkPath } from "../paths/validate.js";
 import { identify } from "../proc/identity.js";
 import type { Reaper } from "../reaper/reaper.js";
-import type { ProcessIdentity, Session } from "../sessions/types.js";
+import { NOT_YET_REAPED, type ProcessIdentity, type Session } from "../sessions/types.js";
 import type { Store } from "../store/store.js";
 
 export interface AdoptDeps {
@@ -114,13 +114,7 @@ function synthetic(
     lastHeartbeatAt: now,
     lastActivityAt: now,
     deadline: now,
-    state: "live",
-    reason: null,
-    outcome: null,
-    leftovers: [],
-    reapStartedAt: null,
-    reapedAt: null,
-    reapAttempts: 0,
+    ...NOT_YET_REAPED,
     // The daemon itself, on the admin's configuration (the profile's matcher).
     registeredBy: { uid: null, admin: true, via: null },
   };

@@ -16,7 +16,14 @@ import { processTree } from "../proc/tree.js";
 import { checkPath } from "../paths/validate.js";
 import type { Reaper } from "../reaper/reaper.js";
 import type { Store } from "../store/store.js";
-import type { ProcessIdentity, Reason, Session, StepResult, TimeReason } from "./types.js";
+import {
+  NOT_YET_REAPED,
+  type ProcessIdentity,
+  type Reason,
+  type Session,
+  type StepResult,
+  type TimeReason,
+} from "./types.js";
 
 export interface EngineUsage {
   /** Percent of one core, since the previous pidusage read of this pid. */
@@ -125,13 +132,7 @@ export class Sessions {
       lastHeartbeatAt: now,
       lastActivityAt: now,
       deadline: deadlineOf(live).at,
-      state: "live",
-      reason: null,
-      outcome: null,
-      leftovers: [],
-      reapStartedAt: null,
-      reapedAt: null,
-      reapAttempts: 0,
+      ...NOT_YET_REAPED,
       registeredBy: live.registeredBy,
     };
     audit.transaction(() => {

@@ -78,6 +78,17 @@ export interface Session {
   readonly registeredBy: RegisteredBy;
 }
 
+/** The fields every new session starts with, before anything has happened to it. */
+export const NOT_YET_REAPED = {
+  state: "live",
+  reason: null,
+  outcome: null,
+  leftovers: [],
+  reapStartedAt: null,
+  reapedAt: null,
+  reapAttempts: 0,
+} as const satisfies Partial<Session>;
+
 /**
  * Who registered a session. `uid` is the unix socket peer's uid (SO_PEERCRED), null for a
  * loopback TCP caller (a token holder) or a session from before caller identity existed.
