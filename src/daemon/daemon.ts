@@ -12,7 +12,7 @@ import { Metrics } from "../metrics/metrics.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
 import { deadlineOf } from "../detect/deadline.js";
-import { Store } from "../store/store.js";
+import { Store, type HeartbeatWrite } from "../store/store.js";
 import { addon } from "../native/addon.js";
 import { pidfd } from "../proc/pidfd.js";
 import { SystemdNotifier } from "../systemd/notify.js";
@@ -151,7 +151,8 @@ export class Daemon {
         idleTimeoutSec: s.idleTimeoutSec,
         maxLifetimeSec: s.maxLifetimeSec,
         recoveredAt: now,
-        dirty: true, // the recomputed deadline reaches SQLite at the next flush
+        dirty: true, // the recomputed deadline reaches SQLite at the next flush (if it moved far)
+        storedDeadline: s.deadline ?? undefined,
         tree: [],
         busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null,
       };
@@ -259,16 +260,28 @@ export class Daemon {
     if (this.store.db.open) this.store.writeHeartbeats(this.takeDirty());
   }
 
-  private takeDirty() {
-    const out = [];
+  /**
+   * The sessions whose heartbeat fields changed since the last flush. The stored deadline
+   * only narrows the /v1/expiring probe (a stored deadline never later than the real one
+   * keeps the probe a superset), so it is rewritten only once the real deadline has moved
+   * past twice the stored one's distance from now: the indexed column then moves about once
+   * per half timeout per session instead of at every flush, and the probe for the sessions
+   * due within N seconds still meets only sessions due within 2N.
+   */
+  private takeDirty(): HeartbeatWrite[] {
+    const now = this.clock.now();
+    const out: HeartbeatWrite[] = [];
     for (const s of this.detector.live.values()) {
       if (!s.dirty) continue;
       s.dirty = false;
+      const at = deadlineOf(s).at;
+      const stale = s.storedDeadline === undefined || s.storedDeadline - now < (at - now) / 2;
+      if (stale) s.storedDeadline = at;
       out.push({
         id: s.id,
         lastHeartbeatAt: s.lastHeartbeatAt,
         lastActivityAt: s.lastActivityAt,
-        deadline: deadlineOf(s).at,
+        deadline: stale ? at : null,
       });
     }
     return out;

@@ -18,6 +18,11 @@ export interface LiveSession extends Timing {
   /** Heartbeat fields changed since the last flush to SQLite. */
   dirty: boolean;
   /**
+   * The deadline last written to SQLite's indexed column, if known (undefined: write it at
+   * the next flush). It may lag behind the real one: see Daemon.takeDirty.
+   */
+  storedDeadline?: number | undefined;
+  /**
    * The engine's process tree at the last liveness pass: if the engine dies, its children
    * are re-parented and only this snapshot still ties them to the session.
    */
