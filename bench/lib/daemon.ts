@@ -20,6 +20,10 @@ export interface ReaperdOptions {
   /** flush_interval_ms; default the daemon's (1000). */
   flushIntervalMs?: number;
   env?: NodeJS.ProcessEnv;
+  /** Another build's dist/src/main.js (before/after comparisons); default this build's. */
+  reaperd?: string;
+  /** Extra node flags (e.g. --cpu-prof when profiling). */
+  nodeArgs?: readonly string[];
 }
 
 export interface Reaperd {
@@ -71,7 +75,7 @@ export async function startReaperd(opts: ReaperdOptions): Promise<Reaperd> {
   const out = openSync(logFile, "a");
   let stderr = "";
   const t0 = Date.now();
-  const proc = start(process.execPath, [REAPERD, "--config", config], {
+  const proc = start(process.execPath, [...(opts.nodeArgs ?? []), opts.reaperd ?? REAPERD, "--config", config], {
     stdio: ["ignore", out, "pipe"],
     env: { ...process.env, REAPER_LOG_LEVEL: "", ...opts.env, NOTIFY_SOCKET: notifyPath },
   });
