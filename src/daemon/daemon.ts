@@ -271,9 +271,7 @@ export class Daemon {
   private takeDirty(): HeartbeatWrite[] {
     const now = this.clock.now();
     const out: HeartbeatWrite[] = [];
-    for (const s of this.detector.live.values()) {
-      if (!s.dirty) continue;
-      s.dirty = false;
+    for (const s of this.detector.takeDirty()) {
       const at = deadlineOf(s).at;
       const stale = s.storedDeadline === undefined || s.storedDeadline - now < (at - now) / 2;
       if (stale) s.storedDeadline = at;
