@@ -16,6 +16,7 @@ import { Store, type HeartbeatWrite } from "../store/store.js";
 import { addon } from "../native/addon.js";
 import { pidfd } from "../proc/pidfd.js";
 import { SystemdNotifier } from "../systemd/notify.js";
+import type { ProcessIdentity } from "../sessions/types.js";
 
 export const VERSION = (
   JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }
@@ -23,6 +24,17 @@ export const VERSION = (
 
 /** Rows per heartbeat flush transaction: keeps each event-loop block to a few ms. */
 const FLUSH_CHUNK = 500;
+
+/** Shared by recovered sessions until the first liveness pass gives their engine its tree. */
+const NO_TREE: ProcessIdentity[] = [];
+
+/**
+ * Whether the stored (indexed) deadline must be rewritten: unknown, or nearer than half the
+ * real deadline's distance from now (see Daemon.takeDirty).
+ */
+function deadlineStale(stored: number | undefined, at: number, now: number): boolean {
+  return stored === undefined || stored - now < (at - now) / 2;
+}
 
 export type DaemonState = "starting" | "running" | "shutting_down" | "stopped";
 
@@ -138,8 +150,9 @@ export class Daemon {
     this.startedAt = now;
     await this.app.ready();
     const resumed = this.reaper.resumeAll();
-    const recovered = this.store.sessionsInState("live");
-    for (const s of recovered) {
+    let recovered = 0;
+    for (const s of this.store.liveForRecovery()) {
+      recovered++;
       const live: LiveSession = {
         id: s.id,
         engine: s.engine,
@@ -151,11 +164,13 @@ export class Daemon {
         idleTimeoutSec: s.idleTimeoutSec,
         maxLifetimeSec: s.maxLifetimeSec,
         recoveredAt: now,
-        dirty: true, // the recomputed deadline reaches SQLite at the next flush (if it moved far)
+        dirty: false,
         storedDeadline: s.deadline ?? undefined,
-        tree: [],
+        tree: NO_TREE, // replaced, never mutated, by the liveness pass
         busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null,
       };
+      // The heartbeat fields are as stored; only a deadline that recovery moved far is written.
+      live.dirty = deadlineStale(live.storedDeadline, deadlineOf(live).at, now);
       this.detector.add(live);
     }
     if (addon === null) {
@@ -176,7 +191,7 @@ export class Daemon {
         config: this.config.source,
         database: this.config.store.path,
         socket: this.config.api.socket,
-        recovered: recovered.length,
+        recovered,
         resumedReaps: resumed,
         reapedAtStart: goneAtStart,
       },
@@ -273,7 +288,7 @@ export class Daemon {
     const out: HeartbeatWrite[] = [];
     for (const s of this.detector.takeDirty()) {
       const at = deadlineOf(s).at;
-      const stale = s.storedDeadline === undefined || s.storedDeadline - now < (at - now) / 2;
+      const stale = deadlineStale(s.storedDeadline, at, now);
       if (stale) s.storedDeadline = at;
       out.push({
         id: s.id,

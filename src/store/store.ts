@@ -78,6 +78,21 @@ export interface ListFilter {
   afterSeq?: number | undefined;
 }
 
+/** What recovery needs of a live session: its identities, timestamps, timeouts, profile. */
+export interface RecoveredSession {
+  id: string;
+  profile: string;
+  engine: ProcessIdentity;
+  ownerPid: ProcessIdentity | null;
+  createdAt: number;
+  lastHeartbeatAt: number;
+  lastActivityAt: number;
+  heartbeatTimeoutSec: number;
+  idleTimeoutSec: number;
+  maxLifetimeSec: number;
+  deadline: number | null;
+}
+
 export interface HeartbeatWrite {
   id: string;
   lastHeartbeatAt: number;
@@ -137,6 +152,7 @@ export class Store {
     insertEvent: Statement;
     events: Statement;
     byState: Statement;
+    liveForRecovery: Statement;
     counts: Statement;
     unfinishedByProfile: Statement;
     reapedByProfile: Statement;
@@ -190,6 +206,10 @@ export class Store {
         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`),
       events: db.prepare("SELECT * FROM audit_events WHERE session_id = ? ORDER BY seq"),
       byState: db.prepare("SELECT * FROM sessions WHERE state = ? ORDER BY seq"),
+      liveForRecovery: db.prepare(`SELECT id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
+          owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
+          heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline
+        FROM sessions WHERE state = 'live' ORDER BY seq`),
       counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
       // These three search the (state, deadline) index by state, so they visit only the rows
       // of the states they count: live and reaping rows are few, reaped ones most of the table.
@@ -278,6 +298,40 @@ export class Store {
 
   sessionsInState(state: SessionState): Session[] {
     return (this.stmts.byState.all(state) as SessionRow[]).map(toSession);
+  }
+
+  /**
+   * Every live session, one at a time and only the columns recovery needs (no JSON parsed, no
+   * row kept): at 100,000 sessions, loading whole rows first would leave a peak of garbage
+   * that stays in the daemon's resident set. Identities equal to an earlier row's are the same
+   * object, so a shared engine or owner (and the boot id string) is held once.
+   */
+  *liveForRecovery(): Generator<RecoveredSession> {
+    const identities = new Map<string, ProcessIdentity>();
+    const identity = (pid: number, startTime: number, bootId: string, uid: number): ProcessIdentity => {
+      const key = `${pid}:${startTime}:${bootId}:${uid}`;
+      let id = identities.get(key);
+      if (id === undefined) identities.set(key, (id = { pid, startTime, bootId, uid }));
+      return id;
+    };
+    for (const r of this.stmts.liveForRecovery.iterate() as IterableIterator<SessionRow>) {
+      yield {
+        id: r.id,
+        profile: r.profile,
+        engine: identity(r.engine_pid, r.engine_start_time, r.engine_boot_id, r.engine_uid),
+        ownerPid:
+          r.owner_pid === null
+            ? null
+            : identity(r.owner_pid, r.owner_start_time ?? 0, r.owner_boot_id ?? "", r.owner_uid ?? -1),
+        createdAt: r.created_at,
+        lastHeartbeatAt: r.last_heartbeat_at,
+        lastActivityAt: r.last_activity_at,
+        heartbeatTimeoutSec: r.heartbeat_timeout_sec,
+        idleTimeoutSec: r.idle_timeout_sec,
+        maxLifetimeSec: r.max_lifetime_sec,
+        deadline: r.deadline,
+      };
+    }
   }
 
   /** The fence: true if this call moved the session from live to reaping. */
