@@ -7,6 +7,8 @@ import { exited, start } from "./resources.js";
 import { sleep } from "./report.js";
 
 export const REAPERD = fileURLToPath(new URL("../../src/main.js", import.meta.url));
+/** The node flags of systemd/session-reaper.service's ExecStart: the daemon is measured as deployed. */
+export const DEPLOYED_NODE_FLAGS = ["--max-semi-space-size=2"];
 /** The test suite's stand-in for systemd's notification socket (prints each datagram, timed). */
 const NOTIFY_FIXTURE = fileURLToPath(new URL("../../../test/fixtures/notify_socket.py", import.meta.url));
 
@@ -75,10 +77,14 @@ export async function startReaperd(opts: ReaperdOptions): Promise<Reaperd> {
   const out = openSync(logFile, "a");
   let stderr = "";
   const t0 = Date.now();
-  const proc = start(process.execPath, [...(opts.nodeArgs ?? []), opts.reaperd ?? REAPERD, "--config", config], {
-    stdio: ["ignore", out, "pipe"],
-    env: { ...process.env, REAPER_LOG_LEVEL: "", ...opts.env, NOTIFY_SOCKET: notifyPath },
-  });
+  const proc = start(
+    process.execPath,
+    [...DEPLOYED_NODE_FLAGS, ...(opts.nodeArgs ?? []), opts.reaperd ?? REAPERD, "--config", config],
+    {
+      stdio: ["ignore", out, "pipe"],
+      env: { ...process.env, REAPER_LOG_LEVEL: "", ...opts.env, NOTIFY_SOCKET: notifyPath },
+    },
+  );
   closeSync(out);
   proc.stderr?.setEncoding("utf8").on("data", (d: string) => (stderr += d));
 

@@ -24,4 +24,5 @@ export function rssBytes(pid: number): number {
   return m ? Number(m[1]) * 1024 : Number.NaN;
 }
 
-export const MiB = 1024 * 1024;
+/** Megabytes (10^6 bytes), as the goals are stated. */
+export const MB = 1_000_000;

@@ -194,7 +194,9 @@ export class Store {
       attempt: db.prepare(
         "UPDATE sessions SET reap_attempts = reap_attempts + 1 WHERE id = ? AND state = 'reaping' RETURNING reap_attempts",
       ),
-      heartbeat: db.prepare(`UPDATE sessions SET last_heartbeat_at = ?, last_activity_at = ? WHERE id = ? AND state = 'live'`),
+      heartbeat: db.prepare(
+        `UPDATE sessions SET last_heartbeat_at = ?, last_activity_at = ? WHERE id = ? AND state = 'live'`,
+      ),
       heartbeatDeadline: db.prepare(`UPDATE sessions SET last_heartbeat_at = ?, last_activity_at = ?, deadline = ?
           WHERE id = ? AND state = 'live'`),
       insertStep:
