@@ -12,7 +12,7 @@ export async function registerMany(
   bodies: readonly Record<string, unknown>[],
   inFlight = 16,
 ): Promise<Record<string, unknown>[]> {
-  const out: Record<string, unknown>[] = new Array(bodies.length);
+  const out = new Array<Record<string, unknown>>(bodies.length);
   let next = 0;
   const worker = async (): Promise<void> => {
     while (next < bodies.length) {
