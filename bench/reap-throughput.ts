@@ -96,7 +96,7 @@ async function reaperRun(bin: string, root: string): Promise<{ ms: number; finis
   const dir = tempDir();
   const daemon = await startReaperd({
     dir,
-    toml: `[reaper]\nconcurrency = ${CONCURRENCY}\n[profiles.default]\nallowed_roots = ["${root}"]\n`,
+    toml: `[reaper]\nconcurrency = ${CONCURRENCY}\n[profiles.default]\nallowed_roots = ["${root}"]\nheartbeat_timeout_sec = ${TIMEOUT_SEC}\n`,
   });
   const t0 = performance.now();
   await registerMany(
