@@ -20,6 +20,27 @@ export const ERRORS = {
     status: 400,
     summary: "the port is not held by the engine's process tree (TCP LISTEN, or a bound UDP socket)",
   },
+  SR_LIMIT_EXCEEDED: {
+    status: 400,
+    summary: "too many ports, paths or labels in one session (64 each), or a field over its length cap",
+  },
+  SR_UNAUTHORIZED: { status: 401, summary: "loopback TCP: the bearer token is missing or wrong" },
+  SR_HOST_REFUSED: { status: 403, summary: "loopback TCP: the Host header is not a loopback name (DNS rebinding)" },
+  SR_ORIGIN_REFUSED: { status: 403, summary: "loopback TCP: requests with an Origin header (browsers) are refused" },
+  SR_CALLER_UNKNOWN: {
+    status: 403,
+    summary: "the caller's credentials could not be read (SO_PEERCRED), so nothing may be changed",
+  },
+  SR_PROCESS_NOT_OWNED: {
+    status: 403,
+    summary: "a non-admin caller named a process (engine or owner) that runs under another uid",
+  },
+  SR_UID_NOT_ALLOWED: { status: 403, summary: "the profile's allowed_uids does not include the engine's uid" },
+  SR_NOT_SESSION_OWNER: {
+    status: 403,
+    summary: "only the uid that registered the session, or an admin, may heartbeat, close or reap it",
+  },
+  SR_TOO_MANY_SESSIONS: { status: 429, summary: "the caller's uid already has api.max_sessions_per_uid live sessions" },
   SR_UNKNOWN_PROFILE: { status: 400, summary: "no profile has this name" },
   SR_TIMEOUT_ABOVE_MAX: { status: 400, summary: "a requested timeout exceeds the profile's maximum" },
   SR_SESSION_EXISTS: { status: 409, summary: "a session with this id already exists" },

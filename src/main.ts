@@ -10,7 +10,6 @@ import { parseArgs } from "node:util";
 import { loadConfig } from "./config/load.js";
 import { Daemon, VERSION } from "./daemon/daemon.js";
 import { ReaperError, errorMessage } from "./errors.js";
-import { listenFd, listenUnix } from "./http/listen.js";
 import { activationFd, watchdogIntervalMs } from "./systemd/notify.js";
 import { FAILPOINTS } from "./reaper/reaper.js";
 
@@ -65,12 +64,7 @@ async function main(): Promise<number | null> {
     });
     const inherited = activationFd(process.env, process.pid);
     await daemon.start();
-    if (inherited !== null) await listenFd(daemon.app, inherited);
-    else await listenUnix(daemon.app, config.api.socket, config.api.socketMode);
-    daemon.log.info(
-      { socket: inherited === null ? config.api.socket : `fd ${inherited} (socket activation)` },
-      "listening",
-    );
+    await daemon.listen(inherited);
     daemon.announceReady();
   } catch (err) {
     process.stderr.write(`reaperd: ${errorMessage(err)}\n`);

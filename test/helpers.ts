@@ -1,5 +1,6 @@
-import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { execFileSync, spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -9,7 +10,7 @@ import { callApi, type ApiResponse } from "../src/cli/client.js";
 import type { Clock } from "../src/clock.js";
 import { buildConfig, type Config } from "../src/config/load.js";
 import { Daemon } from "../src/daemon/daemon.js";
-import { listenUnix } from "../src/http/listen.js";
+import { mountPoints } from "../src/paths/validate.js";
 import { readStat, isExited } from "../src/proc/stat.js";
 
 export const ENGINE = fileURLToPath(new URL("./fixtures/engine.js", import.meta.url));
@@ -19,7 +20,14 @@ export const REAPERCTL = fileURLToPath(new URL("../src/cli/reaperctl.js", import
 /** A temp dir removed when the test ends. */
 export function tempDir(t: { after: (fn: () => void) => void }, prefix = "sr-test-"): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  t.after(() => {
+    // A test's bind mounts go first: rmSync would descend into them (same file system).
+    for (const m of mountPoints()
+      .filter((p) => p.startsWith(dir + "/"))
+      .reverse())
+      spawnSync("umount", ["-l", m]);
+    rmSync(dir, { recursive: true, force: true });
+  });
   return dir;
 }
 
@@ -67,7 +75,7 @@ export async function startDaemon(
   const daemon = new Daemon({ config, clock, logStream: { write: (s: string) => void lines.push(s) } });
   daemon.audit.events.on("audit", (e) => seen.push(e));
   await daemon.start();
-  await listenUnix(daemon.app, config.api.socket, config.api.socketMode);
+  await daemon.listen();
   const stop = async (): Promise<void> => {
     if (daemon.state !== "stopped") await daemon.stop();
   };
@@ -116,12 +124,15 @@ export async function startEngine(
   t: { after: (fn: () => void) => void },
   args: string[] = [],
   dir?: string,
-  opts: { detached?: boolean } = {},
+  opts: { detached?: boolean; user?: TestUser; uid?: number } = {},
 ): Promise<Engine> {
   // detached: the engine leads its own session and process group, as launchers do.
   const child = spawn(process.execPath, [ENGINE, ...(dir ? ["--dir", dir] : []), ...args], {
     stdio: ["ignore", "pipe", "inherit"],
     detached: opts.detached ?? false,
+    ...(opts.user ? { uid: opts.user.uid, gid: opts.user.gid } : {}),
+    // Another user's engine (the tests run as root): its group is the same number.
+    ...(opts.uid === undefined ? {} : { uid: opts.uid, gid: opts.uid }),
   });
   const exited = new Promise<void>((r) => child.once("exit", () => r()));
   const ready = await new Promise<{ pid: number; port: number; children: number[] }>((resolve, reject) => {
@@ -232,4 +243,98 @@ export function sleeper(
 export function exited(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
   return new Promise((r) => child.once("exit", () => r()));
+}
+
+export const API_CLIENT = fileURLToPath(new URL("./fixtures/api-client.js", import.meta.url));
+
+export interface TestUser {
+  name: string;
+  uid: number;
+  gid: number;
+}
+
+/**
+ * A real second user (useradd; the tests run as root), removed when the test ends. With
+ * `groups`, the user is also a member of those (existing) groups.
+ */
+export function testUser(t: { after: (fn: () => void) => void }, groups: string[] = []): TestUser {
+  const name = `sr${randomBytes(4).toString("hex")}`;
+  execFileSync("useradd", [
+    "--no-create-home",
+    "--shell",
+    "/usr/sbin/nologin",
+    "--user-group",
+    ...(groups.length > 0 ? ["--groups", groups.join(",")] : []),
+    name,
+  ]);
+  const id = (flag: string): number => Number(execFileSync("id", [flag, name], { encoding: "utf8" }).trim());
+  const user = { name, uid: id("-u"), gid: id("-g") };
+  // Never throws: a failing after-hook would skip the others (the daemon's stop among them).
+  t.after(() => {
+    spawnSync("pkill", ["-KILL", "-U", String(user.uid)]);
+    spawnSync("userdel", ["--force", name]);
+  });
+  return user;
+}
+
+/** A real group (groupadd), removed when the test ends. */
+export function testGroup(t: { after: (fn: () => void) => void }): { name: string; gid: number } {
+  const name = `srg${randomBytes(4).toString("hex")}`;
+  execFileSync("groupadd", [name]);
+  t.after(() => {
+    spawnSync("groupdel", [name]);
+  });
+  const line =
+    readFileSync("/etc/group", "utf8")
+      .split("\n")
+      .find((l) => l.startsWith(`${name}:`)) ?? "";
+  return { name, gid: Number(line.split(":")[2]) };
+}
+
+/** Calls the API from a process running as `user`: the daemon sees that uid through SO_PEERCRED. */
+export interface UserClient {
+  call<T = Record<string, unknown>>(method: string, path: string, body?: unknown): Promise<{ status: number; body: T }>;
+}
+
+export function apiAs(t: { after: (fn: () => void) => void }, user: TestUser, socket: string): UserClient {
+  // setpriv --init-groups: the user's supplementary groups too, as at a real login (Node's
+  // spawn with uid/gid drops them all).
+  const child = spawn(
+    "setpriv",
+    [
+      "--reuid",
+      String(user.uid),
+      "--regid",
+      String(user.gid),
+      "--init-groups",
+      "--",
+      process.execPath,
+      API_CLIENT,
+      socket,
+    ],
+    { stdio: ["pipe", "pipe", "inherit"] },
+  );
+  t.after(() => {
+    child.stdin?.end();
+    child.kill("SIGKILL");
+  });
+  const waiting: ((line: string) => void)[] = [];
+  child.stdout?.setEncoding("utf8");
+  let buffered = "";
+  child.stdout?.on("data", (d: string) => {
+    buffered += d;
+    let nl;
+    while ((nl = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, nl);
+      buffered = buffered.slice(nl + 1);
+      waiting.shift()?.(line);
+    }
+  });
+  return {
+    call: (method, path, body) =>
+      new Promise((resolve) => {
+        waiting.push((line) => resolve(JSON.parse(line) as never));
+        child.stdin?.write(JSON.stringify({ method, path, body }) + "\n");
+      }),
+  };
 }

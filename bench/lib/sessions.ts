@@ -73,6 +73,7 @@ export function seedLiveSessions(
             leftovers: [],
             reapStartedAt: null,
             reapedAt: null,
+            registeredBy: { uid: 0, admin: true, via: "unix" },
             reapAttempts: 0,
           };
           store.insertSession(session);

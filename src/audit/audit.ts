@@ -13,6 +13,7 @@ export const AUDIT_EVENTS = [
   "reap.started",
   "reap.step",
   "reap.finished",
+  "orphan.found",
 ] as const;
 export type AuditEventName = (typeof AUDIT_EVENTS)[number];
 
@@ -37,6 +38,7 @@ export interface RecordedAuditEvent extends AuditEvent {
 export class AuditTrail {
   readonly events = new EventEmitter<{ audit: [RecordedAuditEvent] }>();
   private pending: RecordedAuditEvent[] | null = null;
+  private pendingAfter: (() => void)[] = [];
 
   constructor(
     private readonly store: Store,
@@ -52,14 +54,29 @@ export class AuditTrail {
     this.pending = [];
     let result: T;
     let committed: RecordedAuditEvent[];
+    let after: (() => void)[];
     try {
       result = this.store.transaction(fn);
       committed = this.pending;
+      after = this.pendingAfter;
     } finally {
       this.pending = null;
+      this.pendingAfter = [];
     }
     for (const e of committed) this.publish(e);
+    for (const fn of after) fn();
     return result;
+  }
+
+  /**
+   * Runs `fn` once the current transaction has committed (at once outside one), after its
+   * events are published; dropped if it rolls back. What acts on a decision (the reaper
+   * queueing a fenced session) waits for the outermost commit, also when the decision is
+   * taken inside a larger transaction (the orphan sweep inserts and fences in one).
+   */
+  afterCommit(fn: () => void): void {
+    if (this.pending !== null) this.pendingAfter.push(fn);
+    else fn();
   }
 
   record(e: AuditEvent): void {

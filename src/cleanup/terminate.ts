@@ -42,9 +42,20 @@ export const terminate: CleanupStep = {
         ctx.record({ processes: [...seen.values()].map((p) => ({ pid: p.pid, startTime: p.startTime })) });
       return fresh;
     };
-    const alive = (): ProcessIdentity[] => [...seen.values()].filter((p) => liveness(p) === "alive");
+    // A session a non-admin registered is reaped with that user's power: members of another
+    // uid (a setuid helper, a process that changed user) are left alone and reported.
+    const policy = { onlyUid: ctx.session.registeredBy.admin ? undefined : ctx.session.engine.uid };
+    const notOurs = new Map<string, ProcessIdentity>();
+    const alive = (): ProcessIdentity[] =>
+      [...seen.values()].filter((p) => !notOurs.has(key(p)) && liveness(p) === "alive");
     const send = (procs: ProcessIdentity[], sig: NodeJS.Signals): number =>
-      procs.filter((p) => signalProcess(p, sig, ctx.log, ctx.daemonPid) === "sent").length;
+      procs.filter((p) => {
+        if (policy.onlyUid !== undefined && p.uid !== policy.onlyUid) {
+          notOurs.set(key(p), p);
+          return false;
+        }
+        return signalProcess(p, sig, ctx.log, ctx.daemonPid, policy) === "sent";
+      }).length;
 
     let sigterm = send(rescan(), "SIGTERM");
     if (seen.size === 0) return { ok: true, detail: { skipped: "engine already gone", processes: [] } };
@@ -60,7 +71,7 @@ export const terminate: CleanupStep = {
     let cgroupKill: string | null = null;
     if (alive().length > 0) {
       rescan();
-      cgroupKill = killCgroup(ctx.session.engine, ctx.log);
+      cgroupKill = killCgroup(ctx.session.engine, ctx.log, policy);
       // Freeze: stop everything alive; a stopped process cannot fork, so a scan that finds no
       // newcomer means the tree is complete.
       const stopped = new Set<string>();
@@ -82,14 +93,23 @@ export const terminate: CleanupStep = {
     }
 
     const survivors = alive();
-    const leftovers: Leftover[] = survivors.map((p) => ({
-      step: "terminate",
-      kind: "process",
-      item: String(p.pid),
-      detail: "still running after SIGKILL",
-    }));
+    const refused = [...notOurs.values()].filter((p) => liveness(p) === "alive");
+    const leftovers: Leftover[] = [
+      ...survivors.map((p) => ({
+        step: "terminate" as const,
+        kind: "process" as const,
+        item: String(p.pid),
+        detail: "still running after SIGKILL",
+      })),
+      ...refused.map((p) => ({
+        step: "terminate" as const,
+        kind: "process" as const,
+        item: String(p.pid),
+        detail: `not signalled: runs as uid ${p.uid}, and the session was registered by uid ${ctx.session.registeredBy.uid ?? "?"}, not an admin`,
+      })),
+    ];
     return {
-      ok: survivors.length === 0,
+      ok: survivors.length === 0 && refused.length === 0,
       detail: {
         processes: [...seen.values()].map((p) => ({ pid: p.pid, startTime: p.startTime })),
         sigterm,

@@ -31,6 +31,7 @@ export interface Trail {
   lines: number;
   /** JSON lines without an `event` (operational pino lines: "signal sent", …): skipped. */
   nonAudit: number;
+  /** Events that concern no session: daemon.*, and orphan.found in report mode. */
   daemonEvents: number;
   malformed: { line: number; text: string }[];
   unknown: { line: number; event: string; sessionId: string | null }[];
@@ -71,7 +72,9 @@ export function addLine(trail: Trail, text: string): void {
     trail.unknown.push({ line, event: rec.event.slice(0, 80), sessionId });
     return;
   }
-  if (rec.event.startsWith("daemon.")) {
+  // A report-mode orphan.found concerns a process or path, not a session; in reap mode it
+  // names the session it became, and counts in that session's trail.
+  if (rec.event.startsWith("daemon.") || (rec.event === "orphan.found" && sessionId === null)) {
     trail.daemonEvents++;
     return;
   }

@@ -1,6 +1,6 @@
 /** The commands that read or act on the daemon's sessions: one API call (or page loop) each. */
 import type { Session } from "../client/index.js";
-import type { ExpiringJson } from "../http/present.js";
+import type { ExpiringJson, OrphanJson } from "../http/present.js";
 import { EXIT, UsageError, apiFailure, stringOption, type Context } from "./command.js";
 import { parseDuration, relativeTime, table } from "./format.js";
 
@@ -95,7 +95,13 @@ function showSession(s: Session, now: number): string {
     ["outcome", s.outcome ?? "-"],
     ["profile", s.profile],
     ["owner", s.owner ?? "-"],
-    ["engine pid", String(s.engine.pid)],
+    ["engine pid", `${s.engine.pid} (uid ${s.engine.uid})`],
+    [
+      "registered by",
+      s.registeredBy.via === "tcp"
+        ? "loopback TCP (token)"
+        : `${s.registeredBy.uid === null ? "unknown uid" : `uid ${s.registeredBy.uid}`}${s.registeredBy.admin ? " (admin)" : ""}`,
+    ],
     ["created", when(s.createdAt)],
     ["last heartbeat", when(s.lastHeartbeatAt)],
     ["deadline", when(s.deadline)],
@@ -172,5 +178,52 @@ export async function expiring(ctx: Context): Promise<number> {
       true,
     ),
   );
+  return EXIT.ok;
+}
+
+/** What the sweep does with a finding, in the table's words. */
+function orphanAction(f: OrphanJson): string {
+  if (f.action === "report") return "report";
+  return f.adopted ? "reap" : "reap refused";
+}
+
+function orphanWhat(f: OrphanJson): string {
+  if (f.kind === "path") return f.path ?? "";
+  const cmd = (f.cmdline ?? f.exe ?? "").slice(0, 80);
+  if (f.kind === "identity_mismatch") return `pid ${f.pid}: ${f.detail ?? ""}`;
+  const tree = f.processes.length > 1 ? `, ${f.processes.length} processes` : "";
+  const ports = f.ports.length > 0 ? `, ports ${f.ports.join(",")}` : "";
+  return `pid ${f.pid}${tree}${ports}: ${cmd}`;
+}
+
+export async function orphans(ctx: Context): Promise<number> {
+  noArgs(ctx, "orphans");
+  const res = await ctx.api<{ enabled: boolean; sweptAt: string | null; findings: OrphanJson[] }>("GET", "/v1/orphans");
+  if (res.status === 404 && (res.body as { error?: { code?: string } } | null)?.error?.code === "SR_ROUTE_NOT_FOUND") {
+    ctx.note("this daemon does not serve GET /v1/orphans yet: upgrade reaperd");
+    return EXIT.error;
+  }
+  if (res.status !== 200) return apiFailure(ctx, res);
+  const { enabled, sweptAt, findings } = res.body;
+  const now = Date.now();
+  print(ctx, res.body, () => {
+    if (!enabled) return "the orphan sweep is off: no profile declares [profiles.NAME.orphans]\n";
+    const swept = sweptAt ? `last sweep ${sweptAt} (${relativeTime(sweptAt, now)})` : "no sweep yet";
+    const rows = findings.map((f) => [
+      f.kind,
+      f.profile,
+      orphanAction(f),
+      relativeTime(new Date(now - f.ageSec * 1000).toISOString(), now).replace(/ ago$/, ""),
+      String(f.uid),
+      f.sessionId,
+      orphanWhat(f),
+    ]);
+    const refused = findings.filter((f) => f.action === "reap" && !f.adopted && f.detail);
+    return (
+      `${swept}\n` +
+      table([["KIND", "PROFILE", "ACTION", "AGE", "UID", "SESSION", "WHAT"], ...rows], true) +
+      refused.map((f) => `${f.sessionId}: ${f.detail}\n`).join("")
+    );
+  });
   return EXIT.ok;
 }

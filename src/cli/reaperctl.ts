@@ -11,7 +11,7 @@ import { ReaperError, errorMessage } from "../errors.js";
 import { auditVerify } from "./audit-verify.js";
 import { callApi } from "./client.js";
 import { EXIT, UsageError, type Context } from "./command.js";
-import { end, events, expiring, list, show, status } from "./commands.js";
+import { end, events, expiring, list, orphans, show, status } from "./commands.js";
 import { runCommand } from "./run.js";
 
 type Options = NonNullable<ParseArgsConfig["options"]>;
@@ -120,6 +120,29 @@ Examples:
   reaperctl expiring --within 30s --json`,
     options: { within: { type: "string" } },
     run: expiring,
+  },
+  {
+    name: "orphans",
+    synopsis: "orphans",
+    summary: "what the orphan sweep found: processes and paths no session claims",
+    help: `Lists the findings of the daemon's last orphan sweep: processes that match a profile's
+[orphans] matcher and belong to no live or reaping session, temp paths matching its globs
+that no session claims, both older than the profile's min_age_sec, and live sessions whose
+engine now runs as another uid than the one registered (identity_mismatch).
+
+ACTION is what the sweep does with each: "report" (an orphan.found event only), "reap"
+(it became a session with reason "orphaned", cleaned up by the full pipeline), or "reap
+refused" (a policy check refused it; the reason follows the table). SESSION is that
+session's id; in report mode, the id reap mode would give it. WHAT lists the process tree
+and the ports reap mode would terminate and verify free, or the path it would delete: in
+report mode, the listing is the dry run of reap mode. The sweep runs on [orphans] schedule
+and once at start; "reaperctl show SESSION" follows a reap.
+
+Example:
+  reaperctl orphans
+  reaperctl orphans --json`,
+    options: {},
+    run: orphans,
   },
   {
     name: "close",

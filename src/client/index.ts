@@ -59,6 +59,8 @@ export interface Session {
   reapStartedAt: string | null;
   reapedAt: string | null;
   reapAttempts: number;
+  /** Who registered the session (the unix socket peer's uid); uid null for loopback TCP. */
+  registeredBy: { uid: number | null; admin: boolean; via: "unix" | "tcp" | null };
   /** On GET /v1/sessions/{id} only. */
   steps?: {
     name: StepName;

@@ -5,7 +5,8 @@ import { Ajv, type ErrorObject } from "ajv";
 import { Cron } from "croner";
 import { parse as parseToml } from "smol-toml";
 import { ReaperError, errorMessage } from "../errors.js";
-import { DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
+import { globProblem } from "../orphans/matcher.js";
+import { DEFAULTS, ORPHAN_DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
 
 export type CloseHook = { kind: "http"; path: string } | { kind: "command"; argv: readonly string[] };
 
@@ -24,6 +25,8 @@ export interface Profile {
   readonly gracePeriodSec: number;
   readonly stepTimeoutSec: number;
   readonly allowedRoots: readonly string[];
+  /** Engine uids this profile may manage, whoever registers; null = any uid. */
+  readonly allowedUids: readonly number[] | null;
   readonly closeHook: CloseHook | null;
   readonly releaseHooks: readonly ReleaseHook[];
   /**
@@ -31,6 +34,24 @@ export interface Profile {
    * the liveness pass counts the engine as active, moving its activity time; null = off.
    */
   readonly busyCpuPercent: number | null;
+  /** How the orphan sweep recognises this profile's engines and leftovers; null = off. */
+  readonly orphans: OrphanPolicy | null;
+}
+
+/** A profile's [profiles.NAME.orphans], validated (src/orphans/ reads it). */
+export interface OrphanPolicy {
+  /** report: an orphan.found event per finding; reap: each finding also becomes a session reaped as `orphaned`. */
+  readonly mode: "report" | "reap";
+  /** /proc/<pid>/exe must be exactly this (when set). */
+  readonly exe: string | null;
+  /** A regular expression (source) the command line, arguments joined by spaces, must match (when set). */
+  readonly cmdline: string | null;
+  /** Only processes (real uid) and paths (owner) of these uids are considered. */
+  readonly uids: readonly number[];
+  /** Younger processes (start time) and paths (mtime) are left alone. */
+  readonly minAgeSec: number;
+  /** Globs (`*`, `?`, `[...]` within a component) below the profile's allowed roots. */
+  readonly paths: readonly string[];
 }
 
 export type LogLevel = "fatal" | "error" | "warn" | "info" | "debug" | "trace" | "silent";
@@ -38,12 +59,28 @@ export type LogLevel = "fatal" | "error" | "warn" | "info" | "debug" | "trace" |
 export interface Config {
   /** The file this came from, or null when running on embedded defaults. */
   readonly source: string | null;
-  readonly api: { readonly socket: string; readonly socketMode: number; readonly bodyLimitBytes: number };
+  readonly api: ApiConfig;
   readonly store: { readonly path: string; readonly flushIntervalMs: number };
   readonly log: { readonly level: LogLevel; readonly file: string };
   readonly detect: { readonly livenessSchedule: string };
   readonly reaper: { readonly concurrency: number; readonly shutdownGraceSec: number };
+  readonly orphans: { readonly schedule: string };
   readonly profiles: Readonly<Record<string, Profile>>;
+}
+
+export interface ApiConfig {
+  readonly socket: string;
+  readonly socketMode: number;
+  readonly bodyLimitBytes: number;
+  /** Members of this gid are administrators (besides root and the daemon's own uid); null = none. */
+  readonly adminGid: number | null;
+  readonly maxSessionsPerUid: number;
+  readonly headerTimeoutMs: number;
+  readonly requestTimeoutMs: number;
+  readonly keepAliveTimeoutMs: number;
+  readonly maxConnections: number;
+  /** Loopback TCP, off unless configured. */
+  readonly tcp: { readonly host: string; readonly port: number; readonly tokenFile: string } | null;
 }
 
 export const DEFAULT_CONFIG_PATH = "/etc/session-reaper/config.toml";
@@ -53,6 +90,8 @@ export interface LoadOptions {
   configPath?: string | undefined;
   env: Readonly<Record<string, string | undefined>>;
   cwd: string;
+  /** Where group names are looked up (api.admin_group); /etc/group unless a test says otherwise. */
+  groupFile?: string;
 }
 
 const validate = new Ajv({ allErrors: true, strict: true }).compile(configSchema);
@@ -112,12 +151,32 @@ export function loadConfig(opts: LoadOptions): Config {
 }
 
 type Raw = {
-  api?: { socket?: string; socket_mode?: string; body_limit_bytes?: number };
+  api?: {
+    socket?: string;
+    socket_mode?: string;
+    body_limit_bytes?: number;
+    admin_group?: string;
+    max_sessions_per_uid?: number;
+    header_timeout_ms?: number;
+    request_timeout_ms?: number;
+    keep_alive_timeout_ms?: number;
+    max_connections?: number;
+    tcp?: { listen: string; token_file: string };
+  };
   store?: { path?: string; flush_interval_ms?: number };
   log?: { level?: LogLevel; file?: string };
   detect?: { liveness_schedule?: string };
   reaper?: { concurrency?: number; shutdown_grace_sec?: number };
+  orphans?: { schedule?: string };
   profiles?: Record<string, RawProfile>;
+};
+type RawOrphans = {
+  mode?: "off" | "report" | "reap";
+  exe?: string;
+  cmdline?: string;
+  uids?: number[];
+  min_age_sec?: number;
+  paths?: string[];
 };
 type RawProfile = {
   heartbeat_timeout_sec?: number;
@@ -126,9 +185,11 @@ type RawProfile = {
   grace_period_sec?: number;
   step_timeout_sec?: number;
   allowed_roots?: string[];
+  allowed_uids?: number[];
   close_hook?: string | string[];
   release_hooks?: (string | string[])[];
   busy_cpu_percent?: number;
+  orphans?: RawOrphans;
 };
 
 /** Validates an already-parsed document (exported for tests and for embedding). */
@@ -147,12 +208,12 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
     throw new ReaperError("SR_CONFIG_INVALID", `REAPER_LOG_LEVEL: must be one of ${levels.join(", ")}`);
   }
 
-  const schedule = raw.detect?.liveness_schedule ?? DEFAULTS.detect.liveness_schedule;
-  try {
-    new Cron(schedule, { paused: true }).stop();
-  } catch (err) {
-    throw new ReaperError("SR_CONFIG_INVALID", `${where}: detect.liveness_schedule: ${errorMessage(err)}`);
-  }
+  const schedule = checkSchedule(
+    raw.detect?.liveness_schedule ?? DEFAULTS.detect.liveness_schedule,
+    where,
+    "detect.liveness_schedule",
+  );
+  const orphanSchedule = checkSchedule(raw.orphans?.schedule ?? DEFAULTS.orphans.schedule, where, "orphans.schedule");
 
   const [socketFrom, socketPath] = envValue(env, "REAPER_SOCKET")
     ? ["REAPER_SOCKET", envValue(env, "REAPER_SOCKET") as string]
@@ -168,11 +229,21 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
   const dbPath =
     envValue(env, "REAPER_DB") ?? raw.store?.path ?? join(firstDir(env, "STATE_DIRECTORY") ?? opts.cwd, "reaper.db");
 
+  const headerTimeout = raw.api?.header_timeout_ms ?? DEFAULTS.api.header_timeout_ms;
+  const requestTimeout = raw.api?.request_timeout_ms ?? DEFAULTS.api.request_timeout_ms;
+  if (headerTimeout > requestTimeout) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${where}: api.header_timeout_ms: ${headerTimeout} exceeds api.request_timeout_ms (${requestTimeout})`,
+    );
+  }
   const rawProfiles = raw.profiles ?? {};
   const baseRaw = rawProfiles.default ?? {};
   const profiles: Record<string, Profile> = {};
   for (const name of new Set(["default", ...Object.keys(rawProfiles)])) {
-    profiles[name] = buildProfile(name, { ...PROFILE_DEFAULTS, ...baseRaw, ...rawProfiles[name] }, where);
+    const own = rawProfiles[name] ?? {};
+    // [orphans] is the profile's own: an inherited matcher would find the same process for every profile.
+    profiles[name] = buildProfile(name, { ...PROFILE_DEFAULTS, ...baseRaw, ...own, orphans: own.orphans }, where);
   }
 
   return deepFreeze({
@@ -181,6 +252,15 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       socket,
       socketMode: parseInt(raw.api?.socket_mode ?? DEFAULTS.api.socket_mode, 8),
       bodyLimitBytes: raw.api?.body_limit_bytes ?? DEFAULTS.api.body_limit_bytes,
+      adminGid: groupId(raw.api?.admin_group ?? DEFAULTS.api.admin_group, opts.groupFile ?? "/etc/group", where),
+      maxSessionsPerUid: raw.api?.max_sessions_per_uid ?? DEFAULTS.api.max_sessions_per_uid,
+      headerTimeoutMs: headerTimeout,
+      requestTimeoutMs: requestTimeout,
+      keepAliveTimeoutMs: raw.api?.keep_alive_timeout_ms ?? DEFAULTS.api.keep_alive_timeout_ms,
+      maxConnections: raw.api?.max_connections ?? DEFAULTS.api.max_connections,
+      tcp: raw.api?.tcp
+        ? { ...loopbackListen(raw.api.tcp.listen, `${where}: api.tcp.listen`), tokenFile: raw.api.tcp.token_file }
+        : null,
     },
     store: {
       path: dbPath === ":memory:" ? dbPath : resolve(opts.cwd, dbPath),
@@ -192,17 +272,22 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       concurrency: raw.reaper?.concurrency ?? DEFAULTS.reaper.concurrency,
       shutdownGraceSec: raw.reaper?.shutdown_grace_sec ?? DEFAULTS.reaper.shutdown_grace_sec,
     },
+    orphans: { schedule: orphanSchedule },
     profiles,
   });
 }
 
 function buildProfile(
   name: string,
-  p: Required<Omit<RawProfile, "close_hook" | "allowed_roots" | "release_hooks" | "busy_cpu_percent">> & {
+  p: Required<
+    Omit<RawProfile, "close_hook" | "allowed_roots" | "allowed_uids" | "release_hooks" | "busy_cpu_percent" | "orphans">
+  > & {
     allowed_roots: readonly string[];
+    allowed_uids?: readonly number[];
     close_hook?: string | string[];
     release_hooks: readonly (string | string[])[];
     busy_cpu_percent?: number;
+    orphans?: RawOrphans | undefined;
   },
   where: string,
 ): Profile {
@@ -233,6 +318,7 @@ function buildProfile(
     gracePeriodSec: p.grace_period_sec,
     stepTimeoutSec: p.step_timeout_sec,
     allowedRoots: roots,
+    allowedUids: p.allowed_uids ? [...p.allowed_uids] : null,
     closeHook:
       hook === undefined
         ? null
@@ -245,6 +331,68 @@ function buildProfile(
         : { kind: "command", argv: h },
     ),
     busyCpuPercent: busy > 0 ? busy : null,
+    orphans: orphanPolicy(p.orphans, roots, p.allowed_uids ?? null, `${where}: profiles.${name}.orphans`),
+  };
+}
+
+/** A croner pattern, checked by building a paused job. */
+function checkSchedule(pattern: string, where: string, key: string): string {
+  try {
+    new Cron(pattern, { paused: true }).stop();
+  } catch (err) {
+    throw new ReaperError("SR_CONFIG_INVALID", `${where}: ${key}: ${errorMessage(err)}`);
+  }
+  return pattern;
+}
+
+/**
+ * A profile's orphan matcher. The sweep may end up killing what it matches, so nothing is
+ * guessed: uids are required, the regex must compile, and every glob must lie below one of
+ * the profile's own allowed roots (the delete path re-checks at delete time anyway).
+ */
+function orphanPolicy(
+  raw: RawOrphans | undefined,
+  roots: readonly string[],
+  allowedUids: readonly number[] | null,
+  key: string,
+): OrphanPolicy | null {
+  if (raw === undefined) return null;
+  const mode = raw.mode ?? ORPHAN_DEFAULTS.mode;
+  if (mode === "off") return null;
+  const fail = (what: string, message: string): never => {
+    throw new ReaperError("SR_CONFIG_INVALID", `${key}${what}: ${message}`);
+  };
+  const paths = raw.paths ?? [];
+  if (raw.exe === undefined && raw.cmdline === undefined && paths.length === 0) {
+    fail("", `mode "${mode}" needs something to match: exe, cmdline or paths`);
+  }
+  if (raw.uids === undefined) {
+    fail(".uids", "required: the sweep only considers processes and paths of the uids listed here");
+  }
+  const outside = allowedUids === null ? [] : (raw.uids ?? []).filter((u) => !allowedUids.includes(u));
+  if (outside.length > 0) {
+    fail(".uids", `${outside.join(", ")} not in the profile's allowed_uids: the sweep may not act beyond the profile`);
+  }
+  if (raw.exe !== undefined && normalize(raw.exe) !== raw.exe)
+    fail(".exe", `"${raw.exe}" must be a normalized absolute path`);
+  if (raw.cmdline !== undefined) {
+    try {
+      new RegExp(raw.cmdline);
+    } catch (err) {
+      fail(".cmdline", `not a valid regular expression: ${errorMessage(err)}`);
+    }
+  }
+  paths.forEach((glob, i) => {
+    const problem = globProblem(glob, roots);
+    if (problem !== null) fail(`.paths.${i}`, `"${glob}" ${problem}`);
+  });
+  return {
+    mode,
+    exe: raw.exe ?? null,
+    cmdline: raw.cmdline ?? null,
+    uids: raw.uids ?? [],
+    minAgeSec: raw.min_age_sec ?? ORPHAN_DEFAULTS.min_age_sec,
+    paths,
   };
 }
 
@@ -269,6 +417,54 @@ function loopbackUrl(text: string, key: string): string {
     );
   }
   return url.href;
+}
+
+/** api.admin_group: "" = none, digits = a gid, otherwise a name looked up in /etc/group. */
+function groupId(value: string, groupFile: string, where: string): number | null {
+  if (value === "") return null;
+  if (/^[0-9]+$/.test(value)) {
+    const gid = Number(value);
+    if (gid > 4294967294)
+      throw new ReaperError("SR_CONFIG_INVALID", `${where}: api.admin_group: ${value} is not a gid`);
+    return gid;
+  }
+  let text: string;
+  try {
+    text = readFileSync(groupFile, "utf8");
+  } catch (err) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${where}: api.admin_group: cannot read ${groupFile}: ${errorMessage(err)}`,
+    );
+  }
+  for (const line of text.split("\n")) {
+    const [name, , gid] = line.split(":");
+    if (name === value && gid !== undefined && /^[0-9]+$/.test(gid)) return Number(gid);
+  }
+  throw new ReaperError("SR_CONFIG_INVALID", `${where}: api.admin_group: no group is named "${value}" in ${groupFile}`);
+}
+
+/**
+ * api.tcp.listen: "127.0.0.1:PORT" (any 127.0.0.0/8 address) or "[::1]:PORT". A literal
+ * loopback address only, never a name or a wildcard: the API must not be reachable off the host.
+ */
+function loopbackListen(text: string, key: string): { host: string; port: number } {
+  const m = /^(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]):([0-9]{1,5})$/.exec(text);
+  const port = m ? Number(m[2]) : NaN;
+  const host = m?.[1]?.replace(/^\[|\]$/g, "");
+  if (
+    m === null ||
+    host === undefined ||
+    port < 0 ||
+    port > 65535 ||
+    !/^(::1|127(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3})$/.test(host)
+  ) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${key}: "${text}" must be a literal loopback address and port, e.g. 127.0.0.1:7787 or [::1]:7787`,
+    );
+  }
+  return { host, port };
 }
 
 function deepFreeze<T>(value: T): T {

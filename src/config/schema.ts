@@ -13,12 +13,26 @@ export const PROFILE_DEFAULTS = {
 } as const;
 
 export const DEFAULTS = {
-  api: { socket_mode: "0660", body_limit_bytes: 65536 },
+  api: {
+    socket_mode: "0660",
+    body_limit_bytes: 16384,
+    admin_group: "",
+    max_sessions_per_uid: 1000,
+    header_timeout_ms: 10000,
+    request_timeout_ms: 30000,
+    keep_alive_timeout_ms: 5000,
+    max_connections: 1024,
+  },
   store: { flush_interval_ms: 1000 },
   log: { level: "info", file: "" },
   detect: { liveness_schedule: "*/2 * * * * *" },
   reaper: { concurrency: 8, shutdown_grace_sec: 20 },
+  // Every minute (croner, with seconds); the sweep also runs once at start, after recovery.
+  orphans: { schedule: "0 * * * * *" },
 } as const;
+
+/** A profile's [profiles.NAME.orphans] table: mode when absent, and the age below which nothing is taken. */
+export const ORPHAN_DEFAULTS = { mode: "report", min_age_sec: 600 } as const;
 
 const seconds = (minimum: number) => ({ type: "integer", minimum, maximum: 10 * 365 * 86400 });
 
@@ -37,6 +51,12 @@ const profileSchema = {
     allowed_roots: {
       type: "array",
       items: { type: "string", pattern: "^/", minLength: 2 },
+      uniqueItems: true,
+    },
+    // Engine uids this profile may manage, whoever registers (admins included); absent = any.
+    allowed_uids: {
+      type: "array",
+      items: { type: "integer", minimum: 0, maximum: 4294967294 },
       uniqueItems: true,
     },
     close_hook: {
@@ -60,6 +80,32 @@ const profileSchema = {
         ],
       },
     },
+    // How to recognise this profile's engines and leftovers that no session claims (the orphan
+    // sweep, src/orphans/). Not inherited from [profiles.default]: a matcher names one profile's
+    // engines. load.ts checks the regex, the uids and that every glob lies below allowed_roots.
+    orphans: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        mode: { enum: ["off", "report", "reap"] },
+        exe: { type: "string", pattern: "^/", minLength: 2, maxLength: 4096 },
+        cmdline: { type: "string", minLength: 1, maxLength: 4096 },
+        uids: {
+          type: "array",
+          minItems: 1,
+          maxItems: 1024,
+          uniqueItems: true,
+          items: { type: "integer", minimum: 0, maximum: 4294967294 },
+        },
+        min_age_sec: seconds(0),
+        paths: {
+          type: "array",
+          maxItems: 64,
+          uniqueItems: true,
+          items: { type: "string", pattern: "^/", minLength: 2, maxLength: 4096 },
+        },
+      },
+    },
   },
 } as const;
 
@@ -74,6 +120,25 @@ export const configSchema = {
         socket: { type: "string", pattern: "^/", minLength: 2 },
         socket_mode: { type: "string", pattern: "^0?[0-7]{3}$" },
         body_limit_bytes: { type: "integer", minimum: 1024, maximum: 16777216 },
+        // Members of this group (a name in /etc/group, or a numeric gid) are administrators, like
+        // root; "" = none.
+        admin_group: { type: "string", pattern: "^([A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10})?$" },
+        max_sessions_per_uid: { type: "integer", minimum: 1, maximum: 1000000 },
+        header_timeout_ms: { type: "integer", minimum: 100, maximum: 600000 },
+        request_timeout_ms: { type: "integer", minimum: 100, maximum: 600000 },
+        keep_alive_timeout_ms: { type: "integer", minimum: 100, maximum: 600000 },
+        max_connections: { type: "integer", minimum: 1, maximum: 65536 },
+        tcp: {
+          type: "object",
+          additionalProperties: false,
+          required: ["listen", "token_file"],
+          properties: {
+            // "127.0.0.1:7787" or "[::1]:7787": a literal loopback address; load.ts checks it.
+            listen: { type: "string", minLength: 3, maxLength: 64 },
+            // A file holding the bearer token: mode 0600 or 0400, owned by the daemon's user.
+            token_file: { type: "string", pattern: "^/", minLength: 2 },
+          },
+        },
       },
     },
     store: {
@@ -105,6 +170,13 @@ export const configSchema = {
       properties: {
         concurrency: { type: "integer", minimum: 1, maximum: 1024 },
         shutdown_grace_sec: { type: "number", minimum: 0, maximum: 3600 },
+      },
+    },
+    orphans: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        schedule: { type: "string", minLength: 1 },
       },
     },
     profiles: {

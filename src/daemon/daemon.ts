@@ -3,12 +3,17 @@ import type { FastifyInstance } from "fastify";
 import pidusage from "pidusage";
 import type { DestinationStream, Logger } from "pino";
 import { AuditTrail } from "../audit/audit.js";
+import { Callers } from "../auth/caller.js";
 import { createLogger, type Loggers } from "../audit/logger.js";
 import { systemClock, type Clock } from "../clock.js";
 import type { Config } from "../config/load.js";
 import { Detector, type LiveSession } from "../detect/detector.js";
-import { buildServer, type DaemonInfo } from "../http/server.js";
+import type { Server } from "node:http";
+import { loadToken } from "../auth/tcp.js";
+import { closeServer, listenFd, listenTcp, listenUnix } from "../http/listen.js";
+import { buildServer, buildTcpServer, type DaemonInfo } from "../http/server.js";
 import { Metrics } from "../metrics/metrics.js";
+import { OrphanSweep } from "../orphans/sweep.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
 import { deadlineOf } from "../detect/deadline.js";
@@ -45,6 +50,8 @@ export interface DaemonOptions {
   logStream?: DestinationStream;
   /** The daemon's own pid, never signalled. */
   pid?: number;
+  /** The daemon's effective uid (an administrator of its own API); default process.geteuid(). */
+  uid?: number;
   /** $NOTIFY_SOCKET: where sd_notify messages go; unset outside systemd. */
   notifySocket?: string | undefined;
   /** Watchdog ping interval (WATCHDOG_USEC / 2), or null. */
@@ -69,7 +76,10 @@ export class Daemon {
   readonly detector: Detector;
   readonly reaper: Reaper;
   readonly sessions: Sessions;
+  readonly orphans: OrphanSweep;
   readonly app: FastifyInstance;
+  /** Peer credentials per connection, shared by the unix socket and loopback TCP. */
+  readonly callers: Callers;
   private stateValue: DaemonState = "starting";
   private startedAt = 0;
   private flushTimer: NodeJS.Timeout | null = null;
@@ -78,11 +88,17 @@ export class Daemon {
   private readonly notifier: SystemdNotifier;
   private readonly watchdogMs: number | null;
   private flushing: Promise<void> | null = null;
+  /** sha256 of the loopback TCP bearer token; null when api.tcp is not configured. */
+  private readonly tcpToken: Buffer | null;
+  private tcpServer: Server | null = null;
 
   constructor(opts: DaemonOptions) {
     const config = opts.config;
     const clock = opts.clock ?? systemClock;
     const daemonPid = opts.pid ?? process.pid;
+    const daemonUid = opts.uid ?? process.geteuid?.() ?? 0;
+    // Before anything is opened: a bad token file is a configuration error (exit 78).
+    this.tcpToken = config.api.tcp ? loadToken(config.api.tcp.tokenFile, daemonUid) : null;
     this.config = config;
     this.clock = clock;
     this.watchdogMs = opts.watchdogMs ?? null;
@@ -117,12 +133,26 @@ export class Daemon {
       daemonPid,
       accepting: () => this.stateValue === "running" || this.stateValue === "starting",
     });
+    this.callers = new Callers({ adminGid: config.api.adminGid, daemonUid });
+    this.orphans = new OrphanSweep({
+      config,
+      store: this.store,
+      audit: this.audit,
+      reaper: this.reaper,
+      detector: this.detector,
+      metrics: this.metrics,
+      clock,
+      log: this.log,
+      daemonPid,
+    });
     this.app = buildServer({
       sessions: this.sessions,
       store: this.store,
       metrics: this.metrics,
+      orphans: this.orphans,
       log: this.log,
-      bodyLimitBytes: config.api.bodyLimitBytes,
+      api: config.api,
+      callers: this.callers,
       info: () => this.info(),
     });
   }
@@ -157,6 +187,7 @@ export class Daemon {
         id: s.id,
         engine: s.engine,
         ownerPid: s.ownerPid,
+        registeredBy: s.registeredBy,
         createdAt: s.createdAt,
         lastHeartbeatAt: s.lastHeartbeatAt,
         lastActivityAt: s.lastActivityAt,
@@ -196,6 +227,40 @@ export class Daemon {
         reapedAtStart: goneAtStart,
       },
     });
+    // After recovery, so that every session the table still knows claims its processes.
+    this.orphans.start();
+  }
+
+  /**
+   * Serves the API: on the inherited socket (systemd socket activation) or the configured
+   * unix socket, and on loopback TCP when api.tcp is configured. Called after start().
+   */
+  async listen(inheritedFd: number | null = null): Promise<void> {
+    if (inheritedFd !== null) await listenFd(this.app, inheritedFd);
+    else await listenUnix(this.app, this.config.api.socket, this.config.api.socketMode);
+    const tcp = this.config.api.tcp;
+    if (tcp !== null && this.tcpToken !== null) {
+      const server = buildTcpServer(
+        this.app,
+        { api: this.config.api, callers: this.callers, metrics: this.metrics },
+        this.tcpToken,
+      );
+      await listenTcp(server, tcp.host, tcp.port);
+      this.tcpServer = server;
+    }
+    this.log.info(
+      {
+        socket: inheritedFd === null ? this.config.api.socket : `fd ${inheritedFd} (socket activation)`,
+        tcp: tcp === null ? null : `${tcp.host.includes(":") ? `[${tcp.host}]` : tcp.host}:${tcp.port}`,
+      },
+      "listening",
+    );
+  }
+
+  /** Where loopback TCP listens (port 0 in the config picks a free one), or null. */
+  get tcpAddress(): { address: string; port: number } | null {
+    const a = this.tcpServer?.address();
+    return a && typeof a === "object" ? { address: a.address, port: a.port } : null;
   }
 
   /** One line for systemctl status: the session counts. */
@@ -237,13 +302,14 @@ export class Daemon {
       detail: { inFlightReaps: this.reaper.inFlight, queuedReaps: this.reaper.pending },
     });
     this.detector.stop();
+    this.orphans.stop();
     // Watchdog pings go on while reaps drain: a long, healthy stop is not a hang.
     await this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000);
     if (this.watchdogTimer) clearInterval(this.watchdogTimer);
     if (this.flushTimer) clearInterval(this.flushTimer);
     await this.flushing;
     this.flushAllNow();
-    await this.app.close();
+    await Promise.all([this.app.close(), this.tcpServer ? closeServer(this.tcpServer) : undefined]);
     this.detector.close();
     this.audit.record({ event: "daemon.stopped", detail: { counts: this.store.counts() } });
     this.store.close();

@@ -6,7 +6,7 @@ import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { readUid } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
-import type { ProcessIdentity, Reason } from "../sessions/types.js";
+import type { ProcessIdentity, Reason, RegisteredBy } from "../sessions/types.js";
 import { deadlineOf, type Timing } from "./deadline.js";
 import { DeadlineHeap } from "./heap.js";
 
@@ -15,6 +15,8 @@ export interface LiveSession extends Timing {
   readonly id: string;
   readonly engine: ProcessIdentity;
   readonly ownerPid: ProcessIdentity | null;
+  /** Who registered it: heartbeats are checked against this without touching SQLite. */
+  readonly registeredBy: RegisteredBy;
   /** Heartbeat fields changed since the last flush to SQLite. */
   dirty: boolean;
   /**
@@ -258,11 +260,12 @@ export class Detector {
   /**
    * Evidence-based expiry: engine or owner process gone (exited, zombie, or pid reused).
    * The same pass over /proc refreshes every live engine's tree snapshot. The work is per
-   * process, not per session: sessions sharing an engine share its snapshot.
+   * process, not per session: sessions sharing an engine share its snapshot. The orphan
+   * sweep runs it on its own snapshot of /proc first, so the trees it counts as claimed are fresh.
    */
-  checkLiveness(): number {
+  checkLiveness(table?: ProcessTable): number {
     if (this.live.size === 0) return 0;
-    const table = new ProcessTable();
+    table ??= new ProcessTable();
     const gone: WatchedProcess[] = [];
     for (const p of this.processes.values()) {
       if (table.find(p.id) === undefined) {

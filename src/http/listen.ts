@@ -1,3 +1,4 @@
+import type { Server } from "node:http";
 import { chmodSync, lstatSync, mkdirSync, unlinkSync } from "node:fs";
 import { connect } from "node:net";
 import { dirname } from "node:path";
@@ -52,5 +53,31 @@ export async function listenFd(app: FastifyInstance, fd: number): Promise<void> 
       app.server.off("error", reject);
       resolve();
     });
+  });
+}
+
+/** Loopback TCP (api.tcp.listen): a port already taken is a configuration error, said plainly. */
+export async function listenTcp(server: Server, host: string, port: number): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException): void => {
+      reject(
+        err.code === "EADDRINUSE" || err.code === "EADDRNOTAVAIL" || err.code === "EACCES"
+          ? new ReaperError("SR_CONFIG_INVALID", `api.tcp.listen: cannot listen on ${host}:${port}: ${err.code}`)
+          : err,
+      );
+    };
+    server.once("error", onError);
+    server.listen({ host, port, exclusive: true }, () => {
+      server.off("error", onError);
+      resolve();
+    });
+  });
+}
+
+/** Stops accepting, and ends idle keep-alive connections so close() does not wait for them. */
+export function closeServer(server: Server): Promise<void> {
+  return new Promise((resolve) => {
+    server.close(() => resolve());
+    server.closeIdleConnections();
   });
 }

@@ -1,3 +1,4 @@
+import type { OrphanFinding } from "../orphans/sweep.js";
 import type { EngineUsage, ExpiringSession } from "../sessions/sessions.js";
 import type { Session, StepResult } from "../sessions/types.js";
 import type { StoredEvent } from "../store/store.js";
@@ -29,6 +30,7 @@ export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: E
     reapStartedAt: iso(s.reapStartedAt),
     reapedAt: iso(s.reapedAt),
     reapAttempts: s.reapAttempts,
+    registeredBy: s.registeredBy,
     ...(steps === undefined ? {} : { steps: steps.map(stepJson) }),
     ...(usage === undefined ? {} : { usage }),
   };
@@ -68,6 +70,30 @@ export function expiringJson(e: ExpiringSession) {
     inSec: e.inSec,
   };
 }
+
+export function orphanJson(f: OrphanFinding) {
+  return {
+    kind: f.kind,
+    profile: f.profile,
+    action: f.action,
+    sessionId: f.sessionId,
+    adopted: f.adopted,
+    firstSeenAt: new Date(f.firstSeenAt).toISOString(),
+    ageSec: f.ageSec,
+    uid: f.uid,
+    pid: f.pid,
+    startTime: f.startTime,
+    exe: f.exe,
+    cmdline: f.cmdline,
+    path: f.path,
+    processes: f.processes,
+    ports: f.ports,
+    detail: f.detail,
+  };
+}
+
+/** One finding of GET /v1/orphans, as clients receive it. */
+export type OrphanJson = ReturnType<typeof orphanJson>;
 
 /** One entry of GET /v1/expiring, as clients receive it. */
 export type ExpiringJson = ReturnType<typeof expiringJson>;

@@ -152,6 +152,7 @@ export const sessionResponse = {
     "reapStartedAt",
     "reapedAt",
     "reapAttempts",
+    "registeredBy",
   ],
   properties: {
     id: { type: "string", pattern: SESSION_ID_PATTERN },
@@ -176,6 +177,23 @@ export const sessionResponse = {
     reapStartedAt: timeOrNull,
     reapedAt: timeOrNull,
     reapAttempts: { type: "integer", minimum: 0 },
+    registeredBy: {
+      type: "object",
+      additionalProperties: false,
+      required: ["uid", "admin", "via"],
+      description: "who registered the session: the unix socket peer's uid (SO_PEERCRED)",
+      properties: {
+        uid: {
+          type: ["integer", "null"],
+          description: "null for a loopback TCP caller, or a session registered before caller identity existed",
+        },
+        admin: {
+          type: "boolean",
+          description: "the caller was an administrator (root, the daemon's uid, api.admin_group, TCP token)",
+        },
+        via: { enum: ["unix", "tcp", null] },
+      },
+    },
     steps: { type: "array", items: stepResult, description: "GET /v1/sessions/{id} only" },
     usage: {
       description: "GET /v1/sessions/{id} only: the engine's usage while live and running, else null",
@@ -264,6 +282,76 @@ export const expiringResponse = {
           deadline: time,
           expiresBy: { enum: TIME_REASONS },
           inSec: { type: "number", description: "seconds until the deadline; negative when overdue" },
+        },
+      },
+    },
+  },
+} as const;
+
+export const orphansResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["enabled", "sweptAt", "findings"],
+  properties: {
+    enabled: { type: "boolean", description: "false when no profile declares an [orphans] matcher" },
+    sweptAt: { ...timeOrNull, description: "when the last sweep ran (the findings are its); null before the first" },
+    findings: {
+      type: "array",
+      description:
+        "the last sweep's findings; `action` and `sessionId` show what reap mode does (or would do) with each: the listing is the dry run",
+      items: {
+        type: "object",
+        additionalProperties: false,
+        required: [
+          "kind",
+          "profile",
+          "action",
+          "sessionId",
+          "adopted",
+          "firstSeenAt",
+          "ageSec",
+          "uid",
+          "pid",
+          "startTime",
+          "exe",
+          "cmdline",
+          "path",
+          "processes",
+          "ports",
+          "detail",
+        ],
+        properties: {
+          kind: { enum: ["process", "path", "identity_mismatch"] },
+          profile: { type: "string" },
+          action: { enum: ["report", "reap"], description: "identity_mismatch: always report" },
+          sessionId: {
+            type: "string",
+            description:
+              "process, path: the synthetic session (reason orphaned) it became in reap mode, or would become; identity_mismatch: the live session concerned",
+          },
+          adopted: { type: "boolean", description: "it became that session (reap mode)" },
+          firstSeenAt: time,
+          ageSec: { type: "integer", minimum: 0, description: "since the process started, or the path's mtime" },
+          uid: { type: "integer", description: "the process's real uid, or the path's owner" },
+          pid: { type: ["integer", "null"] },
+          startTime: { type: ["integer", "null"], description: "/proc/<pid>/stat field 22" },
+          exe: { type: ["string", "null"] },
+          cmdline: { type: ["string", "null"] },
+          path: { type: ["string", "null"] },
+          processes: {
+            type: "array",
+            items: { type: "integer" },
+            description: "process: the pids of its tree, which reap mode terminates",
+          },
+          ports: {
+            type: "array",
+            items: { type: "integer" },
+            description: "process: the ports its tree holds, which reap mode verifies free",
+          },
+          detail: {
+            type: ["string", "null"],
+            description: "identity_mismatch: what differs; reap mode: why it was not made a session",
+          },
         },
       },
     },

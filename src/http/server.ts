@@ -1,3 +1,5 @@
+import { createServer, type IncomingMessage, type Server, type ServerOptions, type ServerResponse } from "node:http";
+import type { Socket } from "node:net";
 import { Ajv } from "ajv";
 import Fastify, {
   LogController,
@@ -7,12 +9,16 @@ import Fastify, {
   type onResponseHookHandler,
 } from "fastify";
 import type { Logger } from "pino";
+import type { Callers } from "../auth/caller.js";
+import { tcpRefusal } from "../auth/tcp.js";
+import type { ApiConfig } from "../config/load.js";
 import { ReaperError, type ErrorCode } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
+import type { OrphanSweep } from "../orphans/sweep.js";
 import type { Sessions } from "../sessions/sessions.js";
 import type { Store } from "../store/store.js";
 import { collectRoutes, openApiDocument } from "./openapi.js";
-import { eventJson, expiringJson, sessionJson } from "./present.js";
+import { eventJson, expiringJson, orphanJson, sessionJson } from "./present.js";
 import {
   daemonResponse,
   emptyBody,
@@ -24,6 +30,7 @@ import {
   heartbeatResponse,
   listQuery,
   noQuery,
+  orphansResponse,
   readyResponse,
   registerBody,
   sessionIdParams,
@@ -46,16 +53,61 @@ export interface ServerDeps {
   sessions: Sessions;
   store: Store;
   metrics: Metrics;
+  orphans: Pick<OrphanSweep, "current">;
   log: Logger;
-  bodyLimitBytes: number;
+  api: Pick<
+    ApiConfig,
+    "bodyLimitBytes" | "headerTimeoutMs" | "requestTimeoutMs" | "keepAliveTimeoutMs" | "maxConnections"
+  >;
+  /** Who is asking, per connection (src/auth/caller.ts). */
+  callers: Callers;
   info: () => DaemonInfo;
+}
+
+/** The largest request head (request line and headers) accepted: 431 above it. */
+const MAX_HEADER_BYTES = 16384;
+
+/**
+ * Node's HTTP server options shared by the unix socket and the loopback TCP server: a slow or
+ * silent client is cut off (headers within headerTimeoutMs, the whole request within
+ * requestTimeoutMs), and the check runs often enough for those limits to mean what they say
+ * (Node's default checks every 30 s).
+ */
+function serverOptions(api: ServerDeps["api"]): ServerOptions {
+  return {
+    maxHeaderSize: MAX_HEADER_BYTES,
+    headersTimeout: api.headerTimeoutMs,
+    requestTimeout: api.requestTimeoutMs,
+    keepAliveTimeout: api.keepAliveTimeoutMs,
+    connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(api.headerTimeoutMs / 4))),
+  };
 }
 
 // Bodies are validated strictly (no coercion, no silent removal of unknown keys: fastify's
 // default ajv removes them); query strings and path params are strings on the wire, so
 // they are coerced.
 const bodyAjv = new Ajv({ allErrors: false, coerceTypes: false, removeAdditional: false, useDefaults: false });
-const queryAjv = new Ajv({ allErrors: false, coerceTypes: true, removeAdditional: false, useDefaults: true });
+const queryAjv = new Ajv({ allErrors: false, coerceTypes: false, removeAdditional: false, useDefaults: true });
+
+/** A plain decimal integer: no sign games, hex, exponent, blanks, fraction or leading zeros. */
+const DECIMAL = /^(0|-?[1-9][0-9]{0,14})$/;
+
+/**
+ * Query strings and path params are strings on the wire. ajv's coerceTypes would take "0x10",
+ * " 12 ", "1e3" or "" for numbers (it coerces whatever `+x` accepts); here only a plain decimal
+ * string becomes an integer, and anything else stays a string, which the schema then refuses.
+ */
+function strictIntegers(schema: { properties?: Record<string, { type?: unknown }> }, data: unknown): void {
+  if (data === null || typeof data !== "object") return;
+  const record = data as Record<string, unknown>;
+  for (const [key, prop] of Object.entries(schema.properties ?? {})) {
+    const v = record[key];
+    if (prop.type === "integer" && typeof v === "string" && DECIMAL.test(v)) record[key] = Number(v);
+  }
+}
+
+/** Body caps (maxItems, maxProperties, maxLength) answer SR_LIMIT_EXCEEDED, not a generic 400. */
+const LIMIT_KEYWORDS: ReadonlySet<string> = new Set(["maxItems", "maxProperties", "maxLength"]);
 
 function send(code: ErrorCode, message: string, detail?: Record<string, unknown>) {
   return { error: { code, message, ...(detail ? { detail } : {}) } };
@@ -70,6 +122,9 @@ function toApiError(err: unknown, log: Logger): { status: number; body: object }
   }
   const fe = err as FastifyError;
   if (fe.validation) {
+    if (fe.validationContext === "body" && fe.validation.some((v) => LIMIT_KEYWORDS.has(v.keyword))) {
+      return { status: 400, body: send("SR_LIMIT_EXCEEDED", `body${fe.message.replace(/^\w+/, "")}`) };
+    }
     return {
       status: 400,
       body: send("SR_BAD_REQUEST", `${fe.validationContext ?? "request"}${fe.message.replace(/^\w+/, "")}`),
@@ -103,6 +158,7 @@ function acceptMissingBody(req: { body: unknown }, _reply: unknown, done: () => 
 /** Builds the API without listening (fastify's testing guide): only main.ts listens. */
 export function buildServer(deps: ServerDeps): FastifyInstance {
   const { sessions, store, metrics } = deps;
+  const callerOf = (req: { raw: IncomingMessage }) => deps.callers.of(req.raw.socket);
   // Typed as fastify's logger, so the instance is the plain FastifyInstance type.
   const loggerInstance: FastifyBaseLogger = deps.log;
   const app = Fastify({
@@ -113,15 +169,27 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
     // (bindings, redaction setup), a few percent of a heartbeat, for lines never written
     // (request logging is off and routes log through deps.log).
     childLoggerFactory: (logger) => logger,
-    bodyLimit: deps.bodyLimitBytes,
+    bodyLimit: deps.api.bodyLimitBytes,
     return503OnClosing: true,
+    http: serverOptions(deps.api),
+    requestTimeout: deps.api.requestTimeoutMs,
+    keepAliveTimeout: deps.api.keepAliveTimeoutMs,
   });
+  app.server.maxConnections = deps.api.maxConnections;
 
   // JSON only: without this, fastify would parse text/plain bodies and answer 400, not 415.
   app.removeContentTypeParser("text/plain");
-  app.setValidatorCompiler(({ schema, httpPart }) =>
-    httpPart === "body" ? bodyAjv.compile(schema) : queryAjv.compile(schema),
-  );
+  app.setValidatorCompiler(({ schema, httpPart }) => {
+    if (httpPart === "body") return bodyAjv.compile(schema);
+    const validate = queryAjv.compile(schema);
+    return (data: unknown) => {
+      strictIntegers(schema as Parameters<typeof strictIntegers>[0], data);
+      const ok = validate(data);
+      return ok
+        ? { value: data }
+        : { error: Object.assign(new Error(queryAjv.errorsText(validate.errors)), { validation: validate.errors }) };
+    };
+  });
   // Response schemas are documentation (the OpenAPI document): answers stay plain
   // JSON.stringify, as without them. fastify's default would compile them with
   // fast-json-stringify, which silently drops every field a schema does not list.
@@ -158,7 +226,7 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
         response: { 201: sessionResponse },
       },
     },
-    (req, reply) => reply.status(201).send(sessionJson(sessions.register(req.body))),
+    (req, reply) => reply.status(201).send(sessionJson(sessions.register(req.body, callerOf(req)))),
   );
 
   app.get<{ Querystring: ListQuery }>(
@@ -204,7 +272,7 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       },
       preValidation: acceptMissingBody,
     },
-    (req) => sessions.heartbeat(req.params.id, req.body.activity ?? "busy"),
+    (req) => sessions.heartbeat(req.params.id, req.body.activity ?? "busy", callerOf(req)),
   );
 
   app.delete<{ Params: { id: string } }>(
@@ -217,7 +285,7 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
         response: { 202: sessionResponse },
       },
     },
-    (req, reply) => reply.status(202).send(sessionJson(sessions.end(req.params.id, "closed"))),
+    (req, reply) => reply.status(202).send(sessionJson(sessions.end(req.params.id, "closed", callerOf(req)))),
   );
 
   app.post<{ Params: { id: string } }>(
@@ -232,7 +300,7 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       },
       preValidation: acceptMissingBody,
     },
-    (req, reply) => reply.status(202).send(sessionJson(sessions.end(req.params.id, "forced"))),
+    (req, reply) => reply.status(202).send(sessionJson(sessions.end(req.params.id, "forced", callerOf(req)))),
   );
 
   app.get<{ Params: { id: string } }>(
@@ -261,6 +329,25 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       },
     },
     (req) => ({ sessions: sessions.expiring(req.query.withinSec).map(expiringJson) }),
+  );
+
+  app.get(
+    "/v1/orphans",
+    {
+      schema: {
+        summary: "The orphan sweep's current findings, and what reap mode does or would do with each",
+        querystring: noQuery,
+        response: { 200: orphansResponse },
+      },
+    },
+    () => {
+      const { enabled, sweptAt, findings } = deps.orphans.current();
+      return {
+        enabled,
+        sweptAt: sweptAt === null ? null : new Date(sweptAt).toISOString(),
+        findings: findings.map(orphanJson),
+      };
+    },
   );
 
   app.get(
@@ -325,4 +412,37 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
   );
 
   return app;
+}
+
+/**
+ * A second HTTP server for loopback TCP, serving the app's routes through `app.routing` once
+ * each request has passed the Origin, Host and token checks (src/auth/tcp.ts), in that order,
+ * before fastify parses anything. Not listening: listen.ts does that.
+ */
+export function buildTcpServer(
+  app: FastifyInstance,
+  deps: Pick<ServerDeps, "api" | "callers" | "metrics">,
+  token: Buffer,
+): Server {
+  const server = createServer(serverOptions(deps.api), (req: IncomingMessage, res: ServerResponse) => {
+    const refusal = tcpRefusal(req.headers, token);
+    if (refusal === null) {
+      app.routing(req, res);
+      return;
+    }
+    deps.metrics.httpRequest(req.method ?? "", "refused", refusal.status);
+    const body = JSON.stringify(send(refusal.code, refusal.message));
+    res.writeHead(refusal.status, {
+      "content-type": "application/json; charset=utf-8",
+      "content-length": Buffer.byteLength(body),
+      ...(refusal.status === 401 ? { "www-authenticate": 'Bearer realm="session-reaper"' } : {}),
+    });
+    res.end(body);
+  });
+  server.requestTimeout = deps.api.requestTimeoutMs;
+  server.keepAliveTimeout = deps.api.keepAliveTimeoutMs;
+  server.maxConnections = deps.api.maxConnections;
+  // Marked before any byte is parsed: a TCP peer is a token holder, never a unix peer.
+  server.on("connection", (socket: Socket) => deps.callers.markTcp(socket));
+  return server;
 }

@@ -40,6 +40,9 @@ export class Metrics {
    * index at scrape time.
    */
   private readonly reapedByProfile: Map<string, number>;
+  private readonly orphansFound: Counter<"profile" | "kind">;
+  /** The orphan sweep's current findings (its last pass), by profile and kind. */
+  private orphanCounts: { profile: string; kind: string }[] = [];
 
   constructor(deps: MetricsDeps) {
     const registers = [this.registry];
@@ -91,6 +94,23 @@ export class Metrics {
       buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
       registers,
     });
+    this.orphansFound = new Counter({
+      name: "session_reaper_orphans_found_total",
+      help: "Orphan sweep findings (orphan.found: once per process identity or path until it disappears), by profile and kind.",
+      labelNames: ["profile", "kind"],
+      registers,
+    });
+    const orphans = (): { profile: string; kind: string }[] => this.orphanCounts;
+    new Gauge({
+      name: "session_reaper_orphans",
+      help: "Findings of the orphan sweep's last pass, by profile and kind (GET /v1/orphans).",
+      labelNames: ["profile", "kind"],
+      registers,
+      collect() {
+        this.reset();
+        for (const f of orphans()) this.inc({ profile: f.profile, kind: f.kind });
+      },
+    });
     const httpCounts = this.httpCounts;
     new Counter({
       name: "session_reaper_http_requests_total",
@@ -125,6 +145,16 @@ export class Metrics {
   /** How late a time-based expiry started its reap (the fence), in ms after the deadline. */
   detectedLate(reason: TimeReason, lagMs: number): void {
     this.detectionLag.observe({ reason }, Math.max(0, lagMs) / 1000);
+  }
+
+  /** One orphan.found. */
+  orphanFound(profile: string, kind: string): void {
+    this.orphansFound.inc({ profile, kind });
+  }
+
+  /** The findings of the sweep's last pass (the gauge is computed from them at scrape time). */
+  setOrphans(findings: readonly { profile: string; kind: string }[]): void {
+    this.orphanCounts = findings.map((f) => ({ profile: f.profile, kind: f.kind }));
   }
 
   /** `route` is fastify's route pattern (`/v1/sessions/:id`): ids would explode cardinality. */

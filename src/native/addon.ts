@@ -9,6 +9,16 @@ export interface NativeAddon {
   unwatch(handle: object): void;
   openDirAt(dirfd: number, name: string): number;
   sendDatagram(path: string, data: Buffer): void;
+  peerCred(fd: number): PeerCred;
+}
+
+/** The peer of a connected unix socket, as the kernel recorded it at connect(2). */
+export interface PeerCred {
+  pid: number;
+  uid: number;
+  gid: number;
+  /** Supplementary groups (SO_PEERGROUPS); empty on kernels before 4.13. */
+  groups: number[];
 }
 
 /** openDirAt's dirfd for "relative to the working directory" (absolute names). */

@@ -11,11 +11,15 @@
  *                                    never through a symlink (dirfd -100 = AT_FDCWD)
  *   sendDatagram(path, buffer)       one unix datagram (sd_notify; Node has no AF_UNIX SOCK_DGRAM);
  *                                    a path starting with '@' is in the abstract namespace
+ *   peerCred(fd) -> {pid,uid,gid,groups}
+ *                                    SO_PEERCRED and SO_PEERGROUPS of a connected unix socket: who
+ *                                    is on the other end, as the kernel saw it at connect(2)
  *
  * Errors are thrown as Error objects whose `code` is the errno name ("ESRCH", "ENOSYS", ...),
  * like Node's own fs errors, so callers can fall back when the kernel lacks pidfd (< 5.3).
  * Kept deliberately tiny: every function is a thin wrapper over one system call.
  */
+#define _GNU_SOURCE /* struct ucred */
 #include <node_api.h>
 #include <uv.h>
 
@@ -55,6 +59,9 @@ static const char *errno_name(int err) {
     case ENOENT: return "ENOENT";
     case ECONNREFUSED: return "ECONNREFUSED";
     case EAGAIN: return "EAGAIN";
+    case ENOTSOCK: return "ENOTSOCK";
+    case ENOPROTOOPT: return "ENOPROTOOPT";
+    case ERANGE: return "ERANGE";
     default: return "EUNKNOWN";
   }
 }
@@ -293,6 +300,56 @@ static napi_value send_datagram_js(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static napi_value set_int(napi_env env, napi_value obj, const char *key, int64_t v) {
+  napi_value n;
+  napi_create_int64(env, v, &n);
+  napi_set_named_property(env, obj, key, n);
+  return obj;
+}
+
+/*
+ * The kernel records the peer's credentials when it connects, so they cannot be forged by
+ * the caller and do not change if it later calls setuid. SO_PEERGROUPS (Linux 4.13) gives
+ * its supplementary groups at that moment; an older kernel answers an empty list (ENOPROTOOPT).
+ */
+static napi_value peer_cred_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int32_t fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (!int_arg(env, argv, argc, 0, &fd)) return NULL;
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return throw_errno(env, errno, "getsockopt(SO_PEERCRED)");
+  if (len != sizeof cred) return throw_errno(env, EINVAL, "getsockopt(SO_PEERCRED)");
+  gid_t groups[256];
+  socklen_t glen = sizeof groups;
+  int ngroups = 0;
+#ifdef SO_PEERGROUPS
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &glen) == 0) {
+    ngroups = (int)(glen / sizeof(gid_t));
+  } else if (errno == ERANGE) {
+    /* More than 256 supplementary groups: refuse rather than judge on a truncated list. */
+    return throw_errno(env, ERANGE, "getsockopt(SO_PEERGROUPS)");
+  } else if (errno != ENOPROTOOPT) {
+    return throw_errno(env, errno, "getsockopt(SO_PEERGROUPS)");
+  }
+#endif
+  napi_value result, list;
+  napi_create_object(env, &result);
+  set_int(env, result, "pid", cred.pid);
+  set_int(env, result, "uid", cred.uid);
+  set_int(env, result, "gid", cred.gid);
+  napi_create_array_with_length(env, (size_t)ngroups, &list);
+  for (int i = 0; i < ngroups; i++) {
+    napi_value g;
+    napi_create_int64(env, groups[i], &g);
+    napi_set_element(env, list, (uint32_t)i, g);
+  }
+  napi_set_named_property(env, result, "groups", list);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pidfdOpen", NULL, pidfd_open_js, NULL, NULL, NULL, napi_default, NULL},
@@ -302,6 +359,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"unwatch", NULL, unwatch_js, NULL, NULL, NULL, napi_default, NULL},
       {"openDirAt", NULL, open_dir_at_js, NULL, NULL, NULL, napi_default, NULL},
       {"sendDatagram", NULL, send_datagram_js, NULL, NULL, NULL, napi_default, NULL},
+      {"peerCred", NULL, peer_cred_js, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -1,4 +1,4 @@
-import { lstatSync, type Stats } from "node:fs";
+import { lstatSync, readFileSync, type Stats } from "node:fs";
 import { isAbsolute, normalize, sep } from "node:path";
 import { ReaperError } from "../errors.js";
 
@@ -18,10 +18,43 @@ function lstatOrNull(p: string): Stats | null {
   }
 }
 
+/** mountinfo escapes blanks and backslashes as octal (\040, \011, \012, \134). */
+const unescapeMount = (s: string): string =>
+  s.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8)));
+
+/** Every mount point in the daemon's mount namespace (where rm runs), from /proc/self/mountinfo. */
+export function mountPoints(mountinfo = "/proc/self/mountinfo"): string[] {
+  let text: string;
+  try {
+    text = readFileSync(mountinfo, "utf8");
+  } catch {
+    return [];
+  }
+  const out: string[] = [];
+  for (const line of text.split("\n")) {
+    const field = line.split(" ")[4];
+    if (field !== undefined) out.push(unescapeMount(field));
+  }
+  return out;
+}
+
+/**
+ * A mount point at the path, below it, or between its allowed root and it. A bind mount of
+ * the same file system has the same st_dev, so neither the device check nor rm's
+ * --one-file-system sees it: only the mount table does. rm would descend into it and delete
+ * whatever was mounted there (say, `mount --bind /etc /tmp/x/etc`).
+ */
+function mountInTheWay(path: string, root: string): string | undefined {
+  return mountPoints().find(
+    (m) => m === path || m.startsWith(path + sep) || (path.startsWith(m + sep) && m.startsWith(root + sep)),
+  );
+}
+
 /**
  * The path policy, applied at registration and again right before deletion: absolute,
  * normalized, strictly below one of the allowed roots (never a root itself), no symbolic
- * link in any component from the root down, on the root's file system, and owned by `uid`.
+ * link in any component from the root down, on the root's file system with no mount point at,
+ * above (below the root) or below it, and owned by `uid`.
  * A path that does not exist yet is accepted (an engine may register its temp dir before
  * creating it); its existing ancestors are still checked.
  */
@@ -55,6 +88,13 @@ export function checkPath(path: string, roots: readonly string[], uid: number, f
     if (stat.dev !== rootStat.dev) {
       throw new ReaperError("SR_PATH_OTHER_FS", `${field}: "${current}" is on another file system than ${root}`);
     }
+  }
+  const mount = mountInTheWay(path, root);
+  if (mount !== undefined) {
+    throw new ReaperError(
+      "SR_PATH_OTHER_FS",
+      `${field}: "${mount}" is a mount point ${mount === path ? "" : mount.startsWith(path) ? `below "${path}" ` : `above "${path}" `}(a bind mount, maybe); nothing on another mount is deleted`,
+    );
   }
   const exists = current === path && stat !== null;
   if (exists && stat !== null && stat.uid !== uid) {

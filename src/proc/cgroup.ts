@@ -1,6 +1,6 @@
 import { existsSync, readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
-import { readStat } from "./stat.js";
+import { readStat, readUid } from "./stat.js";
 
 let cachedMount: string | null | undefined;
 
@@ -60,7 +60,7 @@ export type CgroupVerdict = { usable: true; dir: string } | { usable: false; why
  * since it holds processes started before the engine. Descendants that escaped the tree
  * (double fork, setsid) stay in the cgroup, and this is what reaches them.
  */
-export function ownCgroup(enginePid: number, engineStartTime: number): CgroupVerdict {
+export function ownCgroup(enginePid: number, engineStartTime: number, onlyUid?: number): CgroupVerdict {
   const mount = cgroup2Mount();
   if (mount === null) return { usable: false, why: "no cgroup v2" };
   const path = cgroupOf(enginePid);
@@ -75,6 +75,18 @@ export function ownCgroup(enginePid: number, engineStartTime: number): CgroupVer
   });
   if (older.length > 0) {
     return { usable: false, why: `the cgroup holds processes older than the engine (${older.slice(0, 5).join(", ")})` };
+  }
+  if (onlyUid !== undefined) {
+    const others = cgroupPids(dir).filter((p) => {
+      const uid = readUid(p);
+      return uid !== null && uid !== onlyUid;
+    });
+    if (others.length > 0) {
+      return {
+        usable: false,
+        why: `the cgroup holds processes of other uids than ${onlyUid} (${others.slice(0, 5).join(", ")})`,
+      };
+    }
   }
   return { usable: true, dir };
 }

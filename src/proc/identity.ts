@@ -11,14 +11,20 @@ export function bootId(): string {
   return cachedBootId;
 }
 
+/** The kernel's PID_MAX_LIMIT (2^22): no pid is ever larger, whatever kernel.pid_max says. */
+const PID_MAX_LIMIT = 4194304;
+
 /**
  * Records the identity of a process that may be managed: a live (not zombie), user-space
  * process other than pid 1 and the daemon itself. Throws SR_INVALID_PID or
  * SR_PROCESS_NOT_FOUND; `field` names the request field in the message.
  */
 export function identify(pid: number, field: string, daemonPid: number): ProcessIdentity {
-  if (!Number.isSafeInteger(pid) || pid <= 1) {
-    throw new ReaperError("SR_INVALID_PID", `${field}: ${pid} is not a manageable pid (must be an integer > 1)`);
+  if (!Number.isSafeInteger(pid) || pid <= 1 || pid > PID_MAX_LIMIT) {
+    throw new ReaperError(
+      "SR_INVALID_PID",
+      `${field}: ${pid} is not a manageable pid (must be an integer from 2 to ${PID_MAX_LIMIT})`,
+    );
   }
   if (pid === daemonPid) {
     throw new ReaperError("SR_INVALID_PID", `${field}: ${pid} is the daemon itself`);

@@ -6,9 +6,18 @@ import type { ProcessIdentity } from "../sessions/types.js";
 import { ownCgroup } from "./cgroup.js";
 import { bootId } from "./identity.js";
 import { ProcessHandle } from "./pidfd.js";
-import { isExited, isKernelThread, readStat, type ProcStat } from "./stat.js";
+import { isExited, isKernelThread, readStat, readUid, type ProcStat } from "./stat.js";
 
 export type SignalResult = "sent" | "gone" | "refused";
+
+export interface SignalPolicy {
+  /**
+   * When set, only a process whose real uid is this one may be signalled (a session that a
+   * non-admin registered is reaped with that user's power: src/auth/policy.ts). The uid is
+   * read again with the pidfd held, so a process that changed uid since it was seen is refused.
+   */
+  readonly onlyUid?: number | undefined;
+}
 
 /**
  * The one code path through which the daemon signals a process. It refuses pid <= 1, the
@@ -19,6 +28,8 @@ export type SignalResult = "sent" | "gone" | "refused";
  *   names one process for good, so a pid reused after the check cannot be hit.
  * - Without: check the identity, then kill(2) (a window of microseconds remains).
  *
+ * - Policy: with `policy.onlyUid`, a process of another uid is refused.
+ *
  * Every signal sent or refused is logged.
  */
 export function signalProcess(
@@ -26,6 +37,7 @@ export function signalProcess(
   signal: NodeJS.Signals,
   log: Logger,
   daemonPid: number,
+  policy: SignalPolicy = {},
 ): SignalResult {
   const fields = { pid: target.pid, signal };
   if (!Number.isSafeInteger(target.pid) || target.pid <= 1 || target.pid === daemonPid) {
@@ -41,6 +53,14 @@ export function signalProcess(
     if (verdict !== "ok") {
       if (verdict === "refused") log.warn(fields, "signal refused: kernel thread");
       return verdict;
+    }
+    if (policy.onlyUid !== undefined) {
+      const uid = readUid(target.pid);
+      if (uid === null) return "gone";
+      if (uid !== policy.onlyUid) {
+        log.warn({ ...fields, uid, onlyUid: policy.onlyUid }, "signal refused: the process runs as another uid");
+        return "refused";
+      }
     }
     if (handle !== null) {
       if (!handle.signal(constants.signals[signal])) return "gone";
@@ -69,13 +89,13 @@ function judge(stat: ProcStat | null, target: ProcessIdentity): "ok" | "gone" | 
  * fork race. Used only when `ownCgroup` finds the cgroup is the engine's own (see there);
  * the engine's identity is checked first. Logged like every signal.
  */
-export function killCgroup(engine: ProcessIdentity, log: Logger): string | null {
+export function killCgroup(engine: ProcessIdentity, log: Logger, policy: SignalPolicy = {}): string | null {
   // Held while /proc/<pid>/cgroup is read, so the pid cannot change hands meanwhile.
   const handle = ProcessHandle.open(engine.pid);
   let verdict;
   try {
     if (engine.bootId !== bootId() || judge(readStat(engine.pid), engine) !== "ok") return null;
-    verdict = ownCgroup(engine.pid, engine.startTime);
+    verdict = ownCgroup(engine.pid, engine.startTime, policy.onlyUid);
   } finally {
     handle?.close();
   }

@@ -49,9 +49,10 @@ export class ProcessTable {
     // Members of the engine's group and session, even once the engine is gone: the kernel
     // does not reuse a pid while a group or session still carries it, so they are ours,
     // unless the pid already belongs to another process (then it was free, and the group
-    // is someone else's).
+    // is someone else's). An identity of an earlier boot (or none: the orphan sweep's session
+    // for a leftover path, pid 0) has no group in this one.
     const enginePidReused = this.byPid.has(engine.pid) && this.find(engine) === undefined;
-    if (!enginePidReused) {
+    if (!enginePidReused && engine.pid > 1 && engine.bootId === bootId()) {
       for (const s of this.groups.get(engine.pid) ?? []) members.set(s.pid, s);
     }
     const queue = [...members.values()];

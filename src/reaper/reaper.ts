@@ -113,8 +113,10 @@ export class Reaper {
       return true;
     });
     if (fenced) {
-      this.failpoint("after-fence", id);
-      this.enqueue(id);
+      audit.afterCommit(() => {
+        this.failpoint("after-fence", id);
+        this.enqueue(id);
+      });
     }
     return fenced;
   }

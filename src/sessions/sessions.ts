@@ -1,6 +1,8 @@
 import { randomUUID } from "node:crypto";
 import pidusage from "pidusage";
 import type { AuditTrail } from "../audit/audit.js";
+import type { Caller } from "../auth/caller.js";
+import { checkActor, checkRegistration, registeredBy } from "../auth/policy.js";
 import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { deadlineOf } from "../detect/deadline.js";
@@ -64,7 +66,7 @@ export interface SessionsDeps {
 export class Sessions {
   constructor(private readonly deps: SessionsDeps) {}
 
-  register(body: RegisterBody): Session {
+  register(body: RegisterBody, caller: Caller): Session {
     const { config, store, audit, clock, detector, daemonPid } = this.deps;
     if (!this.deps.accepting()) {
       throw new ReaperError("SR_SHUTTING_DOWN", "the daemon is shutting down and takes no new sessions");
@@ -78,6 +80,17 @@ export class Sessions {
     }
     const engine = identify(body.engine.pid, "engine.pid", daemonPid);
     const ownerPid = body.ownerPid === undefined ? null : identify(body.ownerPid, "ownerPid", daemonPid);
+    checkRegistration(caller, profile, engine, ownerPid);
+    if (!caller.admin && caller.uid !== null) {
+      const live = store.liveRegisteredBy(caller.uid);
+      if (live >= config.api.maxSessionsPerUid) {
+        throw new ReaperError(
+          "SR_TOO_MANY_SESSIONS",
+          `uid ${caller.uid} already has ${live} live sessions (api.max_sessions_per_uid = ${config.api.maxSessionsPerUid})`,
+          { live, max: config.api.maxSessionsPerUid },
+        );
+      }
+    }
     const timeouts = clampTimeouts(body, profile);
     const paths = (body.paths ?? []).map((p, i) => checkPath(p, profile.allowedRoots, engine.uid, `paths[${i}]`).path);
     const ports = body.ports ?? [];
@@ -87,6 +100,7 @@ export class Sessions {
       id: body.id ?? randomUUID(),
       engine,
       ownerPid,
+      registeredBy: registeredBy(caller),
       createdAt: now,
       lastHeartbeatAt: now,
       lastActivityAt: now,
@@ -117,20 +131,33 @@ export class Sessions {
       reapStartedAt: null,
       reapedAt: null,
       reapAttempts: 0,
+      registeredBy: live.registeredBy,
     };
     audit.transaction(() => {
       store.insertSession(session);
       audit.record({
         event: "session.registered",
         sessionId: session.id,
-        detail: { profile: profileName, enginePid: engine.pid, ownerPid: ownerPid?.pid ?? null },
+        detail: {
+          profile: profileName,
+          enginePid: engine.pid,
+          ownerPid: ownerPid?.pid ?? null,
+          registeredBy: live.registeredBy,
+          callerPid: caller.pid,
+        },
       });
     });
     detector.add(live);
     return session;
   }
 
-  heartbeat(id: string, activity: "busy" | "idle"): { id: string; state: "live"; deadline: string; expiresBy: string } {
+  heartbeat(
+    id: string,
+    activity: "busy" | "idle",
+    caller: Caller,
+  ): { id: string; state: "live"; deadline: string; expiresBy: string } {
+    const known = this.deps.detector.live.get(id);
+    if (known !== undefined) checkActor(caller, known.registeredBy, id);
     const live = this.deps.detector.heartbeat(id, activity === "busy");
     if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
     this.deps.metrics.heartbeat();
@@ -139,8 +166,12 @@ export class Sessions {
   }
 
   /** Client close (reason `closed`) or operator force-reap (reason `forced`). */
-  end(id: string, reason: "closed" | "forced"): Session {
-    if (!this.expire(id, reason, {})) throw this.notLive(id, "SR_SESSION_NOT_LIVE");
+  end(id: string, reason: "closed" | "forced", caller: Caller): Session {
+    const s = this.deps.store.getSession(id);
+    if (s === undefined) throw new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
+    checkActor(caller, s.registeredBy, id);
+    const by = { uid: caller.uid, pid: caller.pid, via: caller.via, admin: caller.admin };
+    if (!this.expire(id, reason, { by })) throw this.notLive(id, "SR_SESSION_NOT_LIVE");
     return this.deps.store.getSession(id) as Session;
   }
 

@@ -75,4 +75,17 @@ export interface Session {
   readonly reapedAt: number | null;
   /** Starts of the reap pipeline: 1, plus one per resume after a daemon crash or stop. */
   readonly reapAttempts: number;
+  readonly registeredBy: RegisteredBy;
+}
+
+/**
+ * Who registered a session. `uid` is the unix socket peer's uid (SO_PEERCRED), null for a
+ * loopback TCP caller (a token holder) or a session from before caller identity existed.
+ * `admin`: whether that caller was an administrator then; a session a non-admin registered
+ * is reaped with no more power than that user has (src/auth/policy.ts).
+ */
+export interface RegisteredBy {
+  readonly uid: number | null;
+  readonly admin: boolean;
+  readonly via: "unix" | "tcp" | null;
 }

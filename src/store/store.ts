@@ -8,6 +8,7 @@ import type {
   ProcessIdentity,
   Reason,
   Session,
+  RegisteredBy,
   SessionState,
   StepName,
   StepResult,
@@ -44,6 +45,9 @@ interface SessionRow {
   reap_started_at: number | null;
   reaped_at: number | null;
   reap_attempts: number;
+  registered_by_uid: number | null;
+  registered_as_admin: number;
+  registered_via: "unix" | "tcp" | null;
 }
 
 export interface StoredEvent {
@@ -84,6 +88,7 @@ export interface RecoveredSession {
   profile: string;
   engine: ProcessIdentity;
   ownerPid: ProcessIdentity | null;
+  registeredBy: RegisteredBy;
   createdAt: number;
   lastHeartbeatAt: number;
   lastActivityAt: number;
@@ -129,6 +134,7 @@ function toSession(r: SessionRow): Session {
     reapStartedAt: r.reap_started_at,
     reapedAt: r.reaped_at,
     reapAttempts: r.reap_attempts,
+    registeredBy: { uid: r.registered_by_uid, admin: r.registered_as_admin === 1, via: r.registered_via },
   };
 }
 
@@ -156,6 +162,7 @@ export class Store {
     counts: Statement;
     unfinishedByProfile: Statement;
     reapedByProfile: Statement;
+    liveByUid: Statement;
     liveDueBy: Statement;
   };
 
@@ -179,10 +186,11 @@ export class Store {
       insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,
           engine_uid, owner_pid, owner_start_time, owner_boot_id, owner_uid, ports, paths, labels,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, created_at, last_heartbeat_at,
-          last_activity_at, deadline, state)
+          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via)
         VALUES (@id, @profile, @owner, @engine_pid, @engine_start_time, @engine_boot_id, @engine_uid, @owner_pid,
           @owner_start_time, @owner_boot_id, @owner_uid, @ports, @paths, @labels, @heartbeat_timeout_sec,
-          @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live')`),
+          @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live',
+          @registered_by_uid, @registered_as_admin, @registered_via)`),
       get: db.prepare("SELECT * FROM sessions WHERE id = ?"),
       seqOf: db.prepare("SELECT seq FROM sessions WHERE id = ?"),
       fence:
@@ -210,7 +218,8 @@ export class Store {
       byState: db.prepare("SELECT * FROM sessions WHERE state = ? ORDER BY seq"),
       liveForRecovery: db.prepare(`SELECT id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
           owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
-          heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline
+          heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline, registered_by_uid,
+          registered_as_admin, registered_via
         FROM sessions WHERE state = 'live' ORDER BY seq`),
       counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
       // These three search the (state, deadline) index by state, so they visit only the rows
@@ -221,6 +230,7 @@ export class Store {
       reapedByProfile: db.prepare(
         "SELECT profile, COUNT(*) AS n FROM sessions WHERE state = 'reaped' GROUP BY profile",
       ),
+      liveByUid: db.prepare("SELECT COUNT(*) AS n FROM sessions WHERE registered_by_uid = ? AND state = 'live'"),
       liveDueBy: db.prepare(
         "SELECT id, profile, owner FROM sessions WHERE state = 'live' AND deadline <= ? ORDER BY deadline",
       ),
@@ -260,6 +270,9 @@ export class Store {
         last_heartbeat_at: s.lastHeartbeatAt,
         last_activity_at: s.lastActivityAt,
         deadline: s.deadline,
+        registered_by_uid: s.registeredBy.uid,
+        registered_as_admin: s.registeredBy.admin ? 1 : 0,
+        registered_via: s.registeredBy.via,
       });
     } catch (err) {
       if ((err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE") {
@@ -316,6 +329,13 @@ export class Store {
       if (id === undefined) identities.set(key, (id = { pid, startTime, bootId, uid }));
       return id;
     };
+    const registrants = new Map<string, RegisteredBy>();
+    const registrant = (uid: number | null, admin: boolean, via: RegisteredBy["via"]): RegisteredBy => {
+      const key = `${uid}:${admin}:${via}`;
+      let r = registrants.get(key);
+      if (r === undefined) registrants.set(key, (r = { uid, admin, via }));
+      return r;
+    };
     for (const r of this.stmts.liveForRecovery.iterate() as IterableIterator<SessionRow>) {
       yield {
         id: r.id,
@@ -332,6 +352,7 @@ export class Store {
         idleTimeoutSec: r.idle_timeout_sec,
         maxLifetimeSec: r.max_lifetime_sec,
         deadline: r.deadline,
+        registeredBy: registrant(r.registered_by_uid, r.registered_as_admin === 1, r.registered_via),
       };
     }
   }
@@ -448,6 +469,11 @@ export class Store {
    * move a deadline later, and reach SQLite at the next flush), so this is a superset of
    * the sessions truly due by `at`: the caller filters on the in-memory deadline.
    */
+  /** Live sessions a uid registered (the per-uid cap): an index probe on (registered_by_uid, state). */
+  liveRegisteredBy(uid: number): number {
+    return (this.stmts.liveByUid.get(uid) as { n: number }).n;
+  }
+
   liveDueBy(at: number): { id: string; profile: string; owner: string | null }[] {
     return this.stmts.liveDueBy.all(at) as { id: string; profile: string; owner: string | null }[];
   }

@@ -68,9 +68,11 @@ test("no config file: embedded defaults, socket and db under the working directo
     gracePeriodSec: PROFILE_DEFAULTS.grace_period_sec,
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
     allowedRoots: [...PROFILE_DEFAULTS.allowed_roots],
+    allowedUids: null,
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    orphans: null,
   });
 });
 
@@ -430,9 +432,11 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     gracePeriodSec: 2,
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
     allowedRoots: ["/srv/scratch"],
+    allowedUids: null,
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    orphans: null,
   });
   assert.deepEqual(c.profiles.gpu, {
     name: "gpu",
@@ -442,9 +446,11 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     gracePeriodSec: 2, // from [profiles.default]
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
     allowedRoots: ["/srv/scratch"], // from [profiles.default]
+    allowedUids: null,
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    orphans: null,
   });
 });
 
@@ -493,7 +499,18 @@ test("a full file is mapped to camelCase values", (t) => {
     ].join("\n"),
   );
   const c = loadConfig({ configPath: file, env: {}, cwd: dir });
-  assert.deepEqual(c.api, { socket: "/run/sr/api.sock", socketMode: 0o600, bodyLimitBytes: 2048 });
+  assert.deepEqual(c.api, {
+    socket: "/run/sr/api.sock",
+    socketMode: 0o600,
+    bodyLimitBytes: 2048,
+    adminGid: null,
+    maxSessionsPerUid: DEFAULTS.api.max_sessions_per_uid,
+    headerTimeoutMs: DEFAULTS.api.header_timeout_ms,
+    requestTimeoutMs: DEFAULTS.api.request_timeout_ms,
+    keepAliveTimeoutMs: DEFAULTS.api.keep_alive_timeout_ms,
+    maxConnections: DEFAULTS.api.max_connections,
+    tcp: null,
+  });
   assert.deepEqual(c.store, { path: join(dir, "state/r.db"), flushIntervalMs: 250 });
   assert.deepEqual(c.log, { level: "error", file: "/var/log/sr.log" });
   assert.deepEqual(c.reaper, { concurrency: 2, shutdownGraceSec: 1.5 });
@@ -509,6 +526,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
   assert.deepEqual(c.log, defaults.log);
   assert.deepEqual(c.detect, defaults.detect);
   assert.deepEqual(c.reaper, defaults.reaper);
+  assert.deepEqual(c.orphans, defaults.orphans);
   assert.deepEqual(c.profiles.default, defaults.profiles.default);
   assert.deepEqual(c.profiles.spark, {
     name: "spark",
@@ -518,9 +536,18 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     gracePeriodSec: 30,
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
     allowedRoots: ["/tmp", "/var/tmp/spark"],
+    allowedUids: [1001, 1002],
     closeHook: { kind: "http", path: "/api/v1/shutdown" },
     releaseHooks: [{ kind: "http", url: "http://127.0.0.1:7077/v1/engines/deregister" }],
     busyCpuPercent: 50,
+    orphans: {
+      mode: "report",
+      exe: null,
+      cmdline: "org\\.apache\\.spark\\.deploy\\.SparkSubmit",
+      uids: [1001],
+      minAgeSec: 600,
+      paths: ["/var/tmp/spark/driver-*"],
+    },
   });
 });
 

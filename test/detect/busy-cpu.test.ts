@@ -61,6 +61,7 @@ test("sampleCpu: a baseline first, then activity moves only for an engine above 
     id,
     engine: identify(pid, "engine.pid", process.pid),
     ownerPid: null,
+    registeredBy: { uid: 0, admin: true, via: "unix" },
     dirty: false,
     tree: [],
     createdAt: clock.now(),

@@ -43,6 +43,7 @@ function setup(t: Cleanup, opts: { start?: boolean; schedule?: string } = {}) {
     id,
     engine,
     ownerPid: null,
+    registeredBy: { uid: 0, admin: true, via: "unix" },
     dirty: false,
     tree: [],
     createdAt: clock.now(),

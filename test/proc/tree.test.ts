@@ -86,4 +86,8 @@ test("members of a detached engine's process group are found once the engine is 
     processTree(engine).map((p) => p.pid),
     [grandchild],
   );
+  // An identity of another boot (or the orphan sweep's pid 0 of no boot) has no group here:
+  // after a reboot, a group with the old engine's number belongs to someone else.
+  assert.deepEqual(processTree({ ...engine, bootId: "an-earlier-boot" }), []);
+  assert.deepEqual(processTree({ pid: 0, startTime: 0, bootId: "", uid: 0 }), []);
 });

@@ -115,6 +115,7 @@ async function runRelease(
     reapStartedAt: 0,
     reapedAt: null,
     reapAttempts: 1,
+    registeredBy: { uid: 0, admin: true, via: "unix" },
   };
   const entry = (name: StepName, detail: StepResult["detail"]): [StepName, StepResult] => [
     name,

@@ -40,6 +40,7 @@ function session(id: string, over: Partial<Session> = {}): Session {
     reapStartedAt: null,
     reapedAt: null,
     reapAttempts: 0,
+    registeredBy: { uid: 1000, admin: false, via: "unix" },
     ...over,
   };
 }
