@@ -1,6 +1,10 @@
 /**
  * Figure 3, idle cost: (a) reaperd's CPU time per minute with 100,000 live sessions and none
- * due, against the same daemon with no session, both measured over the same windows; (b) the
+ * due, against the same daemon with no session, both measured over the same windows: six
+ * windows of 20 s after a 10 s settle. The figure is the median window (the steady idle
+ * rate); the mean over all windows, which includes one-off work after start (V8's memory
+ * reducer collects the recovery's garbage with two or three full GCs of the heap, 20-50 s
+ * after READY), is reported beside it. (b) the
  * cost of one expiry query (live sessions due by now, the (state, deadline) probe behind
  * /v1/expiring) at 1,000,000 rows with none due, against the same query forced to scan.
  */
@@ -10,12 +14,12 @@ import { Store } from "../src/store/store.js";
 import { startReaperd, type Reaperd } from "./lib/daemon.js";
 import { Population, SEED_ENGINES, sleepers } from "./lib/population.js";
 import { cpuMs } from "./lib/proc.js";
-import { QUICK, fmt, halfRange, median, report, runFigure, say, sleep } from "./lib/report.js";
+import { QUICK, fmt, judge, mad, median, report, runFigure, say, sleep } from "./lib/report.js";
 import { cleanupAll, tempDir } from "./lib/resources.js";
 
 const SESSIONS = QUICK ? 20_000 : 100_000;
-const WINDOW_MS = QUICK ? 10_000 : 30_000;
-const WINDOWS = 2;
+const WINDOW_MS = QUICK ? 5_000 : 20_000;
+const WINDOWS = QUICK ? 4 : 6;
 /** After READY: the first liveness pass, heartbeat flush and GC of the recovery's garbage. */
 const SETTLE_MS = QUICK ? 3_000 : 10_000;
 const GOAL_PERCENT = 1;
@@ -107,7 +111,9 @@ async function main(): Promise<number> {
   const q = expiryQuery();
   const base = median(cpu.base);
   const full = median(cpu.full);
-  const noise = Math.max(MIN_NOISE_PERCENT, halfRange(cpu.full));
+  const noise = Math.max(MIN_NOISE_PERCENT, mad(cpu.full));
+  const verdict = judge(full, GOAL_PERCENT, noise, "below");
+  const mean = (v: readonly number[]): number => v.reduce((a, b) => a + b, 0) / v.length;
   return report(
     "Figure 3: idle cost",
     [
@@ -117,8 +123,18 @@ async function main(): Promise<number> {
         result: `${fmt(full, 3)} (${fmt((full / 100) * 60_000, 0)} ms CPU/min)`,
         ratio: fmt(full / Math.max(base, 0.001)),
         goal: `< ${GOAL_PERCENT} %`,
-        pass: full < GOAL_PERCENT + noise,
-        noise: `${fmt(noise, 3)} points (half the range of ${WINDOWS} windows, at least ${MIN_NOISE_PERCENT})`,
+        pass: verdict.pass,
+        withinNoise: verdict.withinNoise,
+        noise: `${fmt(noise, 3)} points (median absolute deviation of ${WINDOWS} windows, at least ${MIN_NOISE_PERCENT})`,
+      },
+      {
+        figure: `CPU over all ${WINDOWS} windows, one-off work after start included (% of a core)`,
+        baseline: `${fmt(mean(cpu.base), 3)} (no session)`,
+        result: `${fmt(mean(cpu.full), 3)} (busiest window ${fmt(Math.max(...cpu.full), 3)})`,
+        ratio: fmt(mean(cpu.full) / Math.max(mean(cpu.base), 0.001)),
+        goal: "reported",
+        pass: null,
+        noise: "",
       },
       {
         figure: `expiry query, ${ROWS.toLocaleString("en-US")} rows, none due (µs)`,

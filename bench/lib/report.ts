@@ -18,6 +18,11 @@ export interface Row {
   goal: string;
   /** Whether the goal is met within the noise margin; null: reported only (no goal). */
   pass: boolean | null;
+  /**
+   * The goal is met only thanks to the noise margin (the measured value itself misses it):
+   * reported as "PASS within noise", never as a plain PASS.
+   */
+  withinNoise?: boolean;
   /** The noise margin applied, stated in words. */
   noise: string;
 }
@@ -44,7 +49,7 @@ export function report(title: string, rows: readonly Row[], notes: readonly stri
     r.result,
     r.ratio,
     r.goal,
-    r.pass === null ? "report" : r.pass ? "PASS" : "FAIL",
+    r.pass === null ? "report" : !r.pass ? "FAIL" : r.withinNoise === true ? "PASS within noise" : "PASS",
     r.noise,
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => (b[i] ?? "").length)));
@@ -57,8 +62,46 @@ export function report(title: string, rows: readonly Row[], notes: readonly stri
   for (const b of body) say(line(b));
   for (const n of notes) say(`  ${n}`);
   const failed = rows.filter((r) => r.pass === false);
-  say(failed.length === 0 ? "verdict: PASS" : `verdict: FAIL (${failed.map((r) => r.figure).join(", ")})`);
+  const marginal = rows.filter((r) => r.pass === true && r.withinNoise === true);
+  say(
+    failed.length > 0
+      ? `verdict: FAIL (${failed.map((r) => r.figure).join(", ")})`
+      : marginal.length > 0
+        ? `verdict: PASS within noise only (${marginal.map((r) => r.figure).join(", ")}: the measured value misses the goal)`
+        : "verdict: PASS",
+  );
   return failed.length === 0 ? 0 : 1;
+}
+
+/**
+ * A goal judged against a measured value and its noise margin: met outright, met only within
+ * the margin (the value itself misses the goal), or missed by more than the margin (FAIL).
+ */
+export function judge(
+  value: number,
+  goal: number,
+  noise: number,
+  direction: "atLeast" | "atMost" | "below",
+): { pass: boolean; withinNoise: boolean } {
+  const met = direction === "atLeast" ? value >= goal : direction === "atMost" ? value <= goal : value < goal;
+  if (met) return { pass: true, withinNoise: false };
+  const nearly =
+    direction === "atLeast"
+      ? value >= goal - noise
+      : direction === "atMost"
+        ? value <= goal + noise
+        : value < goal + noise;
+  return { pass: nearly, withinNoise: nearly };
+}
+
+/**
+ * The median absolute deviation: how far repeated measurements typically stray from their
+ * median. One disturbed round (another job's burst on this shared machine) moves it little,
+ * unlike the range, so a margin taken from it still lets a missed goal FAIL.
+ */
+export function mad(values: readonly number[]): number {
+  const m = median(values);
+  return median(values.map((v) => Math.abs(v - m)));
 }
 
 export function percentile(sorted: readonly number[], p: number): number {
