@@ -17,10 +17,11 @@ import { OrphanSweep } from "../orphans/sweep.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
 import { deadlineOf } from "../detect/deadline.js";
-import { Store } from "../store/store.js";
+import { Store, type HeartbeatWrite } from "../store/store.js";
 import { addon } from "../native/addon.js";
 import { pidfd } from "../proc/pidfd.js";
 import { SystemdNotifier } from "../systemd/notify.js";
+import type { ProcessIdentity } from "../sessions/types.js";
 
 export const VERSION = (
   JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }
@@ -28,6 +29,17 @@ export const VERSION = (
 
 /** Rows per heartbeat flush transaction: keeps each event-loop block to a few ms. */
 const FLUSH_CHUNK = 500;
+
+/** Shared by recovered sessions until the first liveness pass gives their engine its tree. */
+const NO_TREE: ProcessIdentity[] = [];
+
+/**
+ * Whether the stored (indexed) deadline must be rewritten: unknown, or nearer than half the
+ * real deadline's distance from now (see Daemon.takeDirty).
+ */
+function deadlineStale(stored: number | undefined, at: number, now: number): boolean {
+  return stored === undefined || stored - now < (at - now) / 2;
+}
 
 export type DaemonState = "starting" | "running" | "shutting_down" | "stopped";
 
@@ -168,8 +180,9 @@ export class Daemon {
     this.startedAt = now;
     await this.app.ready();
     const resumed = this.reaper.resumeAll();
-    const recovered = this.store.sessionsInState("live");
-    for (const s of recovered) {
+    let recovered = 0;
+    for (const s of this.store.liveForRecovery()) {
+      recovered++;
       const live: LiveSession = {
         id: s.id,
         engine: s.engine,
@@ -182,10 +195,13 @@ export class Daemon {
         idleTimeoutSec: s.idleTimeoutSec,
         maxLifetimeSec: s.maxLifetimeSec,
         recoveredAt: now,
-        dirty: true, // the recomputed deadline reaches SQLite at the next flush
-        tree: [],
+        dirty: false,
+        storedDeadline: s.deadline ?? undefined,
+        tree: NO_TREE, // replaced, never mutated, by the liveness pass
         busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null,
       };
+      // The heartbeat fields are as stored; only a deadline that recovery moved far is written.
+      live.dirty = deadlineStale(live.storedDeadline, deadlineOf(live).at, now);
       this.detector.add(live);
     }
     if (addon === null) {
@@ -206,7 +222,7 @@ export class Daemon {
         config: this.config.source,
         database: this.config.store.path,
         socket: this.config.api.socket,
-        recovered: recovered.length,
+        recovered,
         resumedReaps: resumed,
         reapedAtStart: goneAtStart,
       },
@@ -325,16 +341,26 @@ export class Daemon {
     if (this.store.db.open) this.store.writeHeartbeats(this.takeDirty());
   }
 
-  private takeDirty() {
-    const out = [];
-    for (const s of this.detector.live.values()) {
-      if (!s.dirty) continue;
-      s.dirty = false;
+  /**
+   * The sessions whose heartbeat fields changed since the last flush. The stored deadline
+   * only narrows the /v1/expiring probe (a stored deadline never later than the real one
+   * keeps the probe a superset), so it is rewritten only once the real deadline has moved
+   * past twice the stored one's distance from now: the indexed column then moves about once
+   * per half timeout per session instead of at every flush, and the probe for the sessions
+   * due within N seconds still meets only sessions due within 2N.
+   */
+  private takeDirty(): HeartbeatWrite[] {
+    const now = this.clock.now();
+    const out: HeartbeatWrite[] = [];
+    for (const s of this.detector.takeDirty()) {
+      const at = deadlineOf(s).at;
+      const stale = deadlineStale(s.storedDeadline, at, now);
+      if (stale) s.storedDeadline = at;
       out.push({
         id: s.id,
         lastHeartbeatAt: s.lastHeartbeatAt,
         lastActivityAt: s.lastActivityAt,
-        deadline: deadlineOf(s).at,
+        deadline: stale ? at : null,
       });
     }
     return out;

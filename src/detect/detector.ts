@@ -20,6 +20,11 @@ export interface LiveSession extends Timing {
   /** Heartbeat fields changed since the last flush to SQLite. */
   dirty: boolean;
   /**
+   * The deadline last written to SQLite's indexed column, if known (undefined: write it at
+   * the next flush). It may lag behind the real one: see Daemon.takeDirty.
+   */
+  storedDeadline?: number | undefined;
+  /**
    * The engine's process tree at the last liveness pass: if the engine dies, its children
    * are re-parented and only this snapshot still ties them to the session.
    */
@@ -28,6 +33,31 @@ export interface LiveSession extends Timing {
   readonly busyCpuPercent: number | null;
   /** The engine's CPU time and age (ms) at the last CPU sample: the next one measures from here. */
   cpuSample?: { readonly cpuMs: number; readonly ageMs: number } | undefined;
+}
+
+/** An engine or owner process watched for the live sessions that name it. */
+interface WatchedProcess {
+  readonly id: ProcessIdentity;
+  /** The held pidfd with its exit watch; null without pidfd, or if the identity did not match. */
+  handle: ProcessHandle | null;
+  /** Live sessions whose engine this is. */
+  readonly engineOf: Set<LiveSession>;
+  /** Live sessions whose owner this is. */
+  readonly ownerOf: Set<LiveSession>;
+  /** The engine's tree at the last liveness pass (shared by its sessions' `tree`). */
+  tree: ProcessIdentity[];
+}
+
+const identityKey = (id: ProcessIdentity): string => `${id.pid}:${id.startTime}:${id.bootId}:${id.uid}`;
+
+function sameTree(a: readonly ProcessIdentity[], b: readonly ProcessIdentity[]): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i] as ProcessIdentity;
+    const y = b[i] as ProcessIdentity;
+    if (x.pid !== y.pid || x.startTime !== y.startTime || x.uid !== y.uid) return false;
+  }
+  return true;
 }
 
 /**
@@ -49,8 +79,15 @@ export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unkno
  */
 export class Detector {
   readonly live = new Map<string, LiveSession>();
-  /** Held pidfds of live engines and owners, watched for exit. */
-  private readonly handles = new Map<string, ProcessHandle[]>();
+  /**
+   * Every engine and owner process of a live session, once per process however many sessions
+   * name it (an engine shared by many sessions, as Kyuubi's USER or SERVER share levels run
+   * them; one launcher owning many sessions): one pidfd, one identity check at add, one tree
+   * snapshot per liveness pass.
+   */
+  private readonly processes = new Map<string, WatchedProcess>();
+  /** Sessions whose heartbeat fields changed since the last `takeDirty`. */
+  private readonly dirtySessions = new Set<LiveSession>();
   /** Live sessions whose profile sets busy_cpu_percent: the only ones the CPU sampling reads. */
   private readonly cpuWatched = new Map<string, LiveSession>();
   private readonly heap = new DeadlineHeap();
@@ -69,10 +106,12 @@ export class Detector {
   add(s: LiveSession): void {
     this.live.set(s.id, s);
     this.heap.push(deadlineOf(s).at, s.id);
-    const handles: ProcessHandle[] = [];
-    this.watch(s, s.engine, "engine_gone", handles);
-    if (s.ownerPid !== null) this.watch(s, s.ownerPid, "owner_gone", handles);
-    if (handles.length > 0) this.handles.set(s.id, handles);
+    if (s.dirty) this.dirtySessions.add(s);
+    const engine = this.watch(s.engine);
+    engine.engineOf.add(s);
+    if (engine.engineOf.size === 1) engine.tree = s.tree;
+    else s.tree = engine.tree;
+    if (s.ownerPid !== null) this.watch(s.ownerPid).ownerOf.add(s);
     if (s.busyCpuPercent !== null) {
       this.cpuWatched.set(s.id, s);
       void this.sampleCpu([s]); // the baseline: the next liveness pass can judge
@@ -82,33 +121,83 @@ export class Detector {
 
   /** Drops a session (fenced); its heap entry is discarded when it comes due. */
   remove(id: string): void {
+    const s = this.live.get(id);
     this.live.delete(id);
     this.cpuWatched.delete(id);
-    for (const h of this.handles.get(id) ?? []) h.close();
-    this.handles.delete(id);
+    if (s === undefined) return;
+    this.dirtySessions.delete(s);
+    this.unwatch(s.engine, (p) => p.engineOf.delete(s));
+    if (s.ownerPid !== null) this.unwatch(s.ownerPid, (p) => p.ownerOf.delete(s));
+  }
+
+  /** The live sessions whose heartbeat fields changed since the last call; clears their flag. */
+  takeDirty(): LiveSession[] {
+    const out = [...this.dirtySessions];
+    this.dirtySessions.clear();
+    for (const s of out) s.dirty = false;
+    return out;
+  }
+
+  /** Marks a session's heartbeat fields as changed (reach SQLite at the next flush). */
+  markDirty(s: LiveSession): void {
+    s.dirty = true;
+    if (this.live.get(s.id) === s) this.dirtySessions.add(s);
+  }
+
+  private unwatch(id: ProcessIdentity, detach: (p: WatchedProcess) => void): void {
+    const key = identityKey(id);
+    const p = this.processes.get(key);
+    if (p === undefined) return;
+    detach(p);
+    if (p.engineOf.size === 0 && p.ownerOf.size === 0) {
+      p.handle?.close();
+      this.processes.delete(key);
+    }
   }
 
   /**
-   * Holds a pidfd on the process and asks to be woken when it exits. The identity is checked
-   * after the pidfd is open (so it is the identity of the process the pidfd holds): after a
-   * restart, a pid now worn by another process is never watched, and the liveness pass reaps
-   * the session instead.
+   * The process's watch, opened on first use: a pidfd held and an exit watch. The identity is
+   * checked after the pidfd is open (so it is the identity of the process the pidfd holds):
+   * after a restart, a pid now worn by another process is never watched, and the liveness
+   * pass reaps its sessions instead.
    */
-  private watch(s: LiveSession, id: ProcessIdentity, reason: Reason, into: ProcessHandle[]): void {
+  private watch(id: ProcessIdentity): WatchedProcess {
+    const key = identityKey(id);
+    const known = this.processes.get(key);
+    if (known !== undefined) return known;
+    const p: WatchedProcess = { id, handle: null, engineOf: new Set(), ownerOf: new Set(), tree: [] };
+    this.processes.set(key, p);
     const handle = ProcessHandle.open(id.pid);
-    if (handle === null) return; // no pidfd here, or already gone: the liveness pass decides
+    if (handle === null) return p; // no pidfd here, or already gone: the liveness pass decides
     if (liveness(id) !== "alive" || readUid(id.pid) !== id.uid) {
       handle.close();
-      return;
+      return p;
     }
     handle.onExit(() => {
       try {
-        if (this.live.get(s.id) === s) this.expire(s.id, reason, { pid: id.pid, detectedBy: "pidfd" });
+        if (this.processes.get(key) === p) this.processGone(p, "pidfd");
       } catch (err) {
-        this.log.error({ err, sessionId: s.id }, "expiry on process exit failed");
+        this.log.error({ err, pid: id.pid }, "expiry on process exit failed");
       }
     });
-    into.push(handle);
+    p.handle = handle;
+    return p;
+  }
+
+  /** Expires every session of a process that is gone: engine_gone first, then owner_gone. */
+  private processGone(p: WatchedProcess, detectedBy: "pidfd" | "liveness"): number {
+    let n = 0;
+    for (const s of [...p.engineOf]) {
+      if (this.live.get(s.id) !== s) continue;
+      this.expire(s.id, "engine_gone", { pid: p.id.pid, detectedBy });
+      n++;
+    }
+    for (const s of [...p.ownerOf]) {
+      if (this.live.get(s.id) !== s) continue;
+      this.expire(s.id, "owner_gone", { pid: p.id.pid, detectedBy });
+      n++;
+    }
+    return n;
   }
 
   /** A heartbeat: O(1), in memory. `busy` moves activity too. */
@@ -118,7 +207,10 @@ export class Detector {
     const now = this.clock.now();
     s.lastHeartbeatAt = now;
     if (busy) s.lastActivityAt = now;
-    s.dirty = true;
+    if (!s.dirty) {
+      s.dirty = true;
+      this.dirtySessions.add(s);
+    }
     return s;
   }
 
@@ -144,8 +236,8 @@ export class Detector {
   /** Releases every held pidfd (daemon stop). */
   close(): void {
     this.stop();
-    for (const list of this.handles.values()) for (const h of list) h.close();
-    this.handles.clear();
+    for (const p of this.processes.values()) p.handle?.close();
+    this.processes.clear();
   }
 
   /** Expires every session whose deadline has passed; re-queues those that moved. */
@@ -167,23 +259,31 @@ export class Detector {
 
   /**
    * Evidence-based expiry: engine or owner process gone (exited, zombie, or pid reused).
-   * The same pass over /proc refreshes every live engine's tree snapshot. The orphan sweep
-   * runs it on its own snapshot of /proc first, so the trees it counts as claimed are fresh.
+   * The same pass over /proc refreshes every live engine's tree snapshot. The work is per
+   * process, not per session: sessions sharing an engine share its snapshot. The orphan
+   * sweep runs it on its own snapshot of /proc first, so the trees it counts as claimed are fresh.
    */
   checkLiveness(table?: ProcessTable): number {
     if (this.live.size === 0) return 0;
     table ??= new ProcessTable();
-    const due: [string, Reason, ProcessIdentity][] = [];
-    for (const s of this.live.values()) {
-      if (table.find(s.engine) === undefined) due.push([s.id, "engine_gone", s.engine]);
-      else if (s.ownerPid !== null && table.find(s.ownerPid) === undefined) due.push([s.id, "owner_gone", s.ownerPid]);
-      else s.tree = table.tree(s.engine, s.tree);
+    const gone: WatchedProcess[] = [];
+    for (const p of this.processes.values()) {
+      if (table.find(p.id) === undefined) {
+        gone.push(p);
+        continue;
+      }
+      if (p.engineOf.size === 0) continue;
+      const tree = table.tree(p.id, p.tree);
+      if (sameTree(tree, p.tree)) continue;
+      p.tree = tree;
+      for (const s of p.engineOf) s.tree = tree;
     }
-    for (const [id, reason, proc] of due) {
-      if (this.live.has(id)) this.expire(id, reason, { pid: proc.pid, detectedBy: "liveness" });
-    }
-    if (due.length > 0) this.log.debug({ expired: due.length }, "liveness check");
-    return due.length;
+    // Engines first: a session whose engine and owner are both gone is engine_gone.
+    gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));
+    let due = 0;
+    for (const p of gone) due += this.processGone(p, "liveness");
+    if (due > 0) this.log.debug({ expired: due }, "liveness check");
+    return due;
   }
 
   /**
@@ -218,7 +318,7 @@ export class Detector {
       if (prev === undefined || windowMs < 0) continue;
       if (((u.ctime - prev.cpuMs) / windowMs) * 100 > s.busyCpuPercent) {
         s.lastActivityAt = now;
-        s.dirty = true;
+        this.markDirty(s);
         busy++;
       }
     }

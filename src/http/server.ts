@@ -13,18 +13,19 @@ import Fastify, {
   LogController,
   type FastifyBaseLogger,
   type FastifyReply,
-  type FastifyError,
   type FastifyInstance,
+  type onResponseHookHandler,
 } from "fastify";
 import type { Logger } from "pino";
 import type { Callers } from "../auth/caller.js";
 import { tcpRefusal } from "../auth/tcp.js";
 import type { ApiConfig } from "../config/load.js";
-import { ReaperError, type ErrorCode } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
 import type { OrphanSweep } from "../orphans/sweep.js";
 import type { Sessions } from "../sessions/sessions.js";
 import type { Store } from "../store/store.js";
+import { errorBody as send, toApiError } from "./api-error.js";
+import { FastHeartbeat } from "./fast-heartbeat.js";
 import { collectRoutes, openApiDocument } from "./openapi.js";
 import { eventJson, expiringJson, orphanJson, sessionJson } from "./present.js";
 import {
@@ -72,6 +73,9 @@ export interface ServerDeps {
   info: () => DaemonInfo;
 }
 
+/** The router's cap on a path parameter's length: above the longest session id (128). */
+const MAX_PARAM_LENGTH = 256;
+
 /** The largest request head (request line and headers) accepted: 431 above it. */
 const MAX_HEADER_BYTES = 16384;
 
@@ -114,49 +118,6 @@ function strictIntegers(schema: { properties?: Record<string, { type?: unknown }
   }
 }
 
-/** Body caps (maxItems, maxProperties, maxLength) answer SR_LIMIT_EXCEEDED, not a generic 400. */
-const LIMIT_KEYWORDS: ReadonlySet<string> = new Set(["maxItems", "maxProperties", "maxLength"]);
-
-function send(code: ErrorCode, message: string, detail?: Record<string, unknown>) {
-  return { error: { code, message, ...(detail ? { detail } : {}) } };
-}
-
-/** Maps anything thrown in a route to `{ error: { code, message } }` with a stable code. */
-function toApiError(err: unknown, log: Logger): { status: number; body: object } {
-  if (err instanceof ReaperError) return { status: err.status, body: send(err.code, err.message, err.detail) };
-  if (!(err instanceof Error)) {
-    log.error({ err }, "non-error thrown in a request");
-    return { status: 500, body: send("SR_INTERNAL", "unexpected error; see the daemon's log") };
-  }
-  const fe = err as FastifyError;
-  if (fe.validation) {
-    if (fe.validationContext === "body" && fe.validation.some((v) => LIMIT_KEYWORDS.has(v.keyword))) {
-      return { status: 400, body: send("SR_LIMIT_EXCEEDED", `body${fe.message.replace(/^\w+/, "")}`) };
-    }
-    return {
-      status: 400,
-      body: send("SR_BAD_REQUEST", `${fe.validationContext ?? "request"}${fe.message.replace(/^\w+/, "")}`),
-    };
-  }
-  switch (fe.code) {
-    case "FST_ERR_CTP_BODY_TOO_LARGE":
-      return { status: 413, body: send("SR_BODY_TOO_LARGE", fe.message) };
-    case "FST_ERR_CTP_INVALID_MEDIA_TYPE":
-      return { status: 415, body: send("SR_UNSUPPORTED_MEDIA_TYPE", "send the body as application/json") };
-    case "FST_ERR_CTP_EMPTY_JSON_BODY":
-    case "FST_ERR_CTP_INVALID_JSON_BODY":
-      return { status: 400, body: send("SR_INVALID_JSON", fe.message) };
-  }
-  if (err instanceof SyntaxError || (fe.statusCode === 400 && /JSON/i.test(fe.message))) {
-    return { status: 400, body: send("SR_INVALID_JSON", err.message) };
-  }
-  if (fe.statusCode !== undefined && fe.statusCode >= 400 && fe.statusCode < 500) {
-    return { status: fe.statusCode, body: send("SR_BAD_REQUEST", fe.message) };
-  }
-  log.error({ err }, "unexpected error in a request");
-  return { status: 500, body: send("SR_INTERNAL", "unexpected error; see the daemon's log") };
-}
-
 /**
  * Errors the HTTP parser raises before any route (malformed request line, bad header bytes,
  * oversized head, a slow client): answered in the API's envelope, then the connection is
@@ -186,31 +147,60 @@ function acceptMissingBody(req: { body: unknown }, _reply: unknown, done: () => 
   done();
 }
 
+/** Each app's heartbeat fast path: loopback TCP serves through it too. */
+const fastPaths = new WeakMap<FastifyInstance, FastHeartbeat>();
+
 /** Builds the API without listening (fastify's testing guide): only main.ts listens. */
 export function buildServer(deps: ServerDeps): FastifyInstance {
   const { sessions, store, metrics } = deps;
   const callerOf = (req: { raw: IncomingMessage }) => deps.callers.of(req.raw.socket);
   // Typed as fastify's logger, so the instance is the plain FastifyInstance type.
   const loggerInstance: FastifyBaseLogger = deps.log;
+  // The heartbeat fast path sits in front of fastify's router (fast-heartbeat.ts).
+  let closing = false;
+  const fast = new FastHeartbeat({
+    sessions,
+    metrics,
+    callers: deps.callers,
+    log: deps.log,
+    maxIdLength: MAX_PARAM_LENGTH,
+    closing: () => closing,
+  });
   const app = Fastify({
+    // The server fastify would make (the same options and timeouts), with the fast path in
+    // front of its request handler.
+    serverFactory: (handler) => {
+      const server = createServer(serverOptions(deps.api), (req, res) => fast.serve(req, res, handler));
+      server.requestTimeout = deps.api.requestTimeoutMs;
+      server.keepAliveTimeout = deps.api.keepAliveTimeoutMs;
+      return server;
+    },
+    // Session ids have up to 128 characters: find-my-way's default cap of 100 would answer 414
+    // for a session the API itself accepted. The fast path leaves longer ids to the router.
+    routerOptions: { maxParamLength: MAX_PARAM_LENGTH },
     loggerInstance,
     // No line per request: heartbeats would cost half the throughput (DESIGN.md).
     logController: new LogController({ disableRequestLogging: true }),
+    // req.log is the daemon's logger itself: fastify's default makes a pino child per request
+    // (bindings, redaction setup), a few percent of a heartbeat, for lines never written
+    // (request logging is off and routes log through deps.log).
+    childLoggerFactory: (logger) => logger,
     bodyLimit: deps.api.bodyLimitBytes,
     return503OnClosing: true,
-    // Session ids have up to 128 characters: find-my-way's default cap of 100 would answer 414
-    // for a session the API itself accepted.
-    routerOptions: { maxParamLength: 256 },
     // A malformed percent-encoding or an over-long path parameter, before any route.
     frameworkErrors: (err, _req, reply) => {
       void (reply as FastifyReply).status(400).send(send("SR_BAD_REQUEST", err.message));
     },
     clientErrorHandler: answerClientError,
-    http: serverOptions(deps.api),
-    requestTimeout: deps.api.requestTimeoutMs,
-    keepAliveTimeout: deps.api.keepAliveTimeoutMs,
   });
   app.server.maxConnections = deps.api.maxConnections;
+  fastPaths.set(app, fast);
+  // fastify's closing flag is set in the same step as its preClose hooks run: from then on
+  // every request is fastify's (503 while closing, as return503OnClosing says).
+  app.addHook("preClose", (done) => {
+    closing = true;
+    done();
+  });
 
   // JSON only: without this, fastify would parse text/plain bodies and answer 400, not 415.
   app.removeContentTypeParser("text/plain");
@@ -232,16 +222,23 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
   // Before the first route: every route is collected for /openapi.json as it is registered.
   const routes = collectRoutes(app, (pre) => [pre].flat().includes(acceptMissingBody));
   let openApi: string | undefined;
-  // Route patterns, never raw URLs (ids would make one series per session).
-  app.addHook("onResponse", (req, reply, done) => {
-    metrics.httpRequest(req.method, req.routeOptions.url ?? "unmatched", reply.statusCode);
-    done();
+  // Route patterns, never raw URLs (ids would make one series per session). Each route's
+  // pattern is bound when the route is added: reading req.routeOptions per request builds a
+  // dozen-field object each time (a few percent of a heartbeat). Unmatched: the 404 handler.
+  app.addHook("onRoute", (route) => {
+    const pattern = route.url;
+    const count: onResponseHookHandler = (req, reply, done) => {
+      metrics.httpRequest(req.method, pattern, reply.statusCode);
+      done();
+    };
+    route.onResponse = [...[route.onResponse ?? []].flat(), count];
   });
   app.setErrorHandler((err, _req, reply) => {
     const { status, body } = toApiError(err, deps.log);
     void reply.status(status).send(body);
   });
   app.setNotFoundHandler((req, reply) => {
+    metrics.httpRequest(req.method, "unmatched", 404);
     void reply.status(404).send(send("SR_ROUTE_NOT_FOUND", `no route ${req.method} ${req.url.split("?")[0]}`));
   });
   app.post<{ Body: RegisterBody }>(
@@ -298,6 +295,8 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
         querystring: noQuery,
         response: { 200: heartbeatResponse },
       },
+      // A body the fast path read and handed over is parsed from its bytes.
+      preParsing: (req, _reply, payload, done) => done(null, fast.replayed(req.raw, payload)),
       preValidation: acceptMissingBody,
     },
     (req) => sessions.heartbeat(req.params.id, req.body.activity ?? "busy", callerOf(req)),
@@ -443,19 +442,22 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
 }
 
 /**
- * A second HTTP server for loopback TCP, serving the app's routes through `app.routing` once
- * each request has passed the Origin, Host and token checks (src/auth/tcp.ts), in that order,
- * before fastify parses anything. Not listening: listen.ts does that.
+ * A second HTTP server for loopback TCP, serving the app's routes through `app.routing` (behind
+ * the same heartbeat fast path as the unix socket) once each request has passed the Origin,
+ * Host and token checks (src/auth/tcp.ts), in that order, before anything is parsed. Not listening: listen.ts does that.
  */
 export function buildTcpServer(
   app: FastifyInstance,
   deps: Pick<ServerDeps, "api" | "callers" | "metrics">,
   token: Buffer,
 ): Server {
+  const route = (req: IncomingMessage, res: ServerResponse): void => app.routing(req, res);
+  const fast = fastPaths.get(app);
   const server = createServer(serverOptions(deps.api), (req: IncomingMessage, res: ServerResponse) => {
     const refusal = tcpRefusal(req.headers, token);
     if (refusal === null) {
-      app.routing(req, res);
+      if (fast === undefined) route(req, res);
+      else fast.serve(req, res, route);
       return;
     }
     deps.metrics.httpRequest(req.method ?? "", "refused", refusal.status);

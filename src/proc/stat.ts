@@ -1,4 +1,4 @@
-import { readFileSync, readdirSync } from "node:fs";
+import { closeSync, openSync, readFileSync, readSync, readdirSync } from "node:fs";
 
 /** The fields of /proc/<pid>/stat the daemon relies on. */
 export interface ProcStat {
@@ -17,15 +17,107 @@ export interface ProcStat {
 /** PF_KTHREAD in include/linux/sched.h. */
 const PF_KTHREAD = 0x00200000;
 
+/**
+ * One buffer for every /proc/<pid>/stat read: a stat line is a few hundred bytes (comm is at
+ * most 64), far below its size. The liveness pass reads one per process on the host every
+ * 2 s, so this read is three syscalls (open, read, close; readFileSync makes five on /proc,
+ * whose files report size 0) and allocates only the result.
+ */
+const statBuffer = Buffer.allocUnsafe(4096);
+
 /** Parses /proc/<pid>/stat; null when the process does not exist (or vanished mid-read). */
 export function readStat(pid: number): ProcStat | null {
-  let text: string;
+  let fd: number;
   try {
-    text = readFileSync(`/proc/${pid}/stat`, "latin1");
+    fd = openSync(`/proc/${pid}/stat`, "r");
   } catch {
     return null;
   }
-  return parseStat(text);
+  let n: number;
+  try {
+    n = readSync(fd, statBuffer, 0, statBuffer.length, null);
+  } catch {
+    return null;
+  } finally {
+    closeSync(fd);
+  }
+  if (n >= statBuffer.length) {
+    // Cannot happen with today's kernels; read it whole rather than guess.
+    try {
+      return parseStat(readFileSync(`/proc/${pid}/stat`, "latin1"));
+    } catch {
+      return null;
+    }
+  }
+  return parseStatBytes(statBuffer, n) ?? parseStat(statBuffer.toString("latin1", 0, n));
+}
+
+/** The fields parseStat reads, by field number (1-based, as in proc(5)). */
+const PPID = 4;
+const PGRP = 5;
+const SID = 6;
+const FLAGS = 9;
+const START_TIME = 22;
+
+/**
+ * parseStat on the bytes, without making the line a string and splitting it: the same result
+ * for a well-formed line; null for anything else (the caller then parses the text).
+ */
+function parseStatBytes(b: Buffer, n: number): ProcStat | null {
+  let open = -1;
+  for (let i = 0; i < n; i++) {
+    if (b[i] === 0x28) {
+      open = i;
+      break;
+    }
+  }
+  let close = n - 1;
+  while (close > open && b[close] !== 0x29) close--;
+  // "pid (comm) S …": digits, a space, then comm up to the last ')', a space, the state.
+  if (open < 2 || close <= open || close + 3 >= n || b[close + 1] !== 0x20 || b[close + 3] !== 0x20) return null;
+  let pid = 0;
+  for (let i = 0; i < open - 1; i++) {
+    const c = b[i] as number;
+    if (c < 0x30 || c > 0x39) return null;
+    pid = pid * 10 + (c - 0x30);
+  }
+  const fields = [0, 0, 0, 0, 0];
+  let field = 4;
+  let i = close + 4;
+  while (field <= START_TIME) {
+    let value = 0;
+    let negative = false;
+    const from = i;
+    if (b[i] === 0x2d) {
+      negative = true;
+      i++;
+    }
+    for (; i < n; i++) {
+      const c = b[i] as number;
+      if (c === 0x20 || c === 0x0a) break;
+      if (c < 0x30 || c > 0x39) return null;
+      value = value * 10 + (c - 0x30);
+    }
+    if (i === from || i >= n) return null;
+    if (negative) value = -value;
+    if (field === PPID) fields[0] = value;
+    else if (field === PGRP) fields[1] = value;
+    else if (field === SID) fields[2] = value;
+    else if (field === FLAGS) fields[3] = value;
+    else if (field === START_TIME) fields[4] = value;
+    field++;
+    i++; // the space
+  }
+  return {
+    pid,
+    comm: b.toString("latin1", open + 1, close),
+    state: String.fromCharCode(b[close + 2] as number),
+    ppid: fields[0] as number,
+    pgrp: fields[1] as number,
+    sid: fields[2] as number,
+    flags: fields[3] as number,
+    startTime: fields[4] as number,
+  };
 }
 
 export function parseStat(text: string): ProcStat | null {

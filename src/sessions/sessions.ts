@@ -3,7 +3,7 @@ import pidusage from "pidusage";
 import type { AuditTrail } from "../audit/audit.js";
 import type { Caller } from "../auth/caller.js";
 import { checkActor, checkRegistration, registeredBy } from "../auth/policy.js";
-import type { Clock } from "../clock.js";
+import { isoTime, type Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { deadlineOf } from "../detect/deadline.js";
 import type { Detector, LiveSession } from "../detect/detector.js";
@@ -164,7 +164,7 @@ export class Sessions {
     if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
     this.deps.metrics.heartbeat();
     const d = deadlineOf(live);
-    return { id, state: "live", deadline: new Date(d.at).toISOString(), expiresBy: d.reason };
+    return { id, state: "live", deadline: isoTime(d.at), expiresBy: d.reason };
   }
 
   /** Client close (reason `closed`) or operator force-reap (reason `forced`). */

@@ -8,6 +8,7 @@ import type {
   ProcessIdentity,
   Reason,
   Session,
+  RegisteredBy,
   SessionState,
   StepName,
   StepResult,
@@ -81,11 +82,28 @@ export interface ListFilter {
   afterSeq?: number | undefined;
 }
 
+/** What recovery needs of a live session: its identities, timestamps, timeouts, profile. */
+export interface RecoveredSession {
+  id: string;
+  profile: string;
+  engine: ProcessIdentity;
+  ownerPid: ProcessIdentity | null;
+  registeredBy: RegisteredBy;
+  createdAt: number;
+  lastHeartbeatAt: number;
+  lastActivityAt: number;
+  heartbeatTimeoutSec: number;
+  idleTimeoutSec: number;
+  maxLifetimeSec: number;
+  deadline: number | null;
+}
+
 export interface HeartbeatWrite {
   id: string;
   lastHeartbeatAt: number;
   lastActivityAt: number;
-  deadline: number;
+  /** The new stored deadline, or null to leave the indexed column as it is (see writeHeartbeats). */
+  deadline: number | null;
 }
 
 function toSession(r: SessionRow): Session {
@@ -126,6 +144,8 @@ function toSession(r: SessionRow): Session {
  */
 export class Store {
   readonly db: Database;
+  /** Sessions by state, once counted (see `counts`); null: count again when asked. */
+  private stateCounts: Record<SessionState, number> | null = null;
   private readonly stmts: {
     insert: Statement;
     get: Statement;
@@ -134,11 +154,13 @@ export class Store {
     finish: Statement;
     attempt: Statement;
     heartbeat: Statement;
+    heartbeatDeadline: Statement;
     insertStep: Statement;
     steps: Statement;
     insertEvent: Statement;
     events: Statement;
     byState: Statement;
+    liveForRecovery: Statement;
     counts: Statement;
     unfinishedByProfile: Statement;
     reapedByProfile: Statement;
@@ -182,9 +204,11 @@ export class Store {
       attempt: db.prepare(
         "UPDATE sessions SET reap_attempts = reap_attempts + 1 WHERE id = ? AND state = 'reaping' RETURNING reap_attempts",
       ),
-      heartbeat:
-        db.prepare(`UPDATE sessions SET last_heartbeat_at = @lastHeartbeatAt, last_activity_at = @lastActivityAt,
-          deadline = @deadline WHERE id = @id AND state = 'live'`),
+      heartbeat: db.prepare(
+        `UPDATE sessions SET last_heartbeat_at = ?, last_activity_at = ? WHERE id = ? AND state = 'live'`,
+      ),
+      heartbeatDeadline: db.prepare(`UPDATE sessions SET last_heartbeat_at = ?, last_activity_at = ?, deadline = ?
+          WHERE id = ? AND state = 'live'`),
       insertStep:
         db.prepare(`INSERT OR REPLACE INTO reap_steps (session_id, position, name, outcome, started_at, duration_ms, detail)
         VALUES (?, ?, ?, ?, ?, ?, ?)`),
@@ -194,6 +218,11 @@ export class Store {
         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`),
       events: db.prepare("SELECT * FROM audit_events WHERE session_id = ? ORDER BY seq"),
       byState: db.prepare("SELECT * FROM sessions WHERE state = ? ORDER BY seq"),
+      liveForRecovery: db.prepare(`SELECT id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
+          owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
+          heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline, registered_by_uid,
+          registered_as_admin, registered_via
+        FROM sessions WHERE state = 'live' ORDER BY seq`),
       counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
       // These three search the (state, deadline) index by state, so they visit only the rows
       // of the states they count: live and reaping rows are few, reaped ones most of the table.
@@ -216,12 +245,18 @@ export class Store {
 
   /** Runs `fn` in one transaction (better-sqlite3 nests inner calls into it). */
   transaction<T>(fn: () => T): T {
-    return this.db.transaction(fn)();
+    try {
+      return this.db.transaction(fn)();
+    } catch (err) {
+      // Rolled back: the counts moved by its writes no longer hold. Counted again when next asked.
+      this.stateCounts = null;
+      throw err;
+    }
   }
 
   insertSession(s: Session): void {
     try {
-      this.stmts.insert.run({
+      const inserted = this.stmts.insert.run({
         id: s.id,
         profile: s.profile,
         owner: s.owner,
@@ -247,6 +282,7 @@ export class Store {
         registered_as_admin: s.registeredBy.admin ? 1 : 0,
         registered_via: s.registeredBy.via,
       });
+      if (inserted.changes === 1 && this.stateCounts !== null) this.stateCounts.live++;
     } catch (err) {
       if ((err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE") {
         throw new ReaperError("SR_SESSION_EXISTS", `a session with id "${s.id}" already exists`);
@@ -288,13 +324,65 @@ export class Store {
     return (this.stmts.byState.all(state) as SessionRow[]).map(toSession);
   }
 
+  /**
+   * Every live session, one at a time and only the columns recovery needs (no JSON parsed, no
+   * row kept): at 100,000 sessions, loading whole rows first would leave a peak of garbage
+   * that stays in the daemon's resident set. Identities equal to an earlier row's are the same
+   * object, so a shared engine or owner (and the boot id string) is held once.
+   */
+  *liveForRecovery(): Generator<RecoveredSession> {
+    const identities = new Map<string, ProcessIdentity>();
+    const identity = (pid: number, startTime: number, bootId: string, uid: number): ProcessIdentity => {
+      const key = `${pid}:${startTime}:${bootId}:${uid}`;
+      let id = identities.get(key);
+      if (id === undefined) identities.set(key, (id = { pid, startTime, bootId, uid }));
+      return id;
+    };
+    const registrants = new Map<string, RegisteredBy>();
+    const registrant = (uid: number | null, admin: boolean, via: RegisteredBy["via"]): RegisteredBy => {
+      const key = `${uid}:${admin}:${via}`;
+      let r = registrants.get(key);
+      if (r === undefined) registrants.set(key, (r = { uid, admin, via }));
+      return r;
+    };
+    for (const r of this.stmts.liveForRecovery.iterate() as IterableIterator<SessionRow>) {
+      yield {
+        id: r.id,
+        profile: r.profile,
+        engine: identity(r.engine_pid, r.engine_start_time, r.engine_boot_id, r.engine_uid),
+        ownerPid:
+          r.owner_pid === null
+            ? null
+            : identity(r.owner_pid, r.owner_start_time ?? 0, r.owner_boot_id ?? "", r.owner_uid ?? -1),
+        createdAt: r.created_at,
+        lastHeartbeatAt: r.last_heartbeat_at,
+        lastActivityAt: r.last_activity_at,
+        heartbeatTimeoutSec: r.heartbeat_timeout_sec,
+        idleTimeoutSec: r.idle_timeout_sec,
+        maxLifetimeSec: r.max_lifetime_sec,
+        deadline: r.deadline,
+        registeredBy: registrant(r.registered_by_uid, r.registered_as_admin === 1, r.registered_via),
+      };
+    }
+  }
+
   /** The fence: true if this call moved the session from live to reaping. */
   fence(id: string, reason: Reason, now: number): boolean {
-    return this.stmts.fence.run({ id, reason, now }).changes === 1;
+    const fenced = this.stmts.fence.run({ id, reason, now }).changes === 1;
+    if (fenced && this.stateCounts !== null) {
+      this.stateCounts.live--;
+      this.stateCounts.reaping++;
+    }
+    return fenced;
   }
 
   finish(id: string, outcome: Outcome, leftovers: readonly Leftover[], now: number): boolean {
-    return this.stmts.finish.run({ id, outcome, leftovers: JSON.stringify(leftovers), now }).changes === 1;
+    const finished = this.stmts.finish.run({ id, outcome, leftovers: JSON.stringify(leftovers), now }).changes === 1;
+    if (finished && this.stateCounts !== null) {
+      this.stateCounts.reaping--;
+      this.stateCounts.reaped++;
+    }
+    return finished;
   }
 
   /** Counts one more start of the session's reap pipeline; returns the attempt number. */
@@ -302,9 +390,18 @@ export class Store {
     return (this.stmts.attempt.get(id) as { reap_attempts: number } | undefined)?.reap_attempts;
   }
 
+  /**
+   * Coalesced heartbeats, one transaction. The indexed `deadline` is written only when the
+   * caller says so (`deadline` not null): moving an indexed column costs 2-3 times a plain
+   * UPDATE (the index entry is deleted and re-inserted), and heartbeats move every deadline.
+   */
   writeHeartbeats(batch: readonly HeartbeatWrite[]): void {
+    const { heartbeat, heartbeatDeadline } = this.stmts;
     this.transaction(() => {
-      for (const hb of batch) this.stmts.heartbeat.run(hb);
+      for (const hb of batch) {
+        if (hb.deadline === null) heartbeat.run(hb.lastHeartbeatAt, hb.lastActivityAt, hb.id);
+        else heartbeatDeadline.run(hb.lastHeartbeatAt, hb.lastActivityAt, hb.deadline, hb.id);
+      }
     });
   }
 
@@ -400,9 +497,18 @@ export class Store {
     return this.stmts.liveDueBy.all(at) as { id: string; profile: string; owner: string | null }[];
   }
 
+  /**
+   * Sessions by state. Counted once (a scan of the table: ~7 ms at 100,000 rows), then kept
+   * by the store's own writes (insertSession, fence and finish are the only state changes),
+   * so the 10 s STATUS= line and GET /v1/daemon cost nothing per session. A rolled-back
+   * transaction drops the kept counts: the next call counts again.
+   */
   counts(): Record<SessionState, number> {
-    const out: Record<SessionState, number> = { live: 0, reaping: 0, reaped: 0 };
-    for (const r of this.stmts.counts.all() as { state: SessionState; n: number }[]) out[r.state] = r.n;
-    return out;
+    if (this.stateCounts === null) {
+      const out: Record<SessionState, number> = { live: 0, reaping: 0, reaped: 0 };
+      for (const r of this.stmts.counts.all() as { state: SessionState; n: number }[]) out[r.state] = r.n;
+      this.stateCounts = out;
+    }
+    return { ...this.stateCounts };
   }
 }

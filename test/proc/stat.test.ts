@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { symlinkSync } from "node:fs";
+import { readFileSync, readdirSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import {
@@ -86,6 +86,31 @@ test("readStat of a real process whose comm holds spaces and parentheses", async
   assert.equal(st?.pid, child.pid);
   assert.equal(st?.ppid, process.pid);
   assert.ok(st && !isExited(st), st?.state);
+});
+
+test("readStat (bytes parsed in place) gives parseStat's result for every process on the host", async (t) => {
+  const dir = tempDir(t);
+  const exe = join(dir, ") Z 1 2 (");
+  symlinkSync("/bin/sleep", exe);
+  const child = spawn(exe, ["30"], { stdio: "ignore" });
+  t.after(() => child.kill("SIGKILL"));
+  await until(() => readStat(child.pid as number)?.comm === ") Z 1 2 (", 5000, "exec of the renamed sleep");
+  let compared = 0;
+  for (const name of readdirSync("/proc").filter((n) => /^\d+$/.test(n))) {
+    let text: string;
+    try {
+      text = readFileSync(`/proc/${name}/stat`, "latin1");
+    } catch {
+      continue; // gone meanwhile
+    }
+    const st = readStat(Number(name));
+    if (st === null) continue;
+    const expected = parseStat(text);
+    // Only the state of a running process may change between the two reads.
+    assert.deepEqual({ ...st, state: "" }, { ...expected, state: "" }, text);
+    compared++;
+  }
+  assert.ok(compared > 2);
 });
 
 test("pid 2 (kthreadd) and its children are kernel threads; pid 1 and this process are not", () => {

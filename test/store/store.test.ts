@@ -242,6 +242,34 @@ test("counts per state", (t) => {
   assert.deepEqual(store.counts(), { live: 2, reaping: 1, reaped: 1 });
 });
 
+test("counts are kept by the store's own writes, and counted again after a rolled-back transaction", (t) => {
+  const { store } = openStore(t);
+  store.insertSession(session("k1"));
+  assert.deepEqual(store.counts(), { live: 1, reaping: 0, reaped: 0 }); // counted
+  store.insertSession(session("k2"));
+  assert.throws(() => store.insertSession(session("k2")), /already exists/);
+  assert.equal(store.fence("k1", "forced", T0), true);
+  assert.equal(store.fence("k1", "forced", T0), false); // not live any more: no change
+  assert.deepEqual(store.counts(), { live: 1, reaping: 1, reaped: 0 });
+  assert.throws(() =>
+    store.transaction(() => {
+      store.insertSession(session("k3"));
+      store.finish("k1", "clean", [], T0);
+      throw new Error("rolled back");
+    }),
+  );
+  assert.deepEqual(store.counts(), { live: 1, reaping: 1, reaped: 0 });
+  store.transaction(() => store.finish("k1", "clean", [], T0));
+  const returned = store.counts();
+  returned.live = 99; // a copy
+  assert.deepEqual(store.counts(), { live: 1, reaping: 0, reaped: 1 });
+  const scan = store.db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state").all();
+  assert.deepEqual(scan, [
+    { state: "live", n: 1 },
+    { state: "reaped", n: 1 },
+  ]);
+});
+
 test("reap steps round-trip, ordered by position, re-recording a step replaces it", (t) => {
   const { store } = openStore(t);
   store.insertSession(session("steps"));

@@ -1,0 +1,50 @@
+import type { FastifyError } from "fastify";
+import type { Logger } from "pino";
+import { ReaperError, type ErrorCode } from "../errors.js";
+
+/** Body caps (maxItems, maxProperties, maxLength) answer SR_LIMIT_EXCEEDED, not a generic 400. */
+const LIMIT_KEYWORDS: ReadonlySet<string> = new Set(["maxItems", "maxProperties", "maxLength"]);
+
+/** The error envelope: `{ error: { code, message, detail? } }`. */
+export function errorBody(code: ErrorCode, message: string, detail?: Record<string, unknown>) {
+  return { error: { code, message, ...(detail ? { detail } : {}) } };
+}
+
+/**
+ * Maps anything thrown in a route to `{ error: { code, message } }` with a stable code: the
+ * fastify error handler and the heartbeat fast path (fast-heartbeat.ts) answer through it.
+ */
+export function toApiError(err: unknown, log: Logger): { status: number; body: object } {
+  if (err instanceof ReaperError) return { status: err.status, body: errorBody(err.code, err.message, err.detail) };
+  if (!(err instanceof Error)) {
+    log.error({ err }, "non-error thrown in a request");
+    return { status: 500, body: errorBody("SR_INTERNAL", "unexpected error; see the daemon's log") };
+  }
+  const fe = err as FastifyError;
+  if (fe.validation) {
+    if (fe.validationContext === "body" && fe.validation.some((v) => LIMIT_KEYWORDS.has(v.keyword))) {
+      return { status: 400, body: errorBody("SR_LIMIT_EXCEEDED", `body${fe.message.replace(/^\w+/, "")}`) };
+    }
+    return {
+      status: 400,
+      body: errorBody("SR_BAD_REQUEST", `${fe.validationContext ?? "request"}${fe.message.replace(/^\w+/, "")}`),
+    };
+  }
+  switch (fe.code) {
+    case "FST_ERR_CTP_BODY_TOO_LARGE":
+      return { status: 413, body: errorBody("SR_BODY_TOO_LARGE", fe.message) };
+    case "FST_ERR_CTP_INVALID_MEDIA_TYPE":
+      return { status: 415, body: errorBody("SR_UNSUPPORTED_MEDIA_TYPE", "send the body as application/json") };
+    case "FST_ERR_CTP_EMPTY_JSON_BODY":
+    case "FST_ERR_CTP_INVALID_JSON_BODY":
+      return { status: 400, body: errorBody("SR_INVALID_JSON", fe.message) };
+  }
+  if (err instanceof SyntaxError || (fe.statusCode === 400 && /JSON/i.test(fe.message))) {
+    return { status: 400, body: errorBody("SR_INVALID_JSON", err.message) };
+  }
+  if (fe.statusCode !== undefined && fe.statusCode >= 400 && fe.statusCode < 500) {
+    return { status: fe.statusCode, body: errorBody("SR_BAD_REQUEST", fe.message) };
+  }
+  log.error({ err }, "unexpected error in a request");
+  return { status: 500, body: errorBody("SR_INTERNAL", "unexpected error; see the daemon's log") };
+}
