@@ -9,6 +9,11 @@ import { sleep } from "./report.js";
 export const REAPERD = fileURLToPath(new URL("../../src/main.js", import.meta.url));
 /** The node flags of systemd/session-reaper.service's ExecStart: the daemon is measured as deployed. */
 export const DEPLOYED_NODE_FLAGS = ["--max-semi-space-size=2"];
+/**
+ * BENCH_DAEMON_NODE_ARGS: more node flags for every reaperd a figure starts, for looking into
+ * one (e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"); never set for the figures as reported.
+ */
+const PROFILE_NODE_ARGS = (process.env.BENCH_DAEMON_NODE_ARGS ?? "").split(" ").filter(Boolean);
 /** The test suite's stand-in for systemd's notification socket (prints each datagram, timed). */
 const NOTIFY_FIXTURE = fileURLToPath(new URL("../../../test/fixtures/notify_socket.py", import.meta.url));
 
@@ -79,7 +84,14 @@ export async function startReaperd(opts: ReaperdOptions): Promise<Reaperd> {
   const t0 = Date.now();
   const proc = start(
     process.execPath,
-    [...DEPLOYED_NODE_FLAGS, ...(opts.nodeArgs ?? []), opts.reaperd ?? REAPERD, "--config", config],
+    [
+      ...DEPLOYED_NODE_FLAGS,
+      ...PROFILE_NODE_ARGS,
+      ...(opts.nodeArgs ?? []),
+      opts.reaperd ?? REAPERD,
+      "--config",
+      config,
+    ],
     {
       stdio: ["ignore", out, "pipe"],
       env: { ...process.env, REAPER_LOG_LEVEL: "", ...opts.env, NOTIFY_SOCKET: notifyPath },

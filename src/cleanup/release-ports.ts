@@ -85,7 +85,7 @@ function holdersIn(inodes: ReadonlySet<number>, session: ReadonlySet<string>): H
 }
 
 async function inspect(port: number, udp: boolean, session: ReadonlySet<string>): Promise<PortReport> {
-  const sockets = inetSockets().filter((s) => s.localPort === port);
+  const sockets = inetSockets("self", new Set([port]));
   const timeWait = sockets.filter((s) => s.state === "TIME_WAIT").length;
   const bound = sockets.filter((s) => s.inode > 0 && (s.state === "LISTEN" || (udp && isUdp(s))));
   const holder = holdersIn(new Set(bound.map((s) => s.inode)), session)[0];

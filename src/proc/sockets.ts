@@ -118,21 +118,50 @@ function splitEndpoint(field: string): [string, number] {
 }
 
 /**
- * The TCP and UDP sockets of a network namespace: the one `pid` lives in, or the daemon's
- * (`"self"`). Reading through a pid matters for engines in a container's namespace.
+ * The local port of a /proc/net/{tcp,tcp6,udp,udp6} line, read without splitting the line:
+ * "  sl: LOCAL:PORT REMOTE:PORT st …", the first ':' ends `sl`, the second ends the local
+ * address, and the port is 4 hex digits. NaN for anything else.
  */
-export function inetSockets(pid: number | "self" = "self"): InetSocket[] {
+function localPortOf(line: string): number {
+  const first = line.indexOf(":");
+  const second = first < 0 ? -1 : line.indexOf(":", first + 1);
+  if (second < 0 || line.charCodeAt(second + 5) !== 0x20) return Number.NaN;
+  return parseInt(line.slice(second + 1, second + 5), 16);
+}
+
+function parseInetLine(proto: InetProto, line: string): InetSocket | null {
+  const f = line.trim().split(/\s+/);
+  if (f.length < 10) return null;
+  const [localAddress, localPort] = splitEndpoint(f[1] ?? "");
+  const [remoteAddress, remotePort] = splitEndpoint(f[2] ?? "");
+  const state = TCP_STATES[f[3] ?? ""] ?? f[3] ?? "?";
+  return { proto, localAddress, localPort, remoteAddress, remotePort, state, inode: Number(f[9]) };
+}
+
+/** One table's sockets; with `ports`, only those on these local ports (other lines are not parsed). */
+function inetTable(pid: number | "self", proto: InetProto, ports?: ReadonlySet<number>): InetSocket[] {
   const out: InetSocket[] = [];
-  for (const proto of INET_PROTOS) {
-    for (const line of readLines(`/proc/${pid}/net/${proto}`)) {
-      const f = line.trim().split(/\s+/);
-      if (f.length < 10) continue;
-      const [localAddress, localPort] = splitEndpoint(f[1] ?? "");
-      const [remoteAddress, remotePort] = splitEndpoint(f[2] ?? "");
-      const state = TCP_STATES[f[3] ?? ""] ?? f[3] ?? "?";
-      out.push({ proto, localAddress, localPort, remoteAddress, remotePort, state, inode: Number(f[9]) });
+  for (const line of readLines(`/proc/${pid}/net/${proto}`)) {
+    if (ports !== undefined) {
+      const port = localPortOf(line);
+      // A line whose port cannot be read this way is parsed in full, as without a filter.
+      if (!Number.isNaN(port) && !ports.has(port)) continue;
     }
+    const s = parseInetLine(proto, line);
+    if (s !== null && (ports === undefined || ports.has(s.localPort))) out.push(s);
   }
+  return out;
+}
+
+/**
+ * The TCP and UDP sockets of a network namespace: the one `pid` lives in, or the daemon's
+ * (`"self"`). Reading through a pid matters for engines in a container's namespace. With
+ * `ports`, only the sockets on these local ports: a host with thousands of sockets is then
+ * read, not parsed.
+ */
+export function inetSockets(pid: number | "self" = "self", ports?: ReadonlySet<number>): InetSocket[] {
+  const out: InetSocket[] = [];
+  for (const proto of INET_PROTOS) out.push(...inetTable(pid, proto, ports));
   return out;
 }
 
@@ -260,6 +289,29 @@ export function portsHeldBy(pids: readonly number[]): Map<number, Set<InetProto>
     }
   }
   return out;
+}
+
+/**
+ * Which of `ports` the processes `pids` hold as a TCP LISTEN or a bound UDP socket (what
+ * `portsHeldBy` would list, for these ports only): each process's fd table, then each network
+ * namespace's tables, filtered by port before parsing, and no further table once every port
+ * is found. What registration checks the declared ports against.
+ */
+export function heldOf(pids: readonly number[], ports: ReadonlySet<number>): Set<number> {
+  const found = new Set<number>();
+  if (ports.size === 0) return found;
+  const holders = inodeHolders(pids);
+  if (holders.size === 0) return found;
+  for (const pid of namespaces(pids).values()) {
+    for (const proto of INET_PROTOS) {
+      for (const s of inetTable(pid, proto, ports)) {
+        const bound = s.proto.startsWith("udp") || s.state === "LISTEN";
+        if (bound && holders.has(s.inode)) found.add(s.localPort);
+      }
+      if (found.size === ports.size) return found;
+    }
+  }
+  return found;
 }
 
 /** "127.0.0.1:80", "[::1]:80". */

@@ -11,7 +11,7 @@ import { ReaperError } from "../errors.js";
 import type { ListQuery, RegisterBody } from "../http/schemas.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
-import { inetSockets, portsHeldBy } from "../proc/sockets.js";
+import { heldOf, inetSockets } from "../proc/sockets.js";
 import { processTree } from "../proc/tree.js";
 import { checkPath } from "../paths/validate.js";
 import type { Reaper } from "../reaper/reaper.js";
@@ -297,16 +297,28 @@ function clampTimeouts(
  * Every declared port must be held by the engine's process tree (a TCP LISTEN socket, or a
  * bound UDP socket) right now: the reaper later test-binds and reports these ports, so a
  * caller may not name a port that belongs to someone else. SR_PORT_NOT_OWNED otherwise.
+ *
+ * The engine is part of its tree, so when the engine itself holds every declared port (the
+ * common case) the answer is that without a walk of /proc for the tree, as long as the
+ * engine is still the process identified (checked after its fds were read: a pid is not
+ * reused while its process lives). Otherwise the whole tree is taken, as always.
  */
 function checkPortsHeld(ports: readonly number[], engine: ProcessIdentity): void {
   if (ports.length === 0) return;
-  const tree = processTree(engine);
-  const held = portsHeldBy(tree.map((p) => p.pid));
+  const wanted = new Set(ports);
+  let held = heldOf([engine.pid], wanted);
+  if (held.size < wanted.size || liveness(engine) !== "alive") {
+    const tree = processTree(engine);
+    held = heldOf(
+      tree.map((p) => p.pid),
+      wanted,
+    );
+  }
   const i = ports.findIndex((port) => !held.has(port));
   const port = ports[i];
   if (port === undefined) return;
   // Whether anyone listens there is visible to every local user in /proc/net anyway.
-  const inUse = inetSockets(engine.pid).some(
+  const inUse = inetSockets(engine.pid, new Set([port])).some(
     (s) => s.localPort === port && (s.state === "LISTEN" || (s.proto.startsWith("udp") && s.remotePort === 0)),
   );
   throw new ReaperError(

@@ -2,7 +2,16 @@ import assert from "node:assert/strict";
 import { once } from "node:events";
 import { createConnection, createServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { test } from "node:test";
-import { holdersOf, socketInodes, tcpSockets } from "../../src/proc/sockets.js";
+import { createSocket } from "node:dgram";
+import {
+  heldOf,
+  holdersOf,
+  inetSockets,
+  portsHeldBy,
+  socketInodes,
+  tcpSockets,
+  type InetSocket,
+} from "../../src/proc/sockets.js";
 
 async function listen(t: { after: (fn: () => Promise<void>) => void }): Promise<{ server: Server; port: number }> {
   const server = createServer((s) => s.on("error", () => undefined));
@@ -56,4 +65,45 @@ test("a closed server's port is no longer LISTEN", async () => {
 test("holdersOf an empty set is empty; socketInodes of a missing pid is empty", () => {
   assert.deepEqual(holdersOf(new Set()), []);
   assert.equal(socketInodes(2 ** 22 + 1).size, 0);
+});
+
+test("inetSockets with ports gives the full list's sockets on those ports; heldOf the ports portsHeldBy lists", async (t) => {
+  const v4 = await listen(t);
+  const v6 = createServer();
+  v6.listen(0, "::1");
+  await once(v6, "listening");
+  t.after(() => new Promise<void>((r) => v6.close(() => r())));
+  const v6Port = (v6.address() as AddressInfo).port;
+  const udp = createSocket("udp4");
+  udp.bind(0, "127.0.0.1");
+  await once(udp, "listening");
+  t.after(() => udp.close());
+  const udpPort = udp.address().port;
+  const client = createConnection({ port: v4.port, host: "127.0.0.1" });
+  await once(client, "connect");
+
+  try {
+    const ports = new Set([v4.port, v6Port, udpPort, client.localPort as number, 1]);
+    const byKey = (a: InetSocket, b: InetSocket): number => a.inode - b.inode || a.proto.localeCompare(b.proto);
+    const filtered = inetSockets("self", ports).sort(byKey);
+    const full = inetSockets()
+      .filter((s) => ports.has(s.localPort))
+      .sort(byKey);
+    assert.deepEqual(filtered, full);
+    assert.ok(filtered.some((s) => s.proto === "tcp6" && s.localPort === v6Port && s.state === "LISTEN"));
+    assert.ok(filtered.some((s) => s.proto === "udp" && s.localPort === udpPort));
+
+    const all = portsHeldBy([process.pid]);
+    const held = heldOf([process.pid], ports);
+    assert.deepEqual(
+      [...held].sort((a, b) => a - b),
+      [...ports].filter((p) => all.has(p)).sort((a, b) => a - b),
+    );
+    assert.ok(held.has(v4.port) && held.has(v6Port) && held.has(udpPort));
+    assert.ok(!held.has(client.localPort as number), "a connection's local port is not held");
+    assert.deepEqual([...heldOf([process.pid], new Set())], []);
+    assert.deepEqual([...heldOf([2 ** 22 + 1], ports)], []);
+  } finally {
+    client.destroy(); // before the server closes (it waits for its connections)
+  }
 });
