@@ -15,7 +15,7 @@ import { performance } from "node:perf_hooks";
 import { callApi } from "../src/cli/client.js";
 import { logLines, startReaperd } from "./lib/daemon.js";
 import { QUICK, fmt, judge, percentile, report, runFigure, say, sleep } from "./lib/report.js";
-import { cleanupAll, start, tempDir } from "./lib/resources.js";
+import { cleanupAll, startGroup, tempDir } from "./lib/resources.js";
 
 const SESSIONS = QUICK ? 2_000 : 10_000;
 const SPREAD_MS = 10_000;
@@ -61,7 +61,9 @@ async function main(): Promise<number> {
   say(`timer floor: p50 ${fmt(floor.p50)} ms, p99 ${fmt(floor.p99)} ms, max ${fmt(floor.max)} ms`);
 
   const dir = tempDir();
-  const engine = start("sh", ["-c", 'trap "" TERM; while :; do sleep 3600; done']);
+  // Its own process group, killed whole at cleanup: the ignored TERM is inherited by its
+  // `sleep`, which a SIGKILL of the shell alone would leave behind.
+  const engine = startGroup("sh", ["-c", 'trap "" TERM; while :; do sleep 3600; done']);
   await sleep(50);
   const daemon = await startReaperd({
     dir,

@@ -11,6 +11,8 @@ import { join } from "node:path";
 const children = new Set<ChildProcess>();
 /** Processes not started as our children (e.g. engines forked by a fixture): pid list. */
 const pids = new Set<number>();
+/** Process groups killed whole at cleanup (a shell engine's children outlive a SIGKILL of the shell). */
+const groups = new Set<number>();
 const dirs = new Set<string>();
 
 export function tempDir(prefix = "sr-bench-"): string {
@@ -24,6 +26,16 @@ export function start(cmd: string, args: readonly string[], opts: SpawnOptions =
   const child = spawn(cmd, args, { stdio: "ignore", ...opts });
   children.add(child);
   child.once("exit", () => children.delete(child));
+  return child;
+}
+
+/**
+ * Spawns a child as the leader of a process group of its own; the whole group is SIGKILLed at
+ * cleanup, so what it forks goes with it.
+ */
+export function startGroup(cmd: string, args: readonly string[], opts: SpawnOptions = {}): ChildProcess {
+  const child = start(cmd, args, { ...opts, detached: true });
+  if (child.pid !== undefined) groups.add(child.pid);
   return child;
 }
 
@@ -56,6 +68,14 @@ function killSync(): void {
     }
   }
   pids.clear();
+  for (const pgid of groups) {
+    try {
+      process.kill(-pgid, "SIGKILL");
+    } catch {
+      // gone
+    }
+  }
+  groups.clear();
 }
 
 export async function cleanupAll(): Promise<void> {
