@@ -1,6 +1,6 @@
 import { callApi } from "../../src/cli/client.js";
 import { identify } from "../../src/proc/identity.js";
-import type { Session } from "../../src/sessions/types.js";
+import { NOT_YET_REAPED, type Session } from "../../src/sessions/types.js";
 import { Store } from "../../src/store/store.js";
 
 /**
@@ -67,14 +67,8 @@ export function seedLiveSessions(
             lastHeartbeatAt: now,
             lastActivityAt: now,
             deadline: now + timeoutSec * 1000,
-            state: "live",
-            reason: null,
-            outcome: null,
-            leftovers: [],
-            reapStartedAt: null,
-            reapedAt: null,
+            ...NOT_YET_REAPED,
             registeredBy: { uid: 0, admin: true, via: "unix" },
-            reapAttempts: 0,
           };
           store.insertSession(session);
         }

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { test } from "node:test";
 import { ReaperError } from "../../src/errors.js";
-import type { Leftover, Session, StepResult } from "../../src/sessions/types.js";
+import { NOT_YET_REAPED, type Leftover, type Session, type StepResult } from "../../src/sessions/types.js";
 import { Store } from "../../src/store/store.js";
 import { tempDir } from "../helpers.js";
 
@@ -33,13 +33,7 @@ function session(id: string, over: Partial<Session> = {}): Session {
     lastHeartbeatAt: T0,
     lastActivityAt: T0,
     deadline: T0 + 30_000,
-    state: "live",
-    reason: null,
-    outcome: null,
-    leftovers: [],
-    reapStartedAt: null,
-    reapedAt: null,
-    reapAttempts: 0,
+    ...NOT_YET_REAPED,
     registeredBy: { uid: 1000, admin: false, via: "unix" },
     ...over,
   };
