@@ -24,7 +24,7 @@ export interface FastHeartbeatDeps {
   metrics: Pick<Metrics, "httpRequest">;
   callers: Callers;
   log: Logger;
-  /** fastify's router maxParamLength: a longer id is fastify's to refuse (414). */
+  /** The router's maxParamLength: a longer id is left to fastify (400 SR_BAD_REQUEST via frameworkErrors). */
   maxIdLength: number;
   /** True once fastify is closing: every request is then fastify's (503 with return503OnClosing). */
   closing: () => boolean;
