@@ -10,6 +10,8 @@ export interface NativeAddon {
   openDirAt(dirfd: number, name: string): number;
   sendDatagram(path: string, data: Buffer): void;
   peerCred(fd: number): PeerCred;
+  /** flock(2) LOCK_EX | LOCK_NB on an open fd: true if taken, false if held elsewhere. */
+  flockExclusive(fd: number): boolean;
 }
 
 /** The peer of a connected unix socket, as the kernel recorded it at connect(2). */

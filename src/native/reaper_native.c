@@ -14,6 +14,8 @@
  *   peerCred(fd) -> {pid,uid,gid,groups}
  *                                    SO_PEERCRED and SO_PEERGROUPS of a connected unix socket: who
  *                                    is on the other end, as the kernel saw it at connect(2)
+ *   flockExclusive(fd) -> bool       flock(2) LOCK_EX | LOCK_NB: true if taken, false if another
+ *                                    open file description holds it (one daemon per database)
  *
  * Errors are thrown as Error objects whose `code` is the errno name ("ESRCH", "ENOSYS", ...),
  * like Node's own fs errors, so callers can fall back when the kernel lacks pidfd (< 5.3).
@@ -31,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
@@ -350,6 +353,20 @@ static napi_value peer_cred_js(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value flock_exclusive_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int32_t fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (!int_arg(env, argv, argc, 0, &fd)) return NULL;
+  int rc;
+  do rc = flock(fd, LOCK_EX | LOCK_NB); while (rc < 0 && errno == EINTR);
+  if (rc < 0 && errno != EWOULDBLOCK) return throw_errno(env, errno, "flock");
+  napi_value result;
+  napi_get_boolean(env, rc == 0, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pidfdOpen", NULL, pidfd_open_js, NULL, NULL, NULL, napi_default, NULL},
@@ -360,6 +377,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"openDirAt", NULL, open_dir_at_js, NULL, NULL, NULL, napi_default, NULL},
       {"sendDatagram", NULL, send_datagram_js, NULL, NULL, NULL, napi_default, NULL},
       {"peerCred", NULL, peer_cred_js, NULL, NULL, NULL, napi_default, NULL},
+      {"flockExclusive", NULL, flock_exclusive_js, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;
