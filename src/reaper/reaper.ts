@@ -8,7 +8,7 @@ import type { CleanupStep, StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
 import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
-import { errorMessage } from "../errors.js";
+import { ReaperError, errorMessage } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
 import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
 import type { Store } from "../store/store.js";
@@ -63,6 +63,11 @@ export class Reaper {
   private readonly queue: string[] = [];
   private readonly queued = new Set<string>();
   private readonly running = new Map<string, Promise<void>>();
+  /**
+   * Pipelines stopped because the store could not journal a step: taken up again by
+   * `storeAvailable` (each step is idempotent, so the step whose record was lost runs again).
+   */
+  private readonly parked = new Set<string>();
   /** No new pipeline starts (shutdown). */
   private stopping = false;
   /** Running pipelines stop at their next step boundary (shutdown grace exhausted). */
@@ -75,7 +80,14 @@ export class Reaper {
   }
 
   get pending(): number {
-    return this.queue.length;
+    return this.queue.length + this.parked.size;
+  }
+
+  /** The store commits again: parked pipelines resume. */
+  storeAvailable(): void {
+    const ids = [...this.parked];
+    this.parked.clear();
+    for (const id of ids) this.enqueue(id);
   }
 
   /**
@@ -88,11 +100,12 @@ export class Reaper {
     reason: Reason,
     detail: Record<string, unknown> = {},
     known: readonly ProcessIdentity[] = [],
+    last?: { lastHeartbeatAt: number; lastActivityAt: number },
   ): boolean {
     const { store, audit, clock } = this.deps;
     const now = clock.now();
     const fenced = audit.transaction(() => {
-      if (!store.fence(id, reason, now)) return false;
+      if (!store.fence(id, reason, now, last)) return false;
       audit.record({
         event: reason === "closed" ? "session.closed" : "session.expired",
         sessionId: id,
@@ -155,7 +168,14 @@ export class Reaper {
       const id = this.queue.shift() as string;
       this.queued.delete(id);
       const run = this.runPipeline(id)
-        .catch((err: unknown) => this.deps.log.error({ sessionId: id, err }, "reap pipeline crashed"))
+        .catch((err: unknown) => {
+          if (err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE") {
+            this.deps.log.warn({ sessionId: id, err }, "reap paused: the store cannot journal; resumes when it commits");
+            this.parked.add(id);
+          } else {
+            this.deps.log.error({ sessionId: id, err }, "reap pipeline crashed");
+          }
+        })
         .finally(() => {
           this.running.delete(id);
           this.pump();

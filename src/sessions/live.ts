@@ -1,0 +1,275 @@
+import type { Clock } from "../clock.js";
+import { deadlineOf, type Deadline, type Timing } from "../detect/deadline.js";
+import type { ProcessIdentity, RegisteredBy } from "./types.js";
+
+/**
+ * The in-memory view of a live session: all that heartbeats and detection touch. Owned by
+ * `LiveSessions`: built there (admit, recover), changed there (heartbeat, activity), and
+ * read by everyone else.
+ *
+ * Two sets of times: the `…Mono` fields (Timing) are monotonic and decide the deadline; the
+ * `…At` fields are the wall clock at the same moments, for the record (SQLite, the API).
+ */
+export interface LiveSession extends Timing {
+  readonly id: string;
+  readonly engine: ProcessIdentity;
+  readonly ownerPid: ProcessIdentity | null;
+  /** Who registered it: heartbeats are checked against this without touching SQLite. */
+  readonly registeredBy: RegisteredBy;
+  /** The profile's busy_cpu_percent: engine CPU above it counts as activity. null = off. */
+  readonly busyCpuPercent: number | null;
+  readonly createdAt: number;
+  lastHeartbeatAt: number;
+  lastActivityAt: number;
+  /**
+   * The engine's process tree at the last liveness pass: if the engine dies, its children
+   * are re-parented and only this snapshot still ties them to the session.
+   */
+  tree: ProcessIdentity[];
+  /** The engine's CPU time and age (ms) at the last CPU sample: the next one measures from here. */
+  cpuSample?: { readonly cpuMs: number; readonly ageMs: number } | undefined;
+  /**
+   * The deadline (wall ms) last written to SQLite's indexed column, if known (undefined:
+   * write it at the next flush). It may lag behind the real one: see `takeDirty`.
+   */
+  storedDeadline?: number | undefined;
+}
+
+/** What a registration (or the orphan sweep's adoption) decides about a new live session. */
+export interface Admission {
+  readonly id: string;
+  readonly engine: ProcessIdentity;
+  readonly ownerPid: ProcessIdentity | null;
+  readonly registeredBy: RegisteredBy;
+  readonly busyCpuPercent: number | null;
+  readonly heartbeatTimeoutSec: number;
+  readonly idleTimeoutSec: number;
+  readonly maxLifetimeSec: number;
+  /** The deadline the registration wrote to the indexed column, if it wrote one. */
+  readonly storedDeadline?: number | undefined;
+}
+
+/** A live session as the store holds it, for recovery at start. */
+export interface StoredLive extends Omit<Admission, "storedDeadline"> {
+  readonly createdAt: number;
+  readonly lastHeartbeatAt: number;
+  readonly lastActivityAt: number;
+  readonly deadline: number | null;
+}
+
+/** What the write-behind hands to the store: the record's times, and a deadline to index. */
+export interface HeartbeatWrite {
+  id: string;
+  lastHeartbeatAt: number;
+  lastActivityAt: number;
+  /** The new stored deadline (wall ms), or null to leave the indexed column as it is. */
+  deadline: number | null;
+}
+
+/** Told of every session that enters or leaves the registry (the detector). */
+export interface LiveWatcher {
+  admitted(s: LiveSession): void;
+  removed(s: LiveSession): void;
+}
+
+/**
+ * Whether the stored (indexed) deadline must be rewritten: unknown, or nearer than half the
+ * real deadline's distance from now (see takeDirty).
+ */
+function deadlineStale(stored: number | undefined, at: number, now: number): boolean {
+  return stored === undefined || stored - now < (at - now) / 2;
+}
+
+/** A wall-clock step larger than this (between two flushes) rewrites every stored deadline. */
+const WALL_STEP_MS = 1000;
+
+/**
+ * The one owner of live sessions in memory, and of the rules of time that apply to them:
+ * deadlines on the monotonic clock, the restart rule (`resume`), heartbeats, and which
+ * records must reach SQLite (`takeDirty`, drained by the write-behind).
+ */
+export class LiveSessions {
+  private readonly byId = new Map<string, LiveSession>();
+  private readonly dirty = new Set<LiveSession>();
+  private readonly watchers: LiveWatcher[] = [];
+  /**
+   * The restart rule's floor (monotonic): the last moment the daemon came back from
+   * downtime. No time-based timeout counts time before it.
+   */
+  private floor = Number.NEGATIVE_INFINITY;
+  /** wall - mono at the last flush: a change means the wall clock was stepped. */
+  private wallOffset: number;
+
+  constructor(private readonly clock: Clock) {
+    this.wallOffset = clock.now() - clock.mono();
+  }
+
+  watch(w: LiveWatcher): void {
+    this.watchers.push(w);
+  }
+
+  get size(): number {
+    return this.byId.size;
+  }
+
+  get(id: string): LiveSession | undefined {
+    return this.byId.get(id);
+  }
+
+  values(): IterableIterator<LiveSession> {
+    return this.byId.values();
+  }
+
+  /** A new session, live from now. */
+  admit(a: Admission): LiveSession {
+    const now = this.clock.now();
+    const mono = this.clock.mono();
+    return this.add({
+      ...a,
+      createdAt: now,
+      lastHeartbeatAt: now,
+      lastActivityAt: now,
+      createdMono: mono,
+      heartbeatMono: mono,
+      activityMono: mono,
+      tree: [],
+    });
+  }
+
+  /**
+   * A session found live in SQLite at start. The restart rule: every timeout runs again
+   * from now, so all its monotonic times are now; the record keeps the stored times. Only a
+   * stored deadline that recovery moved far is written again.
+   */
+  recover(r: StoredLive): LiveSession {
+    const mono = this.clock.mono();
+    const s = this.add({
+      id: r.id,
+      engine: r.engine,
+      ownerPid: r.ownerPid,
+      registeredBy: r.registeredBy,
+      busyCpuPercent: r.busyCpuPercent,
+      heartbeatTimeoutSec: r.heartbeatTimeoutSec,
+      idleTimeoutSec: r.idleTimeoutSec,
+      maxLifetimeSec: r.maxLifetimeSec,
+      createdAt: r.createdAt,
+      lastHeartbeatAt: r.lastHeartbeatAt,
+      lastActivityAt: r.lastActivityAt,
+      createdMono: mono,
+      heartbeatMono: mono,
+      activityMono: mono,
+      tree: [], // replaced, never mutated, by the liveness pass
+      storedDeadline: r.deadline ?? undefined,
+    });
+    if (deadlineStale(s.storedDeadline, this.wallDeadline(s), this.clock.now())) this.dirty.add(s);
+    return s;
+  }
+
+  private add(s: LiveSession): LiveSession {
+    if (this.byId.has(s.id)) throw new Error(`live session ${s.id} admitted twice`);
+    this.byId.set(s.id, s);
+    for (const w of this.watchers) w.admitted(s);
+    return s;
+  }
+
+  /** Drops a fenced session; returns it as it was last seen (its final record). */
+  remove(id: string): LiveSession | undefined {
+    const s = this.byId.get(id);
+    if (s === undefined) return undefined;
+    this.byId.delete(id);
+    this.dirty.delete(s);
+    for (const w of this.watchers) w.removed(s);
+    return s;
+  }
+
+  /** A heartbeat: O(1), in memory. `busy` moves activity too. */
+  heartbeat(id: string, busy: boolean): LiveSession | undefined {
+    const s = this.byId.get(id);
+    if (s === undefined) return undefined;
+    const now = this.clock.now();
+    const mono = this.clock.mono();
+    s.lastHeartbeatAt = now;
+    s.heartbeatMono = mono;
+    if (busy) {
+      s.lastActivityAt = now;
+      s.activityMono = mono;
+    }
+    this.dirty.add(s);
+    return s;
+  }
+
+  /** Activity seen by the daemon itself (busy CPU). */
+  active(s: LiveSession): void {
+    if (this.byId.get(s.id) !== s) return;
+    s.lastActivityAt = this.clock.now();
+    s.activityMono = this.clock.mono();
+    this.dirty.add(s);
+  }
+
+  /**
+   * The daemon comes back from downtime it did not see pass (a stall of its loop, a store
+   * that could not commit): the restart rule applies from now, as after a restart.
+   */
+  resume(): void {
+    this.floor = Math.max(this.floor, this.clock.mono());
+  }
+
+  /** The session's deadline on the monotonic clock. */
+  deadline(s: LiveSession): Deadline {
+    return deadlineOf(s, this.floor);
+  }
+
+  /** The session's deadline on the wall clock (for display and the stored index). */
+  wallDeadline(s: LiveSession): number {
+    return this.clock.now() + (this.deadline(s).at - this.clock.mono());
+  }
+
+  /**
+   * The sessions whose record changed since the last call, as writes for SQLite. The stored
+   * deadline only narrows the /v1/expiring probe (a stored deadline never later than the
+   * real one keeps the probe a superset), so it is rewritten only once the real deadline
+   * has moved past twice the stored one's distance from now: the indexed column then moves
+   * about once per half timeout per session instead of at every flush. A wall-clock step
+   * makes every stored deadline wrong at once: all are written again.
+   */
+  takeDirty(): HeartbeatWrite[] {
+    const now = this.clock.now();
+    const offset = now - this.clock.mono();
+    if (Math.abs(offset - this.wallOffset) > WALL_STEP_MS) {
+      for (const s of this.byId.values()) {
+        s.storedDeadline = undefined;
+        this.dirty.add(s);
+      }
+    }
+    this.wallOffset = offset;
+    const out: HeartbeatWrite[] = [];
+    for (const s of this.dirty) {
+      const at = this.wallDeadline(s);
+      const stale = deadlineStale(s.storedDeadline, at, now);
+      if (stale) s.storedDeadline = at;
+      out.push({
+        id: s.id,
+        lastHeartbeatAt: s.lastHeartbeatAt,
+        lastActivityAt: s.lastActivityAt,
+        deadline: stale ? at : null,
+      });
+    }
+    this.dirty.clear();
+    return out;
+  }
+
+  /** Writes that did not reach SQLite (the store failed): taken again at the next flush. */
+  untake(writes: readonly HeartbeatWrite[]): void {
+    for (const w of writes) {
+      const s = this.byId.get(w.id);
+      if (s === undefined) continue;
+      if (w.deadline !== null) s.storedDeadline = undefined;
+      this.dirty.add(s);
+    }
+  }
+
+  /** How many sessions have a record not yet written. */
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+}
