@@ -84,7 +84,10 @@ export class LogSink {
     if (now - this.lastNote < NOTE_EVERY_MS || this.fd === 2) return;
     this.lastNote = now;
     try {
-      writeSync(2, `reaperd: a log line could not be written (${this.lastError}); ${this.droppedLines} dropped so far\n`);
+      writeSync(
+        2,
+        `reaperd: a log line could not be written (${this.lastError}); ${this.droppedLines} dropped so far\n`,
+      );
     } catch {
       // stderr is gone too: the metric still counts
     }

@@ -394,7 +394,10 @@ export class Daemon {
   private stalled(cause: "loop" | "store", ms: number, detail: Record<string, unknown> = {}): void {
     this.registry.resume();
     this.metrics.stalled(cause, ms);
-    this.log.warn({ cause, stalledMs: Math.round(ms) }, "the daemon was stalled: time-based deadlines restart from now");
+    this.log.warn(
+      { cause, stalledMs: Math.round(ms) },
+      "the daemon was stalled: time-based deadlines restart from now",
+    );
     this.audit.record({ event: "daemon.stalled", detail: { cause, stalledMs: Math.round(ms), ...detail } });
   }
 

@@ -223,8 +223,8 @@ export class Detector implements LiveWatcher {
       if (s === undefined) continue;
       const d = this.registry.deadline(s);
       if (d.at <= now) {
-        const wall = this.clock.now();
-        this.expire(s.id, d.reason, { deadline: new Date(wall - (now - d.at)).toISOString(), lagMs: now - d.at });
+        const deadline = new Date(this.registry.toWall(d.at)).toISOString();
+        this.expire(s.id, d.reason, { deadline, lagMs: Math.round((now - d.at) * 1000) / 1000 });
         // Not fenced (the store failed): judged again once the store commits (rearm).
         if (this.registry.get(s.id) === s) unfenced.push(entry);
         if (!this.mayJudgeTime()) break;

@@ -170,7 +170,10 @@ export class Reaper {
       const run = this.runPipeline(id)
         .catch((err: unknown) => {
           if (err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE") {
-            this.deps.log.warn({ sessionId: id, err }, "reap paused: the store cannot journal; resumes when it commits");
+            this.deps.log.warn(
+              { sessionId: id, err },
+              "reap paused: the store cannot journal; resumes when it commits",
+            );
             this.parked.add(id);
           } else {
             this.deps.log.error({ sessionId: id, err }, "reap pipeline crashed");

@@ -47,10 +47,18 @@ export interface Admission {
   readonly maxLifetimeSec: number;
   /** The deadline the registration wrote to the indexed column, if it wrote one. */
   readonly storedDeadline?: number | undefined;
+  /** When it was registered (`stamp()` taken for its row); default now. */
+  readonly at?: Stamp | undefined;
+}
+
+/** One moment on both clocks (see LiveSessions.stamp). */
+export interface Stamp {
+  readonly wall: number;
+  readonly mono: number;
 }
 
 /** A live session as the store holds it, for recovery at start. */
-export interface StoredLive extends Omit<Admission, "storedDeadline"> {
+export interface StoredLive extends Omit<Admission, "storedDeadline" | "at"> {
   readonly createdAt: number;
   readonly lastHeartbeatAt: number;
   readonly lastActivityAt: number;
@@ -80,6 +88,9 @@ function deadlineStale(stored: number | undefined, at: number, now: number): boo
   return stored === undefined || stored - now < (at - now) / 2;
 }
 
+/** See LiveSessions.displayOffset. */
+const DISPLAY_SLACK_MS = 50;
+
 /** A wall-clock step larger than this (between two flushes) rewrites every stored deadline. */
 const WALL_STEP_MS = 1000;
 
@@ -99,9 +110,17 @@ export class LiveSessions {
   private floor = Number.NEGATIVE_INFINITY;
   /** wall - mono at the last flush: a change means the wall clock was stepped. */
   private wallOffset: number;
+  /**
+   * wall - mono for display: Date.now() is whole ms and the monotonic clock is not, so the
+   * offset read afresh jitters by a millisecond; it is kept until it moves by more than
+   * DISPLAY_SLACK_MS (a step, or NTP's slew adding up), so that every answer gives one
+   * session one deadline.
+   */
+  private displayOffset: number;
 
   constructor(private readonly clock: Clock) {
     this.wallOffset = clock.now() - clock.mono();
+    this.displayOffset = this.wallOffset;
   }
 
   watch(w: LiveWatcher): void {
@@ -120,12 +139,21 @@ export class LiveSessions {
     return this.byId.values();
   }
 
-  /** A new session, live from now. */
-  admit(a: Admission): LiveSession {
-    const now = this.clock.now();
+  /**
+   * Now on both clocks: the wall time is the monotonic one seen through the display offset,
+   * so a record's times and its deadline agree to the millisecond.
+   */
+  stamp(): Stamp {
     const mono = this.clock.mono();
+    return { mono, wall: this.toWall(mono) };
+  }
+
+  /** A new session, live from `a.at` (default now). */
+  admit(a: Admission): LiveSession {
+    const { at, ...admission } = a;
+    const { wall: now, mono } = at ?? this.stamp();
     return this.add({
-      ...a,
+      ...admission,
       createdAt: now,
       lastHeartbeatAt: now,
       lastActivityAt: now,
@@ -186,8 +214,7 @@ export class LiveSessions {
   heartbeat(id: string, busy: boolean): LiveSession | undefined {
     const s = this.byId.get(id);
     if (s === undefined) return undefined;
-    const now = this.clock.now();
-    const mono = this.clock.mono();
+    const { wall: now, mono } = this.stamp();
     s.lastHeartbeatAt = now;
     s.heartbeatMono = mono;
     if (busy) {
@@ -201,8 +228,9 @@ export class LiveSessions {
   /** Activity seen by the daemon itself (busy CPU). */
   active(s: LiveSession): void {
     if (this.byId.get(s.id) !== s) return;
-    s.lastActivityAt = this.clock.now();
-    s.activityMono = this.clock.mono();
+    const { wall, mono } = this.stamp();
+    s.lastActivityAt = wall;
+    s.activityMono = mono;
     this.dirty.add(s);
   }
 
@@ -219,9 +247,20 @@ export class LiveSessions {
     return deadlineOf(s, this.floor);
   }
 
-  /** The session's deadline on the wall clock (for display and the stored index). */
+  /** The session's deadline on the wall clock, in whole ms (for display and the stored index). */
   wallDeadline(s: LiveSession): number {
-    return this.clock.now() + (this.deadline(s).at - this.clock.mono());
+    return Math.round(this.deadline(s).at + this.wallNow());
+  }
+
+  /** Monotonic ms as wall-clock ms, as the wall clock reads now. */
+  toWall(mono: number): number {
+    return Math.round(mono + this.wallNow());
+  }
+
+  private wallNow(): number {
+    const offset = this.clock.now() - this.clock.mono();
+    if (Math.abs(offset - this.displayOffset) > DISPLAY_SLACK_MS) this.displayOffset = offset;
+    return this.displayOffset;
   }
 
   /**

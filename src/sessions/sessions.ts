@@ -108,8 +108,9 @@ export class Sessions {
     // Committed first, then admitted: a failed commit (SR_STORE_UNAVAILABLE) leaves nothing
     // in memory, and nothing after the commit can fail (the audit line never throws).
     let session: Session | undefined;
+    const at = registry.stamp();
     audit.transaction(() => {
-      const now = this.deps.clock.now();
+      const now = at.wall;
       session = {
         id,
         profile: profileName,
@@ -148,8 +149,9 @@ export class Sessions {
       busyCpuPercent: profile.busyCpuPercent,
       ...timeouts,
       storedDeadline: (session as Session).deadline ?? undefined,
+      at,
     });
-    return { ...(session as Session), deadline: Math.round(registry.wallDeadline(live)) };
+    return { ...(session as Session), deadline: registry.wallDeadline(live) };
   }
 
   heartbeat(
@@ -166,7 +168,7 @@ export class Sessions {
     return {
       id,
       state: "live",
-      deadline: isoTime(Math.round(registry.wallDeadline(live))),
+      deadline: isoTime(registry.wallDeadline(live)),
       expiresBy: registry.deadline(live).reason,
     };
   }
@@ -218,7 +220,7 @@ export class Sessions {
       if (live === undefined) continue; // fenced since
       const d = registry.deadline(live);
       if (d.at > until) continue;
-      out.push({ ...row, deadline: Math.round(now + (d.at - mono)), expiresBy: d.reason, inSec: (d.at - mono) / 1000 });
+      out.push({ ...row, deadline: registry.toWall(d.at), expiresBy: d.reason, inSec: (d.at - mono) / 1000 });
     }
     return out.sort((a, b) => a.deadline - b.deadline || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   }
@@ -258,7 +260,7 @@ export class Sessions {
       ...s,
       lastHeartbeatAt: live.lastHeartbeatAt,
       lastActivityAt: live.lastActivityAt,
-      deadline: Math.round(this.deps.registry.wallDeadline(live)),
+      deadline: this.deps.registry.wallDeadline(live),
     };
   }
 

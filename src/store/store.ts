@@ -486,12 +486,7 @@ export class Store {
    * The fence: true if this call moved the session from live to reaping. `last` is the
    * session's final record (its last heartbeat and activity, from memory).
    */
-  fence(
-    id: string,
-    reason: Reason,
-    now: number,
-    last?: { lastHeartbeatAt: number; lastActivityAt: number },
-  ): boolean {
+  fence(id: string, reason: Reason, now: number, last?: { lastHeartbeatAt: number; lastActivityAt: number }): boolean {
     const fenced =
       this.stmts.fence.run({
         id,
@@ -518,9 +513,7 @@ export class Store {
 
   /** Counts one more start of the session's reap pipeline; returns the attempt number. */
   startAttempt(id: string): number | undefined {
-    return this.transaction(
-      () => (this.stmts.attempt.get(id) as { reap_attempts: number } | undefined)?.reap_attempts,
-    );
+    return this.transaction(() => (this.stmts.attempt.get(id) as { reap_attempts: number } | undefined)?.reap_attempts);
   }
 
   /**

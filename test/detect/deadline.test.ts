@@ -74,8 +74,8 @@ test("a timestamp after recovery is used as is", () => {
   const d = deadlineOf(timing({ heartbeatMono: R + 7 * S, activityMono: R + 7 * S, heartbeatTimeoutSec: 30 }), R);
   assert.deepEqual(d, { at: R + 37 * S, reason: "heartbeat_timeout" });
   // Partly after: heartbeat fresh (after recovery), activity floored at recovery.
-  assert.deepEqual(
-    deadlineOf(timing({ heartbeatMono: R + 50 * S, heartbeatTimeoutSec: 30, idleTimeoutSec: 60 }), R),
-    { at: R + 60 * S, reason: "idle_timeout" },
-  );
+  assert.deepEqual(deadlineOf(timing({ heartbeatMono: R + 50 * S, heartbeatTimeoutSec: 30, idleTimeoutSec: 60 }), R), {
+    at: R + 60 * S,
+    reason: "idle_timeout",
+  });
 });
