@@ -106,6 +106,7 @@ export function isStoreFault(err: unknown): boolean {
  * event loop (better-sqlite3 is synchronous), and heartbeats are served on it.
  */
 const BUSY_TIMEOUT_MS = 200;
+const PROBE_BUSY_TIMEOUT_MS = 20;
 
 /** The WAL is truncated back to this after a checkpoint, so it cannot keep a disk full. */
 const JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024;
@@ -113,7 +114,8 @@ const JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024;
 /** Why a store could not be opened, said so that an operator knows what to do. */
 function openError(err: unknown, path: string): ReaperError {
   if (err instanceof ReaperError) return err;
-  const code = String((err as { code?: unknown }).code ?? "");
+  const raw = (err as { code?: unknown }).code;
+  const code = typeof raw === "string" ? raw : "";
   if (/^SQLITE_(CORRUPT|NOTADB)/.test(code)) return corrupt(path, errorMessage(err));
   return new ReaperError(
     "SR_STORE_UNUSABLE",
@@ -320,15 +322,20 @@ export class Store {
   /**
    * One small real write (a row of its own): true if it committed, and then the store is
    * available again. Called on a timer while unavailable; cheap when the fault persists (one
-   * busy wait of BUSY_TIMEOUT_MS at most).
+   * busy wait of PROBE_BUSY_TIMEOUT_MS at most).
    */
   probe(now: number): boolean {
+    // A short wait for the lock: the probe runs every second while the store is out, on the
+    // event loop that serves heartbeats; a lock free for a moment is found by a later probe.
+    this.db.pragma(`busy_timeout = ${PROBE_BUSY_TIMEOUT_MS}`);
     try {
       this.db.transaction(() => this.stmts.probe.run(now)).immediate();
     } catch (err) {
       if (!isStoreFault(err)) throw err;
       this.fault = `${String((err as { code?: unknown }).code)}: ${errorMessage(err)}`;
       return false;
+    } finally {
+      this.db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
     }
     if (!this.availableValue) {
       this.availableValue = true;
