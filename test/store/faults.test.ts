@@ -4,35 +4,14 @@ import { closeSync, openSync, readFileSync, statSync, writeSync } from "node:fs"
 import { join } from "node:path";
 import { test } from "node:test";
 import { ReaperError } from "../../src/errors.js";
-import { NOT_YET_REAPED, type Session } from "../../src/sessions/types.js";
+import type { Session } from "../../src/sessions/types.js";
 import { DatabaseLock } from "../../src/store/lock.js";
 import { Store, isStoreFault } from "../../src/store/store.js";
-import { tempDir } from "../helpers.js";
+import { storedSession, tempDir } from "../helpers.js";
 
 const T0 = Date.UTC(2026, 0, 1);
-const BOOT = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
 
-function session(id: string): Session {
-  return {
-    id,
-    profile: "default",
-    owner: null,
-    engine: { pid: 4242, startTime: 123456, bootId: BOOT, uid: 1000 },
-    ownerPid: null,
-    ports: [],
-    paths: [],
-    labels: {},
-    heartbeatTimeoutSec: 30,
-    idleTimeoutSec: 3600,
-    maxLifetimeSec: 0,
-    createdAt: T0,
-    lastHeartbeatAt: T0,
-    lastActivityAt: T0,
-    deadline: T0 + 30_000,
-    ...NOT_YET_REAPED,
-    registeredBy: { uid: 1000, admin: false, via: "unix" },
-  };
-}
+const session = (id: string): Session => storedSession(id, { owner: null }, T0);
 
 function code(err: unknown): string | undefined {
   return err instanceof ReaperError ? err.code : undefined;
