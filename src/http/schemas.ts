@@ -110,6 +110,10 @@ const leftover = {
     kind: { enum: ["process", "port", "socket", "path", "hook"] },
     item: { type: "string" },
     detail: { type: "string" },
+    pid: { type: "integer" },
+    comm: { type: "string" },
+    uid: { type: "integer" },
+    why: { type: "string" },
   },
 } as const;
 

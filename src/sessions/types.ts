@@ -41,6 +41,11 @@ export interface Leftover {
   readonly kind: "process" | "port" | "socket" | "path" | "hook";
   readonly item: string;
   readonly detail: string;
+  /** A process found alive by the verification pass: who it is and why it counts. */
+  readonly pid?: number;
+  readonly comm?: string;
+  readonly uid?: number;
+  readonly why?: string;
 }
 
 export interface StepResult {
