@@ -1,3 +1,4 @@
+import { cgroupPids } from "../proc/cgroup.js";
 import { liveness } from "../proc/identity.js";
 import { inetSockets } from "../proc/sockets.js";
 import { readStat, readUid } from "../proc/stat.js";
@@ -6,7 +7,7 @@ import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from ".
 import { knownProcesses } from "./step.js";
 
 /** What a verification pass looked at: a `clean` is backed by exactly these. */
-export type Verified = "tree" | "cookie" | "ports" | "paths";
+export type Verified = "cgroup" | "tree" | "cookie" | "ports" | "paths";
 
 export interface Verification {
   readonly verified: Verified[];
@@ -38,6 +39,15 @@ export function verifyGone(
   const add = (u: ProcessUse): void => {
     if (!found.has(u.pid)) found.set(u.pid, u);
   };
+  // cgroup: a contained session's cgroup is empty (or removed)
+  const cg = session.containment?.kind === "cgroup" ? session.containment : null;
+  if (cg !== null) {
+    for (const pid of cgroupPids(cg.path)) {
+      const st = readStat(pid);
+      if (st === null || st.state === "Z") continue;
+      add({ pid, startTime: st.startTime, comm: st.comm, uid: readUid(pid) ?? -1, why: `in cgroup ${cg.path}` });
+    }
+  }
   // tree
   const boot = session.engine.bootId;
   const tree: ProcessIdentity[] = [session.engine, ...knownProcesses(journal)];
@@ -75,7 +85,7 @@ export function verifyGone(
     add(u);
   }
   return {
-    verified: ["tree", "cookie", "ports", "paths"],
+    verified: [...(cg === null ? [] : (["cgroup"] as const)), "tree", "cookie", "ports", "paths"],
     leftovers: [...found.values()].map((u) => ({
       step: "finish",
       kind: "process",

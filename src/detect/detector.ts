@@ -157,13 +157,26 @@ export class Detector implements LiveWatcher {
     }
     handle.onExit(() => {
       try {
-        if (this.processes.get(key) === p) this.processGone(p, "pidfd");
+        if (this.processes.get(key) !== p) return;
+        // At once, before anything else runs: the engine's children are re-parented as it
+        // dies, and the last look at its group and session still finds those born since the
+        // last liveness pass (a PostgreSQL backend forked 0.3 s before the postmaster died).
+        if (p.engineOf.size > 0) this.refreshTree(p, new ProcessTable());
+        this.processGone(p, "pidfd");
       } catch (err) {
         this.log.error({ err, pid: id.pid }, "expiry on process exit failed");
       }
     });
     p.handle = handle;
     return p;
+  }
+
+  /** The engine's tree on this snapshot, given to its sessions if it changed. */
+  private refreshTree(p: WatchedProcess, table: ProcessTable): void {
+    const tree = table.tree(p.id, p.tree);
+    if (sameTree(tree, p.tree)) return;
+    p.tree = tree;
+    for (const s of p.engineOf) this.registry.setTree(s, tree);
   }
 
   /** Expires every session of a process that is gone: engine_gone first, then owner_gone. */
@@ -261,10 +274,7 @@ export class Detector implements LiveWatcher {
         continue;
       }
       if (p.engineOf.size === 0) continue;
-      const tree = table.tree(p.id, p.tree);
-      if (sameTree(tree, p.tree)) continue;
-      p.tree = tree;
-      for (const s of p.engineOf) s.tree = tree;
+      this.refreshTree(p, table);
     }
     // Engines first: a session whose engine and owner are both gone is engine_gone.
     gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));

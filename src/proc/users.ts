@@ -26,7 +26,7 @@ export interface UseQuery {
 }
 
 const under = (target: string, root: string): boolean =>
-  target === root || (target.startsWith(root) && target.charCodeAt(root.length) === 47) /* / */;
+  target === root || (target.startsWith(root) && target.charCodeAt(root.length) === 47); /* / */
 
 /**
  * One pass over /proc: every live process (zombies and kernel threads have nothing to use)

@@ -49,6 +49,8 @@ export interface Admission {
   readonly storedDeadline?: number | undefined;
   /** When it was registered (`stamp()` taken for its row); default now. */
   readonly at?: Stamp | undefined;
+  /** Its process tree as seen at registration. */
+  readonly tree?: readonly ProcessIdentity[] | undefined;
 }
 
 /** One moment on both clocks (see LiveSessions.stamp). */
@@ -58,7 +60,9 @@ export interface Stamp {
 }
 
 /** A live session as the store holds it, for recovery at start. */
-export interface StoredLive extends Omit<Admission, "storedDeadline" | "at"> {
+export interface StoredLive extends Omit<Admission, "storedDeadline" | "at" | "tree"> {
+  /** The tree last made durable (see LiveSessions.treeChanged). */
+  readonly tree: readonly ProcessIdentity[];
   readonly createdAt: number;
   readonly lastHeartbeatAt: number;
   readonly lastActivityAt: number;
@@ -72,6 +76,8 @@ export interface HeartbeatWrite {
   lastActivityAt: number;
   /** The new stored deadline (wall ms), or null to leave the indexed column as it is. */
   deadline: number | null;
+  /** The engine's tree, when it changed since the last write (kept durable for a restart). */
+  tree?: readonly ProcessIdentity[];
 }
 
 /** Told of every session that enters or leaves the registry (the detector). */
@@ -102,6 +108,8 @@ const WALL_STEP_MS = 1000;
 export class LiveSessions {
   private readonly byId = new Map<string, LiveSession>();
   private readonly dirty = new Set<LiveSession>();
+  /** Sessions whose tree changed since it was last written. */
+  private readonly treeDirty = new Set<LiveSession>();
   private readonly watchers: LiveWatcher[] = [];
   /**
    * The restart rule's floor (monotonic): the last moment the daemon came back from
@@ -150,7 +158,7 @@ export class LiveSessions {
 
   /** A new session, live from `a.at` (default now). */
   admit(a: Admission): LiveSession {
-    const { at, ...admission } = a;
+    const { at, tree, ...admission } = a;
     const { wall: now, mono } = at ?? this.stamp();
     return this.add({
       ...admission,
@@ -160,7 +168,7 @@ export class LiveSessions {
       createdMono: mono,
       heartbeatMono: mono,
       activityMono: mono,
-      tree: [],
+      tree: tree === undefined ? [] : [...tree],
     });
   }
 
@@ -186,7 +194,7 @@ export class LiveSessions {
       createdMono: mono,
       heartbeatMono: mono,
       activityMono: mono,
-      tree: [], // replaced, never mutated, by the liveness pass
+      tree: [...r.tree], // replaced, never mutated, by the liveness pass
       storedDeadline: r.deadline ?? undefined,
     });
     if (deadlineStale(s.storedDeadline, this.wallDeadline(s), this.clock.now())) this.dirty.add(s);
@@ -206,6 +214,7 @@ export class LiveSessions {
     if (s === undefined) return undefined;
     this.byId.delete(id);
     this.dirty.delete(s);
+    this.treeDirty.delete(s);
     for (const w of this.watchers) w.removed(s);
     return s;
   }
@@ -232,6 +241,17 @@ export class LiveSessions {
     s.lastActivityAt = wall;
     s.activityMono = mono;
     this.dirty.add(s);
+  }
+
+  /**
+   * The engine's tree as a liveness pass (or the engine's exit) saw it: kept in memory for the
+   * fence, and made durable at the next flush, so that a restart starts from it.
+   */
+  setTree(s: LiveSession, tree: ProcessIdentity[]): void {
+    s.tree = tree;
+    if (this.byId.get(s.id) !== s) return;
+    this.dirty.add(s);
+    this.treeDirty.add(s);
   }
 
   /**
@@ -291,9 +311,11 @@ export class LiveSessions {
         lastHeartbeatAt: s.lastHeartbeatAt,
         lastActivityAt: s.lastActivityAt,
         deadline: stale ? at : null,
+        ...(this.treeDirty.has(s) ? { tree: s.tree } : {}),
       });
     }
     this.dirty.clear();
+    this.treeDirty.clear();
     return out;
   }
 
@@ -303,6 +325,7 @@ export class LiveSessions {
       const s = this.byId.get(w.id);
       if (s === undefined) continue;
       if (w.deadline !== null) s.storedDeadline = undefined;
+      if (w.tree !== undefined) this.treeDirty.add(s);
       this.dirty.add(s);
     }
   }

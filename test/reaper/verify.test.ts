@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import { SESSION_COOKIE } from "../../src/proc/users.js";
 import { isGone, sleeper, startDaemon, tempDir, testConfig, until } from "../helpers.js";
 
@@ -29,35 +29,71 @@ function carriers(id: string): number[] {
   return out;
 }
 
-test("an escapee born at the reap (setsid -f, re-parented to init) carrying the cookie: partial, named, never clean", async (t) => {
+/**
+ * On SIGTERM the engine double-forks a sleeper out of its tree, then exits: no snapshot ever
+ * saw the sleeper, and it is re-parented to init in a session of its own; it ignores SIGTERM.
+ */
+async function escapeeSession(t: TestContext, containment: "auto" | "none") {
   const dir = tempDir(t);
-  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { grace_period_sec: 2 } } }));
-  const id = "escapee";
-  // On SIGTERM the engine double-forks a sleeper out of its tree, then exits: no snapshot
-  // ever saw the sleeper, and it is re-parented to init in its own session.
-  const engine = spawn("sh", ["-c", "trap 'setsid -f sleep 301; exit 0' TERM; while :; do sleep 0.1; done"], {
-    stdio: "ignore",
-    env: { ...process.env, [SESSION_COOKIE]: id },
-  });
+  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { grace_period_sec: 2, containment } } }));
+  const id = `escapee-${containment}`;
+  // The escapee ignores SIGTERM too (SIG_IGN survives exec): only SIGKILL ends it.
+  const escape = `setsid -f sh -c 'trap "" TERM; exec sleep 301'`;
+  const engine = spawn(
+    "sh",
+    ["-c", `trap '${escape.replace(/'/g, "'\\''")}; exit 0' TERM; while :; do sleep 0.1; done`],
+    {
+      stdio: "ignore",
+      env: { ...process.env, [SESSION_COOKIE]: id },
+    },
+  );
   t.after(() => void engine.kill("SIGKILL"));
   t.after(() => {
     for (const pid of carriers(id)) process.kill(pid, "SIGKILL");
   });
-  const reg = await d.api("POST", "/v1/sessions", { id, engine: { pid: engine.pid } });
+  const reg = await d.api<{ containment: { kind: string; path?: string; why?: string } }>("POST", "/v1/sessions", {
+    id,
+    engine: { pid: engine.pid },
+  });
   assert.equal(reg.status, 201, JSON.stringify(reg.body));
   assert.equal((await d.api("DELETE", `/v1/sessions/${id}`)).status, 202);
   const finished = await d.reaped(id);
+  const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
+  return { d, id, finished, s, containment: reg.body.containment };
+}
+
+test("without containment, an escapee born at the reap carrying the cookie: partial, named, never clean", async (t) => {
+  const { id, finished, s, containment } = await escapeeSession(t, "none");
+  assert.deepEqual(containment, { kind: "none", why: 'profile "default" sets containment = "none"' });
   // What /proc says, on its own: the escapee lives.
   const alive = carriers(id);
   assert.equal(alive.length, 1, `carriers: ${alive.join(",")}`);
   assert.equal(finished.outcome, "partial");
-  const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
   const left = s.leftovers.find((l) => l.pid === alive[0]);
   assert.ok(left, JSON.stringify(s.leftovers));
   assert.equal(left.kind, "process");
   assert.equal(left.why, "cookie");
   assert.match(left.detail, /^sleep \(pid \d+, uid 0\) still alive: cookie$/);
   assert.deepEqual((finished.detail as { verified: string[] }).verified, ["tree", "cookie", "ports", "paths"]);
+});
+
+test("contained (a cgroup per session, where the host gives one): the escapee is killed with the cgroup, and clean is verified", async (t) => {
+  const { id, finished, s, containment } = await escapeeSession(t, "auto");
+  // This machine's cgroup v2 tree (pure or hybrid) is writable by root: the session gets one.
+  assert.equal(containment.kind, "cgroup", JSON.stringify(containment));
+  const path = containment.path as string;
+  assert.equal(carriers(id).length, 0, "the escapee outlived cgroup.kill");
+  assert.equal(finished.outcome, "clean", JSON.stringify(s.leftovers));
+  assert.deepEqual((finished.detail as { verified: string[] }).verified, [
+    "cgroup",
+    "tree",
+    "cookie",
+    "ports",
+    "paths",
+  ]);
+  const terminate = s.steps.find((x) => x.name === "terminate");
+  assert.deepEqual(terminate?.detail.cgroup, { path, kill: "sent", removed: true });
+  assert.equal(existsSync(path), false, "the session's cgroup was left behind");
 });
 
 test("a directory a process outside the session still uses is not deleted, and the outcome names that process", async (t) => {
