@@ -26,13 +26,22 @@ export interface LiveSession extends Timing {
    * are re-parented and only this snapshot still ties them to the session.
    */
   tree: ProcessIdentity[];
-  /** The engine's CPU time and age (ms) at the last CPU sample: the next one measures from here. */
-  cpuSample?: { readonly cpuMs: number; readonly ageMs: number } | undefined;
+  /** The session's CPU at the last sample (busy_cpu_percent): the next one measures from here. */
+  cpuSample?: CpuSample | undefined;
+  /** The session's own cgroup (containment), or null: where its CPU is read. */
+  readonly cgroup: string | null;
   /**
    * The deadline (wall ms) last written to SQLite's indexed column, if known (undefined:
    * write it at the next flush). It may lag behind the real one: see `takeDirty`.
    */
   storedDeadline?: number | undefined;
+}
+
+/** CPU ms used by a session up to `atMs` (performance.now()), as a whole or per process ("pid:startTime"). */
+export interface CpuSample {
+  readonly atMs: number;
+  readonly cpuMs: number;
+  readonly perProcess?: ReadonlyMap<string, number> | undefined;
 }
 
 /** What a registration (or the orphan sweep's adoption) decides about a new live session. */
@@ -45,6 +54,8 @@ export interface Admission {
   readonly heartbeatTimeoutSec: number;
   readonly idleTimeoutSec: number;
   readonly maxLifetimeSec: number;
+  /** The session's own cgroup (containment), if it has one. */
+  readonly cgroup?: string | null | undefined;
   /** The deadline the registration wrote to the indexed column, if it wrote one. */
   readonly storedDeadline?: number | undefined;
   /** When it was registered (`stamp()` taken for its row); default now. */
@@ -158,10 +169,11 @@ export class LiveSessions {
 
   /** A new session, live from `a.at` (default now). */
   admit(a: Admission): LiveSession {
-    const { at, tree, ...admission } = a;
+    const { at, tree, cgroup, ...admission } = a;
     const { wall: now, mono } = at ?? this.stamp();
     return this.add({
       ...admission,
+      cgroup: cgroup ?? null,
       createdAt: now,
       lastHeartbeatAt: now,
       lastActivityAt: now,
@@ -188,6 +200,7 @@ export class LiveSessions {
       heartbeatTimeoutSec: r.heartbeatTimeoutSec,
       idleTimeoutSec: r.idleTimeoutSec,
       maxLifetimeSec: r.maxLifetimeSec,
+      cgroup: r.cgroup ?? null,
       createdAt: r.createdAt,
       lastHeartbeatAt: r.lastHeartbeatAt,
       lastActivityAt: r.lastActivityAt,

@@ -169,6 +169,7 @@ export class Sessions {
       storedDeadline: (session as Session).deadline ?? undefined,
       at,
       tree,
+      cgroup: containment.kind === "cgroup" ? containment.path : null,
     });
     return { ...(session as Session), deadline: registry.wallDeadline(live) };
   }

@@ -133,6 +133,13 @@ function corrupt(path: string, found: string): ReaperError {
   );
 }
 
+/** The cgroup path a stored containment names, or null. */
+function cgroupOf(containment: string | null): string | null {
+  if (containment === null) return null;
+  const c = JSON.parse(containment) as Containment;
+  return c.kind === "cgroup" ? c.path : null;
+}
+
 function toSession(r: SessionRow): Session {
   const owner: ProcessIdentity | null =
     r.owner_pid === null
@@ -268,7 +275,7 @@ export class Store {
       liveForRecovery: db.prepare(`SELECT id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
           owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline, registered_by_uid,
-          registered_as_admin, registered_via, tree
+          registered_as_admin, registered_via, tree, containment
         FROM sessions WHERE state = 'live' ORDER BY seq`),
       counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
       // These three search the (state, deadline) index by state, so they visit only the rows
@@ -495,6 +502,7 @@ export class Store {
         deadline: r.deadline,
         registeredBy: registrant(r.registered_by_uid, r.registered_as_admin === 1, r.registered_via),
         tree: r.tree === null ? [] : (JSON.parse(r.tree) as ProcessIdentity[]),
+        cgroup: cgroupOf(r.containment),
       };
     }
   }
