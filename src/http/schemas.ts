@@ -107,7 +107,7 @@ const leftover = {
   required: ["step", "kind", "item", "detail"],
   properties: {
     step: { enum: STEP_NAMES },
-    kind: { enum: ["process", "port", "socket", "path", "hook"] },
+    kind: { enum: ["process", "port", "socket", "path", "ipc", "hook"] },
     item: { type: "string" },
     detail: { type: "string" },
     pid: { type: "integer" },
