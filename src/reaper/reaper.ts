@@ -6,6 +6,7 @@ import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
 import { removePaths } from "../cleanup/remove-paths.js";
 import type { CleanupStep, StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
+import { sessionUsage } from "../cleanup/usage.js";
 import { verifyGone, type Verification } from "../cleanup/verify.js";
 import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
@@ -101,7 +102,7 @@ export class Reaper {
     reason: Reason,
     detail: Record<string, unknown> = {},
     known: readonly ProcessIdentity[] = [],
-    last?: { lastHeartbeatAt: number; lastActivityAt: number },
+    last?: { lastHeartbeatAt: number; lastActivityAt: number; peaks?: { processes: number; rssBytes: number } },
   ): boolean {
     const { store, audit, clock } = this.deps;
     const now = clock.now();
@@ -120,7 +121,7 @@ export class Reaper {
         outcome: "ok",
         startedAt: now,
         durationMs: 0,
-        detail: { processes: known },
+        detail: { processes: known, ...(last?.peaks === undefined ? {} : { peaks: last.peaks }) },
       };
       store.recordStep(id, POSITION.fence, fence);
       audit.record({ event: "reap.step", sessionId: id, reason, step: "fence", outcome: "ok", durationMs: 0 });
@@ -245,6 +246,7 @@ export class Reaper {
     ];
     const outcome = outcomeOf(steps, leftovers);
     const now = clock.now();
+    const usage = sessionUsage(session, journal, now);
     const finished = audit.transaction(() => {
       if (!store.finish(id, outcome, leftovers, now)) return false;
       const finish: StepResult = {
@@ -252,7 +254,7 @@ export class Reaper {
         outcome: "ok",
         startedAt: now,
         durationMs: verifyMs,
-        detail: { outcome, verified: verification.verified },
+        detail: { outcome, verified: verification.verified, usage },
       };
       store.recordStep(id, POSITION.finish, finish);
       audit.record({
@@ -261,11 +263,14 @@ export class Reaper {
         reason: session.reason ?? undefined,
         outcome,
         durationMs: now - (session.reapStartedAt ?? now),
-        detail: { leftovers, attempts: attempt, verified: verification.verified },
+        detail: { leftovers, attempts: attempt, verified: verification.verified, usage },
       });
       return true;
     });
-    if (finished) this.deps.metrics?.reapFinished(session.reason ?? "forced", outcome, session.profile);
+    if (finished) {
+      this.deps.metrics?.reapFinished(session.reason ?? "forced", outcome, session.profile);
+      this.deps.metrics?.sessionUsage(session.profile, usage);
+    }
     this.failpoint("after-finish", id);
   }
 
