@@ -47,7 +47,7 @@ import {
 import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import type { Session } from "../../src/client/index.js";
-import { tempDir, until, type TestUser } from "../helpers.js";
+import { REAPERCTL, tempDir, until, type TestUser } from "../helpers.js";
 
 type After = { after: (fn: () => void | Promise<void>) => void };
 
@@ -241,6 +241,27 @@ export function explain(
 // ---------------------------------------------------------------------------------------
 // Processes, users, dirs, ports
 // ---------------------------------------------------------------------------------------
+
+/** `p`, or a rejection after `ms` (the timer is cleared either way: it keeps nothing alive). */
+export async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      p,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`${what} took over ${ms} ms`)), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Multi-line text as one diagnostic per line (TAP escapes newlines inside one). */
+export function diagnose(t: { diagnostic: (msg: string) => void }, title: string, text: string): void {
+  t.diagnostic(title);
+  for (const line of text.split("\n")) t.diagnostic(line);
+}
 
 /** SIGKILLs the process when the test ends, if it is still the same process. Never throws. */
 export function killAfter(t: After, p: ProcId): void {
@@ -520,31 +541,38 @@ export async function busyBackend(p: Pg): Promise<BusyBackend> {
 }
 
 /**
- * `pg_ctl start`'s command line for a cluster, run as its user through setpriv (which
- * execs: same pid): pg_ctl forks, the child calls setsid() and execs the postmaster; pg_ctl
- * waits (-w) until the server is ready and exits 0, leaving the postmaster re-parented.
+ * `pg_ctl start`'s command line for a cluster (to run as its user: pg_ctl refuses root):
+ * pg_ctl forks, the child calls setsid() and execs the postmaster; pg_ctl waits (-w) until
+ * the server is ready and exits 0, leaving the postmaster to be re-parented.
  */
 export function pgCtlCommand(c: PgCluster): string[] {
-  return [
-    "setpriv",
-    "--reuid",
-    String(c.user.uid),
-    "--regid",
-    String(c.user.gid),
-    "--clear-groups",
-    "--",
-    pg("pg_ctl"),
-    "-D",
-    c.dataDir,
-    "-o",
-    serverOptions(c).join(" "),
-    "-l",
-    c.logFile,
-    "-w",
-    "-t",
-    "30",
-    "start",
-  ];
+  return [pg("pg_ctl"), "-D", c.dataDir, "-o", serverOptions(c).join(" "), "-l", c.logFile, "-w", "-t", "30", "start"];
+}
+
+/** `setpriv` to run a command as `user` (it execs: the command keeps setpriv's pid). */
+export function asUser(user: TestUser): string[] {
+  return ["setpriv", "--reuid", String(user.uid), "--regid", String(user.gid), "--clear-groups", "--"];
+}
+
+/**
+ * The real reaperctl run as `user` (through setpriv, so the daemon sees that uid), as
+ * test/cli/ctl.ts's startCtl runs it as root; SIGKILLed when the test ends if still running.
+ */
+export function ctlAs(t: After, user: TestUser, args: string[]): { proc: ChildProcess; done: Promise<RunResult> } {
+  const proc = spawn(asUser(user)[0] as string, [...asUser(user).slice(1), process.execPath, REAPERCTL, ...args], {
+    cwd: "/",
+    env: { PATH: process.env.PATH, LC_ALL: "C", USER: user.name, LOGNAME: user.name, HOME: "/" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  t.after(() => void proc.kill("SIGKILL"));
+  let stdout = "";
+  let stderr = "";
+  proc.stdout?.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+  proc.stderr?.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+  const done = new Promise<RunResult>((resolve) =>
+    proc.once("close", (code, signal) => resolve({ code, signal, stdout, stderr })),
+  );
+  return { proc, done };
 }
 
 /**
@@ -556,7 +584,7 @@ export async function pgCtlStart(
   t: After,
   c: PgCluster,
 ): Promise<{ launcherPid: number; launcher: RunResult; postmasterPid: number; postmaster: ProcId; psql: Pg["psql"] }> {
-  const [cmd, ...args] = pgCtlCommand(c) as [string, ...string[]];
+  const [cmd, ...args] = [...asUser(c.user), ...pgCtlCommand(c)] as [string, ...string[]];
   const child = spawn(cmd, args, { cwd: c.base, stdio: ["ignore", "pipe", "pipe"], detached: true });
   if (child.pid === undefined) throw new Error("could not start pg_ctl");
   const launcherPid = child.pid;

@@ -9,6 +9,7 @@ import type { Session } from "../../src/client/index.js";
 import { startDaemon, tempDir, testConfig, testUser } from "../helpers.js";
 import {
   bgsave,
+  diagnose,
   explain,
   leftBehind,
   nothingLeft,
@@ -37,7 +38,7 @@ test("DELETE of a redis session with a BGSAVE in flight: child included, nothing
     readdirSync(redis.dir).some((f) => f === `temp-${child.pid}.rdb`),
     "the child is writing its temp file",
   );
-  t.diagnostic(`redis tree at the reap:\n${psOf(user.uid)}`);
+  diagnose(t, "redis tree at the reap:", psOf(user.uid));
 
   assert.equal((await d.api("DELETE", `/v1/sessions/${id}`)).status, 202);
   const finished = await d.reaped(id, 30_000);
