@@ -43,6 +43,7 @@ import {
   openSync,
   readFileSync,
   readdirSync,
+  rmSync,
 } from "node:fs";
 import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
@@ -409,9 +410,52 @@ export interface Pg extends PgCluster {
   readonly t: After;
 }
 
+/**
+ * What a postmaster leaves outside its data dir when it is SIGKILLed (a clean shutdown
+ * removes them): its SysV shared memory segment (56 bytes, the interlock) and its POSIX
+ * dynamic shared memory in /dev/shm (PostgreSQL.<n>). Neither is a registered path, so the
+ * daemon cannot know them: removed here, for every segment `uid` created, when the test ends.
+ */
+export function postgresIpcOf(uid: number): { shmids: number[]; files: string[] } {
+  const shmids: number[] = [];
+  try {
+    for (const line of readFileSync("/proc/sysvipc/shm", "utf8").split("\n").slice(1)) {
+      const f = line.trim().split(/\s+/);
+      // key shmid perms size cpid lpid nattch uid gid cuid …
+      if (f.length > 9 && Number(f[9]) === uid) shmids.push(Number(f[1]));
+    }
+  } catch {
+    // no SysV IPC here
+  }
+  const files: string[] = [];
+  try {
+    for (const name of readdirSync("/dev/shm")) {
+      if (!name.startsWith("PostgreSQL.")) continue;
+      const file = join("/dev/shm", name);
+      try {
+        if (lstatSync(file).uid === uid) files.push(file);
+      } catch {
+        // gone meanwhile
+      }
+    }
+  } catch {
+    // no /dev/shm
+  }
+  return { shmids, files };
+}
+
+function removeIpcAfter(t: After, uid: number): void {
+  t.after(() => {
+    const { shmids, files } = postgresIpcOf(uid);
+    for (const id of shmids) spawnSync("ipcrm", ["-m", String(id)]);
+    for (const f of files) rmSync(f, { force: true });
+  });
+}
+
 /** initdb as `user` in a fresh dir under `parent` (default: a new tempDir). */
 export async function initCluster(t: After, user: TestUser, opts: { parent?: string } = {}): Promise<PgCluster> {
   const base = userDir(opts.parent ?? tempDir(t, "sr-pg-"), user, "pg-");
+  removeIpcAfter(t, user.uid);
   const dataDir = join(base, "data");
   const socketDir = join(base, "sock");
   mkdirSync(socketDir, { mode: 0o700 });
