@@ -20,6 +20,7 @@ import {
   listening,
   nothingLeft,
   pgCtlCommand,
+  postgresIpcOf,
   procAlive,
   procId,
   procInfo,
@@ -61,6 +62,10 @@ test("DELETE of a postgres session with a busy backend: nothing is left", async 
   assert.ok(nothingLeft(found), explain(["something is left"], s, user.uid));
   assert.equal(procAlive(backend.id), false);
   assert.equal(finished.outcome, "clean", explain([], s, user.uid));
+  // Not asserted: how the postmaster went (a SIGKILLed one leaves its shared memory behind).
+  const term = s.steps?.find((x) => x.name === "terminate")?.detail ?? {};
+  t.diagnostic(`terminate: ${JSON.stringify({ sigterm: term.sigterm, sigstop: term.sigstop, sigkill: term.sigkill })}`);
+  t.diagnostic(`postgres shared memory left: ${JSON.stringify(postgresIpcOf(user.uid))}`);
 });
 
 test("postmaster SIGKILLed 0.3 s into a backend's CPU loop: the backend is reaped, or reported", async (t) => {
