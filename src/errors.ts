@@ -48,6 +48,10 @@ export const ERRORS = {
   SR_TOO_MANY_SESSIONS: { status: 429, summary: "the caller's uid already has api.max_sessions_per_uid live sessions" },
   SR_UNKNOWN_PROFILE: { status: 400, summary: "no profile has this name" },
   SR_TIMEOUT_ABOVE_MAX: { status: 400, summary: "a requested timeout exceeds the profile's maximum" },
+  SR_CONTAINMENT_UNAVAILABLE: {
+    status: 400,
+    summary: 'the profile requires a cgroup per session (containment = "cgroup") and none could be made or filled',
+  },
   SR_SESSION_EXISTS: { status: 409, summary: "a session with this id already exists" },
   SR_SESSION_NOT_FOUND: { status: 404, summary: "no session has this id" },
   SR_SESSION_FENCED: { status: 409, summary: "the session is being reaped or was reaped" },

@@ -360,6 +360,7 @@ export function storedSession(id: string, over: Partial<Session> = {}, t0 = Date
     deadline: t0 + 30_000,
     ...NOT_YET_REAPED,
     registeredBy: { uid: 1000, admin: false, via: "unix" },
+    containment: null,
     ...over,
   };
 }

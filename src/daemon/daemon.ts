@@ -13,6 +13,7 @@ import { ReaperError } from "../errors.js";
 import { LiveSessions } from "../sessions/live.js";
 import { WriteBehind } from "../sessions/write-behind.js";
 import { DatabaseLock } from "../store/lock.js";
+import { SessionCgroups } from "../proc/containment.js";
 import type { Server } from "node:http";
 import { loadToken } from "../auth/tcp.js";
 import { closeServer, listenFd, listenTcp, listenUnix } from "../http/listen.js";
@@ -77,6 +78,8 @@ export class Daemon {
   readonly metrics: Metrics;
   readonly audit: AuditTrail;
   readonly registry: LiveSessions;
+  /** Where session cgroups are made (or why none can be). */
+  readonly cgroups: SessionCgroups;
   readonly detector: Detector;
   readonly reaper: Reaper;
   readonly sessions: Sessions;
@@ -143,6 +146,10 @@ export class Daemon {
       crash: opts.crash,
     });
     this.registry = new LiveSessions(clock);
+    this.cgroups =
+      config.store.path === ":memory:"
+        ? SessionCgroups.none("an in-memory database (tests)")
+        : SessionCgroups.find(config.containment.cgroupBase, config.store.path, this.log);
     this.stallWatch = new StallWatch(clock, STALL_THRESHOLD_MS, (ms) => this.stalled("loop", ms));
     this.detector = new Detector({
       registry: this.registry,
@@ -159,6 +166,7 @@ export class Daemon {
       store: this.store,
       audit: this.audit,
       registry: this.registry,
+      cgroups: this.cgroups,
       reaper: this.reaper,
       clock,
       config,

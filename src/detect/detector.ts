@@ -1,4 +1,7 @@
 import { Cron } from "croner";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { performance } from "node:perf_hooks";
 import pidusage from "pidusage";
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
@@ -6,7 +9,7 @@ import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { readUid } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
-import type { LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
+import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
 import { DeadlineHeap } from "./heap.js";
 
@@ -33,6 +36,52 @@ function sameTree(a: readonly ProcessIdentity[], b: readonly ProcessIdentity[]):
     if (x.pid !== y.pid || x.startTime !== y.startTime || x.uid !== y.uid) return false;
   }
   return true;
+}
+
+/** The processes a session's CPU is summed over: its engine and its tracked tree, once each. */
+function members(s: LiveSession): ProcessIdentity[] {
+  const seen = new Map<number, ProcessIdentity>([[s.engine.pid, s.engine]]);
+  for (const p of s.tree) if (!seen.has(p.pid)) seen.set(p.pid, p);
+  return [...seen.values()];
+}
+
+/** The session's CPU now: its cgroup's total, or each tracked process's own; null if nothing is left. */
+function cpuNow(s: LiveSession, stats: Record<string, pidusage.Status | null>, atMs: number): CpuSample | null {
+  if (s.cgroup !== null) {
+    const usec = cgroupCpuUsec(s.cgroup);
+    return usec === null ? null : { atMs, cpuMs: usec / 1000 };
+  }
+  const perProcess = new Map<string, number>();
+  let cpuMs = 0;
+  for (const p of members(s)) {
+    const u = stats[p.pid];
+    if (!u) continue;
+    perProcess.set(`${p.pid}:${p.startTime}`, u.ctime);
+    cpuMs += u.ctime;
+  }
+  return perProcess.size === 0 ? null : { atMs, cpuMs, perProcess };
+}
+
+/**
+ * CPU ms used between two samples. For a tree, per process: a process seen in both counts its
+ * growth, a newcomer all its CPU (it was born in the window, or joined the tree in it), one gone
+ * nothing; so a tree that changes never makes the sum jump back or forth.
+ */
+function cpuSince(prev: CpuSample, next: CpuSample): number {
+  if (prev.perProcess === undefined || next.perProcess === undefined) return Math.max(0, next.cpuMs - prev.cpuMs);
+  let used = 0;
+  for (const [key, ms] of next.perProcess) used += Math.max(0, ms - (prev.perProcess.get(key) ?? 0));
+  return used;
+}
+
+/** cpu.stat's usage_usec (works without the cpu controller enabled); null if unreadable. */
+function cgroupCpuUsec(dir: string): number | null {
+  try {
+    const m = /^usage_usec (\d+)$/m.exec(readFileSync(join(dir, "cpu.stat"), "latin1"));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
 }
 
 /**
@@ -157,13 +206,26 @@ export class Detector implements LiveWatcher {
     }
     handle.onExit(() => {
       try {
-        if (this.processes.get(key) === p) this.processGone(p, "pidfd");
+        if (this.processes.get(key) !== p) return;
+        // At once, before anything else runs: the engine's children are re-parented as it
+        // dies, and the last look at its group and session still finds those born since the
+        // last liveness pass (a PostgreSQL backend forked 0.3 s before the postmaster died).
+        if (p.engineOf.size > 0) this.refreshTree(p, new ProcessTable());
+        this.processGone(p, "pidfd");
       } catch (err) {
         this.log.error({ err, pid: id.pid }, "expiry on process exit failed");
       }
     });
     p.handle = handle;
     return p;
+  }
+
+  /** The engine's tree on this snapshot, given to its sessions if it changed. */
+  private refreshTree(p: WatchedProcess, table: ProcessTable): void {
+    const tree = table.tree(p.id, p.tree);
+    if (sameTree(tree, p.tree)) return;
+    p.tree = tree;
+    for (const s of p.engineOf) this.registry.setTree(s, tree);
   }
 
   /** Expires every session of a process that is gone: engine_gone first, then owner_gone. */
@@ -261,10 +323,7 @@ export class Detector implements LiveWatcher {
         continue;
       }
       if (p.engineOf.size === 0) continue;
-      const tree = table.tree(p.id, p.tree);
-      if (sameTree(tree, p.tree)) continue;
-      p.tree = tree;
-      for (const s of p.engineOf) s.tree = tree;
+      this.refreshTree(p, table);
     }
     // Engines first: a session whose engine and owner are both gone is engine_gone.
     gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));
@@ -276,34 +335,37 @@ export class Detector implements LiveWatcher {
 
   /**
    * Busy CPU counts as activity (long computations must not be culled as idle): for live
-   * sessions whose profile sets busy_cpu_percent, one batched pidusage read of the engines;
-   * an engine whose CPU since the previous sample (percent of one core) is above the
-   * threshold gets its activity moved to now. Heartbeat timeouts are untouched: a spinning
-   * engine whose client is gone is still reaped. Nothing is read when no profile sets it.
-   * Returns how many sessions were found busy.
+   * sessions whose profile sets busy_cpu_percent, the CPU of the session as a whole since the
+   * previous sample (percent of one core): its cgroup's cpu.stat when contained, else the sum
+   * over its tracked tree (the engine and every process the liveness pass found under it: a
+   * PostgreSQL backend, a Chromium renderer), read in one batched pidusage call. Above the
+   * threshold, activity moves to now. Heartbeat timeouts are untouched: a spinning engine
+   * whose client is gone is still reaped. Nothing is read when no profile sets it. Returns
+   * how many sessions were found busy.
    */
   async sampleCpu(sessions: readonly LiveSession[] = [...this.cpuWatched.values()]): Promise<number> {
     if (sessions.length === 0) return 0;
+    const pids = new Set<number>();
+    for (const s of sessions) if (s.cgroup === null) for (const p of members(s)) pids.add(p.pid);
     // A pid that is gone comes back null (pidusage's types omit it).
-    let stats: Record<string, pidusage.Status | null>;
+    let stats: Record<string, pidusage.Status | null> = {};
     try {
-      stats = await pidusage(sessions.map((s) => s.engine.pid));
+      if (pids.size > 0) stats = await pidusage([...pids]);
     } catch (err) {
       this.log.warn({ err }, "engine CPU sampling failed");
       return 0;
     }
+    const at = performance.now();
     let busy = 0;
     for (const s of sessions) {
-      const u = stats[s.engine.pid];
-      if (this.registry.get(s.id) !== s || s.busyCpuPercent === null || !u) continue; // fenced, or gone
+      if (this.registry.get(s.id) !== s || s.busyCpuPercent === null) continue; // fenced
       const prev = s.cpuSample;
-      const windowMs = prev === undefined ? 0 : u.elapsed - prev.ageMs;
-      if (prev !== undefined && windowMs >= 0 && windowMs < MIN_CPU_WINDOW_MS) continue;
-      s.cpuSample = { cpuMs: u.ctime, ageMs: u.elapsed };
-      // No previous sample, or a younger process under that pid (the liveness pass reaps it):
-      // this one is a baseline.
-      if (prev === undefined || windowMs < 0) continue;
-      if (((u.ctime - prev.cpuMs) / windowMs) * 100 > s.busyCpuPercent) {
+      if (prev !== undefined && at - prev.atMs < MIN_CPU_WINDOW_MS) continue;
+      const next = cpuNow(s, stats, at);
+      if (next === null) continue; // gone
+      s.cpuSample = next;
+      if (prev === undefined) continue; // a baseline
+      if ((cpuSince(prev, next) / (at - prev.atMs)) * 100 > s.busyCpuPercent) {
         this.registry.active(s);
         busy++;
       }

@@ -6,6 +6,7 @@ import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
 import { removePaths } from "../cleanup/remove-paths.js";
 import type { CleanupStep, StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
+import { verifyGone, type Verification } from "../cleanup/verify.js";
 import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { ReaperError, errorMessage } from "../errors.js";
@@ -229,12 +230,30 @@ export class Reaper {
     }
 
     const steps = CLEANUP_STEPS.map((s) => journal.get(s.name) as StepResult);
-    const leftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
+    const verifyStart = performance.now();
+    const verification = verify(session, journal, this.deps.daemonPid, log);
+    const verifyMs = performance.now() - verifyStart;
+    const stepLeftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
+    // What a step already named is not listed twice: a survivor of terminate (its pid), the
+    // holder of a port the release step reported (that port).
+    const named = new Set(stepLeftovers.map((l) => `${l.kind}:${l.item}`));
+    const leftovers = [
+      ...stepLeftovers,
+      ...verification.leftovers.filter(
+        (l) => !named.has(`process:${l.item}`) && !named.has(`port:${/^port (\d+) /.exec(l.why ?? "")?.[1]}`),
+      ),
+    ];
     const outcome = outcomeOf(steps, leftovers);
     const now = clock.now();
     const finished = audit.transaction(() => {
       if (!store.finish(id, outcome, leftovers, now)) return false;
-      const finish: StepResult = { name: "finish", outcome: "ok", startedAt: now, durationMs: 0, detail: { outcome } };
+      const finish: StepResult = {
+        name: "finish",
+        outcome: "ok",
+        startedAt: now,
+        durationMs: verifyMs,
+        detail: { outcome, verified: verification.verified },
+      };
       store.recordStep(id, POSITION.finish, finish);
       audit.record({
         event: "reap.finished",
@@ -242,7 +261,7 @@ export class Reaper {
         reason: session.reason ?? undefined,
         outcome,
         durationMs: now - (session.reapStartedAt ?? now),
-        detail: { leftovers, attempts: attempt },
+        detail: { leftovers, attempts: attempt, verified: verification.verified },
       });
       return true;
     });
@@ -305,6 +324,25 @@ export class Reaper {
     const detail: StepResult["detail"] = { ...recorded, ...out.detail };
     if (out.leftovers && out.leftovers.length > 0) detail.leftovers = out.leftovers;
     return { name: step.name, outcome, startedAt, durationMs: performance.now() - t0, detail };
+  }
+}
+
+/**
+ * The verification pass (src/cleanup/verify.ts), made safe: a pass that fails verified
+ * nothing, and says so (a `clean` then rests on the steps alone, and `reaperctl audit
+ * verify` names it).
+ */
+function verify(
+  session: Session,
+  journal: ReadonlyMap<StepName, StepResult>,
+  daemonPid: number,
+  log: Logger,
+): Verification {
+  try {
+    return verifyGone(session, journal, daemonPid);
+  } catch (err) {
+    log.error({ err }, "verification pass failed");
+    return { verified: [], leftovers: [] };
   }
 }
 

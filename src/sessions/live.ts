@@ -26,13 +26,22 @@ export interface LiveSession extends Timing {
    * are re-parented and only this snapshot still ties them to the session.
    */
   tree: ProcessIdentity[];
-  /** The engine's CPU time and age (ms) at the last CPU sample: the next one measures from here. */
-  cpuSample?: { readonly cpuMs: number; readonly ageMs: number } | undefined;
+  /** The session's CPU at the last sample (busy_cpu_percent): the next one measures from here. */
+  cpuSample?: CpuSample | undefined;
+  /** The session's own cgroup (containment), or null: where its CPU is read. */
+  readonly cgroup: string | null;
   /**
    * The deadline (wall ms) last written to SQLite's indexed column, if known (undefined:
    * write it at the next flush). It may lag behind the real one: see `takeDirty`.
    */
   storedDeadline?: number | undefined;
+}
+
+/** CPU ms used by a session up to `atMs` (performance.now()), as a whole or per process ("pid:startTime"). */
+export interface CpuSample {
+  readonly atMs: number;
+  readonly cpuMs: number;
+  readonly perProcess?: ReadonlyMap<string, number> | undefined;
 }
 
 /** What a registration (or the orphan sweep's adoption) decides about a new live session. */
@@ -45,10 +54,14 @@ export interface Admission {
   readonly heartbeatTimeoutSec: number;
   readonly idleTimeoutSec: number;
   readonly maxLifetimeSec: number;
+  /** The session's own cgroup (containment), if it has one. */
+  readonly cgroup?: string | null | undefined;
   /** The deadline the registration wrote to the indexed column, if it wrote one. */
   readonly storedDeadline?: number | undefined;
   /** When it was registered (`stamp()` taken for its row); default now. */
   readonly at?: Stamp | undefined;
+  /** Its process tree as seen at registration. */
+  readonly tree?: readonly ProcessIdentity[] | undefined;
 }
 
 /** One moment on both clocks (see LiveSessions.stamp). */
@@ -58,7 +71,9 @@ export interface Stamp {
 }
 
 /** A live session as the store holds it, for recovery at start. */
-export interface StoredLive extends Omit<Admission, "storedDeadline" | "at"> {
+export interface StoredLive extends Omit<Admission, "storedDeadline" | "at" | "tree"> {
+  /** The tree last made durable (see LiveSessions.treeChanged). */
+  readonly tree: readonly ProcessIdentity[];
   readonly createdAt: number;
   readonly lastHeartbeatAt: number;
   readonly lastActivityAt: number;
@@ -72,6 +87,8 @@ export interface HeartbeatWrite {
   lastActivityAt: number;
   /** The new stored deadline (wall ms), or null to leave the indexed column as it is. */
   deadline: number | null;
+  /** The engine's tree, when it changed since the last write (kept durable for a restart). */
+  tree?: readonly ProcessIdentity[];
 }
 
 /** Told of every session that enters or leaves the registry (the detector). */
@@ -102,6 +119,8 @@ const WALL_STEP_MS = 1000;
 export class LiveSessions {
   private readonly byId = new Map<string, LiveSession>();
   private readonly dirty = new Set<LiveSession>();
+  /** Sessions whose tree changed since it was last written. */
+  private readonly treeDirty = new Set<LiveSession>();
   private readonly watchers: LiveWatcher[] = [];
   /**
    * The restart rule's floor (monotonic): the last moment the daemon came back from
@@ -150,17 +169,18 @@ export class LiveSessions {
 
   /** A new session, live from `a.at` (default now). */
   admit(a: Admission): LiveSession {
-    const { at, ...admission } = a;
+    const { at, tree, cgroup, ...admission } = a;
     const { wall: now, mono } = at ?? this.stamp();
     return this.add({
       ...admission,
+      cgroup: cgroup ?? null,
       createdAt: now,
       lastHeartbeatAt: now,
       lastActivityAt: now,
       createdMono: mono,
       heartbeatMono: mono,
       activityMono: mono,
-      tree: [],
+      tree: tree === undefined ? [] : [...tree],
     });
   }
 
@@ -180,13 +200,14 @@ export class LiveSessions {
       heartbeatTimeoutSec: r.heartbeatTimeoutSec,
       idleTimeoutSec: r.idleTimeoutSec,
       maxLifetimeSec: r.maxLifetimeSec,
+      cgroup: r.cgroup ?? null,
       createdAt: r.createdAt,
       lastHeartbeatAt: r.lastHeartbeatAt,
       lastActivityAt: r.lastActivityAt,
       createdMono: mono,
       heartbeatMono: mono,
       activityMono: mono,
-      tree: [], // replaced, never mutated, by the liveness pass
+      tree: [...r.tree], // replaced, never mutated, by the liveness pass
       storedDeadline: r.deadline ?? undefined,
     });
     if (deadlineStale(s.storedDeadline, this.wallDeadline(s), this.clock.now())) this.dirty.add(s);
@@ -206,6 +227,7 @@ export class LiveSessions {
     if (s === undefined) return undefined;
     this.byId.delete(id);
     this.dirty.delete(s);
+    this.treeDirty.delete(s);
     for (const w of this.watchers) w.removed(s);
     return s;
   }
@@ -232,6 +254,17 @@ export class LiveSessions {
     s.lastActivityAt = wall;
     s.activityMono = mono;
     this.dirty.add(s);
+  }
+
+  /**
+   * The engine's tree as a liveness pass (or the engine's exit) saw it: kept in memory for the
+   * fence, and made durable at the next flush, so that a restart starts from it.
+   */
+  setTree(s: LiveSession, tree: ProcessIdentity[]): void {
+    s.tree = tree;
+    if (this.byId.get(s.id) !== s) return;
+    this.dirty.add(s);
+    this.treeDirty.add(s);
   }
 
   /**
@@ -291,9 +324,11 @@ export class LiveSessions {
         lastHeartbeatAt: s.lastHeartbeatAt,
         lastActivityAt: s.lastActivityAt,
         deadline: stale ? at : null,
+        ...(this.treeDirty.has(s) ? { tree: s.tree } : {}),
       });
     }
     this.dirty.clear();
+    this.treeDirty.clear();
     return out;
   }
 
@@ -303,6 +338,7 @@ export class LiveSessions {
       const s = this.byId.get(w.id);
       if (s === undefined) continue;
       if (w.deadline !== null) s.storedDeadline = undefined;
+      if (w.tree !== undefined) this.treeDirty.add(s);
       this.dirty.add(s);
     }
   }

@@ -7,7 +7,8 @@ import { isoTime, type Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { deadlineOf } from "../detect/deadline.js";
 import type { LiveSessions } from "./live.js";
-import { ReaperError } from "../errors.js";
+import { ReaperError, errorMessage } from "../errors.js";
+import type { SessionCgroups } from "../proc/containment.js";
 import type { ListQuery, RegisterBody } from "../http/schemas.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
@@ -18,6 +19,7 @@ import type { Reaper } from "../reaper/reaper.js";
 import type { Store } from "../store/store.js";
 import {
   NOT_YET_REAPED,
+  type Containment,
   type ProcessIdentity,
   type Reason,
   type Session,
@@ -57,6 +59,8 @@ export interface SessionsDeps {
   store: Store;
   audit: AuditTrail;
   registry: LiveSessions;
+  /** Where session cgroups are made (containment). */
+  cgroups: SessionCgroups;
   reaper: Reaper;
   clock: Clock;
   config: Config;
@@ -105,42 +109,56 @@ export class Sessions {
     checkPortsHeld(ports, engine);
     const id = body.id ?? randomUUID();
     const who = registeredBy(caller);
+    if (store.getSession(id) !== undefined) {
+      throw new ReaperError("SR_SESSION_EXISTS", `a session with id "${id}" already exists`);
+    }
+    // The tree seen now is the session's from the start (a daemonizing launcher's children
+    // included), journaled with its row; containment moves all of it into the session's cgroup.
+    const tree = processTree(engine);
+    const containment = this.contain(id, profile, engine, tree, caller.admin ? undefined : engine.uid);
     // Committed first, then admitted: a failed commit (SR_STORE_UNAVAILABLE) leaves nothing
     // in memory, and nothing after the commit can fail (the audit line never throws).
     let session: Session | undefined;
     const at = registry.stamp();
-    audit.transaction(() => {
-      const now = at.wall;
-      session = {
-        id,
-        profile: profileName,
-        owner: body.owner ?? null,
-        engine,
-        ownerPid,
-        ports,
-        paths,
-        labels: body.labels ?? {},
-        ...timeouts,
-        createdAt: now,
-        lastHeartbeatAt: now,
-        lastActivityAt: now,
-        deadline: deadlineOf({ createdMono: now, heartbeatMono: now, activityMono: now, ...timeouts }).at,
-        ...NOT_YET_REAPED,
-        registeredBy: who,
-      };
-      store.insertSession(session);
-      audit.record({
-        event: "session.registered",
-        sessionId: id,
-        detail: {
+    try {
+      audit.transaction(() => {
+        const now = at.wall;
+        session = {
+          id,
           profile: profileName,
-          enginePid: engine.pid,
-          ownerPid: ownerPid?.pid ?? null,
+          owner: body.owner ?? null,
+          engine,
+          ownerPid,
+          ports,
+          paths,
+          labels: body.labels ?? {},
+          ...timeouts,
+          createdAt: now,
+          lastHeartbeatAt: now,
+          lastActivityAt: now,
+          deadline: deadlineOf({ createdMono: now, heartbeatMono: now, activityMono: now, ...timeouts }).at,
+          ...NOT_YET_REAPED,
           registeredBy: who,
-          callerPid: caller.pid,
-        },
+          containment,
+        };
+        store.insertSession(session, tree);
+        audit.record({
+          event: "session.registered",
+          sessionId: id,
+          detail: {
+            profile: profileName,
+            enginePid: engine.pid,
+            ownerPid: ownerPid?.pid ?? null,
+            registeredBy: who,
+            callerPid: caller.pid,
+            containment,
+          },
+        });
       });
-    });
+    } catch (err) {
+      this.deps.cgroups.undo(containment);
+      throw err;
+    }
     const live = registry.admit({
       id,
       engine,
@@ -150,8 +168,41 @@ export class Sessions {
       ...timeouts,
       storedDeadline: (session as Session).deadline ?? undefined,
       at,
+      tree,
+      cgroup: containment.kind === "cgroup" ? containment.path : null,
     });
     return { ...(session as Session), deadline: registry.wallDeadline(live) };
+  }
+
+  /**
+   * The profile's containment for a new session: a cgroup where the host gives one (the
+   * engine's own, or one made and filled now), else none with the reason. A profile that
+   * requires a cgroup refuses the registration without one (SR_CONTAINMENT_UNAVAILABLE).
+   */
+  private contain(
+    id: string,
+    profile: Profile,
+    engine: ProcessIdentity,
+    tree: readonly ProcessIdentity[],
+    onlyUid: number | undefined,
+  ): Containment {
+    if (profile.containment === "none") {
+      return { kind: "none", why: `profile "${profile.name}" sets containment = "none"` };
+    }
+    let c: Containment;
+    try {
+      c = this.deps.cgroups.contain(id, engine, tree, onlyUid);
+    } catch (err) {
+      c = { kind: "none", why: `the engine could not be contained: ${errorMessage(err)}` };
+    }
+    if (c.kind === "none" && profile.containment === "cgroup") {
+      throw new ReaperError(
+        "SR_CONTAINMENT_UNAVAILABLE",
+        `profile "${profile.name}" requires a cgroup per session (containment = "cgroup"): ${c.why}`,
+        { why: c.why },
+      );
+    }
+    return c;
   }
 
   heartbeat(

@@ -9,6 +9,7 @@ import type {
   ProcessIdentity,
   Reason,
   Session,
+  Containment,
   RegisteredBy,
   SessionState,
   StepName,
@@ -49,6 +50,8 @@ interface SessionRow {
   registered_by_uid: number | null;
   registered_as_admin: number;
   registered_via: "unix" | "tcp" | null;
+  containment: string | null;
+  tree: string | null;
 }
 
 export interface StoredEvent {
@@ -130,6 +133,13 @@ function corrupt(path: string, found: string): ReaperError {
   );
 }
 
+/** The cgroup path a stored containment names, or null. */
+function cgroupOf(containment: string | null): string | null {
+  if (containment === null) return null;
+  const c = JSON.parse(containment) as Containment;
+  return c.kind === "cgroup" ? c.path : null;
+}
+
 function toSession(r: SessionRow): Session {
   const owner: ProcessIdentity | null =
     r.owner_pid === null
@@ -159,6 +169,7 @@ function toSession(r: SessionRow): Session {
     reapedAt: r.reaped_at,
     reapAttempts: r.reap_attempts,
     registeredBy: { uid: r.registered_by_uid, admin: r.registered_as_admin === 1, via: r.registered_via },
+    containment: r.containment === null ? null : (JSON.parse(r.containment) as Containment),
   };
 }
 
@@ -191,6 +202,7 @@ export class Store {
     liveByUid: Statement;
     liveDueBy: Statement;
     probe: Statement;
+    tree: Statement;
   };
   /** False from a failed write until a probe commits again (see `probe`). */
   private availableValue = true;
@@ -229,11 +241,11 @@ export class Store {
       insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,
           engine_uid, owner_pid, owner_start_time, owner_boot_id, owner_uid, ports, paths, labels,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, created_at, last_heartbeat_at,
-          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via)
+          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via, containment, tree)
         VALUES (@id, @profile, @owner, @engine_pid, @engine_start_time, @engine_boot_id, @engine_uid, @owner_pid,
           @owner_start_time, @owner_boot_id, @owner_uid, @ports, @paths, @labels, @heartbeat_timeout_sec,
           @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live',
-          @registered_by_uid, @registered_as_admin, @registered_via)`),
+          @registered_by_uid, @registered_as_admin, @registered_via, @containment, @tree)`),
       get: db.prepare("SELECT * FROM sessions WHERE id = ?"),
       seqOf: db.prepare("SELECT seq FROM sessions WHERE id = ?"),
       fence:
@@ -263,7 +275,7 @@ export class Store {
       liveForRecovery: db.prepare(`SELECT id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
           owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline, registered_by_uid,
-          registered_as_admin, registered_via
+          registered_as_admin, registered_via, tree, containment
         FROM sessions WHERE state = 'live' ORDER BY seq`),
       counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
       // These three search the (state, deadline) index by state, so they visit only the rows
@@ -279,6 +291,7 @@ export class Store {
         "SELECT id, profile, owner FROM sessions WHERE state = 'live' AND deadline <= ? ORDER BY deadline",
       ),
       probe: db.prepare("UPDATE store_probe SET at = ? WHERE id = 1"),
+      tree: db.prepare("UPDATE sessions SET tree = ? WHERE id = ?"),
     };
   }
 
@@ -377,7 +390,8 @@ export class Store {
     }
   }
 
-  insertSession(s: Session): void {
+  /** `tree`: the engine's process tree seen at registration, kept durable (see `writeTree`). */
+  insertSession(s: Session, tree: readonly ProcessIdentity[] = []): void {
     try {
       const inserted = this.stmts.insert.run({
         id: s.id,
@@ -404,6 +418,8 @@ export class Store {
         registered_by_uid: s.registeredBy.uid,
         registered_as_admin: s.registeredBy.admin ? 1 : 0,
         registered_via: s.registeredBy.via,
+        containment: s.containment === null ? null : JSON.stringify(s.containment),
+        tree: JSON.stringify(tree),
       });
       if (inserted.changes === 1 && this.stateCounts !== null) this.stateCounts.live++;
     } catch (err) {
@@ -485,6 +501,8 @@ export class Store {
         maxLifetimeSec: r.max_lifetime_sec,
         deadline: r.deadline,
         registeredBy: registrant(r.registered_by_uid, r.registered_as_admin === 1, r.registered_via),
+        tree: r.tree === null ? [] : (JSON.parse(r.tree) as ProcessIdentity[]),
+        cgroup: cgroupOf(r.containment),
       };
     }
   }
@@ -534,6 +552,7 @@ export class Store {
       for (const hb of batch) {
         if (hb.deadline === null) heartbeat.run(hb.lastHeartbeatAt, hb.lastActivityAt, hb.id);
         else heartbeatDeadline.run(hb.lastHeartbeatAt, hb.lastActivityAt, hb.deadline, hb.id);
+        if (hb.tree !== undefined) this.stmts.tree.run(JSON.stringify(hb.tree), hb.id);
       }
     });
   }
