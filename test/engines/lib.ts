@@ -222,6 +222,12 @@ export function reportProblems(s: Pick<Session, "outcome" | "leftovers">, found:
   return problems;
 }
 
+/** One line: how the daemon says the session ended, and each step's outcome. */
+export function summary(s: Pick<Session, "reason" | "outcome" | "leftovers" | "steps">): string {
+  const steps = (s.steps ?? []).map((x) => `${x.name}=${x.outcome}`).join(" ");
+  return `daemon: reason ${s.reason}, outcome ${s.outcome}, leftovers ${JSON.stringify(s.leftovers)}; steps: ${steps}`;
+}
+
 /** A message for an assertion: the problems, the daemon's leftovers, and the user's processes. */
 export function explain(
   problems: string[],

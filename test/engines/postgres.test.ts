@@ -26,6 +26,7 @@ import {
   procInfo,
   psOf,
   reportProblems,
+  summary,
   startPostgres,
   type ProcId,
 } from "./lib.js";
@@ -56,6 +57,7 @@ test("DELETE of a postgres session with a busy backend: nothing is left", async 
   assert.equal((await d.api("DELETE", `/v1/sessions/${id}`)).status, 202);
   const finished = await d.reaped(id, 30_000);
   const s = (await d.api<Session>("GET", `/v1/sessions/${id}`)).body;
+  t.diagnostic(summary(s));
   const found = leftBehind(user.uid, [pg.port], [pg.base]);
   const problems = reportProblems(s, found);
   assert.deepEqual(problems, [], explain(problems, s, user.uid));
@@ -88,6 +90,7 @@ test("postmaster SIGKILLed 0.3 s into a backend's CPU loop: the backend is reape
   const finished = await d.reaped(id, 30_000);
   assert.equal(finished.reason, "engine_gone");
   const s = (await d.api<Session>("GET", `/v1/sessions/${id}`)).body;
+  t.diagnostic(summary(s));
   const found = leftBehind(user.uid, [pg.port], [pg.base]);
   const problems = reportProblems(s, found);
   const extra = `before the SIGKILL:\n${before}\nbusy backend: ${backend.pid}; alive now: ${procAlive(backend.id)}`;
@@ -155,6 +158,7 @@ async function pgCtlUnderRun(t: TestContext, withPort: boolean): Promise<void> {
     `the session was never registered, and the postmaster runs on unregistered\n${extra}\n/proc now:\n${psOf(user.uid)}`,
   );
   const s = got.body;
+  t.diagnostic(summary(s));
   assert.equal(s.state, "reaped", extra);
   const found = leftBehind(user.uid, withPort ? [c.port] : [], [c.base]);
   const problems = reportProblems(s, found);

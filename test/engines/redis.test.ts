@@ -17,6 +17,7 @@ import {
   procInfo,
   psOf,
   reportProblems,
+  summary,
   startRedis,
 } from "./lib.js";
 
@@ -43,6 +44,7 @@ test("DELETE of a redis session with a BGSAVE in flight: child included, nothing
   assert.equal((await d.api("DELETE", `/v1/sessions/${id}`)).status, 202);
   const finished = await d.reaped(id, 30_000);
   const s = (await d.api<Session>("GET", `/v1/sessions/${id}`)).body;
+  t.diagnostic(summary(s));
   const found = leftBehind(user.uid, [redis.port], [redis.dir]);
   const problems = reportProblems(s, found);
   assert.deepEqual(problems, [], explain(problems, s, user.uid));
