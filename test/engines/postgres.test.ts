@@ -100,17 +100,20 @@ test("postmaster SIGKILLed 0.3 s into a backend's CPU loop: the backend is reape
 });
 
 /**
- * `reaperctl run [--port P] --path BASE -- pg_ctl start`, run by the cluster's user: pg_ctl, the registered engine,
+ * `reaperctl run --path BASE -- pg_ctl start`, run by the cluster's user: pg_ctl, the registered engine,
  * forks the postmaster into a session of its own, waits until it is ready and exits 0; the
  * session then ends (engine_gone or closed) with the postmaster still running. Whatever the
  * daemon makes of that, it must not delete the data dir under a live postmaster, and if the
  * postmaster survives, the outcome is `partial` and names it.
  */
-async function pgCtlUnderRun(t: TestContext, withPort: boolean): Promise<void> {
+async function pgCtlUnderRun(t: TestContext, containment: "auto" | "none"): Promise<void> {
   const dir = tempDir(t);
   const user = testUser(t);
   // The user runs reaperctl (pg_ctl refuses root), so the socket is open to every user.
-  const d = await startDaemon(t, testConfig(dir, { detect: NO_LIVENESS_PASS, api: { socket_mode: "0666" } }));
+  const d = await startDaemon(
+    t,
+    testConfig(dir, { detect: NO_LIVENESS_PASS, api: { socket_mode: "0666" }, profiles: { default: { containment } } }),
+  );
   const c = await initCluster(t, user, { parent: dir });
   const id = "pg-ctl";
   const run = ctlAs(t, user, [
@@ -119,7 +122,6 @@ async function pgCtlUnderRun(t: TestContext, withPort: boolean): Promise<void> {
     d.socket,
     "--id",
     id,
-    ...(withPort ? ["--port", String(c.port)] : []),
     "--path",
     c.base,
     "--wait-reap",
@@ -160,7 +162,7 @@ async function pgCtlUnderRun(t: TestContext, withPort: boolean): Promise<void> {
   const s = got.body;
   t.diagnostic(summary(s));
   assert.equal(s.state, "reaped", extra);
-  const found = leftBehind(user.uid, withPort ? [c.port] : [], [c.base]);
+  const found = leftBehind(user.uid, [], [c.base]);
   const problems = reportProblems(s, found);
   if (procAlive(postmaster)) {
     if (!existsSync(c.dataDir))
@@ -170,8 +172,10 @@ async function pgCtlUnderRun(t: TestContext, withPort: boolean): Promise<void> {
   assert.deepEqual(problems, [], explain(problems, s, user.uid, extra));
 }
 
-test("reaperctl run --port P --path BASE -- pg_ctl start: no data dir deleted under a live postmaster", (t) =>
-  pgCtlUnderRun(t, true));
+// Registered at the gate (no --port: `reaperctl run --port` starts the command before it
+// registers, and pg_ctl may exit before its server listens; see README, Known limits).
+test("contained, reaperctl run --path BASE -- pg_ctl start: the daemonized postmaster is reaped whole", (t) =>
+  pgCtlUnderRun(t, "auto"));
 
-test("reaperctl run --path BASE -- pg_ctl start (registered at the gate): no data dir deleted under a live postmaster", (t) =>
-  pgCtlUnderRun(t, false));
+test("uncontained, reaperctl run --path BASE -- pg_ctl start: no data dir deleted under a live postmaster", (t) =>
+  pgCtlUnderRun(t, "none"));
