@@ -72,7 +72,8 @@ async function removeIpc(
     if (profile.removeIpc) {
       if (o.kind === "posix_shm") {
         const r = await removePath(o.item, [POSIX_SHM_DIR], o.uid, ctx.log, signal);
-        error = r.status === "removed" || r.status === "absent" ? null : `${r.status}: ${"detail" in r ? r.detail : ""}`;
+        error =
+          r.status === "removed" || r.status === "absent" ? null : `${r.status}: ${"detail" in r ? r.detail : ""}`;
       } else {
         error = await removeSysv(o);
         if (error === null) ctx.log.info({ ipc: o.kind, id: o.item, uid: o.uid }, "ipc removed");

@@ -1,5 +1,5 @@
-import type { UsageSample } from "../proc/usage.js";
-import type { Session, StepName, StepResult } from "../sessions/types.js";
+import type { Session } from "../sessions/types.js";
+import { journaled, type Journal } from "./journal.js";
 
 /** What a session cost, reported when it ends (no peer does: a cost nobody sees is never cut). */
 export interface SessionUsage {
@@ -15,9 +15,9 @@ export interface SessionUsage {
 }
 
 /** The session's usage, from what the fence (peaks) and terminate (usage before signalling) journaled. */
-export function sessionUsage(session: Session, journal: ReadonlyMap<StepName, StepResult>, now: number): SessionUsage {
-  const t = journal.get("terminate")?.detail.usage as UsageSample | undefined;
-  const peaks = journal.get("fence")?.detail.peaks as { processes: number; rssBytes: number } | undefined;
+export function sessionUsage(session: Session, journal: Journal, now: number): SessionUsage {
+  const t = journaled(journal, "terminate")?.usage;
+  const peaks = journaled(journal, "fence")?.peaks;
   const fromPeak = t?.memorySource === "memory.peak";
   return {
     cpuSec: Math.round((t?.cpuSec ?? 0) * 1000) / 1000,

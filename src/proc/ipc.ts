@@ -55,7 +55,12 @@ export function ipcLeftovers(q: IpcQuery): IpcObject[] {
       const st = lstatSync(join(POSIX_SHM_DIR, name));
       const born = st.birthtimeMs > 0 ? st.birthtimeMs : st.ctimeMs;
       if (!st.isFile() || st.uid !== q.uid || born < q.since - SLACK_MS) continue;
-      out.push({ kind: "posix_shm", item: join(POSIX_SHM_DIR, name), uid: st.uid, why: "owned by the engine's uid, created during the session" });
+      out.push({
+        kind: "posix_shm",
+        item: join(POSIX_SHM_DIR, name),
+        uid: st.uid,
+        why: "owned by the engine's uid, created during the session",
+      });
     } catch {
       // removed meanwhile
     }
@@ -63,7 +68,12 @@ export function ipcLeftovers(q: IpcQuery): IpcObject[] {
   for (const r of sysv("shm")) {
     const cpid = Number(r.cpid);
     if (!q.pids.has(cpid) || r.nattch !== "0") continue;
-    out.push({ kind: "sysv_shm", item: String(r.shmid), uid: Number(r.uid), why: `created by pid ${cpid} of the session` });
+    out.push({
+      kind: "sysv_shm",
+      item: String(r.shmid),
+      uid: Number(r.uid),
+      why: `created by pid ${cpid} of the session`,
+    });
   }
   for (const [kind, file, idKey] of byOwner
     ? ([
@@ -73,7 +83,12 @@ export function ipcLeftovers(q: IpcQuery): IpcObject[] {
     : []) {
     for (const r of sysv(file)) {
       if (Number(r.cuid) !== q.uid || Number(r.ctime) * 1000 < q.since - SLACK_MS) continue;
-      out.push({ kind, item: String(r[idKey]), uid: Number(r.uid), why: "created by the engine's uid during the session" });
+      out.push({
+        kind,
+        item: String(r[idKey]),
+        uid: Number(r.uid),
+        why: "created by the engine's uid during the session",
+      });
     }
   }
   return out;
@@ -111,7 +126,9 @@ export function removeSysv(o: IpcObject): Promise<string | null> {
     });
     child.stderr?.setEncoding("utf8").on("data", (d: string) => (err += d));
     child.once("error", (e) => resolve(e.message));
-    child.once("exit", (code) => resolve(code === 0 || /invalid id|not found/i.test(err) ? null : err.trim() || `exit ${code}`));
+    child.once("exit", (code) =>
+      resolve(code === 0 || /invalid id|not found/i.test(err) ? null : err.trim() || `exit ${code}`),
+    );
   });
 }
 

@@ -67,7 +67,8 @@ export function cgroupUsage(dir: string, members: readonly number[]): UsageSampl
   }
   try {
     const peak = Number(readFileSync(join(dir, "memory.peak"), "latin1").trim());
-    if (Number.isFinite(peak)) return { cpuSec, memoryBytes: peak, memorySource: "memory.peak", processes: members.length };
+    if (Number.isFinite(peak))
+      return { cpuSec, memoryBytes: peak, memorySource: "memory.peak", processes: members.length };
   } catch {
     // no memory controller here: the resident sum of the members now
   }

@@ -6,6 +6,7 @@ import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
 import { removePaths } from "../cleanup/remove-paths.js";
 import type { CleanupStep, StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
+import { JOURNAL_VERSION, type FenceDetail } from "../cleanup/journal.js";
 import { sessionUsage } from "../cleanup/usage.js";
 import { verifyGone, type Verification } from "../cleanup/verify.js";
 import type { Clock } from "../clock.js";
@@ -121,7 +122,11 @@ export class Reaper {
         outcome: "ok",
         startedAt: now,
         durationMs: 0,
-        detail: { processes: known, ...(last?.peaks === undefined ? {} : { peaks: last.peaks }) },
+        detail: {
+          v: JOURNAL_VERSION,
+          processes: known,
+          ...(last?.peaks === undefined ? {} : { peaks: last.peaks }),
+        } satisfies FenceDetail & { v: number },
       };
       store.recordStep(id, POSITION.fence, fence);
       audit.record({ event: "reap.step", sessionId: id, reason, step: "fence", outcome: "ok", durationMs: 0 });
@@ -254,7 +259,7 @@ export class Reaper {
         outcome: "ok",
         startedAt: now,
         durationMs: verifyMs,
-        detail: { outcome, verified: verification.verified, usage },
+        detail: { v: JOURNAL_VERSION, outcome, verified: verification.verified, usage },
       };
       store.recordStep(id, POSITION.finish, finish);
       audit.record({
@@ -326,7 +331,7 @@ export class Reaper {
       clearTimeout(timer);
       controller.abort(new Error("step over"));
     }
-    const detail: StepResult["detail"] = { ...recorded, ...out.detail };
+    const detail: StepResult["detail"] = { v: JOURNAL_VERSION, ...recorded, ...out.detail };
     if (out.leftovers && out.leftovers.length > 0) detail.leftovers = out.leftovers;
     return { name: step.name, outcome, startedAt, durationMs: performance.now() - t0, detail };
   }
