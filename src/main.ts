@@ -10,7 +10,7 @@ import { parseArgs } from "node:util";
 import { loadConfig } from "./config/load.js";
 import { Daemon, VERSION } from "./daemon/daemon.js";
 import { START_REFUSALS, ReaperError, errorMessage } from "./errors.js";
-import { socketAnswers } from "./http/listen.js";
+import { socketHolder } from "./http/listen.js";
 import { activationFd, watchdogIntervalMs } from "./systemd/notify.js";
 import { FAILPOINTS } from "./reaper/reaper.js";
 
@@ -60,10 +60,12 @@ async function main(): Promise<number | null> {
     const inherited = activationFd(process.env, process.pid);
     // Before anything is opened or written: a socket another daemon answers on means that
     // daemon owns this host's sessions (the database lock is checked next, in Daemon).
-    if (inherited === null && (await socketAnswers(config.api.socket))) {
+    const holder = inherited === null ? await socketHolder(config.api.socket) : false;
+    if (holder !== false) {
       throw new ReaperError(
         "SR_ALREADY_RUNNING",
-        `another daemon is already listening on ${config.api.socket}: stop it first, or give this one another api.socket`,
+        `another daemon${holder === null ? "" : ` (pid ${holder})`} is already listening on ${config.api.socket}: stop it first, or give this one another api.socket`,
+        { holder },
       );
     }
     daemon = new Daemon({

@@ -31,7 +31,7 @@ export const TCP_CALLER: Caller = Object.freeze({ via: "tcp", uid: null, pid: nu
 const UNKNOWN_CALLER: Caller = Object.freeze({ via: "unix", uid: null, pid: null, admin: false, known: false });
 
 /** The fd of a connected unix socket (libuv's Pipe handle), or null for anything else. */
-function unixFd(socket: Socket): number | null {
+export function unixFd(socket: Socket): number | null {
   // A unix socket has no remote address; a TCP one always has.
   if (socket.remoteAddress !== undefined) return null;
   const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;

@@ -23,7 +23,7 @@ export const removePaths: CleanupStep = {
     const results: { path: string; status: string; detail?: string }[] = [];
     const leftovers: Leftover[] = [];
     for (const path of ctx.session.paths) {
-      const users = processUses({ paths: [path], skip: new Set([ctx.daemonPid, process.pid]) });
+      const users = await processUses({ paths: [path], skip: new Set([ctx.daemonPid, process.pid]) });
       if (users.length > 0) {
         const who = users
           .slice(0, 5)

@@ -31,7 +31,7 @@ export interface Verification {
  * Anything found is a `process` leftover naming pid, comm, uid and why; the outcome is then
  * `partial`, never `clean`.
  */
-export function verifyGone(session: Session, journal: Journal, daemonPid: number): Verification {
+export async function verifyGone(session: Session, journal: Journal, daemonPid: number): Promise<Verification> {
   const found = new Map<number, ProcessUse>();
   const add = (u: ProcessUse): void => {
     if (!found.has(u.pid)) found.set(u.pid, u);
@@ -70,7 +70,7 @@ export function verifyGone(session: Session, journal: Journal, daemonPid: number
     }
   }
   // cookie, ports and paths in one pass over /proc
-  for (const u of processUses({
+  for (const u of await processUses({
     cookie: session.id,
     paths: session.paths,
     sockets,

@@ -202,6 +202,8 @@ export class Daemon {
       unavailable: (fault) => this.storeUnavailable(fault),
       available: () => this.storeAvailable(),
     });
+    // Locked or full already at start: served, with changes refused until it commits.
+    if (!this.store.available) this.storeUnavailable(this.store.lastFault ?? "unavailable at start");
   }
 
   get state(): DaemonState {

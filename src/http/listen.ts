@@ -3,13 +3,34 @@ import { chmodSync, lstatSync, mkdirSync, unlinkSync } from "node:fs";
 import { connect } from "node:net";
 import { dirname } from "node:path";
 import type { FastifyInstance } from "fastify";
+import { unixFd } from "../auth/caller.js";
 import { ReaperError } from "../errors.js";
+import { addon } from "../native/addon.js";
 
 /** True if something accepts connections on this unix socket. */
-export function socketAnswers(path: string): Promise<boolean> {
+export async function socketAnswers(path: string): Promise<boolean> {
+  return (await socketHolder(path)) !== false;
+}
+
+/**
+ * Who accepts connections on this unix socket: false if nothing does; else the listening
+ * process's pid as the kernel recorded it (SO_PEERCRED seen from the connecting side), or
+ * null when it cannot be read.
+ */
+export function socketHolder(path: string): Promise<number | null | false> {
   return new Promise((resolve) => {
     const c = connect({ path });
-    c.once("connect", () => (c.destroy(), resolve(true)));
+    c.once("connect", () => {
+      let pid: number | null = null;
+      const fd = unixFd(c);
+      try {
+        if (fd !== null && addon !== null) pid = addon.peerCred(fd).pid;
+      } catch {
+        // unreadable: the message names the socket only
+      }
+      c.destroy();
+      resolve(pid !== null && pid > 0 ? pid : null);
+    });
     c.once("error", () => resolve(false));
   });
 }

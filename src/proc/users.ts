@@ -25,6 +25,9 @@ export interface UseQuery {
   readonly skip?: ReadonlySet<number>;
 }
 
+/** Processes looked at between two yields to the event loop (about a millisecond's work). */
+const YIELD_EVERY = 8;
+
 const under = (target: string, root: string): boolean =>
   target === root || (target.startsWith(root) && target.charCodeAt(root.length) === 47); /* / */
 
@@ -35,9 +38,12 @@ const under = (target: string, root: string): boolean =>
  * files?", taken independently of what the daemon believed the session's processes were.
  *
  * Cost: per process a stat, and only for what is asked: its environ (cookie), its cwd and
- * root links, its fd links and its maps (paths). Nothing is read when nothing is asked.
+ * root links, its fd links and its maps (paths): a few tens of ms for a hundred processes,
+ * so the pass yields to the event loop every YIELD_EVERY processes (heartbeats are served
+ * meanwhile; a loop blocked for long would also count as a stall). Nothing is read when
+ * nothing is asked.
  */
-export function processUses(q: UseQuery): ProcessUse[] {
+export async function processUses(q: UseQuery): Promise<ProcessUse[]> {
   const paths = (q.paths ?? []).filter((p) => p.startsWith("/") && p !== "/");
   const needle = q.cookie === undefined ? null : Buffer.from(`${SESSION_COOKIE}=${q.cookie}\0`);
   const sockets = q.sockets ?? new Map<number, string>();
@@ -50,11 +56,13 @@ export function processUses(q: UseQuery): ProcessUse[] {
   } catch {
     return out;
   }
+  let looked = 0;
   for (const name of names) {
     const c = name.charCodeAt(0);
     if (c < 48 || c > 57) continue;
     const pid = Number(name);
     if (q.skip?.has(pid)) continue;
+    if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
     const why =
       needle !== null && carries(pid, needle) ? "cookie" : fileUse(pid, paths.length > 0 ? usesPath : null, sockets);
     if (why === null) continue;

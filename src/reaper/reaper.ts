@@ -237,7 +237,7 @@ export class Reaper {
 
     const steps = CLEANUP_STEPS.map((s) => journal.get(s.name) as StepResult);
     const verifyStart = performance.now();
-    const verification = verify(session, journal, this.deps.daemonPid, log);
+    const verification = await verify(session, journal, this.deps.daemonPid, log);
     const verifyMs = performance.now() - verifyStart;
     const stepLeftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
     // What a step already named is not listed twice: a survivor of terminate (its pid), the
@@ -342,14 +342,14 @@ export class Reaper {
  * nothing, and says so (a `clean` then rests on the steps alone, and `reaperctl audit
  * verify` names it).
  */
-function verify(
+async function verify(
   session: Session,
   journal: ReadonlyMap<StepName, StepResult>,
   daemonPid: number,
   log: Logger,
-): Verification {
+): Promise<Verification> {
   try {
-    return verifyGone(session, journal, daemonPid);
+    return await verifyGone(session, journal, daemonPid);
   } catch (err) {
     log.error({ err }, "verification pass failed");
     return { verified: [], leftovers: [] };

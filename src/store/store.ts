@@ -293,6 +293,22 @@ export class Store {
       probe: db.prepare("UPDATE store_probe SET at = ? WHERE id = 1"),
       tree: db.prepare("UPDATE sessions SET tree = ? WHERE id = ?"),
     };
+    // One real write before anything is served: a database the daemon may never write (a
+    // read-only file or directory, another owner) stops the start (SR_STORE_UNUSABLE) instead
+    // of a daemon that answers 503 forever; a lock held or a full disk is an outage that may
+    // pass: the daemon starts with the store unavailable and probes it.
+    try {
+      this.db.transaction(() => this.stmts.probe.run(now)).immediate();
+    } catch (err) {
+      const raw = (err as { code?: unknown }).code;
+      if (typeof raw === "string" && /^SQLITE_(READONLY|CANTOPEN|PERM|AUTH)/.test(raw)) {
+        db.close();
+        throw openError(err, path);
+      }
+      if (!isStoreFault(err)) throw err;
+      this.availableValue = false;
+      this.fault = `${raw as string}: ${errorMessage(err)}`;
+    }
   }
 
   /** Whether writes are expected to commit (false from a failed write until a probe succeeds). */
