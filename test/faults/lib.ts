@@ -91,10 +91,11 @@ export interface HeartbeatSample {
 }
 
 /**
- * Heartbeats every id every `periodMs`, as engines' clients do: each round sends one
- * heartbeat per id at once and waits for all answers before the next round (a daemon that
- * does not answer holds the round up, as it would hold a real client). `quiet(id)` stops
- * one id's heartbeats. `stop()` ends the loop and returns every sample.
+ * Heartbeats every id every `periodMs`, as engines' clients do: one loop per id, each
+ * waiting for its answer before the next heartbeat (a daemon that does not answer holds a
+ * client up, as it would a real one), the ids' phases spread evenly over the period (clients
+ * are not in step). `quiet(id)` stops one id's heartbeats. `stop()` ends the loops and
+ * returns every sample; the loops also end with the test.
  */
 export function heartbeats(
   t: After,
@@ -113,46 +114,46 @@ export function heartbeats(
   const silent = new Set<string>();
   const lastOk = new Map<string, number>();
   let stopped = false;
-  let wake: (() => void) | null = null;
-  const loop = (async () => {
-    while (!stopped) {
-      const round = performance.now();
-      await Promise.all(
-        ids
-          .filter((id) => !silent.has(id))
-          .map(async (id) => {
-            const sentAt = performance.now();
-            try {
-              const r = await callApi(socket, "POST", `/v1/sessions/${id}/heartbeat`, undefined, { timeoutMs });
-              const now = performance.now();
-              if (r.status === 200) lastOk.set(id, now);
-              samples.push({ id, status: r.status, sentAt, ms: now - sentAt });
-            } catch (err) {
-              samples.push({ id, status: 0, sentAt, ms: performance.now() - sentAt, error: String(err) });
-            }
-          }),
-      );
-      const wait = Math.max(0, periodMs - (performance.now() - round));
-      if (stopped) break;
-      await new Promise<void>((r) => {
-        wake = r;
-        setTimeout(r, wait);
-      });
-    }
-  })();
-  // A failed assertion must not leave the loop (and so the test process) running.
-  t.after(() => {
+  const wakers = new Set<() => void>();
+  const pause = (ms: number): Promise<void> =>
+    new Promise<void>((r) => {
+      const timer = setTimeout(done, ms);
+      function done(): void {
+        clearTimeout(timer);
+        wakers.delete(done);
+        r();
+      }
+      wakers.add(done);
+    });
+  const end = (): void => {
     stopped = true;
-    wake?.();
+    for (const w of [...wakers]) w();
+  };
+  const loops = ids.map(async (id, i) => {
+    await pause((i * periodMs) / ids.length);
+    while (!stopped && !silent.has(id)) {
+      const sentAt = performance.now();
+      try {
+        const r = await callApi(socket, "POST", `/v1/sessions/${id}/heartbeat`, undefined, { timeoutMs });
+        const now = performance.now();
+        if (r.status === 200) lastOk.set(id, now);
+        samples.push({ id, status: r.status, sentAt, ms: now - sentAt });
+      } catch (err) {
+        samples.push({ id, status: 0, sentAt, ms: performance.now() - sentAt, error: String(err) });
+      }
+      if (stopped) break;
+      await pause(Math.max(0, periodMs - (performance.now() - sentAt)));
+    }
   });
+  // A failed assertion must not leave the loops (and so the test process) running.
+  t.after(end);
   return {
     samples,
     quiet: (id) => void silent.add(id),
     lastOk: (id) => lastOk.get(id),
     async stop() {
-      stopped = true;
-      wake?.();
-      await loop;
+      end();
+      await Promise.all(loops);
       return samples;
     },
   };
