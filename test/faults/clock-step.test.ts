@@ -80,11 +80,7 @@ allowed_roots = ["${dir}"]
 const warmUp = (): Promise<void> => sleep(TIMEOUT_SEC * 1000 + 2_000);
 
 /** Stops one session's heartbeats and waits for its fence; returns ms from its last 200 to the fence. */
-async function silenceAndWaitForExpiry(
-  hb: ReturnType<typeof heartbeats>,
-  socket: string,
-  id: string,
-): Promise<number> {
+async function silenceAndWaitForExpiry(hb: ReturnType<typeof heartbeats>, socket: string, id: string): Promise<number> {
   hb.quiet(id);
   await sleep(300); // a heartbeat in flight is answered
   const last = hb.lastOk(id) as number;

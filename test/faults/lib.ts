@@ -256,3 +256,19 @@ export function fillUp(file: string): number {
   }
   return written;
 }
+
+/**
+ * `call`'s answer; a transport failure (the daemon died mid-request) is rethrown with the
+ * daemon's exit and the end of its output, which say more than ECONNRESET.
+ */
+export async function orDied<T>(daemon: { proc: ChildProcess; output: () => string }, call: Promise<T>): Promise<T> {
+  try {
+    return await call;
+  } catch (err) {
+    await sleep(200);
+    const { exitCode, signalCode } = daemon.proc;
+    throw new Error(
+      `${String(err)}; the daemon: exit ${exitCode}, signal ${signalCode}; output: ${daemon.output().slice(-2000)}`,
+    );
+  }
+}
