@@ -1,15 +1,24 @@
+import { performance } from "node:perf_hooks";
+
 /**
  * The daemon's notion of time, injected everywhere a timestamp or a deadline is computed
  * (pino's lib/time.js, graphile-worker's useNodeTime): domain code never calls Date.now(),
  * so expiry can be tested on a fake clock instead of on sleeps.
  *
+ * Two clocks, as etcd's lessor and logind's idle timers keep them: `now()` is the wall
+ * clock, for display and the record only; `mono()` is monotonic, and every deadline runs on
+ * it. A wall-clock step (NTP, `date -s`) then moves what the record says, never when a
+ * session expires. Timers (`at`) are armed on the monotonic clock, as Node's setTimeout is.
+ *
  * Only detection timers go through the clock. Operational waits (a step's timeout, the
  * SIGTERM grace period) are real time by nature: they wait for real processes.
  */
 export interface Clock {
-  /** Milliseconds since the epoch. */
+  /** Wall clock: milliseconds since the epoch. For display and the record. */
   now(): number;
-  /** Calls `fn` once the clock reaches `at` (ms since the epoch); returns a cancel function. */
+  /** Monotonic milliseconds from an arbitrary origin: deadlines and stall detection. */
+  mono(): number;
+  /** Calls `fn` once the monotonic clock reaches `at`; returns a cancel function. */
   at(at: number, fn: () => void): () => void;
 }
 
@@ -18,14 +27,17 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export const systemClock: Clock = {
   now: () => Date.now(),
+  // performance.now() is CLOCK_MONOTONIC (libuv's hrtime): it does not move with the wall
+  // clock, and it keeps counting while the process is stopped (SIGSTOP, a VM freeze).
+  mono: () => performance.now(),
   at(at, fn) {
     let timer: NodeJS.Timeout | undefined;
     const arm = (): void => {
-      const delay = at - Date.now();
+      const delay = at - performance.now();
       if (delay > MAX_TIMER_MS) {
         timer = setTimeout(arm, MAX_TIMER_MS);
       } else {
-        timer = setTimeout(fn, Math.max(0, delay));
+        timer = setTimeout(fn, Math.max(0, Math.ceil(delay)));
       }
       timer.unref();
     };
@@ -34,9 +46,14 @@ export const systemClock: Clock = {
   },
 };
 
-/** A clock that moves only when told to; timers fire synchronously inside `advance`. */
+/**
+ * A clock that moves only when told to; timers fire synchronously inside `advance`. The
+ * monotonic clock starts far from the wall clock, so that a value of one used as the other
+ * shows in a test.
+ */
 export class FakeClock implements Clock {
   private current: number;
+  private monotonic = 1_000_000;
   private timers: { at: number; fn: () => void; id: number }[] = [];
   private nextId = 0;
 
@@ -48,6 +65,10 @@ export class FakeClock implements Clock {
     return this.current;
   }
 
+  mono(): number {
+    return this.monotonic;
+  }
+
   at(at: number, fn: () => void): () => void {
     const id = this.nextId++;
     this.timers.push({ at, fn, id });
@@ -56,16 +77,41 @@ export class FakeClock implements Clock {
     };
   }
 
+  /** Time passes normally: both clocks move, and each timer fires at its moment. */
   advance(ms: number): void {
-    const target = this.current + ms;
+    const target = this.monotonic + ms;
     for (;;) {
-      const due = this.timers.filter((t) => t.at <= target).sort((a, b) => a.at - b.at)[0];
+      const due = this.nextDue(target);
       if (!due) break;
-      this.timers = this.timers.filter((t) => t.id !== due.id);
-      this.current = Math.max(this.current, due.at);
+      const step = Math.max(0, due.at - this.monotonic);
+      this.monotonic += step;
+      this.current += step;
       due.fn();
     }
-    this.current = target;
+    this.current += target - this.monotonic;
+    this.monotonic = target;
+  }
+
+  /**
+   * The process did not run for `ms` (SIGSTOP, a VM freeze, a blocked loop): both clocks
+   * move at once, then the timers that came due fire, all late, in their order.
+   */
+  stall(ms: number): void {
+    this.monotonic += ms;
+    this.current += ms;
+    this.advance(0);
+  }
+
+  /** The wall clock is stepped (NTP, `date -s`); monotonic time does not move. */
+  stepWall(ms: number): void {
+    this.current += ms;
+  }
+
+  private nextDue(target: number): { at: number; fn: () => void; id: number } | undefined {
+    let due: { at: number; fn: () => void; id: number } | undefined;
+    for (const t of this.timers) if (t.at <= target && (due === undefined || t.at < due.at)) due = t;
+    if (due !== undefined) this.timers = this.timers.filter((t) => t !== due);
+    return due;
   }
 }
 

@@ -48,21 +48,50 @@ export const ERRORS = {
   SR_TOO_MANY_SESSIONS: { status: 429, summary: "the caller's uid already has api.max_sessions_per_uid live sessions" },
   SR_UNKNOWN_PROFILE: { status: 400, summary: "no profile has this name" },
   SR_TIMEOUT_ABOVE_MAX: { status: 400, summary: "a requested timeout exceeds the profile's maximum" },
+  SR_CONTAINMENT_UNAVAILABLE: {
+    status: 400,
+    summary: 'the profile requires a cgroup per session (containment = "cgroup") and none could be made or filled',
+  },
   SR_SESSION_EXISTS: { status: 409, summary: "a session with this id already exists" },
   SR_SESSION_NOT_FOUND: { status: 404, summary: "no session has this id" },
   SR_SESSION_FENCED: { status: 409, summary: "the session is being reaped or was reaped" },
   SR_SESSION_NOT_LIVE: { status: 409, summary: "the session is no longer live" },
   SR_INVALID_CURSOR: { status: 400, summary: "the list cursor is malformed" },
   SR_SHUTTING_DOWN: { status: 503, summary: "the daemon is shutting down and takes no new sessions" },
+  SR_STORE_UNAVAILABLE: {
+    status: 503,
+    summary:
+      "the database cannot commit now (locked by another process, disk full, I/O error): nothing was changed; retry later",
+  },
   SR_INTERNAL: { status: 500, summary: "an unexpected error; see the daemon's log" },
   SR_CONFIG_INVALID: { status: 500, summary: "the configuration is invalid" },
   SR_DAEMON_UNREACHABLE: { status: 503, summary: "the daemon's socket cannot be reached (CLI only)" },
+  SR_ALREADY_RUNNING: {
+    status: 500,
+    summary: "another daemon holds the database's lock or answers on the socket (start only: exit 78)",
+  },
+  SR_STORE_CORRUPT: { status: 500, summary: "the database failed its integrity check (start only: exit 78)" },
+  SR_STORE_UNUSABLE: { status: 500, summary: "the database cannot be opened or written (start only: exit 78)" },
 } as const;
 
 export type ErrorCode = keyof typeof ERRORS;
 
 /** Codes that never come from the daemon's own process, so never in an HTTP answer. */
-const NOT_FROM_THE_API: ReadonlySet<ErrorCode> = new Set(["SR_CONFIG_INVALID", "SR_DAEMON_UNREACHABLE"]);
+const NOT_FROM_THE_API: ReadonlySet<ErrorCode> = new Set([
+  "SR_CONFIG_INVALID",
+  "SR_DAEMON_UNREACHABLE",
+  "SR_ALREADY_RUNNING",
+  "SR_STORE_CORRUPT",
+  "SR_STORE_UNUSABLE",
+]);
+
+/** Codes that stop the daemon at start with exit 78 (EX_CONFIG: systemd does not restart-loop on it). */
+export const START_REFUSALS: ReadonlySet<ErrorCode> = new Set([
+  "SR_CONFIG_INVALID",
+  "SR_ALREADY_RUNNING",
+  "SR_STORE_CORRUPT",
+  "SR_STORE_UNUSABLE",
+]);
 
 /** The codes an API answer may carry (the OpenAPI document's error envelope lists them). */
 export const API_ERROR_CODES: readonly ErrorCode[] = (Object.keys(ERRORS) as ErrorCode[]).filter(

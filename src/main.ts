@@ -9,7 +9,8 @@
 import { parseArgs } from "node:util";
 import { loadConfig } from "./config/load.js";
 import { Daemon, VERSION } from "./daemon/daemon.js";
-import { ReaperError, errorMessage } from "./errors.js";
+import { START_REFUSALS, ReaperError, errorMessage } from "./errors.js";
+import { socketAnswers } from "./http/listen.js";
 import { activationFd, watchdogIntervalMs } from "./systemd/notify.js";
 import { FAILPOINTS } from "./reaper/reaper.js";
 
@@ -31,7 +32,9 @@ Options:
   -V, --version       print the version
 
 Environment: REAPER_CONFIG, REAPER_SOCKET, REAPER_DB, REAPER_LOG_LEVEL override the file.
-Exit codes: 0 stopped cleanly, 1 forced stop, 70 crash, 78 invalid configuration.
+Exit codes: 0 stopped cleanly, 1 forced stop, 2 usage error, 70 crash,
+  78 refused to start: invalid configuration, another daemon holds the database
+  or answers on the socket, or the database is corrupt or cannot be written.
 `;
 
 async function main(): Promise<number | null> {
@@ -51,9 +54,18 @@ async function main(): Promise<number | null> {
   if (args.help) return (process.stdout.write(USAGE), 0);
   if (args.version) return (process.stdout.write(`${VERSION}\n`), 0);
 
-  let daemon: Daemon;
+  let daemon: Daemon | undefined;
   try {
     const config = loadConfig({ configPath: args.config, env: process.env, cwd: process.cwd() });
+    const inherited = activationFd(process.env, process.pid);
+    // Before anything is opened or written: a socket another daemon answers on means that
+    // daemon owns this host's sessions (the database lock is checked next, in Daemon).
+    if (inherited === null && (await socketAnswers(config.api.socket))) {
+      throw new ReaperError(
+        "SR_ALREADY_RUNNING",
+        `another daemon is already listening on ${config.api.socket}: stop it first, or give this one another api.socket`,
+      );
+    }
     daemon = new Daemon({
       config,
       notifySocket: process.env.NOTIFY_SOCKET || undefined,
@@ -62,38 +74,41 @@ async function main(): Promise<number | null> {
       // A failpoint is a crash: no flush, no cleanup, exactly like the OOM killer's SIGKILL.
       crash: () => process.kill(process.pid, "SIGKILL"),
     });
-    const inherited = activationFd(process.env, process.pid);
     await daemon.start();
     await daemon.listen(inherited);
     daemon.announceReady();
   } catch (err) {
     process.stderr.write(`reaperd: ${errorMessage(err)}\n`);
-    return err instanceof ReaperError && err.code === "SR_CONFIG_INVALID" ? EXIT_CONFIG : EXIT_CRASH;
+    daemon?.loggers.flush();
+    // Exit now: timers and handles a half-started daemon opened would keep it alive with no
+    // socket (a daemon that cannot serve must not look alive to systemd).
+    process.exit(err instanceof ReaperError && START_REFUSALS.has(err.code) ? EXIT_CONFIG : EXIT_CRASH);
   }
+  const running = daemon;
 
   let stopping = false;
   const onSignal = (signal: NodeJS.Signals): void => {
     if (stopping) {
-      daemon.log.warn({ signal }, "second signal: forced exit");
-      daemon.loggers.flush();
+      running.log.warn({ signal }, "second signal: forced exit");
+      running.loggers.flush();
       process.exit(EXIT_FORCED);
     }
     stopping = true;
-    daemon.log.info({ signal }, "stopping");
+    running.log.info({ signal }, "stopping");
     // In-flight reaps get shutdown_grace_sec, then pause at their next step boundary; a step
     // that does not reach one within FORCED_EXIT_MARGIN_SEC more forces the exit (the unit's
     // TimeoutStopSec must exceed both).
-    const budgetMs = (daemon.config.reaper.shutdownGraceSec + FORCED_EXIT_MARGIN_SEC) * 1000;
+    const budgetMs = (running.config.reaper.shutdownGraceSec + FORCED_EXIT_MARGIN_SEC) * 1000;
     setTimeout(() => {
-      daemon.log.error({ budgetMs }, "graceful stop took too long: forced exit");
-      daemon.loggers.flush();
+      running.log.error({ budgetMs }, "graceful stop took too long: forced exit");
+      running.loggers.flush();
       process.exit(EXIT_FORCED);
     }, budgetMs).unref();
-    daemon.stop().then(
+    running.stop().then(
       () => process.exit(0),
       (err: unknown) => {
-        daemon.log.error({ err }, "stop failed");
-        daemon.loggers.flush();
+        running.log.error({ err }, "stop failed");
+        running.loggers.flush();
         process.exit(EXIT_CRASH);
       },
     );
@@ -101,8 +116,17 @@ async function main(): Promise<number | null> {
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
   process.on("uncaughtException", (err) => {
-    daemon.log.fatal({ err }, "uncaught exception");
-    daemon.loggers.flush();
+    // The log sink never throws (src/audit/sink.ts); stderr is the fallback of last resort.
+    try {
+      running.log.fatal({ err }, "uncaught exception");
+      running.loggers.flush();
+    } catch {
+      try {
+        process.stderr.write(`reaperd: uncaught exception: ${errorMessage(err)}\n`);
+      } catch {
+        // nowhere left to say it
+      }
+    }
     process.exit(EXIT_CRASH);
   });
   return null; // keep running

@@ -12,6 +12,7 @@ import { buildConfig, type Config } from "../src/config/load.js";
 import { Daemon } from "../src/daemon/daemon.js";
 import { mountPoints } from "../src/paths/validate.js";
 import { readStat, isExited } from "../src/proc/stat.js";
+import { NOT_YET_REAPED, type Session } from "../src/sessions/types.js";
 
 export const ENGINE = fileURLToPath(new URL("./fixtures/engine.js", import.meta.url));
 export const REAPERD = fileURLToPath(new URL("../src/main.js", import.meta.url));
@@ -336,5 +337,30 @@ export function apiAs(t: { after: (fn: () => void) => void }, user: TestUser, so
         waiting.push((line) => resolve(JSON.parse(line) as never));
         child.stdin?.write(JSON.stringify({ method, path, body }) + "\n");
       }),
+  };
+}
+
+/** A made-up live session row for store tests (the pid need not exist). */
+export function storedSession(id: string, over: Partial<Session> = {}, t0 = Date.UTC(2026, 0, 1)): Session {
+  return {
+    id,
+    profile: "default",
+    owner: "alice",
+    engine: { pid: 4242, startTime: 123456, bootId: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", uid: 1000 },
+    ownerPid: null,
+    ports: [],
+    paths: [],
+    labels: {},
+    heartbeatTimeoutSec: 30,
+    idleTimeoutSec: 3600,
+    maxLifetimeSec: 0,
+    createdAt: t0,
+    lastHeartbeatAt: t0,
+    lastActivityAt: t0,
+    deadline: t0 + 30_000,
+    ...NOT_YET_REAPED,
+    registeredBy: { uid: 1000, admin: false, via: "unix" },
+    containment: null,
+    ...over,
   };
 }

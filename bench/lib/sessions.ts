@@ -69,6 +69,7 @@ export function seedLiveSessions(
             deadline: now + timeoutSec * 1000,
             ...NOT_YET_REAPED,
             registeredBy: { uid: 0, admin: true, via: "unix" },
+            containment: null,
           };
           store.insertSession(session);
         }

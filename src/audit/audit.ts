@@ -1,6 +1,7 @@
 import { EventEmitter } from "node:events";
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
+import { ReaperError } from "../errors.js";
 import type { NewEvent, Store } from "../store/store.js";
 
 export const AUDIT_EVENTS = [
@@ -14,6 +15,7 @@ export const AUDIT_EVENTS = [
   "reap.step",
   "reap.finished",
   "orphan.found",
+  "daemon.stalled",
 ] as const;
 export type AuditEventName = (typeof AUDIT_EVENTS)[number];
 
@@ -79,18 +81,46 @@ export class AuditTrail {
     else fn();
   }
 
+  /**
+   * Records one event. Inside a transaction it commits or rolls back with it (and a store
+   * failure propagates to the transaction's caller). Outside one, the row is its own
+   * transaction; if the store cannot commit it (SR_STORE_UNAVAILABLE), the line is still
+   * written and the event emitted, marked `stored: false`: a daemon-level event (stopping,
+   * stalled) must not fail what records it.
+   */
   record(e: AuditEvent): void {
     const full: RecordedAuditEvent = { ...e, at: this.clock.now() };
     if (full.durationMs !== undefined) full.durationMs = Math.round(full.durationMs);
-    this.store.insertEvent(full);
-    if (this.pending !== null) this.pending.push(full);
-    else this.publish(full);
+    if (this.pending !== null) {
+      this.store.insertEvent(full);
+      this.pending.push(full);
+      return;
+    }
+    try {
+      this.store.transaction(() => this.store.insertEvent(full));
+    } catch (err) {
+      if (!(err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE")) throw err;
+      full.detail = { ...full.detail, stored: false };
+    }
+    this.publish(full);
   }
 
+  /**
+   * The line and the event, after the commit. Never throws: the decision is committed, and
+   * what fails here (a listener) must not turn it into an error for the caller.
+   */
   private publish(e: RecordedAuditEvent): void {
     const { at, ...fields } = e;
     void at; // pino stamps the line with the same injected clock (see createLogger)
-    this.log.info(fields, e.event);
-    this.events.emit("audit", e);
+    try {
+      this.log.info(fields, e.event);
+    } catch {
+      // the sink counts what it could not write (src/audit/sink.ts)
+    }
+    try {
+      this.events.emit("audit", e);
+    } catch {
+      // a listener's failure is its own
+    }
   }
 }

@@ -1,6 +1,7 @@
 import pino, { type Logger } from "pino";
 import type { Clock } from "../clock.js";
 import type { LogLevel } from "../config/load.js";
+import { LogSink } from "./sink.js";
 
 export interface Loggers {
   /** Operational lines, at the configured level. */
@@ -9,6 +10,8 @@ export interface Loggers {
   audit: Logger;
   /** Flushes buffered lines; call before exit. */
   flush(): void;
+  /** The file or stdout sink (null when a stream was given): counts lines it could not write. */
+  sink: LogSink | null;
 }
 
 /**
@@ -23,7 +26,9 @@ export function createLogger(opts: {
 }): Loggers {
   // Synchronous writes: a daemon killed with SIGKILL (OOM killer, failpoint) must not lose
   // audit lines sitting in a buffer. Lines are few (per decision, never per heartbeat).
-  const destination = opts.stream ?? pino.destination({ dest: opts.file || 1, sync: true, mkdir: true });
+  // A failing sink drops lines and counts them, never throws (src/audit/sink.ts).
+  const sink = opts.stream === undefined ? new LogSink(opts.file) : null;
+  const destination: pino.DestinationStream = opts.stream ?? (sink as LogSink);
   const root = pino(
     {
       level: opts.level === "silent" ? "silent" : "trace",
@@ -39,6 +44,7 @@ export function createLogger(opts: {
   return {
     log,
     audit,
+    sink,
     flush() {
       const d = destination as { flushSync?: () => void };
       try {

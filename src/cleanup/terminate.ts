@@ -1,6 +1,10 @@
+import { rmdirSync } from "node:fs";
 import { performance } from "node:perf_hooks";
-import { liveness } from "../proc/identity.js";
-import { killCgroup, signalProcess } from "../proc/signal.js";
+import { cgroupPids } from "../proc/cgroup.js";
+import { emptied } from "../proc/containment.js";
+import { bootId, liveness } from "../proc/identity.js";
+import { killCgroup, killSessionCgroup, signalProcess } from "../proc/signal.js";
+import { readStat, readUid } from "../proc/stat.js";
 import { processTree } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
@@ -29,9 +33,21 @@ export const terminate: CleanupStep = {
     const known = knownProcesses(ctx.journal);
     const seen = new Map<string, ProcessIdentity>();
     const key = (p: ProcessIdentity): string => `${p.pid}:${p.startTime}`;
+    const cg = ctx.session.containment?.kind === "cgroup" ? ctx.session.containment : null;
+    /** The contained session's cgroup members, as identities (whatever their ancestry). */
+    const members = (): ProcessIdentity[] => {
+      if (cg === null) return [];
+      const out: ProcessIdentity[] = [];
+      for (const pid of cgroupPids(cg.path)) {
+        const st = readStat(pid);
+        const uid = readUid(pid);
+        if (st !== null && uid !== null) out.push({ pid, startTime: st.startTime, bootId: bootId(), uid });
+      }
+      return out;
+    };
     const rescan = (): ProcessIdentity[] => {
       const fresh: ProcessIdentity[] = [];
-      for (const p of processTree(ctx.session.engine, [...known, ...seen.values()])) {
+      for (const p of [...processTree(ctx.session.engine, [...known, ...seen.values()]), ...members()]) {
         if (!seen.has(key(p))) {
           seen.set(key(p), p);
           fresh.push(p);
@@ -58,7 +74,13 @@ export const terminate: CleanupStep = {
       }).length;
 
     let sigterm = send(rescan(), "SIGTERM");
-    if (seen.size === 0) return { ok: true, detail: { skipped: "engine already gone", processes: [] } };
+    if (seen.size === 0 && (cg === null || cgroupPids(cg.path).length === 0)) {
+      const removed = cg !== null && cg.made && removeCgroup(cg.path);
+      return {
+        ok: true,
+        detail: { skipped: "engine already gone", processes: [], ...cgroupDetail(cg, null, removed) },
+      };
+    }
 
     const graceEnd = Math.min(performance.now() + ctx.profile.gracePeriodSec * 1000, ctx.deadline - KILL_WAIT_MS);
     while (!signal.aborted && alive().length > 0 && performance.now() < graceEnd) {
@@ -69,9 +91,18 @@ export const terminate: CleanupStep = {
     let sigstop = 0;
     let sigkill = 0;
     let cgroupKill: string | null = null;
+    // Contained: the kernel ends every member at once, and says when the cgroup is empty.
+    let containedKill: "sent" | "refused" | "failed" | null = null;
+    if (cg !== null && cgroupPids(cg.path).length > 0) {
+      rescan();
+      containedKill = killSessionCgroup(cg.path, ctx.log, policy);
+      if (containedKill === "sent") {
+        await emptied(cg.path, Math.max(0, Math.min(KILL_WAIT_MS, ctx.deadline - performance.now() - 100)), signal);
+      }
+    }
     if (alive().length > 0) {
       rescan();
-      cgroupKill = killCgroup(ctx.session.engine, ctx.log, policy);
+      cgroupKill = cg === null ? killCgroup(ctx.session.engine, ctx.log, policy) : null;
       // Freeze: stop everything alive; a stopped process cannot fork, so a scan that finds no
       // newcomer means the tree is complete.
       const stopped = new Set<string>();
@@ -94,6 +125,9 @@ export const terminate: CleanupStep = {
 
     const survivors = alive();
     const refused = [...notOurs.values()].filter((p) => liveness(p) === "alive");
+    // A contained session's cgroup, once empty, is removed (when the daemon made it).
+    const inCgroup = cg === null ? [] : cgroupPids(cg.path);
+    const removed = cg !== null && cg.made && inCgroup.length === 0 ? removeCgroup(cg.path) : false;
     const leftovers: Leftover[] = [
       ...survivors.map((p) => ({
         step: "terminate" as const,
@@ -108,19 +142,49 @@ export const terminate: CleanupStep = {
         detail: `not signalled: runs as uid ${p.uid}, and the session was registered by uid ${ctx.session.registeredBy.uid ?? "?"}, not an admin`,
       })),
     ];
+    for (const pid of inCgroup) {
+      if (survivors.some((p) => p.pid === pid) || refused.some((p) => p.pid === pid)) continue;
+      leftovers.push({
+        step: "terminate",
+        kind: "process",
+        item: String(pid),
+        detail: "still in the session's cgroup",
+      });
+    }
     return {
-      ok: survivors.length === 0 && refused.length === 0,
+      ok: survivors.length === 0 && refused.length === 0 && inCgroup.length === 0,
       detail: {
         processes: [...seen.values()].map((p) => ({ pid: p.pid, startTime: p.startTime })),
         sigterm,
         sigstop,
         sigkill,
         ...(cgroupKill === null ? {} : { cgroupKill }),
+        ...cgroupDetail(cg, containedKill, removed),
       },
       leftovers,
     };
   },
 };
+
+/** What the terminate record says of the session's cgroup. */
+function cgroupDetail(
+  cg: { path: string; made: boolean } | null,
+  kill: "sent" | "refused" | "failed" | null,
+  removed = false,
+): Record<string, unknown> {
+  if (cg === null) return {};
+  return { cgroup: { path: cg.path, kill: kill ?? "not needed", removed } };
+}
+
+/** rmdir of an empty cgroup the daemon made (not a file delete: a cgroup holds no files). */
+function removeCgroup(path: string): boolean {
+  try {
+    rmdirSync(path);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "ENOENT";
+  }
+}
 
 export type TerminatedProcess = { pid: number; startTime: number };
 

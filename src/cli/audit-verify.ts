@@ -24,7 +24,14 @@ interface SessionTrail {
   outcome: string | null;
   lastEvent: string;
   lastLine: number;
+  /** From session.registered: whether it got a cgroup (null: not in this log, or older). */
+  contained: boolean | null;
+  /** reap.finished's `verified` (null: a line from before the verification pass). */
+  verified: string[] | null;
 }
+
+/** What a `clean` must have been verified by, given the session's containment. */
+const MUST_VERIFY = ["tree", "cookie", "ports", "paths"];
 
 /** What one pass over the lines found. */
 export interface Trail {
@@ -81,16 +88,31 @@ export function addLine(trail: Trail, text: string): void {
   if (sessionId === null) return malformed(); // a session event must say which session
   let s = trail.sessions.get(sessionId);
   if (s === undefined) {
-    s = { id: sessionId, leftLive: false, finished: false, reason: null, outcome: null, lastEvent: "", lastLine: 0 };
+    s = {
+      id: sessionId,
+      leftLive: false,
+      finished: false,
+      reason: null,
+      outcome: null,
+      lastEvent: "",
+      lastLine: 0,
+      contained: null,
+      verified: null,
+    };
     trail.sessions.set(sessionId, s);
   }
   s.lastEvent = rec.event;
   s.lastLine = line;
   if (typeof rec.reason === "string") s.reason = rec.reason;
   if (LEAVING_LIVE.has(rec.event)) s.leftLive = true;
+  const detail = (rec.detail ?? {}) as { containment?: { kind?: unknown }; verified?: unknown };
+  if (rec.event === "session.registered" && detail.containment !== undefined) {
+    s.contained = detail.containment?.kind === "cgroup";
+  }
   if (rec.event === "reap.finished") {
     s.finished = true;
     s.outcome = typeof rec.outcome === "string" ? rec.outcome : null;
+    s.verified = Array.isArray(detail.verified) ? detail.verified.filter((v) => typeof v === "string") : null;
   }
 }
 
@@ -118,6 +140,12 @@ export interface VerifyReport {
   missing: { sessionId: string; reason: string | null; lastEvent: string; line: number; daemon: string }[];
   /** The log and the daemon disagree about a session's end. */
   mismatches: { sessionId: string; detail: string }[];
+  /**
+   * Sessions reaped `clean` whose clean was verified by less than their containment allowed
+   * (no `cgroup` check for a contained session, a check missing, or none at all): listed, not
+   * counted against `complete` (a trail from before the verification pass has none).
+   */
+  weaklyVerified: { sessionId: string; verified: string[] | null; missing: string[] }[];
   malformed: { line: number; text: string }[];
   unknown: { line: number; event: string; sessionId: string | null }[];
   daemon: DaemonCheck;
@@ -131,6 +159,7 @@ export function verifyTrail(
 ): VerifyReport {
   const missing: VerifyReport["missing"] = [];
   const mismatches: VerifyReport["mismatches"] = [];
+  const weaklyVerified: VerifyReport["weaklyVerified"] = [];
   let live = 0;
   let reaped = 0;
   for (const s of trail.sessions.values()) {
@@ -154,6 +183,11 @@ export function verifyTrail(
                 : "live",
       });
     } else live++;
+    if (s.finished && s.outcome === "clean") {
+      const must = s.contained === true ? ["cgroup", ...MUST_VERIFY] : MUST_VERIFY;
+      const lacking = must.filter((m) => !(s.verified ?? []).includes(m));
+      if (lacking.length > 0) weaklyVerified.push({ sessionId: s.id, verified: s.verified, missing: lacking });
+    }
     if (v === undefined) continue;
     if (s.finished && !v.known) mismatches.push({ sessionId: s.id, detail: "the daemon does not know this session" });
     else if (s.finished && !daemonFinished)
@@ -169,6 +203,7 @@ export function verifyTrail(
     sessions: { seen: trail.sessions.size, live, reaped, missing: missing.length },
     missing,
     mismatches,
+    weaklyVerified,
     malformed: trail.malformed,
     unknown: trail.unknown,
     daemon,
@@ -255,6 +290,7 @@ export function renderReport(r: VerifyReport): string {
     ["still live", String(r.sessions.live)],
     ["missing reap.finished", String(r.sessions.missing)],
     ["log/daemon mismatches", String(r.mismatches.length)],
+    ["clean, weakly verified", String(r.weaklyVerified.length)],
     ["malformed lines", String(r.malformed.length)],
     ["unknown events", String(r.unknown.length)],
     ["daemon", daemon],
@@ -275,6 +311,17 @@ export function renderReport(r: VerifyReport): string {
     text +=
       "\nLog and daemon disagree:\n" +
       table([["SESSION", "DETAIL"], ...r.mismatches.map((m) => [m.sessionId, m.detail])], true);
+  }
+  if (r.weaklyVerified.length > 0) {
+    text +=
+      "\nClean, but verified by less than the session's containment allowed:\n" +
+      table(
+        [
+          ["SESSION", "VERIFIED", "NOT VERIFIED"],
+          ...r.weaklyVerified.map((w) => [w.sessionId, (w.verified ?? ["(none)"]).join(","), w.missing.join(",")]),
+        ],
+        true,
+      );
   }
   if (r.malformed.length > 0) {
     text +=

@@ -189,7 +189,9 @@ function orphanAction(f: OrphanJson): string {
 
 function orphanWhat(f: OrphanJson): string {
   if (f.kind === "path") return f.path ?? "";
-  const cmd = (f.cmdline ?? f.exe ?? "").slice(0, 80);
+  const full = f.cmdline ?? f.exe ?? "";
+  // Cut at 80 characters, with a marker: a cut line must not pass for the whole command.
+  const cmd = full.length > 80 ? `${full.slice(0, 79)}…` : full;
   if (f.kind === "identity_mismatch") return `pid ${f.pid}: ${f.detail ?? ""}`;
   const tree = f.processes.length > 1 ? `, ${f.processes.length} processes` : "";
   const ports = f.ports.length > 0 ? `, ports ${f.ports.join(",")}` : "";

@@ -61,6 +61,8 @@ export interface Session {
   reapAttempts: number;
   /** Who registered the session (the unix socket peer's uid); uid null for loopback TCP. */
   registeredBy: { uid: number | null; admin: boolean; via: "unix" | "tcp" | null };
+  /** A cgroup of its own, or none and why (null: registered before containment existed). */
+  containment: { kind: "cgroup"; path: string; made: boolean } | { kind: "none"; why: string } | null;
   /** On GET /v1/sessions/{id} only. */
   steps?: {
     name: StepName;

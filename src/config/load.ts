@@ -34,6 +34,8 @@ export interface Profile {
    * the liveness pass counts the engine as active, moving its activity time; null = off.
    */
   readonly busyCpuPercent: number | null;
+  /** auto: a cgroup per session where the host allows one; cgroup: required; none: never. */
+  readonly containment: "auto" | "cgroup" | "none";
   /** How the orphan sweep recognises this profile's engines and leftovers; null = off. */
   readonly orphans: OrphanPolicy | null;
 }
@@ -65,6 +67,8 @@ export interface Config {
   readonly detect: { readonly livenessSchedule: string };
   readonly reaper: { readonly concurrency: number; readonly shutdownGraceSec: number };
   readonly orphans: { readonly schedule: string };
+  /** Where session cgroups are made: an absolute path in the cgroup v2 tree, or "" (found at start). */
+  readonly containment: { readonly cgroupBase: string };
   readonly profiles: Readonly<Record<string, Profile>>;
 }
 
@@ -168,6 +172,7 @@ type Raw = {
   detect?: { liveness_schedule?: string };
   reaper?: { concurrency?: number; shutdown_grace_sec?: number };
   orphans?: { schedule?: string };
+  containment?: { cgroup_base?: string };
   profiles?: Record<string, RawProfile>;
 };
 type RawOrphans = {
@@ -189,6 +194,7 @@ type RawProfile = {
   close_hook?: string | string[];
   release_hooks?: (string | string[])[];
   busy_cpu_percent?: number;
+  containment?: "auto" | "cgroup" | "none";
   orphans?: RawOrphans;
 };
 
@@ -273,6 +279,7 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       shutdownGraceSec: raw.reaper?.shutdown_grace_sec ?? DEFAULTS.reaper.shutdown_grace_sec,
     },
     orphans: { schedule: orphanSchedule },
+    containment: { cgroupBase: raw.containment?.cgroup_base ?? DEFAULTS.containment.cgroup_base },
     profiles,
   });
 }
@@ -331,6 +338,7 @@ function buildProfile(
         : { kind: "command", argv: h },
     ),
     busyCpuPercent: busy > 0 ? busy : null,
+    containment: p.containment,
     orphans: orphanPolicy(p.orphans, roots, p.allowed_uids ?? null, `${where}: profiles.${name}.orphans`),
   };
 }

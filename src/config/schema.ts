@@ -10,6 +10,7 @@ export const PROFILE_DEFAULTS = {
   step_timeout_sec: 30,
   allowed_roots: ["/tmp", "/var/tmp"],
   release_hooks: [],
+  containment: "auto",
 } as const;
 
 export const DEFAULTS = {
@@ -29,6 +30,9 @@ export const DEFAULTS = {
   reaper: { concurrency: 8, shutdown_grace_sec: 20 },
   // Every minute (croner, with seconds); the sweep also runs once at start, after recovery.
   orphans: { schedule: "0 * * * * *" },
+  // "": found at start (the service's own delegated cgroup under systemd, else a
+  // session-reaper tree at the cgroup v2 root); see src/proc/containment.ts.
+  containment: { cgroup_base: "" },
 } as const;
 
 /** A profile's [profiles.NAME.orphans] table: mode when absent, and the age below which nothing is taken. */
@@ -48,6 +52,9 @@ const profileSchema = {
     // Engine CPU above this (percent of one core) counts as activity; 0 turns it off (absent
     // is off too, unless [profiles.default] sets it). load.ts caps it at 100 × the host's cores.
     busy_cpu_percent: { type: "number", minimum: 0 },
+    // auto: a cgroup of its own for every session where the host allows one; cgroup: required
+    // (registration is refused without one); none: never.
+    containment: { enum: ["auto", "cgroup", "none"] },
     allowed_roots: {
       type: "array",
       items: { type: "string", pattern: "^/", minLength: 2 },
@@ -177,6 +184,13 @@ export const configSchema = {
       additionalProperties: false,
       properties: {
         schedule: { type: "string", minLength: 1 },
+      },
+    },
+    containment: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        cgroup_base: { type: "string", pattern: "^(/.*)?$" },
       },
     },
     profiles: {

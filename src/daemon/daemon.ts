@@ -1,4 +1,4 @@
-import { readFileSync } from "node:fs";
+import { readFileSync, readdirSync } from "node:fs";
 import type { FastifyInstance } from "fastify";
 import pidusage from "pidusage";
 import type { DestinationStream, Logger } from "pino";
@@ -7,7 +7,13 @@ import { Callers } from "../auth/caller.js";
 import { createLogger, type Loggers } from "../audit/logger.js";
 import { systemClock, type Clock } from "../clock.js";
 import type { Config } from "../config/load.js";
-import { Detector, type LiveSession } from "../detect/detector.js";
+import { Detector } from "../detect/detector.js";
+import { StallWatch } from "../detect/stall.js";
+import { ReaperError } from "../errors.js";
+import { LiveSessions } from "../sessions/live.js";
+import { WriteBehind } from "../sessions/write-behind.js";
+import { DatabaseLock } from "../store/lock.js";
+import { SessionCgroups } from "../proc/containment.js";
 import type { Server } from "node:http";
 import { loadToken } from "../auth/tcp.js";
 import { closeServer, listenFd, listenTcp, listenUnix } from "../http/listen.js";
@@ -16,30 +22,26 @@ import { Metrics } from "../metrics/metrics.js";
 import { OrphanSweep } from "../orphans/sweep.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
-import { deadlineOf } from "../detect/deadline.js";
-import { Store, type HeartbeatWrite } from "../store/store.js";
+import { Store } from "../store/store.js";
 import { addon } from "../native/addon.js";
 import { pidfd } from "../proc/pidfd.js";
 import { SystemdNotifier } from "../systemd/notify.js";
-import type { ProcessIdentity } from "../sessions/types.js";
 
 export const VERSION = (
   JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }
 ).version;
 
-/** Rows per heartbeat flush transaction: keeps each event-loop block to a few ms. */
-const FLUSH_CHUNK = 500;
-
-/** Shared by recovered sessions until the first liveness pass gives their engine its tree. */
-const NO_TREE: ProcessIdentity[] = [];
-
-/**
- * Whether the stored (indexed) deadline must be rewritten: unknown, or nearer than half the
- * real deadline's distance from now (see Daemon.takeDirty).
- */
-function deadlineStale(stored: number | undefined, at: number, now: number): boolean {
-  return stored === undefined || stored - now < (at - now) / 2;
-}
+/** A loop that did not run for longer than this was stalled (see StallWatch). */
+const STALL_THRESHOLD_MS = 1000;
+/** While the store cannot commit, a probe write is tried this often. */
+const STORE_PROBE_MS = 1000;
+/** Housekeeping: the fd check every tick, the WAL checkpoint every CHECKPOINT_TICKS. */
+const HOUSEKEEPING_MS = 10_000;
+const CHECKPOINT_TICKS = 6;
+/** Open fds above this share of the soft limit are warned about. */
+const FD_WARN_SHARE = 0.9;
+/** At most one warning per this many ms for a repeated resource error. */
+const WARN_EVERY_MS = 60_000;
 
 export type DaemonState = "starting" | "running" | "shutting_down" | "stopped";
 
@@ -62,8 +64,10 @@ export interface DaemonOptions {
 }
 
 /**
- * Wires the parts together and owns the lifecycle: start (migrations, recovery, resume),
- * stop (SHUTTING_DOWN first, keep serving, finish or pause reaps, flush, close).
+ * Wires the parts together and owns the lifecycle: start (lock, integrity check, migrations,
+ * recovery, resume), stop (SHUTTING_DOWN first, keep serving, finish or pause reaps, flush,
+ * close), and the daemon's own faults: stalls of its loop, a store that cannot commit,
+ * file descriptors running out.
  */
 export class Daemon {
   readonly config: Config;
@@ -73,6 +77,9 @@ export class Daemon {
   readonly store: Store;
   readonly metrics: Metrics;
   readonly audit: AuditTrail;
+  readonly registry: LiveSessions;
+  /** Where session cgroups are made (or why none can be). */
+  readonly cgroups: SessionCgroups;
   readonly detector: Detector;
   readonly reaper: Reaper;
   readonly sessions: Sessions;
@@ -82,12 +89,19 @@ export class Daemon {
   readonly callers: Callers;
   private stateValue: DaemonState = "starting";
   private startedAt = 0;
-  private flushTimer: NodeJS.Timeout | null = null;
+  private readonly lock: DatabaseLock;
+  private readonly writeBehind: WriteBehind;
+  private readonly stallWatch: StallWatch;
   private statusTimer: NodeJS.Timeout | null = null;
   private watchdogTimer: NodeJS.Timeout | null = null;
+  private probeTimer: NodeJS.Timeout | null = null;
+  private housekeepingTimer: NodeJS.Timeout | null = null;
+  private housekeepingTicks = 0;
+  /** Monotonic time the store stopped committing, or null while it commits. */
+  private storeDownSince: number | null = null;
+  private readonly lastWarned = new Map<string, number>();
   private readonly notifier: SystemdNotifier;
   private readonly watchdogMs: number | null;
-  private flushing: Promise<void> | null = null;
   /** sha256 of the loopback TCP bearer token; null when api.tcp is not configured. */
   private readonly tcpToken: Buffer | null;
   private tcpServer: Server | null = null;
@@ -99,15 +113,27 @@ export class Daemon {
     const daemonUid = opts.uid ?? process.geteuid?.() ?? 0;
     // Before anything is opened: a bad token file is a configuration error (exit 78).
     this.tcpToken = config.api.tcp ? loadToken(config.api.tcp.tokenFile, daemonUid) : null;
-    this.config = config;
-    this.clock = clock;
-    this.watchdogMs = opts.watchdogMs ?? null;
-    this.loggers = createLogger({ level: config.log.level, file: config.log.file, clock, stream: opts.logStream });
-    this.log = this.loggers.log;
-    this.notifier = new SystemdNotifier(opts.notifySocket, this.log);
-    this.store = new Store(config.store.path, clock.now());
+    // Before anything is written, the log file included: one daemon per database.
+    this.lock = DatabaseLock.acquire(config.store.path, process.pid);
+    try {
+      this.config = config;
+      this.clock = clock;
+      this.watchdogMs = opts.watchdogMs ?? null;
+      this.loggers = createLogger({ level: config.log.level, file: config.log.file, clock, stream: opts.logStream });
+      this.log = this.loggers.log;
+      this.notifier = new SystemdNotifier(opts.notifySocket, this.log);
+      this.store = new Store(config.store.path, clock.now());
+    } catch (err) {
+      this.lock.release();
+      throw err;
+    }
+    const sink = this.loggers.sink;
     this.audit = new AuditTrail(this.store, this.loggers.audit, clock);
-    this.metrics = new Metrics({ store: this.store, profiles: Object.keys(config.profiles) });
+    this.metrics = new Metrics({
+      store: this.store,
+      profiles: Object.keys(config.profiles),
+      logLinesDropped: () => sink?.dropped ?? 0,
+    });
     this.reaper = new Reaper({
       store: this.store,
       audit: this.audit,
@@ -119,13 +145,28 @@ export class Daemon {
       failpoints: opts.failpoints,
       crash: opts.crash,
     });
-    this.detector = new Detector(clock, config.detect.livenessSchedule, this.log, (id, reason, detail) =>
-      this.sessions.expire(id, reason, detail),
-    );
+    this.registry = new LiveSessions(clock);
+    this.cgroups =
+      config.store.path === ":memory:"
+        ? SessionCgroups.none("an in-memory database (tests)")
+        : SessionCgroups.find(config.containment.cgroupBase, config.store.path, this.log);
+    this.stallWatch = new StallWatch(clock, STALL_THRESHOLD_MS, (ms) => this.stalled("loop", ms));
+    this.detector = new Detector({
+      registry: this.registry,
+      clock,
+      livenessSchedule: config.detect.livenessSchedule,
+      log: this.log,
+      expire: (id, reason, detail) => this.expire(id, reason, detail),
+      // A stall is noticed before any deadline is read; nothing is judged on time while the
+      // store cannot commit.
+      mayJudgeTime: () => (this.stallWatch.check(), this.store.available),
+      onPidfdError: (code) => this.resourceError("pidfd", code),
+    });
     this.sessions = new Sessions({
       store: this.store,
       audit: this.audit,
-      detector: this.detector,
+      registry: this.registry,
+      cgroups: this.cgroups,
       reaper: this.reaper,
       clock,
       config,
@@ -133,6 +174,7 @@ export class Daemon {
       daemonPid,
       accepting: () => this.stateValue === "running" || this.stateValue === "starting",
     });
+    this.writeBehind = new WriteBehind(this.registry, this.store, this.log, config.store.flushIntervalMs);
     this.callers = new Callers({ adminGid: config.api.adminGid, daemonUid });
     this.orphans = new OrphanSweep({
       config,
@@ -140,6 +182,7 @@ export class Daemon {
       audit: this.audit,
       reaper: this.reaper,
       detector: this.detector,
+      registry: this.registry,
       metrics: this.metrics,
       clock,
       log: this.log,
@@ -154,6 +197,10 @@ export class Daemon {
       api: config.api,
       callers: this.callers,
       info: () => this.info(),
+    });
+    this.store.onHealth({
+      unavailable: (fault) => this.storeUnavailable(fault),
+      available: () => this.storeAvailable(),
     });
   }
 
@@ -176,33 +223,13 @@ export class Daemon {
    * meanwhile are reaped at once; reaps left unfinished resume.
    */
   async start(): Promise<void> {
-    const now = this.clock.now();
-    this.startedAt = now;
+    this.startedAt = this.clock.now();
     await this.app.ready();
     const resumed = this.reaper.resumeAll();
     let recovered = 0;
     for (const s of this.store.liveForRecovery()) {
       recovered++;
-      const live: LiveSession = {
-        id: s.id,
-        engine: s.engine,
-        ownerPid: s.ownerPid,
-        registeredBy: s.registeredBy,
-        createdAt: s.createdAt,
-        lastHeartbeatAt: s.lastHeartbeatAt,
-        lastActivityAt: s.lastActivityAt,
-        heartbeatTimeoutSec: s.heartbeatTimeoutSec,
-        idleTimeoutSec: s.idleTimeoutSec,
-        maxLifetimeSec: s.maxLifetimeSec,
-        recoveredAt: now,
-        dirty: false,
-        storedDeadline: s.deadline ?? undefined,
-        tree: NO_TREE, // replaced, never mutated, by the liveness pass
-        busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null,
-      };
-      // The heartbeat fields are as stored; only a deadline that recovery moved far is written.
-      live.dirty = deadlineStale(live.storedDeadline, deadlineOf(live).at, now);
-      this.detector.add(live);
+      this.registry.recover({ ...s, busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null });
     }
     if (addon === null) {
       this.log.error("the native addon is not built (npm ci builds it): every path delete will be refused");
@@ -210,9 +237,11 @@ export class Daemon {
       this.log.warn("no pidfd on this kernel: signals fall back to an identity check before kill(2)");
     }
     const goneAtStart = this.detector.checkLiveness();
+    this.stallWatch.start();
     this.detector.start();
-    this.flushTimer = setInterval(() => void this.flushHeartbeats(), this.config.store.flushIntervalMs);
-    this.flushTimer.unref();
+    this.writeBehind.start();
+    this.housekeepingTimer = setInterval(() => this.housekeeping(), HOUSEKEEPING_MS);
+    this.housekeepingTimer.unref();
     this.stateValue = "running";
     this.audit.record({
       event: "daemon.started",
@@ -238,6 +267,7 @@ export class Daemon {
   async listen(inheritedFd: number | null = null): Promise<void> {
     if (inheritedFd !== null) await listenFd(this.app, inheritedFd);
     else await listenUnix(this.app, this.config.api.socket, this.config.api.socketMode);
+    this.watchAccept(this.app.server);
     const tcp = this.config.api.tcp;
     if (tcp !== null && this.tcpToken !== null) {
       const server = buildTcpServer(
@@ -246,6 +276,7 @@ export class Daemon {
         this.tcpToken,
       );
       await listenTcp(server, tcp.host, tcp.port);
+      this.watchAccept(server);
       this.tcpServer = server;
     }
     this.log.info(
@@ -267,7 +298,8 @@ export class Daemon {
   statusLine(): string {
     const c = this.store.counts();
     const queued = this.reaper.pending + this.reaper.inFlight;
-    return `${this.stateValue === "running" ? "Running" : "Stopping"}: ${c.live} live, ${c.reaping} reaping (${queued} in flight or queued), ${c.reaped} reaped`;
+    const store = this.store.available ? "" : `; STORE UNAVAILABLE (${this.store.lastFault ?? "?"})`;
+    return `${this.stateValue === "running" ? "Running" : "Stopping"}: ${c.live} live, ${c.reaping} reaping (${queued} in flight or queued), ${c.reaped} reaped${store}`;
   }
 
   /**
@@ -290,79 +322,183 @@ export class Daemon {
    * Graceful stop (Trino's lesson): report shutting_down first and keep answering heartbeats
    * and reads; take no new sessions; never expire a live session because we stop; let
    * in-flight reaps finish within the grace budget, or pause them at a step boundary to
-   * resume at the next start; then flush, close the socket and the database.
+   * resume at the next start; then flush, close the socket and the database. Each part stops
+   * in its own try/catch (graphile-worker's allSettled): one that fails is logged, and the
+   * rest still stop, the database is still closed and the lock released.
    */
   async stop(): Promise<void> {
     if (this.stateValue === "shutting_down" || this.stateValue === "stopped") return;
     this.stateValue = "shutting_down";
-    if (this.statusTimer) clearInterval(this.statusTimer);
-    this.notifier.send({ STOPPING: "1", STATUS: this.statusLine() });
-    this.audit.record({
-      event: "daemon.stopping",
-      detail: { inFlightReaps: this.reaper.inFlight, queuedReaps: this.reaper.pending },
+    const failed: string[] = [];
+    const part = async (name: string, fn: () => unknown): Promise<void> => {
+      try {
+        await fn();
+      } catch (err) {
+        failed.push(name);
+        try {
+          this.log.error({ err, part: name }, "stopping a part of the daemon failed");
+        } catch {
+          // the log sink counts what it cannot write
+        }
+      }
+    };
+    await part("status", () => {
+      if (this.statusTimer) clearInterval(this.statusTimer);
+      this.notifier.send({ STOPPING: "1", STATUS: this.statusLine() });
     });
-    this.detector.stop();
-    this.orphans.stop();
+    await part("audit", () =>
+      this.audit.record({
+        event: "daemon.stopping",
+        detail: { inFlightReaps: this.reaper.inFlight, queuedReaps: this.reaper.pending },
+      }),
+    );
+    await part("detector", () => this.detector.stop());
+    await part("stall watch", () => this.stallWatch.stop());
+    await part("orphan sweep", () => this.orphans.stop());
     // Watchdog pings go on while reaps drain: a long, healthy stop is not a hang.
-    await this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000);
-    if (this.watchdogTimer) clearInterval(this.watchdogTimer);
-    if (this.flushTimer) clearInterval(this.flushTimer);
-    await this.flushing;
-    this.flushAllNow();
-    await Promise.all([this.app.close(), this.tcpServer ? closeServer(this.tcpServer) : undefined]);
-    this.detector.close();
-    this.audit.record({ event: "daemon.stopped", detail: { counts: this.store.counts() } });
-    this.store.close();
-    pidusage.clear();
+    await part("reaper", () => this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000));
+    await part("timers", () => {
+      if (this.watchdogTimer) clearInterval(this.watchdogTimer);
+      if (this.probeTimer) clearInterval(this.probeTimer);
+      if (this.housekeepingTimer) clearInterval(this.housekeepingTimer);
+      this.writeBehind.stop();
+    });
+    await part("heartbeat flush", () => this.writeBehind.flushAll());
+    await part("http", () => Promise.all([this.app.close(), this.tcpServer ? closeServer(this.tcpServer) : undefined]));
+    await part("process watches", () => this.detector.close());
+    await part("audit", () =>
+      this.audit.record({ event: "daemon.stopped", detail: { counts: this.store.counts(), failed } }),
+    );
+    await part("store", () => this.store.close());
+    await part("lock", () => this.lock.release());
+    await part("pidusage", () => pidusage.clear());
     this.stateValue = "stopped";
     this.loggers.flush();
+    this.loggers.sink?.close();
   }
 
-  /** Writes coalesced heartbeats in chunks, yielding to the event loop between chunks. */
+  /** Writes the live sessions' coalesced records now (tests; the timer does it in production). */
   flushHeartbeats(): Promise<void> {
-    this.flushing ??= (async () => {
-      try {
-        const dirty = this.takeDirty();
-        for (let i = 0; i < dirty.length; i += FLUSH_CHUNK) {
-          if (!this.store.db.open) return;
-          this.store.writeHeartbeats(dirty.slice(i, i + FLUSH_CHUNK));
-          await new Promise((r) => setImmediate(r));
-        }
-      } catch (err) {
-        this.log.error({ err }, "heartbeat flush failed");
-      } finally {
-        this.flushing = null;
-      }
-    })();
-    return this.flushing;
-  }
-
-  private flushAllNow(): void {
-    if (this.store.db.open) this.store.writeHeartbeats(this.takeDirty());
+    return this.writeBehind.flush();
   }
 
   /**
-   * The sessions whose heartbeat fields changed since the last flush. The stored deadline
-   * only narrows the /v1/expiring probe (a stored deadline never later than the real one
-   * keeps the probe a superset), so it is rewritten only once the real deadline has moved
-   * past twice the stored one's distance from now: the indexed column then moves about once
-   * per half timeout per session instead of at every flush, and the probe for the sessions
-   * due within N seconds still meets only sessions due within 2N.
+   * The detector's expiry, made safe: a store that cannot commit leaves the session live
+   * (judged again once it commits), and nothing here throws into a timer or a pidfd callback.
    */
-  private takeDirty(): HeartbeatWrite[] {
-    const now = this.clock.now();
-    const out: HeartbeatWrite[] = [];
-    for (const s of this.detector.takeDirty()) {
-      const at = deadlineOf(s).at;
-      const stale = deadlineStale(s.storedDeadline, at, now);
-      if (stale) s.storedDeadline = at;
-      out.push({
-        id: s.id,
-        lastHeartbeatAt: s.lastHeartbeatAt,
-        lastActivityAt: s.lastActivityAt,
-        deadline: stale ? at : null,
-      });
+  private expire(id: string, reason: Parameters<Sessions["expire"]>[1], detail: Record<string, unknown>): void {
+    try {
+      this.sessions.expire(id, reason, detail);
+    } catch (err) {
+      if (err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE") return;
+      this.log.error({ err, sessionId: id, reason }, "expiry failed");
     }
-    return out;
+  }
+
+  /**
+   * The daemon comes back from time it did not see pass: the restart rule applies from now
+   * (no session is reaped for heartbeats it could not read), and the stall is on record.
+   */
+  private stalled(cause: "loop" | "store", ms: number, detail: Record<string, unknown> = {}): void {
+    this.registry.resume();
+    this.metrics.stalled(cause, ms);
+    this.log.warn(
+      { cause, stalledMs: Math.round(ms) },
+      "the daemon was stalled: time-based deadlines restart from now",
+    );
+    this.audit.record({ event: "daemon.stalled", detail: { cause, stalledMs: Math.round(ms), ...detail } });
+  }
+
+  private storeUnavailable(fault: string): void {
+    this.storeDownSince ??= this.clock.mono();
+    this.metrics.storeFault();
+    this.log.error(
+      { fault },
+      "the store cannot commit: changes answer 503 SR_STORE_UNAVAILABLE and nothing is reaped on time alone until it does",
+    );
+    if (this.probeTimer === null) {
+      this.probeTimer = setInterval(() => {
+        try {
+          this.store.probe(this.clock.now());
+        } catch (err) {
+          this.log.error({ err }, "store probe failed");
+        }
+      }, STORE_PROBE_MS);
+      this.probeTimer.unref();
+    }
+  }
+
+  private storeAvailable(): void {
+    if (this.probeTimer !== null) clearInterval(this.probeTimer);
+    this.probeTimer = null;
+    const since = this.storeDownSince ?? this.clock.mono();
+    this.storeDownSince = null;
+    this.stalled("store", this.clock.mono() - since);
+    try {
+      this.store.checkpoint();
+    } catch {
+      // the next housekeeping tick tries again
+    }
+    this.reaper.storeAvailable();
+    this.detector.rearm();
+    void this.writeBehind.flush();
+  }
+
+  /** Every HOUSEKEEPING_MS: file descriptors checked; every minute, the WAL truncated. */
+  private housekeeping(): void {
+    try {
+      this.checkFds();
+      if (++this.housekeepingTicks % CHECKPOINT_TICKS === 0 && this.store.available) this.store.checkpoint();
+    } catch (err) {
+      if (!(err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE")) {
+        this.log.error({ err }, "housekeeping failed");
+      }
+    }
+  }
+
+  /**
+   * Open fds near the soft limit are warned about before they run out: at the limit, a
+   * pidfd cannot be opened (exits are then seen only by the liveness pass) and libuv accepts
+   * and closes new connections without a word (its EMFILE trick). process_open_fds and
+   * process_max_fds are exported by the default metrics.
+   */
+  private checkFds(): void {
+    const limit = fdLimit();
+    if (limit === null) return;
+    const open = readdirSync("/proc/self/fd").length;
+    if (open >= limit * FD_WARN_SHARE) this.resourceError("fds", `${open} of ${limit} open`);
+  }
+
+  /** A resource error: counted, and logged at most once a minute per kind. */
+  private resourceError(op: "pidfd" | "accept" | "fds", code: string): void {
+    if (op !== "fds") this.metrics.fdError(op, code);
+    const now = this.clock.mono();
+    const key = `${op}:${code}`;
+    if (now - (this.lastWarned.get(key) ?? Number.NEGATIVE_INFINITY) < WARN_EVERY_MS) return;
+    this.lastWarned.set(key, now);
+    const what = {
+      pidfd: "a pidfd could not be opened: engine exits are seen by the liveness pass only",
+      accept: "a connection could not be accepted",
+      fds: "file descriptors are close to the limit (raise LimitNOFILE)",
+    }[op];
+    this.log.error({ op, code }, what);
+  }
+
+  /** Accept errors (EMFILE, ENFILE) that Node reports on the server are counted, never fatal. */
+  private watchAccept(server: Server): void {
+    server.on("error", (err: NodeJS.ErrnoException) => this.resourceError("accept", err.code ?? "EUNKNOWN"));
+  }
+}
+
+/** RLIMIT_NOFILE's soft limit, from /proc/self/limits; null if unreadable or unlimited. */
+function fdLimit(): number | null {
+  try {
+    const line = readFileSync("/proc/self/limits", "utf8")
+      .split("\n")
+      .find((l) => l.startsWith("Max open files"));
+    const soft = line?.split(/\s{2,}/)[1];
+    return soft !== undefined && /^\d+$/.test(soft) ? Number(soft) : null;
+  } catch {
+    return null;
   }
 }

@@ -1,4 +1,7 @@
 import { Cron } from "croner";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { performance } from "node:perf_hooks";
 import pidusage from "pidusage";
 import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
@@ -6,34 +9,9 @@ import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { readUid } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
-import type { ProcessIdentity, Reason, RegisteredBy } from "../sessions/types.js";
-import { deadlineOf, type Timing } from "./deadline.js";
+import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
+import type { ProcessIdentity, Reason } from "../sessions/types.js";
 import { DeadlineHeap } from "./heap.js";
-
-/** The in-memory view of a live session: all that heartbeats and detection touch. */
-export interface LiveSession extends Timing {
-  readonly id: string;
-  readonly engine: ProcessIdentity;
-  readonly ownerPid: ProcessIdentity | null;
-  /** Who registered it: heartbeats are checked against this without touching SQLite. */
-  readonly registeredBy: RegisteredBy;
-  /** Heartbeat fields changed since the last flush to SQLite. */
-  dirty: boolean;
-  /**
-   * The deadline last written to SQLite's indexed column, if known (undefined: write it at
-   * the next flush). It may lag behind the real one: see Daemon.takeDirty.
-   */
-  storedDeadline?: number | undefined;
-  /**
-   * The engine's process tree at the last liveness pass: if the engine dies, its children
-   * are re-parented and only this snapshot still ties them to the session.
-   */
-  tree: ProcessIdentity[];
-  /** The profile's busy_cpu_percent: engine CPU above it counts as activity. null = off. */
-  readonly busyCpuPercent: number | null;
-  /** The engine's CPU time and age (ms) at the last CPU sample: the next one measures from here. */
-  cpuSample?: { readonly cpuMs: number; readonly ageMs: number } | undefined;
-}
 
 /** An engine or owner process watched for the live sessions that name it. */
 interface WatchedProcess {
@@ -60,6 +38,52 @@ function sameTree(a: readonly ProcessIdentity[], b: readonly ProcessIdentity[]):
   return true;
 }
 
+/** The processes a session's CPU is summed over: its engine and its tracked tree, once each. */
+function members(s: LiveSession): ProcessIdentity[] {
+  const seen = new Map<number, ProcessIdentity>([[s.engine.pid, s.engine]]);
+  for (const p of s.tree) if (!seen.has(p.pid)) seen.set(p.pid, p);
+  return [...seen.values()];
+}
+
+/** The session's CPU now: its cgroup's total, or each tracked process's own; null if nothing is left. */
+function cpuNow(s: LiveSession, stats: Record<string, pidusage.Status | null>, atMs: number): CpuSample | null {
+  if (s.cgroup !== null) {
+    const usec = cgroupCpuUsec(s.cgroup);
+    return usec === null ? null : { atMs, cpuMs: usec / 1000 };
+  }
+  const perProcess = new Map<string, number>();
+  let cpuMs = 0;
+  for (const p of members(s)) {
+    const u = stats[p.pid];
+    if (!u) continue;
+    perProcess.set(`${p.pid}:${p.startTime}`, u.ctime);
+    cpuMs += u.ctime;
+  }
+  return perProcess.size === 0 ? null : { atMs, cpuMs, perProcess };
+}
+
+/**
+ * CPU ms used between two samples. For a tree, per process: a process seen in both counts its
+ * growth, a newcomer all its CPU (it was born in the window, or joined the tree in it), one gone
+ * nothing; so a tree that changes never makes the sum jump back or forth.
+ */
+function cpuSince(prev: CpuSample, next: CpuSample): number {
+  if (prev.perProcess === undefined || next.perProcess === undefined) return Math.max(0, next.cpuMs - prev.cpuMs);
+  let used = 0;
+  for (const [key, ms] of next.perProcess) used += Math.max(0, ms - (prev.perProcess.get(key) ?? 0));
+  return used;
+}
+
+/** cpu.stat's usage_usec (works without the cpu controller enabled); null if unreadable. */
+function cgroupCpuUsec(dir: string): number | null {
+  try {
+    const m = /^usage_usec (\d+)$/m.exec(readFileSync(join(dir, "cpu.stat"), "latin1"));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * A CPU sample closer than this to the previous one is not judged (the counters tick every
  * 10 ms, so a short window is mostly noise): the older baseline is kept for the next pass.
@@ -67,6 +91,23 @@ function sameTree(a: readonly ProcessIdentity[], b: readonly ProcessIdentity[]):
 const MIN_CPU_WINDOW_MS = 500;
 
 export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
+
+export interface DetectorOptions {
+  registry: LiveSessions;
+  clock: Clock;
+  /** croner pattern of the liveness pass. */
+  livenessSchedule: string;
+  log: Logger;
+  expire: ExpireFn;
+  /**
+   * Asked before any time-based expiry is judged: false while time may not be trusted to
+   * have passed for the sessions (the store cannot commit). The daemon also notices a stall
+   * of its loop here, before the deadlines are read. Default: always true.
+   */
+  mayJudgeTime?: () => boolean;
+  /** A pidfd could not be opened for a reason other than the process being gone (EMFILE…). */
+  onPidfdError?: (code: string) => void;
+}
 
 /**
  * Finds sessions that are due. Time-based: a min-heap of deadlines and one timer armed for
@@ -77,8 +118,7 @@ export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unkno
  * engine and owner and is woken the moment either exits; a croner job checks every identity
  * too (the fallback without pidfd, and the tree snapshots).
  */
-export class Detector {
-  readonly live = new Map<string, LiveSession>();
+export class Detector implements LiveWatcher {
   /**
    * Every engine and owner process of a live session, once per process however many sessions
    * name it (an engine shared by many sessions, as Kyuubi's USER or SERVER share levels run
@@ -86,8 +126,6 @@ export class Detector {
    * snapshot per liveness pass.
    */
   private readonly processes = new Map<string, WatchedProcess>();
-  /** Sessions whose heartbeat fields changed since the last `takeDirty`. */
-  private readonly dirtySessions = new Set<LiveSession>();
   /** Live sessions whose profile sets busy_cpu_percent: the only ones the CPU sampling reads. */
   private readonly cpuWatched = new Map<string, LiveSession>();
   private readonly heap = new DeadlineHeap();
@@ -96,17 +134,28 @@ export class Detector {
   private cron: Cron | null = null;
   private running = false;
 
-  constructor(
-    private readonly clock: Clock,
-    private readonly livenessSchedule: string,
-    private readonly log: Logger,
-    private readonly expire: ExpireFn,
-  ) {}
+  private readonly registry: LiveSessions;
+  private readonly clock: Clock;
+  private readonly livenessSchedule: string;
+  private readonly log: Logger;
+  private readonly expire: ExpireFn;
+  private readonly mayJudgeTime: () => boolean;
+  private readonly onPidfdError: (code: string) => void;
 
-  add(s: LiveSession): void {
-    this.live.set(s.id, s);
-    this.heap.push(deadlineOf(s).at, s.id);
-    if (s.dirty) this.dirtySessions.add(s);
+  constructor(opts: DetectorOptions) {
+    this.registry = opts.registry;
+    this.clock = opts.clock;
+    this.livenessSchedule = opts.livenessSchedule;
+    this.log = opts.log;
+    this.expire = opts.expire;
+    this.mayJudgeTime = opts.mayJudgeTime ?? (() => true);
+    this.onPidfdError = opts.onPidfdError ?? (() => undefined);
+    opts.registry.watch(this);
+  }
+
+  /** A session entered the registry: watch its processes, queue its deadline. */
+  admitted(s: LiveSession): void {
+    this.heap.push(this.registry.deadline(s).at, s.id);
     const engine = this.watch(s.engine);
     engine.engineOf.add(s);
     if (engine.engineOf.size === 1) engine.tree = s.tree;
@@ -119,29 +168,11 @@ export class Detector {
     if (this.running) this.arm();
   }
 
-  /** Drops a session (fenced); its heap entry is discarded when it comes due. */
-  remove(id: string): void {
-    const s = this.live.get(id);
-    this.live.delete(id);
-    this.cpuWatched.delete(id);
-    if (s === undefined) return;
-    this.dirtySessions.delete(s);
+  /** A session left the registry (fenced); its heap entry is discarded when it comes due. */
+  removed(s: LiveSession): void {
+    this.cpuWatched.delete(s.id);
     this.unwatch(s.engine, (p) => p.engineOf.delete(s));
     if (s.ownerPid !== null) this.unwatch(s.ownerPid, (p) => p.ownerOf.delete(s));
-  }
-
-  /** The live sessions whose heartbeat fields changed since the last call; clears their flag. */
-  takeDirty(): LiveSession[] {
-    const out = [...this.dirtySessions];
-    this.dirtySessions.clear();
-    for (const s of out) s.dirty = false;
-    return out;
-  }
-
-  /** Marks a session's heartbeat fields as changed (reach SQLite at the next flush). */
-  markDirty(s: LiveSession): void {
-    s.dirty = true;
-    if (this.live.get(s.id) === s) this.dirtySessions.add(s);
   }
 
   private unwatch(id: ProcessIdentity, detach: (p: WatchedProcess) => void): void {
@@ -167,15 +198,20 @@ export class Detector {
     if (known !== undefined) return known;
     const p: WatchedProcess = { id, handle: null, engineOf: new Set(), ownerOf: new Set(), tree: [] };
     this.processes.set(key, p);
-    const handle = ProcessHandle.open(id.pid);
-    if (handle === null) return p; // no pidfd here, or already gone: the liveness pass decides
+    const handle = ProcessHandle.open(id.pid, this.onPidfdError);
+    if (handle === null) return p; // no pidfd here, already gone, or no fd: the liveness pass decides
     if (liveness(id) !== "alive" || readUid(id.pid) !== id.uid) {
       handle.close();
       return p;
     }
     handle.onExit(() => {
       try {
-        if (this.processes.get(key) === p) this.processGone(p, "pidfd");
+        if (this.processes.get(key) !== p) return;
+        // At once, before anything else runs: the engine's children are re-parented as it
+        // dies, and the last look at its group and session still finds those born since the
+        // last liveness pass (a PostgreSQL backend forked 0.3 s before the postmaster died).
+        if (p.engineOf.size > 0) this.refreshTree(p, new ProcessTable());
+        this.processGone(p, "pidfd");
       } catch (err) {
         this.log.error({ err, pid: id.pid }, "expiry on process exit failed");
       }
@@ -184,34 +220,28 @@ export class Detector {
     return p;
   }
 
+  /** The engine's tree on this snapshot, given to its sessions if it changed. */
+  private refreshTree(p: WatchedProcess, table: ProcessTable): void {
+    const tree = table.tree(p.id, p.tree);
+    if (sameTree(tree, p.tree)) return;
+    p.tree = tree;
+    for (const s of p.engineOf) this.registry.setTree(s, tree);
+  }
+
   /** Expires every session of a process that is gone: engine_gone first, then owner_gone. */
   private processGone(p: WatchedProcess, detectedBy: "pidfd" | "liveness"): number {
     let n = 0;
     for (const s of [...p.engineOf]) {
-      if (this.live.get(s.id) !== s) continue;
+      if (this.registry.get(s.id) !== s) continue;
       this.expire(s.id, "engine_gone", { pid: p.id.pid, detectedBy });
       n++;
     }
     for (const s of [...p.ownerOf]) {
-      if (this.live.get(s.id) !== s) continue;
+      if (this.registry.get(s.id) !== s) continue;
       this.expire(s.id, "owner_gone", { pid: p.id.pid, detectedBy });
       n++;
     }
     return n;
-  }
-
-  /** A heartbeat: O(1), in memory. `busy` moves activity too. */
-  heartbeat(id: string, busy: boolean): LiveSession | undefined {
-    const s = this.live.get(id);
-    if (s === undefined) return undefined;
-    const now = this.clock.now();
-    s.lastHeartbeatAt = now;
-    if (busy) s.lastActivityAt = now;
-    if (!s.dirty) {
-      s.dirty = true;
-      this.dirtySessions.add(s);
-    }
-    return s;
   }
 
   start(): void {
@@ -240,20 +270,40 @@ export class Detector {
     this.processes.clear();
   }
 
-  /** Expires every session whose deadline has passed; re-queues those that moved. */
+  /**
+   * Expires every session whose deadline has passed; re-queues those that moved. Asks
+   * `mayJudgeTime` first: a stall noticed there moves every deadline past now, and while the
+   * store cannot commit nothing is judged (the timer is armed again by `rearm`).
+   */
   expireDue(): void {
-    const now = this.clock.now();
+    if (!this.mayJudgeTime()) return;
+    const now = this.clock.mono();
+    const unfenced: { at: number; id: string }[] = [];
     for (let top = this.heap.peekAt(); top !== undefined && top <= now; top = this.heap.peekAt()) {
       const entry = this.heap.pop() as { at: number; id: string };
-      const s = this.live.get(entry.id);
+      const s = this.registry.get(entry.id);
       if (s === undefined) continue;
-      const d = deadlineOf(s);
+      const d = this.registry.deadline(s);
       if (d.at <= now) {
-        this.expire(s.id, d.reason, { deadline: new Date(d.at).toISOString(), lagMs: now - d.at });
+        const deadline = new Date(this.registry.toWall(d.at)).toISOString();
+        this.expire(s.id, d.reason, { deadline, lagMs: Math.round((now - d.at) * 1000) / 1000 });
+        // Not fenced (the store failed): judged again once the store commits (rearm).
+        if (this.registry.get(s.id) === s) unfenced.push(entry);
+        if (!this.mayJudgeTime()) break;
       } else {
         this.heap.push(d.at, s.id);
       }
     }
+    // Tried again in a second (or at `rearm`, once the store commits again).
+    for (const e of unfenced) this.heap.push(Math.max(e.at, now + 1000), e.id);
+    if (this.running) this.arm();
+  }
+
+  /** Judging may resume (the store commits again): the earliest deadline gets a timer again. */
+  rearm(): void {
+    this.cancelTimer?.();
+    this.cancelTimer = null;
+    this.armedAt = Number.POSITIVE_INFINITY;
     if (this.running) this.arm();
   }
 
@@ -264,7 +314,7 @@ export class Detector {
    * sweep runs it on its own snapshot of /proc first, so the trees it counts as claimed are fresh.
    */
   checkLiveness(table?: ProcessTable): number {
-    if (this.live.size === 0) return 0;
+    if (this.registry.size === 0) return 0;
     table ??= new ProcessTable();
     const gone: WatchedProcess[] = [];
     for (const p of this.processes.values()) {
@@ -273,10 +323,7 @@ export class Detector {
         continue;
       }
       if (p.engineOf.size === 0) continue;
-      const tree = table.tree(p.id, p.tree);
-      if (sameTree(tree, p.tree)) continue;
-      p.tree = tree;
-      for (const s of p.engineOf) s.tree = tree;
+      this.refreshTree(p, table);
     }
     // Engines first: a session whose engine and owner are both gone is engine_gone.
     gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));
@@ -288,37 +335,38 @@ export class Detector {
 
   /**
    * Busy CPU counts as activity (long computations must not be culled as idle): for live
-   * sessions whose profile sets busy_cpu_percent, one batched pidusage read of the engines;
-   * an engine whose CPU since the previous sample (percent of one core) is above the
-   * threshold gets its activity moved to now. Heartbeat timeouts are untouched: a spinning
-   * engine whose client is gone is still reaped. Nothing is read when no profile sets it.
-   * Returns how many sessions were found busy.
+   * sessions whose profile sets busy_cpu_percent, the CPU of the session as a whole since the
+   * previous sample (percent of one core): its cgroup's cpu.stat when contained, else the sum
+   * over its tracked tree (the engine and every process the liveness pass found under it: a
+   * PostgreSQL backend, a Chromium renderer), read in one batched pidusage call. Above the
+   * threshold, activity moves to now. Heartbeat timeouts are untouched: a spinning engine
+   * whose client is gone is still reaped. Nothing is read when no profile sets it. Returns
+   * how many sessions were found busy.
    */
   async sampleCpu(sessions: readonly LiveSession[] = [...this.cpuWatched.values()]): Promise<number> {
     if (sessions.length === 0) return 0;
+    const pids = new Set<number>();
+    for (const s of sessions) if (s.cgroup === null) for (const p of members(s)) pids.add(p.pid);
     // A pid that is gone comes back null (pidusage's types omit it).
-    let stats: Record<string, pidusage.Status | null>;
+    let stats: Record<string, pidusage.Status | null> = {};
     try {
-      stats = await pidusage(sessions.map((s) => s.engine.pid));
+      if (pids.size > 0) stats = await pidusage([...pids]);
     } catch (err) {
       this.log.warn({ err }, "engine CPU sampling failed");
       return 0;
     }
-    const now = this.clock.now();
+    const at = performance.now();
     let busy = 0;
     for (const s of sessions) {
-      const u = stats[s.engine.pid];
-      if (this.live.get(s.id) !== s || s.busyCpuPercent === null || !u) continue; // fenced, or gone
+      if (this.registry.get(s.id) !== s || s.busyCpuPercent === null) continue; // fenced
       const prev = s.cpuSample;
-      const windowMs = prev === undefined ? 0 : u.elapsed - prev.ageMs;
-      if (prev !== undefined && windowMs >= 0 && windowMs < MIN_CPU_WINDOW_MS) continue;
-      s.cpuSample = { cpuMs: u.ctime, ageMs: u.elapsed };
-      // No previous sample, or a younger process under that pid (the liveness pass reaps it):
-      // this one is a baseline.
-      if (prev === undefined || windowMs < 0) continue;
-      if (((u.ctime - prev.cpuMs) / windowMs) * 100 > s.busyCpuPercent) {
-        s.lastActivityAt = now;
-        this.markDirty(s);
+      if (prev !== undefined && at - prev.atMs < MIN_CPU_WINDOW_MS) continue;
+      const next = cpuNow(s, stats, at);
+      if (next === null) continue; // gone
+      s.cpuSample = next;
+      if (prev === undefined) continue; // a baseline
+      if ((cpuSince(prev, next) / (at - prev.atMs)) * 100 > s.busyCpuPercent) {
+        this.registry.active(s);
         busy++;
       }
     }

@@ -1,6 +1,7 @@
 import type { FastifyError } from "fastify";
 import type { Logger } from "pino";
-import { ReaperError, type ErrorCode } from "../errors.js";
+import { ReaperError, errorMessage, type ErrorCode } from "../errors.js";
+import { isStoreFault } from "../store/store.js";
 
 /** Body caps (maxItems, maxProperties, maxLength) answer SR_LIMIT_EXCEEDED, not a generic 400. */
 const LIMIT_KEYWORDS: ReadonlySet<string> = new Set(["maxItems", "maxProperties", "maxLength"]);
@@ -19,6 +20,11 @@ export function toApiError(err: unknown, log: Logger): { status: number; body: o
   if (!(err instanceof Error)) {
     log.error({ err }, "non-error thrown in a request");
     return { status: 500, body: errorBody("SR_INTERNAL", "unexpected error; see the daemon's log") };
+  }
+  if (isStoreFault(err)) {
+    // A read that met a lock, a full disk or a damaged page: the store's failure, not the caller's.
+    log.warn({ err }, "the database failed a request");
+    return { status: 503, body: errorBody("SR_STORE_UNAVAILABLE", `the database failed: ${errorMessage(err)}`) };
   }
   const fe = err as FastifyError;
   if (fe.validation) {

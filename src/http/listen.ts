@@ -6,7 +6,7 @@ import type { FastifyInstance } from "fastify";
 import { ReaperError } from "../errors.js";
 
 /** True if something accepts connections on this unix socket. */
-function socketAnswers(path: string): Promise<boolean> {
+export function socketAnswers(path: string): Promise<boolean> {
   return new Promise((resolve) => {
     const c = connect({ path });
     c.once("connect", () => (c.destroy(), resolve(true)));

@@ -31,6 +31,7 @@ export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: E
     reapedAt: iso(s.reapedAt),
     reapAttempts: s.reapAttempts,
     registeredBy: s.registeredBy,
+    containment: s.containment,
     ...(steps === undefined ? {} : { steps: steps.map(stepJson) }),
     ...(usage === undefined ? {} : { usage }),
   };

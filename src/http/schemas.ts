@@ -110,6 +110,10 @@ const leftover = {
     kind: { enum: ["process", "port", "socket", "path", "hook"] },
     item: { type: "string" },
     detail: { type: "string" },
+    pid: { type: "integer" },
+    comm: { type: "string" },
+    uid: { type: "integer" },
+    why: { type: "string" },
   },
 } as const;
 
@@ -193,6 +197,25 @@ export const sessionResponse = {
         },
         via: { enum: ["unix", "tcp", null] },
       },
+    },
+    containment: {
+      description:
+        "how the session's processes are contained: a cgroup of its own (made by the daemon, or the engine's own scope), or none and why; null for sessions registered before containment existed",
+      oneOf: [
+        { type: "null" },
+        {
+          type: "object",
+          additionalProperties: false,
+          required: ["kind", "path", "made"],
+          properties: { kind: { const: "cgroup" }, path: { type: "string" }, made: { type: "boolean" } },
+        },
+        {
+          type: "object",
+          additionalProperties: false,
+          required: ["kind", "why"],
+          properties: { kind: { const: "none" }, why: { type: "string" } },
+        },
+      ],
     },
     steps: { type: "array", items: stepResult, description: "GET /v1/sessions/{id} only" },
     usage: {

@@ -8,6 +8,8 @@ export interface MetricsDeps {
   store: Store;
   /** The configured profiles: their series are reported (as 0) even with no session. */
   profiles: readonly string[];
+  /** Log and audit lines the sink could not write (src/audit/sink.ts), read at scrape time. */
+  logLinesDropped?: () => number;
 }
 
 /**
@@ -43,6 +45,10 @@ export class Metrics {
   private readonly orphansFound: Counter<"profile" | "kind">;
   /** The orphan sweep's current findings (its last pass), by profile and kind. */
   private orphanCounts: { profile: string; kind: string }[] = [];
+  private readonly stalls: Counter<"cause">;
+  private readonly stalledSeconds: Counter<"cause">;
+  private readonly storeFaults: Counter;
+  private readonly fdErrors: Counter<"op" | "code">;
 
   constructor(deps: MetricsDeps) {
     const registers = [this.registry];
@@ -126,6 +132,64 @@ export class Metrics {
         }
       },
     });
+    this.stalls = new Counter({
+      name: "session_reaper_stalls_total",
+      help: "Times the daemon came back from a stall: its event loop did not run for over a second (cause loop: SIGSTOP, a VM freeze, a blocked loop) or its store could not commit (cause store). Time-based deadlines restart after each.",
+      labelNames: ["cause"],
+      registers,
+    });
+    this.stalledSeconds = new Counter({
+      name: "session_reaper_stalled_seconds_total",
+      help: "Seconds spent stalled, by cause (see session_reaper_stalls_total).",
+      labelNames: ["cause"],
+      registers,
+    });
+    this.storeFaults = new Counter({
+      name: "session_reaper_store_faults_total",
+      help: "Times the store stopped committing (locked by another process, disk full, I/O error).",
+      registers,
+    });
+    const store = deps.store;
+    new Gauge({
+      name: "session_reaper_store_available",
+      help: "1 while the store commits; 0 while it cannot (changes answer 503 SR_STORE_UNAVAILABLE, nothing is reaped on time alone).",
+      registers,
+      collect() {
+        this.set(store.available ? 1 : 0);
+      },
+    });
+    const dropped = deps.logLinesDropped ?? (() => 0);
+    new Counter({
+      name: "session_reaper_log_lines_dropped_total",
+      help: "Log and audit lines that could not be written (disk full, closed pipe); the audit rows in SQLite are kept.",
+      registers,
+      collect() {
+        this.reset();
+        this.inc(dropped());
+      },
+    });
+    this.fdErrors = new Counter({
+      name: "session_reaper_fd_errors_total",
+      help: "File descriptors the daemon could not open, by operation (pidfd, accept) and errno (EMFILE, ENFILE).",
+      labelNames: ["op", "code"],
+      registers,
+    });
+  }
+
+  /** The loop did not run (cause "loop") or the store did not commit (cause "store") for `ms`. */
+  stalled(cause: "loop" | "store", ms: number): void {
+    this.stalls.inc({ cause });
+    this.stalledSeconds.inc({ cause }, ms / 1000);
+  }
+
+  /** The store stopped committing (one per outage). */
+  storeFault(): void {
+    this.storeFaults.inc();
+  }
+
+  /** A file descriptor could not be had: `op` is "pidfd" or "accept". */
+  fdError(op: "pidfd" | "accept", code: string): void {
+    this.fdErrors.inc({ op, code });
   }
 
   /** The heartbeat path: one integer increment, nothing else. */

@@ -117,6 +117,8 @@ function synthetic(
     ...NOT_YET_REAPED,
     // The daemon itself, on the admin's configuration (the profile's matcher).
     registeredBy: { uid: null, admin: true, via: null },
+    // Found, not launched: what it left escaped no cgroup of ours, and nothing is moved now.
+    containment: { kind: "none", why: "found by the orphan sweep" },
   };
 }
 

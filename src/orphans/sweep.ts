@@ -18,6 +18,7 @@ import type { Logger } from "pino";
 import { knownProcesses } from "../cleanup/step.js";
 import type { Config, OrphanPolicy, Profile } from "../config/load.js";
 import type { Detector } from "../detect/detector.js";
+import type { LiveSessions } from "../sessions/live.js";
 import { errorMessage } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { checkPath } from "../paths/validate.js";
@@ -66,6 +67,7 @@ export interface OrphanFinding {
 export interface OrphanSweepDeps extends AdoptDeps {
   config: Config;
   detector: Detector;
+  registry: LiveSessions;
   metrics: Metrics;
   log: Logger;
 }
@@ -148,7 +150,8 @@ export class OrphanSweep {
    * reap-mode finding is inserted and fenced before anything else can claim it.
    */
   sweep(): OrphanFinding[] {
-    if (!this.enabled) return [];
+    // Adoption inserts and fences: nothing to do while the store cannot commit.
+    if (!this.enabled || !this.deps.store.available) return [];
     const { clock, detector, metrics, log } = this.deps;
     const now = clock.now();
     const stats = listStats().filter((s) => !isExited(s) && !isKernelThread(s));
@@ -218,7 +221,7 @@ export class OrphanSweep {
       add(s.engine);
       if (s.ownerPid !== null) add(s.ownerPid);
     }
-    for (const s of live) for (const p of this.deps.detector.live.get(s.id)?.tree ?? table.tree(s.engine)) add(p);
+    for (const s of live) for (const p of this.deps.registry.get(s.id)?.tree ?? table.tree(s.engine)) add(p);
     for (const s of reaping) {
       const journal = new Map<StepName, StepResult>(this.deps.store.steps(s.id).map((r) => [r.name, r]));
       const known = knownProcesses(journal);

@@ -29,12 +29,18 @@ export class ProcessHandle {
     this.fd = fd;
   }
 
-  /** Opens a pidfd on `pid`; null if pidfd is unsupported, the process is gone, or fds ran out. */
-  static open(pid: number): ProcessHandle | null {
+  /**
+   * Opens a pidfd on `pid`; null if pidfd is unsupported, the process is gone, or fds ran
+   * out. `onError` hears of every failure but "gone" (ESRCH): EMFILE and ENFILE above all,
+   * which would otherwise leave exits noticed only by the liveness pass, silently.
+   */
+  static open(pid: number, onError?: (code: string) => void): ProcessHandle | null {
     if (pidfd === null) return null;
     try {
       return new ProcessHandle(pidfd.pidfdOpen(pid));
-    } catch {
+    } catch (err) {
+      const code = errnoOf(err) ?? "EUNKNOWN";
+      if (code !== "ESRCH") onError?.(code);
       return null;
     }
   }

@@ -3,7 +3,7 @@ import { join } from "node:path";
 import { constants } from "node:os";
 import type { Logger } from "pino";
 import type { ProcessIdentity } from "../sessions/types.js";
-import { ownCgroup } from "./cgroup.js";
+import { cgroupPids, ownCgroup } from "./cgroup.js";
 import { bootId } from "./identity.js";
 import { ProcessHandle } from "./pidfd.js";
 import { isExited, isKernelThread, readStat, readUid, type ProcStat } from "./stat.js";
@@ -111,4 +111,34 @@ export function killCgroup(engine: ProcessIdentity, log: Logger, policy: SignalP
   }
   log.info({ cgroup: verdict.dir, pid: engine.pid }, "signal sent: cgroup.kill");
   return verdict.dir;
+}
+
+/**
+ * `cgroup.kill` on a session's own cgroup (containment: the daemon made it, or found it as
+ * the engine's own at registration): every process in it and its descendant cgroups gets
+ * SIGKILL from the kernel at once, whatever it forked, double-forked or setsid'd. The cgroup
+ * holds only the session's processes (the daemon moved them there, or the launcher made it
+ * for the engine), so no identity is checked per process; the policy is: for a non-admin's
+ * session, no member may run as another uid (then nothing is written, and the per-process
+ * path handles the members it may). Logged like every signal.
+ */
+export function killSessionCgroup(dir: string, log: Logger, policy: SignalPolicy = {}): "sent" | "refused" | "failed" {
+  if (policy.onlyUid !== undefined) {
+    const others = cgroupPids(dir).filter((pid) => {
+      const uid = readUid(pid);
+      return uid !== null && uid !== policy.onlyUid;
+    });
+    if (others.length > 0) {
+      log.warn({ cgroup: dir, others: others.slice(0, 5), onlyUid: policy.onlyUid }, "signal refused: cgroup.kill");
+      return "refused";
+    }
+  }
+  try {
+    writeFileSync(join(dir, "cgroup.kill"), "1");
+  } catch (err) {
+    log.warn({ cgroup: dir, err }, "cgroup.kill failed");
+    return "failed";
+  }
+  log.info({ cgroup: dir }, "signal sent: cgroup.kill");
+  return "sent";
 }

@@ -6,9 +6,10 @@ import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
 import { removePaths } from "../cleanup/remove-paths.js";
 import type { CleanupStep, StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
+import { verifyGone, type Verification } from "../cleanup/verify.js";
 import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
-import { errorMessage } from "../errors.js";
+import { ReaperError, errorMessage } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
 import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
 import type { Store } from "../store/store.js";
@@ -63,6 +64,11 @@ export class Reaper {
   private readonly queue: string[] = [];
   private readonly queued = new Set<string>();
   private readonly running = new Map<string, Promise<void>>();
+  /**
+   * Pipelines stopped because the store could not journal a step: taken up again by
+   * `storeAvailable` (each step is idempotent, so the step whose record was lost runs again).
+   */
+  private readonly parked = new Set<string>();
   /** No new pipeline starts (shutdown). */
   private stopping = false;
   /** Running pipelines stop at their next step boundary (shutdown grace exhausted). */
@@ -75,7 +81,14 @@ export class Reaper {
   }
 
   get pending(): number {
-    return this.queue.length;
+    return this.queue.length + this.parked.size;
+  }
+
+  /** The store commits again: parked pipelines resume. */
+  storeAvailable(): void {
+    const ids = [...this.parked];
+    this.parked.clear();
+    for (const id of ids) this.enqueue(id);
   }
 
   /**
@@ -88,11 +101,12 @@ export class Reaper {
     reason: Reason,
     detail: Record<string, unknown> = {},
     known: readonly ProcessIdentity[] = [],
+    last?: { lastHeartbeatAt: number; lastActivityAt: number },
   ): boolean {
     const { store, audit, clock } = this.deps;
     const now = clock.now();
     const fenced = audit.transaction(() => {
-      if (!store.fence(id, reason, now)) return false;
+      if (!store.fence(id, reason, now, last)) return false;
       audit.record({
         event: reason === "closed" ? "session.closed" : "session.expired",
         sessionId: id,
@@ -155,7 +169,17 @@ export class Reaper {
       const id = this.queue.shift() as string;
       this.queued.delete(id);
       const run = this.runPipeline(id)
-        .catch((err: unknown) => this.deps.log.error({ sessionId: id, err }, "reap pipeline crashed"))
+        .catch((err: unknown) => {
+          if (err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE") {
+            this.deps.log.warn(
+              { sessionId: id, err },
+              "reap paused: the store cannot journal; resumes when it commits",
+            );
+            this.parked.add(id);
+          } else {
+            this.deps.log.error({ sessionId: id, err }, "reap pipeline crashed");
+          }
+        })
         .finally(() => {
           this.running.delete(id);
           this.pump();
@@ -206,12 +230,30 @@ export class Reaper {
     }
 
     const steps = CLEANUP_STEPS.map((s) => journal.get(s.name) as StepResult);
-    const leftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
+    const verifyStart = performance.now();
+    const verification = verify(session, journal, this.deps.daemonPid, log);
+    const verifyMs = performance.now() - verifyStart;
+    const stepLeftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
+    // What a step already named is not listed twice: a survivor of terminate (its pid), the
+    // holder of a port the release step reported (that port).
+    const named = new Set(stepLeftovers.map((l) => `${l.kind}:${l.item}`));
+    const leftovers = [
+      ...stepLeftovers,
+      ...verification.leftovers.filter(
+        (l) => !named.has(`process:${l.item}`) && !named.has(`port:${/^port (\d+) /.exec(l.why ?? "")?.[1]}`),
+      ),
+    ];
     const outcome = outcomeOf(steps, leftovers);
     const now = clock.now();
     const finished = audit.transaction(() => {
       if (!store.finish(id, outcome, leftovers, now)) return false;
-      const finish: StepResult = { name: "finish", outcome: "ok", startedAt: now, durationMs: 0, detail: { outcome } };
+      const finish: StepResult = {
+        name: "finish",
+        outcome: "ok",
+        startedAt: now,
+        durationMs: verifyMs,
+        detail: { outcome, verified: verification.verified },
+      };
       store.recordStep(id, POSITION.finish, finish);
       audit.record({
         event: "reap.finished",
@@ -219,7 +261,7 @@ export class Reaper {
         reason: session.reason ?? undefined,
         outcome,
         durationMs: now - (session.reapStartedAt ?? now),
-        detail: { leftovers, attempts: attempt },
+        detail: { leftovers, attempts: attempt, verified: verification.verified },
       });
       return true;
     });
@@ -282,6 +324,25 @@ export class Reaper {
     const detail: StepResult["detail"] = { ...recorded, ...out.detail };
     if (out.leftovers && out.leftovers.length > 0) detail.leftovers = out.leftovers;
     return { name: step.name, outcome, startedAt, durationMs: performance.now() - t0, detail };
+  }
+}
+
+/**
+ * The verification pass (src/cleanup/verify.ts), made safe: a pass that fails verified
+ * nothing, and says so (a `clean` then rests on the steps alone, and `reaperctl audit
+ * verify` names it).
+ */
+function verify(
+  session: Session,
+  journal: ReadonlyMap<StepName, StepResult>,
+  daemonPid: number,
+  log: Logger,
+): Verification {
+  try {
+    return verifyGone(session, journal, daemonPid);
+  } catch (err) {
+    log.error({ err }, "verification pass failed");
+    return { verified: [], leftovers: [] };
   }
 }
 

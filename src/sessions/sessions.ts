@@ -6,8 +6,9 @@ import { checkActor, checkRegistration, registeredBy } from "../auth/policy.js";
 import { isoTime, type Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { deadlineOf } from "../detect/deadline.js";
-import type { Detector, LiveSession } from "../detect/detector.js";
-import { ReaperError } from "../errors.js";
+import type { LiveSessions } from "./live.js";
+import { ReaperError, errorMessage } from "../errors.js";
+import type { SessionCgroups } from "../proc/containment.js";
 import type { ListQuery, RegisterBody } from "../http/schemas.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
@@ -18,6 +19,7 @@ import type { Reaper } from "../reaper/reaper.js";
 import type { Store } from "../store/store.js";
 import {
   NOT_YET_REAPED,
+  type Containment,
   type ProcessIdentity,
   type Reason,
   type Session,
@@ -56,7 +58,9 @@ export interface SessionView {
 export interface SessionsDeps {
   store: Store;
   audit: AuditTrail;
-  detector: Detector;
+  registry: LiveSessions;
+  /** Where session cgroups are made (containment). */
+  cgroups: SessionCgroups;
   reaper: Reaper;
   clock: Clock;
   config: Config;
@@ -74,7 +78,7 @@ export class Sessions {
   constructor(private readonly deps: SessionsDeps) {}
 
   register(body: RegisterBody, caller: Caller): Session {
-    const { config, store, audit, clock, detector, daemonPid } = this.deps;
+    const { config, store, audit, registry, daemonPid } = this.deps;
     if (!this.deps.accepting()) {
       throw new ReaperError("SR_SHUTTING_DOWN", "the daemon is shutting down and takes no new sessions");
     }
@@ -103,54 +107,102 @@ export class Sessions {
     const paths = (body.paths ?? []).map((p, i) => checkPath(p, profile.allowedRoots, engine.uid, `paths[${i}]`).path);
     const ports = body.ports ?? [];
     checkPortsHeld(ports, engine);
-    const now = clock.now();
-    const live: LiveSession = {
-      id: body.id ?? randomUUID(),
+    const id = body.id ?? randomUUID();
+    const who = registeredBy(caller);
+    if (store.getSession(id) !== undefined) {
+      throw new ReaperError("SR_SESSION_EXISTS", `a session with id "${id}" already exists`);
+    }
+    // The tree seen now is the session's from the start (a daemonizing launcher's children
+    // included), journaled with its row; containment moves all of it into the session's cgroup.
+    const tree = processTree(engine);
+    const containment = this.contain(id, profile, engine, tree, caller.admin ? undefined : engine.uid);
+    // Committed first, then admitted: a failed commit (SR_STORE_UNAVAILABLE) leaves nothing
+    // in memory, and nothing after the commit can fail (the audit line never throws).
+    let session: Session | undefined;
+    const at = registry.stamp();
+    try {
+      audit.transaction(() => {
+        const now = at.wall;
+        session = {
+          id,
+          profile: profileName,
+          owner: body.owner ?? null,
+          engine,
+          ownerPid,
+          ports,
+          paths,
+          labels: body.labels ?? {},
+          ...timeouts,
+          createdAt: now,
+          lastHeartbeatAt: now,
+          lastActivityAt: now,
+          deadline: deadlineOf({ createdMono: now, heartbeatMono: now, activityMono: now, ...timeouts }).at,
+          ...NOT_YET_REAPED,
+          registeredBy: who,
+          containment,
+        };
+        store.insertSession(session, tree);
+        audit.record({
+          event: "session.registered",
+          sessionId: id,
+          detail: {
+            profile: profileName,
+            enginePid: engine.pid,
+            ownerPid: ownerPid?.pid ?? null,
+            registeredBy: who,
+            callerPid: caller.pid,
+            containment,
+          },
+        });
+      });
+    } catch (err) {
+      this.deps.cgroups.undo(containment);
+      throw err;
+    }
+    const live = registry.admit({
+      id,
       engine,
       ownerPid,
-      registeredBy: registeredBy(caller),
-      createdAt: now,
-      lastHeartbeatAt: now,
-      lastActivityAt: now,
-      recoveredAt: 0,
-      dirty: false,
-      tree: [],
+      registeredBy: who,
       busyCpuPercent: profile.busyCpuPercent,
       ...timeouts,
-    };
-    const session: Session = {
-      id: live.id,
-      profile: profileName,
-      owner: body.owner ?? null,
-      engine,
-      ownerPid,
-      ports,
-      paths,
-      labels: body.labels ?? {},
-      ...timeouts,
-      createdAt: now,
-      lastHeartbeatAt: now,
-      lastActivityAt: now,
-      deadline: deadlineOf(live).at,
-      ...NOT_YET_REAPED,
-      registeredBy: live.registeredBy,
-    };
-    audit.transaction(() => {
-      store.insertSession(session);
-      audit.record({
-        event: "session.registered",
-        sessionId: session.id,
-        detail: {
-          profile: profileName,
-          enginePid: engine.pid,
-          ownerPid: ownerPid?.pid ?? null,
-          registeredBy: live.registeredBy,
-          callerPid: caller.pid,
-        },
-      });
+      storedDeadline: (session as Session).deadline ?? undefined,
+      at,
+      tree,
+      cgroup: containment.kind === "cgroup" ? containment.path : null,
     });
-    detector.add(live);
-    return session;
+    return { ...(session as Session), deadline: registry.wallDeadline(live) };
+  }
+
+  /**
+   * The profile's containment for a new session: a cgroup where the host gives one (the
+   * engine's own, or one made and filled now), else none with the reason. A profile that
+   * requires a cgroup refuses the registration without one (SR_CONTAINMENT_UNAVAILABLE).
+   */
+  private contain(
+    id: string,
+    profile: Profile,
+    engine: ProcessIdentity,
+    tree: readonly ProcessIdentity[],
+    onlyUid: number | undefined,
+  ): Containment {
+    if (profile.containment === "none") {
+      return { kind: "none", why: `profile "${profile.name}" sets containment = "none"` };
+    }
+    let c: Containment;
+    try {
+      c = this.deps.cgroups.contain(id, engine, tree, onlyUid);
+    } catch (err) {
+      c = { kind: "none", why: `the engine could not be contained: ${errorMessage(err)}` };
+    }
+    if (c.kind === "none" && profile.containment === "cgroup") {
+      throw new ReaperError(
+        "SR_CONTAINMENT_UNAVAILABLE",
+        `profile "${profile.name}" requires a cgroup per session (containment = "cgroup"): ${c.why}`,
+        { why: c.why },
+      );
+    }
+    return c;
   }
 
   heartbeat(
@@ -158,13 +210,18 @@ export class Sessions {
     activity: "busy" | "idle",
     caller: Caller,
   ): { id: string; state: "live"; deadline: string; expiresBy: string } {
-    const known = this.deps.detector.live.get(id);
+    const { registry } = this.deps;
+    const known = registry.get(id);
     if (known !== undefined) checkActor(caller, known.registeredBy, id);
-    const live = this.deps.detector.heartbeat(id, activity === "busy");
+    const live = registry.heartbeat(id, activity === "busy");
     if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
     this.deps.metrics.heartbeat();
-    const d = deadlineOf(live);
-    return { id, state: "live", deadline: isoTime(d.at), expiresBy: d.reason };
+    return {
+      id,
+      state: "live",
+      deadline: isoTime(registry.wallDeadline(live)),
+      expiresBy: registry.deadline(live).reason,
+    };
   }
 
   /** Client close (reason `closed`) or operator force-reap (reason `forced`). */
@@ -181,11 +238,15 @@ export class Sessions {
    * Fences the session and queues its reap; false if it was not live. A time-based expiry
    * carries `lagMs` (fence time minus deadline: the detector fences synchronously, on the
    * same clock reading), observed as the detection lag; evidence-based ones have no deadline.
+   * The fence writes the session's last heartbeat and activity from memory. If the store
+   * cannot commit, this throws SR_STORE_UNAVAILABLE and the session stays live: the
+   * detector judges it again once the store commits.
    */
   expire(id: string, reason: Reason, detail: Record<string, unknown>): boolean {
-    const known = this.deps.detector.live.get(id)?.tree ?? [];
-    const fenced = this.deps.reaper.begin(id, reason, detail, known);
-    this.deps.detector.remove(id);
+    const { registry } = this.deps;
+    const live = registry.get(id);
+    const fenced = this.deps.reaper.begin(id, reason, detail, live?.tree ?? [], live);
+    registry.remove(id);
     if (fenced && TIME_REASONS.has(reason) && typeof detail.lagMs === "number") {
       this.deps.metrics.detectedLate(reason as TimeReason, detail.lagMs);
     }
@@ -198,15 +259,19 @@ export class Sessions {
    * the in-memory one); the in-memory deadline decides, since heartbeats reach SQLite late.
    */
   expiring(withinSec: number): ExpiringSession[] {
-    const now = this.deps.clock.now();
-    const until = now + withinSec * 1000;
+    const { clock, registry } = this.deps;
+    const now = clock.now();
+    const mono = clock.mono();
+    const until = mono + withinSec * 1000;
     const out: ExpiringSession[] = [];
-    for (const row of this.deps.store.liveDueBy(until)) {
-      const live = this.deps.detector.live.get(row.id);
+    // The stored deadlines are wall-clock times, rewritten after a wall-clock step (see
+    // LiveSessions.takeDirty); the monotonic deadline in memory decides.
+    for (const row of this.deps.store.liveDueBy(now + withinSec * 1000)) {
+      const live = registry.get(row.id);
       if (live === undefined) continue; // fenced since
-      const d = deadlineOf(live);
+      const d = registry.deadline(live);
       if (d.at > until) continue;
-      out.push({ ...row, deadline: d.at, expiresBy: d.reason, inSec: (d.at - now) / 1000 });
+      out.push({ ...row, deadline: registry.toWall(d.at), expiresBy: d.reason, inSec: (d.at - mono) / 1000 });
     }
     return out.sort((a, b) => a.deadline - b.deadline || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   }
@@ -240,13 +305,13 @@ export class Sessions {
 
   /** Heartbeats reach SQLite only at the next flush; the in-memory view is the truth. */
   private withLiveTiming(s: Session): Session {
-    const live = s.state === "live" ? this.deps.detector.live.get(s.id) : undefined;
+    const live = s.state === "live" ? this.deps.registry.get(s.id) : undefined;
     if (live === undefined) return s;
     return {
       ...s,
       lastHeartbeatAt: live.lastHeartbeatAt,
       lastActivityAt: live.lastActivityAt,
-      deadline: deadlineOf(live).at,
+      deadline: this.deps.registry.wallDeadline(live),
     };
   }
 

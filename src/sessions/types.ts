@@ -41,6 +41,11 @@ export interface Leftover {
   readonly kind: "process" | "port" | "socket" | "path" | "hook";
   readonly item: string;
   readonly detail: string;
+  /** A process found alive by the verification pass: who it is and why it counts. */
+  readonly pid?: number;
+  readonly comm?: string;
+  readonly uid?: number;
+  readonly why?: string;
 }
 
 export interface StepResult {
@@ -76,7 +81,14 @@ export interface Session {
   /** Starts of the reap pipeline: 1, plus one per resume after a daemon crash or stop. */
   readonly reapAttempts: number;
   readonly registeredBy: RegisteredBy;
+  /** How its processes are contained (null: registered before containment existed). */
+  readonly containment: Containment | null;
 }
+
+/** How a session is contained: see src/proc/containment.ts. */
+export type Containment =
+  | { readonly kind: "cgroup"; readonly path: string; readonly made: boolean }
+  | { readonly kind: "none"; readonly why: string };
 
 /** The fields every new session starts with, before anything has happened to it. */
 export const NOT_YET_REAPED = {

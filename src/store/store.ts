@@ -1,13 +1,15 @@
 import BetterSqlite3, { type Database, type Statement } from "better-sqlite3";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
-import { ReaperError } from "../errors.js";
+import { ReaperError, errorMessage } from "../errors.js";
+import type { HeartbeatWrite, StoredLive } from "../sessions/live.js";
 import type {
   Leftover,
   Outcome,
   ProcessIdentity,
   Reason,
   Session,
+  Containment,
   RegisteredBy,
   SessionState,
   StepName,
@@ -48,6 +50,8 @@ interface SessionRow {
   registered_by_uid: number | null;
   registered_as_admin: number;
   registered_via: "unix" | "tcp" | null;
+  containment: string | null;
+  tree: string | null;
 }
 
 export interface StoredEvent {
@@ -83,27 +87,57 @@ export interface ListFilter {
 }
 
 /** What recovery needs of a live session: its identities, timestamps, timeouts, profile. */
-export interface RecoveredSession {
-  id: string;
-  profile: string;
-  engine: ProcessIdentity;
-  ownerPid: ProcessIdentity | null;
-  registeredBy: RegisteredBy;
-  createdAt: number;
-  lastHeartbeatAt: number;
-  lastActivityAt: number;
-  heartbeatTimeoutSec: number;
-  idleTimeoutSec: number;
-  maxLifetimeSec: number;
-  deadline: number | null;
+export type RecoveredSession = Omit<StoredLive, "busyCpuPercent"> & { readonly profile: string };
+
+export type { HeartbeatWrite };
+
+/**
+ * SQLite result codes that say the store cannot commit now, not that the daemon is wrong:
+ * another process holds the lock, the disk is full, an I/O error, a file made read-only or
+ * damaged under the daemon. Such a failure fences nothing and crashes nothing (the daemon
+ * answers 503 SR_STORE_UNAVAILABLE and waits for the store to commit again).
+ */
+const STORE_FAULTS = /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|CORRUPT|NOTADB|PROTOCOL|NOMEM|PERM)/;
+
+export function isStoreFault(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" && STORE_FAULTS.test(code);
 }
 
-export interface HeartbeatWrite {
-  id: string;
-  lastHeartbeatAt: number;
-  lastActivityAt: number;
-  /** The new stored deadline, or null to leave the indexed column as it is (see writeHeartbeats). */
-  deadline: number | null;
+/**
+ * Lock contention is waited for this long per statement, no longer: the wait blocks the
+ * event loop (better-sqlite3 is synchronous), and heartbeats are served on it.
+ */
+const BUSY_TIMEOUT_MS = 200;
+const PROBE_BUSY_TIMEOUT_MS = 20;
+
+/** The WAL is truncated back to this after a checkpoint, so it cannot keep a disk full. */
+const JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024;
+
+/** Why a store could not be opened, said so that an operator knows what to do. */
+function openError(err: unknown, path: string): ReaperError {
+  if (err instanceof ReaperError) return err;
+  const raw = (err as { code?: unknown }).code;
+  const code = typeof raw === "string" ? raw : "";
+  if (/^SQLITE_(CORRUPT|NOTADB)/.test(code)) return corrupt(path, errorMessage(err));
+  return new ReaperError(
+    "SR_STORE_UNUSABLE",
+    `cannot open the database ${path} for writing (${code || "error"}: ${errorMessage(err)}): check that the file, its -wal and -shm files and its directory are writable by the daemon's user and that the disk has space`,
+  );
+}
+
+function corrupt(path: string, found: string): ReaperError {
+  return new ReaperError(
+    "SR_STORE_CORRUPT",
+    `the database ${path} is corrupt (${found}); the daemon will not start on it. Stop here: move the file and its -wal and -shm files aside (keep them for inspection, e.g. sqlite3 FILE .recover), then restore a backup or start on a new, empty database; engines of sessions it listed as live are then unknown to the daemon (an orphan sweep profile can find them)`,
+  );
+}
+
+/** The cgroup path a stored containment names, or null. */
+function cgroupOf(containment: string | null): string | null {
+  if (containment === null) return null;
+  const c = JSON.parse(containment) as Containment;
+  return c.kind === "cgroup" ? c.path : null;
 }
 
 function toSession(r: SessionRow): Session {
@@ -135,6 +169,7 @@ function toSession(r: SessionRow): Session {
     reapedAt: r.reaped_at,
     reapAttempts: r.reap_attempts,
     registeredBy: { uid: r.registered_by_uid, admin: r.registered_as_admin === 1, via: r.registered_via },
+    containment: r.containment === null ? null : (JSON.parse(r.containment) as Containment),
   };
 }
 
@@ -166,37 +201,56 @@ export class Store {
     reapedByProfile: Statement;
     liveByUid: Statement;
     liveDueBy: Statement;
+    probe: Statement;
+    tree: Statement;
   };
+  /** False from a failed write until a probe commits again (see `probe`). */
+  private availableValue = true;
+  private fault: string | null = null;
+  private readonly health: { unavailable: (fault: string) => void; available: () => void }[] = [];
 
+  /**
+   * Opens (and migrates) the database. Throws SR_STORE_CORRUPT when the integrity check
+   * fails, SR_STORE_UNUSABLE when the file cannot be opened or written: both stop the
+   * daemon (exit 78) rather than let it run on a store it cannot trust.
+   */
   constructor(path: string, now: number) {
-    if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
-    this.db = new BetterSqlite3(path);
-    this.db.pragma("journal_mode = WAL");
-    // NORMAL in WAL mode: a commit survives a daemon crash; only an OS crash may lose the
-    // last transactions, and the journal is replayed from whatever did reach the disk.
-    this.db.pragma("synchronous = NORMAL");
-    this.db.pragma("foreign_keys = ON");
-    this.db.pragma("busy_timeout = 5000");
+    let db: Database | null = null;
     try {
-      migrate(this.db, now);
+      if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
+      db = new BetterSqlite3(path);
+      db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+      db.pragma("journal_mode = WAL");
+      // NORMAL in WAL mode: a commit survives a daemon crash; only an OS crash may lose the
+      // last transactions, and the journal is replayed from whatever did reach the disk.
+      db.pragma("synchronous = NORMAL");
+      db.pragma("foreign_keys = ON");
+      db.pragma(`journal_size_limit = ${JOURNAL_SIZE_LIMIT}`);
+      // quick_check reads every page (not the indexes' contents): milliseconds for the few
+      // MiB a session table takes, and garbage pages are found before anything acts on them.
+      const check = db.pragma("quick_check(20)", { simple: false }) as { quick_check: string }[];
+      const problems = check.map((r) => r.quick_check).filter((m) => m !== "ok");
+      if (problems.length > 0) throw corrupt(path, `quick_check: ${problems.slice(0, 3).join("; ")}`);
+      migrate(db, now);
     } catch (err) {
-      this.db.close();
-      throw err;
+      db?.close();
+      throw openError(err, path);
     }
-    const db = this.db;
+    this.db = db;
     this.stmts = {
       insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,
           engine_uid, owner_pid, owner_start_time, owner_boot_id, owner_uid, ports, paths, labels,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, created_at, last_heartbeat_at,
-          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via)
+          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via, containment, tree)
         VALUES (@id, @profile, @owner, @engine_pid, @engine_start_time, @engine_boot_id, @engine_uid, @owner_pid,
           @owner_start_time, @owner_boot_id, @owner_uid, @ports, @paths, @labels, @heartbeat_timeout_sec,
           @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live',
-          @registered_by_uid, @registered_as_admin, @registered_via)`),
+          @registered_by_uid, @registered_as_admin, @registered_via, @containment, @tree)`),
       get: db.prepare("SELECT * FROM sessions WHERE id = ?"),
       seqOf: db.prepare("SELECT seq FROM sessions WHERE id = ?"),
       fence:
-        db.prepare(`UPDATE sessions SET state = 'reaping', reason = @reason, reap_started_at = @now, deadline = NULL
+        db.prepare(`UPDATE sessions SET state = 'reaping', reason = @reason, reap_started_at = @now, deadline = NULL,
+          last_heartbeat_at = COALESCE(@hb, last_heartbeat_at), last_activity_at = COALESCE(@activity, last_activity_at)
         WHERE id = @id AND state = 'live'`),
       finish:
         db.prepare(`UPDATE sessions SET state = 'reaped', outcome = @outcome, leftovers = @leftovers, reaped_at = @now
@@ -221,7 +275,7 @@ export class Store {
       liveForRecovery: db.prepare(`SELECT id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
           owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline, registered_by_uid,
-          registered_as_admin, registered_via
+          registered_as_admin, registered_via, tree, containment
         FROM sessions WHERE state = 'live' ORDER BY seq`),
       counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
       // These three search the (state, deadline) index by state, so they visit only the rows
@@ -236,25 +290,108 @@ export class Store {
       liveDueBy: db.prepare(
         "SELECT id, profile, owner FROM sessions WHERE state = 'live' AND deadline <= ? ORDER BY deadline",
       ),
+      probe: db.prepare("UPDATE store_probe SET at = ? WHERE id = 1"),
+      tree: db.prepare("UPDATE sessions SET tree = ? WHERE id = ?"),
     };
+  }
+
+  /** Whether writes are expected to commit (false from a failed write until a probe succeeds). */
+  get available(): boolean {
+    return this.availableValue;
+  }
+
+  /** What made the store unavailable, or null. */
+  get lastFault(): string | null {
+    return this.fault;
+  }
+
+  /** Told when the store stops committing and when it commits again. */
+  onHealth(listener: { unavailable: (fault: string) => void; available: () => void }): void {
+    this.health.push(listener);
+  }
+
+  /**
+   * A failed write: the store is unavailable from now until `probe` commits. Returns the
+   * error the caller should see (SR_STORE_UNAVAILABLE), or the original if it is no store
+   * fault (a bug, a constraint).
+   */
+  private failed(err: unknown): unknown {
+    if (!isStoreFault(err)) return err;
+    const fault = `${String((err as { code?: unknown }).code)}: ${errorMessage(err)}`;
+    if (this.availableValue) {
+      this.availableValue = false;
+      this.fault = fault;
+      for (const l of this.health) l.unavailable(fault);
+    }
+    return this.unavailableError(fault);
+  }
+
+  private unavailableError(fault: string): ReaperError {
+    return new ReaperError("SR_STORE_UNAVAILABLE", `the database cannot commit now (${fault}); retry later`, {
+      fault,
+    });
+  }
+
+  /**
+   * One small real write (a row of its own): true if it committed, and then the store is
+   * available again. Called on a timer while unavailable; cheap when the fault persists (one
+   * busy wait of PROBE_BUSY_TIMEOUT_MS at most).
+   */
+  probe(now: number): boolean {
+    // A short wait for the lock: the probe runs every second while the store is out, on the
+    // event loop that serves heartbeats; a lock free for a moment is found by a later probe.
+    this.db.pragma(`busy_timeout = ${PROBE_BUSY_TIMEOUT_MS}`);
+    try {
+      this.db.transaction(() => this.stmts.probe.run(now)).immediate();
+    } catch (err) {
+      if (!isStoreFault(err)) throw err;
+      this.fault = `${String((err as { code?: unknown }).code)}: ${errorMessage(err)}`;
+      return false;
+    } finally {
+      this.db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    }
+    if (!this.availableValue) {
+      this.availableValue = true;
+      this.fault = null;
+      this.stateCounts = null; // writes that failed may have moved the kept counts
+      for (const l of this.health) l.available();
+    }
+    return true;
+  }
+
+  /** Moves the WAL's content into the database and truncates it (bounded disk use). */
+  checkpoint(): void {
+    try {
+      this.db.pragma("wal_checkpoint(TRUNCATE)");
+    } catch (err) {
+      throw this.failed(err);
+    }
   }
 
   close(): void {
     if (this.db.open) this.db.close();
   }
 
-  /** Runs `fn` in one transaction (better-sqlite3 nests inner calls into it). */
+  /**
+   * Runs `fn` in one transaction (better-sqlite3 nests inner calls into it). While the store
+   * is unavailable, an outermost transaction fails at once with SR_STORE_UNAVAILABLE rather
+   * than wait on a lock or a disk that failed a moment ago; a store fault inside one makes
+   * the store unavailable and becomes SR_STORE_UNAVAILABLE too.
+   */
   transaction<T>(fn: () => T): T {
+    const outermost = !this.db.inTransaction;
+    if (outermost && !this.availableValue) throw this.unavailableError(this.fault ?? "unavailable");
     try {
       return this.db.transaction(fn)();
     } catch (err) {
       // Rolled back: the counts moved by its writes no longer hold. Counted again when next asked.
       this.stateCounts = null;
-      throw err;
+      throw this.failed(err);
     }
   }
 
-  insertSession(s: Session): void {
+  /** `tree`: the engine's process tree seen at registration, kept durable (see `writeTree`). */
+  insertSession(s: Session, tree: readonly ProcessIdentity[] = []): void {
     try {
       const inserted = this.stmts.insert.run({
         id: s.id,
@@ -281,6 +418,8 @@ export class Store {
         registered_by_uid: s.registeredBy.uid,
         registered_as_admin: s.registeredBy.admin ? 1 : 0,
         registered_via: s.registeredBy.via,
+        containment: s.containment === null ? null : JSON.stringify(s.containment),
+        tree: JSON.stringify(tree),
       });
       if (inserted.changes === 1 && this.stateCounts !== null) this.stateCounts.live++;
     } catch (err) {
@@ -362,13 +501,25 @@ export class Store {
         maxLifetimeSec: r.max_lifetime_sec,
         deadline: r.deadline,
         registeredBy: registrant(r.registered_by_uid, r.registered_as_admin === 1, r.registered_via),
+        tree: r.tree === null ? [] : (JSON.parse(r.tree) as ProcessIdentity[]),
+        cgroup: cgroupOf(r.containment),
       };
     }
   }
 
-  /** The fence: true if this call moved the session from live to reaping. */
-  fence(id: string, reason: Reason, now: number): boolean {
-    const fenced = this.stmts.fence.run({ id, reason, now }).changes === 1;
+  /**
+   * The fence: true if this call moved the session from live to reaping. `last` is the
+   * session's final record (its last heartbeat and activity, from memory).
+   */
+  fence(id: string, reason: Reason, now: number, last?: { lastHeartbeatAt: number; lastActivityAt: number }): boolean {
+    const fenced =
+      this.stmts.fence.run({
+        id,
+        reason,
+        now,
+        hb: last?.lastHeartbeatAt ?? null,
+        activity: last?.lastActivityAt ?? null,
+      }).changes === 1;
     if (fenced && this.stateCounts !== null) {
       this.stateCounts.live--;
       this.stateCounts.reaping++;
@@ -387,7 +538,7 @@ export class Store {
 
   /** Counts one more start of the session's reap pipeline; returns the attempt number. */
   startAttempt(id: string): number | undefined {
-    return (this.stmts.attempt.get(id) as { reap_attempts: number } | undefined)?.reap_attempts;
+    return this.transaction(() => (this.stmts.attempt.get(id) as { reap_attempts: number } | undefined)?.reap_attempts);
   }
 
   /**
@@ -401,6 +552,7 @@ export class Store {
       for (const hb of batch) {
         if (hb.deadline === null) heartbeat.run(hb.lastHeartbeatAt, hb.lastActivityAt, hb.id);
         else heartbeatDeadline.run(hb.lastHeartbeatAt, hb.lastActivityAt, hb.deadline, hb.id);
+        if (hb.tree !== undefined) this.stmts.tree.run(JSON.stringify(hb.tree), hb.id);
       }
     });
   }

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test, type TestContext } from "node:test";
-import type { VerifyReport } from "../../src/cli/audit-verify.js";
+import { addLine, newTrail, renderReport, verifyTrail, type VerifyReport } from "../../src/cli/audit-verify.js";
 import { sleeper, startDaemon, startEngine, tempDir, testConfig } from "../helpers.js";
 import { ctl } from "./ctl.js";
 
@@ -166,4 +166,36 @@ test("audit verify: usage and unreadable input", async (t) => {
   // An empty trail proves nothing is missing.
   const empty = await ctl(["audit", "verify", "-", "--offline"], {}, "");
   assert.equal(empty.code, 0);
+});
+
+test("a clean verified by less than the session's containment allowed is listed (not counted against complete)", () => {
+  const trail = newTrail();
+  const line = (o: Record<string, unknown>): void => addLine(trail, JSON.stringify({ audit: true, ...o }));
+  const reap = (id: string, contained: boolean | null, verified: string[] | undefined): void => {
+    line({
+      event: "session.registered",
+      sessionId: id,
+      detail: contained === null ? {} : { containment: contained ? { kind: "cgroup" } : { kind: "none" } },
+    });
+    line({ event: "session.closed", sessionId: id, reason: "closed" });
+    line({
+      event: "reap.finished",
+      sessionId: id,
+      outcome: "clean",
+      detail: verified === undefined ? {} : { verified },
+    });
+  };
+  const all = ["tree", "cookie", "ports", "paths"];
+  reap("contained-full", true, ["cgroup", ...all]);
+  reap("contained-no-cgroup", true, all);
+  reap("uncontained-full", false, all);
+  reap("old-line", null, undefined);
+  const r = verifyTrail(trail, "test", { status: "skipped" }, new Map());
+  assert.equal(r.complete, true);
+  assert.deepEqual(r.weaklyVerified, [
+    { sessionId: "contained-no-cgroup", verified: all, missing: ["cgroup"] },
+    { sessionId: "old-line", verified: null, missing: all },
+  ]);
+  assert.match(renderReport(r), /clean, weakly verified\s+2/);
+  assert.match(renderReport(r), /^contained-no-cgroup\s+tree,cookie,ports,paths\s+cgroup$/m);
 });

@@ -72,6 +72,7 @@ test("no config file: embedded defaults, socket and db under the working directo
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    containment: "auto",
     orphans: null,
   });
 });
@@ -436,6 +437,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    containment: "auto",
     orphans: null,
   });
   assert.deepEqual(c.profiles.gpu, {
@@ -450,6 +452,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     closeHook: null,
     releaseHooks: [],
     busyCpuPercent: null,
+    containment: "auto",
     orphans: null,
   });
 });
@@ -527,6 +530,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
   assert.deepEqual(c.detect, defaults.detect);
   assert.deepEqual(c.reaper, defaults.reaper);
   assert.deepEqual(c.orphans, defaults.orphans);
+  assert.deepEqual(c.containment, defaults.containment);
   assert.deepEqual(c.profiles.default, defaults.profiles.default);
   assert.deepEqual(c.profiles.spark, {
     name: "spark",
@@ -540,6 +544,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     closeHook: { kind: "http", path: "/api/v1/shutdown" },
     releaseHooks: [{ kind: "http", url: "http://127.0.0.1:7077/v1/engines/deregister" }],
     busyCpuPercent: 50,
+    containment: "auto",
     orphans: {
       mode: "report",
       exe: null,

@@ -3,7 +3,8 @@ import { test } from "node:test";
 import pidusage from "pidusage";
 import { pino } from "pino";
 import { FakeClock } from "../../src/clock.js";
-import { Detector, type LiveSession } from "../../src/detect/detector.js";
+import { Detector } from "../../src/detect/detector.js";
+import { LiveSessions, type Admission } from "../../src/sessions/live.js";
 import { identify } from "../../src/proc/identity.js";
 import { sleeper, startDaemon, tempDir, testConfig } from "../helpers.js";
 
@@ -57,33 +58,33 @@ test("busy_cpu_percent: a computing engine is not culled as idle; an idle one in
 
 test("sampleCpu: a baseline first, then activity moves only for an engine above its threshold", async (t) => {
   const clock = new FakeClock();
-  const detector = new Detector(clock, "*/2 * * * * *", pino({ level: "silent" }), () => undefined);
+  const registry = new LiveSessions(clock);
+  const detector = new Detector({
+    registry,
+    clock,
+    livenessSchedule: "*/2 * * * * *",
+    log: pino({ level: "silent" }),
+    expire: () => undefined,
+  });
   t.after(() => detector.close());
-  const session = (id: string, pid: number, busyCpuPercent: number | null): LiveSession => ({
+  const session = (id: string, pid: number, busyCpuPercent: number | null): Admission => ({
     id,
     engine: identify(pid, "engine.pid", process.pid),
     ownerPid: null,
     registeredBy: { uid: 0, admin: true, via: "unix" },
-    dirty: false,
-    tree: [],
-    createdAt: clock.now(),
-    lastHeartbeatAt: clock.now(),
-    lastActivityAt: clock.now(),
     heartbeatTimeoutSec: 30,
     idleTimeoutSec: 60,
     maxLifetimeSec: 0,
-    recoveredAt: 0,
     busyCpuPercent,
   });
   // One burning process: "greedy" watches the same engine with a threshold it cannot reach.
   const burning = sleeper(t, process.execPath, BURN).pid;
   await burningFor(burning, 200);
-  const burner = session("burner", burning, 20);
-  const greedy = session("greedy", burning, 100 * 64);
-  const quiet = session("quiet", sleeper(t).pid, 20);
-  const unwatched = session("unwatched", sleeper(t).pid, null);
   const t0 = clock.now();
-  for (const s of [burner, quiet, unwatched, greedy]) detector.add(s);
+  const burner = registry.admit(session("burner", burning, 20));
+  const quiet = registry.admit(session("quiet", sleeper(t).pid, 20));
+  const unwatched = registry.admit(session("unwatched", sleeper(t).pid, null));
+  const greedy = registry.admit(session("greedy", burning, 100 * 64));
   await detector.sampleCpu(); // may race add()'s own baseline: either way nobody is judged yet
   assert.equal(burner.lastActivityAt, t0);
   assert.ok(burner.cpuSample !== undefined && quiet.cpuSample !== undefined);
@@ -94,9 +95,12 @@ test("sampleCpu: a baseline first, then activity moves only for an engine above 
   clock.advance(5000);
   assert.equal(await detector.sampleCpu(), 1);
   assert.equal(burner.lastActivityAt, t0 + 5000);
-  assert.equal(burner.dirty, true);
   assert.equal(quiet.lastActivityAt, t0);
-  assert.equal(quiet.dirty, false);
+  assert.deepEqual(
+    registry.takeDirty().map((w) => [w.id, w.lastActivityAt]),
+    [["burner", t0 + 5000]],
+    "only the busy engine's record is to be written",
+  );
   assert.equal(greedy.lastActivityAt, t0);
   assert.equal(unwatched.lastActivityAt, t0);
 
@@ -107,7 +111,7 @@ test("sampleCpu: a baseline first, then activity moves only for an engine above 
   assert.equal(burner.cpuSample, before);
 
   // A fenced session is no longer sampled.
-  detector.remove("burner");
+  registry.remove("burner");
   await sleep(700);
   clock.advance(1000);
   assert.equal(await detector.sampleCpu(), 0);

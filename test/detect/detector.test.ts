@@ -3,7 +3,9 @@ import { test } from "node:test";
 import { exited, sleeper, until } from "../helpers.js";
 import { pino } from "pino";
 import { FakeClock } from "../../src/clock.js";
-import { Detector, type LiveSession } from "../../src/detect/detector.js";
+import { Detector } from "../../src/detect/detector.js";
+import { StallWatch } from "../../src/detect/stall.js";
+import { LiveSessions, type Admission } from "../../src/sessions/live.js";
 import { identify } from "../../src/proc/identity.js";
 import type { ProcessIdentity, Reason } from "../../src/sessions/types.js";
 
@@ -28,41 +30,55 @@ interface Call {
   detail: Record<string, unknown>;
 }
 
-/** A detector on a fake clock whose expire callback records calls and fences (removes) the session. */
+/**
+ * A registry and its detector on a fake clock; the expire callback records calls and fences
+ * (removes) the session, unless `fence` says the store failed. `mayJudgeTime` is the
+ * daemon's: a stall watch looks first, then the store's availability (`store.available`).
+ */
 function setup(t: Cleanup, opts: { start?: boolean; schedule?: string } = {}) {
   const clock = new CountingClock();
   const calls: Call[] = [];
-  const detector: Detector = new Detector(clock, opts.schedule ?? SCHEDULE, log, (id, reason, detail) => {
-    calls.push({ id, reason, detail });
-    detector.remove(id); // what the daemon's fence does
+  const registry = new LiveSessions(clock);
+  const store = { available: true };
+  const stalls: number[] = [];
+  const stallWatch = new StallWatch(clock, 1000, (ms) => {
+    stalls.push(ms);
+    registry.resume();
+  });
+  const detector: Detector = new Detector({
+    registry,
+    clock,
+    livenessSchedule: opts.schedule ?? SCHEDULE,
+    log,
+    expire: (id, reason, detail) => {
+      calls.push({ id, reason, detail });
+      if (store.available) registry.remove(id); // what the daemon's fence does
+    },
+    mayJudgeTime: () => (stallWatch.check(), store.available),
   });
   t.after(() => detector.stop());
+  t.after(() => stallWatch.stop());
+  stallWatch.start();
   if (opts.start ?? true) detector.start();
   const engine = identify(sleeper(t).pid, "engine.pid", process.pid);
-  const session = (id: string, over: Partial<LiveSession> = {}): LiveSession => ({
+  const session = (id: string, over: Partial<Admission> = {}): Admission => ({
     id,
     engine,
     ownerPid: null,
     registeredBy: { uid: 0, admin: true, via: "unix" },
-    dirty: false,
-    tree: [],
-    createdAt: clock.now(),
-    lastHeartbeatAt: clock.now(),
-    lastActivityAt: clock.now(),
     heartbeatTimeoutSec: 30,
     idleTimeoutSec: 3600,
     maxLifetimeSec: 0,
-    recoveredAt: 0,
     busyCpuPercent: null,
     ...over,
   });
-  return { clock, calls, detector, engine, session };
+  return { clock, calls, registry, detector, engine, session, store, stalls, stallWatch };
 }
 
 test("a session expires exactly when the clock reaches its deadline, not 1 ms before", (t) => {
-  const { clock, calls, detector, session } = setup(t);
+  const { clock, calls, registry, detector, session } = setup(t);
   const t0 = clock.now();
-  detector.add(session("a"));
+  registry.admit(session("a"));
   clock.advance(30 * S - 1);
   assert.equal(calls.length, 0);
   clock.advance(1);
@@ -75,9 +91,9 @@ test("a session expires exactly when the clock reaches its deadline, not 1 ms be
 });
 
 test("idle and max-lifetime deadlines fire with their reason", (t) => {
-  const { clock, calls, detector, session } = setup(t);
-  detector.add(session("idle", { heartbeatTimeoutSec: 100, idleTimeoutSec: 10 }));
-  detector.add(session("life", { heartbeatTimeoutSec: 100, idleTimeoutSec: 100, maxLifetimeSec: 20 }));
+  const { clock, calls, registry, detector, session } = setup(t);
+  registry.admit(session("idle", { heartbeatTimeoutSec: 100, idleTimeoutSec: 10 }));
+  registry.admit(session("life", { heartbeatTimeoutSec: 100, idleTimeoutSec: 100, maxLifetimeSec: 20 }));
   clock.advance(10 * S - 1);
   assert.equal(calls.length, 0);
   clock.advance(1);
@@ -99,7 +115,7 @@ test("idle and max-lifetime deadlines fire with their reason", (t) => {
 });
 
 test("several sessions expire in deadline order, each on time", (t) => {
-  const { clock, calls, detector, session } = setup(t);
+  const { clock, calls, registry, detector, session } = setup(t);
   const t0 = clock.now();
   for (const [id, sec] of [
     ["c", 30],
@@ -108,7 +124,7 @@ test("several sessions expire in deadline order, each on time", (t) => {
     ["b", 20],
     ["b2", 20],
   ] as const) {
-    detector.add(session(id, { heartbeatTimeoutSec: sec }));
+    registry.admit(session(id, { heartbeatTimeoutSec: sec }));
   }
   clock.advance(3600 * S);
   // Equal deadlines (b, b2) may expire in either order.
@@ -122,16 +138,15 @@ test("several sessions expire in deadline order, each on time", (t) => {
 });
 
 test("heartbeats push expiry later without touching the heap or arming timers", (t) => {
-  const { clock, calls, detector, session } = setup(t);
+  const { clock, calls, registry, detector, session } = setup(t);
   const t0 = clock.now();
-  detector.add(session("hb"));
-  const armed = clock.armed;
-
+  registry.admit(session("hb"));
   clock.advance(20 * S);
-  const s = detector.heartbeat("hb", false);
+  const armed = clock.armed; // the stall watch's ticks arm timers of their own as time passes
+  const s = registry.heartbeat("hb", false);
   assert.equal(s?.lastHeartbeatAt, t0 + 20 * S);
   assert.equal(s?.lastActivityAt, t0, "an idle heartbeat does not move activity");
-  assert.equal(s?.dirty, true);
+  assert.equal(registry.dirtyCount, 1);
   assert.equal(clock.armed, armed, "a heartbeat armed a timer");
 
   // The original deadline passes: the entry is re-queued at the new deadline, nothing expires.
@@ -147,14 +162,14 @@ test("heartbeats push expiry later without touching the heap or arming timers", 
 });
 
 test("a busy heartbeat moves activity too; an idle one lets the idle timeout fire", (t) => {
-  const { clock, calls, detector, session } = setup(t);
+  const { clock, calls, registry, detector, session } = setup(t);
   const t0 = clock.now();
-  detector.add(session("busy", { heartbeatTimeoutSec: 10, idleTimeoutSec: 25 }));
-  detector.add(session("idle", { heartbeatTimeoutSec: 10, idleTimeoutSec: 25 }));
+  registry.admit(session("busy", { heartbeatTimeoutSec: 10, idleTimeoutSec: 25 }));
+  registry.admit(session("idle", { heartbeatTimeoutSec: 10, idleTimeoutSec: 25 }));
   for (let i = 1; i <= 4; i++) {
     clock.advance(8 * S);
-    assert.equal(detector.heartbeat("busy", true)?.lastActivityAt, t0 + i * 8 * S);
-    detector.heartbeat("idle", false);
+    assert.equal(registry.heartbeat("busy", true)?.lastActivityAt, t0 + i * 8 * S);
+    registry.heartbeat("idle", false);
   }
   // t0 + 32 s: "idle" had no activity since t0, so it expired at t0 + 25 s.
   assert.deepEqual(calls, [
@@ -172,21 +187,21 @@ test("a busy heartbeat moves activity too; an idle one lets the idle timeout fir
 });
 
 test("a heartbeat for an unknown or removed session is ignored", (t) => {
-  const { detector, session } = setup(t);
-  assert.equal(detector.heartbeat("nope", true), undefined);
-  detector.add(session("gone"));
-  detector.remove("gone");
-  assert.equal(detector.heartbeat("gone", true), undefined);
+  const { registry, detector, session } = setup(t);
+  assert.equal(registry.heartbeat("nope", true), undefined);
+  registry.admit(session("gone"));
+  registry.remove("gone");
+  assert.equal(registry.heartbeat("gone", true), undefined);
   detector.stop();
 });
 
 test("remove() prevents expiry", (t) => {
-  const { clock, calls, detector, session } = setup(t);
-  detector.add(session("r1"));
-  detector.add(session("r2", { heartbeatTimeoutSec: 31 }));
+  const { clock, calls, registry, detector, session } = setup(t);
+  registry.admit(session("r1"));
+  registry.admit(session("r2", { heartbeatTimeoutSec: 31 }));
   clock.advance(10 * S);
-  detector.remove("r1");
-  assert.equal(detector.live.has("r1"), false);
+  registry.remove("r1");
+  assert.equal(registry.get("r1"), undefined);
   clock.advance(3600 * S);
   assert.deepEqual(
     calls.map((c) => c.id),
@@ -196,9 +211,9 @@ test("remove() prevents expiry", (t) => {
 });
 
 test("nothing expires before start() or after stop()", (t) => {
-  const { clock, calls, detector, session } = setup(t, { start: false });
+  const { clock, calls, registry, detector, session } = setup(t, { start: false });
   const t0 = clock.now();
-  detector.add(session("early", { heartbeatTimeoutSec: 10 }));
+  registry.admit(session("early", { heartbeatTimeoutSec: 10 }));
   clock.advance(20 * S);
   assert.equal(calls.length, 0, "expired before start()");
   detector.start();
@@ -210,17 +225,17 @@ test("nothing expires before start() or after stop()", (t) => {
       detail: { deadline: new Date(t0 + 10 * S).toISOString(), lagMs: 10 * S },
     },
   ]);
-  detector.add(session("late", { heartbeatTimeoutSec: 10 }));
+  registry.admit(session("late", { heartbeatTimeoutSec: 10 }));
   detector.stop();
   clock.advance(3600 * S);
   assert.equal(calls.length, 1, "expired after stop()");
 });
 
 test("a session added with an earlier deadline than the armed one is still expired on time", (t) => {
-  const { clock, calls, detector, session } = setup(t);
-  detector.add(session("slow", { heartbeatTimeoutSec: 100 }));
+  const { clock, calls, registry, detector, session } = setup(t);
+  registry.admit(session("slow", { heartbeatTimeoutSec: 100 }));
   clock.advance(S);
-  detector.add(session("fast", { heartbeatTimeoutSec: 5 }));
+  registry.admit(session("fast", { heartbeatTimeoutSec: 5 }));
   clock.advance(5 * S - 1);
   assert.equal(calls.length, 0);
   clock.advance(1);
@@ -232,9 +247,9 @@ test("a session added with an earlier deadline than the armed one is still expir
 });
 
 test("expireDue() directly: only due sessions expire", (t) => {
-  const { clock, calls, detector, session } = setup(t, { start: false });
-  detector.add(session("x", { heartbeatTimeoutSec: 10 }));
-  detector.add(session("y", { heartbeatTimeoutSec: 20 }));
+  const { clock, calls, registry, detector, session } = setup(t, { start: false });
+  registry.admit(session("x", { heartbeatTimeoutSec: 10 }));
+  registry.admit(session("y", { heartbeatTimeoutSec: 20 }));
   clock.advance(15 * S);
   detector.expireDue();
   assert.deepEqual(
@@ -245,15 +260,15 @@ test("expireDue() directly: only due sessions expire", (t) => {
 });
 
 test("pidfd: an engine that exits is expired as engine_gone at once; a live one gets its tree refreshed", async (t) => {
-  const { calls, detector, session, engine } = setup(t, { start: false });
+  const { calls, registry, detector, session, engine } = setup(t, { start: false });
   const doomed = sleeper(t);
   const doomedId = identify(doomed.pid, "engine.pid", process.pid);
-  detector.add(session("alive"));
-  detector.add(session("doomed", { engine: doomedId }));
+  registry.admit(session("alive"));
+  registry.admit(session("doomed", { engine: doomedId }));
 
   assert.equal(detector.checkLiveness(), 0);
   assert.deepEqual(
-    detector.live.get("alive")?.tree.map((p) => p.pid),
+    registry.get("alive")?.tree.map((p) => p.pid),
     [engine.pid],
   );
 
@@ -267,12 +282,12 @@ test("pidfd: an engine that exits is expired as engine_gone at once; a live one 
 });
 
 test("owner_gone: a wrong start time is found by the liveness pass (never watched); an exit through the pidfd", async (t) => {
-  const { calls, detector, session } = setup(t, { start: false });
+  const { calls, registry, detector, session } = setup(t, { start: false });
   const owner = sleeper(t);
   const ownerId = identify(owner.pid, "ownerPid", process.pid);
   const reused: ProcessIdentity = { ...ownerId, startTime: ownerId.startTime + 1 };
-  detector.add(session("owned", { ownerPid: ownerId }));
-  detector.add(session("reused", { ownerPid: reused }));
+  registry.admit(session("owned", { ownerPid: ownerId }));
+  registry.admit(session("reused", { ownerPid: reused }));
   assert.equal(detector.checkLiveness(), 1);
   owner.kill("SIGKILL");
   await exited(owner);
@@ -286,11 +301,95 @@ test("owner_gone: a wrong start time is found by the liveness pass (never watche
 });
 
 test("the croner schedule runs the liveness pass on its own (what a pidfd cannot see: a reused pid)", async (t) => {
-  const { calls, detector, session, engine } = setup(t, { schedule: "* * * * * *" });
-  detector.add(session("reused", { engine: { ...engine, startTime: engine.startTime + 1 } }));
+  const { calls, registry, detector, session, engine } = setup(t, { schedule: "* * * * * *" });
+  registry.admit(session("reused", { engine: { ...engine, startTime: engine.startTime + 1 } }));
   await until(() => calls.length === 1, 3_000, "scheduled liveness pass");
   assert.deepEqual(calls, [
     { id: "reused", reason: "engine_gone", detail: { pid: engine.pid, detectedBy: "liveness" } },
   ]);
   detector.stop();
+});
+
+test("a wall-clock step in either direction changes no expiry (deadlines run on the monotonic clock)", (t) => {
+  const { clock, calls, registry, session } = setup(t);
+  const t0 = clock.now();
+  registry.admit(session("fwd", { heartbeatTimeoutSec: 10 }));
+  registry.admit(session("back", { heartbeatTimeoutSec: 20 }));
+  clock.stepWall(3600 * S); // NTP, date -s: an hour forward
+  clock.advance(5 * S);
+  assert.equal(calls.length, 0, "a forward step expired a session");
+  clock.stepWall(-7200 * S); // and two hours back
+  clock.advance(5 * S - 1);
+  assert.equal(calls.length, 0);
+  clock.advance(1);
+  assert.deepEqual(
+    calls.map((c) => [c.id, c.detail.lagMs]),
+    [["fwd", 0]],
+  );
+  // The record's deadline is on the wall clock as it reads now (an hour behind t0).
+  assert.equal(calls[0]?.detail.deadline, new Date(t0 - 3600 * S + 10 * S).toISOString());
+  clock.advance(10 * S);
+  assert.deepEqual(
+    calls.map((c) => c.id),
+    ["fwd", "back"],
+  );
+  // The displayed deadline follows the wall clock; the monotonic one did not move.
+  const s = registry.admit(session("shown", { heartbeatTimeoutSec: 30 }));
+  const at = registry.deadline(s).at;
+  clock.stepWall(-600 * S);
+  assert.equal(registry.deadline(s).at, at);
+  assert.equal(registry.wallDeadline(s), clock.now() + 30 * S);
+});
+
+test("a stall (the loop did not run) is downtime: nothing expires on resume, every timeout restarts", (t) => {
+  const { clock, calls, registry, session, stalls } = setup(t);
+  for (let round = 1; round <= 3; round++) {
+    const id = `hb${round}`;
+    registry.admit(session(id, { heartbeatTimeoutSec: 3 }));
+    clock.advance(2 * S);
+    registry.heartbeat(id, false);
+    clock.stall(10 * S); // SIGSTOP for 10 s: the heartbeats sent meanwhile wait in the socket
+    assert.equal(calls.length, 0, `round ${round}: reaped on resume`);
+    assert.equal(stalls.length, round);
+    assert.ok((stalls[round - 1] ?? 0) >= 10 * S, String(stalls[round - 1]));
+    // The queued heartbeat is read now; the session lives on as long as it heartbeats.
+    registry.heartbeat(id, false);
+    clock.advance(2 * S);
+    registry.heartbeat(id, false);
+    assert.equal(calls.length, 0);
+    registry.remove(id);
+  }
+  // A client that stops heartbeating after a stall is reaped one full timeout after the resume.
+  registry.admit(session("quiet", { heartbeatTimeoutSec: 3 }));
+  clock.stall(5 * S);
+  clock.advance(3 * S - 1);
+  assert.equal(calls.length, 0);
+  clock.advance(1);
+  assert.deepEqual(
+    calls.map((c) => [c.id, c.reason, c.detail.lagMs]),
+    [["quiet", "heartbeat_timeout", 0]],
+  );
+  // Short gaps are not stalls.
+  clock.advance(900);
+  assert.equal(stalls.length, 4);
+});
+
+test("while time may not be judged (the store cannot commit) nothing expires; after, the timeouts restart", (t) => {
+  const { clock, calls, registry, detector, session, store } = setup(t);
+  registry.admit(session("a", { heartbeatTimeoutSec: 5 }));
+  clock.advance(4 * S);
+  store.available = false; // a sqlite3 process holds BEGIN EXCLUSIVE
+  clock.advance(60 * S);
+  assert.equal(calls.length, 0);
+  // The store commits again: the restart rule from now, the timer armed again.
+  store.available = true;
+  registry.resume();
+  detector.rearm();
+  clock.advance(5 * S - 1);
+  assert.equal(calls.length, 0);
+  clock.advance(1);
+  assert.deepEqual(
+    calls.map((c) => [c.id, c.reason]),
+    [["a", "heartbeat_timeout"]],
+  );
 });

@@ -47,7 +47,7 @@ test("a decoy that took over the engine's pid while the daemon was down is never
   assert.equal(term?.detail.skipped, "engine already gone");
   assert.ok(!isGone(decoy.pid), "the decoy was signalled");
   // And the held pidfds never watched the decoy: it lives on while the daemon runs.
-  assert.equal(second.daemon.detector.live.size, 0);
+  assert.equal(second.daemon.registry.size, 0);
 });
 
 test("a live session whose engine exits and whose pid is reused at once: the decoy is never signalled", async (t) => {

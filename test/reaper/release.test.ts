@@ -116,6 +116,7 @@ async function runRelease(
     reapedAt: null,
     reapAttempts: 1,
     registeredBy: { uid: 0, admin: true, via: "unix" },
+    containment: null,
   };
   const entry = (name: StepName, detail: StepResult["detail"]): [StepName, StepResult] => [
     name,

@@ -2,9 +2,9 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { test } from "node:test";
 import { ReaperError } from "../../src/errors.js";
-import { NOT_YET_REAPED, type Leftover, type Session, type StepResult } from "../../src/sessions/types.js";
+import { type Leftover, type Session, type StepResult } from "../../src/sessions/types.js";
 import { Store } from "../../src/store/store.js";
-import { tempDir } from "../helpers.js";
+import { storedSession, tempDir } from "../helpers.js";
 
 const T0 = Date.UTC(2026, 0, 1);
 const BOOT = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
@@ -16,28 +16,7 @@ function openStore(t: { after: (fn: () => void) => void }): { store: Store; file
   return { store, file };
 }
 
-function session(id: string, over: Partial<Session> = {}): Session {
-  return {
-    id,
-    profile: "default",
-    owner: "alice",
-    engine: { pid: 4242, startTime: 123456, bootId: BOOT, uid: 1000 },
-    ownerPid: null,
-    ports: [],
-    paths: [],
-    labels: {},
-    heartbeatTimeoutSec: 30,
-    idleTimeoutSec: 3600,
-    maxLifetimeSec: 0,
-    createdAt: T0,
-    lastHeartbeatAt: T0,
-    lastActivityAt: T0,
-    deadline: T0 + 30_000,
-    ...NOT_YET_REAPED,
-    registeredBy: { uid: 1000, admin: false, via: "unix" },
-    ...over,
-  };
-}
+const session = (id: string, over: Partial<Session> = {}): Session => storedSession(id, over, T0);
 
 function assertCode(code: string): (err: unknown) => boolean {
   return (err: unknown) => {

@@ -34,7 +34,10 @@ test("the unit keeps its promises to the daemon", () => {
       .filter((l) => l.startsWith(`${key}=`))
       .map((l) => l.slice(key.length + 1));
   assert.deepEqual(get("Type"), ["notify"]);
-  assert.deepEqual(get("KillMode"), ["mixed"]);
+  // Sessions' cgroups live inside the delegated unit cgroup: stopping the daemon must not kill them.
+  assert.deepEqual(get("Delegate"), ["yes"]);
+  assert.deepEqual(get("KillMode"), ["process"]);
+  assert.deepEqual(get("LimitNOFILE"), ["65536"]);
   // Longer than the daemon's own stop: shutdown grace + the 5 s forced-exit margin.
   const stopSec = Number(/^(\d+)s$/.exec(get("TimeoutStopSec")[0] ?? "")?.[1]);
   assert.ok(stopSec > DEFAULTS.reaper.shutdown_grace_sec + 5 + 10, `TimeoutStopSec=${stopSec}s`);

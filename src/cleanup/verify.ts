@@ -1,0 +1,100 @@
+import { cgroupPids } from "../proc/cgroup.js";
+import { liveness } from "../proc/identity.js";
+import { inetSockets } from "../proc/sockets.js";
+import { readStat, readUid } from "../proc/stat.js";
+import { processUses, type ProcessUse } from "../proc/users.js";
+import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from "../sessions/types.js";
+import { knownProcesses } from "./step.js";
+
+/** What a verification pass looked at: a `clean` is backed by exactly these. */
+export type Verified = "cgroup" | "tree" | "cookie" | "ports" | "paths";
+
+export interface Verification {
+  readonly verified: Verified[];
+  readonly leftovers: Leftover[];
+}
+
+/**
+ * "clean" means verified: after the cleanup steps, a pass that looks at the host afresh,
+ * independently of what the steps believed they did:
+ *
+ * - tree: no process of the session's last known tree (the fence's snapshot, close-environment's,
+ *   terminate's) still runs;
+ * - cookie: no process carries REAPER_SESSION_ID=<id> in its environment, wherever it was
+ *   re-parented (what `reaperctl run` and launchers that follow README put there);
+ * - ports: no live process holds a socket on a registered port (listening or connected: a
+ *   PostgreSQL backend that outlived its postmaster still holds its client's connection);
+ * - paths: no live process has its cwd, its root, an open fd or a mapped file at or below a
+ *   registered path.
+ *
+ * Anything found is a `process` leftover naming pid, comm, uid and why; the outcome is then
+ * `partial`, never `clean`.
+ */
+export function verifyGone(
+  session: Session,
+  journal: ReadonlyMap<StepName, StepResult>,
+  daemonPid: number,
+): Verification {
+  const found = new Map<number, ProcessUse>();
+  const add = (u: ProcessUse): void => {
+    if (!found.has(u.pid)) found.set(u.pid, u);
+  };
+  // cgroup: a contained session's cgroup is empty (or removed)
+  const cg = session.containment?.kind === "cgroup" ? session.containment : null;
+  if (cg !== null) {
+    for (const pid of cgroupPids(cg.path)) {
+      const st = readStat(pid);
+      if (st === null || st.state === "Z") continue;
+      add({ pid, startTime: st.startTime, comm: st.comm, uid: readUid(pid) ?? -1, why: `in cgroup ${cg.path}` });
+    }
+  }
+  // tree
+  const boot = session.engine.bootId;
+  const tree: ProcessIdentity[] = [session.engine, ...knownProcesses(journal)];
+  const terminated = journal.get("terminate")?.detail.processes;
+  if (Array.isArray(terminated)) {
+    for (const p of terminated as { pid: number; startTime: number }[]) tree.push({ ...p, bootId: boot, uid: -1 });
+  }
+  for (const p of tree) {
+    if (p.pid <= 1 || liveness(p) !== "alive") continue;
+    const st = readStat(p.pid);
+    add({
+      pid: p.pid,
+      startTime: p.startTime,
+      comm: st?.comm ?? "?",
+      uid: readUid(p.pid) ?? -1,
+      why: "in the session's tree",
+    });
+  }
+  // ports: the sockets on a registered port, in the daemon's network namespace (the engine's,
+  // when it shares it; the release step says when it did not).
+  const sockets = new Map<number, string>();
+  if (session.ports.length > 0) {
+    for (const s of inetSockets("self", new Set(session.ports))) {
+      if (s.inode === 0 || !session.ports.includes(s.localPort)) continue;
+      sockets.set(s.inode, `port ${s.localPort} (${s.proto} ${s.state})`);
+    }
+  }
+  // cookie, ports and paths in one pass over /proc
+  for (const u of processUses({
+    cookie: session.id,
+    paths: session.paths,
+    sockets,
+    skip: new Set([daemonPid, process.pid]),
+  })) {
+    add(u);
+  }
+  return {
+    verified: [...(cg === null ? [] : (["cgroup"] as const)), "tree", "cookie", "ports", "paths"],
+    leftovers: [...found.values()].map((u) => ({
+      step: "finish",
+      kind: "process",
+      item: String(u.pid),
+      detail: `${u.comm} (pid ${u.pid}, uid ${u.uid}) still alive: ${u.why}`,
+      pid: u.pid,
+      comm: u.comm,
+      uid: u.uid,
+      why: u.why,
+    })),
+  };
+}

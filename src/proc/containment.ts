@@ -1,0 +1,221 @@
+import { createHash } from "node:crypto";
+import { accessSync, constants, mkdirSync, readFileSync, rmdirSync, watch, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import type { Logger } from "pino";
+import type { Containment, ProcessIdentity } from "../sessions/types.js";
+import { cgroup2Mount, cgroupOf, cgroupPids, ownCgroup } from "./cgroup.js";
+import { liveness } from "./identity.js";
+import { ProcessTable } from "./tree.js";
+
+export type { Containment };
+
+/** Rounds of "move the tree, look again" before newcomers are given up on (a fork loop). */
+const MOVE_ROUNDS = 10;
+
+/**
+ * The session cgroups' parent, found once at start:
+ *
+ * - `containment.cgroup_base` configured: that directory of the cgroup v2 tree (made if missing).
+ * - Under systemd with `Delegate=yes` (the daemon's own cgroup is a `.service` it may write):
+ *   the service's cgroup. A cgroup with children may hold no process of its own, so the
+ *   daemon moves itself into `<service>/daemon` and sessions go to `<service>/sessions/`.
+ * - Otherwise, as root on a host whose cgroup v2 root is writable (this is how the hybrid
+ *   hierarchy's /sys/fs/cgroup/unified is used): `<root>/session-reaper/<database hash>/`, so
+ *   that daemons of different databases (tests) never share a directory.
+ *
+ * `why` is set when no base could be had; sessions then get `containment: none`.
+ */
+export class SessionCgroups {
+  readonly base: string | null;
+  readonly why: string | null;
+  /** The cgroup each made cgroup's engine came from, for `undo`. */
+  private readonly origins = new Map<string, string>();
+
+  private constructor(base: string | null, why: string | null) {
+    this.base = base;
+    this.why = why;
+  }
+
+  static none(why: string): SessionCgroups {
+    return new SessionCgroups(null, why);
+  }
+
+  static find(configured: string, database: string, log: Logger): SessionCgroups {
+    const mount = cgroup2Mount();
+    if (mount === null) return SessionCgroups.none("the host has no cgroup v2 hierarchy");
+    let base: string;
+    try {
+      if (configured !== "") {
+        base = join(mount, configured);
+        mkdirSync(base, { recursive: true });
+      } else {
+        const own = cgroupOf("self") ?? "/";
+        if (own.endsWith(".service") && writable(join(mount, own))) {
+          // Delegated to us by systemd: the daemon into a leaf, sessions beside it.
+          mkdirSync(join(mount, own, "daemon"), { recursive: true });
+          writeFileSync(join(mount, own, "daemon", "cgroup.procs"), String(process.pid));
+          base = join(mount, own, "sessions");
+        } else {
+          const hash = createHash("sha256").update(database).digest("hex").slice(0, 8);
+          base = join(mount, "session-reaper", hash);
+        }
+        mkdirSync(base, { recursive: true });
+      }
+      if (!writable(join(base, "cgroup.procs"))) throw new Error(`${base}/cgroup.procs is not writable`);
+    } catch (err) {
+      const why = `no cgroup could be made: ${(err as Error).message}`;
+      log.warn({ why }, "sessions will not be contained");
+      return SessionCgroups.none(why);
+    }
+    log.info({ base }, "sessions are contained in cgroups below this base");
+    return new SessionCgroups(base, null);
+  }
+
+  /**
+   * Contains a new session: the engine's own cgroup if it already has one (a scope made for
+   * it), else a cgroup made at `<base>/<id>` into which the engine's whole current tree is
+   * moved, round after round until a look finds no newcomer (a child forked meanwhile is born
+   * inside once its parent is). Each pid's identity is checked before and after its move; with
+   * `onlyUid` (a non-admin's session) processes of other uids are not moved. Throws when the
+   * cgroup cannot be made or the engine cannot be moved.
+   */
+  contain(id: string, engine: ProcessIdentity, tree: readonly ProcessIdentity[], onlyUid?: number): Containment {
+    const own = ownCgroup(engine.pid, engine.startTime, onlyUid);
+    if (own.usable) return { kind: "cgroup", path: own.dir, made: false };
+    if (this.base === null) return { kind: "none", why: this.why ?? "no cgroup base" };
+    const dir = join(this.base, id);
+    mkdirSync(dir, { recursive: true });
+    if (cgroupPids(dir).length > 0) throw new Error(`${dir} already holds processes`);
+    const from = cgroupOf(engine.pid);
+    if (from !== null) this.origins.set(dir, from);
+    const moved = new Set<string>();
+    let known: readonly ProcessIdentity[] = tree;
+    try {
+      for (let round = 0; round < MOVE_ROUNDS; round++) {
+        const now = new ProcessTable().tree(engine, known);
+        const fresh = now.filter((p) => !moved.has(`${p.pid}:${p.startTime}`));
+        if (fresh.length === 0) break;
+        for (const p of fresh) {
+          moved.add(`${p.pid}:${p.startTime}`);
+          if (onlyUid !== undefined && p.uid !== onlyUid) continue;
+          moveInto(dir, p);
+        }
+        known = now;
+      }
+      if (!cgroupPids(dir).includes(engine.pid)) throw new Error(`the engine (pid ${engine.pid}) could not be moved`);
+    } catch (err) {
+      this.release({ kind: "cgroup", path: dir, made: true });
+      throw err;
+    }
+    return { kind: "cgroup", path: dir, made: true };
+  }
+
+  /** Removes a cgroup the daemon made, once empty; false if it is not (yet). */
+  release(c: Containment): boolean {
+    if (c.kind !== "cgroup" || !c.made) return true;
+    this.origins.delete(c.path);
+    try {
+      rmdirSync(c.path);
+      return true;
+    } catch (err) {
+      return (err as NodeJS.ErrnoException).code === "ENOENT";
+    }
+  }
+
+  /**
+   * A registration that failed after its engine was contained (the store could not commit):
+   * its processes go back where the engine came from, and the cgroup is removed, so that a
+   * retry starts from the same place.
+   */
+  undo(c: Containment): void {
+    if (c.kind !== "cgroup" || !c.made) return;
+    const from = this.origins.get(c.path);
+    const mount = cgroup2Mount();
+    if (from !== undefined && mount !== null) {
+      for (const pid of cgroupPids(c.path)) {
+        try {
+          writeFileSync(join(mount, from, "cgroup.procs"), String(pid));
+        } catch {
+          // gone
+        }
+      }
+    }
+    this.release(c);
+  }
+}
+
+function writable(path: string): boolean {
+  try {
+    accessSync(path, constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Moves one process into `dir`, checking that the pid still names it before and after. */
+function moveInto(dir: string, p: ProcessIdentity): void {
+  if (liveness(p) !== "alive") return;
+  const from = cgroupOf(p.pid);
+  try {
+    writeFileSync(join(dir, "cgroup.procs"), String(p.pid));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ESRCH") return; // gone meanwhile
+    throw err;
+  }
+  if (liveness(p) === "alive") return;
+  // The pid changed hands between the check and the write: put the stranger back.
+  const mount = cgroup2Mount();
+  if (from !== null && mount !== null) {
+    try {
+      writeFileSync(join(mount, from, "cgroup.procs"), String(p.pid));
+    } catch {
+      // it is gone too
+    }
+  }
+}
+
+/** Whether anything still runs in the cgroup (cgroup.events `populated`). */
+export function populated(dir: string): boolean {
+  try {
+    return /^populated 1$/m.test(readFileSync(join(dir, "cgroup.events"), "latin1"));
+  } catch {
+    return false; // removed
+  }
+}
+
+/**
+ * Resolves once the cgroup is empty (`populated 0`), woken by the kernel's notification on
+ * cgroup.events (inotify) rather than a sleep loop; false if `timeoutMs` passes first.
+ */
+export function emptied(dir: string, timeoutMs: number, signal?: AbortSignal): Promise<boolean> {
+  if (!populated(dir)) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    let done = false;
+    const finish = (v: boolean): void => {
+      if (done) return;
+      done = true;
+      watcher?.close();
+      clearTimeout(timer);
+      clearInterval(backstop);
+      signal?.removeEventListener("abort", onAbort);
+      resolve(v);
+    };
+    const check = (): void => {
+      if (!populated(dir)) finish(true);
+    };
+    const onAbort = (): void => finish(false);
+    let watcher: ReturnType<typeof watch> | undefined;
+    try {
+      watcher = watch(join(dir, "cgroup.events"), check);
+      watcher.on("error", () => check());
+    } catch {
+      watcher = undefined;
+    }
+    // A backstop, not the mechanism: a notification lost (the file removed) is seen within a second.
+    const backstop = setInterval(check, 1000);
+    const timer = setTimeout(() => finish(!populated(dir)), timeoutMs);
+    signal?.addEventListener("abort", onAbort);
+    check();
+  });
+}

@@ -1,0 +1,144 @@
+import { readFileSync, readdirSync, readlinkSync } from "node:fs";
+import { readStat, readUid } from "./stat.js";
+
+/** The environment variable that marks every process of a session (`reaperctl run`, the client's spawn helper). */
+export const SESSION_COOKIE = "REAPER_SESSION_ID";
+
+/** A live process found using something of a session: what it is and why it was found. */
+export interface ProcessUse {
+  readonly pid: number;
+  readonly startTime: number;
+  readonly comm: string;
+  readonly uid: number;
+  /** "cookie", "cwd under /tmp/x", "root under /tmp/x", "fd under /tmp/x", "maps under /tmp/x". */
+  readonly why: string;
+}
+
+export interface UseQuery {
+  /** Find processes using (cwd, root, an open fd, a mapped file) a path at or below one of these. */
+  readonly paths?: readonly string[];
+  /** Find processes whose environment carries REAPER_SESSION_ID=<cookie>. */
+  readonly cookie?: string;
+  /** Find processes holding one of these sockets (inode -> why, e.g. "port 5432 (ESTABLISHED)"). */
+  readonly sockets?: ReadonlyMap<number, string>;
+  /** Pids never reported (the daemon itself). */
+  readonly skip?: ReadonlySet<number>;
+}
+
+const under = (target: string, root: string): boolean =>
+  target === root || (target.startsWith(root) && target.charCodeAt(root.length) === 47); /* / */
+
+/**
+ * One pass over /proc: every live process (zombies and kernel threads have nothing to use)
+ * that carries the session's cookie or uses one of its paths, each with the first reason
+ * found. The answer to "is anything of this session still alive, or still holding its
+ * files?", taken independently of what the daemon believed the session's processes were.
+ *
+ * Cost: per process a stat, and only for what is asked: its environ (cookie), its cwd and
+ * root links, its fd links and its maps (paths). Nothing is read when nothing is asked.
+ */
+export function processUses(q: UseQuery): ProcessUse[] {
+  const paths = (q.paths ?? []).filter((p) => p.startsWith("/") && p !== "/");
+  const needle = q.cookie === undefined ? null : Buffer.from(`${SESSION_COOKIE}=${q.cookie}\0`);
+  const sockets = q.sockets ?? new Map<number, string>();
+  if (paths.length === 0 && needle === null && sockets.size === 0) return [];
+  const usesPath = (target: string): string | undefined => paths.find((p) => under(target, p));
+  const out: ProcessUse[] = [];
+  let names: string[];
+  try {
+    names = readdirSync("/proc");
+  } catch {
+    return out;
+  }
+  for (const name of names) {
+    const c = name.charCodeAt(0);
+    if (c < 48 || c > 57) continue;
+    const pid = Number(name);
+    if (q.skip?.has(pid)) continue;
+    const why =
+      needle !== null && carries(pid, needle) ? "cookie" : fileUse(pid, paths.length > 0 ? usesPath : null, sockets);
+    if (why === null) continue;
+    const st = readStat(pid);
+    if (st === null || st.state === "Z" || st.state === "X") continue;
+    out.push({ pid, startTime: st.startTime, comm: st.comm, uid: readUid(pid) ?? -1, why });
+  }
+  return out;
+}
+
+function carries(pid: number, needle: Buffer): boolean {
+  let env: Buffer;
+  try {
+    env = readFileSync(`/proc/${pid}/environ`);
+  } catch {
+    return false;
+  }
+  return startsVariable(env, needle);
+}
+
+/** `needle` ("NAME=value\0") at the start of one variable: the first, or after a NUL. */
+function startsVariable(env: Buffer, needle: Buffer): boolean {
+  for (let i = env.indexOf(needle); i >= 0; i = env.indexOf(needle, i + 1)) {
+    if (i === 0 || env[i - 1] === 0) return true;
+  }
+  return false;
+}
+
+/** A /proc link's target; a file deleted since shows as "PATH (deleted)", taken as PATH. */
+function link(path: string): string | null {
+  try {
+    const target = readlinkSync(path);
+    return target.endsWith(" (deleted)") ? target.slice(0, -10) : target;
+  } catch {
+    return null;
+  }
+}
+
+const SOCKET_LINK = /^socket:\[(\d+)\]$/;
+
+function fileUse(
+  pid: number,
+  usesPath: ((target: string) => string | undefined) | null,
+  sockets: ReadonlyMap<number, string>,
+): string | null {
+  if (usesPath !== null) {
+    for (const kind of ["cwd", "root"] as const) {
+      const target = link(`/proc/${pid}/${kind}`);
+      const hit = target === null || (kind === "root" && target === "/") ? undefined : usesPath(target);
+      if (hit !== undefined) return `${kind} under ${hit}`;
+    }
+  }
+  let fds: string[] = [];
+  try {
+    fds = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    // gone, or not ours to read
+  }
+  for (const fd of fds) {
+    const target = link(`/proc/${pid}/fd/${fd}`);
+    if (target === null) continue;
+    if (target.charCodeAt(0) !== 47) {
+      // socket:[…], pipe:[…], anon_inode:…
+      const m = sockets.size > 0 ? SOCKET_LINK.exec(target) : null;
+      const hit = m === null ? undefined : sockets.get(Number(m[1]));
+      if (hit !== undefined) return hit;
+      continue;
+    }
+    const hit = usesPath?.(target);
+    if (hit !== undefined) return `fd under ${hit}`;
+  }
+  if (usesPath === null) return null;
+  let maps = "";
+  try {
+    maps = readFileSync(`/proc/${pid}/maps`, "latin1");
+  } catch {
+    // gone
+  }
+  for (const line of maps.split("\n")) {
+    const slash = line.indexOf("/");
+    if (slash < 0) continue;
+    const file = line.slice(slash);
+    const hit = usesPath(file.endsWith(" (deleted)") ? file.slice(0, -10) : file);
+    if (hit !== undefined) return `maps under ${hit}`;
+  }
+  return null;
+}

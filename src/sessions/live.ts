@@ -1,0 +1,350 @@
+import type { Clock } from "../clock.js";
+import { deadlineOf, type Deadline, type Timing } from "../detect/deadline.js";
+import type { ProcessIdentity, RegisteredBy } from "./types.js";
+
+/**
+ * The in-memory view of a live session: all that heartbeats and detection touch. Owned by
+ * `LiveSessions`: built there (admit, recover), changed there (heartbeat, activity), and
+ * read by everyone else.
+ *
+ * Two sets of times: the `…Mono` fields (Timing) are monotonic and decide the deadline; the
+ * `…At` fields are the wall clock at the same moments, for the record (SQLite, the API).
+ */
+export interface LiveSession extends Timing {
+  readonly id: string;
+  readonly engine: ProcessIdentity;
+  readonly ownerPid: ProcessIdentity | null;
+  /** Who registered it: heartbeats are checked against this without touching SQLite. */
+  readonly registeredBy: RegisteredBy;
+  /** The profile's busy_cpu_percent: engine CPU above it counts as activity. null = off. */
+  readonly busyCpuPercent: number | null;
+  readonly createdAt: number;
+  lastHeartbeatAt: number;
+  lastActivityAt: number;
+  /**
+   * The engine's process tree at the last liveness pass: if the engine dies, its children
+   * are re-parented and only this snapshot still ties them to the session.
+   */
+  tree: ProcessIdentity[];
+  /** The session's CPU at the last sample (busy_cpu_percent): the next one measures from here. */
+  cpuSample?: CpuSample | undefined;
+  /** The session's own cgroup (containment), or null: where its CPU is read. */
+  readonly cgroup: string | null;
+  /**
+   * The deadline (wall ms) last written to SQLite's indexed column, if known (undefined:
+   * write it at the next flush). It may lag behind the real one: see `takeDirty`.
+   */
+  storedDeadline?: number | undefined;
+}
+
+/** CPU ms used by a session up to `atMs` (performance.now()), as a whole or per process ("pid:startTime"). */
+export interface CpuSample {
+  readonly atMs: number;
+  readonly cpuMs: number;
+  readonly perProcess?: ReadonlyMap<string, number> | undefined;
+}
+
+/** What a registration (or the orphan sweep's adoption) decides about a new live session. */
+export interface Admission {
+  readonly id: string;
+  readonly engine: ProcessIdentity;
+  readonly ownerPid: ProcessIdentity | null;
+  readonly registeredBy: RegisteredBy;
+  readonly busyCpuPercent: number | null;
+  readonly heartbeatTimeoutSec: number;
+  readonly idleTimeoutSec: number;
+  readonly maxLifetimeSec: number;
+  /** The session's own cgroup (containment), if it has one. */
+  readonly cgroup?: string | null | undefined;
+  /** The deadline the registration wrote to the indexed column, if it wrote one. */
+  readonly storedDeadline?: number | undefined;
+  /** When it was registered (`stamp()` taken for its row); default now. */
+  readonly at?: Stamp | undefined;
+  /** Its process tree as seen at registration. */
+  readonly tree?: readonly ProcessIdentity[] | undefined;
+}
+
+/** One moment on both clocks (see LiveSessions.stamp). */
+export interface Stamp {
+  readonly wall: number;
+  readonly mono: number;
+}
+
+/** A live session as the store holds it, for recovery at start. */
+export interface StoredLive extends Omit<Admission, "storedDeadline" | "at" | "tree"> {
+  /** The tree last made durable (see LiveSessions.treeChanged). */
+  readonly tree: readonly ProcessIdentity[];
+  readonly createdAt: number;
+  readonly lastHeartbeatAt: number;
+  readonly lastActivityAt: number;
+  readonly deadline: number | null;
+}
+
+/** What the write-behind hands to the store: the record's times, and a deadline to index. */
+export interface HeartbeatWrite {
+  id: string;
+  lastHeartbeatAt: number;
+  lastActivityAt: number;
+  /** The new stored deadline (wall ms), or null to leave the indexed column as it is. */
+  deadline: number | null;
+  /** The engine's tree, when it changed since the last write (kept durable for a restart). */
+  tree?: readonly ProcessIdentity[];
+}
+
+/** Told of every session that enters or leaves the registry (the detector). */
+export interface LiveWatcher {
+  admitted(s: LiveSession): void;
+  removed(s: LiveSession): void;
+}
+
+/**
+ * Whether the stored (indexed) deadline must be rewritten: unknown, or nearer than half the
+ * real deadline's distance from now (see takeDirty).
+ */
+function deadlineStale(stored: number | undefined, at: number, now: number): boolean {
+  return stored === undefined || stored - now < (at - now) / 2;
+}
+
+/** See LiveSessions.displayOffset. */
+const DISPLAY_SLACK_MS = 50;
+
+/** A wall-clock step larger than this (between two flushes) rewrites every stored deadline. */
+const WALL_STEP_MS = 1000;
+
+/**
+ * The one owner of live sessions in memory, and of the rules of time that apply to them:
+ * deadlines on the monotonic clock, the restart rule (`resume`), heartbeats, and which
+ * records must reach SQLite (`takeDirty`, drained by the write-behind).
+ */
+export class LiveSessions {
+  private readonly byId = new Map<string, LiveSession>();
+  private readonly dirty = new Set<LiveSession>();
+  /** Sessions whose tree changed since it was last written. */
+  private readonly treeDirty = new Set<LiveSession>();
+  private readonly watchers: LiveWatcher[] = [];
+  /**
+   * The restart rule's floor (monotonic): the last moment the daemon came back from
+   * downtime. No time-based timeout counts time before it.
+   */
+  private floor = Number.NEGATIVE_INFINITY;
+  /** wall - mono at the last flush: a change means the wall clock was stepped. */
+  private wallOffset: number;
+  /**
+   * wall - mono for display: Date.now() is whole ms and the monotonic clock is not, so the
+   * offset read afresh jitters by a millisecond; it is kept until it moves by more than
+   * DISPLAY_SLACK_MS (a step, or NTP's slew adding up), so that every answer gives one
+   * session one deadline.
+   */
+  private displayOffset: number;
+
+  constructor(private readonly clock: Clock) {
+    this.wallOffset = clock.now() - clock.mono();
+    this.displayOffset = this.wallOffset;
+  }
+
+  watch(w: LiveWatcher): void {
+    this.watchers.push(w);
+  }
+
+  get size(): number {
+    return this.byId.size;
+  }
+
+  get(id: string): LiveSession | undefined {
+    return this.byId.get(id);
+  }
+
+  values(): IterableIterator<LiveSession> {
+    return this.byId.values();
+  }
+
+  /**
+   * Now on both clocks: the wall time is the monotonic one seen through the display offset,
+   * so a record's times and its deadline agree to the millisecond.
+   */
+  stamp(): Stamp {
+    const mono = this.clock.mono();
+    return { mono, wall: this.toWall(mono) };
+  }
+
+  /** A new session, live from `a.at` (default now). */
+  admit(a: Admission): LiveSession {
+    const { at, tree, cgroup, ...admission } = a;
+    const { wall: now, mono } = at ?? this.stamp();
+    return this.add({
+      ...admission,
+      cgroup: cgroup ?? null,
+      createdAt: now,
+      lastHeartbeatAt: now,
+      lastActivityAt: now,
+      createdMono: mono,
+      heartbeatMono: mono,
+      activityMono: mono,
+      tree: tree === undefined ? [] : [...tree],
+    });
+  }
+
+  /**
+   * A session found live in SQLite at start. The restart rule: every timeout runs again
+   * from now, so all its monotonic times are now; the record keeps the stored times. Only a
+   * stored deadline that recovery moved far is written again.
+   */
+  recover(r: StoredLive): LiveSession {
+    const mono = this.clock.mono();
+    const s = this.add({
+      id: r.id,
+      engine: r.engine,
+      ownerPid: r.ownerPid,
+      registeredBy: r.registeredBy,
+      busyCpuPercent: r.busyCpuPercent,
+      heartbeatTimeoutSec: r.heartbeatTimeoutSec,
+      idleTimeoutSec: r.idleTimeoutSec,
+      maxLifetimeSec: r.maxLifetimeSec,
+      cgroup: r.cgroup ?? null,
+      createdAt: r.createdAt,
+      lastHeartbeatAt: r.lastHeartbeatAt,
+      lastActivityAt: r.lastActivityAt,
+      createdMono: mono,
+      heartbeatMono: mono,
+      activityMono: mono,
+      tree: [...r.tree], // replaced, never mutated, by the liveness pass
+      storedDeadline: r.deadline ?? undefined,
+    });
+    if (deadlineStale(s.storedDeadline, this.wallDeadline(s), this.clock.now())) this.dirty.add(s);
+    return s;
+  }
+
+  private add(s: LiveSession): LiveSession {
+    if (this.byId.has(s.id)) throw new Error(`live session ${s.id} admitted twice`);
+    this.byId.set(s.id, s);
+    for (const w of this.watchers) w.admitted(s);
+    return s;
+  }
+
+  /** Drops a fenced session; returns it as it was last seen (its final record). */
+  remove(id: string): LiveSession | undefined {
+    const s = this.byId.get(id);
+    if (s === undefined) return undefined;
+    this.byId.delete(id);
+    this.dirty.delete(s);
+    this.treeDirty.delete(s);
+    for (const w of this.watchers) w.removed(s);
+    return s;
+  }
+
+  /** A heartbeat: O(1), in memory. `busy` moves activity too. */
+  heartbeat(id: string, busy: boolean): LiveSession | undefined {
+    const s = this.byId.get(id);
+    if (s === undefined) return undefined;
+    const { wall: now, mono } = this.stamp();
+    s.lastHeartbeatAt = now;
+    s.heartbeatMono = mono;
+    if (busy) {
+      s.lastActivityAt = now;
+      s.activityMono = mono;
+    }
+    this.dirty.add(s);
+    return s;
+  }
+
+  /** Activity seen by the daemon itself (busy CPU). */
+  active(s: LiveSession): void {
+    if (this.byId.get(s.id) !== s) return;
+    const { wall, mono } = this.stamp();
+    s.lastActivityAt = wall;
+    s.activityMono = mono;
+    this.dirty.add(s);
+  }
+
+  /**
+   * The engine's tree as a liveness pass (or the engine's exit) saw it: kept in memory for the
+   * fence, and made durable at the next flush, so that a restart starts from it.
+   */
+  setTree(s: LiveSession, tree: ProcessIdentity[]): void {
+    s.tree = tree;
+    if (this.byId.get(s.id) !== s) return;
+    this.dirty.add(s);
+    this.treeDirty.add(s);
+  }
+
+  /**
+   * The daemon comes back from downtime it did not see pass (a stall of its loop, a store
+   * that could not commit): the restart rule applies from now, as after a restart.
+   */
+  resume(): void {
+    this.floor = Math.max(this.floor, this.clock.mono());
+  }
+
+  /** The session's deadline on the monotonic clock. */
+  deadline(s: LiveSession): Deadline {
+    return deadlineOf(s, this.floor);
+  }
+
+  /** The session's deadline on the wall clock, in whole ms (for display and the stored index). */
+  wallDeadline(s: LiveSession): number {
+    return Math.round(this.deadline(s).at + this.wallNow());
+  }
+
+  /** Monotonic ms as wall-clock ms, as the wall clock reads now. */
+  toWall(mono: number): number {
+    return Math.round(mono + this.wallNow());
+  }
+
+  private wallNow(): number {
+    const offset = this.clock.now() - this.clock.mono();
+    if (Math.abs(offset - this.displayOffset) > DISPLAY_SLACK_MS) this.displayOffset = offset;
+    return this.displayOffset;
+  }
+
+  /**
+   * The sessions whose record changed since the last call, as writes for SQLite. The stored
+   * deadline only narrows the /v1/expiring probe (a stored deadline never later than the
+   * real one keeps the probe a superset), so it is rewritten only once the real deadline
+   * has moved past twice the stored one's distance from now: the indexed column then moves
+   * about once per half timeout per session instead of at every flush. A wall-clock step
+   * makes every stored deadline wrong at once: all are written again.
+   */
+  takeDirty(): HeartbeatWrite[] {
+    const now = this.clock.now();
+    const offset = now - this.clock.mono();
+    if (Math.abs(offset - this.wallOffset) > WALL_STEP_MS) {
+      for (const s of this.byId.values()) {
+        s.storedDeadline = undefined;
+        this.dirty.add(s);
+      }
+    }
+    this.wallOffset = offset;
+    const out: HeartbeatWrite[] = [];
+    for (const s of this.dirty) {
+      const at = this.wallDeadline(s);
+      const stale = deadlineStale(s.storedDeadline, at, now);
+      if (stale) s.storedDeadline = at;
+      out.push({
+        id: s.id,
+        lastHeartbeatAt: s.lastHeartbeatAt,
+        lastActivityAt: s.lastActivityAt,
+        deadline: stale ? at : null,
+        ...(this.treeDirty.has(s) ? { tree: s.tree } : {}),
+      });
+    }
+    this.dirty.clear();
+    this.treeDirty.clear();
+    return out;
+  }
+
+  /** Writes that did not reach SQLite (the store failed): taken again at the next flush. */
+  untake(writes: readonly HeartbeatWrite[]): void {
+    for (const w of writes) {
+      const s = this.byId.get(w.id);
+      if (s === undefined) continue;
+      if (w.deadline !== null) s.storedDeadline = undefined;
+      if (w.tree !== undefined) this.treeDirty.add(s);
+      this.dirty.add(s);
+    }
+  }
+
+  /** How many sessions have a record not yet written. */
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+}
