@@ -96,13 +96,19 @@ export interface HeartbeatSample {
  * client up, as it would a real one), the ids' phases spread evenly over the period (clients
  * are not in step). `quiet(id)` stops one id's heartbeats. `stop()` ends the loops and
  * returns every sample; the loops also end with the test.
+ *
+ * `fresh`: one connection per heartbeat (`Connection: close`) instead of Node's keep-alive
+ * agent. A heartbeat sent on a kept-alive connection races the daemon's keep-alive timeout
+ * (HTTP's well-known race: the server closes a connection it sees idle as the request
+ * arrives, ECONNRESET, which clients such as src/client retry); after a stall longer than
+ * api.keep_alive_timeout_ms every held-up heartbeat on such a connection loses that race.
  */
 export function heartbeats(
   t: After,
   socket: string,
   ids: readonly string[],
   periodMs = 1000,
-  timeoutMs = 30_000,
+  opts: { timeoutMs?: number; fresh?: boolean } = {},
 ): {
   samples: HeartbeatSample[];
   quiet(id: string): void;
@@ -134,7 +140,10 @@ export function heartbeats(
     while (!stopped && !silent.has(id)) {
       const sentAt = performance.now();
       try {
-        const r = await callApi(socket, "POST", `/v1/sessions/${id}/heartbeat`, undefined, { timeoutMs });
+        const r = await callApi(socket, "POST", `/v1/sessions/${id}/heartbeat`, undefined, {
+          timeoutMs: opts.timeoutMs ?? 30_000,
+          ...(opts.fresh ? { headers: { connection: "close" } } : {}),
+        });
         const now = performance.now();
         if (r.status === 200) lastOk.set(id, now);
         samples.push({ id, status: r.status, sentAt, ms: now - sentAt });

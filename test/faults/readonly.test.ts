@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { chmodSync, chownSync, existsSync, mkdirSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { callApi } from "../../src/cli/client.js";
@@ -73,9 +73,10 @@ test("a database file root owns, the daemon run as another user: exits with the 
 
 test("a database file chmod 0444 in a directory the user may write: exits with the reason, never hangs", async (t) => {
   const { data, db, file, socket, user } = await setUp(t);
-  // The user owns both and may create -wal and -shm, but the file itself is read-only.
+  // The user owns the directory and everything in it (the database's lock file too) and may
+  // create -wal and -shm, but the database file itself is read-only.
   chownSync(data, user.uid, user.gid);
-  chownSync(db, user.uid, user.gid);
+  for (const f of readdirSync(data)) chownSync(join(data, f), user.uid, user.gid);
   chmodSync(db, 0o444);
   const run = await runAs(t, file, user);
   t.diagnostic(`exit ${run.code} (${run.signal}) after ${Math.round(run.ms)} ms; stderr: ${run.stderr.trim()}`);

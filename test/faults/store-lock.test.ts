@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { performance } from "node:perf_hooks";
 import { test } from "node:test";
+import { callApi } from "../../src/cli/client.js";
 import { isGone, sleeper, spawnDaemon, tempDir, until, writeDaemonConfig } from "../helpers.js";
 import { counts, heartbeats, percentile, register, sleep, stateOf } from "./lib.js";
 
@@ -118,6 +119,8 @@ allowed_roots = ["${dir}"]
     "registration accepted after the lock",
   );
   assert.equal(last.status, 201, JSON.stringify(last.body));
+  // Its client goes away at once: closed, reaped (writes work again).
+  assert.equal((await callApi(socket, "DELETE", "/v1/sessions/after-lock")).status, 202);
 
   // And expiry works as before: a client that stops heartbeating is reaped.
   hb.quiet("locked-3");
@@ -129,7 +132,8 @@ allowed_roots = ["${dir}"]
     [],
   );
   // The failed registrations left nothing behind; the others are all live.
-  assert.deepEqual(await counts(socket), { live: SESSIONS, reaping: 0, reaped: 1 });
+  await until(async () => (await stateOf(socket, "after-lock")) === "reaped", 10_000, "after-lock reaped");
+  assert.deepEqual(await counts(socket), { live: SESSIONS - 1, reaping: 0, reaped: 2 });
   assert.equal((await register(socket, "during-lock-0", extra[0]?.pid as number)).status, 201);
   assert.equal(daemon.proc.exitCode, null);
   daemon.proc.kill("SIGTERM");
