@@ -1,3 +1,4 @@
+import { journaled } from "./journal.js";
 import { createSocket } from "node:dgram";
 import { createServer } from "node:net";
 import { performance } from "node:perf_hooks";
@@ -103,7 +104,7 @@ async function inspect(port: number, udp: boolean, session: ReadonlySet<string>)
 
 /** close-environment's snapshot, if it took one (absent: engine already gone, or an older journal). */
 function snapshotOf(journal: ReadonlyMap<StepName, StepResult>): SocketSnapshot | null {
-  const s = journal.get("close-environment")?.detail.sockets as Partial<SocketSnapshot> | undefined;
+  const s = journaled(journal, "close-environment")?.sockets as Partial<SocketSnapshot> | undefined;
   if (!s || !Array.isArray(s.listening) || !Array.isArray(s.established) || !Array.isArray(s.unix)) return null;
   return {
     ...s,

@@ -1,7 +1,9 @@
 import { removePath } from "../paths/remove.js";
+import { ipcLeftovers, POSIX_SHM_DIR, removeSysv } from "../proc/ipc.js";
 import { processUses } from "../proc/users.js";
 import type { Leftover } from "../sessions/types.js";
-import type { CleanupStep } from "./step.js";
+import { knownProcesses, type CleanupStep, type StepContext } from "./step.js";
+import { terminatedProcesses } from "./terminate.js";
 
 /**
  * Deletes the session's registered files and directories through the one audited delete
@@ -39,6 +41,48 @@ export const removePaths: CleanupStep = {
         leftovers.push({ step: "remove-paths", kind: "path", item: path, detail: `${r.status}: ${r.detail}` });
       }
     }
-    return { ok: leftovers.length === 0, detail: { paths: results }, leftovers };
+    const ipc = await removeIpc(ctx, signal);
+    leftovers.push(...ipc.leftovers);
+    return {
+      ok: leftovers.length === 0,
+      detail: { paths: results, ...(ipc.results.length > 0 ? { ipc: ipc.results } : {}) },
+      leftovers,
+    };
   },
 };
+
+/**
+ * IPC the session left (src/proc/ipc.ts): reported as `ipc` leftovers, and removed when the
+ * profile says `remove_ipc = true` (POSIX shm through the one delete path, with /dev/shm as
+ * its only allowed root; SysV with ipcrm as the owner). What is removed is no leftover.
+ */
+async function removeIpc(
+  ctx: StepContext,
+  signal: AbortSignal,
+): Promise<{ results: { kind: string; item: string; status: string }[]; leftovers: Leftover[] }> {
+  const { session, profile } = ctx;
+  if (session.engine.pid === 0) return { results: [], leftovers: [] }; // a path's session: no process ever ran
+  const pids = new Set([session.engine.pid, ...knownProcesses(ctx.journal).map((p) => p.pid)]);
+  for (const p of terminatedProcesses(ctx)) pids.add(p.pid);
+  const found = ipcLeftovers({ uid: session.engine.uid, since: session.createdAt, pids });
+  const results: { kind: string; item: string; status: string }[] = [];
+  const leftovers: Leftover[] = [];
+  for (const o of found) {
+    let error: string | null = "not removed (remove_ipc = false)";
+    if (profile.removeIpc) {
+      if (o.kind === "posix_shm") {
+        const r = await removePath(o.item, [POSIX_SHM_DIR], o.uid, ctx.log, signal);
+        error =
+          r.status === "removed" || r.status === "absent" ? null : `${r.status}: ${"detail" in r ? r.detail : ""}`;
+      } else {
+        error = await removeSysv(o);
+        if (error === null) ctx.log.info({ ipc: o.kind, id: o.item, uid: o.uid }, "ipc removed");
+      }
+    }
+    results.push({ kind: o.kind, item: o.item, status: error === null ? "removed" : error });
+    if (error !== null) {
+      leftovers.push({ step: "remove-paths", kind: "ipc", item: `${o.kind} ${o.item}`, detail: `${o.why}; ${error}` });
+    }
+  }
+  return { results, leftovers };
+}

@@ -1,6 +1,7 @@
 import type { Logger } from "pino";
 import type { Profile } from "../config/load.js";
 import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from "../sessions/types.js";
+import { journaled, type Journal } from "./journal.js";
 
 export interface StepContext {
   readonly session: Session;
@@ -44,13 +45,11 @@ export interface CleanupStep {
  * snapshot, close-environment's snapshot before the hook): the engine's children stay
  * reachable even after the engine exited and they were re-parented.
  */
-export function knownProcesses(journal: ReadonlyMap<StepName, StepResult>): ProcessIdentity[] {
-  const out: ProcessIdentity[] = [];
-  for (const step of ["fence", "close-environment"] as const) {
-    const list = journal.get(step)?.detail.processes;
-    if (Array.isArray(list)) out.push(...(list as ProcessIdentity[]));
-  }
-  return out;
+export function knownProcesses(journal: Journal): ProcessIdentity[] {
+  return [
+    ...(journaled(journal, "fence")?.processes ?? []),
+    ...(journaled(journal, "close-environment")?.processes ?? []),
+  ];
 }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, Math.max(0, ms)));

@@ -5,8 +5,10 @@ import { emptied } from "../proc/containment.js";
 import { bootId, liveness } from "../proc/identity.js";
 import { killCgroup, killSessionCgroup, signalProcess } from "../proc/signal.js";
 import { readStat, readUid } from "../proc/stat.js";
+import { cgroupUsage, processUsage } from "../proc/usage.js";
 import { processTree } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
+import { journaled } from "./journal.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
 
 const POLL_MS = 25;
@@ -73,7 +75,13 @@ export const terminate: CleanupStep = {
         return signalProcess(p, sig, ctx.log, ctx.daemonPid, policy) === "sent";
       }).length;
 
-    let sigterm = send(rescan(), "SIGTERM");
+    // What the session used, read before anything is signalled (a cgroup's totals, or the
+    // tree's own): the usage reported at finish. Journaled with the step, even on a timeout.
+    const before = rescan();
+    const used =
+      (cg === null ? null : cgroupUsage(cg.path, cgroupPids(cg.path))) ?? processUsage(before.map((p) => p.pid));
+    ctx.record({ usage: used });
+    let sigterm = send(before, "SIGTERM");
     if (seen.size === 0 && (cg === null || cgroupPids(cg.path).length === 0)) {
       const removed = cg !== null && cg.made && removeCgroup(cg.path);
       return {
@@ -190,6 +198,5 @@ export type TerminatedProcess = { pid: number; startTime: number };
 
 /** The processes a journaled terminate step handled (also after a restart). */
 export function terminatedProcesses(ctx: StepContext): TerminatedProcess[] {
-  const detail = ctx.journal.get("terminate")?.detail;
-  return Array.isArray(detail?.processes) ? (detail.processes as TerminatedProcess[]) : [];
+  return [...(journaled(ctx.journal, "terminate")?.processes ?? [])];
 }

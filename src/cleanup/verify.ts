@@ -3,7 +3,8 @@ import { liveness } from "../proc/identity.js";
 import { inetSockets } from "../proc/sockets.js";
 import { readStat, readUid } from "../proc/stat.js";
 import { processUses, type ProcessUse } from "../proc/users.js";
-import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from "../sessions/types.js";
+import type { Leftover, ProcessIdentity, Session } from "../sessions/types.js";
+import { journaled, type Journal } from "./journal.js";
 import { knownProcesses } from "./step.js";
 
 /** What a verification pass looked at: a `clean` is backed by exactly these. */
@@ -30,11 +31,7 @@ export interface Verification {
  * Anything found is a `process` leftover naming pid, comm, uid and why; the outcome is then
  * `partial`, never `clean`.
  */
-export function verifyGone(
-  session: Session,
-  journal: ReadonlyMap<StepName, StepResult>,
-  daemonPid: number,
-): Verification {
+export function verifyGone(session: Session, journal: Journal, daemonPid: number): Verification {
   const found = new Map<number, ProcessUse>();
   const add = (u: ProcessUse): void => {
     if (!found.has(u.pid)) found.set(u.pid, u);
@@ -51,10 +48,7 @@ export function verifyGone(
   // tree
   const boot = session.engine.bootId;
   const tree: ProcessIdentity[] = [session.engine, ...knownProcesses(journal)];
-  const terminated = journal.get("terminate")?.detail.processes;
-  if (Array.isArray(terminated)) {
-    for (const p of terminated as { pid: number; startTime: number }[]) tree.push({ ...p, bootId: boot, uid: -1 });
-  }
+  for (const p of journaled(journal, "terminate")?.processes ?? []) tree.push({ ...p, bootId: boot, uid: -1 });
   for (const p of tree) {
     if (p.pid <= 1 || liveness(p) !== "alive") continue;
     const st = readStat(p.pid);

@@ -108,8 +108,18 @@ function showSession(s: Session, now: number): string {
     ["ports", s.ports.join(", ") || "-"],
     ["paths", s.paths.join(", ") || "-"],
   ];
-  if (s.usage)
-    rows.push(["usage", `cpu ${s.usage.cpu.toFixed(1)}%, memory ${(s.usage.memory / 1048576).toFixed(1)} MiB`]);
+  const u = s.usage;
+  if (u && "cpu" in u) rows.push(["usage", `cpu ${u.cpu.toFixed(1)}%, memory ${(u.memory / 1048576).toFixed(1)} MiB`]);
+  else if (u)
+    rows.push([
+      "used",
+      `${u.cpuSec.toFixed(1)} CPU s, peak ${(u.peakMemoryBytes / 1048576).toFixed(1)} MiB (${u.peakMemorySource}), ${u.peakProcesses} processes at most, lived ${u.lifetimeSec.toFixed(0)} s`,
+    ]);
+  if (s.containment)
+    rows.push([
+      "containment",
+      s.containment.kind === "cgroup" ? `cgroup ${s.containment.path}` : `none (${s.containment.why})`,
+    ]);
   let text = table(rows);
   if (s.steps && s.steps.length > 0) {
     text +=

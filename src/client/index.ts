@@ -72,7 +72,17 @@ export interface Session {
     detail: StepResult["detail"];
   }[];
   /** On GET /v1/sessions/{id} only; null once the engine is gone. */
-  usage?: { cpu: number; memory: number; elapsed: number } | null;
+  /** On GET /v1/sessions/{id} only: while live, the engine's usage now; once reaped, what the session used. */
+  usage?:
+    | { cpu: number; memory: number; elapsed: number }
+    | {
+        cpuSec: number;
+        peakMemoryBytes: number;
+        peakMemorySource: "memory.peak" | "rss-samples";
+        peakProcesses: number;
+        lifetimeSec: number;
+      }
+    | null;
 }
 
 /** The answer to a heartbeat: the session's new deadline and the timeout that sets it. */

@@ -36,6 +36,8 @@ export interface Profile {
   readonly busyCpuPercent: number | null;
   /** auto: a cgroup per session where the host allows one; cgroup: required; none: never. */
   readonly containment: "auto" | "cgroup" | "none";
+  /** Remove the IPC objects the session left (they are reported either way). */
+  readonly removeIpc: boolean;
   /** How the orphan sweep recognises this profile's engines and leftovers; null = off. */
   readonly orphans: OrphanPolicy | null;
 }
@@ -195,6 +197,7 @@ type RawProfile = {
   release_hooks?: (string | string[])[];
   busy_cpu_percent?: number;
   containment?: "auto" | "cgroup" | "none";
+  remove_ipc?: boolean;
   orphans?: RawOrphans;
 };
 
@@ -339,6 +342,7 @@ function buildProfile(
     ),
     busyCpuPercent: busy > 0 ? busy : null,
     containment: p.containment,
+    removeIpc: p.remove_ipc,
     orphans: orphanPolicy(p.orphans, roots, p.allowed_uids ?? null, `${where}: profiles.${name}.orphans`),
   };
 }

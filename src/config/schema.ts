@@ -11,6 +11,7 @@ export const PROFILE_DEFAULTS = {
   allowed_roots: ["/tmp", "/var/tmp"],
   release_hooks: [],
   containment: "auto",
+  remove_ipc: false,
 } as const;
 
 export const DEFAULTS = {
@@ -55,6 +56,9 @@ const profileSchema = {
     // auto: a cgroup of its own for every session where the host allows one; cgroup: required
     // (registration is refused without one); none: never.
     containment: { enum: ["auto", "cgroup", "none"] },
+    // IPC the session left (POSIX shm in /dev/shm, SysV shm, semaphores, queues) is always
+    // reported as `ipc` leftovers; with true it is also removed (as its owner).
+    remove_ipc: { type: "boolean" },
     allowed_roots: {
       type: "array",
       items: { type: "string", pattern: "^/", minLength: 2 },

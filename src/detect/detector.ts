@@ -9,6 +9,7 @@ import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { readUid } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
+import { rssSum } from "../proc/usage.js";
 import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
 import { DeadlineHeap } from "./heap.js";
@@ -90,6 +91,9 @@ function cgroupCpuUsec(dir: string): number | null {
  */
 const MIN_CPU_WINDOW_MS = 500;
 
+/** Every how many liveness passes the tracked trees' resident memory is read. */
+const RSS_EVERY = 5;
+
 export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
 
 export interface DetectorOptions {
@@ -130,6 +134,7 @@ export class Detector implements LiveWatcher {
   private readonly cpuWatched = new Map<string, LiveSession>();
   private readonly heap = new DeadlineHeap();
   private cancelTimer: (() => void) | null = null;
+  private passes = 0;
   private armedAt = Number.POSITIVE_INFINITY;
   private cron: Cron | null = null;
   private running = false;
@@ -317,6 +322,9 @@ export class Detector implements LiveWatcher {
     if (this.registry.size === 0) return 0;
     table ??= new ProcessTable();
     const gone: WatchedProcess[] = [];
+    // Resident memory (for the usage reported at finish) every RSS_EVERY-th pass only: one
+    // read per tracked process, which the pass itself does not otherwise need.
+    const sampleRss = this.passes++ % RSS_EVERY === 0;
     for (const p of this.processes.values()) {
       if (table.find(p.id) === undefined) {
         gone.push(p);
@@ -324,6 +332,10 @@ export class Detector implements LiveWatcher {
       }
       if (p.engineOf.size === 0) continue;
       this.refreshTree(p, table);
+      if (sampleRss) {
+        const rss = rssSum(p.tree.map((m) => m.pid));
+        for (const s of p.engineOf) if (rss > s.peaks.rssBytes) s.peaks.rssBytes = rss;
+      }
     }
     // Engines first: a session whose engine and owner are both gone is engine_gone.
     gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));

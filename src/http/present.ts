@@ -1,4 +1,5 @@
 import type { OrphanFinding } from "../orphans/sweep.js";
+import type { SessionUsage } from "../cleanup/usage.js";
 import type { EngineUsage, ExpiringSession } from "../sessions/sessions.js";
 import type { Session, StepResult } from "../sessions/types.js";
 import type { StoredEvent } from "../store/store.js";
@@ -6,7 +7,7 @@ import type { StoredEvent } from "../store/store.js";
 const iso = (ms: number | null): string | null => (ms === null ? null : new Date(ms).toISOString());
 
 /** The session as the API shows it: DESIGN.md's names, times in ISO 8601 UTC. */
-export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: EngineUsage | null) {
+export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: EngineUsage | SessionUsage | null) {
   return {
     id: s.id,
     profile: s.profile,

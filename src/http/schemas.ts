@@ -107,7 +107,7 @@ const leftover = {
   required: ["step", "kind", "item", "detail"],
   properties: {
     step: { enum: STEP_NAMES },
-    kind: { enum: ["process", "port", "socket", "path", "hook"] },
+    kind: { enum: ["process", "port", "socket", "path", "ipc", "hook"] },
     item: { type: "string" },
     detail: { type: "string" },
     pid: { type: "integer" },
@@ -219,7 +219,8 @@ export const sessionResponse = {
     },
     steps: { type: "array", items: stepResult, description: "GET /v1/sessions/{id} only" },
     usage: {
-      description: "GET /v1/sessions/{id} only: the engine's usage while live and running, else null",
+      description:
+        "GET /v1/sessions/{id} only: while live, the engine's usage now; once reaped, what the whole session used; else null",
       oneOf: [
         { type: "null" },
         {
@@ -230,6 +231,21 @@ export const sessionResponse = {
             cpu: { type: "number", description: "percent of one core since the previous read" },
             memory: { type: "number", description: "resident bytes" },
             elapsed: { type: "number", description: "ms since the engine process started" },
+          },
+        },
+        {
+          type: "object",
+          additionalProperties: false,
+          required: ["cpuSec", "peakMemoryBytes", "peakMemorySource", "peakProcesses", "lifetimeSec"],
+          properties: {
+            cpuSec: { type: "number", description: "CPU seconds (the cgroup's total when contained)" },
+            peakMemoryBytes: { type: "number" },
+            peakMemorySource: {
+              enum: ["memory.peak", "rss-samples"],
+              description: "the cgroup's memory.peak, or the largest resident sum sampled",
+            },
+            peakProcesses: { type: "integer" },
+            lifetimeSec: { type: "number", description: "registration to fence" },
           },
         },
       ],

@@ -49,6 +49,9 @@ export class Metrics {
   private readonly stalledSeconds: Counter<"cause">;
   private readonly storeFaults: Counter;
   private readonly fdErrors: Counter<"op" | "code">;
+  private readonly usageCpu: Histogram<"profile">;
+  private readonly usageMemory: Histogram<"profile">;
+  private readonly usageLifetime: Histogram<"profile">;
 
   constructor(deps: MetricsDeps) {
     const registers = [this.registry];
@@ -168,6 +171,27 @@ export class Metrics {
         this.inc(dropped());
       },
     });
+    this.usageCpu = new Histogram({
+      name: "session_reaper_session_cpu_seconds",
+      help: "CPU seconds a session used, observed when its reap finishes.",
+      labelNames: ["profile"],
+      buckets: [0.1, 1, 10, 60, 600, 3600, 36000],
+      registers,
+    });
+    this.usageMemory = new Histogram({
+      name: "session_reaper_session_peak_memory_bytes",
+      help: "The most memory a session was seen with (memory.peak, else the largest resident sum sampled).",
+      labelNames: ["profile"],
+      buckets: [2 ** 24, 2 ** 26, 2 ** 28, 2 ** 30, 2 ** 32, 2 ** 34],
+      registers,
+    });
+    this.usageLifetime = new Histogram({
+      name: "session_reaper_session_lifetime_seconds",
+      help: "From a session's registration to its fence, observed when its reap finishes.",
+      labelNames: ["profile"],
+      buckets: [10, 60, 600, 3600, 4 * 3600, 86400, 7 * 86400],
+      registers,
+    });
     this.fdErrors = new Counter({
       name: "session_reaper_fd_errors_total",
       help: "File descriptors the daemon could not open, by operation (pidfd, accept) and errno (EMFILE, ENFILE).",
@@ -180,6 +204,13 @@ export class Metrics {
   stalled(cause: "loop" | "store", ms: number): void {
     this.stalls.inc({ cause });
     this.stalledSeconds.inc({ cause }, ms / 1000);
+  }
+
+  /** What a session cost, when its reap finished. */
+  sessionUsage(profile: string, u: { cpuSec: number; peakMemoryBytes: number; lifetimeSec: number }): void {
+    this.usageCpu.observe({ profile }, u.cpuSec);
+    this.usageMemory.observe({ profile }, u.peakMemoryBytes);
+    this.usageLifetime.observe({ profile }, u.lifetimeSec);
   }
 
   /** The store stopped committing (one per outage). */

@@ -15,6 +15,7 @@ import { Cron } from "croner";
 import { lstatSync, type Stats } from "node:fs";
 import { dirname } from "node:path";
 import type { Logger } from "pino";
+import { journaled } from "../cleanup/journal.js";
 import { knownProcesses } from "../cleanup/step.js";
 import type { Config, OrphanPolicy, Profile } from "../config/load.js";
 import type { Detector } from "../detect/detector.js";
@@ -225,8 +226,7 @@ export class OrphanSweep {
     for (const s of reaping) {
       const journal = new Map<StepName, StepResult>(this.deps.store.steps(s.id).map((r) => [r.name, r]));
       const known = knownProcesses(journal);
-      const terminated = journal.get("terminate")?.detail.processes;
-      if (Array.isArray(terminated)) (terminated as { pid: number; startTime: number }[]).forEach(add);
+      (journaled(journal, "terminate")?.processes ?? []).forEach(add);
       known.forEach(add);
       table.tree(s.engine, known).forEach(add);
     }

@@ -6,6 +6,8 @@ import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
 import { removePaths } from "../cleanup/remove-paths.js";
 import type { CleanupStep, StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
+import { JOURNAL_VERSION, type FenceDetail } from "../cleanup/journal.js";
+import { sessionUsage } from "../cleanup/usage.js";
 import { verifyGone, type Verification } from "../cleanup/verify.js";
 import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
@@ -101,7 +103,7 @@ export class Reaper {
     reason: Reason,
     detail: Record<string, unknown> = {},
     known: readonly ProcessIdentity[] = [],
-    last?: { lastHeartbeatAt: number; lastActivityAt: number },
+    last?: { lastHeartbeatAt: number; lastActivityAt: number; peaks?: { processes: number; rssBytes: number } },
   ): boolean {
     const { store, audit, clock } = this.deps;
     const now = clock.now();
@@ -120,7 +122,11 @@ export class Reaper {
         outcome: "ok",
         startedAt: now,
         durationMs: 0,
-        detail: { processes: known },
+        detail: {
+          v: JOURNAL_VERSION,
+          processes: known,
+          ...(last?.peaks === undefined ? {} : { peaks: last.peaks }),
+        } satisfies FenceDetail & { v: number },
       };
       store.recordStep(id, POSITION.fence, fence);
       audit.record({ event: "reap.step", sessionId: id, reason, step: "fence", outcome: "ok", durationMs: 0 });
@@ -245,6 +251,7 @@ export class Reaper {
     ];
     const outcome = outcomeOf(steps, leftovers);
     const now = clock.now();
+    const usage = sessionUsage(session, journal, now);
     const finished = audit.transaction(() => {
       if (!store.finish(id, outcome, leftovers, now)) return false;
       const finish: StepResult = {
@@ -252,7 +259,7 @@ export class Reaper {
         outcome: "ok",
         startedAt: now,
         durationMs: verifyMs,
-        detail: { outcome, verified: verification.verified },
+        detail: { v: JOURNAL_VERSION, outcome, verified: verification.verified, usage },
       };
       store.recordStep(id, POSITION.finish, finish);
       audit.record({
@@ -261,11 +268,14 @@ export class Reaper {
         reason: session.reason ?? undefined,
         outcome,
         durationMs: now - (session.reapStartedAt ?? now),
-        detail: { leftovers, attempts: attempt, verified: verification.verified },
+        detail: { leftovers, attempts: attempt, verified: verification.verified, usage },
       });
       return true;
     });
-    if (finished) this.deps.metrics?.reapFinished(session.reason ?? "forced", outcome, session.profile);
+    if (finished) {
+      this.deps.metrics?.reapFinished(session.reason ?? "forced", outcome, session.profile);
+      this.deps.metrics?.sessionUsage(session.profile, usage);
+    }
     this.failpoint("after-finish", id);
   }
 
@@ -321,7 +331,7 @@ export class Reaper {
       clearTimeout(timer);
       controller.abort(new Error("step over"));
     }
-    const detail: StepResult["detail"] = { ...recorded, ...out.detail };
+    const detail: StepResult["detail"] = { v: JOURNAL_VERSION, ...recorded, ...out.detail };
     if (out.leftovers && out.leftovers.length > 0) detail.leftovers = out.leftovers;
     return { name: step.name, outcome, startedAt, durationMs: performance.now() - t0, detail };
   }

@@ -30,6 +30,8 @@ export interface LiveSession extends Timing {
   cpuSample?: CpuSample | undefined;
   /** The session's own cgroup (containment), or null: where its CPU is read. */
   readonly cgroup: string | null;
+  /** The most processes and the most resident memory its tree was seen with (usage at finish). */
+  peaks: { processes: number; rssBytes: number };
   /**
    * The deadline (wall ms) last written to SQLite's indexed column, if known (undefined:
    * write it at the next flush). It may lag behind the real one: see `takeDirty`.
@@ -72,8 +74,9 @@ export interface Stamp {
 
 /** A live session as the store holds it, for recovery at start. */
 export interface StoredLive extends Omit<Admission, "storedDeadline" | "at" | "tree"> {
-  /** The tree last made durable (see LiveSessions.treeChanged). */
+  /** The tree last made durable (see LiveSessions.setTree). */
   readonly tree: readonly ProcessIdentity[];
+  readonly peaks?: { processes: number; rssBytes: number } | undefined;
   readonly createdAt: number;
   readonly lastHeartbeatAt: number;
   readonly lastActivityAt: number;
@@ -181,6 +184,7 @@ export class LiveSessions {
       heartbeatMono: mono,
       activityMono: mono,
       tree: tree === undefined ? [] : [...tree],
+      peaks: { processes: tree?.length ?? 1, rssBytes: 0 },
     });
   }
 
@@ -208,6 +212,7 @@ export class LiveSessions {
       heartbeatMono: mono,
       activityMono: mono,
       tree: [...r.tree], // replaced, never mutated, by the liveness pass
+      peaks: { ...(r.peaks ?? { processes: r.tree.length, rssBytes: 0 }) },
       storedDeadline: r.deadline ?? undefined,
     });
     if (deadlineStale(s.storedDeadline, this.wallDeadline(s), this.clock.now())) this.dirty.add(s);
@@ -262,6 +267,7 @@ export class LiveSessions {
    */
   setTree(s: LiveSession, tree: ProcessIdentity[]): void {
     s.tree = tree;
+    if (tree.length > s.peaks.processes) s.peaks.processes = tree.length;
     if (this.byId.get(s.id) !== s) return;
     this.dirty.add(s);
     this.treeDirty.add(s);

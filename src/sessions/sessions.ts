@@ -6,6 +6,7 @@ import { checkActor, checkRegistration, registeredBy } from "../auth/policy.js";
 import { isoTime, type Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { deadlineOf } from "../detect/deadline.js";
+import type { SessionUsage } from "../cleanup/usage.js";
 import type { LiveSessions } from "./live.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import type { SessionCgroups } from "../proc/containment.js";
@@ -52,7 +53,8 @@ const TIME_REASONS: ReadonlySet<Reason> = new Set<TimeReason>(["heartbeat_timeou
 export interface SessionView {
   session: Session;
   steps: StepResult[];
-  usage: EngineUsage | null;
+  /** While live: the engine's usage now; once reaped: what the whole session used (finish). */
+  usage: EngineUsage | SessionUsage | null;
 }
 
 export interface SessionsDeps {
@@ -278,8 +280,10 @@ export class Sessions {
 
   async view(id: string): Promise<SessionView> {
     const session = this.get(id);
-    const usage = session.state === "live" ? await engineUsage(session) : null;
-    return { session, steps: this.deps.store.steps(id), usage };
+    const steps = this.deps.store.steps(id);
+    const finished = steps.find((s) => s.name === "finish")?.detail.usage as SessionUsage | undefined;
+    const usage = session.state === "live" ? await engineUsage(session) : (finished ?? null);
+    return { session, steps, usage };
   }
 
   get(id: string): Session {

@@ -38,7 +38,7 @@ export type StepOutcome = "ok" | "failed" | "timeout";
 
 export interface Leftover {
   readonly step: StepName;
-  readonly kind: "process" | "port" | "socket" | "path" | "hook";
+  readonly kind: "process" | "port" | "socket" | "path" | "ipc" | "hook";
   readonly item: string;
   readonly detail: string;
   /** A process found alive by the verification pass: who it is and why it counts. */

@@ -73,6 +73,7 @@ test("no config file: embedded defaults, socket and db under the working directo
     releaseHooks: [],
     busyCpuPercent: null,
     containment: "auto",
+    removeIpc: false,
     orphans: null,
   });
 });
@@ -438,6 +439,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     releaseHooks: [],
     busyCpuPercent: null,
     containment: "auto",
+    removeIpc: false,
     orphans: null,
   });
   assert.deepEqual(c.profiles.gpu, {
@@ -453,6 +455,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     releaseHooks: [],
     busyCpuPercent: null,
     containment: "auto",
+    removeIpc: false,
     orphans: null,
   });
 });
@@ -545,6 +548,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     releaseHooks: [{ kind: "http", url: "http://127.0.0.1:7077/v1/engines/deregister" }],
     busyCpuPercent: 50,
     containment: "auto",
+    removeIpc: false,
     orphans: {
       mode: "report",
       exe: null,

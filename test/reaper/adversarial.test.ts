@@ -64,12 +64,13 @@ test("a live session whose engine exits and whose pid is reused at once: the dec
   assert.ok(!isGone(decoy.pid), "the decoy was signalled");
 });
 
-test("an engine that forks in a loop and ignores SIGTERM: frozen, then killed; nothing escapes", async (t) => {
+test("uncontained, an engine that forks in a loop and ignores SIGTERM: frozen, then killed; nothing escapes", async (t) => {
   const dir = tempDir(t);
-  // Thousands of processes to scan and signal: a step budget that fits the job on a busy machine.
+  // Thousands of processes to scan and signal: a step budget that fits the job on a busy
+  // machine. Without a cgroup (the per-process path is what this tests).
   const d = await startDaemon(
     t,
-    testConfig(dir, { profiles: { default: { grace_period_sec: 0.5, step_timeout_sec: 30 } } }),
+    testConfig(dir, { profiles: { default: { grace_period_sec: 0.5, step_timeout_sec: 30, containment: "none" } } }),
   );
   // Every child ignores SIGTERM too (an ignored signal is inherited) and forks a grandchild.
   const script = `trap '' TERM; for i in $(seq 1 1500); do ( sleep 1000 & sleep 1000 ) & done; wait`;
@@ -144,7 +145,7 @@ function makeCgroup(t: TestContext): string {
   return dir;
 }
 
-test("cgroup.kill ends an engine's own cgroup, double-forked escapees included", async (t) => {
+test("an engine already alone in a cgroup of its own keeps it; cgroup.kill ends it, double-forked escapees included", async (t) => {
   const cg = makeCgroup(t);
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir, { profiles: { default: { grace_period_sec: 0.3 } } }));
@@ -156,12 +157,14 @@ test("cgroup.kill ends an engine's own cgroup, double-forked escapees included",
   ]);
   await until(() => cgroupPids(cg).length >= 21, 5_000, "escapees started");
   const escapees = cgroupPids(cg).filter((p) => p !== engine.pid);
-  await d.api("POST", "/v1/sessions", { id: "cg", engine: { pid: engine.pid } });
+  const reg = await d.api<{ containment: unknown }>("POST", "/v1/sessions", { id: "cg", engine: { pid: engine.pid } });
+  assert.deepEqual(reg.body.containment, { kind: "cgroup", path: cg, made: false });
   await d.api("POST", "/v1/sessions/cg/reap");
   const finished = await d.reaped("cg");
   assert.equal(finished.outcome, "clean");
   const term = (await d.api<SessionJson>("GET", "/v1/sessions/cg")).body.steps.find((x) => x.name === "terminate");
-  assert.equal(term?.detail.cgroupKill, cg);
+  // Not made by the daemon: killed, not removed (its maker removes it).
+  assert.deepEqual(term?.detail.cgroup, { path: cg, kill: "sent", removed: false });
   await until(() => escapees.every(isGone), 3_000, "escapees gone");
   assert.deepEqual(cgroupPids(cg), []);
 });

@@ -49,9 +49,12 @@ test("a hanging close hook times out and every later step still runs (partial)",
   assert.ok(!existsSync(engine.dir as string));
 });
 
-test("an engine that ignores SIGTERM is SIGKILLed after the grace period", async (t) => {
+test("uncontained, an engine that ignores SIGTERM is SIGKILLed after the grace period", async (t) => {
   const dir = tempDir(t);
-  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { grace_period_sec: 1 } } }));
+  const d = await startDaemon(
+    t,
+    testConfig(dir, { profiles: { default: { grace_period_sec: 1, containment: "none" } } }),
+  );
   const engine = await startEngine(t, ["--ignore-term", "--fork", "1"], join(dir, "engine"));
   const id = (
     await d.api<{ id: string }>("POST", "/v1/sessions", { engine: { pid: engine.pid }, ports: [engine.port] })

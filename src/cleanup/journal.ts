@@ -1,0 +1,66 @@
+import type { SocketSnapshot } from "../proc/sockets.js";
+import type { UsageSample } from "../proc/usage.js";
+import type { ProcessIdentity, StepName, StepResult } from "../sessions/types.js";
+
+/**
+ * The step journal's protocol: what each step writes into its `detail` that a later step (or
+ * a resumed pipeline, after a restart) reads back. One type per step; every record carries
+ * the version it was written in (`v`), and records written before versions existed are v1,
+ * which had the same fields.
+ *
+ * v1: the fields below, without `v`. v2: `v`, fence `peaks`, terminate `usage` and `cgroup`.
+ */
+export const JOURNAL_VERSION = 2;
+
+export interface FenceDetail {
+  /** The session's last known process tree (from the liveness pass, the engine's exit, recovery). */
+  readonly processes: readonly ProcessIdentity[];
+  /** The most processes and resident memory its tree was seen with. */
+  readonly peaks?: { readonly processes: number; readonly rssBytes: number };
+}
+
+export interface CloseEnvironmentDetail {
+  /** The tree just before the close hook. */
+  readonly processes?: readonly ProcessIdentity[];
+  /** Its sockets then: release-connections-and-ports verifies each one gone. */
+  readonly sockets?: SocketSnapshot;
+}
+
+export interface TerminateDetail {
+  /** Every process terminate handled (pid and start time; the boot is the session's). */
+  readonly processes?: readonly { readonly pid: number; readonly startTime: number }[];
+  /** What the session used, read before the first signal. */
+  readonly usage?: UsageSample;
+  readonly cgroup?: { readonly path: string; readonly kill: string; readonly removed: boolean };
+}
+
+/** The fields read back, per step. */
+export interface StepDetails {
+  readonly fence: FenceDetail;
+  readonly "close-environment": CloseEnvironmentDetail;
+  readonly terminate: TerminateDetail;
+  readonly "release-connections-and-ports": Record<string, unknown>;
+  readonly "remove-paths": Record<string, unknown>;
+  readonly finish: Record<string, unknown>;
+}
+
+/** A journal as the steps see it: results by step name (also from before a restart). */
+export type Journal = ReadonlyMap<StepName, StepResult>;
+
+/**
+ * What a journaled step recorded, typed, or undefined if that step has no record yet. Array
+ * fields that a damaged or foreign record holds as something else read as absent.
+ */
+export function journaled<N extends StepName>(journal: Journal, name: N): StepDetails[N] | undefined {
+  const detail = journal.get(name)?.detail;
+  if (detail === undefined) return undefined;
+  const out: Record<string, unknown> = { ...detail };
+  for (const key of ["processes"]) if (key in out && !Array.isArray(out[key])) delete out[key];
+  return out as unknown as StepDetails[N];
+}
+
+/** The version a record was written in. */
+export function versionOf(result: StepResult): number {
+  const v = result.detail.v;
+  return typeof v === "number" ? v : 1;
+}
