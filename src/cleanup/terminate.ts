@@ -78,8 +78,12 @@ export const terminate: CleanupStep = {
     // What the session used, read before anything is signalled (a cgroup's totals, or the
     // tree's own): the usage reported at finish. Journaled with the step, even on a timeout.
     const before = rescan();
-    const used =
-      (cg === null ? null : cgroupUsage(cg.path, cgroupPids(cg.path))) ?? processUsage(before.map((p) => p.pid));
+    const own = processUsage(before.map((p) => p.pid));
+    const inCg = cg === null ? null : cgroupUsage(cg.path, cgroupPids(cg.path));
+    // The cgroup counts every process that ever ran in it, but only from the moment it was
+    // moved there: what the engine used before (registration comes after its start) is in
+    // its own counters. The larger of the two.
+    const used = inCg === null ? own : { ...inCg, cpuSec: Math.max(inCg.cpuSec, own.cpuSec) };
     ctx.record({ usage: used });
     let sigterm = send(before, "SIGTERM");
     if (seen.size === 0 && (cg === null || cgroupPids(cg.path).length === 0)) {

@@ -10,20 +10,19 @@ import { randomUUID } from "node:crypto";
 import { constants, userInfo } from "node:os";
 import { resolve } from "node:path";
 import type { Writable } from "node:stream";
-import { ReaperApiError, ReaperClient, type RegisterBody, type Session } from "../client/index.js";
+import {
+  GATE,
+  ReaperApiError,
+  ReaperClient,
+  SESSION_COOKIE,
+  type RegisterBody,
+  type Session,
+} from "../client/index.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import { EXIT, UsageError, listOption, stringOption, type Context } from "./command.js";
 import { parseDuration } from "./format.js";
 
 export const FORWARDED_SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"] as const;
-
-/**
- * Holds the command at a gate until its session is registered, so that even a command that
- * exits at once is a registered session: the shell waits for "go" on fd 3, closes it, and
- * execs the command, which keeps the shell's pid and start time, the identity the daemon
- * registered. End of file instead (reaperctl died first) means the command never runs.
- */
-const GATE = 'IFS= read -r go <&3 || exit 125; exec 3<&-; [ "$go" = go ] || exit 125; exec "$0" "$@"';
 
 interface RunOptions {
   command: [string, ...string[]];
@@ -106,7 +105,7 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
   const child = spawn(gated ? "/bin/sh" : cmd, gated ? ["-c", GATE, cmd, ...args] : args, {
     detached: true, // its own session and process group: pgid = its pid
     stdio: gated ? ["inherit", "inherit", "inherit", "pipe"] : "inherit",
-    env: { ...env, REAPER_SESSION_ID: o.id, REAPER_SOCKET: ctx.socket },
+    env: { ...env, [SESSION_COOKIE]: o.id, REAPER_SOCKET: ctx.socket },
   });
   const exit = new Promise<number>((done) => {
     child.once("error", (err: NodeJS.ErrnoException) => {

@@ -14,22 +14,37 @@
  * daemon cannot be reached (a restart: the socket is gone or refuses), since daemon
  * downtime never counts against a session. `reaperctl run` is built on this class.
  */
+import { spawn as spawnProcess, type ChildProcess, type SpawnOptions } from "node:child_process";
+import { randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
+import type { Writable } from "node:stream";
 import { callApi, type ApiResponse } from "../cli/client.js";
 import type { RegisterBody } from "../http/schemas.js";
-import type {
-  Leftover,
-  Outcome,
-  ProcessIdentity,
-  Reason,
-  SessionState,
-  StepName,
-  StepOutcome,
-  StepResult,
-  TimeReason,
+import {
+  SESSION_COOKIE,
+  type Leftover,
+  type Outcome,
+  type ProcessIdentity,
+  type Reason,
+  type SessionState,
+  type StepName,
+  type StepOutcome,
+  type StepResult,
+  type TimeReason,
 } from "../sessions/types.js";
 
 export type { RegisterBody };
+
+export { SESSION_COOKIE };
+
+/**
+ * Holds a command at a gate until its session is registered: the shell waits for "go" on
+ * fd 3, closes it, and execs the command, which keeps the shell's pid and start time, the
+ * identity the daemon registered (and contained: the command starts inside its session's
+ * cgroup, so no child of it is ever born outside). End of file instead (the launcher died
+ * first) means the command never runs.
+ */
+export const GATE = 'IFS= read -r go <&3 || exit 125; exec 3<&-; [ "$go" = go ] || exit 125; exec "$0" "$@"';
 
 /**
  * A session as the API answers it (`src/http/present.ts` `sessionJson`; the client tests
@@ -187,6 +202,42 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
   /** Whether the heartbeat loop runs. */
   get running(): boolean {
     return this.looping;
+  }
+
+  /**
+   * Starts `command` as this client's engine session, for launchers that spawn engines
+   * themselves: the command waits at a gate (`GATE`) while its session is registered (with
+   * `body`, an `id` chosen here unless given, and the waiting shell's pid as the engine), with
+   * REAPER_SESSION_ID=<id> in its environment, then runs. So it is registered, contained where
+   * the host allows, and marked before it executes anything. If registration fails, the
+   * command is killed and never runs; the error is thrown.
+   */
+  async spawn(
+    command: string,
+    args: readonly string[] = [],
+    opts: { body?: Omit<RegisterBody, "engine">; spawn?: SpawnOptions } = {},
+  ): Promise<{ child: ChildProcess; session: Session }> {
+    const id = opts.body?.id ?? randomUUID();
+    const stdio = opts.spawn?.stdio;
+    const base = Array.isArray(stdio) ? stdio.slice(0, 3) : [stdio ?? "ignore", stdio ?? "ignore", stdio ?? "ignore"];
+    const child = spawnProcess("/bin/sh", ["-c", GATE, command, ...args], {
+      ...opts.spawn,
+      stdio: [...base, "pipe"],
+      env: { ...(opts.spawn?.env ?? process.env), [SESSION_COOKIE]: id },
+    });
+    const gate = child.stdio[3] as Writable | null;
+    gate?.on("error", () => undefined); // the shell died at the gate: its exit says so
+    if (child.pid === undefined) {
+      throw await new Promise<Error>((resolve) => child.once("error", resolve));
+    }
+    try {
+      const session = await this.register({ ...opts.body, id, engine: { pid: child.pid } });
+      gate?.end("go\n");
+      return { child, session };
+    } catch (err) {
+      child.kill("SIGKILL");
+      throw err;
+    }
   }
 
   /** Registers the session (201); throws ReaperApiError with the daemon's code otherwise. */

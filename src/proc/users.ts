@@ -1,8 +1,9 @@
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { readStat, readUid } from "./stat.js";
 
-/** The environment variable that marks every process of a session (`reaperctl run`, the client's spawn helper). */
-export const SESSION_COOKIE = "REAPER_SESSION_ID";
+import { SESSION_COOKIE } from "../sessions/types.js";
+
+export { SESSION_COOKIE };
 
 /** A live process found using something of a session: what it is and why it was found. */
 export interface ProcessUse {

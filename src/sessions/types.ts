@@ -1,5 +1,11 @@
 /** The domain's words, one name each, shared by the store, the API and the audit trail. */
 
+/**
+ * The environment variable that marks every process of a session, wherever it is re-parented
+ * (`reaperctl run` and ReaperClient.spawn set it; launchers that spawn engines should too).
+ */
+export const SESSION_COOKIE = "REAPER_SESSION_ID";
+
 export interface ProcessIdentity {
   readonly pid: number;
   /** /proc/<pid>/stat field 22: clock ticks after boot at which the process started. */

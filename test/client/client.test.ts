@@ -1,15 +1,17 @@
 import assert from "node:assert/strict";
 import { once } from "node:events";
+import { readFileSync } from "node:fs";
 import { test } from "node:test";
 import {
+  ReaperApiError,
   ReaperClient,
+  SESSION_COOKIE,
   type HeartbeatAnswer,
-  type ReaperApiError,
   type RetryInfo,
   type Session,
 } from "../../src/client/index.js";
 import type { sessionJson } from "../../src/http/present.js";
-import { sleeper, startDaemon, tempDir, testConfig, until } from "../helpers.js";
+import { exited, sleeper, startDaemon, tempDir, testConfig, until } from "../helpers.js";
 
 /** The next `n` heartbeat answers. */
 function heartbeats(client: ReaperClient, n: number): Promise<HeartbeatAnswer[]> {
@@ -154,4 +156,32 @@ test('the package exports the client as "session-reaper/client" and "session-rea
   const root = (await import("session-reaper")) as { ReaperClient: unknown };
   assert.equal(byName.ReaperClient, ReaperClient);
   assert.equal(root.ReaperClient, ReaperClient);
+});
+
+test("spawn: the command is registered, contained and marked before it runs; a refused registration never runs it", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  const client = new ReaperClient({ socketPath: d.socket });
+  const { child, session } = await client.spawn("sleep", ["304"], { body: { labels: { via: "spawn" } } });
+  t.after(() => void child.kill("SIGKILL"));
+  assert.equal(session.engine.pid, child.pid);
+  assert.equal(session.containment?.kind, "cgroup");
+  // After the gate: the same pid now runs the command, inside the session's cgroup, with the
+  // cookie (exec sets comm before the new environment is in place: wait for both).
+  const environ = (): string[] => readFileSync(`/proc/${child.pid}/environ`, "latin1").split("\0");
+  await until(
+    () => readFileSync(`/proc/${child.pid}/comm`, "latin1").trim() === "sleep" && environ().length > 1,
+    5_000,
+    "exec'd",
+  );
+  assert.ok(environ().includes(`${SESSION_COOKIE}=${session.id}`), environ().join(" "));
+  const cgroupPath = session.containment?.kind === "cgroup" ? session.containment.path : "";
+  assert.ok(readFileSync(`${cgroupPath}/cgroup.procs`, "latin1").split("\n").includes(String(child.pid)));
+  await client.close();
+  const reaped = await client.waitForReap({ timeoutMs: 15_000 });
+  assert.equal(reaped.outcome, "clean");
+  await exited(child);
+
+  const refused = client.spawn("sleep", ["305"], { body: { profile: "no-such-profile" } });
+  await assert.rejects(refused, (err) => err instanceof ReaperApiError && err.code === "SR_UNKNOWN_PROFILE");
 });
