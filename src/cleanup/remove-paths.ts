@@ -1,9 +1,9 @@
 import { removePath } from "../paths/remove.js";
-import { ipcLeftovers, POSIX_SHM_DIR, removeSysv } from "../proc/ipc.js";
+import { ipcLeftovers, POSIX_SHM_DIR, removeSysv, startedAtMs, type IpcQuery } from "../proc/ipc.js";
 import { processUses } from "../proc/users.js";
 import type { Leftover } from "../sessions/types.js";
 import { knownProcesses, type CleanupStep, type StepContext } from "./step.js";
-import { terminatedProcesses } from "./terminate.js";
+import { journaled } from "./journal.js";
 
 /**
  * Deletes the session's registered files and directories through the one audited delete
@@ -62,9 +62,7 @@ async function removeIpc(
 ): Promise<{ results: { kind: string; item: string; status: string }[]; leftovers: Leftover[] }> {
   const { session, profile } = ctx;
   if (session.engine.pid === 0) return { results: [], leftovers: [] }; // a path's session: no process ever ran
-  const pids = new Set([session.engine.pid, ...knownProcesses(ctx.journal).map((p) => p.pid)]);
-  for (const p of terminatedProcesses(ctx)) pids.add(p.pid);
-  const found = ipcLeftovers({ uid: session.engine.uid, since: session.createdAt, pids });
+  const found = await ipcLeftovers(ipcQuery(ctx));
   const results: { kind: string; item: string; status: string }[] = [];
   const leftovers: Leftover[] = [];
   for (const o of found) {
@@ -85,4 +83,13 @@ async function removeIpc(
     }
   }
   return { results, leftovers };
+}
+
+/** The session's IPC: its uid's since its engine started, or created by one of its processes. */
+export function ipcQuery(ctx: Pick<StepContext, "session" | "journal">): IpcQuery {
+  const { session } = ctx;
+  const pids = new Set([session.engine.pid, ...knownProcesses(ctx.journal).map((p) => p.pid)]);
+  for (const p of journaled(ctx.journal, "terminate")?.processes ?? []) pids.add(p.pid);
+  const started = startedAtMs(session.engine.startTime);
+  return { uid: session.engine.uid, since: Math.min(session.createdAt, started ?? session.createdAt), pids };
 }

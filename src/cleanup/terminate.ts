@@ -6,6 +6,7 @@ import { bootId, liveness } from "../proc/identity.js";
 import { killCgroup, killSessionCgroup, signalProcess } from "../proc/signal.js";
 import { readStat, readUid } from "../proc/stat.js";
 import { cgroupUsage, processUsage } from "../proc/usage.js";
+import { processUses } from "../proc/users.js";
 import { processTree } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
 import { journaled } from "./journal.js";
@@ -32,7 +33,16 @@ export const terminate: CleanupStep = {
   timeoutMs: (p) => (p.gracePeriodSec + p.stepTimeoutSec) * 1000,
 
   async run(ctx, signal) {
-    const known = knownProcesses(ctx.journal);
+    // Every process carrying the session's cookie belongs to it, wherever it was re-parented:
+    // looked up at the start and again before the kill (a /proc pass each, not every poll).
+    const byCookie = async (): Promise<ProcessIdentity[]> =>
+      (await processUses({ cookie: ctx.session.id, skip: new Set([ctx.daemonPid, process.pid]) })).map((u) => ({
+        pid: u.pid,
+        startTime: u.startTime,
+        bootId: bootId(),
+        uid: u.uid,
+      }));
+    const known = [...knownProcesses(ctx.journal), ...(await byCookie())];
     const seen = new Map<string, ProcessIdentity>();
     const key = (p: ProcessIdentity): string => `${p.pid}:${p.startTime}`;
     const cg = ctx.session.containment?.kind === "cgroup" ? ctx.session.containment : null;
@@ -105,6 +115,7 @@ export const terminate: CleanupStep = {
     let cgroupKill: string | null = null;
     // Contained: the kernel ends every member at once, and says when the cgroup is empty.
     let containedKill: "sent" | "refused" | "failed" | null = null;
+    known.push(...(await byCookie()));
     if (cg !== null && cgroupPids(cg.path).length > 0) {
       rescan();
       containedKill = killSessionCgroup(cg.path, ctx.log, policy);

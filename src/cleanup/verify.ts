@@ -1,14 +1,16 @@
 import { cgroupPids } from "../proc/cgroup.js";
+import { ipcLeftovers } from "../proc/ipc.js";
 import { liveness } from "../proc/identity.js";
 import { inetSockets } from "../proc/sockets.js";
 import { readStat, readUid } from "../proc/stat.js";
 import { processUses, type ProcessUse } from "../proc/users.js";
 import type { Leftover, ProcessIdentity, Session } from "../sessions/types.js";
 import { journaled, type Journal } from "./journal.js";
+import { ipcQuery } from "./remove-paths.js";
 import { knownProcesses } from "./step.js";
 
 /** What a verification pass looked at: a `clean` is backed by exactly these. */
-export type Verified = "cgroup" | "tree" | "cookie" | "ports" | "paths";
+export type Verified = "cgroup" | "tree" | "cookie" | "ports" | "paths" | "ipc";
 
 export interface Verification {
   readonly verified: Verified[];
@@ -26,7 +28,8 @@ export interface Verification {
  * - ports: no live process holds a socket on a registered port (listening or connected: a
  *   PostgreSQL backend that outlived its postmaster still holds its client's connection);
  * - paths: no live process has its cwd, its root, an open fd or a mapped file at or below a
- *   registered path.
+ *   registered path;
+ * - ipc: no shared memory, semaphore or queue of the session is left (src/proc/ipc.ts).
  *
  * Anything found is a `process` leftover naming pid, comm, uid and why; the outcome is then
  * `partial`, never `clean`.
@@ -78,17 +81,25 @@ export async function verifyGone(session: Session, journal: Journal, daemonPid: 
   })) {
     add(u);
   }
+  const ipc = (await ipcLeftovers(ipcQuery({ session, journal }))).map((o): Leftover => ({
+    step: "finish",
+    kind: "ipc",
+    item: `${o.kind} ${o.item}`,
+    detail: o.why,
+  }));
   return {
-    verified: [...(cg === null ? [] : (["cgroup"] as const)), "tree", "cookie", "ports", "paths"],
-    leftovers: [...found.values()].map((u) => ({
-      step: "finish",
-      kind: "process",
-      item: String(u.pid),
-      detail: `${u.comm} (pid ${u.pid}, uid ${u.uid}) still alive: ${u.why}`,
-      pid: u.pid,
-      comm: u.comm,
-      uid: u.uid,
-      why: u.why,
-    })),
+    verified: [...(cg === null ? [] : (["cgroup"] as const)), "tree", "cookie", "ports", "paths", "ipc"],
+    leftovers: [...found.values()]
+      .map((u): Leftover => ({
+        step: "finish",
+        kind: "process",
+        item: String(u.pid),
+        detail: `${u.comm} (pid ${u.pid}, uid ${u.uid}) still alive: ${u.why}`,
+        pid: u.pid,
+        comm: u.comm,
+        uid: u.uid,
+        why: u.why,
+      }))
+      .concat(ipc),
   };
 }

@@ -31,7 +31,7 @@ interface SessionTrail {
 }
 
 /** What a `clean` must have been verified by, given the session's containment. */
-const MUST_VERIFY = ["tree", "cookie", "ports", "paths"];
+const MUST_VERIFY = ["tree", "cookie", "ports", "paths", "ipc"];
 
 /** What one pass over the lines found. */
 export interface Trail {

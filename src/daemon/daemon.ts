@@ -372,6 +372,7 @@ export class Daemon {
       this.audit.record({ event: "daemon.stopped", detail: { counts: this.store.counts(), failed } }),
     );
     await part("store", () => this.store.close());
+    await part("cgroups", () => this.cgroups.close());
     await part("lock", () => this.lock.release());
     await part("pidusage", () => pidusage.clear());
     this.stateValue = "stopped";

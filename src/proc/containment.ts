@@ -31,9 +31,24 @@ export class SessionCgroups {
   /** The cgroup each made cgroup's engine came from, for `undo`. */
   private readonly origins = new Map<string, string>();
 
-  private constructor(base: string | null, why: string | null) {
+  private constructor(
+    base: string | null,
+    why: string | null,
+    /** The base is this daemon's own (the database's hash dir): removed at stop once empty. */
+    private readonly ownsBase = false,
+  ) {
     this.base = base;
     this.why = why;
+  }
+
+  /** At daemon stop: removes a base of its own once no session cgroup is left in it. */
+  close(): void {
+    if (!this.ownsBase || this.base === null) return;
+    try {
+      rmdirSync(this.base);
+    } catch {
+      // sessions still live (their cgroups stay for the next start), or gone already
+    }
   }
 
   static none(why: string): SessionCgroups {
@@ -44,6 +59,7 @@ export class SessionCgroups {
     const mount = cgroup2Mount();
     if (mount === null) return SessionCgroups.none("the host has no cgroup v2 hierarchy");
     let base: string;
+    let owns = false;
     try {
       if (configured !== "") {
         base = join(mount, configured);
@@ -58,6 +74,7 @@ export class SessionCgroups {
         } else {
           const hash = createHash("sha256").update(database).digest("hex").slice(0, 8);
           base = join(mount, "session-reaper", hash);
+          owns = true;
         }
         mkdirSync(base, { recursive: true });
       }
@@ -68,7 +85,7 @@ export class SessionCgroups {
       return SessionCgroups.none(why);
     }
     log.info({ base }, "sessions are contained in cgroups below this base");
-    return new SessionCgroups(base, null);
+    return new SessionCgroups(base, null, owns);
   }
 
   /**

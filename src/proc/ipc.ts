@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import { lstatSync, readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
+import { filesInUse } from "./users.js";
 
 /** Where POSIX shared memory and named semaphores live (shm_open, sem_open). */
 export const POSIX_SHM_DIR = "/dev/shm";
@@ -37,11 +38,15 @@ const SLACK_MS = 1000;
  * - SysV semaphore sets and message queues created by the engine's uid since registration
  *   (the kernel keeps no creator pid for them).
  *
- * Only objects no live process is attached to are listed for shm (`nattch` 0). Matching by
- * owner is for an engine of its own uid: for a root engine everything root made meanwhile
- * would match, so only SysV shm (by creator pid) is looked at.
+ * Only objects no live process is attached to are listed: SysV shm with `nattch` 0, POSIX
+ * files no live process has open or mapped (another cluster of the same user keeps its own;
+ * a survivor of the session keeps its, and is itself reported). `since` should be when the
+ * engine started (its objects made before registration are its too). Matching by owner is for
+ * an engine of its own uid: for a root engine everything root made meanwhile would match, so
+ * only SysV shm (by creator pid) is looked at. What the same uid made meanwhile outside the
+ * session, and left unused, is taken for the session's: the kernel records no creator.
  */
-export function ipcLeftovers(q: IpcQuery): IpcObject[] {
+export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
   const out: IpcObject[] = [];
   const byOwner = q.uid !== 0;
   let names: string[] = [];
@@ -50,21 +55,24 @@ export function ipcLeftovers(q: IpcQuery): IpcObject[] {
   } catch {
     // no /dev/shm
   }
+  const posix: IpcObject[] = [];
   for (const name of names) {
     try {
       const st = lstatSync(join(POSIX_SHM_DIR, name));
       const born = st.birthtimeMs > 0 ? st.birthtimeMs : st.ctimeMs;
       if (!st.isFile() || st.uid !== q.uid || born < q.since - SLACK_MS) continue;
-      out.push({
+      posix.push({
         kind: "posix_shm",
         item: join(POSIX_SHM_DIR, name),
         uid: st.uid,
-        why: "owned by the engine's uid, created during the session",
+        why: "owned by the engine's uid, created while it ran, used by no live process",
       });
     } catch {
       // removed meanwhile
     }
   }
+  const used = await filesInUse(new Set(posix.map((o) => o.item)));
+  out.push(...posix.filter((o) => !used.has(o.item)));
   for (const r of sysv("shm")) {
     const cpid = Number(r.cpid);
     if (!q.pids.has(cpid) || r.nattch !== "0") continue;
@@ -143,4 +151,19 @@ function gidOf(uid: number): number {
     // no passwd
   }
   return uid;
+}
+
+let bootMs: number | null | undefined;
+
+/** When a process started, on the wall clock (boot time + its start ticks); null if unknown. */
+export function startedAtMs(startTime: number): number | null {
+  if (bootMs === undefined) {
+    try {
+      const m = /^btime (\d+)$/m.exec(readFileSync("/proc/stat", "latin1"));
+      bootMs = m ? Number(m[1]) * 1000 : null;
+    } catch {
+      bootMs = null;
+    }
+  }
+  return bootMs === null ? null : bootMs + (startTime / 100) * 1000;
 }

@@ -11,7 +11,7 @@ export interface ProcessUse {
   readonly startTime: number;
   readonly comm: string;
   readonly uid: number;
-  /** "cookie", "cwd under /tmp/x", "root under /tmp/x", "fd under /tmp/x", "maps under /tmp/x". */
+  /** Every reason, comma-joined: "cookie", "cwd under /tmp/x", "root under …", "fd under …", "maps under …", "port 5432 (tcp ESTABLISHED)". */
   readonly why: string;
 }
 
@@ -64,9 +64,10 @@ export async function processUses(q: UseQuery): Promise<ProcessUse[]> {
     const pid = Number(name);
     if (q.skip?.has(pid)) continue;
     if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
-    const why =
-      needle !== null && carries(pid, needle) ? "cookie" : fileUse(pid, paths.length > 0 ? usesPath : null, sockets);
-    if (why === null) continue;
+    const reasons = fileUses(pid, paths.length > 0 ? usesPath : null, sockets);
+    if (needle !== null && carries(pid, needle)) reasons.unshift("cookie");
+    if (reasons.length === 0) continue;
+    const why = reasons.join(", ");
     const st = readStat(pid);
     if (st === null || st.state === "Z" || st.state === "X") continue;
     out.push({ pid, startTime: st.startTime, comm: st.comm, uid: readUid(pid) ?? -1, why });
@@ -104,16 +105,18 @@ function link(path: string): string | null {
 
 const SOCKET_LINK = /^socket:\[(\d+)\]$/;
 
-function fileUse(
+/** Every reason (distinct, in the order found) for which the process counts: cwd, root, fds, sockets, maps. */
+function fileUses(
   pid: number,
   usesPath: ((target: string) => string | undefined) | null,
   sockets: ReadonlyMap<number, string>,
-): string | null {
+): string[] {
+  const reasons = new Set<string>();
   if (usesPath !== null) {
     for (const kind of ["cwd", "root"] as const) {
       const target = link(`/proc/${pid}/${kind}`);
       const hit = target === null || (kind === "root" && target === "/") ? undefined : usesPath(target);
-      if (hit !== undefined) return `${kind} under ${hit}`;
+      if (hit !== undefined) reasons.add(`${kind} under ${hit}`);
     }
   }
   let fds: string[] = [];
@@ -129,13 +132,13 @@ function fileUse(
       // socket:[…], pipe:[…], anon_inode:…
       const m = sockets.size > 0 ? SOCKET_LINK.exec(target) : null;
       const hit = m === null ? undefined : sockets.get(Number(m[1]));
-      if (hit !== undefined) return hit;
+      if (hit !== undefined) reasons.add(hit);
       continue;
     }
     const hit = usesPath?.(target);
-    if (hit !== undefined) return `fd under ${hit}`;
+    if (hit !== undefined) reasons.add(`fd under ${hit}`);
   }
-  if (usesPath === null) return null;
+  if (usesPath === null) return [...reasons];
   let maps = "";
   try {
     maps = readFileSync(`/proc/${pid}/maps`, "latin1");
@@ -147,7 +150,53 @@ function fileUse(
     if (slash < 0) continue;
     const file = line.slice(slash);
     const hit = usesPath(file.endsWith(" (deleted)") ? file.slice(0, -10) : file);
-    if (hit !== undefined) return `maps under ${hit}`;
+    if (hit !== undefined) reasons.add(`maps under ${hit}`);
   }
-  return null;
+  return [...reasons];
+}
+
+/**
+ * Which of `files` some live process has open or mapped now (one pass over /proc: fd links
+ * and maps), for IPC objects: a shared memory file still mapped belongs to a live process
+ * (another cluster of the same user, a survivor), never to a leftover.
+ */
+export async function filesInUse(files: ReadonlySet<string>): Promise<Set<string>> {
+  const used = new Set<string>();
+  if (files.size === 0) return used;
+  let names: string[];
+  try {
+    names = readdirSync("/proc");
+  } catch {
+    return used;
+  }
+  let looked = 0;
+  for (const name of names) {
+    const c = name.charCodeAt(0);
+    if (c < 48 || c > 57) continue;
+    if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
+    let fds: string[] = [];
+    try {
+      fds = readdirSync(`/proc/${name}/fd`);
+    } catch {
+      // gone
+    }
+    for (const fd of fds) {
+      const target = link(`/proc/${name}/fd/${fd}`);
+      if (target !== null && files.has(target)) used.add(target);
+    }
+    let maps = "";
+    try {
+      maps = readFileSync(`/proc/${name}/maps`, "latin1");
+    } catch {
+      // gone
+    }
+    for (const line of maps.split("\n")) {
+      const slash = line.indexOf("/");
+      if (slash < 0) continue;
+      const file = line.slice(slash);
+      const path = file.endsWith(" (deleted)") ? file.slice(0, -10) : file;
+      if (files.has(path)) used.add(path);
+    }
+  }
+  return used;
 }

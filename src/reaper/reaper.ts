@@ -246,7 +246,9 @@ export class Reaper {
     const leftovers = [
       ...stepLeftovers,
       ...verification.leftovers.filter(
-        (l) => !named.has(`process:${l.item}`) && !named.has(`port:${/^port (\d+) /.exec(l.why ?? "")?.[1]}`),
+        (l) =>
+          !named.has(`${l.kind}:${l.item}`) &&
+          !(l.why ?? "").split(", ").every((r) => named.has(`port:${/^port (\d+) /.exec(r)?.[1]}`)),
       ),
     ];
     const outcome = outcomeOf(steps, leftovers);

@@ -185,7 +185,7 @@ test("a clean verified by less than the session's containment allowed is listed 
       detail: verified === undefined ? {} : { verified },
     });
   };
-  const all = ["tree", "cookie", "ports", "paths"];
+  const all = ["tree", "cookie", "ports", "paths", "ipc"];
   reap("contained-full", true, ["cgroup", ...all]);
   reap("contained-no-cgroup", true, all);
   reap("uncontained-full", false, all);
@@ -197,5 +197,5 @@ test("a clean verified by less than the session's containment allowed is listed 
     { sessionId: "old-line", verified: null, missing: all },
   ]);
   assert.match(renderReport(r), /clean, weakly verified\s+2/);
-  assert.match(renderReport(r), /^contained-no-cgroup\s+tree,cookie,ports,paths\s+cgroup$/m);
+  assert.match(renderReport(r), /^contained-no-cgroup\s+tree,cookie,ports,paths,ipc\s+cgroup$/m);
 });
