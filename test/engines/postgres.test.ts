@@ -4,10 +4,11 @@
  * leftover naming it, and never an outcome of `clean`.
  */
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { test, type TestContext } from "node:test";
 import type { Session } from "../../src/client/index.js";
-import { startDaemon, tempDir, testConfig, testUser, until } from "../helpers.js";
+import { spawnDaemon, startDaemon, tempDir, testConfig, testUser, until, writeDaemonConfig } from "../helpers.js";
 import {
   busyBackend,
   ctlAs,
@@ -25,13 +26,14 @@ import {
   procAlive,
   procId,
   procInfo,
+  processesOf,
   psOf,
   reportProblems,
   summary,
   startPostgres,
   type ProcId,
 } from "./lib.js";
-import { cwdOf, establishedOn, sleep, unreportedIpc } from "./checks.js";
+import { cwdOf, establishedOn, removeCgroupBaseAfter, sleep, socketApi, unreportedIpc } from "./checks.js";
 
 /**
  * No periodic liveness pass during the test (once a year): its tree snapshot, every 2 s by
@@ -287,3 +289,128 @@ test(
   },
   (t) => uncontainedSigkill(t, true),
 );
+
+/** The tree the daemon last made durable for a session (read with sqlite3; the daemon may be running). */
+function storedTree(db: string, id: string): { pid: number; startTime: number }[] | null {
+  const r = spawnSync("sqlite3", ["-readonly", "-json", db, `SELECT tree FROM sessions WHERE id = '${id}'`], {
+    encoding: "utf8",
+    timeout: 5_000,
+  });
+  if (r.status !== 0 || r.stdout.trim() === "") return null;
+  const rows = JSON.parse(r.stdout) as { tree: string | null }[];
+  return rows[0]?.tree ? (JSON.parse(rows[0].tree) as { pid: number; startTime: number }[]) : null;
+}
+
+/**
+ * A real reaperd, stopped (SIGTERM) while a postgres session with a busy backend is live; the
+ * postmaster is SIGKILLed while no daemon runs; the daemon started again on the same config
+ * must reap the session at once (`engine_gone`) and the backend with it: contained, with the
+ * cgroup; uncontained, from the durable tree, once a liveness pass (every 2 s by default) saw
+ * it there before the stop, else it is found by the verification and reported (`partial`).
+ * `remove_ipc = true`, so that an outcome of `clean` is possible and means something.
+ */
+async function restartAfterSigkill(
+  t: TestContext,
+  containment: "auto" | "none",
+  opts: { livenessPass: boolean } = { livenessPass: true },
+): Promise<void> {
+  const dir = tempDir(t);
+  const user = testUser(t);
+  const cfg = writeDaemonConfig(
+    dir,
+    [
+      "flush_interval_ms = 50",
+      "[log]",
+      'level = "warn"',
+      ...(opts.livenessPass ? [] : ["[detect]", `liveness_schedule = "${NO_LIVENESS_PASS.liveness_schedule}"`]),
+      "[profiles.default]",
+      "grace_period_sec = 1",
+      "step_timeout_sec = 5",
+      `allowed_roots = [${JSON.stringify(dir)}]`,
+      `containment = "${containment}"`,
+      "remove_ipc = true",
+      "",
+    ].join("\n"),
+  );
+  const pg = await startPostgres(t, user, { parent: dir });
+  const first = await spawnDaemon(t, cfg.file, cfg.socket);
+  removeCgroupBaseAfter(t, cfg.db);
+  const api = socketApi(cfg.socket);
+  const reg = await api.api<Session>("POST", "/v1/sessions", {
+    engine: { pid: pg.postmasterPid },
+    ports: [pg.port],
+    paths: [pg.base],
+  });
+  assert.equal(reg.status, 201, JSON.stringify(reg.body));
+  const id = reg.body.id;
+  t.diagnostic(`containment: ${JSON.stringify(reg.body.containment)}`);
+  if (containment === "none") assert.equal(reg.body.containment?.kind, "none");
+  const backend = await busyBackend(pg);
+  // Until a liveness pass has made the backend part of the durable tree (or 5 s); without
+  // passes, 2.5 s in which nothing should have seen it.
+  let durable = false;
+  if (opts.livenessPass)
+    await until(
+      () => (durable = storedTree(cfg.db, id)?.some((p) => p.pid === backend.pid) ?? false),
+      5_000,
+      "the backend in the stored tree",
+    ).catch(() => undefined);
+  else await sleep(2_500);
+  t.diagnostic(`the backend ${backend.pid} in the durable tree before the stop: ${durable}`);
+
+  first.proc.kill("SIGTERM");
+  assert.equal(await within(first.exit, 15_000, "reaperd's graceful stop"), 0, first.output());
+  const stored = storedTree(cfg.db, id) ?? [];
+  durable = stored.some((p) => p.pid === backend.pid);
+  process.kill(pg.postmasterPid, "SIGKILL");
+  await until(() => !procAlive(pg.postmaster), 5_000, "the postmaster gone");
+  // The auxiliary processes notice and exit; the backend, in its loop, does not.
+  await until(() => processesOf(user.uid).every((p) => p.pid === backend.pid), 10_000, "only the backend left");
+  const before = psOf(user.uid);
+  assert.ok(procAlive(backend.id), `premise: the backend outlives its postmaster\n${before}`);
+  const mapped = shmMapped(backend.pid);
+
+  const second = await spawnDaemon(t, cfg.file, cfg.socket);
+  const s = await api.reaped(id, 30_000);
+  t.diagnostic(summary(s));
+  const events = await api.events(id);
+  const expired = events.find((e) => e.event === "session.expired");
+  const finished = events.find((e) => e.event === "reap.finished");
+  t.diagnostic(`expired: ${JSON.stringify(expired?.detail)}; verified: ${JSON.stringify(finished?.detail?.verified)}`);
+  const found = leftBehind(user.uid, [pg.port], [pg.base]);
+  const problems = reportProblems(s, found);
+  if (s.reason !== "engine_gone") problems.push(`reason ${s.reason}, not engine_gone`);
+  if (finished?.outcome !== s.outcome)
+    problems.push(`reap.finished says ${finished?.outcome}, the session ${s.outcome}`);
+  const alive = procAlive(backend.id);
+  if (alive && containment === "auto" && s.containment?.kind === "cgroup")
+    problems.push(`backend ${backend.pid} survived the reap of a contained session`);
+  if (alive && durable)
+    problems.push(`backend ${backend.pid} survived, though the durable tree held it: ${JSON.stringify(stored)}`);
+  if (alive && s.outcome !== "partial") problems.push(`outcome ${s.outcome} with backend ${backend.pid} alive`);
+  if (alive && !existsSync(pg.dataDir)) problems.unshift(`${pg.dataDir} was deleted under backend ${backend.pid}`);
+  if (alive && !s.leftovers.some((l) => l.kind === "path" && l.item === pg.base && /^in use/.test(String(l.detail))))
+    problems.push(`no "in use" path leftover for ${pg.base} with backend ${backend.pid} alive in it`);
+  if (alive)
+    // Not asserted here (the remove_ipc todo test above is about it): diagnosed.
+    t.diagnostic(
+      `/dev/shm the live backend maps: ${mapped.map((f) => `${f} (${pathGone(f) ? "REMOVED" : "kept"})`).join(", ")}`,
+    );
+  if (!alive) problems.push(...unreportedIpc(s, user.uid));
+  if (!alive && nothingLeft(found) && s.outcome !== "clean" && unreportedIpc(s, user.uid).length === 0)
+    t.diagnostic(`nothing is left, yet the outcome is ${s.outcome}`);
+  const extra = `before the restart:\n${before}\nbusy backend ${backend.pid}, alive now: ${alive}; in the durable tree: ${durable}\nreaperd (1st):\n${first.output()}\nreaperd (2nd):\n${second.output()}`;
+  assert.deepEqual(problems, [], explain(problems, s, user.uid, extra));
+
+  second.proc.kill("SIGTERM");
+  assert.equal(await within(second.exit, 15_000, "reaperd's second stop"), 0, second.output());
+}
+
+test("reaperd restarted after the postmaster was SIGKILLed while it was down, contained: the backend dies with the cgroup", (t) =>
+  restartAfterSigkill(t, "auto"));
+
+test("reaperd restarted after the postmaster was SIGKILLed while it was down, uncontained: the backend is reaped from the durable tree", (t) =>
+  restartAfterSigkill(t, "none"));
+
+test("reaperd restarted after the postmaster was SIGKILLed while it was down, uncontained, no liveness pass: the backend is reported", (t) =>
+  restartAfterSigkill(t, "none", { livenessPass: false }));
