@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import type { Session } from "../../src/client/index.js";
 import { spawnDaemon, startDaemon, tempDir, testConfig, testUser, until, writeDaemonConfig } from "../helpers.js";
@@ -414,3 +415,117 @@ test("reaperd restarted after the postmaster was SIGKILLed while it was down, un
 
 test("reaperd restarted after the postmaster was SIGKILLed while it was down, uncontained, no liveness pass: the backend is reported", (t) =>
   restartAfterSigkill(t, "none", { livenessPass: false }));
+
+/** A process's CPU time so far (utime + stime, /proc/<pid>/stat fields 14 and 15), in clock ticks. */
+function cpuTicks(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return Number(f[11]) + Number(f[12]);
+  } catch {
+    return null;
+  }
+}
+/** USER_HZ: what /proc/<pid>/stat counts CPU time in. */
+const CLK_TCK = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim()) || 100;
+
+/**
+ * busy_cpu_percent counts the session's CPU as a whole: two clusters, one with a backend in a
+ * CPU loop, one idle; both heartbeat "idle" every second (alive, but not active). With
+ * idle_timeout_sec = 4, the idle one is reaped `idle_timeout` and the busy one stays live: its
+ * postmaster idles, and only its backend's CPU (the cgroup's cpu.stat when contained, the
+ * tracked tree's sum when not) can count as activity. Then it is closed.
+ */
+async function busyCpu(t: TestContext, containment: "auto" | "none"): Promise<void> {
+  const dir = tempDir(t);
+  const idleUser = testUser(t);
+  const busyUser = testUser(t);
+  const d = await startDaemon(
+    t,
+    testConfig(dir, {
+      detect: { liveness_schedule: "* * * * * *" },
+      profiles: { default: { idle_timeout_sec: 4, busy_cpu_percent: 20, containment } },
+    }),
+  );
+  const [idle, busy] = await Promise.all([
+    startPostgres(t, idleUser, { parent: dir }),
+    startPostgres(t, busyUser, { parent: dir }),
+  ]);
+  removeCgroupBaseAfter(t, join(dir, "reaper.db"));
+  const register = async (pg: typeof idle): Promise<Session> => {
+    const r = await d.api<Session>("POST", "/v1/sessions", {
+      engine: { pid: pg.postmasterPid },
+      ports: [pg.port],
+      paths: [pg.base],
+    });
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    return r.body;
+  };
+  const idleS = await register(idle);
+  const busyS = await register(busy);
+  const registeredAt = Date.now();
+  t.diagnostic(`containment: ${JSON.stringify(busyS.containment)}`);
+  if (containment === "none") assert.equal(busyS.containment?.kind, "none");
+  const backend = await busyBackend(busy);
+  const ticks0 = cpuTicks(backend.pid) ?? 0;
+  const t0 = Date.now();
+
+  // Heartbeats "idle" every second, for 8 s after the registration.
+  const answers: Record<string, number[]> = { [idleS.id]: [], [busyS.id]: [] };
+  while (Date.now() - registeredAt < 8_000) {
+    for (const id of [idleS.id, busyS.id]) {
+      const list = answers[id] as number[];
+      if (list.at(-1) === 409) continue; // fenced: reaped, or being reaped
+      list.push((await d.api("POST", `/v1/sessions/${id}/heartbeat`, { activity: "idle" })).status);
+    }
+    await sleep(1_000);
+  }
+  const cpuPercent = (((cpuTicks(backend.pid) ?? 0) - ticks0) / CLK_TCK / ((Date.now() - t0) / 1000)) * 100;
+  const busyNow = (await d.api<Session>("GET", `/v1/sessions/${busyS.id}`)).body;
+  t.diagnostic(`heartbeat answers: ${JSON.stringify(answers)}`);
+  t.diagnostic(
+    `the busy backend's own CPU over the window (/proc): ${cpuPercent.toFixed(0)} %; the busy session: state ${busyNow.state}, lastActivityAt ${busyNow.lastActivityAt} (${((Date.parse(busyNow.lastActivityAt ?? "") - Date.now()) / 1000).toFixed(1)} s from now), deadline ${busyNow.deadline}`,
+  );
+
+  // The idle one: reaped for idleness, and nothing of it left.
+  const idleDone = await d.reaped(idleS.id, 10_000);
+  const idleEnd = (await d.api<Session>("GET", `/v1/sessions/${idleS.id}`)).body;
+  t.diagnostic(`idle: ${summary(idleEnd)}`);
+  assert.equal(idleDone.reason, "idle_timeout", explain([], idleEnd, idleUser.uid));
+  const idleFound = leftBehind(idleUser.uid, [idle.port], [idle.base]);
+  const idleProblems = reportProblems(idleEnd, idleFound);
+  assert.deepEqual(idleProblems, [], explain(idleProblems, idleEnd, idleUser.uid));
+  assert.ok(nothingLeft(idleFound), explain(["something of the idle cluster is left"], idleEnd, idleUser.uid));
+
+  // The busy one: still live, kept so by its backend's CPU alone.
+  assert.ok(cpuPercent > 20, `premise: the busy backend used only ${cpuPercent.toFixed(0)} % of a core (shared host)`);
+  assert.equal(
+    busyNow.state,
+    "live",
+    explain([`the busy session is ${busyNow.state} (${busyNow.reason})`], busyNow, busyUser.uid),
+  );
+  assert.ok(procAlive(busy.postmaster) && procAlive(backend.id), psOf(busyUser.uid));
+  assert.ok(
+    Date.parse(busyNow.lastActivityAt ?? "") > Date.parse(busyS.lastActivityAt ?? "") + 4_000,
+    `the busy session's activity did not move: registered ${busyS.lastActivityAt}, now ${busyNow.lastActivityAt}`,
+  );
+  assert.ok(!(answers[busyS.id] as number[]).some((c) => c !== 200), JSON.stringify(answers));
+
+  // Then it is closed: nothing of it is left either.
+  assert.equal((await d.api("DELETE", `/v1/sessions/${busyS.id}`)).status, 202);
+  const busyDone = await d.reaped(busyS.id, 30_000);
+  const busyEnd = (await d.api<Session>("GET", `/v1/sessions/${busyS.id}`)).body;
+  t.diagnostic(`busy: ${summary(busyEnd)}`);
+  const busyFound = leftBehind(busyUser.uid, [busy.port], [busy.base]);
+  const busyProblems = reportProblems(busyEnd, busyFound);
+  assert.deepEqual(busyProblems, [], explain(busyProblems, busyEnd, busyUser.uid));
+  assert.ok(nothingLeft(busyFound), explain(["something of the busy cluster is left"], busyEnd, busyUser.uid));
+  assert.equal(busyDone.reason, "closed");
+  assert.equal(busyDone.outcome, "clean", explain([], busyEnd, busyUser.uid));
+}
+
+test("busy_cpu_percent, contained: a backend's CPU keeps its session live; the idle cluster's is reaped idle_timeout", (t) =>
+  busyCpu(t, "auto"));
+
+test("busy_cpu_percent, uncontained: a backend's CPU keeps its session live; the idle cluster's is reaped idle_timeout", (t) =>
+  busyCpu(t, "none"));
