@@ -32,6 +32,7 @@ import {
   reportProblems,
   summary,
   startPostgres,
+  type BusyBackend,
   type ProcId,
 } from "./lib.js";
 import { cwdOf, establishedOn, removeCgroupBaseAfter, sleep, socketApi, unreportedIpc } from "./checks.js";
@@ -430,105 +431,119 @@ function cpuTicks(pid: number): number | null {
 const CLK_TCK = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim()) || 100;
 
 /**
- * busy_cpu_percent counts the session's CPU as a whole: two clusters, one with a backend in a
- * CPU loop, one idle; both heartbeat "idle" every second (alive, but not active). With
- * idle_timeout_sec = 4, the idle one is reaped `idle_timeout` and the busy one stays live: its
- * postmaster idles, and only its backend's CPU (the cgroup's cpu.stat when contained, the
- * tracked tree's sum when not) can count as activity. Then it is closed.
+ * busy_cpu_percent counts the session's CPU as a whole. For each way of counting it (contained:
+ * the session cgroup's cpu.stat; uncontained, profile `uncontained`: the sum over the tracked
+ * tree), two clusters, one with a backend in a CPU loop, one idle, each run by a user of its own;
+ * every session heartbeats "idle" every second (alive, but not active). With idle_timeout_sec
+ * = 4, the idle ones are reaped `idle_timeout` and the busy ones stay live: their postmasters
+ * idle, and only their backend's CPU (born after the registration) can count as activity. Then
+ * they are closed. One daemon and one 8 s window for both: the four clusters run side by side.
  */
-async function busyCpu(t: TestContext, containment: "auto" | "none"): Promise<void> {
+test("busy_cpu_percent, contained and not: a backend's CPU keeps its session live; the idle cluster's is reaped idle_timeout", async (t) => {
   const dir = tempDir(t);
-  const idleUser = testUser(t);
-  const busyUser = testUser(t);
   const d = await startDaemon(
     t,
     testConfig(dir, {
       detect: { liveness_schedule: "* * * * * *" },
-      profiles: { default: { idle_timeout_sec: 4, busy_cpu_percent: 20, containment } },
+      profiles: {
+        default: { idle_timeout_sec: 4, busy_cpu_percent: 20 },
+        uncontained: { containment: "none" },
+      },
     }),
   );
-  const [idle, busy] = await Promise.all([
-    startPostgres(t, idleUser, { parent: dir }),
-    startPostgres(t, busyUser, { parent: dir }),
-  ]);
+  const kinds = [
+    { profile: "default", containment: "cgroup" },
+    { profile: "uncontained", containment: "none" },
+  ] as const;
+  const clusters = await Promise.all(
+    kinds.flatMap(({ profile }) =>
+      (["idle", "busy"] as const).map(async (role) => {
+        const user = testUser(t);
+        return { profile, role, user, pg: await startPostgres(t, user, { parent: dir }) };
+      }),
+    ),
+  );
   removeCgroupBaseAfter(t, join(dir, "reaper.db"));
-  const register = async (pg: typeof idle): Promise<Session> => {
+  const sessions = [];
+  for (const c of clusters) {
     const r = await d.api<Session>("POST", "/v1/sessions", {
-      engine: { pid: pg.postmasterPid },
-      ports: [pg.port],
-      paths: [pg.base],
+      profile: c.profile,
+      engine: { pid: c.pg.postmasterPid },
+      ports: [c.pg.port],
+      paths: [c.pg.base],
     });
     assert.equal(r.status, 201, JSON.stringify(r.body));
-    return r.body;
-  };
-  const idleS = await register(idle);
-  const busyS = await register(busy);
+    const kind = kinds.find((k) => k.profile === c.profile)?.containment;
+    assert.equal(r.body.containment?.kind, kind, `${c.profile}: ${JSON.stringify(r.body.containment)}`);
+    sessions.push({ ...c, s: r.body, answers: [] as number[] });
+  }
   const registeredAt = Date.now();
-  t.diagnostic(`containment: ${JSON.stringify(busyS.containment)}`);
-  if (containment === "none") assert.equal(busyS.containment?.kind, "none");
-  const backend = await busyBackend(busy);
-  const ticks0 = cpuTicks(backend.pid) ?? 0;
+  const backends = new Map<string, { backend: BusyBackend; ticks0: number }>();
+  for (const x of sessions.filter((x) => x.role === "busy")) {
+    const backend = await busyBackend(x.pg);
+    backends.set(x.s.id, { backend, ticks0: cpuTicks(backend.pid) ?? 0 });
+  }
   const t0 = Date.now();
 
-  // Heartbeats "idle" every second, for 8 s after the registration.
-  const answers: Record<string, number[]> = { [idleS.id]: [], [busyS.id]: [] };
+  // Heartbeats "idle" every second, for 8 s after the registrations.
   while (Date.now() - registeredAt < 8_000) {
-    for (const id of [idleS.id, busyS.id]) {
-      const list = answers[id] as number[];
-      if (list.at(-1) === 409) continue; // fenced: reaped, or being reaped
-      list.push((await d.api("POST", `/v1/sessions/${id}/heartbeat`, { activity: "idle" })).status);
+    for (const x of sessions) {
+      if (x.answers.at(-1) === 409) continue; // fenced: reaped, or being reaped
+      x.answers.push((await d.api("POST", `/v1/sessions/${x.s.id}/heartbeat`, { activity: "idle" })).status);
     }
     await sleep(1_000);
   }
-  const cpuPercent = (((cpuTicks(backend.pid) ?? 0) - ticks0) / CLK_TCK / ((Date.now() - t0) / 1000)) * 100;
-  const busyNow = (await d.api<Session>("GET", `/v1/sessions/${busyS.id}`)).body;
-  t.diagnostic(`heartbeat answers: ${JSON.stringify(answers)}`);
-  t.diagnostic(
-    `the busy backend's own CPU over the window (/proc): ${cpuPercent.toFixed(0)} %; the busy session: state ${busyNow.state}, lastActivityAt ${busyNow.lastActivityAt} (${((Date.parse(busyNow.lastActivityAt ?? "") - Date.now()) / 1000).toFixed(1)} s from now), deadline ${busyNow.deadline}`,
-  );
+  const seconds = (Date.now() - t0) / 1000;
+  const now = new Map<string, Session>();
+  for (const x of sessions) now.set(x.s.id, (await d.api<Session>("GET", `/v1/sessions/${x.s.id}`)).body);
 
-  // The idle one: reaped for idleness, and nothing of it left.
-  const idleDone = await d.reaped(idleS.id, 10_000);
-  const idleEnd = (await d.api<Session>("GET", `/v1/sessions/${idleS.id}`)).body;
-  t.diagnostic(`idle: ${summary(idleEnd)}`);
-  assert.equal(idleDone.reason, "idle_timeout", explain([], idleEnd, idleUser.uid));
-  const idleFound = leftBehind(idleUser.uid, [idle.port], [idle.base]);
-  const idleProblems = reportProblems(idleEnd, idleFound);
-  assert.deepEqual(idleProblems, [], explain(idleProblems, idleEnd, idleUser.uid));
-  assert.ok(nothingLeft(idleFound), explain(["something of the idle cluster is left"], idleEnd, idleUser.uid));
+  for (const x of sessions) {
+    const name = `${x.profile}/${x.role}`;
+    const cur = now.get(x.s.id) as Session;
+    t.diagnostic(
+      `${name}: heartbeats ${JSON.stringify(x.answers)}; at 8 s: state ${cur.state} ${cur.reason ?? ""}, lastActivityAt ${cur.lastActivityAt} (${((Date.parse(cur.lastActivityAt ?? "") - registeredAt) / 1000).toFixed(1)} s after the registrations)`,
+    );
+    if (x.role === "idle") {
+      // Reaped for idleness, and nothing of it left.
+      const done = await d.reaped(x.s.id, 10_000);
+      const end = (await d.api<Session>("GET", `/v1/sessions/${x.s.id}`)).body;
+      t.diagnostic(`${name}: ${summary(end)}`);
+      assert.equal(done.reason, "idle_timeout", explain([name], end, x.user.uid));
+      const found = leftBehind(x.user.uid, [x.pg.port], [x.pg.base]);
+      const problems = reportProblems(end, found);
+      assert.deepEqual(problems, [], explain([name, ...problems], end, x.user.uid));
+      assert.ok(nothingLeft(found), explain([`${name}: something is left`], end, x.user.uid));
+    } else {
+      // Still live, kept so by its backend's CPU alone.
+      const { backend, ticks0 } = backends.get(x.s.id) as { backend: BusyBackend; ticks0: number };
+      const cpu = (((cpuTicks(backend.pid) ?? 0) - ticks0) / CLK_TCK / seconds) * 100;
+      t.diagnostic(`${name}: the backend's own CPU over the window (/proc): ${cpu.toFixed(0)} % of a core`);
+      assert.ok(cpu > 20, `premise: ${name}'s backend used only ${cpu.toFixed(0)} % of a core (a shared host)`);
+      assert.equal(cur.state, "live", explain([`${name} is ${cur.state} (${cur.reason})`], cur, x.user.uid));
+      assert.ok(procAlive(x.pg.postmaster) && procAlive(backend.id), psOf(x.user.uid));
+      assert.ok(
+        Date.parse(cur.lastActivityAt ?? "") > Date.parse(x.s.lastActivityAt ?? "") + 4_000,
+        `${name}: its activity did not move: registered ${x.s.lastActivityAt}, now ${cur.lastActivityAt}`,
+      );
+      assert.ok(!x.answers.some((c) => c !== 200), `${name}: heartbeats answered ${JSON.stringify(x.answers)}`);
+    }
+  }
 
-  // The busy one: still live, kept so by its backend's CPU alone.
-  assert.ok(cpuPercent > 20, `premise: the busy backend used only ${cpuPercent.toFixed(0)} % of a core (shared host)`);
-  assert.equal(
-    busyNow.state,
-    "live",
-    explain([`the busy session is ${busyNow.state} (${busyNow.reason})`], busyNow, busyUser.uid),
-  );
-  assert.ok(procAlive(busy.postmaster) && procAlive(backend.id), psOf(busyUser.uid));
-  assert.ok(
-    Date.parse(busyNow.lastActivityAt ?? "") > Date.parse(busyS.lastActivityAt ?? "") + 4_000,
-    `the busy session's activity did not move: registered ${busyS.lastActivityAt}, now ${busyNow.lastActivityAt}`,
-  );
-  assert.ok(!(answers[busyS.id] as number[]).some((c) => c !== 200), JSON.stringify(answers));
-
-  // Then it is closed: nothing of it is left either.
-  assert.equal((await d.api("DELETE", `/v1/sessions/${busyS.id}`)).status, 202);
-  const busyDone = await d.reaped(busyS.id, 30_000);
-  const busyEnd = (await d.api<Session>("GET", `/v1/sessions/${busyS.id}`)).body;
-  t.diagnostic(`busy: ${summary(busyEnd)}`);
-  const busyFound = leftBehind(busyUser.uid, [busy.port], [busy.base]);
-  const busyProblems = reportProblems(busyEnd, busyFound);
-  assert.deepEqual(busyProblems, [], explain(busyProblems, busyEnd, busyUser.uid));
-  assert.ok(nothingLeft(busyFound), explain(["something of the busy cluster is left"], busyEnd, busyUser.uid));
-  assert.equal(busyDone.reason, "closed");
-  assert.equal(busyDone.outcome, "clean", explain([], busyEnd, busyUser.uid));
-}
-
-test("busy_cpu_percent, contained: a backend's CPU keeps its session live; the idle cluster's is reaped idle_timeout", (t) =>
-  busyCpu(t, "auto"));
-
-test("busy_cpu_percent, uncontained: a backend's CPU keeps its session live; the idle cluster's is reaped idle_timeout", (t) =>
-  busyCpu(t, "none"));
+  // Then the busy ones are closed: nothing of them is left either.
+  for (const x of sessions.filter((x) => x.role === "busy")) {
+    const name = `${x.profile}/${x.role}`;
+    assert.equal((await d.api("DELETE", `/v1/sessions/${x.s.id}`)).status, 202);
+    const done = await d.reaped(x.s.id, 30_000);
+    const end = (await d.api<Session>("GET", `/v1/sessions/${x.s.id}`)).body;
+    t.diagnostic(`${name}: ${summary(end)}`);
+    const found = leftBehind(x.user.uid, [x.pg.port], [x.pg.base]);
+    const problems = reportProblems(end, found);
+    assert.deepEqual(problems, [], explain([name, ...problems], end, x.user.uid));
+    assert.ok(nothingLeft(found), explain([`${name}: something is left`], end, x.user.uid));
+    assert.equal(done.reason, "closed");
+    assert.equal(done.outcome, "clean", explain([name], end, x.user.uid));
+  }
+});
 
 /**
  * Two clusters of one user (one `postgres` account, several clusters, as on any host): the
