@@ -96,17 +96,22 @@ export function removeCgroupBaseAfter(t: After, db: string): void {
 }
 
 /**
- * The PostgreSQL IPC objects of `uid` still present (SysV shm, /dev/shm/PostgreSQL.*) that no
- * `ipc` leftover of the session names (`sysv_shm <id>`, `posix_shm <file>`).
+ * The PostgreSQL IPC objects of `uid` still present that no `ipc` leftover of the session names
+ * (`sysv_shm <id>`, `posix_shm <file>`): the SysV segment (the daemon matches it by creator
+ * pid), and with `posix` the /dev/shm/PostgreSQL.* files too (the daemon matches those by owner
+ * and birth time, since the registration less 1 s: a cluster registered later than that after
+ * its start has its segments never looked at; see the todo test in postgres.test.ts).
  */
-export function unreportedIpc(s: Pick<Session, "leftovers">, uid: number): string[] {
+export function unreportedIpc(s: Pick<Session, "leftovers">, uid: number, opts: { posix: boolean }): string[] {
   const named = (item: string): boolean => s.leftovers.some((l) => l.kind === "ipc" && l.item === item);
   const { shmids, files } = postgresIpcOf(uid);
   return [
     ...shmids
       .filter((id) => !named(`sysv_shm ${id}`))
       .map((id) => `SysV shm ${id} of uid ${uid} is left and unreported`),
-    ...files.filter((f) => !named(`posix_shm ${f}`)).map((f) => `${f} of uid ${uid} is left and unreported`),
+    ...(opts.posix ? files : [])
+      .filter((f) => !named(`posix_shm ${f}`))
+      .map((f) => `${f} of uid ${uid} is left and unreported`),
   ];
 }
 
