@@ -218,6 +218,7 @@ async function uncontainedSigkill(t: TestContext, removeIpc: boolean): Promise<v
     }),
   );
   const pg = await startPostgres(t, user, { parent: dir });
+  removeCgroupBaseAfter(t, join(dir, "reaper.db")); // made at the daemon's start, even if unused
   const reg = await d.api<Session>("POST", "/v1/sessions", {
     engine: { pid: pg.postmasterPid },
     ports: [pg.port],

@@ -4,6 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { readdirSync } from "node:fs";
+import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import type { Session } from "../../src/client/index.js";
 import { startDaemon, tempDir, testConfig, testUser } from "../helpers.js";
@@ -20,7 +21,7 @@ import {
   summary,
   startRedis,
 } from "./lib.js";
-import { NO_LIVENESS_PASS } from "./checks.js";
+import { NO_LIVENESS_PASS, removeCgroupBaseAfter } from "./checks.js";
 
 test("DELETE of a redis session with a BGSAVE in flight: child included, nothing is left", async (t) => {
   const dir = tempDir(t);
@@ -73,6 +74,7 @@ async function uncontainedBgsave(t: TestContext, end: "delete" | "sigkill"): Pro
     }),
   );
   const redis = await startRedis(t, user, { parent: dir });
+  removeCgroupBaseAfter(t, join(dir, "reaper.db")); // made at the daemon's start, even if unused
   const reg = await d.api<Session>("POST", "/v1/sessions", {
     engine: { pid: redis.pid },
     ports: [redis.port],
