@@ -1,6 +1,6 @@
 import { execFileSync, spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createHash, randomBytes } from "node:crypto";
+import { mkdtempSync, readFileSync, readdirSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -11,6 +11,7 @@ import type { Clock } from "../src/clock.js";
 import { buildConfig, type Config } from "../src/config/load.js";
 import { Daemon } from "../src/daemon/daemon.js";
 import { mountPoints } from "../src/paths/validate.js";
+import { cgroup2Mount } from "../src/proc/cgroup.js";
 import { readStat, isExited } from "../src/proc/stat.js";
 import { NOT_YET_REAPED, type Session } from "../src/sessions/types.js";
 
@@ -81,6 +82,7 @@ export async function startDaemon(
     if (daemon.state !== "stopped") await daemon.stop();
   };
   t.after(stop);
+  removeCgroupBaseAfter(t, config.store.path); // after the stop (hooks run in order)
   const waitFor = (pred: (e: RecordedAuditEvent) => boolean, timeoutMs = 15_000): Promise<RecordedAuditEvent> => {
     const found = seen.find(pred);
     if (found) return Promise.resolve(found);
@@ -213,6 +215,9 @@ export async function spawnDaemon(
   proc.stderr?.setEncoding("utf8").on("data", (d: string) => (out += d));
   const exit = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
   t.after(() => void proc.kill("SIGKILL"));
+  // The database this daemon runs on (written by writeDaemonConfig): its cgroup base goes after the test.
+  const db = /^path = "(.*)"$/m.exec(readFileSync(configFile, "utf8"))?.[1];
+  if (db !== undefined) removeCgroupBaseAfter(t, db);
   await until(
     async () => {
       if (proc.exitCode !== null) throw new Error(`reaperd exited with ${proc.exitCode}: ${out}`);
@@ -363,4 +368,38 @@ export function storedSession(id: string, over: Partial<Session> = {}, t0 = Date
     containment: null,
     ...over,
   };
+}
+
+/**
+ * After the test: removes the empty session cgroups a daemon on this database made (sessions
+ * still live when a test daemon stops keep theirs, as in production, for the next start),
+ * and the daemon's own base (`session-reaper/<hash of the database path>` at the cgroup v2
+ * root), so that runs do not pile up directories in the host's cgroup tree.
+ */
+export function removeCgroupBaseAfter(t: { after: (fn: () => void) => void }, db: string): void {
+  t.after(() => {
+    const mount = cgroup2Mount();
+    if (mount === null) return;
+    const base = join(mount, "session-reaper", createHash("sha256").update(db).digest("hex").slice(0, 8));
+    let names: string[] = [];
+    try {
+      names = readdirSync(base, { withFileTypes: true })
+        .filter((e) => e.isDirectory())
+        .map((e) => e.name);
+    } catch {
+      return; // never made
+    }
+    for (const n of names) {
+      try {
+        rmdirSync(join(base, n));
+      } catch {
+        // populated: left for the next run to see
+      }
+    }
+    try {
+      rmdirSync(base);
+    } catch {
+      // not empty
+    }
+  });
 }

@@ -5,15 +5,11 @@
  * Nothing here uses the daemon's own checks: /proc, `ss` and the file system only.
  */
 import { spawnSync } from "node:child_process";
-import { createHash } from "node:crypto";
-import { readFileSync, readdirSync, readlinkSync, rmdirSync } from "node:fs";
-import { join } from "node:path";
+import { readlinkSync } from "node:fs";
 import type { Session } from "../../src/client/index.js";
 import { callApi, type ApiResponse } from "../../src/cli/client.js";
 import { until } from "../helpers.js";
 import { postgresIpcOf } from "./lib.js";
-
-type After = { after: (fn: () => void | Promise<void>) => void };
 
 /**
  * No periodic liveness pass during the test (once a year): its tree snapshot would see a
@@ -48,52 +44,7 @@ export function establishedOn(port: number): { pid: number; comm: string; line: 
   return out;
 }
 
-/** The cgroup v2 hierarchy's mount point (pure or hybrid), from /proc/self/mounts. */
-function cgroup2Mount(): string | null {
-  try {
-    for (const line of readFileSync("/proc/self/mounts", "utf8").split("\n")) {
-      const f = line.split(" ");
-      if (f[2] === "cgroup2" && f[1] !== undefined) return f[1];
-    }
-  } catch {
-    // no /proc/self/mounts
-  }
-  return null;
-}
-
-/**
- * The dir a daemon outside systemd makes for the sessions of database `db` (README: "as root
- * `/session-reaper/<hash of the database path>/` at the cgroup v2 root"): removed when the test
- * ends, with the (empty) session cgroups left in it. Register this after everything the test
- * starts, so it runs once they are stopped; a cgroup still populated is left (rmdir refuses).
- */
-export function removeCgroupBaseAfter(t: After, db: string): void {
-  t.after(() => {
-    const mount = cgroup2Mount();
-    if (mount === null) return;
-    const base = join(mount, "session-reaper", createHash("sha256").update(db).digest("hex").slice(0, 8));
-    let names: string[] = [];
-    try {
-      names = readdirSync(base, { withFileTypes: true })
-        .filter((e) => e.isDirectory())
-        .map((e) => e.name);
-    } catch {
-      return; // never made
-    }
-    for (const n of names) {
-      try {
-        rmdirSync(join(base, n));
-      } catch {
-        // populated: left for the reader of the next run to see
-      }
-    }
-    try {
-      rmdirSync(base);
-    } catch {
-      // not empty
-    }
-  });
-}
+export { removeCgroupBaseAfter } from "../helpers.js";
 
 /**
  * The PostgreSQL IPC objects of `uid` still present that no `ipc` leftover of the session names

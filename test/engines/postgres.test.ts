@@ -284,15 +284,8 @@ async function uncontainedSigkill(t: TestContext, removeIpc: boolean): Promise<v
 test("uncontained, postmaster SIGKILLed 0.3 s into a backend's CPU loop: the backend is reported, its data dir kept", (t) =>
   uncontainedSigkill(t, false));
 
-test(
-  "uncontained, remove_ipc, postmaster SIGKILLed: the /dev/shm segments the surviving backend maps are kept",
-  {
-    todo:
-      "daemon: ipcLeftovers matches POSIX shm by owner and birth time only (no mapping check, unlike SysV's nattch), " +
-      "so remove-paths unlinks /dev/shm/PostgreSQL.* that the live backend still maps",
-  },
-  (t) => uncontainedSigkill(t, true),
-);
+test("uncontained, remove_ipc, postmaster SIGKILLed: the /dev/shm segments the surviving backend maps are kept", (t) =>
+  uncontainedSigkill(t, true));
 
 /** The tree the daemon last made durable for a session (read with sqlite3; the daemon may be running). */
 function storedTree(db: string, id: string): { pid: number; startTime: number }[] | null {
@@ -396,13 +389,12 @@ async function restartAfterSigkill(
   if (alive && !s.leftovers.some((l) => l.kind === "path" && l.item === pg.base && /^in use/.test(String(l.detail))))
     problems.push(`no "in use" path leftover for ${pg.base} with backend ${backend.pid} alive in it`);
   if (alive)
-    // Not asserted here (the remove_ipc todo test above is about it): diagnosed.
+    // Asserted by the uncontained remove_ipc test above; diagnosed here.
     t.diagnostic(
       `/dev/shm the live backend maps: ${mapped.map((f) => `${f} (${pathGone(f) ? "REMOVED" : "kept"})`).join(", ")}`,
     );
-  // SysV only: the /dev/shm files are matched by birth time, and the registration here comes
-  // more or less than 1 s after the postmaster's start (the todo test below is about them).
-  if (!alive) problems.push(...unreportedIpc(s, user.uid, { posix: false }));
+  // Every IPC object left must be removed (remove_ipc) or reported.
+  if (!alive) problems.push(...unreportedIpc(s, user.uid, { posix: true }));
   t.diagnostic(`PostgreSQL IPC of the user now: ${JSON.stringify(postgresIpcOf(user.uid))}`);
   const extra = `before the restart:\n${before}\nbusy backend ${backend.pid}, alive now: ${alive}; in the durable tree: ${durable}\nreaperd (1st):\n${first.output()}\nreaperd (2nd):\n${second.output()}`;
   assert.deepEqual(problems, [], explain(problems, s, user.uid, extra));
@@ -601,25 +593,11 @@ async function twoClustersOneUser(t: TestContext, removeIpc: boolean): Promise<v
   assert.deepEqual(problems, [], explain(problems, s, user.uid));
 }
 
-test(
-  "two clusters of one user: closing one does not report the other's /dev/shm as its leftovers",
-  {
-    todo:
-      "daemon: ipcLeftovers takes every /dev/shm file of the engine's uid born since the registration: the other " +
-      "live cluster's segments are reported as this session's (outcome partial)",
-  },
-  (t) => twoClustersOneUser(t, false),
-);
+test("two clusters of one user: closing one does not report the other's /dev/shm as its leftovers", (t) =>
+  twoClustersOneUser(t, false));
 
-test(
-  "two clusters of one user, remove_ipc: closing one leaves the other's /dev/shm, and the other keeps working",
-  {
-    todo:
-      "daemon: with remove_ipc, the other live cluster's /dev/shm segments are unlinked (no mapping check): it then " +
-      'refuses every new connection (FATAL: could not open shared memory segment "/PostgreSQL.N"), and the outcome is clean',
-  },
-  (t) => twoClustersOneUser(t, true),
-);
+test("two clusters of one user, remove_ipc: closing one leaves the other's /dev/shm, and the other keeps working", (t) =>
+  twoClustersOneUser(t, true));
 
 /**
  * A cluster registered a while after its start (as `POST /v1/sessions` with an existing pid
@@ -627,40 +605,32 @@ test(
  * files. Each must be removed (`remove_ipc`) or reported; an outcome of `clean` with them left
  * is a lie.
  */
-test(
-  "postmaster registered 2 s after its start, then SIGKILLed, remove_ipc: its /dev/shm segments are removed or reported",
-  {
-    todo:
-      "daemon: POSIX shm is matched by birth time since the registration (less 1 s): segments the postmaster " +
-      "made at its start are never looked at, stay in /dev/shm, and the outcome is clean",
-  },
-  async (t) => {
-    const dir = tempDir(t);
-    const user = testUser(t);
-    const d = await startDaemon(t, testConfig(dir, { profiles: { default: { remove_ipc: true } } }));
-    const pg = await startPostgres(t, user, { parent: dir });
-    removeCgroupBaseAfter(t, join(dir, "reaper.db"));
-    await sleep(2_000);
-    const reg = await d.api<Session>("POST", "/v1/sessions", {
-      engine: { pid: pg.postmasterPid },
-      ports: [pg.port],
-      paths: [pg.base],
-    });
-    assert.equal(reg.status, 201, JSON.stringify(reg.body));
-    const id = reg.body.id;
-    const ipc = postgresIpcOf(user.uid);
-    t.diagnostic(`PostgreSQL IPC of the user at the SIGKILL: ${JSON.stringify(ipc)}`);
-    assert.ok(ipc.files.length > 0 && ipc.shmids.length > 0, "premise: the postmaster has SysV and POSIX segments");
-    process.kill(pg.postmasterPid, "SIGKILL");
-    const finished = await d.reaped(id, 30_000);
-    const s = (await d.api<Session>("GET", `/v1/sessions/${id}`)).body;
-    t.diagnostic(summary(s));
-    t.diagnostic(`remove-paths ipc: ${JSON.stringify(s.steps?.find((x) => x.name === "remove-paths")?.detail.ipc)}`);
-    const found = leftBehind(user.uid, [pg.port], [pg.base]);
-    const problems = [...reportProblems(s, found), ...unreportedIpc(s, user.uid, { posix: true })];
-    const left = postgresIpcOf(user.uid);
-    if (finished.outcome === "clean" && left.files.length + left.shmids.length > 0)
-      problems.push(`the outcome is "clean" with ${JSON.stringify(left)} left`);
-    assert.deepEqual(problems, [], explain(problems, s, user.uid));
-  },
-);
+test("postmaster registered 2 s after its start, then SIGKILLed, remove_ipc: its /dev/shm segments are removed or reported", async (t) => {
+  const dir = tempDir(t);
+  const user = testUser(t);
+  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { remove_ipc: true } } }));
+  const pg = await startPostgres(t, user, { parent: dir });
+  removeCgroupBaseAfter(t, join(dir, "reaper.db"));
+  await sleep(2_000);
+  const reg = await d.api<Session>("POST", "/v1/sessions", {
+    engine: { pid: pg.postmasterPid },
+    ports: [pg.port],
+    paths: [pg.base],
+  });
+  assert.equal(reg.status, 201, JSON.stringify(reg.body));
+  const id = reg.body.id;
+  const ipc = postgresIpcOf(user.uid);
+  t.diagnostic(`PostgreSQL IPC of the user at the SIGKILL: ${JSON.stringify(ipc)}`);
+  assert.ok(ipc.files.length > 0 && ipc.shmids.length > 0, "premise: the postmaster has SysV and POSIX segments");
+  process.kill(pg.postmasterPid, "SIGKILL");
+  const finished = await d.reaped(id, 30_000);
+  const s = (await d.api<Session>("GET", `/v1/sessions/${id}`)).body;
+  t.diagnostic(summary(s));
+  t.diagnostic(`remove-paths ipc: ${JSON.stringify(s.steps?.find((x) => x.name === "remove-paths")?.detail.ipc)}`);
+  const found = leftBehind(user.uid, [pg.port], [pg.base]);
+  const problems = [...reportProblems(s, found), ...unreportedIpc(s, user.uid, { posix: true })];
+  const left = postgresIpcOf(user.uid);
+  if (finished.outcome === "clean" && left.files.length + left.shmids.length > 0)
+    problems.push(`the outcome is "clean" with ${JSON.stringify(left)} left`);
+  assert.deepEqual(problems, [], explain(problems, s, user.uid));
+});
