@@ -5,7 +5,7 @@ import type { Logger } from "pino";
 import type { Containment, ProcessIdentity } from "../sessions/types.js";
 import { cgroup2Mount, cgroupOf, cgroupPids, ownCgroup } from "./cgroup.js";
 import { liveness } from "./identity.js";
-import { ProcessTable } from "./tree.js";
+import { childrenOf } from "./tree.js";
 
 export type { Containment };
 
@@ -106,18 +106,19 @@ export class SessionCgroups {
     const from = cgroupOf(engine.pid);
     if (from !== null) this.origins.set(dir, from);
     const moved = new Set<string>();
-    let known: readonly ProcessIdentity[] = tree;
+    // The tree as seen at registration first; then, round after round, the children of what
+    // was moved (/proc/<pid>/task/*/children: forked before its parent's move, so born
+    // outside), until a round finds none. A child forked after its parent's move is born
+    // inside. No walk of the whole /proc per round.
+    let fresh: readonly ProcessIdentity[] = tree.length > 0 ? tree : [engine];
     try {
-      for (let round = 0; round < MOVE_ROUNDS; round++) {
-        const now = new ProcessTable().tree(engine, known);
-        const fresh = now.filter((p) => !moved.has(`${p.pid}:${p.startTime}`));
-        if (fresh.length === 0) break;
+      for (let round = 0; round < MOVE_ROUNDS && fresh.length > 0; round++) {
         for (const p of fresh) {
           moved.add(`${p.pid}:${p.startTime}`);
           if (onlyUid !== undefined && p.uid !== onlyUid) continue;
           moveInto(dir, p);
         }
-        known = now;
+        fresh = fresh.flatMap((p) => childrenOf(p)).filter((c) => !moved.has(`${c.pid}:${c.startTime}`));
       }
       if (!cgroupPids(dir).includes(engine.pid)) throw new Error(`the engine (pid ${engine.pid}) could not be moved`);
     } catch (err) {

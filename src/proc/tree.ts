@@ -1,6 +1,7 @@
+import { readFileSync, readdirSync } from "node:fs";
 import type { ProcessIdentity } from "../sessions/types.js";
 import { bootId } from "./identity.js";
-import { isExited, isKernelThread, listStats, readUid, type ProcStat } from "./stat.js";
+import { isExited, isKernelThread, listStats, readStat, readUid, type ProcStat } from "./stat.js";
 
 /**
  * One snapshot of /proc, indexed by pid and parent pid: a single walk of /proc serves the
@@ -81,4 +82,52 @@ export class ProcessTable {
 /** A fresh snapshot's tree for one engine. */
 export function processTree(engine: ProcessIdentity, known: readonly ProcessIdentity[] = []): ProcessIdentity[] {
   return new ProcessTable().tree(engine, known);
+}
+
+/** The live children of a process (every thread's children file under /proc/<pid>/task); none if it is gone. */
+export function childrenOf(p: ProcessIdentity): ProcessIdentity[] {
+  const out: ProcessIdentity[] = [];
+  let tasks: string[] = [];
+  try {
+    tasks = readdirSync(`/proc/${p.pid}/task`);
+  } catch {
+    return out;
+  }
+  for (const tid of tasks) {
+    let text = "";
+    try {
+      text = readFileSync(`/proc/${p.pid}/task/${tid}/children`, "latin1");
+    } catch {
+      continue;
+    }
+    for (const c of text.split(" ")) {
+      const pid = Number(c);
+      if (!Number.isInteger(pid) || pid <= 1) continue;
+      const st = readStat(pid);
+      const uid = readUid(pid);
+      if (st !== null && uid !== null && st.ppid === p.pid && !isExited(st)) {
+        out.push({ pid, startTime: st.startTime, bootId: p.bootId, uid });
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * The engine and its descendants, by each process's own children lists: what registration
+ * needs (a daemonizing launcher's server is a descendant until the launcher exits), without a
+ * walk of the whole /proc (the liveness pass's full snapshot adds group and session members
+ * that are not descendants, rare, within two seconds).
+ */
+export function descendantTree(engine: ProcessIdentity): ProcessIdentity[] {
+  const out = new Map<number, ProcessIdentity>([[engine.pid, engine]]);
+  const queue = [engine];
+  while (queue.length > 0 && out.size < 100_000) {
+    for (const c of childrenOf(queue.pop() as ProcessIdentity)) {
+      if (out.has(c.pid)) continue;
+      out.set(c.pid, c);
+      queue.push(c);
+    }
+  }
+  return [...out.values()];
 }

@@ -14,7 +14,7 @@ import type { ListQuery, RegisterBody } from "../http/schemas.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
 import { heldOf, inetSockets } from "../proc/sockets.js";
-import { processTree } from "../proc/tree.js";
+import { descendantTree, processTree } from "../proc/tree.js";
 import { checkPath } from "../paths/validate.js";
 import type { Reaper } from "../reaper/reaper.js";
 import type { Store } from "../store/store.js";
@@ -116,7 +116,7 @@ export class Sessions {
     }
     // The tree seen now is the session's from the start (a daemonizing launcher's children
     // included), journaled with its row; containment moves all of it into the session's cgroup.
-    const tree = processTree(engine);
+    const tree = descendantTree(engine);
     const containment = this.contain(id, profile, engine, tree, caller.admin ? undefined : engine.uid);
     // Committed first, then admitted: a failed commit (SR_STORE_UNAVAILABLE) leaves nothing
     // in memory, and nothing after the commit can fail (the audit line never throws).
