@@ -29,6 +29,25 @@ export interface UseQuery {
 /** Processes looked at between two yields to the event loop (about a millisecond's work). */
 const YIELD_EVERY = 8;
 
+/** Every pid in /proc but `skip`, yielding to the event loop every YIELD_EVERY of them. */
+async function* everyPid(skip?: ReadonlySet<number>): AsyncGenerator<number> {
+  let names: string[];
+  try {
+    names = readdirSync("/proc");
+  } catch {
+    return;
+  }
+  let looked = 0;
+  for (const name of names) {
+    const c = name.charCodeAt(0);
+    if (c < 48 || c > 57) continue;
+    const pid = Number(name);
+    if (skip?.has(pid)) continue;
+    if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
+    yield pid;
+  }
+}
+
 const under = (target: string, root: string): boolean =>
   target === root || (target.startsWith(root) && target.charCodeAt(root.length) === 47); /* / */
 
@@ -51,19 +70,7 @@ export async function processUses(q: UseQuery): Promise<ProcessUse[]> {
   if (paths.length === 0 && needle === null && sockets.size === 0) return [];
   const usesPath = (target: string): string | undefined => paths.find((p) => under(target, p));
   const out: ProcessUse[] = [];
-  let names: string[];
-  try {
-    names = readdirSync("/proc");
-  } catch {
-    return out;
-  }
-  let looked = 0;
-  for (const name of names) {
-    const c = name.charCodeAt(0);
-    if (c < 48 || c > 57) continue;
-    const pid = Number(name);
-    if (q.skip?.has(pid)) continue;
-    if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
+  for await (const pid of everyPid(q.skip)) {
     const reasons = fileUses(pid, paths.length > 0 ? usesPath : null, sockets);
     if (needle !== null && carries(pid, needle)) reasons.unshift("cookie");
     if (reasons.length === 0) continue;
@@ -163,17 +170,7 @@ function fileUses(
 export async function filesInUse(files: ReadonlySet<string>): Promise<Set<string>> {
   const used = new Set<string>();
   if (files.size === 0) return used;
-  let names: string[];
-  try {
-    names = readdirSync("/proc");
-  } catch {
-    return used;
-  }
-  let looked = 0;
-  for (const name of names) {
-    const c = name.charCodeAt(0);
-    if (c < 48 || c > 57) continue;
-    if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
+  for await (const name of everyPid()) {
     let fds: string[] = [];
     try {
       fds = readdirSync(`/proc/${name}/fd`);
