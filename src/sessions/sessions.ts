@@ -114,6 +114,13 @@ export class Sessions {
     if (store.getSession(id) !== undefined) {
       throw new ReaperError("SR_SESSION_EXISTS", `a session with id "${id}" already exists`);
     }
+    // Before anything is moved into a cgroup: the commit would fail anyway.
+    if (!store.available) {
+      throw new ReaperError(
+        "SR_STORE_UNAVAILABLE",
+        `the database cannot commit now (${store.lastFault ?? "?"}); retry later`,
+      );
+    }
     // The tree seen now is the session's from the start (a daemonizing launcher's children
     // included), journaled with its row; containment moves all of it into the session's cgroup.
     const tree = descendantTree(engine);
