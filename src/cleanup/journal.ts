@@ -6,7 +6,7 @@ import type { ProcessIdentity, StepName, StepResult } from "../sessions/types.js
  * The step journal's protocol: what each step writes into its `detail` that a later step (or
  * a resumed pipeline, after a restart) reads back. One type per step; every record carries
  * the version it was written in (`v`), and records written before versions existed are v1,
- * which had the same fields.
+ * which had the same fields (so every reader accepts both as they are).
  *
  * v1: the fields below, without `v`. v2: `v`, fence `peaks`, terminate `usage` and `cgroup`.
  */
@@ -57,10 +57,4 @@ export function journaled<N extends StepName>(journal: Journal, name: N): StepDe
   const out: Record<string, unknown> = { ...detail };
   for (const key of ["processes"]) if (key in out && !Array.isArray(out[key])) delete out[key];
   return out as unknown as StepDetails[N];
-}
-
-/** The version a record was written in. */
-export function versionOf(result: StepResult): number {
-  const v = result.detail.v;
-  return typeof v === "number" ? v : 1;
 }

@@ -3,7 +3,7 @@ import { ipcLeftovers, POSIX_SHM_DIR, removeSysv, startedAtMs, type IpcQuery } f
 import { processUses } from "../proc/users.js";
 import type { Leftover } from "../sessions/types.js";
 import { knownProcesses, type CleanupStep, type StepContext } from "./step.js";
-import { journaled } from "./journal.js";
+import { terminatedProcesses } from "./terminate.js";
 
 /**
  * Deletes the session's registered files and directories through the one audited delete
@@ -89,7 +89,7 @@ async function removeIpc(
 export function ipcQuery(ctx: Pick<StepContext, "session" | "journal">): IpcQuery {
   const { session } = ctx;
   const pids = new Set([session.engine.pid, ...knownProcesses(ctx.journal).map((p) => p.pid)]);
-  for (const p of journaled(ctx.journal, "terminate")?.processes ?? []) pids.add(p.pid);
+  for (const p of terminatedProcesses(ctx)) pids.add(p.pid);
   const started = startedAtMs(session.engine.startTime);
   return { uid: session.engine.uid, since: Math.min(session.createdAt, started ?? session.createdAt), pids };
 }

@@ -212,6 +212,6 @@ function removeCgroup(path: string): boolean {
 export type TerminatedProcess = { pid: number; startTime: number };
 
 /** The processes a journaled terminate step handled (also after a restart). */
-export function terminatedProcesses(ctx: StepContext): TerminatedProcess[] {
+export function terminatedProcesses(ctx: Pick<StepContext, "journal">): TerminatedProcess[] {
   return [...(journaled(ctx.journal, "terminate")?.processes ?? [])];
 }

@@ -380,11 +380,6 @@ export class Daemon {
     this.loggers.sink?.close();
   }
 
-  /** Writes the live sessions' coalesced records now (tests; the timer does it in production). */
-  flushHeartbeats(): Promise<void> {
-    return this.writeBehind.flush();
-  }
-
   /**
    * The detector's expiry, made safe: a store that cannot commit leaves the session live
    * (judged again once it commits), and nothing here throws into a timer or a pidfd callback.

@@ -4,12 +4,11 @@
  * (for restarts); and the cleanup of the cgroup dirs a daemon made for a test's database.
  * Nothing here uses the daemon's own checks: /proc, `ss` and the file system only.
  */
-import { spawnSync } from "node:child_process";
 import { readlinkSync } from "node:fs";
 import type { Session } from "../../src/client/index.js";
 import { callApi, type ApiResponse } from "../../src/cli/client.js";
 import { until } from "../helpers.js";
-import { postgresIpcOf } from "./lib.js";
+import { postgresIpcOf, ssUsers } from "./lib.js";
 
 /**
  * No periodic liveness pass during the test (once a year): its tree snapshot would see a
@@ -30,18 +29,7 @@ export function cwdOf(pid: number): string | null {
 
 /** Who holds an ESTABLISHED TCP connection whose local port is `port`, from `ss -Htnp`. */
 export function establishedOn(port: number): { pid: number; comm: string; line: string }[] {
-  const r = spawnSync("ss", ["-Htnp", "state", "established", `sport = :${port}`], {
-    encoding: "utf8",
-    timeout: 10_000,
-  });
-  if (r.status !== 0) throw new Error(`ss failed: ${r.stderr || r.error?.message}`);
-  const out: { pid: number; comm: string; line: string }[] = [];
-  for (const line of r.stdout.split("\n").filter((l) => l.trim() !== "")) {
-    const users = [...line.matchAll(/\("([^"]*)",pid=(\d+),fd=\d+\)/g)];
-    if (users.length === 0) out.push({ pid: 0, comm: "?", line });
-    for (const u of users) out.push({ pid: Number(u[2]), comm: u[1] ?? "?", line });
-  }
-  return out;
+  return ssUsers(["-Htnp", "state", "established", `sport = :${port}`]);
 }
 
 export { removeCgroupBaseAfter } from "../helpers.js";

@@ -155,7 +155,12 @@ export function psOf(uid: number): string {
 
 /** Who listens on a TCP port, from `ss -Htlnp sport = :P` (empty: nobody). */
 export function listening(port: number): { pid: number; comm: string; line: string }[] {
-  const r = spawnSync("ss", ["-Htlnp", `sport = :${port}`], { encoding: "utf8", timeout: 10_000 });
+  return ssUsers(["-Htlnp", `sport = :${port}`]);
+}
+
+/** The sockets `ss ARGS` lists, one entry per process using each (pid 0 when ss names none). */
+export function ssUsers(args: readonly string[]): { pid: number; comm: string; line: string }[] {
+  const r = spawnSync("ss", args, { encoding: "utf8", timeout: 10_000 });
   if (r.status !== 0) throw new Error(`ss failed: ${r.stderr || r.error?.message}`);
   const out: { pid: number; comm: string; line: string }[] = [];
   for (const line of r.stdout.split("\n").filter((l) => l.trim() !== "")) {
