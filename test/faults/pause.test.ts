@@ -58,13 +58,13 @@ allowed_roots = ["${dir}"]
   }
 
   const samples = await hb.stop();
-  // A heartbeat whose request overlapped a pause may lose its connection (the daemon's
-  // request timeouts ran on through the pause; clients such as src/client retry): that is
-  // no verdict on the session. Every answer is 200, and outside the pauses every heartbeat
-  // is answered.
+  // A heartbeat whose request overlapped a pause may lose its connection, or be answered 408
+  // SR_REQUEST_TIMEOUT (node's header and request timers ran on through the pause and fire at
+  // resume, before the request is read; clients such as src/client retry): that is no verdict
+  // on the session. Every other answer is 200, and outside the pauses every heartbeat is.
   const heldUp = (s: { sentAt: number; ms: number }): boolean =>
     pauses.some((p) => s.sentAt <= p.to && s.sentAt + s.ms >= p.from);
-  const dropped = samples.filter((s) => s.status === 0 && heldUp(s));
+  const dropped = samples.filter((s) => (s.status === 0 || s.status === 408) && heldUp(s));
   t.diagnostic(
     `${samples.length} heartbeats; ${samples.filter(heldUp).length} held up by the pauses, ${dropped.length} of them lost their connection: ${dropped.map((s) => s.error).join(", ")}`,
   );
