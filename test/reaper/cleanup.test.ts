@@ -22,7 +22,9 @@ test("a hanging close hook times out and every later step still runs (partial)",
   const dir = tempDir(t);
   const d = await startDaemon(
     t,
-    testConfig(dir, { profiles: { default: { close_hook: "/shutdown", step_timeout_sec: 1 } } }),
+    // 3 s: enough for remove-paths' pass over /proc (in-use check, IPC) on a loaded host,
+    // short enough for the hanging hook's timeout to keep the test quick.
+    testConfig(dir, { profiles: { default: { close_hook: "/shutdown", step_timeout_sec: 3 } } }),
   );
   const engine = await startEngine(t, ["--hang-shutdown", "--fork", "1"], join(dir, "engine"));
   const reg = await d.api<{ id: string }>("POST", "/v1/sessions", {
