@@ -76,7 +76,7 @@ async function main(): Promise<number | null> {
       // A failpoint is a crash: no flush, no cleanup, exactly like the OOM killer's SIGKILL.
       crash: () => process.kill(process.pid, "SIGKILL"),
     });
-    await daemon.start();
+    await daemon.start(inherited);
     await daemon.listen(inherited);
     daemon.announceReady();
   } catch (err) {

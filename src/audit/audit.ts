@@ -9,6 +9,7 @@ export const AUDIT_EVENTS = [
   "daemon.stopping",
   "daemon.stopped",
   "session.registered",
+  "session.updated",
   "session.closed",
   "session.expired",
   "reap.started",

@@ -60,7 +60,10 @@ async function runCommand(ctx: StepContext, argv: readonly string[], signal: Abo
   const gid = readUid(session.engine.pid, "Gid");
   const runAs =
     session.engine.uid !== process.geteuid?.() && gid !== null ? { uid: session.engine.uid, gid } : undefined;
-  const r = await commandHook(argv, session, ctx.attempt, signal, runAs);
+  const r = await commandHook(argv, session, ctx.attempt, signal, {
+    path: ctx.profile.hookPath,
+    ...(runAs === undefined ? {} : { runAs }),
+  });
   return { ok: r.outcome === "ok", detail: { ...r } };
 }
 

@@ -3,6 +3,8 @@ import { performance } from "node:perf_hooks";
 import type { Logger } from "pino";
 import type { ReleaseHook } from "../config/load.js";
 import { errorMessage } from "../errors.js";
+import { passwdEntry } from "../proc/passwd.js";
+import { TemplateError, expandArgv } from "./hook-template.js";
 import type { Session } from "../sessions/types.js";
 
 type HookResult = { outcome: "ok" | "failed" | "timeout"; error?: string };
@@ -28,6 +30,8 @@ const STDERR_TAIL = 1024;
  */
 export function runReleaseHooks(
   hooks: readonly ReleaseHook[],
+  /** The profile's `hook_path`: PATH for command hooks. */
+  hookPath: string,
   session: Session,
   /** The reap attempt (a hook may run again after a daemon crash: it can tell). */
   attempt: number,
@@ -50,7 +54,7 @@ export function runReleaseHooks(
           report =
             hook.kind === "http"
               ? await postHook(hook.url, session, attempt, controller.signal)
-              : await commandHook(hook.argv, session, attempt, controller.signal);
+              : await commandHook(hook.argv, session, attempt, controller.signal, { path: hookPath });
         } catch (err) {
           // e.g. spawn() throwing synchronously on an argument it refuses
           const error = errorMessage(err);
@@ -102,28 +106,45 @@ async function postHook(url: string, session: Session, attempt: number, signal: 
 }
 
 /**
- * Runs a hook's argv with the session's facts in its environment, in a process group of its
- * own, so that on timeout the hook and whatever it started are SIGKILLed together. The group
- * id is the hook's own pid, which cannot have been reused while the hook has not been reaped
- * (no 'exit' yet). Release hooks run as the daemon's user (they talk to the host's registries
- * and lock services, not to the engine); the close hook passes `runAs`, the engine's user.
+ * Runs a hook's argv, its placeholders expanded (hook-template.ts), with the session's facts
+ * and the user's HOME, USER and LOGNAME (from the passwd database) in its environment, in a
+ * process group of its own, so that on timeout the hook and whatever it started are
+ * SIGKILLed together. The group id is the hook's own pid, which cannot have been reused
+ * while the hook has not been reaped (no 'exit' yet). Release hooks run as the daemon's user
+ * (they talk to the host's registries and lock services, not to the engine); the close hook
+ * passes `runAs`, the engine's user. A placeholder the session has no value for fails the
+ * hook before anything runs.
  */
-export function commandHook(
+export async function commandHook(
   argv: readonly string[],
   session: Session,
   attempt: number,
   signal: AbortSignal,
-  runAs?: { uid: number; gid: number },
+  opts: { path: string; runAs?: { uid: number; gid: number } },
 ): Promise<CommandOutcome> {
-  const [file, ...args] = argv as [string, ...string[]];
-  if (signal.aborted) return Promise.resolve({ hook: "command", argv, outcome: "timeout", error: "no time left" });
+  let expanded: string[];
+  try {
+    expanded = expandArgv(argv, session);
+  } catch (err) {
+    if (!(err instanceof TemplateError)) throw err;
+    return { hook: "command", argv, outcome: "failed", error: `not run: ${err.message}` };
+  }
+  if (signal.aborted) return { hook: "command", argv: expanded, outcome: "timeout", error: "no time left" };
+  const uid = opts.runAs?.uid ?? process.geteuid?.() ?? 0;
+  const user = await passwdEntry(uid);
+  const [file, ...args] = expanded as [string, ...string[]];
+  if (signal.aborted) return { hook: "command", argv: expanded, outcome: "timeout", error: "no time left" };
   return new Promise((resolve) => {
     const child = spawn(file, args, {
       stdio: ["ignore", "ignore", "pipe"],
       detached: true,
-      ...(runAs ?? {}),
+      ...(opts.runAs ?? {}),
+      cwd: "/", // not the daemon's working directory
+
       env: {
-        PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        PATH: opts.path,
+        HOME: user?.home ?? "/",
+        ...(user === null ? {} : { USER: user.name, LOGNAME: user.name }),
         SESSION_ID: session.id,
         ENGINE_PID: String(session.engine.pid),
         SESSION_PORTS: session.ports.join(","),
@@ -139,7 +160,7 @@ export function commandHook(
       settled = true;
       signal.removeEventListener("abort", onAbort);
       const tail = stderr.trim();
-      resolve({ hook: "command", argv, ...r, ...(tail ? { stderr: tail } : {}) });
+      resolve({ hook: "command", argv: expanded, ...r, ...(tail ? { stderr: tail } : {}) });
     };
     const onAbort = (): void => {
       if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {

@@ -1,3 +1,4 @@
+import { resolve } from "node:path";
 import type { ApiResponse } from "./client.js";
 
 /** reaperctl's exit codes; `run` exits with its command's status instead, once it ran. */
@@ -42,4 +43,32 @@ export function apiFailure(ctx: Context, res: ApiResponse<unknown>): number {
   const err = (res.body as { error?: { code: string; message: string } } | null)?.error;
   ctx.note(err ? `${err.message} (${err.code})` : `HTTP ${res.status}`);
   return res.status === 404 ? EXIT.notFound : EXIT.error;
+}
+
+/**
+ * --port, --path and --label as a register or PATCH body's fields (only those given): ports
+ * checked as numbers, paths made absolute, labels split at the first "=".
+ */
+export function parseAdditions(values: OptionValues): {
+  ports?: number[];
+  paths?: string[];
+  labels?: Record<string, string>;
+} {
+  const ports = listOption(values, "port").map((p) => {
+    const n = Number(p);
+    if (!/^\d+$/.test(p) || n < 1 || n > 65535) throw new UsageError(`--port: "${p}" is not a port number`);
+    return n;
+  });
+  const paths = listOption(values, "path").map((p) => resolve(p));
+  const labels: Record<string, string> = {};
+  for (const l of listOption(values, "label")) {
+    const eq = l.indexOf("=");
+    if (eq < 1) throw new UsageError(`--label: "${l}" is not KEY=VALUE`);
+    labels[l.slice(0, eq)] = l.slice(eq + 1);
+  }
+  return {
+    ...(ports.length > 0 ? { ports } : {}),
+    ...(paths.length > 0 ? { paths } : {}),
+    ...(Object.keys(labels).length > 0 ? { labels } : {}),
+  };
 }

@@ -1,7 +1,7 @@
 /** The commands that read or act on the daemon's sessions: one API call (or page loop) each. */
 import type { Session } from "../client/index.js";
 import type { ExpiringJson, OrphanJson } from "../http/present.js";
-import { EXIT, UsageError, apiFailure, stringOption, type Context } from "./command.js";
+import { EXIT, UsageError, apiFailure, parseAdditions, stringOption, type Context } from "./command.js";
 import { parseDuration, relativeTime, table } from "./format.js";
 
 function print(ctx: Context, value: unknown, human: () => string): void {
@@ -39,8 +39,14 @@ export async function status(ctx: Context): Promise<number> {
   return EXIT.ok;
 }
 
+const STATES = ["live", "reaping", "reaped"];
+
 export async function list(ctx: Context): Promise<number> {
   noArgs(ctx, "list");
+  const state = stringOption(ctx.values, "state");
+  if (state !== undefined && !STATES.includes(state)) {
+    throw new UsageError(`--state: "${state}" is not a state; use one of ${STATES.join(", ")}`);
+  }
   const sessions: Session[] = [];
   const params = new URLSearchParams();
   for (const key of ["state", "profile", "owner", "limit"]) {
@@ -107,6 +113,12 @@ function showSession(s: Session, now: number): string {
     ["deadline", when(s.deadline)],
     ["ports", s.ports.join(", ") || "-"],
     ["paths", s.paths.join(", ") || "-"],
+    [
+      "labels",
+      Object.entries(s.labels)
+        .map(([k, v]) => `${k}=${v}`)
+        .join(", ") || "-",
+    ],
   ];
   const u = s.usage;
   if (u && "cpu" in u) rows.push(["usage", `cpu ${u.cpu.toFixed(1)}%, memory ${(u.memory / 1048576).toFixed(1)} MiB`]);
@@ -129,6 +141,16 @@ function showSession(s: Session, now: number): string {
     text += "\n" + table([["LEFTOVER", "ITEM", "DETAIL"], ...s.leftovers.map((l) => [l.kind, l.item, l.detail])], true);
   }
   return text;
+}
+
+export async function update(ctx: Context): Promise<number> {
+  const id = sessionIdArg(ctx, "update");
+  const body = { ...parseAdditions(ctx.values) };
+  if (Object.keys(body).length === 0) throw new UsageError("update needs at least one --port, --path or --label");
+  const res = await ctx.api<Session>("PATCH", `/v1/sessions/${id}`, body);
+  if (res.status !== 200) return apiFailure(ctx, res);
+  print(ctx, res.body, () => showSession(res.body, Date.now()));
+  return EXIT.ok;
 }
 
 export async function events(ctx: Context): Promise<number> {

@@ -41,3 +41,8 @@ export function parseDuration(text: string): number | null {
     ms += Number(n) * (UNIT_MS[unit as string] ?? 0);
   return ms;
 }
+
+/** Milliseconds as a duration parseDuration reads back: "500ms", "10s", "1.5s". */
+export function formatMs(ms: number): string {
+  return ms < 1000 || ms % 100 !== 0 ? `${ms}ms` : `${ms / 1000}s`;
+}

@@ -11,7 +11,7 @@ import { ReaperError, errorMessage } from "../errors.js";
 import { auditVerify } from "./audit-verify.js";
 import { callApi } from "./client.js";
 import { EXIT, UsageError, type Context } from "./command.js";
-import { end, events, expiring, list, orphans, show, status } from "./commands.js";
+import { end, events, expiring, list, orphans, show, status, update } from "./commands.js";
 import { runCommand } from "./run.js";
 
 type Options = NonNullable<ParseArgsConfig["options"]>;
@@ -171,6 +171,31 @@ Example:
     run: (ctx) => end(ctx, "reap"),
   },
   {
+    name: "update",
+    synopsis: "update ID [--port N]... [--path P]... [--label K=V]...",
+    summary: "add ports, paths or labels to a live session",
+    help: `Adds to a live session (PATCH): ports its engine opened after registration (each must
+be held by the session's processes now: a LISTEN socket or a bound UDP socket), temp paths
+it made later (the profile's path policy applies), and labels (a new value replaces the
+old). All or nothing: a refusal changes nothing. Ports and paths the session already has
+are accepted as they are. Exit 3 if no session has this id, 1 if it is refused.
+
+Options:
+  --port N        a port to verify free at cleanup (repeatable)
+  --path P        a file or dir to delete at cleanup (repeatable)
+  --label K=V     (repeatable)
+
+Examples:
+  reaperctl update kernel-7 --port 41235 --port 41236
+  reaperctl update spark-42 --path /tmp/spark-42/ui --label stage=2`,
+    options: {
+      port: { type: "string", multiple: true },
+      path: { type: "string", multiple: true },
+      label: { type: "string", multiple: true },
+    },
+    run: update,
+  },
+  {
     name: "audit verify",
     synopsis: "audit verify [LOG] [--offline]",
     summary: "prove every session that left live reached reap.finished",
@@ -203,11 +228,15 @@ reaperctl dies, even by SIGKILL), heartbeats while CMD lives, and forwards SIGIN
 SIGHUP and SIGQUIT to CMD's process group. When CMD exits, closes the session, waits for
 the cleanup (leftover children, ports, paths), and exits with CMD's status (128+N if a
 signal N killed it). CMD sees REAPER_SESSION_ID and REAPER_SOCKET in its environment.
-Without --port, CMD starts only once its session is registered; with --port, the daemon
-checks that CMD listens, so registration is retried until it does (--wait-ports).
-If the session cannot be registered, CMD is killed and reaperctl exits 1 (4 if the daemon
-is unreachable). If the daemon ends the session (force-reap, timeout), reaperctl says so
-and waits for CMD, which the daemon terminates.
+CMD starts only once its session is registered, so it never runs unregistered (or, in a
+contained profile, outside its session's cgroup). Each --port is added to the session
+once CMD listens on it (the daemon checks that CMD's processes hold it); a port CMD does
+not listen on within --wait-ports ends CMD, and reaperctl exits 1. If the session cannot
+be registered, CMD never starts and reaperctl exits 1 (4 if the daemon is unreachable). A
+--heartbeat not shorter than the session's heartbeat timeout is refused (exit 2) before
+CMD starts. If the daemon ends the session (force-reap, a timeout, a close by an
+operator), reaperctl says so, with the reason and the cleanup's outcome, and exits with
+CMD's status (the daemon terminates CMD: 143 for SIGTERM).
 
 Options:
   --id ID               the session id (default: a random UUID)
@@ -217,7 +246,7 @@ Options:
   --path DIR            a temp file or dir of CMD's, deleted at cleanup (repeatable)
   --label KEY=VALUE     (repeatable)
   --heartbeat DURATION  heartbeat interval (default: a third of the heartbeat timeout)
-  --wait-ports DURATION how long CMD may take to listen on its ports (default 10s)
+  --wait-ports DURATION how long CMD may take to listen on each port (default 10s)
   --wait-reap DURATION  how long to wait for the cleanup after CMD exits (default 60s)
 
 Examples:

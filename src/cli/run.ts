@@ -8,7 +8,6 @@
 import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { constants, userInfo } from "node:os";
-import { resolve } from "node:path";
 import type { Writable } from "node:stream";
 import {
   GATE,
@@ -19,8 +18,8 @@ import {
   type Session,
 } from "../client/index.js";
 import { ReaperError, errorMessage } from "../errors.js";
-import { EXIT, UsageError, listOption, stringOption, type Context } from "./command.js";
-import { parseDuration } from "./format.js";
+import { EXIT, UsageError, parseAdditions, stringOption, type Context } from "./command.js";
+import { formatMs, parseDuration } from "./format.js";
 
 export const FORWARDED_SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"] as const;
 
@@ -50,17 +49,7 @@ function runOptions(ctx: Context): RunOptions {
   if (ctx.args.length > 0) throw new UsageError(`unexpected "${ctx.args[0]}" before "--"`);
   const [cmd, ...args] = ctx.rest;
   if (cmd === undefined || cmd === "") throw new UsageError(`no command after "--"`);
-  const ports = listOption(ctx.values, "port").map((p) => {
-    const n = Number(p);
-    if (!Number.isInteger(n) || n < 1 || n > 65535) throw new UsageError(`--port: "${p}" is not a port number`);
-    return n;
-  });
-  const labels: Record<string, string> = {};
-  for (const l of listOption(ctx.values, "label")) {
-    const eq = l.indexOf("=");
-    if (eq < 1) throw new UsageError(`--label: "${l}" is not KEY=VALUE`);
-    labels[l.slice(0, eq)] = l.slice(eq + 1);
-  }
+  const added = parseAdditions(ctx.values);
   let owner = stringOption(ctx.values, "owner");
   if (owner === undefined) {
     try {
@@ -74,9 +63,9 @@ function runOptions(ctx: Context): RunOptions {
     id: stringOption(ctx.values, "id") ?? randomUUID(),
     profile: stringOption(ctx.values, "profile"),
     owner,
-    ports,
-    paths: listOption(ctx.values, "path").map((p) => resolve(p)),
-    labels,
+    ports: added.ports ?? [],
+    paths: added.paths ?? [],
+    labels: added.labels ?? {},
     heartbeatMs: ctx.values.heartbeat === undefined ? undefined : duration(ctx, "heartbeat", 0),
     waitPortsMs: duration(ctx, "wait-ports", 10_000),
     waitReapMs: duration(ctx, "wait-reap", 60_000),
@@ -99,12 +88,11 @@ function transportFailure(err: unknown): boolean {
 export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<number> {
   const o = runOptions(ctx);
   const [cmd, ...args] = o.command;
-  // With ports to verify, the command must run before registration (the daemon checks that
-  // it listens), so it cannot wait at the gate: registration is retried until it listens.
-  const gated = o.ports.length === 0;
-  const child = spawn(gated ? "/bin/sh" : cmd, gated ? ["-c", GATE, cmd, ...args] : args, {
+  // The command waits at a gate until its session is registered: no moment in which it runs
+  // unregistered (or, contained, outside its cgroup). Its ports are added once it listens.
+  const child = spawn("/bin/sh", ["-c", GATE, cmd, ...args], {
     detached: true, // its own session and process group: pgid = its pid
-    stdio: gated ? ["inherit", "inherit", "inherit", "pipe"] : "inherit",
+    stdio: ["inherit", "inherit", "inherit", "pipe"],
     env: { ...env, [SESSION_COOKIE]: o.id, REAPER_SOCKET: ctx.socket },
   });
   const exit = new Promise<number>((done) => {
@@ -117,8 +105,8 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
   });
   const group = child.pid;
   if (group === undefined) return exit;
-  const gate = gated ? (child.stdio[3] as Writable) : null;
-  gate?.on("error", () => undefined); // the shell died at the gate: its exit tells the rest
+  const gate = child.stdio[3] as Writable;
+  gate.on("error", () => undefined); // the shell died at the gate: its exit tells the rest
 
   let exited = false;
   let signalled = false;
@@ -145,44 +133,42 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
       ownerPid: process.pid,
       ...(o.profile === undefined ? {} : { profile: o.profile }),
       ...(o.owner === undefined ? {} : { owner: o.owner }),
-      ...(o.ports.length > 0 ? { ports: o.ports } : {}),
       ...(o.paths.length > 0 ? { paths: o.paths } : {}),
       ...(Object.keys(o.labels).length > 0 ? { labels: o.labels } : {}),
     };
-
-    // Register; with ports, retry every 100 ms while the command does not listen yet.
-    const end = Date.now() + o.waitPortsMs;
-    for (;;) {
-      let failure: unknown;
-      try {
-        await client.register(body);
-        break;
-      } catch (err) {
-        failure = err;
-      }
-      const portNotYet = failure instanceof ReaperApiError && failure.code === "SR_PORT_NOT_OWNED";
-      const status = portNotYet && Date.now() < end ? await Promise.race([exit, sleep(100)]) : undefined;
-      if (status === null) continue; // still running, not listening yet: try again
-      killGroup("SIGKILL"); // never leave the command running unregistered
+    let session: Session;
+    try {
+      session = await client.register(body);
+    } catch (failure) {
+      killGroup("SIGKILL"); // the command never ran: it waited at the gate
       const final = await exit;
       if (signalled) return final;
-      const gone = failure instanceof ReaperApiError && failure.code === "SR_PROCESS_NOT_FOUND" && !gated;
-      if (status !== undefined || gone) {
-        ctx.note(`${cmd} exited with status ${final} before it listened on its ports; no session was registered`);
-        return final;
-      }
       ctx.note(`cannot register the session: ${describe(failure)}`);
       const unreachable =
         (failure instanceof ReaperError && failure.code === "SR_DAEMON_UNREACHABLE") ||
         (failure as { code?: unknown }).code === "ETIMEDOUT";
       return unreachable ? EXIT.unreachable : EXIT.error;
     }
-    gate?.end("go\n");
+    // A heartbeat interval the session's timeout does not allow would expire it between two
+    // heartbeats: refused before the command runs.
+    const timeoutMs = session.heartbeatTimeoutSec * 1000;
+    if (o.heartbeatMs !== undefined && o.heartbeatMs >= timeoutMs) {
+      killGroup("SIGKILL");
+      await exit;
+      await client.close().catch(() => null);
+      throw new UsageError(
+        `--heartbeat ${formatMs(o.heartbeatMs)} is not shorter than the session's heartbeat timeout (${session.heartbeatTimeoutSec} s, profile "${session.profile}"): it would expire between heartbeats; use at most ${formatMs(Math.floor(timeoutMs / 3))} (a third)`,
+      );
+    }
+    gate.end("go\n");
+    const ports = addPorts(ctx, client, o, cmd, exit, killGroup);
 
     let outage = false;
-    client.on("fenced", (e) =>
-      ctx.note(`session ${o.id} was ended by the daemon (${e.code}): heartbeats stopped; waiting for ${cmd} to exit`),
-    );
+    let fencedSeen = false;
+    client.on("fenced", (e) => {
+      fencedSeen = true;
+      ctx.note(`session ${o.id} was ended by the daemon (${e.code}): heartbeats stopped; waiting for ${cmd} to exit`);
+    });
     client.on("retrying", (r) => {
       if (!outage) ctx.note(`heartbeat failed (${r.error.message}); retrying`);
       outage = true;
@@ -194,12 +180,15 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
     client.start();
     const status = await exit;
     client.stop();
+    const portsAdded = await ports;
 
     // Close, so that the full cleanup runs (leftover children, ports, paths). The daemon may
-    // have seen the exit first (engine_gone, through its pidfd): then close answers 409.
+    // have ended the session first: its pidfd saw the exit (engine_gone), or it reaped the
+    // session (force-reap, a timeout, a close by someone else); then close answers 409.
+    let closedHere = false;
     for (let delay = 100; ; delay *= 2) {
       try {
-        await client.close();
+        closedHere = (await client.close()) !== null;
         break;
       } catch (err) {
         if (transportFailure(err) && delay <= 5000) {
@@ -219,12 +208,59 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
         ctx.note(`session ${o.id}: ${describe(err)}; not waiting for its cleanup any longer`);
       return status;
     }
-    if (reaped.outcome !== "clean") {
-      const left = reaped.leftovers.map((l) => `${l.kind} ${l.item}`).join(", ");
-      ctx.note(`session ${o.id} ended (${reaped.reason}) with outcome ${reaped.outcome}${left ? `: ${left}` : ""}`);
+    const left = reaped.leftovers.map((l) => `${l.kind} ${l.item}`).join(", ");
+    const outcome = `outcome ${reaped.outcome}${left ? `: ${left}` : ""}`;
+    if (!closedHere && reaped.reason !== "engine_gone" && !signalled) {
+      // The daemon ended it, not the command's exit: say why, whatever the exit status says.
+      ctx.note(
+        `session ${o.id} was ended by the daemon (reason ${reaped.reason})${fencedSeen ? "" : `; ${cmd} exited with status ${status}`}, ${outcome}`,
+      );
+    } else if (reaped.outcome !== "clean") {
+      ctx.note(`session ${o.id} ended (${reaped.reason}) with ${outcome}`);
     }
-    return status;
+    return portsAdded ? status : EXIT.error;
   } finally {
     untrap();
   }
+}
+
+/**
+ * Adds each --port to the session once the command listens on it (PATCH; the daemon checks
+ * that the port is held by the session's processes), retrying every 100 ms. A port not held
+ * within --wait-ports ends the command (its group is killed, as it declared a port it never
+ * opened) and resolves false; true once every port is added or the command has exited.
+ */
+async function addPorts(
+  ctx: Context,
+  client: ReaperClient,
+  o: RunOptions,
+  cmd: string,
+  exit: Promise<number>,
+  killGroup: (signal: NodeJS.Signals) => void,
+): Promise<boolean> {
+  const end = Date.now() + o.waitPortsMs;
+  for (const port of o.ports) {
+    for (;;) {
+      let failure: unknown;
+      try {
+        await client.update({ ports: [port] });
+        break;
+      } catch (err) {
+        failure = err;
+      }
+      const notYet = failure instanceof ReaperApiError && failure.code === "SR_PORT_NOT_OWNED";
+      const retry = (notYet || transportFailure(failure)) && Date.now() < end;
+      const exited = retry ? await Promise.race([exit, sleep(100)]) : null;
+      if (exited !== null) return true; // the command ended: nothing more to add
+      if (retry) continue;
+      ctx.note(
+        notYet
+          ? `${cmd} did not listen on port ${port} within ${formatMs(o.waitPortsMs)} (${describe(failure)}); ending it`
+          : `cannot add port ${port} to session ${o.id}: ${describe(failure)}; ending ${cmd}`,
+      );
+      killGroup("SIGKILL");
+      return false;
+    }
+  }
+  return true;
 }

@@ -19,7 +19,7 @@ import { randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { Writable } from "node:stream";
 import { callApi, type ApiResponse } from "../cli/client.js";
-import type { RegisterBody } from "../http/schemas.js";
+import type { RegisterBody, UpdateBody } from "../http/schemas.js";
 import {
   SESSION_COOKIE,
   type Leftover,
@@ -33,7 +33,7 @@ import {
   type TimeReason,
 } from "../sessions/types.js";
 
-export type { RegisterBody };
+export type { RegisterBody, UpdateBody };
 
 export { SESSION_COOKIE };
 
@@ -86,7 +86,6 @@ export interface Session {
     durationMs: number;
     detail: StepResult["detail"];
   }[];
-  /** On GET /v1/sessions/{id} only; null once the engine is gone. */
   /** On GET /v1/sessions/{id} only: while live, the engine's usage now; once reaped, what the session used. */
   usage?:
     | { cpu: number; memory: number; elapsed: number }
@@ -276,6 +275,17 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
   /** Alive with nothing to do: the next heartbeats keep the session without moving activity. */
   idle(): void {
     this.activity = "idle";
+  }
+
+  /**
+   * Adds ports, paths or labels to the live session (PATCH): a port the engine opened after
+   * registration, a directory made later. Each port must be held by the engine's tree now
+   * (SR_PORT_NOT_OWNED otherwise, and nothing changes). Resolves with the session.
+   */
+  async update(additions: UpdateBody): Promise<Session> {
+    const res = await this.call<Session>("PATCH", this.path(), additions);
+    if (res.status !== 200) throw ReaperApiError.from(res);
+    return (this.current = res.body);
   }
 
   /** One heartbeat now, outside the loop; throws ReaperApiError on a refusal. */

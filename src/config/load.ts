@@ -4,6 +4,7 @@ import { isAbsolute, join, normalize, resolve } from "node:path";
 import { Ajv, type ErrorObject } from "ajv";
 import { Cron } from "croner";
 import { parse as parseToml } from "smol-toml";
+import { templateProblem } from "../cleanup/hook-template.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import { globProblem } from "../orphans/matcher.js";
 import { DEFAULTS, ORPHAN_DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
@@ -38,6 +39,8 @@ export interface Profile {
   readonly containment: "auto" | "cgroup" | "none";
   /** Remove the IPC objects the session left (they are reported either way). */
   readonly removeIpc: boolean;
+  /** PATH for the profile's command hooks. */
+  readonly hookPath: string;
   /** How the orphan sweep recognises this profile's engines and leftovers; null = off. */
   readonly orphans: OrphanPolicy | null;
 }
@@ -77,6 +80,8 @@ export interface Config {
 export interface ApiConfig {
   readonly socket: string;
   readonly socketMode: number;
+  /** api.socket_group: the socket file's group (a gid), or null for the daemon's own. */
+  readonly socketGid: number | null;
   readonly bodyLimitBytes: number;
   /** Members of this gid are administrators (besides root and the daemon's own uid); null = none. */
   readonly adminGid: number | null;
@@ -160,6 +165,7 @@ type Raw = {
   api?: {
     socket?: string;
     socket_mode?: string;
+    socket_group?: string;
     body_limit_bytes?: number;
     admin_group?: string;
     max_sessions_per_uid?: number;
@@ -198,6 +204,7 @@ type RawProfile = {
   busy_cpu_percent?: number;
   containment?: "auto" | "cgroup" | "none";
   remove_ipc?: boolean;
+  hook_path?: string;
   orphans?: RawOrphans;
 };
 
@@ -262,6 +269,12 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       socketMode: parseInt(raw.api?.socket_mode ?? DEFAULTS.api.socket_mode, 8),
       bodyLimitBytes: raw.api?.body_limit_bytes ?? DEFAULTS.api.body_limit_bytes,
       adminGid: groupId(raw.api?.admin_group ?? DEFAULTS.api.admin_group, opts.groupFile ?? "/etc/group", where),
+      socketGid: groupId(
+        raw.api?.socket_group ?? DEFAULTS.api.socket_group,
+        opts.groupFile ?? "/etc/group",
+        where,
+        "api.socket_group",
+      ),
       maxSessionsPerUid: raw.api?.max_sessions_per_uid ?? DEFAULTS.api.max_sessions_per_uid,
       headerTimeoutMs: headerTimeout,
       requestTimeoutMs: requestTimeout,
@@ -334,17 +347,25 @@ function buildProfile(
         ? null
         : typeof hook === "string"
           ? { kind: "http", path: hook }
-          : { kind: "command", argv: hook },
+          : { kind: "command", argv: template(hook, `${where}: profiles.${name}.close_hook`) },
     releaseHooks: p.release_hooks.map((h, i) =>
       typeof h === "string"
         ? { kind: "http", url: loopbackUrl(h, `${where}: profiles.${name}.release_hooks.${i}`) }
-        : { kind: "command", argv: h },
+        : { kind: "command", argv: template(h, `${where}: profiles.${name}.release_hooks.${i}`) },
     ),
+    hookPath: p.hook_path,
     busyCpuPercent: busy > 0 ? busy : null,
     containment: p.containment,
     removeIpc: p.remove_ipc,
     orphans: orphanPolicy(p.orphans, roots, p.allowed_uids ?? null, `${where}: profiles.${name}.orphans`),
   };
+}
+
+/** A command hook's argv, its placeholders checked (src/cleanup/hook-template.ts). */
+function template(argv: readonly string[], key: string): readonly string[] {
+  const problem = templateProblem(argv);
+  if (problem !== null) throw new ReaperError("SR_CONFIG_INVALID", `${key}: ${problem}`);
+  return argv;
 }
 
 /** A croner pattern, checked by building a paused job. */
@@ -431,13 +452,13 @@ function loopbackUrl(text: string, key: string): string {
   return url.href;
 }
 
-/** api.admin_group: "" = none, digits = a gid, otherwise a name looked up in /etc/group. */
-function groupId(value: string, groupFile: string, where: string): number | null {
+/** A group setting: "" = none, digits = a gid, otherwise a name looked up in /etc/group. */
+function groupId(value: string, groupFile: string, where: string, key = "api.admin_group"): number | null {
   if (value === "") return null;
   if (/^[0-9]+$/.test(value)) {
     const gid = Number(value);
     if (gid > 4294967294)
-      throw new ReaperError("SR_CONFIG_INVALID", `${where}: api.admin_group: ${value} is not a gid`);
+      throw new ReaperError("SR_CONFIG_INVALID", `${where}: ${key}: ${value} is not a gid`);
     return gid;
   }
   let text: string;
@@ -446,14 +467,14 @@ function groupId(value: string, groupFile: string, where: string): number | null
   } catch (err) {
     throw new ReaperError(
       "SR_CONFIG_INVALID",
-      `${where}: api.admin_group: cannot read ${groupFile}: ${errorMessage(err)}`,
+      `${where}: ${key}: cannot read ${groupFile}: ${errorMessage(err)}`,
     );
   }
   for (const line of text.split("\n")) {
     const [name, , gid] = line.split(":");
     if (name === value && gid !== undefined && /^[0-9]+$/.test(gid)) return Number(gid);
   }
-  throw new ReaperError("SR_CONFIG_INVALID", `${where}: api.admin_group: no group is named "${value}" in ${groupFile}`);
+  throw new ReaperError("SR_CONFIG_INVALID", `${where}: ${key}: no group is named "${value}" in ${groupFile}`);
 }
 
 /**

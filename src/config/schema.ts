@@ -12,11 +12,13 @@ export const PROFILE_DEFAULTS = {
   release_hooks: [],
   containment: "auto",
   remove_ipc: false,
+  hook_path: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 } as const;
 
 export const DEFAULTS = {
   api: {
     socket_mode: "0660",
+    socket_group: "",
     body_limit_bytes: 16384,
     admin_group: "",
     max_sessions_per_uid: 1000,
@@ -70,6 +72,8 @@ const profileSchema = {
       items: { type: "integer", minimum: 0, maximum: 4294967294 },
       uniqueItems: true,
     },
+    // PATH for command hooks (close and release); HOME, USER and LOGNAME come from passwd.
+    hook_path: { type: "string", pattern: "^/[^\\s]*$", maxLength: 4096 },
     close_hook: {
       oneOf: [
         // An HTTP path POSTed to the engine's first registered port on loopback.
@@ -130,6 +134,8 @@ export const configSchema = {
       properties: {
         socket: { type: "string", pattern: "^/", minLength: 2 },
         socket_mode: { type: "string", pattern: "^0?[0-7]{3}$" },
+        // The socket file's group (a name or a gid): "" keeps the daemon's own.
+        socket_group: { type: "string", maxLength: 64 },
         body_limit_bytes: { type: "integer", minimum: 1024, maximum: 16777216 },
         // Members of this group (a name in /etc/group, or a numeric gid) are administrators, like
         // root; "" = none.

@@ -224,7 +224,8 @@ export class Daemon {
    * from now (downtime never counts against them); those whose engine or owner died
    * meanwhile are reaped at once; reaps left unfinished resume.
    */
-  async start(): Promise<void> {
+  /** `inheritedFd`: the listening socket systemd passed (socket activation), recorded in daemon.started. */
+  async start(inheritedFd: number | null = null): Promise<void> {
     this.startedAt = this.clock.now();
     await this.app.ready();
     const resumed = this.reaper.resumeAll();
@@ -252,7 +253,9 @@ export class Daemon {
         pid: process.pid,
         config: this.config.source,
         database: this.config.store.path,
-        socket: this.config.api.socket,
+        // Under socket activation the configured path is not what serves: systemd's socket is.
+        socket: inheritedFd === null ? this.config.api.socket : `fd ${inheritedFd} (socket activation)`,
+        inheritedFd,
         recovered,
         resumedReaps: resumed,
         reapedAtStart: goneAtStart,
@@ -268,7 +271,7 @@ export class Daemon {
    */
   async listen(inheritedFd: number | null = null): Promise<void> {
     if (inheritedFd !== null) await listenFd(this.app, inheritedFd);
-    else await listenUnix(this.app, this.config.api.socket, this.config.api.socketMode);
+    else await listenUnix(this.app, this.config.api.socket, this.config.api.socketMode, this.config.api.socketGid);
     this.watchAccept(this.app.server);
     const tcp = this.config.api.tcp;
     if (tcp !== null && this.tcpToken !== null) {

@@ -6,6 +6,21 @@ import { isStoreFault } from "../store/store.js";
 /** Body caps (maxItems, maxProperties, maxLength) answer SR_LIMIT_EXCEEDED, not a generic 400. */
 const LIMIT_KEYWORDS: ReadonlySet<string> = new Set(["maxItems", "maxProperties", "maxLength"]);
 
+/**
+ * The validation message, naming the field a schema does not allow: ajv's own text for
+ * additionalProperties is "must NOT have additional properties", without the name.
+ */
+function validationMessage(fe: FastifyError): string {
+  const context = fe.validationContext ?? "request";
+  const extra = fe.validation?.find((v) => v.keyword === "additionalProperties");
+  const name = (extra?.params as { additionalProperty?: unknown } | undefined)?.additionalProperty;
+  if (extra !== undefined && typeof name === "string") {
+    const where = extra.instancePath === "" ? context : `${context}${extra.instancePath.replaceAll("/", ".")}`;
+    return `${where} has an unknown property "${name}" (not in the schema)`;
+  }
+  return `${context}${fe.message.replace(/^\w+/, "")}`;
+}
+
 /** The error envelope: `{ error: { code, message, detail? } }`. */
 export function errorBody(code: ErrorCode, message: string, detail?: Record<string, unknown>) {
   return { error: { code, message, ...(detail ? { detail } : {}) } };
@@ -31,10 +46,7 @@ export function toApiError(err: unknown, log: Logger): { status: number; body: o
     if (fe.validationContext === "body" && fe.validation.some((v) => LIMIT_KEYWORDS.has(v.keyword))) {
       return { status: 400, body: errorBody("SR_LIMIT_EXCEEDED", `body${fe.message.replace(/^\w+/, "")}`) };
     }
-    return {
-      status: 400,
-      body: errorBody("SR_BAD_REQUEST", `${fe.validationContext ?? "request"}${fe.message.replace(/^\w+/, "")}`),
-    };
+    return { status: 400, body: errorBody("SR_BAD_REQUEST", validationMessage(fe)) };
   }
   switch (fe.code) {
     case "FST_ERR_CTP_BODY_TOO_LARGE":

@@ -1,5 +1,5 @@
 import type { Server } from "node:http";
-import { chmodSync, lstatSync, mkdirSync, unlinkSync } from "node:fs";
+import { chmodSync, chownSync, lstatSync, mkdirSync, unlinkSync } from "node:fs";
 import { connect } from "node:net";
 import { dirname } from "node:path";
 import type { FastifyInstance } from "fastify";
@@ -40,7 +40,7 @@ export function socketHolder(path: string): Promise<number | null | false> {
  * is replaced; a socket another daemon still answers on is not (two daemons on one host
  * would both reap the same engines).
  */
-export async function listenUnix(app: FastifyInstance, path: string, mode: number): Promise<void> {
+export async function listenUnix(app: FastifyInstance, path: string, mode: number, gid: number | null): Promise<void> {
   mkdirSync(dirname(path), { recursive: true });
   let existing;
   try {
@@ -58,6 +58,8 @@ export async function listenUnix(app: FastifyInstance, path: string, mode: numbe
     unlinkSync(path);
   }
   await app.listen({ path });
+  // The group first: until then the mode applies to the daemon's own group.
+  if (gid !== null) chownSync(path, -1, gid);
   chmodSync(path, mode);
 }
 

@@ -45,6 +45,18 @@ export const registerBody = {
   },
 } as const;
 
+/** PATCH /v1/sessions/{id}: what a live session gains (ports, paths, labels), at least one. */
+export const updateBody = {
+  type: "object",
+  additionalProperties: false,
+  minProperties: 1,
+  properties: {
+    ports: registerBody.properties.ports,
+    paths: registerBody.properties.paths,
+    labels: registerBody.properties.labels,
+  },
+} as const;
+
 export const heartbeatBody = {
   type: "object",
   additionalProperties: false,
@@ -443,6 +455,12 @@ export interface RegisterBody {
   heartbeatTimeoutSec?: number;
   idleTimeoutSec?: number;
   maxLifetimeSec?: number;
+  labels?: Record<string, string>;
+}
+
+export interface UpdateBody {
+  ports?: number[];
+  paths?: string[];
   labels?: Record<string, string>;
 }
 

@@ -46,9 +46,11 @@ import {
   sessionListResponse,
   sessionResponse,
   textResponse,
+  updateBody,
   type ExpiringQuery,
   type ListQuery,
   type RegisterBody,
+  type UpdateBody,
 } from "./schemas.js";
 
 export interface DaemonInfo {
@@ -300,6 +302,20 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       preValidation: acceptMissingBody,
     },
     (req) => sessions.heartbeat(req.params.id, req.body.activity ?? "busy", callerOf(req)),
+  );
+
+  app.patch<{ Params: { id: string }; Body: UpdateBody }>(
+    "/v1/sessions/:id",
+    {
+      schema: {
+        summary: "Add ports, paths or labels to a live session (ports held by its engine now)",
+        params: sessionIdParams,
+        body: updateBody,
+        querystring: noQuery,
+        response: { 200: sessionResponse },
+      },
+    },
+    (req) => sessionJson(sessions.update(req.params.id, req.body, callerOf(req))),
   );
 
   app.delete<{ Params: { id: string } }>(

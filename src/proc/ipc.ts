@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import { lstatSync, readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
+import { passwdFileEntry } from "./passwd.js";
 import { filesInUse } from "./users.js";
 
 /** Where POSIX shared memory and named semaphores live (shm_open, sem_open). */
@@ -142,15 +143,7 @@ export function removeSysv(o: IpcObject): Promise<string | null> {
 
 /** The uid's primary gid from /etc/passwd, or the uid itself (as useradd's user groups do). */
 function gidOf(uid: number): number {
-  try {
-    for (const line of readFileSync("/etc/passwd", "utf8").split("\n")) {
-      const f = line.split(":");
-      if (Number(f[2]) === uid && f[3] !== undefined) return Number(f[3]);
-    }
-  } catch {
-    // no passwd
-  }
-  return uid;
+  return passwdFileEntry(uid)?.gid ?? uid;
 }
 
 let bootMs: number | null | undefined;

@@ -10,10 +10,11 @@ import type { SessionUsage } from "../cleanup/usage.js";
 import type { LiveSessions } from "./live.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import type { SessionCgroups } from "../proc/containment.js";
-import type { ListQuery, RegisterBody } from "../http/schemas.js";
+import { registerBody, type ListQuery, type RegisterBody, type UpdateBody } from "../http/schemas.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
 import { heldOf, inetSockets } from "../proc/sockets.js";
+import { cgroupPids } from "../proc/cgroup.js";
 import { descendantTree, processTree } from "../proc/tree.js";
 import { checkPath } from "../paths/validate.js";
 import type { Reaper } from "../reaper/reaper.js";
@@ -72,6 +73,9 @@ export interface SessionsDeps {
   accepting: () => boolean;
 }
 
+/** A session's cap on ports, on paths and on labels (the register body's caps). */
+const MAX_ITEMS = registerBody.properties.ports.maxItems;
+
 /**
  * What the API does with sessions: register (with every policy check), heartbeat (in
  * memory, O(1)), close, force-reap, read. Expiry by the detector enters through `expire`.
@@ -108,7 +112,7 @@ export class Sessions {
     const timeouts = clampTimeouts(body, profile);
     const paths = (body.paths ?? []).map((p, i) => checkPath(p, profile.allowedRoots, engine.uid, `paths[${i}]`).path);
     const ports = body.ports ?? [];
-    checkPortsHeld(ports, engine);
+    checkPortsHeld(ports.map((port, i) => [port, i]), engine);
     const id = body.id ?? randomUUID();
     const who = registeredBy(caller);
     if (store.getSession(id) !== undefined) {
@@ -231,6 +235,67 @@ export class Sessions {
       deadline: isoTime(registry.wallDeadline(live)),
       expiresBy: registry.deadline(live).reason,
     };
+  }
+
+  /**
+   * PATCH: a live session gains ports (each held by its engine's tree now, as at
+   * registration), paths (the profile's path policy) and labels (a new value replaces the old
+   * one). All or nothing: the first refusal changes nothing. Ports and paths already
+   * registered are accepted as they are (idempotent retries). The same caller policy as a
+   * heartbeat; one `session.updated` event with what was added.
+   */
+  update(id: string, body: UpdateBody, caller: Caller): Session {
+    const { registry, store, audit, config } = this.deps;
+    const known = registry.get(id);
+    if (known === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
+    checkActor(caller, known.registeredBy, id);
+    const s = store.getSession(id);
+    if (s === undefined || s.state !== "live") throw this.notLive(id, "SR_SESSION_FENCED");
+    const profile = config.profiles[s.profile];
+    if (profile === undefined) {
+      throw new ReaperError("SR_UNKNOWN_PROFILE", `profile: the session's profile "${s.profile}" is no longer configured`);
+    }
+    const had = { ports: new Set(s.ports), paths: new Set(s.paths) };
+    const newPorts = (body.ports ?? []).map((port, i) => [port, i] as const).filter(([port]) => !had.ports.has(port));
+    const newPaths: string[] = [];
+    (body.paths ?? []).forEach((p, i) => {
+      const path = checkPath(p, profile.allowedRoots, s.engine.uid, `paths[${i}]`).path;
+      if (!had.paths.has(path) && !newPaths.includes(path)) newPaths.push(path);
+    });
+    const labels = { ...s.labels, ...body.labels };
+    for (const [field, n] of [
+      ["ports", s.ports.length + newPorts.length],
+      ["paths", s.paths.length + newPaths.length],
+      ["labels", Object.keys(labels).length],
+    ] as const) {
+      if (n > MAX_ITEMS) {
+        throw new ReaperError(
+          "SR_LIMIT_EXCEEDED",
+          `${field}: the session would have ${n} ${field}, more than ${MAX_ITEMS}`,
+          { field, count: n, max: MAX_ITEMS },
+        );
+      }
+    }
+    checkPortsHeld(newPorts, s.engine, known.cgroup);
+    const next = { ports: [...s.ports, ...newPorts.map(([p]) => p)], paths: [...s.paths, ...newPaths], labels };
+    if (!store.available) {
+      throw new ReaperError("SR_STORE_UNAVAILABLE", `the database cannot commit now (${store.lastFault ?? "?"}); retry later`);
+    }
+    const changedLabels = Object.fromEntries(
+      Object.entries(body.labels ?? {}).filter(([k, v]) => s.labels[k] !== v),
+    );
+    audit.transaction(() => {
+      if (!store.setAdditions(id, next)) throw this.notLive(id, "SR_SESSION_FENCED");
+      audit.record({
+        event: "session.updated",
+        sessionId: id,
+        detail: {
+          added: { ports: newPorts.map(([p]) => p), paths: newPaths, labels: changedLabels },
+          by: { uid: caller.uid, pid: caller.pid, via: caller.via, admin: caller.admin },
+        },
+      });
+    });
+    return this.withLiveTiming({ ...s, ...next });
   }
 
   /** Client close (reason `closed`) or operator force-reap (reason `forced`). */
@@ -379,20 +444,25 @@ function clampTimeouts(
  * engine is still the process identified (checked after its fds were read: a pid is not
  * reused while its process lives). Otherwise the whole tree is taken, as always.
  */
-function checkPortsHeld(ports: readonly number[], engine: ProcessIdentity): void {
-  if (ports.length === 0) return;
+function checkPortsHeld(
+  declared: readonly (readonly [port: number, index: number])[],
+  engine: ProcessIdentity,
+  cgroup: string | null = null,
+): void {
+  if (declared.length === 0) return;
+  const ports = declared.map(([port]) => port);
   const wanted = new Set(ports);
   let held = heldOf([engine.pid], wanted);
   if (held.size < wanted.size || liveness(engine) !== "alive") {
-    const tree = processTree(engine);
-    held = heldOf(
-      tree.map((p) => p.pid),
-      wanted,
-    );
+    // The tree, and a contained session's cgroup: what a launcher started and left (a
+    // daemonized server, re-parented away from the tree) is still in there.
+    const pids = new Set(processTree(engine).map((p) => p.pid));
+    if (cgroup !== null) for (const pid of cgroupPids(cgroup)) pids.add(pid);
+    held = heldOf([...pids], wanted);
   }
-  const i = ports.findIndex((port) => !held.has(port));
-  const port = ports[i];
-  if (port === undefined) return;
+  const missing = declared.find(([port]) => !held.has(port));
+  if (missing === undefined) return;
+  const [port, i] = missing;
   // Whether anyone listens there is visible to every local user in /proc/net anyway.
   const inUse = inetSockets(engine.pid, new Set([port])).some(
     (s) => s.localPort === port && (s.state === "LISTEN" || (s.proto.startsWith("udp") && s.remotePort === 0)),

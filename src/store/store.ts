@@ -203,6 +203,7 @@ export class Store {
     liveDueBy: Statement;
     probe: Statement;
     tree: Statement;
+    additions: Statement;
   };
   /** False from a failed write until a probe commits again (see `probe`). */
   private availableValue = true;
@@ -292,6 +293,7 @@ export class Store {
       ),
       probe: db.prepare("UPDATE store_probe SET at = ? WHERE id = 1"),
       tree: db.prepare("UPDATE sessions SET tree = ? WHERE id = ?"),
+      additions: db.prepare("UPDATE sessions SET ports = ?, paths = ?, labels = ? WHERE id = ? AND state = 'live'"),
     };
     // One real write before anything is served: a database the daemon may never write (a
     // read-only file or directory, another owner) stops the start (SR_STORE_UNUSABLE) instead
@@ -444,6 +446,15 @@ export class Store {
       }
       throw err;
     }
+  }
+
+  /**
+   * A live session's ports, paths and labels, replaced whole (PATCH /v1/sessions/{id}); false
+   * if the session is no longer live (the fence won).
+   */
+  setAdditions(id: string, a: Pick<Session, "ports" | "paths" | "labels">): boolean {
+    const r = this.stmts.additions.run(JSON.stringify(a.ports), JSON.stringify(a.paths), JSON.stringify(a.labels), id);
+    return r.changes === 1;
   }
 
   getSession(id: string): Session | undefined {

@@ -146,6 +146,6 @@ test("a stale socket file is replaced; a socket another daemon answers on is not
   });
   t.after(() => rival.stop());
   await rival.start();
-  await assert.rejects(listenUnix(rival.app, config.api.socket, 0o660), { code: "SR_CONFIG_INVALID" });
+  await assert.rejects(listenUnix(rival.app, config.api.socket, 0o660, null), { code: "SR_CONFIG_INVALID" });
   assert.equal((await d.api("GET", "/healthz")).status, 200);
 });
