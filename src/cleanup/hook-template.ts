@@ -49,9 +49,7 @@ function isPlaceholder(name: string): boolean {
 
 /** The argv with every placeholder replaced by the session's value; throws TemplateError. */
 export function expandArgv(argv: readonly string[], session: Session): string[] {
-  return argv.map((item) =>
-    item.replace(TOKEN, (_whole, name: string) => valueOf(name, session)),
-  );
+  return argv.map((item) => item.replace(TOKEN, (_whole, name: string) => valueOf(name, session)));
 }
 
 function valueOf(name: string, s: Session): string {
@@ -73,11 +71,14 @@ function valueOf(name: string, s: Session): string {
   }
   const label = LABEL.exec(name)?.[1];
   if (label !== undefined) {
-    if (!Object.hasOwn(s.labels, label)) throw new TemplateError(`{label:${label}}: the session has no label "${label}"`);
+    if (!Object.hasOwn(s.labels, label))
+      throw new TemplateError(`{label:${label}}: the session has no label "${label}"`);
     const value = s.labels[label] as string;
     // The registrant's text: it may not pass for an option of the hook's program.
     if (value.startsWith("-")) {
-      throw new TemplateError(`{label:${label}}: the value "${value}" begins with "-" and could be taken for an option`);
+      throw new TemplateError(
+        `{label:${label}}: the value "${value}" begins with "-" and could be taken for an option`,
+      );
     }
     return value;
   }

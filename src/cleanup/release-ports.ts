@@ -222,7 +222,15 @@ export const releaseConnectionsAndPorts: CleanupStep = {
     let hooks: HookReport[] = [];
     if (profile.releaseHooks.length > 0) {
       const budget = Math.min(profile.stepTimeoutSec * 1000, (ctx.deadline - performance.now()) / 2);
-      hooks = await runReleaseHooks(profile.releaseHooks, profile.hookPath, session, ctx.attempt, Math.max(0, budget), signal, ctx.log);
+      hooks = await runReleaseHooks(
+        profile.releaseHooks,
+        profile.hookPath,
+        session,
+        ctx.attempt,
+        Math.max(0, budget),
+        signal,
+        ctx.log,
+      );
       for (const h of hooks) {
         if (h.outcome === "ok") continue;
         leftovers.push({

@@ -153,9 +153,10 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
     // heartbeats: refused before the command runs.
     const timeoutMs = session.heartbeatTimeoutSec * 1000;
     if (o.heartbeatMs !== undefined && o.heartbeatMs >= timeoutMs) {
+      // Closed first (reason closed: the daemon ends the waiting shell), killed in any case.
+      await client.close().catch(() => null);
       killGroup("SIGKILL");
       await exit;
-      await client.close().catch(() => null);
       throw new UsageError(
         `--heartbeat ${formatMs(o.heartbeatMs)} is not shorter than the session's heartbeat timeout (${session.heartbeatTimeoutSec} s, profile "${session.profile}"): it would expire between heartbeats; use at most ${formatMs(Math.floor(timeoutMs / 3))} (a third)`,
       );
@@ -210,10 +211,11 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
     }
     const left = reaped.leftovers.map((l) => `${l.kind} ${l.item}`).join(", ");
     const outcome = `outcome ${reaped.outcome}${left ? `: ${left}` : ""}`;
-    if (!closedHere && reaped.reason !== "engine_gone" && !signalled) {
-      // The daemon ended it, not the command's exit: say why, whatever the exit status says.
+    if (!closedHere && !fencedSeen && reaped.reason !== "engine_gone" && !signalled) {
+      // The daemon ended it (its SIGTERM usually ends the command before a heartbeat meets
+      // the fence): say so and why, or the exit status alone would leave the user guessing.
       ctx.note(
-        `session ${o.id} was ended by the daemon (reason ${reaped.reason})${fencedSeen ? "" : `; ${cmd} exited with status ${status}`}, ${outcome}`,
+        `session ${o.id} was ended by the daemon (reason ${reaped.reason}); ${cmd} exited with status ${status}, ${outcome}`,
       );
     } else if (reaped.outcome !== "clean") {
       ctx.note(`session ${o.id} ended (${reaped.reason}) with ${outcome}`);

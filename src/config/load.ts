@@ -457,18 +457,14 @@ function groupId(value: string, groupFile: string, where: string, key = "api.adm
   if (value === "") return null;
   if (/^[0-9]+$/.test(value)) {
     const gid = Number(value);
-    if (gid > 4294967294)
-      throw new ReaperError("SR_CONFIG_INVALID", `${where}: ${key}: ${value} is not a gid`);
+    if (gid > 4294967294) throw new ReaperError("SR_CONFIG_INVALID", `${where}: ${key}: ${value} is not a gid`);
     return gid;
   }
   let text: string;
   try {
     text = readFileSync(groupFile, "utf8");
   } catch (err) {
-    throw new ReaperError(
-      "SR_CONFIG_INVALID",
-      `${where}: ${key}: cannot read ${groupFile}: ${errorMessage(err)}`,
-    );
+    throw new ReaperError("SR_CONFIG_INVALID", `${where}: ${key}: cannot read ${groupFile}: ${errorMessage(err)}`);
   }
   for (const line of text.split("\n")) {
     const [name, , gid] = line.split(":");

@@ -112,7 +112,10 @@ export class Sessions {
     const timeouts = clampTimeouts(body, profile);
     const paths = (body.paths ?? []).map((p, i) => checkPath(p, profile.allowedRoots, engine.uid, `paths[${i}]`).path);
     const ports = body.ports ?? [];
-    checkPortsHeld(ports.map((port, i) => [port, i]), engine);
+    checkPortsHeld(
+      ports.map((port, i) => [port, i]),
+      engine,
+    );
     const id = body.id ?? randomUUID();
     const who = registeredBy(caller);
     if (store.getSession(id) !== undefined) {
@@ -253,7 +256,10 @@ export class Sessions {
     if (s === undefined || s.state !== "live") throw this.notLive(id, "SR_SESSION_FENCED");
     const profile = config.profiles[s.profile];
     if (profile === undefined) {
-      throw new ReaperError("SR_UNKNOWN_PROFILE", `profile: the session's profile "${s.profile}" is no longer configured`);
+      throw new ReaperError(
+        "SR_UNKNOWN_PROFILE",
+        `profile: the session's profile "${s.profile}" is no longer configured`,
+      );
     }
     const had = { ports: new Set(s.ports), paths: new Set(s.paths) };
     const newPorts = (body.ports ?? []).map((port, i) => [port, i] as const).filter(([port]) => !had.ports.has(port));
@@ -279,11 +285,12 @@ export class Sessions {
     checkPortsHeld(newPorts, s.engine, known.cgroup);
     const next = { ports: [...s.ports, ...newPorts.map(([p]) => p)], paths: [...s.paths, ...newPaths], labels };
     if (!store.available) {
-      throw new ReaperError("SR_STORE_UNAVAILABLE", `the database cannot commit now (${store.lastFault ?? "?"}); retry later`);
+      throw new ReaperError(
+        "SR_STORE_UNAVAILABLE",
+        `the database cannot commit now (${store.lastFault ?? "?"}); retry later`,
+      );
     }
-    const changedLabels = Object.fromEntries(
-      Object.entries(body.labels ?? {}).filter(([k, v]) => s.labels[k] !== v),
-    );
+    const changedLabels = Object.fromEntries(Object.entries(body.labels ?? {}).filter(([k, v]) => s.labels[k] !== v));
     audit.transaction(() => {
       if (!store.setAdditions(id, next)) throw this.notLive(id, "SR_SESSION_FENCED");
       audit.record({

@@ -96,7 +96,11 @@ test("run with --port and --path: registered once listening, everything cleaned 
     "1",
   ]);
   const ready = JSON.parse(await run.firstLine) as Ready;
-  await d.waitFor((e) => e.event === "session.registered" && e.sessionId === "run-port");
+  // Registered before the command ran (no unregistered moment), its port added once it listened.
+  const registered = await d.waitFor((e) => e.event === "session.registered" && e.sessionId === "run-port");
+  const updated = await d.waitFor((e) => e.event === "session.updated" && e.sessionId === "run-port");
+  assert.ok(registered.at <= updated.at);
+  assert.deepEqual((updated.detail as { added: { ports: number[] } }).added.ports, [port]);
   const s = (await d.api<Session>("GET", "/v1/sessions/run-port")).body;
   assert.equal(s.engine.pid, ready.pid);
   assert.equal(s.ownerPid?.pid, run.proc.pid);
@@ -193,7 +197,7 @@ test("run: a failed registration never leaves the command running", async (t) =>
   assert.match(refused.stderr, /SR_UNKNOWN_PROFILE/);
 
   // A port the command never listens on: retried until --wait-ports, then the command's
-  // whole group is killed.
+  // whole group is killed and its session closed (it was registered before it started).
   const port = await freePort();
   const started = Date.now();
   const noPort = await ctl([
@@ -211,9 +215,15 @@ test("run: a failed registration never leaves the command running", async (t) =>
   ]);
   assert.equal(noPort.code, 1);
   assert.ok(Date.now() - started >= 600);
-  assert.match(noPort.stderr, /SR_PORT_NOT_OWNED/);
+  assert.match(
+    noPort.stderr,
+    new RegExp(`did not listen on port ${port} within 600ms .*SR_PORT_NOT_OWNED.*; ending it`),
+  );
   for (const pid of noPort.stdout.trim().split(" ").map(Number)) assert.equal(isGone(pid), true, `${pid} is gone`);
-  assert.equal((await d.api<{ sessions: unknown[] }>("GET", "/v1/sessions")).body.sessions.length, 0);
+  const left = (await d.api<{ sessions: Session[] }>("GET", "/v1/sessions")).body.sessions;
+  assert.equal(left.length, 1);
+  assert.equal(left[0]?.state, "reaped");
+  assert.deepEqual(left[0]?.ports, []);
 
   // A command that cannot be found: 127, as in a shell.
   const missing = await ctl(["run", "--socket", d.socket, "--", join(dir, "no-such-command")]);
@@ -228,4 +238,51 @@ test("run: usage errors exit 2", async () => {
   assert.equal((await ctl(["run", "--port", "http", "--", "true"])).code, 2);
   assert.equal((await ctl(["run", "--label", "novalue", "--", "true"])).code, 2);
   assert.equal((await ctl(["run", "--heartbeat", "soon", "--", "true"])).code, 2);
+});
+
+test("run: when the daemon ends the session before a heartbeat sees it, reaperctl says so with the reason", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir));
+  // Heartbeats every 10 s: the engine dies of the daemon's SIGTERM long before one is sent.
+  const run = startCtl(t, [
+    "run",
+    "--socket",
+    d.socket,
+    "--id",
+    "run-ended",
+    "--heartbeat",
+    "10s",
+    "--",
+    process.execPath,
+    ENGINE,
+  ]);
+  await run.firstLine;
+  assert.equal((await d.api("POST", "/v1/sessions/run-ended/reap")).status, 202);
+  const r = await run.done;
+  assert.equal(r.code, 143, r.stderr); // the daemon's SIGTERM
+  assert.match(
+    r.stderr.trim(),
+    /^reaperctl: session run-ended was ended by the daemon \(reason forced\); .* exited with status 143, outcome clean$/,
+  );
+});
+
+test("run: a --heartbeat not shorter than the session's timeout is refused before the command starts", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { heartbeat_timeout_sec: 3 } } }));
+  const marker = join(dir, "ran");
+  const r = await ctl(["run", "--socket", d.socket, "--id", "run-slow", "--heartbeat", "3s", "--", "touch", marker]);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(
+    r.stderr,
+    /--heartbeat 3s is not shorter than the session's heartbeat timeout \(3 s, profile "default"\).*use at most 1s/,
+  );
+  assert.equal(existsSync(marker), false, "the command never ran");
+  // Its session was closed, and nothing of it is left.
+  const s = await d.reaped("run-slow");
+  assert.equal(s.reason, "closed");
+  assert.equal(s.outcome, "clean");
+  // Shorter than the timeout is fine.
+  const ok = await ctl(["run", "--socket", d.socket, "--heartbeat", "2s", "--", "touch", marker]);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.equal(existsSync(marker), true);
 });

@@ -74,6 +74,7 @@ test("no config file: embedded defaults, socket and db under the working directo
     busyCpuPercent: null,
     containment: "auto",
     removeIpc: false,
+    hookPath: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     orphans: null,
   });
 });
@@ -440,6 +441,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     busyCpuPercent: null,
     containment: "auto",
     removeIpc: false,
+    hookPath: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     orphans: null,
   });
   assert.deepEqual(c.profiles.gpu, {
@@ -456,6 +458,7 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     busyCpuPercent: null,
     containment: "auto",
     removeIpc: false,
+    hookPath: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     orphans: null,
   });
 });
@@ -508,6 +511,7 @@ test("a full file is mapped to camelCase values", (t) => {
   assert.deepEqual(c.api, {
     socket: "/run/sr/api.sock",
     socketMode: 0o600,
+    socketGid: null,
     bodyLimitBytes: 2048,
     adminGid: null,
     maxSessionsPerUid: DEFAULTS.api.max_sessions_per_uid,
@@ -549,6 +553,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     busyCpuPercent: 50,
     containment: "auto",
     removeIpc: false,
+    hookPath: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     orphans: {
       mode: "report",
       exe: null,
@@ -577,4 +582,53 @@ test("the result is deeply frozen", (t) => {
     (c.api as { socket: string }).socket = "/elsewhere";
   }, TypeError);
   assertDeepFrozen(build({}));
+});
+
+test("hook templates: an unknown placeholder or one inside a shell -c script is an error naming the key", () => {
+  const profile = (hooks: Record<string, unknown>) => ({ profiles: { gw: hooks } });
+  const e1 = assertInvalid(
+    () => build(profile({ close_hook: ["redis-cli", "-p", "{prot}", "shutdown"] })),
+    "profiles.gw.close_hook",
+  );
+  assert.match(
+    e1.message,
+    /item 2: unknown placeholder "\{prot\}" \(known: \{id\}, \{pid\}, \{uid\}, \{port\}, \{ports\}, \{path\}, \{paths\}, \{label:NAME\}\)/,
+  );
+  assertInvalid(
+    () => build(profile({ release_hooks: [["/bin/true"], ["x", "{label:}"]] })),
+    "profiles.gw.release_hooks.1",
+  );
+  const e3 = assertInvalid(
+    () => build(profile({ release_hooks: [["/bin/sh", "-c", "redis-cli -p {port} shutdown"]] })),
+    "profiles.gw.release_hooks.0",
+  );
+  assert.match(e3.message, /would be run as shell code; pass it as a positional parameter/);
+  // Accepted: placeholders as items or inside items, shell variables with braces, a script
+  // that takes a placeholder as a positional parameter; and hook_path.
+  const ok = build(
+    profile({
+      close_hook: ["redis-cli", "-p", "{port}", "-n", "{label:db}", "shutdown", "nosave"],
+      release_hooks: [
+        ["sh", "-c", 'exec redis-cli -p "${SESSION_PORTS%%,*}" ping'],
+        ["sh", "-c", 'rm -f "$1/lock"', "sh", "{path}"],
+        ["curl", "-d", '{"json": true}', "http://127.0.0.1:9/x?id={id}"],
+      ],
+      hook_path: "/opt/gw/bin:/usr/bin",
+    }),
+  );
+  const gw = ok.profiles.gw!;
+  assert.deepEqual(gw.closeHook, {
+    kind: "command",
+    argv: ["redis-cli", "-p", "{port}", "-n", "{label:db}", "shutdown", "nosave"],
+  });
+  assert.equal(gw.hookPath, "/opt/gw/bin:/usr/bin");
+  assert.equal(ok.profiles.default!.hookPath, "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+  assertInvalid(() => build(profile({ hook_path: "bin:/usr/bin" })), "hook_path");
+});
+
+test("api.socket_group: a name or a gid; an unknown name is an error naming the key", () => {
+  assert.equal(build({ api: { socket_group: "0" } }).api.socketGid, 0);
+  assert.equal(build({ api: { socket_group: "root" } }).api.socketGid, 0);
+  assert.equal(build({}).api.socketGid, null);
+  assertInvalid(() => build({ api: { socket_group: "no-such-group-here" } }), "api.socket_group");
 });

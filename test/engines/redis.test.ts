@@ -3,7 +3,7 @@
  * checked without the daemon's code (/proc, ss, lstat).
  */
 import assert from "node:assert/strict";
-import { readdirSync } from "node:fs";
+import { readFileSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import type { Session } from "../../src/client/index.js";
@@ -117,3 +117,42 @@ test("uncontained, DELETE of a redis session with a BGSAVE in flight: the child 
 
 test("uncontained, redis-server SIGKILLed mid-BGSAVE, no liveness pass: the re-parented child is found by its group", (t) =>
   uncontainedBgsave(t, "sigkill"));
+
+test("a templated close hook shuts redis down gracefully: terminate finds nothing to signal, outcome clean", async (t) => {
+  const dir = tempDir(t);
+  const user = testUser(t);
+  const d = await startDaemon(
+    t,
+    testConfig(dir, {
+      profiles: { default: { close_hook: ["redis-cli", "-h", "127.0.0.1", "-p", "{port}", "shutdown", "nosave"] } },
+    }),
+  );
+  const redis = await startRedis(t, user, { parent: dir });
+  // Only the port: redis's own log (in its dir) is read after the reap.
+  const reg = await d.api<Session>("POST", "/v1/sessions", { engine: { pid: redis.pid }, ports: [redis.port] });
+  assert.equal(reg.status, 201, JSON.stringify(reg.body));
+  const id = reg.body.id;
+  assert.equal((await d.api("DELETE", `/v1/sessions/${id}`)).status, 202);
+  const finished = await d.reaped(id, 30_000);
+  const s = (await d.api<Session>("GET", `/v1/sessions/${id}`)).body;
+  t.diagnostic(summary(s));
+  const close = s.steps?.find((x) => x.name === "close-environment");
+  assert.deepEqual(
+    (close?.detail as { argv?: string[] }).argv,
+    ["redis-cli", "-h", "127.0.0.1", "-p", String(redis.port), "shutdown", "nosave"],
+    "the journal shows the argv as run, {port} expanded",
+  );
+  assert.equal(close?.outcome, "ok", JSON.stringify(close?.detail));
+  assert.equal((close?.detail as { engineExited?: boolean }).engineExited, true);
+  const terminate = s.steps?.find((x) => x.name === "terminate");
+  assert.equal((terminate?.detail as { skipped?: string }).skipped, "engine already gone", JSON.stringify(terminate));
+  // The engine's own word: redis logged a requested shutdown, not a signal.
+  const log = readFileSync(join(redis.dir, "redis.log"), "utf8");
+  assert.match(log, /User requested shutdown/);
+  assert.match(log, /ready to exit, bye bye/);
+  assert.doesNotMatch(log, /Received SIGTERM/);
+  const found = leftBehind(user.uid, [redis.port], []);
+  assert.deepEqual(reportProblems(s, found), [], explain([], s, user.uid));
+  assert.equal(procAlive(redis.id), false);
+  assert.equal(finished.outcome, "clean", explain([], s, user.uid));
+});

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { once } from "node:events";
-import { readFileSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer as createHttpServer, type IncomingMessage } from "node:http";
 import { createConnection, createServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { join } from "node:path";
@@ -13,7 +13,7 @@ import { identify } from "../../src/proc/identity.js";
 import { inetSockets, socketSnapshot, type SocketSnapshot } from "../../src/proc/sockets.js";
 import { processTree } from "../../src/proc/tree.js";
 import type { ProcessIdentity, Session, StepName, StepResult } from "../../src/sessions/types.js";
-import { isGone, startDaemon, startEngine, tempDir, testConfig, until, type Engine } from "../helpers.js";
+import { isGone, startDaemon, startEngine, tempDir, testConfig, testUser, until, type Engine } from "../helpers.js";
 
 type Ready = Engine & { childPorts: number[]; udpPort: number | null; connectedFrom: number | null };
 type Step = { name: string; outcome: string; durationMs: number; detail: Record<string, unknown> };
@@ -443,4 +443,99 @@ test("close-environment journals the socket snapshot; the release step verifies 
   const report = (step(s, RELEASE).detail as unknown as ReleaseDetail).sockets;
   assert.deepEqual(report.survivors, []);
   assert.equal((report.gone ?? 0) + (report.shared ?? []).length, report.checked);
+});
+
+test("hook templates: both kinds expand per item with no shell, get HOME/USER/LOGNAME and the profile's PATH; a missing value fails the hook", async (t) => {
+  const dir = tempDir(t);
+  chmodSync(dir, 0o755);
+  const user = testUser(t);
+  const bin = join(dir, "bin");
+  mkdirSync(bin, { mode: 0o755 });
+  // A program found only through hook_path, which records its argv (one item per line) and
+  // environment in the file named by its first argument.
+  writeFileSync(
+    join(bin, "record-hook"),
+    '#!/bin/sh\nout="$1"; shift\n{ for a in "$@"; do printf "%s\\n" "$a"; done; printf "env %s|%s|%s|%s|%s\\n" "$HOME" "$USER" "$LOGNAME" "$PATH" "$(id -u)"; } > "$out"\n',
+    { mode: 0o755 },
+  );
+  const closeOut = join(dir, "close-out");
+  const releaseOut = join(dir, "release-out");
+  writeFileSync(closeOut, "");
+  chmodSync(closeOut, 0o666); // the close hook runs as the engine's user
+  const hookPath = `${bin}:/usr/bin:/bin`;
+  const d = await startDaemon(
+    t,
+    testConfig(dir, {
+      profiles: {
+        default: {
+          allowed_roots: [dir],
+          hook_path: hookPath,
+          close_hook: [
+            "record-hook",
+            closeOut,
+            "{id}",
+            "{pid}",
+            "{uid}",
+            "{port}",
+            "{ports}",
+            "{label:team}",
+            "x={path}",
+          ],
+          release_hooks: [
+            ["record-hook", releaseOut, "{paths}", "{label:team}", "${SESSION_PORTS%%,*}"],
+            ["record-hook", join(dir, "never"), "{label:absent}"],
+          ],
+        },
+      },
+    }),
+  );
+  const files = join(dir, "engine-files");
+  mkdirSync(files);
+  chownSync(files, user.uid, user.gid);
+  const engine = (await startEngine(t, ["--udp"], files, { user })) as Ready;
+  const reg = await d.api("POST", "/v1/sessions", {
+    id: "tmpl-1",
+    engine: { pid: engine.pid },
+    ports: [engine.port, engine.udpPort],
+    paths: [files],
+    labels: { team: "data science; rm -rf /" },
+  });
+  assert.equal(reg.status, 201, JSON.stringify(reg.body));
+  await d.api("DELETE", "/v1/sessions/tmpl-1");
+  await d.reaped("tmpl-1");
+
+  const home = (n: string): string =>
+    readFileSync("/etc/passwd", "utf8")
+      .split("\n")
+      .find((l) => l.startsWith(`${n}:`))!
+      .split(":")[5]!;
+  assert.deepEqual(readFileSync(closeOut, "utf8").split("\n"), [
+    "tmpl-1",
+    String(engine.pid),
+    String(user.uid),
+    String(engine.port),
+    `${engine.port},${engine.udpPort}`,
+    "data science; rm -rf /", // one argv item, never a command
+    `x=${files}`,
+    `env ${home(user.name)}|${user.name}|${user.name}|${hookPath}|${user.uid}`,
+    "",
+  ]);
+  assert.deepEqual(readFileSync(releaseOut, "utf8").split("\n"), [
+    files,
+    "data science; rm -rf /",
+    "${SESSION_PORTS%%,*}", // not a placeholder: left as written (no shell here to expand it)
+    `env ${home("root")}|root|root|${hookPath}|0`,
+    "",
+  ]);
+  assert.equal(existsSync(join(dir, "never")), false, "a hook with a missing value does not run");
+  const s = (await d.api<SessionJson>("GET", "/v1/sessions/tmpl-1")).body;
+  const hooks = (step(s, RELEASE).detail as unknown as ReleaseDetail).hooks;
+  assert.deepEqual(
+    hooks.map((h) => [h.outcome, h.error]),
+    [
+      ["ok", undefined],
+      ["failed", 'not run: {label:absent}: the session has no label "absent"'],
+    ],
+  );
+  assert.equal(s.outcome, "partial", "a failed release hook is reported, as before");
 });
