@@ -16,7 +16,7 @@ import type { Metrics } from "../metrics/metrics.js";
 import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
 import type { Store } from "../store/store.js";
 
-/** DESIGN.md's order. `fence` happens in `begin`, `finish` closes the pipeline. */
+/** The cleanup order (README, How a session ends). `fence` happens in `begin`, `finish` closes the pipeline. */
 export const CLEANUP_STEPS: readonly CleanupStep[] = [
   closeEnvironment,
   terminate,

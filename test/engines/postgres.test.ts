@@ -32,6 +32,7 @@ import {
   reportProblems,
   summary,
   startPostgres,
+  PG_BIN,
   type BusyBackend,
   type ProcId,
 } from "./lib.js";
@@ -633,4 +634,48 @@ test("postmaster registered 2 s after its start, then SIGKILLed, remove_ipc: its
   if (finished.outcome === "clean" && left.files.length + left.shmids.length > 0)
     problems.push(`the outcome is "clean" with ${JSON.stringify(left)} left`);
   assert.deepEqual(problems, [], explain(problems, s, user.uid));
+});
+
+test("a templated close hook stops postgres with pg_ctl -m fast: the log shows it, terminate finds nothing, outcome clean", async (t) => {
+  const dir = tempDir(t);
+  const user = testUser(t);
+  const d = await startDaemon(
+    t,
+    testConfig(dir, {
+      profiles: {
+        default: {
+          close_hook: [join(PG_BIN, "pg_ctl"), "-D", "{label:pgdata}", "-m", "fast", "-w", "stop"],
+          grace_period_sec: 10,
+          step_timeout_sec: 20,
+        },
+      },
+    }),
+  );
+  const pg = await startPostgres(t, user, { parent: dir });
+  const reg = await d.api<{ id: string }>("POST", "/v1/sessions", {
+    engine: { pid: pg.postmasterPid },
+    ports: [pg.port],
+    labels: { pgdata: pg.dataDir },
+  });
+  assert.equal(reg.status, 201, JSON.stringify(reg.body));
+  const id = reg.body.id;
+  assert.equal((await d.api("DELETE", `/v1/sessions/${id}`)).status, 202);
+  const finished = await d.reaped(id, 60_000);
+  const s = (await d.api<Session>("GET", `/v1/sessions/${id}`)).body;
+  t.diagnostic(summary(s));
+  const close = s.steps?.find((x) => x.name === "close-environment");
+  assert.equal(close?.outcome, "ok", JSON.stringify(close?.detail));
+  assert.deepEqual((close?.detail as { argv?: string[] }).argv?.slice(1, 3), ["-D", pg.dataDir]);
+  const terminate = s.steps?.find((x) => x.name === "terminate")?.detail as { skipped?: string };
+  assert.equal(terminate.skipped, "engine already gone", JSON.stringify(terminate));
+  // PostgreSQL's own word: a fast shutdown, completed.
+  const log = readFileSync(pg.logFile, "utf8");
+  assert.match(log, /received fast shutdown request/);
+  assert.match(log, /database system is shut down/);
+  const found = leftBehind(user.uid, [pg.port], []);
+  assert.deepEqual(reportProblems(s, found), [], explain([], s, user.uid));
+  assert.ok(nothingLeft(found), explain(["something is left"], s, user.uid));
+  assert.equal(finished.outcome, "clean", explain([], s, user.uid));
+  // A clean shutdown leaves no shared memory behind (a SIGKILLed postmaster would).
+  assert.deepEqual(postgresIpcOf(user.uid).shmids, []);
 });

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { readdirSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { readFileSync, readdirSync } from "node:fs";
 import { join, relative } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
@@ -18,4 +19,20 @@ test("every test file sits exactly one folder below test/", () => {
   };
   walk(root);
   assert.deepEqual(misplaced, []);
+});
+
+// A clone holds only this repository: a link or a reference to a file outside it (a design
+// document beside the checkout) leads a reader nowhere.
+test("no tracked file points outside the repository", () => {
+  const root = fileURLToPath(new URL("../../../", import.meta.url));
+  const files = execFileSync("git", ["ls-files"], { cwd: root, encoding: "utf8" }).split("\n").filter(Boolean);
+  const outside: string[] = [];
+  for (const f of files) {
+    if (!/\.(md|ts|js|py|toml|ya?ml|json|service|socket|conf)$/.test(f) || f === "package-lock.json") continue;
+    const text = readFileSync(join(root, f), "utf8");
+    for (const [i, line] of text.split("\n").entries()) {
+      if (/\]\(\.\.\/|\.\.\/shared\/|DESIGN\.md/.test(line)) outside.push(`${f}:${i + 1}: ${line.trim()}`);
+    }
+  }
+  assert.deepEqual(outside, []);
 });
