@@ -10,8 +10,25 @@ test("reaperctl status, list, show, events, close: tables, --json, exit codes", 
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir));
   const engine = await startEngine(t, [], join(dir, "engine"));
-  await d.api("POST", "/v1/sessions", { id: "cli-1", engine: { pid: engine.pid }, owner: "bob", paths: [engine.dir] });
+  await d.api("POST", "/v1/sessions", {
+    id: "cli-1",
+    engine: { pid: engine.pid },
+    owner: "bob",
+    paths: [engine.dir],
+    labels: { team: "data" },
+  });
   const s = ["--socket", d.socket];
+
+  // update: a port the engine holds, a label; show prints both.
+  const updated = await ctl(["update", "cli-1", "--port", String(engine.port), "--label", "stage=2", ...s]);
+  assert.equal(updated.code, 0, updated.stderr);
+  assert.match(updated.stdout, new RegExp(`^ports\\s+${engine.port}$`, "m"));
+  assert.match(updated.stdout, /^labels\s+team=data, stage=2$/m);
+  const notHeld = await ctl(["update", "cli-1", "--port", "1", ...s]);
+  assert.equal(notHeld.code, 1);
+  assert.match(notHeld.stderr, /SR_PORT_NOT_OWNED/);
+  assert.equal((await ctl(["update", "cli-1", ...s])).code, 2, "nothing to add is a usage error");
+  assert.equal((await ctl(["update", "nope", "--label", "a=b", ...s])).code, 3);
 
   const status = await ctl(["status", ...s]);
   assert.equal(status.code, 0, status.stderr);
@@ -39,6 +56,7 @@ test("reaperctl status, list, show, events, close: tables, --json, exit codes", 
   const show = await ctl(["show", "cli-1", ...s]);
   assert.equal(show.code, 0);
   assert.match(show.stdout, /^state\s+reaped \(closed\)$/m);
+  assert.match(show.stdout, /^labels\s+team=data, stage=2$/m);
   assert.match(show.stdout, /^remove-paths\s+ok\s+\d+$/m);
   const events = await ctl(["events", "cli-1", ...s]);
   assert.match(events.stdout, /reap\.finished/);
@@ -105,7 +123,7 @@ test("reaperctl expiring: soonest first, with the timeout that fires; --within; 
 });
 
 test("reaperctl COMMAND --help: every command explains itself", async () => {
-  const commands = ["status", "list", "show", "events", "expiring", "close", "reap", "audit verify", "run"];
+  const commands = ["status", "list", "show", "events", "expiring", "close", "reap", "update", "audit verify", "run"];
   for (const c of commands) {
     const words = c.split(" ");
     for (const args of c === "run"
@@ -135,6 +153,10 @@ test("reaperctl: usage errors exit 2, an absent daemon exits 4 with one line", a
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /unknown command "frobnicate"/);
   assert.equal((await ctl(["show"])).code, 2);
+  // A state that does not exist: usage, naming the states, before any call to the daemon.
+  const bogus = await ctl(["list", "--state", "bogus", "--socket", join(dir, "absent.sock")]);
+  assert.equal(bogus.code, 2);
+  assert.match(bogus.stderr, /--state: "bogus" is not a state; use one of live, reaping, reaped/);
   assert.equal((await ctl(["--bogus", "status"])).code, 2);
   const help = await ctl(["--help"]);
   assert.equal(help.code, 0);

@@ -129,6 +129,14 @@ test("socket activation: serves the inherited fd; a request made while it restar
   const engine = await startEngine(t);
   assert.equal((await callApi(path, "POST", "/v1/sessions", { id: "sa", engine: { pid: engine.pid } })).status, 201);
   assert.match(readFileSync(log, "utf8"), /"socket":"fd 3 \(socket activation\)"/);
+  // The audit record says what serves: the inherited fd, not the configured path.
+  const started = readFileSync(log, "utf8")
+    .split("\n")
+    .filter((l) => l.includes('"event":"daemon.started"'))
+    .map((l) => JSON.parse(l) as { detail: { socket: string; inheritedFd: number | null } });
+  assert.equal(started.length, 1);
+  assert.equal(started[0]?.detail.socket, "fd 3 (socket activation)");
+  assert.equal(started[0]?.detail.inheritedFd, 3);
   await assert.rejects(callApi(socket, "GET", "/healthz"), { code: "SR_DAEMON_UNREACHABLE" });
   assert.equal(await systemd.term(), 0);
 
