@@ -31,7 +31,7 @@ export function templateProblem(argv: readonly string[]): string | null {
   // text; release hooks run as the daemon's user): pass it as a positional parameter.
   const shell = SHELLS.has(basename(argv[0] ?? "")) && argv[1] === "-c";
   if (shell && argv[2] !== undefined && [...argv[2].matchAll(TOKEN)].length > 0) {
-    return `item 2: a placeholder inside a "${argv[0]} -c" script would be run as shell code; pass it as a positional parameter instead: ["${argv[0]}", "-c", "… \"$1\" …", "sh", "{port}"]`;
+    return `item 2: a placeholder inside a "${argv[0]} -c" script would be run as shell code; pass it as a positional parameter instead: ["${argv[0]}", "-c", '… "$1" …', "sh", "{port}"]`;
   }
   for (const [i, item] of argv.entries()) {
     for (const [, name] of item.matchAll(TOKEN)) {
