@@ -55,6 +55,7 @@ const ROUTES = [
   "POST /v1/sessions",
   "GET /v1/sessions",
   "GET /v1/sessions/{id}",
+  "PATCH /v1/sessions/{id}",
   "DELETE /v1/sessions/{id}",
   "POST /v1/sessions/{id}/heartbeat",
   "POST /v1/sessions/{id}/reap",
@@ -594,6 +595,38 @@ const close = withId(
   fc.oneof(often(fc.constant(null), 8), often(fc.constantFrom(jsonBody({}), jsonBody({ x: 1 })), 1)),
 );
 const getOne = withId("GET /v1/sessions/{id}", "GET", "", fc.constant(null));
+/** PATCH: a fixture's port, dir or labels (valid, mostly), or any of the register body's wild values. */
+const patchBody = fc.oneof(
+  often(
+    fc
+      .record(
+        {
+          slot: fc.nat(POOL - 1),
+          port: fc.boolean(),
+          dir: fc.boolean(),
+          labels: fc.dictionary(fc.stringMatching(/^[A-Za-z0-9][A-Za-z0-9_./-]{0,10}$/), fc.string({ maxLength: 12 })),
+        },
+        { requiredKeys: ["slot"] },
+      )
+      .map(({ slot, port, dir, labels }) => ({
+        ...(port && slot < ENGINES ? { ports: [ref("port", slot)] } : {}),
+        ...(dir ? { paths: [ref("dir", slot)] } : {}),
+        ...(labels === undefined ? {} : { labels }),
+      })),
+    6,
+  ),
+  often(
+    fc.record({ ports: wildFields.ports, paths: wildFields.paths, labels: wildFields.labels }, { requiredKeys: [] }),
+    3,
+  ),
+  often(fc.constantFrom({}, { engine: { pid: 1 } }, { ports: [] }, [], null, "x", { labels: { "": "x" } }), 1),
+);
+const patch = withId(
+  "PATCH /v1/sessions/{id}",
+  "PATCH",
+  "",
+  fc.tuple(patchBody, mutation).map(([j, m]) => jsonBody(j, m)),
+);
 const events = withId("GET /v1/sessions/{id}/events", "GET", "/events", fc.constant(null));
 
 const cursor = fc.oneof(
@@ -765,6 +798,7 @@ const requestArb: fc.Arbitrary<RequestSpec> = fc.oneof(
   often(register, 30),
   often(list, 8),
   often(getOne, 6),
+  often(patch, 5),
   often(heartbeat, 10),
   often(close, 5),
   often(reap, 5),
