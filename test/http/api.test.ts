@@ -1,11 +1,18 @@
 import assert from "node:assert/strict";
-import { once } from "node:events";
 import { mkdirSync, statSync, symlinkSync } from "node:fs";
-import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { test } from "node:test";
 import { callApi } from "../../src/cli/client.js";
-import { startDaemon, startEngine, tempDir, testConfig, type Engine, type TestDaemon } from "../helpers.js";
+import {
+  foreignPort,
+  startDaemon,
+  startEngine,
+  tempDir,
+  testConfig,
+  unusedPort,
+  type Engine,
+  type TestDaemon,
+} from "../helpers.js";
 
 type ErrorBody = { error: { code: string; message: string } };
 
@@ -21,24 +28,6 @@ async function expectError(
   assert.equal(res.status, status, `${method} ${path} ${JSON.stringify(body)} → ${JSON.stringify(res.body)}`);
   assert.equal(res.body.error.code, code, JSON.stringify(res.body));
   assert.equal(typeof res.body.error.message, "string");
-}
-
-/** A port this test process listens on (outside any engine's tree), closed when the test ends. */
-async function foreignPort(t: { after: (fn: () => Promise<void>) => void }): Promise<number> {
-  const server = createServer();
-  server.listen(0, "127.0.0.1");
-  await once(server, "listening");
-  t.after(() => new Promise<void>((r) => server.close(() => r())));
-  return (server.address() as AddressInfo).port;
-}
-
-/** A port nobody listens on (bound, then released). */
-async function unusedPort(): Promise<number> {
-  const server = createServer().listen(0, "127.0.0.1");
-  await once(server, "listening");
-  const port = (server.address() as AddressInfo).port;
-  await new Promise<void>((r) => server.close(() => r()));
-  return port;
 }
 
 async function setup(t: Parameters<typeof startDaemon>[0]) {

@@ -5,14 +5,23 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { once } from "node:events";
 import { chmodSync, existsSync, mkdirSync, statSync, writeFileSync } from "node:fs";
-import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { test } from "node:test";
 import type { Session } from "../../src/client/index.js";
 import { ReaperClient } from "../../src/client/index.js";
-import { apiAs, isGone, portFree, startDaemon, tempDir, testConfig, testGroup, testUser } from "../helpers.js";
+import {
+  apiAs,
+  foreignPort,
+  isGone,
+  portFree,
+  startDaemon,
+  tempDir,
+  testConfig,
+  testGroup,
+  testUser,
+  unusedPort,
+} from "../helpers.js";
 
 type ErrorBody = { error: { code: string; message: string; detail?: Record<string, unknown> } };
 
@@ -53,13 +62,6 @@ function lateListener(t: { after: (fn: () => void) => void }): {
   };
 }
 
-async function foreignPort(t: { after: (fn: () => Promise<void>) => void }): Promise<number> {
-  const server = createServer().listen(0, "127.0.0.1");
-  await once(server, "listening");
-  t.after(() => new Promise<void>((r) => server.close(() => r())));
-  return (server.address() as AddressInfo).port;
-}
-
 test("PATCH adds a port opened after registration, a path and labels; the reap verifies them", async (t) => {
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir));
@@ -74,7 +76,7 @@ test("PATCH adds a port opened after registration, a path and labels; the reap v
   // One port the engine listens on and one nobody holds, with a label: refused with the
   // registration's code, naming the item, and nothing changes (not the held port, not the label).
   const port = await engine.listen();
-  const unheld = await foreignPortReleased();
+  const unheld = await unusedPort();
   const refused = await d.api<ErrorBody>("PATCH", "/v1/sessions/late", {
     ports: [port, unheld],
     labels: { stage: "2" },
@@ -149,15 +151,6 @@ test("PATCH adds a port opened after registration, a path and labels; the reap v
   assert.equal(late.status, 409);
   assert.equal(late.body.error.code, "SR_SESSION_FENCED");
 });
-
-/** A port nobody listens on (bound, then released). */
-async function foreignPortReleased(): Promise<number> {
-  const server = createServer().listen(0, "127.0.0.1");
-  await once(server, "listening");
-  const port = (server.address() as AddressInfo).port;
-  await new Promise<void>((r) => server.close(() => r()));
-  return port;
-}
 
 test("PATCH refusals: bad bodies, the path policy, the caps, unknown sessions and other users", async (t) => {
   const dir = tempDir(t);
