@@ -6,7 +6,7 @@
 import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 
-const FIGURES = ["heartbeat", "detection-lag", "idle-cost", "reap-throughput", "memory", "startup"];
+const FIGURES = ["heartbeat", "detection-lag", "idle-cost", "reap-throughput", "memory", "startup", "storm"];
 const args = process.argv.includes("--quick") ? ["--quick"] : [];
 const results: string[] = [];
 let failed = 0;

@@ -6,84 +6,26 @@
  * deleted, at the default reaper.concurrency. The floor, same run, same kind of processes: a
  * plain shell loop (`kill PID; rm -rf DIR` per engine), timed to the same three checks.
  */
-import { execFileSync } from "node:child_process";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { fileURLToPath } from "node:url";
 import { callApi } from "../src/cli/client.js";
-import { isExited, readStat } from "../src/proc/stat.js";
 import { logLines, startReaperd } from "./lib/daemon.js";
+import { cleanedAfter, compileEngine, startEngines } from "./lib/engines.js";
 import { QUICK, fmt, report, runFigure, say, sleep } from "./lib/report.js";
 import { cleanupAll, exited, start, tempDir } from "./lib/resources.js";
 import { registerMany } from "./lib/sessions.js";
+import { DEFAULTS } from "../src/config/schema.js";
 
-const ENGINE_SOURCE = fileURLToPath(new URL("../../bench/fixtures/engine-lite.c", import.meta.url));
 const ENGINES = QUICK ? 200 : 1_000;
-const CONCURRENCY = 8; // the default reaper.concurrency
+/** The daemon's default reaper.concurrency unless BENCH_CONCURRENCY says otherwise. */
+const CONCURRENCY = Number(process.env.BENCH_CONCURRENCY ?? DEFAULTS.reaper.concurrency);
 /** Long enough to register every engine before the burst of heartbeats sets the deadlines. */
 const TIMEOUT_SEC = QUICK ? 20 : 120;
 const GIVE_UP_MS = 10 * 60_000;
 
-interface Engine {
-  pid: number;
-  port: number;
-  dir: string;
-}
-
-function compileEngine(): string {
-  const bin = join(tempDir(), "engine-lite");
-  execFileSync("cc", ["-O2", "-o", bin, ENGINE_SOURCE]);
-  return bin;
-}
-
-async function startEngines(bin: string, root: string, tag: string): Promise<Engine[]> {
-  const out: Engine[] = [];
-  for (let i = 0; i < ENGINES; i++) {
-    const dir = join(root, `${tag}-${i}`);
-    const child = start(bin, [dir], { stdio: ["ignore", "pipe", "inherit"] });
-    const port = await new Promise<number>((resolve, reject) => {
-      child.stdout?.setEncoding("utf8").once("data", (d: string) => resolve(Number(d.trim())));
-      child.once("exit", (code) => reject(new Error(`engine exited with ${code}`)));
-    });
-    child.stdout?.destroy(); // one fd less per engine in this process
-    out.push({ pid: child.pid as number, port, dir });
-  }
-  return out;
-}
-
-/** TCP ports with a LISTEN socket, from /proc/net/tcp{,6}. */
-function listeningPorts(): Set<number> {
-  const ports = new Set<number>();
-  for (const f of ["/proc/net/tcp", "/proc/net/tcp6"]) {
-    for (const line of readFileSync(f, "latin1").split("\n").slice(1)) {
-      const cols = line.trim().split(/\s+/);
-      if (cols[3] === "0A") ports.add(parseInt((cols[1] ?? "").split(":")[1] ?? "", 16));
-    }
-  }
-  return ports;
-}
-
-function allCleaned(engines: readonly Engine[]): boolean {
-  for (const e of engines) {
-    const st = readStat(e.pid);
-    if (st !== null && !isExited(st)) return false;
-  }
-  const listening = listeningPorts();
-  return engines.every((e) => !listening.has(e.port) && !existsSync(e.dir));
-}
-
-/** Polls until every engine is gone, its port free and its dir deleted; ms after `from`. */
-async function cleanedAfter(engines: readonly Engine[], from: number): Promise<number> {
-  while (!allCleaned(engines)) {
-    if (performance.now() - from > GIVE_UP_MS) throw new Error("engines not cleaned within 10 minutes");
-    await sleep(50);
-  }
-  return performance.now() - from;
-}
-
 async function shellFloor(bin: string, root: string): Promise<number> {
-  const engines = await startEngines(bin, root, "floor");
+  const engines = await startEngines(bin, root, "floor", ENGINES);
   const script = join(root, "floor.sh");
   writeFileSync(script, engines.map((e) => `kill ${e.pid}; rm -rf ${e.dir}`).join("\n") + "\n");
   const t0 = performance.now();
@@ -91,12 +33,24 @@ async function shellFloor(bin: string, root: string): Promise<number> {
   return cleanedAfter(engines, t0);
 }
 
-async function reaperRun(bin: string, root: string): Promise<{ ms: number; finishedMs: number; clean: number }> {
-  const engines = await startEngines(bin, root, "reaped");
+interface RunSpec {
+  name: string;
+  containment: "auto" | "none";
+  /** Another build's dist/src/main.js (BENCH_BEFORE), or this build's. */
+  reaperd?: string | undefined;
+}
+
+async function reaperRun(
+  bin: string,
+  root: string,
+  spec: RunSpec,
+): Promise<{ ms: number; finishedMs: number; clean: number }> {
+  const engines = await startEngines(bin, root, `reaped-${spec.name.replace(/\W+/g, "-")}`, ENGINES);
   const dir = tempDir();
   const daemon = await startReaperd({
     dir,
-    toml: `[reaper]\nconcurrency = ${CONCURRENCY}\n[profiles.default]\nallowed_roots = ["${root}"]\nheartbeat_timeout_sec = ${TIMEOUT_SEC}\n`,
+    ...(spec.reaperd === undefined ? {} : { reaperd: spec.reaperd }),
+    toml: `[reaper]\nconcurrency = ${CONCURRENCY}\n[profiles.default]\nallowed_roots = ["${root}"]\nheartbeat_timeout_sec = ${TIMEOUT_SEC}\ncontainment = "${spec.containment}"\n`,
   });
   const t0 = performance.now();
   await registerMany(
@@ -137,41 +91,70 @@ async function reaperRun(bin: string, root: string): Promise<{ ms: number; finis
     await sleep(200);
   }
   const finishedMs = performance.now() - from;
+  // Where a reap's time goes: each step's median and maximum duration, from the audit lines.
+  const steps = new Map<string, number[]>();
+  for (const l of logLines(daemon.logFile)) {
+    if (l.event !== "reap.step" || typeof l.step !== "string" || typeof l.durationMs !== "number") continue;
+    steps.set(l.step, [...(steps.get(l.step) ?? []), l.durationMs]);
+  }
+  const pct = (xs: number[], q: number): number => [...xs].sort((a, b) => a - b)[Math.floor(q * (xs.length - 1))] ?? 0;
+  say(
+    `  steps (ms, median / p90 / max): ${[...steps]
+      .map(([name, xs]) => `${name} ${fmt(pct(xs, 0.5))}/${fmt(pct(xs, 0.9))}/${fmt(Math.max(...xs))}`)
+      .join(", ")}`,
+  );
   await daemon.stop();
   return { ms, finishedMs, clean: finished.filter((l) => l.outcome === "clean").length };
 }
 
+const BEFORE = process.env.BENCH_BEFORE || undefined;
+
 async function main(): Promise<number> {
   const bin = compileEngine();
   const root = tempDir("sr-bench-engines-");
-  const floorMs = await shellFloor(bin, root);
-  say(`shell loop: ${ENGINES} engines gone, ports free, dirs deleted in ${fmt(floorMs)} ms`);
-  const r = await reaperRun(bin, root);
-  say(`reaperd: ${fmt(r.ms)} ms (last reap.finished after ${fmt(r.finishedMs)} ms), ${r.clean} clean`);
+  const specs: RunSpec[] = [
+    { name: "contained (cgroup)", containment: "auto" },
+    { name: "uncontained", containment: "none" },
+    ...(BEFORE === undefined
+      ? []
+      : [
+          { name: "before: contained", containment: "auto" as const, reaperd: BEFORE },
+          { name: "before: uncontained", containment: "none" as const, reaperd: BEFORE },
+        ]),
+  ];
+  // The floor before, between and after the daemon's runs: its spread is part of the result.
+  const floors: number[] = [];
+  const floor = async (): Promise<void> => {
+    const ms = await shellFloor(bin, root);
+    floors.push(ms);
+    say(`shell loop: ${ENGINES} engines gone, ports free, dirs deleted in ${fmt(ms)} ms`);
+  };
+  await floor();
+  const results: { spec: RunSpec; ms: number; finishedMs: number; clean: number }[] = [];
+  for (const spec of specs) {
+    const r = await reaperRun(bin, root, spec);
+    say(`reaperd, ${spec.name}: ${fmt(r.ms)} ms (last reap.finished after ${fmt(r.finishedMs)} ms), ${r.clean} clean`);
+    results.push({ spec, ...r });
+    await floor();
+  }
+  const sorted = [...floors].sort((a, b) => a - b);
+  const median = sorted[Math.floor(sorted.length / 2)] as number;
+  const spread = `${fmt((sorted[0] as number) / 1000)}-${fmt((sorted[sorted.length - 1] as number) / 1000)} s over ${floors.length} runs`;
   return report(
     "Figure 4: reap throughput",
     [
-      {
-        figure: `${ENGINES} engines gone, ports free, dirs deleted (s), concurrency ${CONCURRENCY}`,
-        baseline: `${fmt(floorMs / 1000)} (shell loop kill + rm -rf)`,
-        result: `${fmt(r.ms / 1000)} (${fmt((ENGINES * 1000) / r.ms)} reaps/s)`,
-        ratio: fmt(r.ms / floorMs),
-        goal: "all cleaned, outcome clean",
-        pass: r.clean === ENGINES,
-        noise: "none (a count)",
-      },
-      {
-        figure: "until the last reap.finished is journaled (s)",
-        baseline: "",
-        result: fmt(r.finishedMs / 1000),
-        ratio: "",
-        goal: "reported",
-        pass: null,
-        noise: "",
-      },
+      ...results.map((r) => ({
+        figure: `${ENGINES} engines gone, ports free, dirs deleted (s), ${r.spec.name}, concurrency ${CONCURRENCY}`,
+        baseline: `${fmt(median / 1000)} (shell loop kill + rm -rf, median; ${spread})`,
+        result: `${fmt(r.ms / 1000)} (${fmt((ENGINES * 1000) / r.ms)} reaps/s; last reap.finished ${fmt(r.finishedMs / 1000)} s); ${r.clean}/${ENGINES} clean`,
+        ratio: fmt(r.ms / median),
+        goal: "all clean, ≤ 3 × the floor",
+        pass: r.clean === ENGINES && r.ms <= 3 * median,
+        noise: "the floor's spread",
+      })),
     ],
     [
-      "each reap: tree snapshot, socket snapshot, SIGTERM, verified exit, port checks (no listener, test bind), dir removed through the openat path as the engine's uid, 7 journaled steps",
+      "each reap: tree snapshot, socket snapshot, SIGTERM, verified exit, port checks (no listener, test bind), dir removed through the openat path as the engine's uid, every step journaled, the verification pass (tree or cgroup, cookie, ports, paths, IPC)",
     ],
   );
 }

@@ -1,8 +1,8 @@
 import { performance } from "node:perf_hooks";
 import { liveness } from "../proc/identity.js";
 import { readUid } from "../proc/stat.js";
-import { socketSnapshot } from "../proc/sockets.js";
-import { processTree } from "../proc/tree.js";
+import { freshTables, socketSnapshot } from "../proc/sockets.js";
+import { sharedTable } from "../proc/tree.js";
 import { commandHook } from "./release-hooks.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
 
@@ -21,9 +21,16 @@ export const closeEnvironment: CleanupStep = {
     if (liveness(session.engine) === "gone") return { ok: true, detail: { skipped: "engine already gone" } };
     // Snapshot the tree before the engine is asked to go: once it exits, its children are
     // re-parented and only this record still ties them to the session.
-    const processes = processTree(session.engine, knownProcesses(ctx.journal));
+    // A shared snapshot at most 100 ms old (every reap in flight takes one): a child forked
+    // since is found by terminate (its parent, the cgroup, the cookie).
+    const processes = sharedTable(100).tree(session.engine, knownProcesses(ctx.journal));
     // And its sockets: release-connections-and-ports verifies each one gone after terminate.
-    const sockets = socketSnapshot(processes.map((p) => p.pid));
+    // The network tables, read once for every reap snapshotting in this turn.
+    const since = await freshTables(processes[0]?.pid ?? "self");
+    const sockets = socketSnapshot(
+      processes.map((p) => p.pid),
+      since,
+    );
     ctx.record({ processes, sockets }); // kept even if the hook below hangs
     if (hook === null) return { ok: true, detail: { skipped: "the profile has no close hook" } };
 

@@ -7,6 +7,7 @@ import {
   endpoint,
   holdersByInode,
   holdersOf,
+  freshTables,
   inetSockets,
   netnsOf,
   socketInodes,
@@ -85,8 +86,13 @@ function holdersIn(inodes: ReadonlySet<number>, session: ReadonlySet<string>): H
   return found.sort(sessionFirst);
 }
 
-async function inspect(port: number, udp: boolean, session: ReadonlySet<string>): Promise<PortReport> {
-  const sockets = inetSockets("self", new Set([port]));
+async function inspect(
+  port: number,
+  udp: boolean,
+  session: ReadonlySet<string>,
+  notBefore: number,
+): Promise<PortReport> {
+  const sockets = inetSockets("self", new Set([port]), notBefore);
   const timeWait = sockets.filter((s) => s.state === "TIME_WAIT").length;
   const bound = sockets.filter((s) => s.inode > 0 && (s.state === "LISTEN" || (udp && isUdp(s))));
   const holder = holdersIn(new Set(bound.map((s) => s.inode)), session)[0];
@@ -257,7 +263,9 @@ export const releaseConnectionsAndPorts: CleanupStep = {
     let ports: PortReport[];
     for (;;) {
       ports = [];
-      for (const port of session.ports) ports.push(await inspect(port, !tcpOnly.has(port), sessionKeys));
+      // One reading of the tables for every reap checking in this turn.
+      const round = await freshTables();
+      for (const port of session.ports) ports.push(await inspect(port, !tcpOnly.has(port), sessionKeys, round));
       const pending = ports.some((r) => r.status === "bind-failed" || (r.status === "held" && r.by === "session"));
       if (!pending || signal.aborted || performance.now() >= settleEnd) break;
       await sleep(100);
@@ -286,18 +294,15 @@ export const releaseConnectionsAndPorts: CleanupStep = {
     // A multithreaded engine (a JVM, Node) shows as a zombie, gone for terminate, while its
     // last threads still release the shared fd table: its sockets may outlive it by a
     // moment, longer on a loaded host. Give them the same settle time as the ports.
-    let sockets = verifySockets(
-      snap,
-      { inet: inetSockets(), unix: new Set(unixSockets().map((s) => s.inode)) },
-      sessionKeys,
-    );
+    const tablesSince = (t: number) => ({
+      inet: inetSockets("self", undefined, t),
+      unix: new Set(unixSockets("self", t).map((s) => s.inode)),
+    });
+    const since = await freshTables();
+    let sockets = verifySockets(snap, tablesSince(since), sessionKeys);
     while ("survivors" in sockets && sockets.survivors.length > 0 && !signal.aborted && performance.now() < settleEnd) {
       await sleep(50);
-      sockets = verifySockets(
-        snap,
-        { inet: inetSockets(), unix: new Set(unixSockets().map((s) => s.inode)) },
-        sessionKeys,
-      );
+      sockets = verifySockets(snap, tablesSince(await freshTables()), sessionKeys);
     }
     const registered = new Set(session.ports);
     const survivors = "survivors" in sockets ? sockets.survivors : [];
@@ -320,7 +325,7 @@ export const releaseConnectionsAndPorts: CleanupStep = {
     // TIME_WAIT: the TCP close is done on the session's side; the kernel keeps the line for a
     // while (2 * MSL). Reported, never a failure: a test bind still succeeds (SO_REUSEADDR).
     const snapConnections = new Set(snap?.established.map((c) => `${c.proto} ${c.local} -> ${c.remote}`));
-    const timeWait = inetSockets()
+    const timeWait = inetSockets("self", undefined, since)
       .filter((s) => s.state === "TIME_WAIT")
       .map((s) => ({
         item: `${s.proto} ${endpoint(s.localAddress, s.localPort)} -> ${endpoint(s.remoteAddress, s.remotePort)}`,

@@ -7,12 +7,14 @@ import { killCgroup, killSessionCgroup, signalProcess } from "../proc/signal.js"
 import { readStat, readUid } from "../proc/stat.js";
 import { cgroupUsage, processUsage } from "../proc/usage.js";
 import { processUses } from "../proc/users.js";
-import { processTree } from "../proc/tree.js";
+import { sharedTable } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
 import { journaled } from "./journal.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
 
 const POLL_MS = 25;
+/** How old a shared /proc snapshot a poll may use (sharedTable). */
+const SHARED_SCAN_MS = 100;
 /** How long SIGKILLed processes get to disappear before they are reported as leftovers. */
 const KILL_WAIT_MS = 3000;
 /** Freeze rounds: each stops the newcomers found by a re-scan, until a scan finds none. */
@@ -46,6 +48,7 @@ export const terminate: CleanupStep = {
     const seen = new Map<string, ProcessIdentity>();
     const key = (p: ProcessIdentity): string => `${p.pid}:${p.startTime}`;
     const cg = ctx.session.containment?.kind === "cgroup" ? ctx.session.containment : null;
+    const completeness = cg === null ? 0 : SHARED_SCAN_MS;
     /** The contained session's cgroup members, as identities (whatever their ancestry). */
     const members = (): ProcessIdentity[] => {
       if (cg === null) return [];
@@ -57,9 +60,16 @@ export const terminate: CleanupStep = {
       }
       return out;
     };
-    const rescan = (): ProcessIdentity[] => {
+    /**
+     * New members of the tree (and cgroup). `maxAgeMs`: how old the shared /proc snapshot
+     * may be (sharedTable): polls share one; the scans that decide the tree is complete
+     * (after a freeze, before the last kill check) take a fresh one unless the session is
+     * contained, whose cgroup (read fresh each time) holds every process born in it.
+     */
+    const rescan = (maxAgeMs = SHARED_SCAN_MS): ProcessIdentity[] => {
       const fresh: ProcessIdentity[] = [];
-      for (const p of [...processTree(ctx.session.engine, [...known, ...seen.values()]), ...members()]) {
+      const tree = sharedTable(maxAgeMs).tree(ctx.session.engine, [...known, ...seen.values()]);
+      for (const p of [...tree, ...members()]) {
         if (!seen.has(key(p))) {
           seen.set(key(p), p);
           fresh.push(p);
@@ -130,7 +140,7 @@ export const terminate: CleanupStep = {
       // newcomer means the tree is complete.
       const stopped = new Set<string>();
       for (let round = 0; round < MAX_FREEZE_ROUNDS && !signal.aborted; round++) {
-        const fresh = rescan();
+        const fresh = rescan(completeness);
         const toStop = alive().filter((p) => !stopped.has(key(p)));
         for (const p of toStop) stopped.add(key(p));
         sigstop += send(toStop, "SIGSTOP");
@@ -139,7 +149,7 @@ export const terminate: CleanupStep = {
     }
     const killEnd = Math.min(performance.now() + KILL_WAIT_MS, ctx.deadline - 50);
     while (!signal.aborted && performance.now() < killEnd) {
-      rescan();
+      rescan(completeness);
       const left = alive();
       if (left.length === 0) break;
       sigkill += send(left, "SIGKILL");

@@ -1,7 +1,7 @@
 import { cgroupPids } from "../proc/cgroup.js";
 import { ipcLeftovers } from "../proc/ipc.js";
 import { liveness } from "../proc/identity.js";
-import { inetSockets } from "../proc/sockets.js";
+import { freshTables, inetSockets } from "../proc/sockets.js";
 import { readStat, readUid } from "../proc/stat.js";
 import { processUses, type ProcessUse } from "../proc/users.js";
 import type { Leftover, ProcessIdentity, Session } from "../sessions/types.js";
@@ -67,7 +67,8 @@ export async function verifyGone(session: Session, journal: Journal, daemonPid: 
   // when it shares it; the release step says when it did not).
   const sockets = new Map<number, string>();
   if (session.ports.length > 0) {
-    for (const s of inetSockets("self", new Set(session.ports))) {
+    const since = await freshTables(); // one reading for every reap verifying in this turn
+    for (const s of inetSockets("self", new Set(session.ports), since)) {
       if (s.inode === 0 || !session.ports.includes(s.localPort)) continue;
       sockets.set(s.inode, `port ${s.localPort} (${s.proto} ${s.state})`);
     }

@@ -1,5 +1,7 @@
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { endianness } from "node:os";
+import { performance } from "node:perf_hooks";
+import { loopTurn } from "../reaper/turns.js";
 import { readStat } from "./stat.js";
 
 export interface TcpSocket {
@@ -62,6 +64,82 @@ function readLines(file: string): string[] {
   } catch {
     return [];
   }
+}
+
+/**
+ * The last reading of each network namespace's tables ("net:[4026531840] tcp"), with the
+ * time its read began. Reading /proc/net/tcp makes the kernel walk its whole socket hash
+ * (milliseconds on a host with thousands of sockets), and every reap step asks: a reading
+ * that began after a caller's `notBefore` shows the state after whatever the caller did
+ * before that moment, so it serves every caller in flight instead of one read each.
+ */
+const readings = new Map<string, { at: number; lines: string[]; parsed?: InetSocket[] }>();
+
+const TABLES: readonly (InetProto | "unix")[] = ["tcp", "tcp6", "udp", "udp6", "unix"];
+const asked: { pid: number | "self"; at: number; resolve: (since: number) => void }[] = [];
+let flushing = false;
+
+/**
+ * Reads the network namespace's tables (tcp, tcp6, udp, udp6, unix) at the next turn of the
+ * event loop, once for everyone who asked before it: resolves with the moment of asking, to
+ * pass as `notBefore` to inetSockets, unixSockets and socketSnapshot, which then use that
+ * shared reading. A storm of reaps reads each table once per turn, not once per check.
+ */
+export async function freshTables(pid: number | "self" = "self"): Promise<number> {
+  const since = await readSoon(pid);
+  await loopTurn(); // one reading answers many reaps: they continue a few per turn
+  return since;
+}
+
+/**
+ * At most one reading of the tables per READ_EVERY_MS: the kernel's walk of a large socket
+ * table takes the loop for milliseconds, and in a storm every turn has someone asking. A
+ * caller waits for the next reading (never an older one), at most that long.
+ */
+const READ_EVERY_MS = 50;
+let lastRead = -Infinity;
+
+function readSoon(pid: number | "self"): Promise<number> {
+  return new Promise((resolve) => {
+    asked.push({ pid, at: performance.now(), resolve });
+    if (flushing) return;
+    flushing = true;
+    const wait = Math.max(0, lastRead + READ_EVERY_MS - performance.now());
+    const read = (): void => {
+      flushing = false;
+      lastRead = performance.now();
+      const batch = asked.splice(0);
+      const read = new Set<string>();
+      for (const a of batch) {
+        const ns = netnsOf(a.pid);
+        if (ns !== null && !read.has(ns)) {
+          read.add(ns);
+          const at = performance.now();
+          for (const t of TABLES) readings.set(`${ns} ${t}`, { at, lines: readLines(`/proc/${a.pid}/net/${t}`) });
+        }
+        a.resolve(a.at);
+      }
+    };
+    if (wait > 0) setTimeout(read, wait);
+    else setImmediate(read);
+  });
+}
+
+/**
+ * The lines of /proc/<pid>/net/<table>: a reading begun at or after `notBefore`
+ * (performance.now() ms), shared, or a fresh one. The default is a fresh read.
+ */
+function tableLines(pid: number | "self", table: InetProto | "unix", notBefore?: number): string[] {
+  const now = performance.now();
+  if (notBefore === undefined || notBefore > now) return readLines(`/proc/${pid}/net/${table}`);
+  const ns = netnsOf(pid);
+  if (ns === null) return readLines(`/proc/${pid}/net/${table}`);
+  const key = `${ns} ${table}`;
+  const last = readings.get(key);
+  if (last !== undefined && last.at >= notBefore) return last.lines;
+  const lines = readLines(`/proc/${pid}/net/${table}`);
+  readings.set(key, { at: now, lines });
+  return lines;
 }
 
 function readTable(file: string, family: 4 | 6): TcpSocket[] {
@@ -139,9 +217,23 @@ function parseInetLine(proto: InetProto, line: string): InetSocket | null {
 }
 
 /** One table's sockets; with `ports`, only those on these local ports (other lines are not parsed). */
-function inetTable(pid: number | "self", proto: InetProto, ports?: ReadonlySet<number>): InetSocket[] {
+function inetTable(
+  pid: number | "self",
+  proto: InetProto,
+  ports?: ReadonlySet<number>,
+  notBefore?: number,
+): InetSocket[] {
   const out: InetSocket[] = [];
-  for (const line of readLines(`/proc/${pid}/net/${proto}`)) {
+  const lines = tableLines(pid, proto, notBefore);
+  if (ports === undefined) {
+    // A whole shared reading is parsed once, for every reap that reads it.
+    const shared = [...readings.values()].find((r) => r.lines === lines);
+    if (shared !== undefined) {
+      shared.parsed ??= lines.map((l) => parseInetLine(proto, l)).filter((x): x is InetSocket => x !== null);
+      return shared.parsed;
+    }
+  }
+  for (const line of lines) {
     if (ports !== undefined) {
       const port = localPortOf(line);
       // A line whose port cannot be read this way is parsed in full, as without a filter.
@@ -157,18 +249,23 @@ function inetTable(pid: number | "self", proto: InetProto, ports?: ReadonlySet<n
  * The TCP and UDP sockets of a network namespace: the one `pid` lives in, or the daemon's
  * (`"self"`). Reading through a pid matters for engines in a container's namespace. With
  * `ports`, only the sockets on these local ports: a host with thousands of sockets is then
- * read, not parsed.
+ * read, not parsed. With `notBefore`, a reading begun at or after that moment may be shared
+ * (see `tableLines`); without, the tables are read now.
  */
-export function inetSockets(pid: number | "self" = "self", ports?: ReadonlySet<number>): InetSocket[] {
+export function inetSockets(
+  pid: number | "self" = "self",
+  ports?: ReadonlySet<number>,
+  notBefore?: number,
+): InetSocket[] {
   const out: InetSocket[] = [];
-  for (const proto of INET_PROTOS) out.push(...inetTable(pid, proto, ports));
+  for (const proto of INET_PROTOS) out.push(...inetTable(pid, proto, ports, notBefore));
   return out;
 }
 
 /** The unix sockets of a network namespace (see `inetSockets`). */
-export function unixSockets(pid: number | "self" = "self"): UnixSocket[] {
+export function unixSockets(pid: number | "self" = "self", notBefore?: number): UnixSocket[] {
   const out: UnixSocket[] = [];
-  for (const line of readLines(`/proc/${pid}/net/unix`)) {
+  for (const line of tableLines(pid, "unix", notBefore)) {
     const f = line.trim().split(/\s+/);
     if (f.length < 7) continue;
     const path = f.length > 7 ? f.slice(7).join(" ") : null;
@@ -364,7 +461,7 @@ export const SNAPSHOT_LIMIT = 1000;
  * gives socket inodes, each network namespace's /proc/<pid>/net/{tcp,tcp6,udp,udp6,unix}
  * says what they are. Taken before termination, so that afterwards each can be verified gone.
  */
-export function socketSnapshot(pids: readonly number[]): SocketSnapshot {
+export function socketSnapshot(pids: readonly number[], notBefore?: number): SocketSnapshot {
   const holders = inodeHolders(pids);
   const ns = namespaces(pids);
   const listening: ListeningSocket[] = [];
@@ -372,7 +469,7 @@ export function socketSnapshot(pids: readonly number[]): SocketSnapshot {
   const unix: UnixSocketHeld[] = [];
   if (holders.size > 0) {
     for (const pid of ns.values()) {
-      for (const s of inetSockets(pid)) {
+      for (const s of inetSockets(pid, undefined, notBefore)) {
         const held = holders.get(s.inode);
         if (held === undefined) continue;
         if (s.remotePort === 0) {
@@ -389,7 +486,7 @@ export function socketSnapshot(pids: readonly number[]): SocketSnapshot {
           });
         }
       }
-      for (const s of unixSockets(pid)) {
+      for (const s of unixSockets(pid, notBefore)) {
         const held = holders.get(s.inode);
         if (held !== undefined) unix.push({ ...s, pids: held });
       }

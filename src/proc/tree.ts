@@ -1,4 +1,5 @@
 import { readFileSync, readdirSync } from "node:fs";
+import { performance } from "node:perf_hooks";
 import type { ProcessIdentity } from "../sessions/types.js";
 import { bootId } from "./identity.js";
 import { isExited, isKernelThread, listStats, readStat, readUid, type ProcStat } from "./stat.js";
@@ -82,6 +83,21 @@ export class ProcessTable {
 /** A fresh snapshot's tree for one engine. */
 export function processTree(engine: ProcessIdentity, known: readonly ProcessIdentity[] = []): ProcessIdentity[] {
   return new ProcessTable().tree(engine, known);
+}
+
+let recent: { table: ProcessTable; at: number } | null = null;
+
+/**
+ * A snapshot of /proc taken at most `maxAgeMs` ago, shared by every caller in that window
+ * (the reaps in flight poll their trees every few tens of ms: one walk serves them all, not
+ * one each). 0 takes a fresh one, which the next callers share. For questions a slightly
+ * older picture answers as well (a poll that runs again); a decision that needs the state
+ * after an action asks for 0.
+ */
+export function sharedTable(maxAgeMs: number): ProcessTable {
+  const now = performance.now();
+  if (recent === null || maxAgeMs <= 0 || now - recent.at > maxAgeMs) recent = { table: new ProcessTable(), at: now };
+  return recent.table;
 }
 
 /** The live children of a process (every thread's children file under /proc/<pid>/task); none if it is gone. */

@@ -1,4 +1,5 @@
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
+import { loopTurn } from "../reaper/turns.js";
 import { readStat, readUid } from "./stat.js";
 
 import { SESSION_COOKIE } from "../sessions/types.js";
@@ -29,67 +30,198 @@ export interface UseQuery {
 /** Processes looked at between two yields to the event loop (about a millisecond's work). */
 const YIELD_EVERY = 8;
 
-/** Every pid in /proc but `skip`, yielding to the event loop every YIELD_EVERY of them. */
-async function* everyPid(skip?: ReadonlySet<number>): AsyncGenerator<number> {
-  let names: string[];
-  try {
-    names = readdirSync("/proc");
-  } catch {
-    return;
+/**
+ * What one process exposes in /proc, each read at most once per walk, however many scans
+ * ask for it: its environ, its cwd and root links, its fd links, the files it maps.
+ */
+class ProcView {
+  private env: Buffer | null | undefined;
+  private links: { cwd: string | null; root: string | null } | undefined;
+  private fdTargets: string[] | undefined;
+  private mapped: string[] | undefined;
+
+  constructor(readonly pid: number) {}
+
+  environ(): Buffer | null {
+    if (this.env === undefined) {
+      try {
+        this.env = readFileSync(`/proc/${this.pid}/environ`);
+      } catch {
+        this.env = null;
+      }
+    }
+    return this.env;
   }
-  let looked = 0;
-  for (const name of names) {
-    const c = name.charCodeAt(0);
-    if (c < 48 || c > 57) continue;
-    const pid = Number(name);
-    if (skip?.has(pid)) continue;
-    if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
-    yield pid;
+
+  cwdRoot(): { cwd: string | null; root: string | null } {
+    this.links ??= { cwd: link(`/proc/${this.pid}/cwd`), root: link(`/proc/${this.pid}/root`) };
+    return this.links;
   }
+
+  fds(): string[] {
+    if (this.fdTargets === undefined) {
+      this.fdTargets = [];
+      let fds: string[] = [];
+      try {
+        fds = readdirSync(`/proc/${this.pid}/fd`);
+      } catch {
+        // gone, or not ours to read
+      }
+      for (const fd of fds) {
+        const target = link(`/proc/${this.pid}/fd/${fd}`);
+        if (target !== null) this.fdTargets.push(target);
+      }
+    }
+    return this.fdTargets;
+  }
+
+  maps(): string[] {
+    if (this.mapped === undefined) {
+      this.mapped = [];
+      let text = "";
+      try {
+        text = readFileSync(`/proc/${this.pid}/maps`, "latin1");
+      } catch {
+        // gone
+      }
+      for (const line of text.split("\n")) {
+        const slash = line.indexOf("/");
+        if (slash < 0) continue;
+        const file = line.slice(slash);
+        this.mapped.push(file.endsWith(" (deleted)") ? file.slice(0, -10) : file);
+      }
+    }
+    return this.mapped;
+  }
+}
+
+/** One question asked of every process in a walk. */
+interface Scan {
+  readonly skip?: ReadonlySet<number> | undefined;
+  visit(p: ProcView): void;
+  /** Called once the walk has seen every process. */
+  done(): void;
+  fail(err: unknown): void;
+}
+
+/**
+ * Walks of /proc shared between everyone who asks at about the same time: a scan asked while
+ * no walk runs starts one at the next turn of the event loop (so the scans of that turn
+ * share it); a scan asked during a walk waits for the next one, because it must see /proc as
+ * it is after it asked (a verification after a kill, a delete after the last holder went).
+ * Each process's files are read once per walk, whatever the number of scans: a storm of
+ * reaps costs a walk per turn, not one per reap step.
+ */
+class ProcWalker {
+  private pending: Scan[] = [];
+  private scheduled = false;
+  private walking = false;
+  /** Walks done and scans served, for tests and the benchmark's report. */
+  readonly stats = { walks: 0, scans: 0 };
+
+  ask(scan: Scan): void {
+    this.pending.push(scan);
+    if (this.scheduled || this.walking) return;
+    this.scheduled = true;
+    setImmediate(() => void this.drain());
+  }
+
+  private async drain(): Promise<void> {
+    this.scheduled = false;
+    this.walking = true;
+    try {
+      while (this.pending.length > 0) await this.walk(this.pending.splice(0));
+    } finally {
+      this.walking = false;
+    }
+  }
+
+  private async walk(scans: Scan[]): Promise<void> {
+    this.stats.walks++;
+    this.stats.scans += scans.length;
+    const live = new Set(scans);
+    let names: string[] = [];
+    try {
+      names = readdirSync("/proc");
+    } catch {
+      // no /proc: nothing is found
+    }
+    let looked = 0;
+    for (const name of names) {
+      const c = name.charCodeAt(0);
+      if (c < 48 || c > 57) continue;
+      const view = new ProcView(Number(name));
+      for (const s of live) {
+        if (s.skip?.has(view.pid)) continue;
+        try {
+          s.visit(view);
+        } catch (err) {
+          live.delete(s);
+          s.fail(err);
+        }
+      }
+      if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
+    }
+    for (const s of live) s.done();
+  }
+}
+
+const walker = new ProcWalker();
+
+/** How many /proc walks served how many scans since the start (shared walks: scans > walks). */
+export function walkStats(): { walks: number; scans: number } {
+  return { ...walker.stats };
+}
+
+/** A scan's answer, handed back at a paced turn (loopTurn): a walk answers many reaps at once. */
+async function scan<T>(make: (resolve: (value: T) => void) => Omit<Scan, "fail">): Promise<T> {
+  const answer = await new Promise<T>((resolve, reject) => walker.ask({ ...make(resolve), fail: reject }));
+  await loopTurn();
+  return answer;
 }
 
 const under = (target: string, root: string): boolean =>
   target === root || (target.startsWith(root) && target.charCodeAt(root.length) === 47); /* / */
 
 /**
- * One pass over /proc: every live process (zombies and kernel threads have nothing to use)
- * that carries the session's cookie or uses one of its paths, each with the first reason
- * found. The answer to "is anything of this session still alive, or still holding its
- * files?", taken independently of what the daemon believed the session's processes were.
+ * Every live process (zombies and kernel threads have nothing to use) that carries the
+ * session's cookie or uses one of its paths, each with every reason found. The answer to "is
+ * anything of this session still alive, or still holding its files?", taken independently
+ * of what the daemon believed the session's processes were.
  *
- * Cost: per process a stat, and only for what is asked: its environ (cookie), its cwd and
- * root links, its fd links and its maps (paths): a few tens of ms for a hundred processes,
- * so the pass yields to the event loop every YIELD_EVERY processes (heartbeats are served
- * meanwhile; a loop blocked for long would also count as a stall). Nothing is read when
- * nothing is asked.
+ * Cost: per process only what is asked (its environ for a cookie; its cwd and root links,
+ * its fd links and its maps for paths; its fd links for sockets), read once per walk for all
+ * the scans that share it (ProcWalker); the walk yields to the event loop every YIELD_EVERY
+ * processes, so heartbeats are served meanwhile. Nothing is read when nothing is asked.
  */
-export async function processUses(q: UseQuery): Promise<ProcessUse[]> {
+export function processUses(q: UseQuery): Promise<ProcessUse[]> {
   const paths = (q.paths ?? []).filter((p) => p.startsWith("/") && p !== "/");
   const needle = q.cookie === undefined ? null : Buffer.from(`${SESSION_COOKIE}=${q.cookie}\0`);
   const sockets = q.sockets ?? new Map<number, string>();
-  if (paths.length === 0 && needle === null && sockets.size === 0) return [];
+  if (paths.length === 0 && needle === null && sockets.size === 0) return Promise.resolve([]);
   const usesPath = (target: string): string | undefined => paths.find((p) => under(target, p));
-  const out: ProcessUse[] = [];
-  for await (const pid of everyPid(q.skip)) {
-    const reasons = fileUses(pid, paths.length > 0 ? usesPath : null, sockets);
-    if (needle !== null && carries(pid, needle)) reasons.unshift("cookie");
-    if (reasons.length === 0) continue;
-    const why = reasons.join(", ");
-    const st = readStat(pid);
-    if (st === null || st.state === "Z" || st.state === "X") continue;
-    out.push({ pid, startTime: st.startTime, comm: st.comm, uid: readUid(pid) ?? -1, why });
-  }
-  return out;
-}
-
-function carries(pid: number, needle: Buffer): boolean {
-  let env: Buffer;
-  try {
-    env = readFileSync(`/proc/${pid}/environ`);
-  } catch {
-    return false;
-  }
-  return startsVariable(env, needle);
+  return scan<ProcessUse[]>((resolve) => {
+    const out: ProcessUse[] = [];
+    return {
+      skip: q.skip,
+      visit(p) {
+        const reasons = fileUses(p, paths.length > 0 ? usesPath : null, sockets);
+        const env = needle === null ? null : p.environ();
+        if (env !== null && needle !== null && startsVariable(env, needle)) reasons.unshift("cookie");
+        if (reasons.length === 0) return;
+        const st = readStat(p.pid);
+        if (st === null || st.state === "Z" || st.state === "X") return;
+        out.push({
+          pid: p.pid,
+          startTime: st.startTime,
+          comm: st.comm,
+          uid: readUid(p.pid) ?? -1,
+          why: reasons.join(", "),
+        });
+      },
+      done: () => resolve(out),
+    };
+  });
 }
 
 /** `needle` ("NAME=value\0") at the start of one variable: the first, or after a NUL. */
@@ -114,27 +246,21 @@ const SOCKET_LINK = /^socket:\[(\d+)\]$/;
 
 /** Every reason (distinct, in the order found) for which the process counts: cwd, root, fds, sockets, maps. */
 function fileUses(
-  pid: number,
+  p: ProcView,
   usesPath: ((target: string) => string | undefined) | null,
   sockets: ReadonlyMap<number, string>,
 ): string[] {
   const reasons = new Set<string>();
   if (usesPath !== null) {
+    const links = p.cwdRoot();
     for (const kind of ["cwd", "root"] as const) {
-      const target = link(`/proc/${pid}/${kind}`);
+      const target = links[kind];
       const hit = target === null || (kind === "root" && target === "/") ? undefined : usesPath(target);
       if (hit !== undefined) reasons.add(`${kind} under ${hit}`);
     }
   }
-  let fds: string[] = [];
-  try {
-    fds = readdirSync(`/proc/${pid}/fd`);
-  } catch {
-    // gone, or not ours to read
-  }
-  for (const fd of fds) {
-    const target = link(`/proc/${pid}/fd/${fd}`);
-    if (target === null) continue;
+  if (usesPath === null && sockets.size === 0) return [];
+  for (const target of p.fds()) {
     if (target.charCodeAt(0) !== 47) {
       // socket:[…], pipe:[…], anon_inode:…
       const m = sockets.size > 0 ? SOCKET_LINK.exec(target) : null;
@@ -146,54 +272,26 @@ function fileUses(
     if (hit !== undefined) reasons.add(`fd under ${hit}`);
   }
   if (usesPath === null) return [...reasons];
-  let maps = "";
-  try {
-    maps = readFileSync(`/proc/${pid}/maps`, "latin1");
-  } catch {
-    // gone
-  }
-  for (const line of maps.split("\n")) {
-    const slash = line.indexOf("/");
-    if (slash < 0) continue;
-    const file = line.slice(slash);
-    const hit = usesPath(file.endsWith(" (deleted)") ? file.slice(0, -10) : file);
+  for (const file of p.maps()) {
+    const hit = usesPath(file);
     if (hit !== undefined) reasons.add(`maps under ${hit}`);
   }
   return [...reasons];
 }
 
 /**
- * Which of `files` some live process has open or mapped now (one pass over /proc: fd links
- * and maps), for IPC objects: a shared memory file still mapped belongs to a live process
+ * Which of `files` some live process has open or mapped now (fd links and maps, in a shared
+ * walk), for IPC objects: a shared memory file still mapped belongs to a live process
  * (another cluster of the same user, a survivor), never to a leftover.
  */
-export async function filesInUse(files: ReadonlySet<string>): Promise<Set<string>> {
+export function filesInUse(files: ReadonlySet<string>): Promise<Set<string>> {
   const used = new Set<string>();
-  if (files.size === 0) return used;
-  for await (const name of everyPid()) {
-    let fds: string[] = [];
-    try {
-      fds = readdirSync(`/proc/${name}/fd`);
-    } catch {
-      // gone
-    }
-    for (const fd of fds) {
-      const target = link(`/proc/${name}/fd/${fd}`);
-      if (target !== null && files.has(target)) used.add(target);
-    }
-    let maps = "";
-    try {
-      maps = readFileSync(`/proc/${name}/maps`, "latin1");
-    } catch {
-      // gone
-    }
-    for (const line of maps.split("\n")) {
-      const slash = line.indexOf("/");
-      if (slash < 0) continue;
-      const file = line.slice(slash);
-      const path = file.endsWith(" (deleted)") ? file.slice(0, -10) : file;
-      if (files.has(path)) used.add(path);
-    }
-  }
-  return used;
+  if (files.size === 0) return Promise.resolve(used);
+  return scan<Set<string>>((resolve) => ({
+    visit(p) {
+      for (const target of p.fds()) if (files.has(target)) used.add(target);
+      for (const file of p.maps()) if (files.has(file)) used.add(file);
+    },
+    done: () => resolve(used),
+  }));
 }

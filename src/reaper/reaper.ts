@@ -6,6 +6,7 @@ import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
 import { removePaths } from "../cleanup/remove-paths.js";
 import type { CleanupStep, StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
+import { loopTurn } from "./turns.js";
 import { JOURNAL_VERSION, type FenceDetail } from "../cleanup/journal.js";
 import { sessionUsage } from "../cleanup/usage.js";
 import { verifyGone, type Verification } from "../cleanup/verify.js";
@@ -217,6 +218,7 @@ export class Reaper {
         log.info({ step: step.name }, "reap paused by shutdown; resumes at next start");
         return;
       }
+      await loopTurn(); // each step's synchronous start, paced across the reaps in flight
       const result = await this.runStep(step, session, profile, journal, attempt, log.child({ step: step.name }));
       audit.transaction(() => {
         store.recordStep(id, POSITION[step.name], result);
@@ -237,7 +239,9 @@ export class Reaper {
 
     const steps = CLEANUP_STEPS.map((s) => journal.get(s.name) as StepResult);
     const verifyStart = performance.now();
+    await loopTurn();
     const verification = await verify(session, journal, this.deps.daemonPid, log);
+    await loopTurn(); // the finish transaction, paced too
     const verifyMs = performance.now() - verifyStart;
     const stepLeftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
     // What a step already named is not listed twice: a survivor of terminate (its pid), the

@@ -1,0 +1,77 @@
+import { performance } from "node:perf_hooks";
+
+/**
+ * Paces the synchronous work of many reaps: at most a few of them continue per turn of the
+ * event loop, so that when a shared reading (a /proc walk, the network tables) resolves a
+ * thousand reaps at once, their next synchronous stretches (a socket snapshot, a journal
+ * write) do not run back to back while heartbeats wait in the socket. Between two shares the
+ * loop polls I/O: a heartbeat waits for a few reaps' work, never for a storm's. Reaps that
+ * only wait cost nothing here; what is paced is what takes the loop.
+ */
+/**
+ * The loop time the paced work may take per turn: after that, the rest waits for the next
+ * turn, and the I/O that arrived meanwhile (heartbeats) is read first.
+ */
+const BUDGET_MS = 5;
+
+class Pacer {
+  private readonly waiting: (() => void)[] = [];
+  private scheduled = false;
+
+  /** `perTurn`: at most this many per turn, even within the time budget. */
+  constructor(private readonly perTurn: number) {}
+
+  /** Resolves at a later turn of the event loop, within the turn's budget. */
+  turn(): Promise<void> {
+    return new Promise((resolve) => {
+      this.waiting.push(resolve);
+      if (this.scheduled) return;
+      this.scheduled = true;
+      setImmediate(this.release);
+    });
+  }
+
+  get backlog(): number {
+    return this.waiting.length;
+  }
+
+  /**
+   * Lets one waiter go, then (as a microtask queued behind its continuation's synchronous
+   * part) the next, while the turn's budget lasts.
+   */
+  private readonly release = (): void => {
+    const start = performance.now();
+    let released = 0;
+    const next = (): void => {
+      const go = this.waiting.shift();
+      if (go === undefined) {
+        this.scheduled = false;
+        return;
+      }
+      go();
+      released++;
+      queueMicrotask(() => {
+        if (released < this.perTurn && performance.now() - start < BUDGET_MS) next();
+        else if (this.waiting.length > 0) setImmediate(this.release);
+        else this.scheduled = false;
+      });
+    };
+    next();
+  };
+}
+
+/** A reap step's start, a shared reading's answer. */
+const steps = new Pacer(16);
+/**
+ * A child process (the delete path's rm, a hook): fork copies the daemon's page tables, a
+ * few ms of the loop each, so 2 a turn.
+ */
+const spawns = new Pacer(2);
+
+export const loopTurn = (): Promise<void> => steps.turn();
+export const spawnTurn = (): Promise<void> => spawns.turn();
+
+/** How many reaps wait for a turn (a gauge of a storm's backlog). */
+export function turnsWaiting(): number {
+  return steps.backlog + spawns.backlog;
+}
