@@ -1,6 +1,7 @@
 import type { Logger } from "pino";
 import type { Profile } from "../config/load.js";
 import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from "../sessions/types.js";
+import { loopTurn } from "../reaper/turns.js";
 import { journaled, type Journal } from "./journal.js";
 
 export interface StepContext {
@@ -52,4 +53,11 @@ export function knownProcesses(journal: Journal): ProcessIdentity[] {
   ];
 }
 
-export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, Math.max(0, ms)));
+/**
+ * A step's poll interval: the timer, then a paced turn (src/reaper/turns.ts), so that a
+ * storm's polls (hundreds of reaps waking in the same turn) share the loop with heartbeats.
+ */
+export async function sleep(ms: number): Promise<void> {
+  await new Promise((r) => setTimeout(r, Math.max(0, ms)));
+  await loopTurn();
+}

@@ -122,6 +122,9 @@ export interface DetectorOptions {
  * engine and owner and is woken the moment either exits; a croner job checks every identity
  * too (the fallback without pidfd, and the tree snapshots).
  */
+/** Loop time the detector may spend fencing due sessions in one turn (see expireDue). */
+const FENCE_BUDGET_MS = 8;
+
 export class Detector implements LiveWatcher {
   /**
    * Every engine and owner process of a live session, once per process however many sessions
@@ -284,7 +287,16 @@ export class Detector implements LiveWatcher {
     if (!this.mayJudgeTime()) return;
     const now = this.clock.mono();
     const unfenced: { at: number; id: string }[] = [];
+    // A storm of deadlines is fenced FENCE_BUDGET_MS of loop time at a time (a fence is a
+    // transaction and an audit line, ~0.5 ms): the rest at the next turn, after the I/O that
+    // arrived meanwhile (heartbeats) is read. Due sessions stay in the heap until then.
+    const started = performance.now();
+    let more = false;
     for (let top = this.heap.peekAt(); top !== undefined && top <= now; top = this.heap.peekAt()) {
+      if (performance.now() - started > FENCE_BUDGET_MS) {
+        more = true;
+        break;
+      }
       const entry = this.heap.pop() as { at: number; id: string };
       const s = this.registry.get(entry.id);
       if (s === undefined) continue;
@@ -301,6 +313,12 @@ export class Detector implements LiveWatcher {
     }
     // Tried again in a second (or at `rearm`, once the store commits again).
     for (const e of unfenced) this.heap.push(Math.max(e.at, now + 1000), e.id);
+    if (more && this.running) {
+      setImmediate(() => {
+        if (this.running) this.expireDue();
+      });
+      return;
+    }
     if (this.running) this.arm();
   }
 

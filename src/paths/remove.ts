@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { closeSync, fstatSync, lstatSync, type Stats } from "node:fs";
 import type { Logger } from "pino";
 import { errorMessage } from "../errors.js";
-import { spawnTurn } from "../reaper/turns.js";
+import { loopTurn } from "../reaper/turns.js";
 import { addon, AT_FDCWD } from "../native/addon.js";
 import { checkPath } from "./validate.js";
 
@@ -60,7 +60,7 @@ async function removeOnce(
 ): Promise<Once> {
   // A storm's deletes take a couple of turns of the event loop each (rm's fork is what costs),
   // paced before the checks so that nothing waits between the checks and rm.
-  await spawnTurn();
+  await loopTurn();
   let checked;
   try {
     checked = checkPath(path, roots, uid);

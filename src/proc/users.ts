@@ -160,7 +160,8 @@ class ProcWalker {
           s.fail(err);
         }
       }
-      if (++looked % YIELD_EVERY === 0) await new Promise((r) => setImmediate(r));
+      // A paced turn: the walk's chunks share the loop's budget with the reaps it serves.
+      if (++looked % YIELD_EVERY === 0) await loopTurn();
     }
     for (const s of live) s.done();
   }

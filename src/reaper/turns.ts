@@ -60,18 +60,16 @@ class Pacer {
   };
 }
 
-/** A reap step's start, a shared reading's answer. */
-const steps = new Pacer(16);
 /**
- * A child process (the delete path's rm, a hook): fork copies the daemon's page tables, a
- * few ms of the loop each, so 2 a turn.
+ * One pacer for everything a storm does on the loop (a step's start, a poll's wake-up, a
+ * shared reading's answer, a /proc walk's next chunk, an rm spawn): together they take at
+ * most BUDGET_MS per turn.
  */
-const spawns = new Pacer(2);
+const paced = new Pacer(64);
 
-export const loopTurn = (): Promise<void> => steps.turn();
-export const spawnTurn = (): Promise<void> => spawns.turn();
+export const loopTurn = (): Promise<void> => paced.turn();
 
 /** How many reaps wait for a turn (a gauge of a storm's backlog). */
 export function turnsWaiting(): number {
-  return steps.backlog + spawns.backlog;
+  return paced.backlog;
 }
