@@ -7,11 +7,12 @@ import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
 import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
-import { readUid } from "../proc/stat.js";
+import { listStatsPaced, readUid } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
 import { rssSum } from "../proc/usage.js";
 import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
+import { loopTurn } from "../reaper/turns.js";
 import { DeadlineHeap } from "./heap.js";
 
 /** An engine or owner process watched for the live sessions that name it. */
@@ -257,7 +258,11 @@ export class Detector implements LiveWatcher {
     this.arm();
     // protect: a pass still sampling CPU when the next is due makes that one skip.
     this.cron = new Cron(this.livenessSchedule, { protect: true }, async () => {
-      this.checkLiveness();
+      // The snapshot is read a chunk per turn: nothing of the pass scales with the host's
+      // processes inside one turn of the loop (the trees are then walked in memory).
+      const table = new ProcessTable(await listStatsPaced(loopTurn));
+      if (!this.running) return;
+      this.checkLiveness(table);
       await this.sampleCpu();
     });
   }
@@ -344,8 +349,10 @@ export class Detector implements LiveWatcher {
     // read per tracked process, which the pass itself does not otherwise need.
     const sampleRss = this.passes++ % RSS_EVERY === 0;
     for (const p of this.processes.values()) {
+      // Not in the snapshot: gone, unless it is alive now (a snapshot read over several turns,
+      // or taken before the process was registered, does not judge a process it never saw).
       if (table.find(p.id) === undefined) {
-        gone.push(p);
+        if (liveness(p.id) !== "alive") gone.push(p);
         continue;
       }
       if (p.engineOf.size === 0) continue;

@@ -160,6 +160,24 @@ export function readUid(pid: number, which: "Uid" | "Gid" = "Uid"): number | nul
   }
 }
 
+/**
+ * listStats, read `chunk` processes at a time with `pause()` between chunks (the detector's
+ * periodic pass yields to the event loop: a host's thousands of processes are not read in
+ * one turn while heartbeats wait).
+ */
+export async function listStatsPaced(pause: () => Promise<void>, chunk = 256): Promise<ProcStat[]> {
+  const out: ProcStat[] = [];
+  let n = 0;
+  for (const name of readdirSync("/proc")) {
+    const c = name.charCodeAt(0);
+    if (c < 48 || c > 57) continue;
+    if (++n % chunk === 0) await pause();
+    const st = readStat(Number(name));
+    if (st) out.push(st);
+  }
+  return out;
+}
+
 /** Every process visible in /proc (threads are not listed there, only thread-group leaders). */
 export function listStats(): ProcStat[] {
   const out: ProcStat[] = [];
