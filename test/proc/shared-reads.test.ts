@@ -1,0 +1,72 @@
+/**
+ * The readings a reap storm shares: /proc walks (processUses, filesInUse), the network
+ * tables (freshTables), the paced turns. Shared, yet never older than the question: a scan
+ * asked during a walk is answered by the next walk, a table read after it was asked.
+ */
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { createServer, type AddressInfo } from "node:net";
+import { test } from "node:test";
+import { freshTables, inetSockets } from "../../src/proc/sockets.js";
+import { SESSION_COOKIE, processUses, walkStats } from "../../src/proc/users.js";
+import { loopTurn, turnsWaiting } from "../../src/reaper/turns.js";
+
+function withCookie(t: { after: (fn: () => void) => void }, cookie: string): Promise<number> {
+  const child = spawn("sleep", ["30"], { env: { ...process.env, [SESSION_COOKIE]: cookie }, stdio: "ignore" });
+  t.after(() => child.kill("SIGKILL"));
+  return once(child, "spawn").then(() => child.pid as number);
+}
+
+test("scans asked together share one walk; each finds its own processes", async (t) => {
+  const pids = await Promise.all(Array.from({ length: 5 }, (_, i) => withCookie(t, `shared-${i}`)));
+  const before = walkStats();
+  const answers = await Promise.all(pids.map((_, i) => processUses({ cookie: `shared-${i}` })));
+  const after = walkStats();
+  assert.deepEqual(
+    answers.map((a) => a.map((u) => u.pid)),
+    pids.map((p) => [p]),
+  );
+  assert.equal(after.scans - before.scans, 5);
+  assert.equal(after.walks - before.walks, 1, "five scans asked in one turn: one walk");
+});
+
+test("a scan asked during a walk waits for the next one: it sees a process started after the first began", async (t) => {
+  const first = processUses({ cookie: "walk-in-progress" }); // a walk starts at the next turn
+  await new Promise((r) => setImmediate(r)); // now it runs (it yields every few processes)
+  const pid = await withCookie(t, "late-comer");
+  const late = await processUses({ cookie: "late-comer" });
+  await first;
+  assert.deepEqual(
+    late.map((u) => u.pid),
+    [pid],
+  );
+});
+
+test("freshTables: one reading for everyone asking in a turn, never older than the question", async (t) => {
+  const server = createServer().listen(0, "127.0.0.1");
+  await once(server, "listening");
+  t.after(() => void server.close());
+  const port = (server.address() as AddressInfo).port;
+  const [a, b] = await Promise.all([freshTables(), freshTables()]);
+  for (const since of [a, b]) {
+    const mine = inetSockets("self", new Set([port]), since);
+    assert.equal(mine.filter((s) => s.state === "LISTEN").length, 1, "the listener opened before asking");
+  }
+  // Closed after that reading: a new question gets a new reading, which no longer shows it.
+  await new Promise<void>((r) => server.close(() => r()));
+  const since = await freshTables();
+  assert.equal(inetSockets("self", new Set([port]), since).filter((s) => s.state === "LISTEN").length, 0);
+});
+
+test("loopTurn: every waiter goes, in order, over later turns", async () => {
+  const order: number[] = [];
+  const all = Array.from({ length: 500 }, (_, i) => loopTurn().then(() => void order.push(i)));
+  assert.ok(turnsWaiting() >= 500);
+  await Promise.all(all);
+  assert.deepEqual(
+    order,
+    Array.from({ length: 500 }, (_, i) => i),
+  );
+  assert.equal(turnsWaiting(), 0);
+});
