@@ -108,6 +108,8 @@ function readSoon(pid: number | "self"): Promise<number> {
     const read = (): void => {
       flushing = false;
       lastRead = performance.now();
+      // Readings of namespaces nobody asked about for a while (a container gone) are dropped.
+      for (const [key, r] of readings) if (lastRead - r.at > 10_000) readings.delete(key);
       const batch = asked.splice(0);
       const read = new Set<string>();
       for (const a of batch) {
