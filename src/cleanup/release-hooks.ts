@@ -140,7 +140,6 @@ export async function commandHook(
       detached: true,
       ...(opts.runAs ?? {}),
       cwd: "/", // not the daemon's working directory
-
       env: {
         PATH: opts.path,
         HOME: user?.home ?? "/",

@@ -70,7 +70,8 @@ export const terminate: CleanupStep = {
       const fresh: ProcessIdentity[] = [];
       const tree = sharedTable(maxAgeMs).tree(ctx.session.engine, [...known, ...seen.values()]);
       for (const p of [...tree, ...members()]) {
-        if (!seen.has(key(p))) {
+        // A shared snapshot may be up to maxAgeMs old: a process gone since is not one to handle.
+        if (!seen.has(key(p)) && liveness(p) === "alive") {
           seen.set(key(p), p);
           fresh.push(p);
         }

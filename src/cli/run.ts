@@ -240,8 +240,8 @@ async function addPorts(
   exit: Promise<number>,
   killGroup: (signal: NodeJS.Signals) => void,
 ): Promise<boolean> {
-  const end = Date.now() + o.waitPortsMs;
   for (const port of o.ports) {
+    const end = Date.now() + o.waitPortsMs; // each port gets --wait-ports
     for (;;) {
       let failure: unknown;
       try {

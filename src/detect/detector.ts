@@ -114,6 +114,9 @@ export interface DetectorOptions {
   onPidfdError?: (code: string) => void;
 }
 
+/** Loop time the detector may spend fencing due sessions in one turn (see expireDue). */
+const FENCE_BUDGET_MS = 8;
+
 /**
  * Finds sessions that are due. Time-based: a min-heap of deadlines and one timer armed for
  * the earliest, so expiry starts within milliseconds of the deadline instead of on a coarse
@@ -123,9 +126,6 @@ export interface DetectorOptions {
  * engine and owner and is woken the moment either exits; a croner job checks every identity
  * too (the fallback without pidfd, and the tree snapshots).
  */
-/** Loop time the detector may spend fencing due sessions in one turn (see expireDue). */
-const FENCE_BUDGET_MS = 8;
-
 export class Detector implements LiveWatcher {
   /**
    * Every engine and owner process of a live session, once per process however many sessions

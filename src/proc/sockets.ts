@@ -73,17 +73,24 @@ function readLines(file: string): string[] {
  * that began after a caller's `notBefore` shows the state after whatever the caller did
  * before that moment, so it serves every caller in flight instead of one read each.
  */
-const readings = new Map<string, { at: number; lines: string[]; parsed?: InetSocket[] }>();
+interface Reading {
+  /** performance.now() when the read began. */
+  at: number;
+  lines: string[];
+  /** The inet tables' lines parsed, once, by the first caller that wanted them all. */
+  parsed?: InetSocket[];
+}
+const readings = new Map<string, Reading>();
 
 const TABLES: readonly (InetProto | "unix")[] = ["tcp", "tcp6", "udp", "udp6", "unix"];
 const asked: { pid: number | "self"; at: number; resolve: (since: number) => void }[] = [];
 let flushing = false;
 
 /**
- * Reads the network namespace's tables (tcp, tcp6, udp, udp6, unix) at the next turn of the
- * event loop, once for everyone who asked before it: resolves with the moment of asking, to
+ * Reads the network namespace's tables (tcp, tcp6, udp, udp6, unix) soon (see READ_EVERY_MS),
+ * once for everyone who asked before the read began: resolves with the moment of asking, to
  * pass as `notBefore` to inetSockets, unixSockets and socketSnapshot, which then use that
- * shared reading. A storm of reaps reads each table once per turn, not once per check.
+ * shared reading. A storm of reaps reads each table a few times a second, not once per check.
  */
 export async function freshTables(pid: number | "self" = "self"): Promise<number> {
   const since = await readSoon(pid);
@@ -111,11 +118,11 @@ function readSoon(pid: number | "self"): Promise<number> {
       // Readings of namespaces nobody asked about for a while (a container gone) are dropped.
       for (const [key, r] of readings) if (lastRead - r.at > 10_000) readings.delete(key);
       const batch = asked.splice(0);
-      const read = new Set<string>();
+      const namespacesRead = new Set<string>();
       for (const a of batch) {
         const ns = netnsOf(a.pid);
-        if (ns !== null && !read.has(ns)) {
-          read.add(ns);
+        if (ns !== null && !namespacesRead.has(ns)) {
+          namespacesRead.add(ns);
           const at = performance.now();
           for (const t of TABLES) readings.set(`${ns} ${t}`, { at, lines: readLines(`/proc/${a.pid}/net/${t}`) });
         }
@@ -128,20 +135,21 @@ function readSoon(pid: number | "self"): Promise<number> {
 }
 
 /**
- * The lines of /proc/<pid>/net/<table>: a reading begun at or after `notBefore`
- * (performance.now() ms), shared, or a fresh one. The default is a fresh read.
+ * /proc/<pid>/net/<table>: a reading begun at or after `notBefore` (performance.now() ms),
+ * shared, or a fresh one (kept for others to share). Without `notBefore`, a fresh read of
+ * its own.
  */
-function tableLines(pid: number | "self", table: InetProto | "unix", notBefore?: number): string[] {
+function tableReading(pid: number | "self", table: InetProto | "unix", notBefore?: number): Reading {
   const now = performance.now();
-  if (notBefore === undefined || notBefore > now) return readLines(`/proc/${pid}/net/${table}`);
-  const ns = netnsOf(pid);
-  if (ns === null) return readLines(`/proc/${pid}/net/${table}`);
+  const fresh = (): Reading => ({ at: now, lines: readLines(`/proc/${pid}/net/${table}`) });
+  const ns = notBefore === undefined || notBefore > now ? null : netnsOf(pid);
+  if (ns === null) return fresh();
   const key = `${ns} ${table}`;
   const last = readings.get(key);
-  if (last !== undefined && last.at >= notBefore) return last.lines;
-  const lines = readLines(`/proc/${pid}/net/${table}`);
-  readings.set(key, { at: now, lines });
-  return lines;
+  if (last !== undefined && last.at >= (notBefore as number)) return last;
+  const reading = fresh();
+  readings.set(key, reading);
+  return reading;
 }
 
 function readTable(file: string, family: 4 | 6): TcpSocket[] {
@@ -225,17 +233,14 @@ function inetTable(
   ports?: ReadonlySet<number>,
   notBefore?: number,
 ): InetSocket[] {
-  const out: InetSocket[] = [];
-  const lines = tableLines(pid, proto, notBefore);
+  const reading = tableReading(pid, proto, notBefore);
   if (ports === undefined) {
-    // A whole shared reading is parsed once, for every reap that reads it.
-    const shared = [...readings.values()].find((r) => r.lines === lines);
-    if (shared !== undefined) {
-      shared.parsed ??= lines.map((l) => parseInetLine(proto, l)).filter((x): x is InetSocket => x !== null);
-      return shared.parsed;
-    }
+    // A whole reading is parsed once, for every reap that shares it.
+    reading.parsed ??= reading.lines.map((l) => parseInetLine(proto, l)).filter((x): x is InetSocket => x !== null);
+    return reading.parsed;
   }
-  for (const line of lines) {
+  const out: InetSocket[] = [];
+  for (const line of reading.lines) {
     if (ports !== undefined) {
       const port = localPortOf(line);
       // A line whose port cannot be read this way is parsed in full, as without a filter.
@@ -267,7 +272,7 @@ export function inetSockets(
 /** The unix sockets of a network namespace (see `inetSockets`). */
 export function unixSockets(pid: number | "self" = "self", notBefore?: number): UnixSocket[] {
   const out: UnixSocket[] = [];
-  for (const line of tableLines(pid, "unix", notBefore)) {
+  for (const line of tableReading(pid, "unix", notBefore).lines) {
     const f = line.trim().split(/\s+/);
     if (f.length < 7) continue;
     const path = f.length > 7 ? f.slice(7).join(" ") : null;

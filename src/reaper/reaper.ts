@@ -6,7 +6,6 @@ import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
 import { removePaths } from "../cleanup/remove-paths.js";
 import type { CleanupStep, StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
-import { loopTurn } from "./turns.js";
 import { JOURNAL_VERSION, type FenceDetail } from "../cleanup/journal.js";
 import { sessionUsage } from "../cleanup/usage.js";
 import { verifyGone, type Verification } from "../cleanup/verify.js";
@@ -16,6 +15,7 @@ import { ReaperError, errorMessage } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
 import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
 import type { Store } from "../store/store.js";
+import { loopTurn } from "./turns.js";
 
 /** The cleanup order (README, How a session ends). `fence` happens in `begin`, `finish` closes the pipeline. */
 export const CLEANUP_STEPS: readonly CleanupStep[] = [

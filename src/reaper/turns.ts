@@ -1,13 +1,14 @@
 import { performance } from "node:perf_hooks";
 
-/**
- * Paces the synchronous work of many reaps: at most a few of them continue per turn of the
- * event loop, so that when a shared reading (a /proc walk, the network tables) resolves a
- * thousand reaps at once, their next synchronous stretches (a socket snapshot, a journal
- * write) do not run back to back while heartbeats wait in the socket. Between two shares the
- * loop polls I/O: a heartbeat waits for a few reaps' work, never for a storm's. Reaps that
- * only wait cost nothing here; what is paced is what takes the loop.
+/*
+ * Paces the synchronous work of many reaps: a turn of the event loop gives it BUDGET_MS at
+ * most, so that when a shared reading (a /proc walk, the network tables) resolves a thousand
+ * reaps at once, their next synchronous stretches (a socket snapshot, a journal write, an rm
+ * spawn) do not run back to back while heartbeats wait in the socket. Between two turns the
+ * loop polls I/O: a heartbeat waits for a few milliseconds of reap work, never for a storm's.
+ * Reaps that only wait cost nothing here; what is paced is what takes the loop.
  */
+
 /**
  * The loop time the paced work may take per turn: after that, the rest waits for the next
  * turn, and the I/O that arrived meanwhile (heartbeats) is read first.

@@ -122,12 +122,7 @@ export class Sessions {
       throw new ReaperError("SR_SESSION_EXISTS", `a session with id "${id}" already exists`);
     }
     // Before anything is moved into a cgroup: the commit would fail anyway.
-    if (!store.available) {
-      throw new ReaperError(
-        "SR_STORE_UNAVAILABLE",
-        `the database cannot commit now (${store.lastFault ?? "?"}); retry later`,
-      );
-    }
+    this.requireStore();
     // The tree seen now is the session's from the start (a daemonizing launcher's children
     // included), journaled with its row; containment moves all of it into the session's cgroup.
     const tree = descendantTree(engine);
@@ -284,12 +279,7 @@ export class Sessions {
     }
     checkPortsHeld(newPorts, s.engine, known.cgroup);
     const next = { ports: [...s.ports, ...newPorts.map(([p]) => p)], paths: [...s.paths, ...newPaths], labels };
-    if (!store.available) {
-      throw new ReaperError(
-        "SR_STORE_UNAVAILABLE",
-        `the database cannot commit now (${store.lastFault ?? "?"}); retry later`,
-      );
-    }
+    this.requireStore();
     const changedLabels = Object.fromEntries(Object.entries(body.labels ?? {}).filter(([k, v]) => s.labels[k] !== v));
     audit.transaction(() => {
       if (!store.setAdditions(id, next)) throw this.notLive(id, "SR_SESSION_FENCED");
@@ -384,6 +374,16 @@ export class Sessions {
       next:
         page.more && page.lastSeq !== null ? Buffer.from(String(page.lastSeq), "latin1").toString("base64url") : null,
     };
+  }
+
+  /** SR_STORE_UNAVAILABLE before a change the store could not commit now. */
+  private requireStore(): void {
+    const { store } = this.deps;
+    if (store.available) return;
+    throw new ReaperError(
+      "SR_STORE_UNAVAILABLE",
+      `the database cannot commit now (${store.lastFault ?? "?"}); retry later`,
+    );
   }
 
   /** Heartbeats reach SQLite only at the next flush; the in-memory view is the truth. */
