@@ -12,6 +12,24 @@ export interface NativeAddon {
   peerCred(fd: number): PeerCred;
   /** flock(2) LOCK_EX | LOCK_NB on an open fd: true if taken, false if held elsewhere. */
   flockExclusive(fd: number): boolean;
+  /**
+   * A vfork-style spawn (clone with CLONE_VM | CLONE_VFORK): `file` is absolute, `argv`
+   * includes argv[0], `stdio` are the fds that become 0-2 (nothing else is inherited),
+   * `cwdFd` is fchdir'd to (-1: ours); with uid >= 0 the child drops its supplementary groups
+   * and takes gid, then uid. Throws with the errno of what failed before execve.
+   */
+  spawnAt(
+    file: string,
+    argv: readonly string[],
+    env: readonly string[],
+    cwdFd: number,
+    stdio: readonly [number, number, number],
+    uid: number,
+    gid: number,
+  ): { pid: number; pidfd: number };
+  /** waitpid(pid, WNOHANG) for a child spawnAt started: null while it runs. */
+  waitExited(pid: number): { code: number; signal: number } | null;
+  memfdCreate(name: string): number;
 }
 
 /** The peer of a connected unix socket, as the kernel recorded it at connect(2). */

@@ -1,9 +1,9 @@
-import { spawn } from "node:child_process";
 import { closeSync, fstatSync, lstatSync, type Stats } from "node:fs";
 import type { Logger } from "pino";
 import { errorMessage } from "../errors.js";
 import { loopTurn } from "../reaper/turns.js";
 import { addon, AT_FDCWD } from "../native/addon.js";
+import { runProgram, systemProgram } from "../native/spawn.js";
 import { checkPath } from "./validate.js";
 
 export type RemoveResult =
@@ -22,8 +22,8 @@ const MAX_ATTEMPTS = 10;
  *    openat(O_DIRECTORY | O_NOFOLLOW) (the native addon), checking the file system of each:
  *    a component swapped for a symlink after step 1 is refused, never followed.
  * 3. GNU `rm -rf --one-file-system -- ./NAME` runs with that directory fd as its working
- *    directory (/proc/self/fd/3 in the child is the fd itself, not a path looked up again),
- *    as the path owner's uid/gid when the daemon is root. rm walks with openat and never
+ *    directory (the child fchdirs to the fd itself, not to a path looked up again), as the
+ *    path owner's uid/gid when the daemon is root (src/native/spawn.ts: no fork). rm walks with openat and never
  *    follows a symlink met during the walk, nor crosses a mount point.
  * 4. A race can make rm fail (a name it saw moved away): steps 1-3 are retried until the
  *    path is gone, refused, or MAX_ATTEMPTS is reached.
@@ -58,8 +58,8 @@ async function removeOnce(
   log: Logger,
   signal: AbortSignal,
 ): Promise<Once> {
-  // A storm's deletes take a couple of turns of the event loop each (rm's fork is what costs),
-  // paced before the checks so that nothing waits between the checks and rm.
+  // A storm's deletes are paced (the checks' lstat and openat walk, rm's spawn) before the
+  // checks, so that nothing waits between the checks and rm.
   await loopTurn();
   let checked;
   try {
@@ -124,20 +124,22 @@ async function runRm(
 ): Promise<Once> {
   // As the owner whenever that is not us: as root, or as the dedicated user holding
   // CAP_SETUID/CAP_SETGID (systemd/session-reaper.service). rm then holds no capability.
+  // The native spawn, not a fork: a storm runs hundreds of these while heartbeats wait.
   const asOwner = uid !== process.geteuid?.();
-  const detail = await new Promise<string | null>((resolve) => {
-    const child = spawn("rm", ["-rf", "--one-file-system", ...args], {
-      // The directory fd becomes fd 3 in the child, and its working directory.
-      stdio: ["ignore", "ignore", "pipe", dirfd],
-      cwd: "/proc/self/fd/3",
+  let detail: string | null;
+  try {
+    const ran = await runProgram(systemProgram("rm"), ["-rf", "--one-file-system", ...args], {
+      cwdFd: dirfd,
       signal,
-      ...(asOwner ? { uid, gid: target.gid } : {}),
+      ...(asOwner ? { as: { uid, gid: target.gid } } : {}),
     });
-    let stderr = "";
-    child.stderr?.setEncoding("utf8").on("data", (d: string) => (stderr = (stderr + d).slice(0, 4096)));
-    child.on("error", (err) => resolve(errorMessage(err)));
-    child.on("close", (code) => resolve(code === 0 ? null : stderr.trim() || `rm exited with ${code}`));
-  });
+    detail =
+      ran.code === 0
+        ? null
+        : ran.stderr || (ran.signal !== 0 ? `rm was killed by signal ${ran.signal}` : `rm exited with ${ran.code}`);
+  } catch (err) {
+    detail = errorMessage(err);
+  }
   if (!stillThere()) return { status: "removed" };
   log.debug({ detail }, "rm left the path in place");
   return { status: "failed", detail: detail ?? "the path still exists after rm" };
