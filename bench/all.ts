@@ -6,7 +6,16 @@
 import { spawnSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 
-const FIGURES = ["heartbeat", "detection-lag", "idle-cost", "reap-throughput", "memory", "startup", "storm"];
+const FIGURES = [
+  "heartbeat",
+  "detection-lag",
+  "idle-cost",
+  "reap-throughput",
+  "memory",
+  "startup",
+  "storm",
+  "distinct-engines",
+];
 const args = process.argv.includes("--quick") ? ["--quick"] : [];
 const results: string[] = [];
 let failed = 0;

@@ -1,6 +1,6 @@
 import { callApi } from "../../src/cli/client.js";
 import { identify } from "../../src/proc/identity.js";
-import { NOT_YET_REAPED, type Session } from "../../src/sessions/types.js";
+import { NOT_YET_REAPED, type ProcessIdentity, type Session } from "../../src/sessions/types.js";
 import { Store } from "../../src/store/store.js";
 
 /**
@@ -29,36 +29,53 @@ export async function registerMany(
 }
 
 /**
+ * An engine that seeded sessions name: a pid, with the ports and paths each session naming it
+ * declares (as registration would record them; default none).
+ */
+export interface SeedEngine {
+  pid: number;
+  ports?: readonly number[];
+  paths?: readonly string[];
+}
+
+/**
  * Writes `count` live sessions straight into a database (migrated by the daemon's own Store),
- * as a daemon that registered them and then stopped would have left them. 100,000 real
- * engine processes cannot run on this machine, so the sessions name `engines` (a few real,
- * long-lived processes) round-robin: recovery checks every identity, holds a pidfd, and the
- * liveness pass checks and snapshots every engine, exactly as for distinct engines; what is
- * shared is only the kernel-side process. Deadlines are `timeoutSec` from `now`.
+ * as a daemon that registered them and then stopped would have left them. Session i names
+ * engine i modulo `engines.length`: figures 3, 5 and 6 pass a few real, long-lived processes
+ * (100,000 real engine processes cannot run on this machine), so recovery checks every
+ * identity, holds a pidfd, and the liveness pass checks and snapshots every engine, exactly as
+ * for distinct engines, and what is shared is only the kernel-side process; figure 8 passes
+ * as many engines as sessions, each with its port and dir. Deadlines are `timeoutSec` from
+ * `now`. `engineTree`: store each session's tree as registration does (the engine's
+ * descendants: the engine alone, for engines that fork nothing); default an empty tree.
+ * Returns the engines' identities, in the order given.
  */
 export function seedLiveSessions(
   dbPath: string,
   count: number,
-  enginePids: readonly number[],
-  opts: { now?: number; timeoutSec?: number; prefix?: string } = {},
-): void {
+  engines: readonly (number | SeedEngine)[],
+  opts: { now?: number; timeoutSec?: number; prefix?: string; engineTree?: boolean } = {},
+): ProcessIdentity[] {
   const now = opts.now ?? Date.now();
   const timeoutSec = opts.timeoutSec ?? 3600;
-  const engines = enginePids.map((pid) => identify(pid, "engine", process.pid));
+  const seeds = engines.map((e): SeedEngine => (typeof e === "number" ? { pid: e } : e));
+  const identities = seeds.map((e) => identify(e.pid, "engine", process.pid));
   const store = new Store(dbPath, now);
   try {
     const batch = 10_000;
     for (let from = 0; from < count; from += batch) {
       store.transaction(() => {
         for (let i = from; i < Math.min(count, from + batch); i++) {
+          const seed = seeds[i % seeds.length] as SeedEngine;
+          const engine = identities[i % identities.length] as ProcessIdentity;
           const session: Session = {
             id: `${opts.prefix ?? "seed"}-${String(i).padStart(7, "0")}`,
             profile: "default",
             owner: `owner-${i % 100}`,
-            engine: engines[i % engines.length] as Session["engine"],
+            engine,
             ownerPid: null,
-            ports: [],
-            paths: [],
+            ports: seed.ports ?? [],
+            paths: seed.paths ?? [],
             labels: { bench: "seed" },
             heartbeatTimeoutSec: timeoutSec,
             idleTimeoutSec: timeoutSec,
@@ -71,11 +88,12 @@ export function seedLiveSessions(
             registeredBy: { uid: 0, admin: true, via: "unix" },
             containment: null,
           };
-          store.insertSession(session);
+          store.insertSession(session, opts.engineTree === true ? [engine] : []);
         }
       });
     }
   } finally {
     store.close();
   }
+  return identities;
 }
