@@ -9,7 +9,6 @@ import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { listStatsPaced, readUid } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
-import { rssSum } from "../proc/usage.js";
 import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
 import { loopTurn } from "../reaper/turns.js";
@@ -92,8 +91,21 @@ function cgroupCpuUsec(dir: string): number | null {
  */
 const MIN_CPU_WINDOW_MS = 500;
 
-/** Every how many liveness passes the tracked trees' resident memory is read. */
-const RSS_EVERY = 5;
+/**
+ * The share of one core the liveness pass's walk of /proc may take: a pass that cost C ms of
+ * loop time is followed by the next walk no sooner than C / WALK_SHARE ms later. On a host
+ * with ~1,000 processes (a walk of ~15 ms) that is every 2-4 s; with 10,000 (~190 ms with the
+ * per-engine checks) every ~40 s. The walk refreshes the trees of uncontained engines (what
+ * a cgroup tracks for contained ones); exits are seen at once through pidfds, and a process
+ * without a pidfd is still checked on every tick.
+ */
+const WALK_SHARE = 0.005;
+
+/**
+ * An engine's exit is followed by a last look at its group and session (on a walk of /proc
+ * taken after the exit): exits seen within this many ms share one walk.
+ */
+const EXIT_WALK_EVERY_MS = 50;
 
 export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
 
@@ -138,7 +150,12 @@ export class Detector implements LiveWatcher {
   private readonly cpuWatched = new Map<string, LiveSession>();
   private readonly heap = new DeadlineHeap();
   private cancelTimer: (() => void) | null = null;
-  private passes = 0;
+  /** When the liveness pass may walk /proc again (performance.now() ms; see WALK_SHARE). */
+  private nextWalkAt = 0;
+  /** Exited processes waiting for their last look (see EXIT_WALK_EVERY_MS). */
+  private exited: WatchedProcess[] = [];
+  private lastExitWalkAt = Number.NEGATIVE_INFINITY;
+  private lastLookScheduled = false;
   private armedAt = Number.POSITIVE_INFINITY;
   private cron: Cron | null = null;
   private running = false;
@@ -214,19 +231,51 @@ export class Detector implements LiveWatcher {
       return p;
     }
     handle.onExit(() => {
-      try {
-        if (this.processes.get(key) !== p) return;
-        // At once, before anything else runs: the engine's children are re-parented as it
-        // dies, and the last look at its group and session still finds those born since the
-        // last liveness pass (a PostgreSQL backend forked 0.3 s before the postmaster died).
-        if (p.engineOf.size > 0) this.refreshTree(p, new ProcessTable());
-        this.processGone(p, "pidfd");
-      } catch (err) {
-        this.log.error({ err, pid: id.pid }, "expiry on process exit failed");
-      }
+      if (this.processes.get(key) !== p) return;
+      this.exited.push(p);
+      this.scheduleLastLook();
     });
     p.handle = handle;
     return p;
+  }
+
+  /**
+   * Expires the sessions of processes whose pidfd said they exited. Before that, an exited
+   * engine's tree gets a last look on a walk of /proc taken after the exit: its children are
+   * re-parented as it dies, and its group and session still find those born since the last
+   * liveness pass (a PostgreSQL backend forked 0.3 s before the postmaster died). The exits of
+   * a storm share walks (one per EXIT_WALK_EVERY_MS at most), and the walk is paced: a
+   * thousand engines dying at once cost a few walks, not a thousand in a row on the loop.
+   */
+  private async lastLook(): Promise<void> {
+    const batch = this.exited;
+    this.exited = [];
+    let table: ProcessTable | null = null;
+    if (batch.some((p) => p.engineOf.size > 0)) {
+      this.lastExitWalkAt = performance.now();
+      table = new ProcessTable(await listStatsPaced(loopTurn));
+    }
+    this.lastLookScheduled = false;
+    for (const p of batch) {
+      try {
+        if (this.processes.get(identityKey(p.id)) !== p) continue;
+        if (table !== null && p.engineOf.size > 0) this.refreshTree(p, table);
+        this.processGone(p, "pidfd");
+      } catch (err) {
+        this.log.error({ err, pid: p.id.pid }, "expiry on process exit failed");
+      }
+    }
+    // Exits seen during the walk: the walk began before them, so they get the next one.
+    if (this.exited.length > 0) this.scheduleLastLook();
+  }
+
+  private scheduleLastLook(): void {
+    if (this.lastLookScheduled) return;
+    this.lastLookScheduled = true;
+    const wait = this.lastExitWalkAt + EXIT_WALK_EVERY_MS - performance.now();
+    const run = (): void => void this.lastLook();
+    if (wait > 0) setTimeout(run, wait);
+    else setImmediate(run);
   }
 
   /** The engine's tree on this snapshot, given to its sessions if it changed. */
@@ -258,11 +307,23 @@ export class Detector implements LiveWatcher {
     this.arm();
     // protect: a pass still sampling CPU when the next is due makes that one skip.
     this.cron = new Cron(this.livenessSchedule, { protect: true }, async () => {
+      if (this.processes.size === 0) return; // no live session: nothing to read
+      const at = performance.now();
+      if (at < this.nextWalkAt) {
+        // Between walks (WALK_SHARE): the processes no pidfd watches are checked one by one.
+        this.checkUnwatched();
+        await this.sampleCpu();
+        return;
+      }
       // The snapshot is read a chunk per turn: nothing of the pass scales with the host's
       // processes inside one turn of the loop (the trees are then walked in memory).
-      const table = new ProcessTable(await listStatsPaced(loopTurn));
+      const cost = { busyMs: 0 };
+      const stats = await listStatsPaced(loopTurn, 256, cost);
       if (!this.running) return;
-      this.checkLiveness(table);
+      const from = performance.now();
+      this.checkLiveness(new ProcessTable(stats));
+      cost.busyMs += performance.now() - from;
+      this.nextWalkAt = at + cost.busyMs / WALK_SHARE;
       await this.sampleCpu();
     });
   }
@@ -345,9 +406,6 @@ export class Detector implements LiveWatcher {
     if (this.registry.size === 0) return 0;
     table ??= new ProcessTable();
     const gone: WatchedProcess[] = [];
-    // Resident memory (for the usage reported at finish) every RSS_EVERY-th pass only: one
-    // read per tracked process, which the pass itself does not otherwise need.
-    const sampleRss = this.passes++ % RSS_EVERY === 0;
     for (const p of this.processes.values()) {
       // Not in the snapshot: gone, unless it is alive now (a snapshot read over several turns,
       // or taken before the process was registered, does not judge a process it never saw).
@@ -357,10 +415,9 @@ export class Detector implements LiveWatcher {
       }
       if (p.engineOf.size === 0) continue;
       this.refreshTree(p, table);
-      if (sampleRss) {
-        const rss = rssSum(p.tree.map((m) => m.pid));
-        for (const s of p.engineOf) if (rss > s.peaks.rssBytes) s.peaks.rssBytes = rss;
-      }
+      // Resident memory (the peak reported at finish), from the snapshot's stat lines.
+      const rss = table.rssBytes(p.tree);
+      for (const s of p.engineOf) if (rss > s.peaks.rssBytes) s.peaks.rssBytes = rss;
     }
     // Engines first: a session whose engine and owner are both gone is engine_gone.
     gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));
@@ -368,6 +425,13 @@ export class Detector implements LiveWatcher {
     for (const p of gone) due += this.processGone(p, "liveness");
     if (due > 0) this.log.debug({ expired: due }, "liveness check");
     return due;
+  }
+
+  /** The processes no pidfd watches (none held, or the kernel has none): each checked now. */
+  private checkUnwatched(): void {
+    const gone = [...this.processes.values()].filter((p) => p.handle === null && liveness(p.id) !== "alive");
+    gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));
+    for (const p of gone) this.processGone(p, "liveness");
   }
 
   /**

@@ -83,7 +83,7 @@ export function runProgram(file: string, args: readonly string[], opts: RunOptio
     );
   } catch (err) {
     closeSync(stderr);
-    return Promise.reject(err);
+    return Promise.reject(err instanceof Error ? err : new Error(String(err)));
   }
   // The pidfd watch does not hold the event loop open (a daemon's watches must not): while a
   // program runs, this timer does, so a caller awaiting it is never dropped by an idle loop.

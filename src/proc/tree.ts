@@ -2,7 +2,7 @@ import { readFileSync, readdirSync } from "node:fs";
 import { performance } from "node:perf_hooks";
 import type { ProcessIdentity } from "../sessions/types.js";
 import { bootId } from "./identity.js";
-import { isExited, isKernelThread, listStats, readStat, readUid, type ProcStat } from "./stat.js";
+import { isExited, isKernelThread, listStats, pageSize, readStat, readUid, type ProcStat } from "./stat.js";
 
 /**
  * One snapshot of /proc, indexed by pid and parent pid: a single walk of /proc serves the
@@ -33,6 +33,13 @@ export class ProcessTable {
   find(id: ProcessIdentity): ProcStat | undefined {
     const s = this.byPid.get(id.pid);
     return s && s.startTime === id.startTime && id.bootId === bootId() ? s : undefined;
+  }
+
+  /** The resident bytes of those of these processes that still run with their identity. */
+  rssBytes(ids: readonly ProcessIdentity[]): number {
+    let pages = 0;
+    for (const id of ids) pages += this.find(id)?.rssPages ?? 0;
+    return pages * pageSize();
   }
 
   /**

@@ -1,12 +1,15 @@
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { test } from "node:test";
+import { spawn } from "node:child_process";
 import { exited, sleeper, until } from "../helpers.js";
 import { pino } from "pino";
 import { FakeClock } from "../../src/clock.js";
 import { Detector } from "../../src/detect/detector.js";
 import { StallWatch } from "../../src/detect/stall.js";
 import { LiveSessions, type Admission } from "../../src/sessions/live.js";
-import { identify } from "../../src/proc/identity.js";
+import { identify, liveness } from "../../src/proc/identity.js";
+import { readStat } from "../../src/proc/stat.js";
 import type { ProcessIdentity, Reason } from "../../src/sessions/types.js";
 
 const S = 1000;
@@ -51,7 +54,10 @@ function setup(t: Cleanup, opts: { start?: boolean; schedule?: string } = {}) {
     livenessSchedule: opts.schedule ?? SCHEDULE,
     log,
     expire: (id, reason, detail) => {
-      calls.push({ id, reason, detail });
+      // The session's tree at expiry, kept out of deepEqual's sight (not enumerable).
+      const call = { id, reason, detail };
+      Object.defineProperty(call, "tree", { value: registry.get(id)?.tree.map((p) => p.pid), enumerable: false });
+      calls.push(call);
       if (store.available) registry.remove(id); // what the daemon's fence does
     },
     mayJudgeTime: () => (stallWatch.check(), store.available),
@@ -279,6 +285,53 @@ test("pidfd: an engine that exits is expired as engine_gone at once; a live one 
   assert.deepEqual(calls, [{ id: "doomed", reason: "engine_gone", detail: { pid: doomed.pid, detectedBy: "pidfd" } }]);
   assert.equal(detector.checkLiveness(), 0, "expired twice");
   detector.stop();
+});
+
+test("a storm of engine exits: every one seen through its pidfd, each tree's last look finds the child born since the last pass", async (t) => {
+  const { calls, registry, session } = setup(t, { start: false });
+  // Engines leading their own process group, each with a child in it (a worker forked after
+  // registration, before any liveness pass): the child outlives its engine.
+  const engines = Array.from({ length: 40 }, () => {
+    const child = spawn("sh", ["-c", "sleep 600 & wait"], { stdio: "ignore", detached: true });
+    t.after(() => {
+      try {
+        process.kill(-(child.pid as number), "SIGKILL");
+      } catch {
+        // gone
+      }
+    });
+    return child;
+  });
+  const workers = new Map<number, number>();
+  await until(
+    () => {
+      for (const e of engines) {
+        const pid = e.pid as number;
+        if (workers.has(pid)) continue;
+        const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, "latin1").trim();
+        if (kids !== "" && readStat(Number(kids))?.comm === "sleep") workers.set(pid, Number(kids));
+      }
+      return workers.size === engines.length;
+    },
+    5_000,
+    "every engine's worker started",
+  );
+  for (const [i, e] of engines.entries()) {
+    const s = session(`e${i}`, { engine: identify(e.pid as number, "engine.pid", process.pid) });
+    registry.admit(s);
+  }
+  const known = engines.flatMap((_, i) => registry.get(`e${i}`)?.tree.map((p) => p.pid) ?? []);
+  assert.ok(![...workers.values()].some((w) => known.includes(w)), "no worker is known before the exits");
+  const seen = calls.length;
+  for (const e of engines) e.kill("SIGKILL");
+  await until(() => calls.length === seen + engines.length, 10_000, "every exit seen through its pidfd");
+  for (const [i, e] of engines.entries()) {
+    const call = calls.find((c) => c.id === `e${i}`);
+    assert.deepEqual(call, { id: `e${i}`, reason: "engine_gone", detail: { pid: e.pid, detectedBy: "pidfd" } });
+    const tree = (call as unknown as { tree: number[] }).tree;
+    assert.deepEqual(tree, [workers.get(e.pid as number)], `e${i}: its worker, re-parented, is in its tree`);
+    assert.equal(liveness(identify(workers.get(e.pid as number) as number, "w", process.pid)), "alive");
+  }
 });
 
 test("owner_gone: a wrong start time is found by the liveness pass (never watched); an exit through the pidfd", async (t) => {

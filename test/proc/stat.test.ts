@@ -1,12 +1,14 @@
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { readFileSync, readdirSync, symlinkSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import {
   isExited,
   isKernelThread,
   listStats,
+  pageSize,
   parseStat,
   readStat,
   readUid,
@@ -15,7 +17,11 @@ import {
 import { tempDir, until } from "../helpers.js";
 
 /** A /proc/<pid>/stat line (52 fields) with the given values; the rest are zeros. */
-function statLine(pid: number, comm: string, f: { state?: string; ppid?: number; flags?: number; start?: number }) {
+function statLine(
+  pid: number,
+  comm: string,
+  f: { state?: string; ppid?: number; flags?: number; start?: number; rss?: number },
+) {
   const fields: (string | number)[] = new Array<number>(52 - 2).fill(0);
   // fields[0] is field 3 (state)
   fields[0] = f.state ?? "S";
@@ -26,11 +32,12 @@ function statLine(pid: number, comm: string, f: { state?: string; ppid?: number;
   fields[5] = -1; // 8 tpgid
   fields[6] = f.flags ?? 4194560; // 9 flags
   fields[19] = f.start ?? 123456; // 22 starttime
+  fields[21] = f.rss ?? 321; // 24 rss (pages)
   return `${pid} (${comm}) ${fields.join(" ")}\n`;
 }
 
 test("parseStat reads the fields after a comm holding spaces and parentheses", () => {
-  const st = parseStat(statLine(4321, "(a) (b)", { state: "R", ppid: 99, flags: 64, start: 987654321 }));
+  const st = parseStat(statLine(4321, "(a) (b)", { state: "R", ppid: 99, flags: 64, start: 987654321, rss: 2048 }));
   assert.deepEqual(st, {
     pid: 4321,
     comm: "(a) (b)",
@@ -40,6 +47,7 @@ test("parseStat reads the fields after a comm holding spaces and parentheses", (
     sid: 800,
     flags: 64,
     startTime: 987654321,
+    rssPages: 2048,
   });
 });
 
@@ -86,6 +94,15 @@ test("readStat of a real process whose comm holds spaces and parentheses", async
   assert.equal(st?.pid, child.pid);
   assert.equal(st?.ppid, process.pid);
   assert.ok(st && !isExited(st), st?.state);
+  // Resident pages: what /proc/<pid>/status calls VmRSS, in pages, but from the kernel's
+  // per-CPU counters without their sum (file, anon and shmem pages; each CPU may hold up to
+  // max(32, 2 x CPUs) pages of each not yet added), where VmRSS sums them.
+  const vmRssKb = Number(/^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${child.pid}/status`, "latin1"))?.[1]);
+  const cpus = availableParallelism();
+  const slackKb = (3 * cpus * Math.max(32, 2 * cpus) * pageSize()) / 1024;
+  const statKb = ((st?.rssPages ?? 0) * pageSize()) / 1024;
+  assert.ok(statKb > 0 && Math.abs(statKb - vmRssKb) <= slackKb, `stat ${statKb} kB, VmRSS ${vmRssKb} kB`);
+  assert.equal(pageSize(), Number(execFileSync("getconf", ["PAGESIZE"], { encoding: "utf8" })));
 });
 
 test("readStat (bytes parsed in place) gives parseStat's result for every process on the host", async (t) => {
@@ -106,8 +123,9 @@ test("readStat (bytes parsed in place) gives parseStat's result for every proces
     const st = readStat(Number(name));
     if (st === null) continue;
     const expected = parseStat(text);
-    // Only the state of a running process may change between the two reads.
-    assert.deepEqual({ ...st, state: "" }, { ...expected, state: "" }, text);
+    // Only the state and resident pages of a running process may change between the two reads.
+    const settled = (x: ProcStat | null) => (x === null ? null : { ...x, state: "", rssPages: 0 });
+    assert.deepEqual(settled(st), settled(expected), text);
     compared++;
   }
   assert.ok(compared > 2);
