@@ -26,11 +26,10 @@ function present(pid: number): boolean {
 
 test("a program runs as the uid and gid asked, with no supplementary group, in the directory fd given", async (t) => {
   const dir = tempDir(t);
-  const ran = await runProgram(
-    SH,
-    ["-c", 'echo "$(id -u) $(id -g) [$(id -G)] $(pwd)" >&2; exit 3'],
-    { cwdFd: dirFd(t, dir), as: { uid: 12345, gid: 23456 } },
-  );
+  const ran = await runProgram(SH, ["-c", 'echo "$(id -u) $(id -g) [$(id -G)] $(pwd)" >&2; exit 3'], {
+    cwdFd: dirFd(t, dir),
+    as: { uid: 12345, gid: 23456 },
+  });
   assert.deepEqual(ran, { code: 3, signal: 0, stderr: `12345 23456 [23456] ${dir}` });
 });
 
@@ -71,7 +70,10 @@ test("a program that cannot start rejects with the errno's name and leaves no ch
 
 test("aborting kills the program through its pidfd, and it is reaped", async (t) => {
   const ac = new AbortController();
-  const started = runProgram(SH, ["-c", "echo started >&2; exec sleep 60"], { cwdFd: dirFd(t, "/"), signal: ac.signal });
+  const started = runProgram(SH, ["-c", "echo started >&2; exec sleep 60"], {
+    cwdFd: dirFd(t, "/"),
+    signal: ac.signal,
+  });
   await new Promise((r) => setTimeout(r, 200));
   const children = readFileSync(`/proc/${process.pid}/task/${process.pid}/children`, "latin1").trim().split(" ");
   assert.equal(children.length, 1);
