@@ -7,7 +7,7 @@ import { killCgroup, killSessionCgroup, signalProcess } from "../proc/signal.js"
 import { readStat, readUid } from "../proc/stat.js";
 import { cgroupUsage, processUsage } from "../proc/usage.js";
 import { processUses } from "../proc/users.js";
-import { sharedTable } from "../proc/tree.js";
+import { freshTable, sharedTable, type ProcessTable } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
 import { journaled } from "./journal.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
@@ -48,7 +48,6 @@ export const terminate: CleanupStep = {
     const seen = new Map<string, ProcessIdentity>();
     const key = (p: ProcessIdentity): string => `${p.pid}:${p.startTime}`;
     const cg = ctx.session.containment?.kind === "cgroup" ? ctx.session.containment : null;
-    const completeness = cg === null ? 0 : SHARED_SCAN_MS;
     /** The contained session's cgroup members, as identities (whatever their ancestry). */
     const members = (): ProcessIdentity[] => {
       if (cg === null) return [];
@@ -61,14 +60,15 @@ export const terminate: CleanupStep = {
       return out;
     };
     /**
-     * New members of the tree (and cgroup). `maxAgeMs`: how old the shared /proc snapshot
-     * may be (sharedTable): polls share one; the scans that decide the tree is complete
-     * (after a freeze, before the last kill check) take a fresh one unless the session is
-     * contained, whose cgroup (read fresh each time) holds every process born in it.
+     * New members of the tree (and cgroup) on a /proc snapshot: polls share one up to
+     * SHARED_SCAN_MS old (sharedTable, `rescan`); the scans that decide the tree is complete
+     * (after a freeze, before the last kill check) wait for one taken after they asked
+     * (freshTable, shared by the reaps that ask within 50 ms), unless the session is
+     * contained: its cgroup (read fresh each time) holds every process born in it.
      */
-    const rescan = (maxAgeMs = SHARED_SCAN_MS): ProcessIdentity[] => {
+    const rescanOn = (table: ProcessTable): ProcessIdentity[] => {
       const fresh: ProcessIdentity[] = [];
-      const tree = sharedTable(maxAgeMs).tree(ctx.session.engine, [...known, ...seen.values()]);
+      const tree = table.tree(ctx.session.engine, [...known, ...seen.values()]);
       for (const p of [...tree, ...members()]) {
         // A shared snapshot may be up to maxAgeMs old: a process gone since is not one to handle.
         if (!seen.has(key(p)) && liveness(p) === "alive") {
@@ -81,6 +81,9 @@ export const terminate: CleanupStep = {
         ctx.record({ processes: [...seen.values()].map((p) => ({ pid: p.pid, startTime: p.startTime })) });
       return fresh;
     };
+    const rescan = (): ProcessIdentity[] => rescanOn(sharedTable(SHARED_SCAN_MS));
+    const rescanComplete = async (): Promise<ProcessIdentity[]> =>
+      rescanOn(cg === null ? await freshTable() : sharedTable(SHARED_SCAN_MS));
     // A session a non-admin registered is reaped with that user's power: members of another
     // uid (a setuid helper, a process that changed user) are left alone and reported.
     const policy = { onlyUid: ctx.session.registeredBy.admin ? undefined : ctx.session.engine.uid };
@@ -141,7 +144,7 @@ export const terminate: CleanupStep = {
       // newcomer means the tree is complete.
       const stopped = new Set<string>();
       for (let round = 0; round < MAX_FREEZE_ROUNDS && !signal.aborted; round++) {
-        const fresh = rescan(completeness);
+        const fresh = await rescanComplete();
         const toStop = alive().filter((p) => !stopped.has(key(p)));
         for (const p of toStop) stopped.add(key(p));
         sigstop += send(toStop, "SIGSTOP");
@@ -150,7 +153,7 @@ export const terminate: CleanupStep = {
     }
     const killEnd = Math.min(performance.now() + KILL_WAIT_MS, ctx.deadline - 50);
     while (!signal.aborted && performance.now() < killEnd) {
-      rescan(completeness);
+      await rescanComplete();
       const left = alive();
       if (left.length === 0) break;
       sigkill += send(left, "SIGKILL");

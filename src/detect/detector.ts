@@ -8,7 +8,7 @@ import type { Clock } from "../clock.js";
 import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { listStatsPaced, readUid } from "../proc/stat.js";
-import { ProcessTable } from "../proc/tree.js";
+import { freshTable, ProcessTable } from "../proc/tree.js";
 import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
 import { loopTurn } from "../reaper/turns.js";
@@ -101,12 +101,6 @@ const MIN_CPU_WINDOW_MS = 500;
  */
 const WALK_SHARE = 0.005;
 
-/**
- * An engine's exit is followed by a last look at its group and session (on a walk of /proc
- * taken after the exit): exits seen within this many ms share one walk.
- */
-const EXIT_WALK_EVERY_MS = 50;
-
 export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
 
 export interface DetectorOptions {
@@ -152,10 +146,6 @@ export class Detector implements LiveWatcher {
   private cancelTimer: (() => void) | null = null;
   /** When the liveness pass may walk /proc again (performance.now() ms; see WALK_SHARE). */
   private nextWalkAt = 0;
-  /** Exited processes waiting for their last look (see EXIT_WALK_EVERY_MS). */
-  private exited: WatchedProcess[] = [];
-  private lastExitWalkAt = Number.NEGATIVE_INFINITY;
-  private lastLookScheduled = false;
   private armedAt = Number.POSITIVE_INFINITY;
   private cron: Cron | null = null;
   private running = false;
@@ -231,9 +221,7 @@ export class Detector implements LiveWatcher {
       return p;
     }
     handle.onExit(() => {
-      if (this.processes.get(key) !== p) return;
-      this.exited.push(p);
-      this.scheduleLastLook();
+      if (this.processes.get(key) === p) void this.lastLook(p);
     });
     p.handle = handle;
     return p;
@@ -244,38 +232,20 @@ export class Detector implements LiveWatcher {
    * engine's tree gets a last look on a walk of /proc taken after the exit: its children are
    * re-parented as it dies, and its group and session still find those born since the last
    * liveness pass (a PostgreSQL backend forked 0.3 s before the postmaster died). The exits of
-   * a storm share walks (one per EXIT_WALK_EVERY_MS at most), and the walk is paced: a
-   * thousand engines dying at once cost a few walks, not a thousand in a row on the loop.
+   * a storm share walks (freshTable: one per 50 ms at most, paced): a thousand engines dying
+   * at once cost a few walks, not a thousand in a row on the loop.
    */
-  private async lastLook(): Promise<void> {
-    const batch = this.exited;
-    this.exited = [];
-    let table: ProcessTable | null = null;
-    if (batch.some((p) => p.engineOf.size > 0)) {
-      this.lastExitWalkAt = performance.now();
-      table = new ProcessTable(await listStatsPaced(loopTurn));
-    }
-    this.lastLookScheduled = false;
-    for (const p of batch) {
-      try {
-        if (this.processes.get(identityKey(p.id)) !== p) continue;
-        if (table !== null && p.engineOf.size > 0) this.refreshTree(p, table);
-        this.processGone(p, "pidfd");
-      } catch (err) {
-        this.log.error({ err, pid: p.id.pid }, "expiry on process exit failed");
+  private async lastLook(p: WatchedProcess): Promise<void> {
+    try {
+      if (p.engineOf.size > 0) {
+        const table = await freshTable();
+        if (this.processes.get(identityKey(p.id)) !== p) return;
+        this.refreshTree(p, table);
       }
+      this.processGone(p, "pidfd");
+    } catch (err) {
+      this.log.error({ err, pid: p.id.pid }, "expiry on process exit failed");
     }
-    // Exits seen during the walk: the walk began before them, so they get the next one.
-    if (this.exited.length > 0) this.scheduleLastLook();
-  }
-
-  private scheduleLastLook(): void {
-    if (this.lastLookScheduled) return;
-    this.lastLookScheduled = true;
-    const wait = this.lastExitWalkAt + EXIT_WALK_EVERY_MS - performance.now();
-    const run = (): void => void this.lastLook();
-    if (wait > 0) setTimeout(run, wait);
-    else setImmediate(run);
   }
 
   /** The engine's tree on this snapshot, given to its sessions if it changed. */

@@ -2,7 +2,8 @@ import { readFileSync, readdirSync } from "node:fs";
 import { performance } from "node:perf_hooks";
 import type { ProcessIdentity } from "../sessions/types.js";
 import { bootId } from "./identity.js";
-import { isExited, isKernelThread, listStats, pageSize, readStat, readUid, type ProcStat } from "./stat.js";
+import { loopTurn } from "../reaper/turns.js";
+import { isExited, isKernelThread, listStats, listStatsPaced, pageSize, readStat, readUid, type ProcStat } from "./stat.js";
 
 /**
  * One snapshot of /proc, indexed by pid and parent pid: a single walk of /proc serves the
@@ -105,6 +106,68 @@ export function sharedTable(maxAgeMs: number): ProcessTable {
   const now = performance.now();
   if (recent === null || maxAgeMs <= 0 || now - recent.at > maxAgeMs) recent = { table: new ProcessTable(), at: now };
   return recent.table;
+}
+
+/** At most one fresh walk (freshTable) starts per this many ms; the askers of the window share it. */
+const FRESH_EVERY_MS = 50;
+
+interface Waiter {
+  resolve: (t: ProcessTable) => void;
+  reject: (err: unknown) => void;
+}
+let waiting: Waiter[] = [];
+let freshScheduled = false;
+let freshWalking = false;
+let lastFreshAt = Number.NEGATIVE_INFINITY;
+/** Fresh walks done and askers served, for tests and the benchmark's report. */
+const freshStats = { walks: 0, asks: 0 };
+
+/**
+ * A snapshot of /proc whose walk began after this call: for decisions that need the state
+ * after an action (no newcomer after a freeze, nothing left after the kill, an engine's
+ * group after it exited). Everyone who asks before a walk begins shares it, and a walk begins
+ * at most every FRESH_EVERY_MS, read a chunk per paced turn (loopTurn): a storm of a thousand
+ * reaps costs a walk per 50 ms, not a synchronous walk of the host per reap. The table also
+ * serves sharedTable's callers.
+ */
+export function freshTable(): Promise<ProcessTable> {
+  freshStats.asks++;
+  return new Promise((resolve, reject) => {
+    waiting.push({ resolve, reject });
+    scheduleFresh();
+  });
+}
+
+export function freshTableStats(): { walks: number; asks: number } {
+  return { ...freshStats };
+}
+
+function scheduleFresh(): void {
+  if (freshScheduled || freshWalking) return;
+  freshScheduled = true;
+  const wait = lastFreshAt + FRESH_EVERY_MS - performance.now();
+  const run = (): void => void walkFresh();
+  if (wait > 0) setTimeout(run, wait);
+  else setImmediate(run);
+}
+
+async function walkFresh(): Promise<void> {
+  freshScheduled = false;
+  freshWalking = true;
+  const batch = waiting;
+  waiting = [];
+  lastFreshAt = performance.now();
+  freshStats.walks++;
+  try {
+    const table = new ProcessTable(await listStatsPaced(loopTurn));
+    recent = { table, at: lastFreshAt };
+    for (const w of batch) w.resolve(table);
+  } catch (err) {
+    for (const w of batch) w.reject(err);
+  } finally {
+    freshWalking = false;
+    if (waiting.length > 0) scheduleFresh();
+  }
 }
 
 /** The live children of a process (every thread's children file under /proc/<pid>/task); none if it is gone. */

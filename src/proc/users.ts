@@ -1,4 +1,5 @@
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
+import { performance } from "node:perf_hooks";
 import { loopTurn } from "../reaper/turns.js";
 import { readStat, readUid } from "./stat.js";
 
@@ -29,6 +30,12 @@ export interface UseQuery {
 
 /** Processes looked at between two yields to the event loop (about a millisecond's work). */
 const YIELD_EVERY = 8;
+/**
+ * A walk begins at most every this many ms. A storm keeps scans coming: walking again at once
+ * after each walk would spend the loop on walks of the whole host; 50 ms lets the scans of a
+ * window share one, for at most 50 ms more per answer.
+ */
+const WALK_EVERY_MS = 50;
 
 /**
  * What one process exposes in /proc, each read at most once per walk, however many scans
@@ -107,15 +114,17 @@ interface Scan {
 /**
  * Walks of /proc shared between everyone who asks at about the same time: a scan asked while
  * no walk runs starts one at the next turn of the event loop (so the scans of that turn
- * share it); a scan asked during a walk waits for the next one, because it must see /proc as
- * it is after it asked (a verification after a kill, a delete after the last holder went).
- * Each process's files are read once per walk, whatever the number of scans: a storm of
- * reaps costs a walk per turn, not one per reap step.
+ * share it), or once WALK_EVERY_MS have passed since the previous walk began; a scan asked
+ * during a walk waits for the next one, because it must see /proc as it is after it asked (a
+ * verification after a kill, a delete after the last holder went). Each process's files are
+ * read once per walk, whatever the number of scans: a storm of reaps costs a walk per 50 ms,
+ * not one per reap step.
  */
 class ProcWalker {
   private pending: Scan[] = [];
   private scheduled = false;
   private walking = false;
+  private lastWalkAt = Number.NEGATIVE_INFINITY;
   /** Walks done and scans served, for tests and the benchmark's report. */
   readonly stats = { walks: 0, scans: 0 };
 
@@ -130,7 +139,13 @@ class ProcWalker {
     this.scheduled = false;
     this.walking = true;
     try {
-      while (this.pending.length > 0) await this.walk(this.pending.splice(0));
+      while (this.pending.length > 0) {
+        // One walk per WALK_EVERY_MS at most: the scans asked meanwhile share the next one.
+        const wait = this.lastWalkAt + WALK_EVERY_MS - performance.now();
+        if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+        this.lastWalkAt = performance.now();
+        await this.walk(this.pending.splice(0));
+      }
     } finally {
       this.walking = false;
     }
