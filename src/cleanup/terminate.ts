@@ -63,7 +63,7 @@ export const terminate: CleanupStep = {
      * New members of the tree (and cgroup) on a /proc snapshot: polls share one up to
      * SHARED_SCAN_MS old (sharedTable, `rescan`); the scans that decide the tree is complete
      * (after a freeze, before the last kill check) wait for one taken after they asked
-     * (freshTable, shared by the reaps that ask within 50 ms), unless the session is
+     * (freshTable, shared by the reaps that ask within 100 ms), unless the session is
      * contained: its cgroup (read fresh each time) holds every process born in it.
      */
     const rescanOn = (table: ProcessTable): ProcessIdentity[] => {

@@ -30,7 +30,7 @@ export const DEFAULTS = {
   store: { flush_interval_ms: 1000 },
   log: { level: "info", file: "" },
   detect: { liveness_schedule: "*/2 * * * * *" },
-  reaper: { concurrency: 256, shutdown_grace_sec: 20 },
+  reaper: { concurrency: 1024, shutdown_grace_sec: 20 },
   // Every minute (croner, with seconds); the sweep also runs once at start, after recovery.
   orphans: { schedule: "0 * * * * *" },
   // "": found at start (the service's own delegated cgroup under systemd, else a
@@ -185,7 +185,7 @@ export const configSchema = {
       type: "object",
       additionalProperties: false,
       properties: {
-        concurrency: { type: "integer", minimum: 1, maximum: 1024 },
+        concurrency: { type: "integer", minimum: 1, maximum: 4096 },
         shutdown_grace_sec: { type: "number", minimum: 0, maximum: 3600 },
       },
     },

@@ -232,7 +232,7 @@ export class Detector implements LiveWatcher {
    * engine's tree gets a last look on a walk of /proc taken after the exit: its children are
    * re-parented as it dies, and its group and session still find those born since the last
    * liveness pass (a PostgreSQL backend forked 0.3 s before the postmaster died). The exits of
-   * a storm share walks (freshTable: one per 50 ms at most, paced): a thousand engines dying
+   * a storm share walks (freshTable: one per 100 ms at most, paced): a thousand engines dying
    * at once cost a few walks, not a thousand in a row on the loop.
    */
   private async lastLook(p: WatchedProcess): Promise<void> {

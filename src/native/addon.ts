@@ -16,7 +16,8 @@ export interface NativeAddon {
    * A vfork-style spawn (clone with CLONE_VM | CLONE_VFORK): `file` is absolute, `argv`
    * includes argv[0], `stdio` are the fds that become 0-2 (nothing else is inherited),
    * `cwdFd` is fchdir'd to (-1: ours); with uid >= 0 the child drops its supplementary groups
-   * and takes gid, then uid. Throws with the errno of what failed before execve.
+   * and takes gid, then uid. On a libuv pool thread; rejects with the errno of what failed
+   * before execve.
    */
   spawnAt(
     file: string,
@@ -26,7 +27,7 @@ export interface NativeAddon {
     stdio: readonly [number, number, number],
     uid: number,
     gid: number,
-  ): { pid: number; pidfd: number };
+  ): Promise<{ pid: number; pidfd: number }>;
   /** waitpid(pid, WNOHANG) for a child spawnAt started: null while it runs. */
   waitExited(pid: number): { code: number; signal: number } | null;
   memfdCreate(name: string): number;

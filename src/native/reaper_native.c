@@ -16,20 +16,23 @@
  *                                    is on the other end, as the kernel saw it at connect(2)
  *   flockExclusive(fd) -> bool       flock(2) LOCK_EX | LOCK_NB: true if taken, false if another
  *                                    open file description holds it (one daemon per database)
- *   spawnAt(file, argv, env, cwdFd, stdio, uid, gid) -> {pid, pidfd}
+ *   spawnAt(file, argv, env, cwdFd, stdio, uid, gid) -> Promise<{pid, pidfd}>
  *                                    runs a program the way posix_spawn(3) does: clone(2) with
  *                                    CLONE_VM | CLONE_VFORK, so the daemon's page tables are not
  *                                    copied (a fork costs ~10 ms per 200 MB of the daemon's
- *                                    memory, on the event loop); the child fchdirs to cwdFd,
- *                                    takes stdio[0..2] as fds 0-2, and with uid >= 0 drops its
- *                                    supplementary groups and takes gid and uid before execve
+ *                                    memory), on a libuv pool thread, not the event loop; the
+ *                                    child takes stdio[0..2] as fds 0-2, fchdirs to cwdFd,
+ *                                    closes every fd above 2, resets every signal, and with
+ *                                    uid >= 0 drops its supplementary groups and takes gid and
+ *                                    uid before execve
  *   waitExited(pid) -> {code, signal} | null
  *                                    waitpid(2) WNOHANG for a child spawnAt started
  *   memfdCreate(name) -> fd          memfd_create(2): a file in memory (a child's stderr)
  *
  * Errors are thrown as Error objects whose `code` is the errno name ("ESRCH", "ENOSYS", ...),
  * like Node's own fs errors, so callers can fall back when the kernel lacks pidfd (< 5.3).
- * Kept deliberately tiny: every function is a thin wrapper over one system call.
+ * Kept deliberately small: every function but spawnAt is a thin wrapper over one system call;
+ * spawnAt is what glibc's posix_spawn does, plus the credentials (which it cannot set).
  */
 #define _GNU_SOURCE /* struct ucred */
 #include <node_api.h>
@@ -83,6 +86,7 @@ static const char *errno_name(int err) {
     case ENOPROTOOPT: return "ENOPROTOOPT";
     case ERANGE: return "ERANGE";
     case E2BIG: return "E2BIG";
+    case ECANCELED: return "ECANCELED";
     case ECHILD: return "ECHILD";
     default: return "EUNKNOWN";
   }
@@ -399,9 +403,13 @@ typedef struct {
   int set_ids;
   uid_t uid;
   gid_t gid;
-  sigset_t mask; /* the parent thread's mask, restored in the child before execve */
+  sigset_t mask; /* the program's signal mask, set in the child just before execve */
   int err;       /* written by the child (shared memory) when it fails before execve */
   const char *failed;
+  pid_t pid;
+  int pidfd;
+  napi_deferred deferred;
+  napi_async_work work;
 } spawn_req;
 
 /*
@@ -502,7 +510,80 @@ static char **strings_arg(napi_env env, napi_value v) {
   return list;
 }
 
-/* spawnAt(file, argv, env, cwdFd, [stdin, stdout, stderr], uid, gid): uid < 0 keeps ours. */
+/* Runs on a libuv pool thread: the clone, the wait for execve, the pidfd. */
+static void spawn_execute(napi_env env, void *data) {
+  (void)env;
+  spawn_req *r = (spawn_req *)data;
+  r->pid = -1;
+  r->pidfd = -1;
+  char *stack = mmap(NULL, SPAWN_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+  if (stack == MAP_FAILED) {
+    r->err = errno;
+    r->failed = "mmap";
+    return;
+  }
+  sigset_t all, old;
+  sigfillset(&all);
+  sigemptyset(&r->mask); /* the program starts with no signal blocked */
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  pid_t pid = clone(spawn_child, stack + SPAWN_STACK, CLONE_VM | CLONE_VFORK | SIGCHLD, r);
+  int clone_err = errno;
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  munmap(stack, SPAWN_STACK);
+  if (pid < 0) {
+    r->err = clone_err;
+    r->failed = "clone";
+    return;
+  }
+  if (r->err != 0) {
+    /* The child failed before execve and exited: reap it here; r->err says why. */
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    return;
+  }
+  long pidfd = syscall(SYS_pidfd_open, pid, 0);
+  if (pidfd < 0) {
+    r->err = errno;
+    r->failed = "pidfd_open";
+    kill(pid, SIGKILL);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    return;
+  }
+  r->pid = pid;
+  r->pidfd = (int)pidfd;
+}
+
+static void spawn_complete(napi_env env, napi_status status, void *data) {
+  spawn_req *r = (spawn_req *)data;
+  napi_value result;
+  if (status == napi_ok && r->err == 0) {
+    napi_create_object(env, &result);
+    set_int(env, result, "pid", r->pid);
+    set_int(env, result, "pidfd", r->pidfd);
+    napi_resolve_deferred(env, r->deferred, result);
+  } else {
+    int err = status == napi_ok ? r->err : ECANCELED;
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: %s", r->failed != NULL ? r->failed : "spawn", strerror(err));
+    napi_value code, text;
+    napi_create_string_utf8(env, errno_name(err), NAPI_AUTO_LENGTH, &code);
+    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &text);
+    napi_create_error(env, code, text, &result);
+    napi_reject_deferred(env, r->deferred, result);
+  }
+  napi_delete_async_work(env, r->work);
+  free(r->file);
+  free_strings(r->argv);
+  free_strings(r->envp);
+  free(r);
+}
+
+/*
+ * spawnAt(file, argv, env, cwdFd, [stdin, stdout, stderr], uid, gid) -> Promise<{pid, pidfd}>:
+ * uid < 0 keeps ours. The clone runs on a libuv pool thread: the event loop does not even
+ * wait for the program's execve.
+ */
 static napi_value spawn_at_js(napi_env env, napi_callback_info info) {
   size_t argc = 7;
   napi_value argv[7];
@@ -515,16 +596,11 @@ static napi_value spawn_at_js(napi_env env, napi_callback_info info) {
   if (!int_arg(env, argv, argc, 3, &cwd_fd) || !int_arg(env, argv, argc, 5, &uid) ||
       !int_arg(env, argv, argc, 6, &gid))
     return NULL;
-  spawn_req r;
-  memset(&r, 0, sizeof r);
-  r.cwd_fd = cwd_fd;
-  r.set_ids = uid >= 0;
-  r.uid = (uid_t)uid;
-  r.gid = (gid_t)(gid >= 0 ? gid : 0);
-  if (r.set_ids && gid < 0) {
+  if (uid >= 0 && gid < 0) {
     napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "a uid needs a gid");
     return NULL;
   }
+  int stdio[3];
   for (uint32_t i = 0; i < 3; i++) {
     napi_value item;
     int32_t fd;
@@ -533,61 +609,39 @@ static napi_value spawn_at_js(napi_env env, napi_callback_info info) {
       napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "stdio takes three open fds");
       return NULL;
     }
-    r.stdio[i] = fd;
+    stdio[i] = fd;
   }
+  spawn_req *r = calloc(1, sizeof *r);
+  if (r == NULL) return throw_errno(env, ENOMEM, "spawnAt");
+  r->cwd_fd = cwd_fd;
+  r->set_ids = uid >= 0;
+  r->uid = (uid_t)uid;
+  r->gid = (gid_t)(gid >= 0 ? gid : 0);
+  memcpy(r->stdio, stdio, sizeof stdio);
   napi_valuetype t;
-  if (napi_typeof(env, argv[0], &t) != napi_ok || t != napi_string || (r.file = string_arg(env, argv[0])) == NULL ||
-      r.file[0] != '/') {
-    free(r.file);
+  if (napi_typeof(env, argv[0], &t) != napi_ok || t != napi_string || (r->file = string_arg(env, argv[0])) == NULL ||
+      r->file[0] != '/') {
+    free(r->file);
+    free(r);
     napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected an absolute program path");
     return NULL;
   }
-  if ((r.argv = strings_arg(env, argv[1])) == NULL || (r.envp = strings_arg(env, argv[2])) == NULL) {
-    free(r.file);
-    free_strings(r.argv);
+  if ((r->argv = strings_arg(env, argv[1])) == NULL || (r->envp = strings_arg(env, argv[2])) == NULL) {
+    free(r->file);
+    free_strings(r->argv);
+    free(r);
     return NULL;
   }
-  napi_value result = NULL;
-  char *stack = mmap(NULL, SPAWN_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-  if (stack == MAP_FAILED) {
-    throw_errno(env, errno, "mmap");
-    goto out;
+  napi_value promise, name;
+  napi_create_promise(env, &r->deferred, &promise);
+  napi_create_string_utf8(env, "reaper.spawnAt", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_async_work(env, NULL, name, spawn_execute, spawn_complete, r, &r->work) != napi_ok ||
+      napi_queue_async_work(env, r->work) != napi_ok) {
+    r->err = EAGAIN;
+    r->failed = "napi_queue_async_work";
+    spawn_complete(env, napi_ok, r);
   }
-  sigset_t all;
-  sigfillset(&all);
-  pthread_sigmask(SIG_BLOCK, &all, &r.mask);
-  pid_t pid = clone(spawn_child, stack + SPAWN_STACK, CLONE_VM | CLONE_VFORK | SIGCHLD, &r);
-  int clone_err = errno;
-  pthread_sigmask(SIG_SETMASK, &r.mask, NULL);
-  munmap(stack, SPAWN_STACK);
-  if (pid < 0) {
-    throw_errno(env, clone_err, "clone");
-    goto out;
-  }
-  if (r.err != 0) {
-    /* The child failed before execve and exited: reap it here, report why. */
-    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
-    }
-    throw_errno(env, r.err, r.failed);
-    goto out;
-  }
-  long pidfd = syscall(SYS_pidfd_open, pid, 0);
-  if (pidfd < 0) {
-    int e = errno;
-    kill(pid, SIGKILL);
-    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
-    }
-    throw_errno(env, e, "pidfd_open");
-    goto out;
-  }
-  napi_create_object(env, &result);
-  set_int(env, result, "pid", pid);
-  set_int(env, result, "pidfd", pidfd);
-out:
-  free(r.file);
-  free_strings(r.argv);
-  free_strings(r.envp);
-  return result;
+  return promise;
 }
 
 static napi_value wait_exited_js(napi_env env, napi_callback_info info) {

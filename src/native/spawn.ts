@@ -5,6 +5,11 @@ import { addon } from "./addon.js";
 export const SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /** What a program's stderr may add to a step's detail. */
 const STDERR_BYTES = 4096;
+/**
+ * Programs running at once. A storm's reaps mostly wait and run by the thousand; what costs
+ * the host CPU and memory is the programs they start (an rm each): those queue here.
+ */
+const MAX_RUNNING = 32;
 
 export interface Ran {
   /** The exit code, or -1 when a signal ended it. */
@@ -53,9 +58,9 @@ let running = 0;
 let keepAlive: NodeJS.Timeout | null = null;
 
 /**
- * Runs a short program to its end with the native addon's vfork-style spawn (spawnAt): the
- * event loop pays ~0.2 ms per program instead of a fork, whose page-table copy grows with
- * the daemon's memory (~10 ms per 200 MB) and blocks every heartbeat meanwhile. The program
+ * Runs a short program to its end with the native addon's vfork-style spawn (spawnAt, on a
+ * libuv pool thread): the event loop pays nothing for the spawn, where a fork's page-table
+ * copy grows with the daemon's memory (~10 ms per 200 MB) and blocks every heartbeat. The program
  * gets /dev/null as stdin and stdout, a memfd as stderr (never a pipe that could fill), only
  * fds 0-2, SYSTEM_PATH and LC_ALL=C, and all signals at their defaults. Its exit is seen
  * through its pidfd (no SIGCHLD handler), and it is reaped with waitpid.
@@ -63,16 +68,34 @@ let keepAlive: NodeJS.Timeout | null = null;
  * Rejects (with the errno's name as `code`) when the addon is not built or the program could
  * not be started; resolves with how it ended otherwise.
  */
-export function runProgram(file: string, args: readonly string[], opts: RunOptions): Promise<Ran> {
-  if (addon === null) {
-    return Promise.reject(Object.assign(new Error("the native addon is not built"), { code: "ENOSYS" }));
+export async function runProgram(file: string, args: readonly string[], opts: RunOptions): Promise<Ran> {
+  // A slot: free now, or handed over by a program that ended (first come, first served).
+  if (active < MAX_RUNNING) active++;
+  else await new Promise<void>((r) => slots.push(r));
+  try {
+    if (opts.signal?.aborted) {
+      throw Object.assign(new Error("not started: aborted while waiting for a free slot"), { code: "ABORT_ERR" });
+    }
+    return await start(file, args, opts);
+  } finally {
+    const next = slots.shift();
+    if (next === undefined) active--;
+    else next();
   }
+}
+
+/** Slots taken (MAX_RUNNING at most), and the callers waiting for one, in order. */
+let active = 0;
+const slots: (() => void)[] = [];
+
+async function start(file: string, args: readonly string[], opts: RunOptions): Promise<Ran> {
+  if (addon === null) throw Object.assign(new Error("the native addon is not built"), { code: "ENOSYS" });
   const native = addon;
   devNull ??= openSync("/dev/null", "r+");
   const stderr = native.memfdCreate("reaper-stderr");
   let child: { pid: number; pidfd: number };
   try {
-    child = native.spawnAt(
+    child = await native.spawnAt(
       file,
       [file.slice(file.lastIndexOf("/") + 1), ...args],
       [`PATH=${SYSTEM_PATH}`, "LC_ALL=C"],
@@ -83,7 +106,7 @@ export function runProgram(file: string, args: readonly string[], opts: RunOptio
     );
   } catch (err) {
     closeSync(stderr);
-    return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+    throw err instanceof Error ? err : new Error(String(err));
   }
   // The pidfd watch does not hold the event loop open (a daemon's watches must not): while a
   // program runs, this timer does, so a caller awaiting it is never dropped by an idle loop.

@@ -103,7 +103,7 @@ export async function freshTables(pid: number | "self" = "self"): Promise<number
  * table takes the loop for milliseconds, and in a storm every turn has someone asking. A
  * caller waits for the next reading (never an older one), at most that long.
  */
-const READ_EVERY_MS = 50;
+const READ_EVERY_MS = 100;
 let lastRead = -Infinity;
 
 function readSoon(pid: number | "self"): Promise<number> {

@@ -109,7 +109,7 @@ export function sharedTable(maxAgeMs: number): ProcessTable {
 }
 
 /** At most one fresh walk (freshTable) starts per this many ms; the askers of the window share it. */
-const FRESH_EVERY_MS = 50;
+const FRESH_EVERY_MS = 100;
 
 interface Waiter {
   resolve: (t: ProcessTable) => void;
@@ -127,7 +127,7 @@ const freshStats = { walks: 0, asks: 0 };
  * after an action (no newcomer after a freeze, nothing left after the kill, an engine's
  * group after it exited). Everyone who asks before a walk begins shares it, and a walk begins
  * at most every FRESH_EVERY_MS, read a chunk per paced turn (loopTurn): a storm of a thousand
- * reaps costs a walk per 50 ms, not a synchronous walk of the host per reap. The table also
+ * reaps costs a walk per 100 ms, not a synchronous walk of the host per reap. The table also
  * serves sharedTable's callers.
  */
 export function freshTable(): Promise<ProcessTable> {

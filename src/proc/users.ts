@@ -32,10 +32,10 @@ export interface UseQuery {
 const YIELD_EVERY = 8;
 /**
  * A walk begins at most every this many ms. A storm keeps scans coming: walking again at once
- * after each walk would spend the loop on walks of the whole host; 50 ms lets the scans of a
- * window share one, for at most 50 ms more per answer.
+ * after each walk would spend the loop on walks of the whole host; 100 ms lets the scans of a
+ * window share one, for at most 100 ms more per answer.
  */
-const WALK_EVERY_MS = 50;
+const WALK_EVERY_MS = 100;
 
 /**
  * What one process exposes in /proc, each read at most once per walk, however many scans
@@ -117,7 +117,7 @@ interface Scan {
  * share it), or once WALK_EVERY_MS have passed since the previous walk began; a scan asked
  * during a walk waits for the next one, because it must see /proc as it is after it asked (a
  * verification after a kill, a delete after the last holder went). Each process's files are
- * read once per walk, whatever the number of scans: a storm of reaps costs a walk per 50 ms,
+ * read once per walk, whatever the number of scans: a storm of reaps costs a walk per 100 ms,
  * not one per reap step.
  */
 class ProcWalker {

@@ -115,3 +115,21 @@ test("a running program's exit is seen even when the garbage collector runs mean
   const outcome = await Promise.race([running, new Promise((r) => setTimeout(() => r("no exit seen"), 5_000))]);
   assert.deepEqual(outcome, { code: 4, signal: 0, stderr: "" });
 });
+
+test("at most 32 programs run at once; the others wait their turn and all run", async (t) => {
+  const dir = tempDir(t);
+  // Each program notes its start and end in a shared log, holding its slot for 100 ms.
+  const runs = Array.from({ length: 80 }, (_, i) =>
+    runProgram(SH, ["-c", `echo "+ ${i}" >> log; sleep 0.1; echo "- ${i}" >> log`], { cwdFd: dirFd(t, dir) }),
+  );
+  const results = await Promise.all(runs);
+  assert.ok(results.every((r) => r.code === 0));
+  let running = 0;
+  let peak = 0;
+  for (const line of readFileSync(join(dir, "log"), "latin1").trim().split("\n")) {
+    running += line.startsWith("+") ? 1 : -1;
+    peak = Math.max(peak, running);
+  }
+  assert.equal(running, 0);
+  assert.equal(peak, 32);
+});
