@@ -79,6 +79,8 @@ interface Reading {
   lines: string[];
   /** The inet tables' lines parsed, once, by the first caller that wanted them all. */
   parsed?: InetSocket[];
+  /** The unix table's lines parsed, once, by its first caller. */
+  unix?: UnixSocket[];
 }
 const readings = new Map<string, Reading>();
 
@@ -270,20 +272,23 @@ export function inetSockets(
 }
 
 /** The unix sockets of a network namespace (see `inetSockets`). */
-export function unixSockets(pid: number | "self" = "self", notBefore?: number): UnixSocket[] {
-  const out: UnixSocket[] = [];
-  for (const line of tableReading(pid, "unix", notBefore).lines) {
+export function unixSockets(pid: number | "self" = "self", notBefore?: number): readonly UnixSocket[] {
+  const reading = tableReading(pid, "unix", notBefore);
+  // Parsed once per reading, for every reap that shares it.
+  reading.unix ??= reading.lines.flatMap((line) => {
     const f = line.trim().split(/\s+/);
-    if (f.length < 7) continue;
+    if (f.length < 7) return [];
     const path = f.length > 7 ? f.slice(7).join(" ") : null;
-    out.push({
-      type: UNIX_TYPES[f[4] ?? ""] ?? f[4] ?? "?",
-      path,
-      listening: (parseInt(f[3] ?? "0", 16) & SO_ACCEPTCON) !== 0,
-      inode: Number(f[6]),
-    });
-  }
-  return out;
+    return [
+      {
+        type: UNIX_TYPES[f[4] ?? ""] ?? f[4] ?? "?",
+        path,
+        listening: (parseInt(f[3] ?? "0", 16) & SO_ACCEPTCON) !== 0,
+        inode: Number(f[6]),
+      },
+    ];
+  });
+  return reading.unix;
 }
 
 /** The network namespace a process lives in (`net:[4026531840]`), null if it is gone. */
