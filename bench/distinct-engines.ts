@@ -47,12 +47,13 @@ const GOAL_RSS_MB = 150;
 const RSS_NOISE_MB = 5;
 const GOAL_READY_MS = 3_000;
 const MIN_READY_NOISE_MS = 100;
-/** The default liveness schedule (every 2 s) and RSS sampling (every 5th pass): src/detect/detector.ts. */
+/**
+ * The default liveness schedule (every 2 s), and the share of a core the pass's walk may take
+ * (WALK_SHARE in src/detect/detector.ts: the next walk waits cost / share).
+ */
 const PASS_EVERY_S = 2;
-const RSS_EVERY = 5;
+const WALK_SHARE = 0.005;
 const PASSES = QUICK ? 5 : 10;
-/** src/daemon/daemon.ts STALL_THRESHOLD_MS: a loop blocked longer is a stall (deadlines restart). */
-const STALL_THRESHOLD_MS = 1000;
 /** The unit's LimitNOFILE (systemd/session-reaper.service). */
 const UNIT_NOFILE = 65_536;
 const NEXT = 100_000;
@@ -182,7 +183,6 @@ interface PassCost {
   walkMs: number[];
   processes: number;
   passMs: number[];
-  rssPassMs: number[];
   expired: number;
 }
 
@@ -190,8 +190,8 @@ interface PassCost {
  * The liveness pass at this scale, timed with the daemon's code in this process (the
  * daemons are stopped by then): recovery of the database (an identity check and a pidfd with
  * an exit watch per engine), the /proc walk the pass snapshots (read in one go here; the
- * daemon reads it 256 processes a turn), and the pass itself on that snapshot, the RSS
- * sample of every fifth pass included.
+ * daemon reads it 256 processes a turn), and the pass itself on that snapshot (every engine's
+ * tree and resident memory, from the snapshot's stat lines).
  */
 function passCost(db: string): PassCost {
   const store = new Store(db, Date.now());
@@ -208,17 +208,17 @@ function passCost(db: string): PassCost {
     const t0 = performance.now();
     for (const s of store.liveForRecovery()) registry.recover({ ...s, busyCpuPercent: null });
     const recoverMs = performance.now() - t0;
-    const out: PassCost = { recoverMs, walkMs: [], processes: 0, passMs: [], rssPassMs: [], expired: 0 };
+    const out: PassCost = { recoverMs, walkMs: [], processes: 0, passMs: [], expired: 0 };
     for (let i = 0; i < PASSES; i++) {
       const w0 = performance.now();
       const stats = listStats();
       const table = new ProcessTable(stats);
       const w1 = performance.now();
-      detector.checkLiveness(table); // the pass's counter: the first, sixth, … sample RSS
+      detector.checkLiveness(table);
       const w2 = performance.now();
       out.walkMs.push(w1 - w0);
       out.processes = stats.length;
-      (i % RSS_EVERY === 0 ? out.rssPassMs : out.passMs).push(w2 - w1);
+      out.passMs.push(w2 - w1);
     }
     out.expired = expired;
     return out;
@@ -339,11 +339,10 @@ async function main(): Promise<number> {
   const pass = passCost(population.database(ENGINES, tempDir()));
   const walk = median(pass.walkMs);
   const check = median(pass.passMs);
-  const rssPass = median(pass.rssPassMs);
   say(
     `liveness pass at ${ENGINES} engines (the daemon's code, in the bench process, median of ${PASSES}): ` +
       `/proc walk + table ${fmt(walk)} ms for ${pass.processes} processes (${fmt((walk * 1000) / pass.processes, 1)} µs each), ` +
-      `the pass ${fmt(check)} ms, ${fmt(rssPass)} ms on every ${RSS_EVERY}th (RSS of every tree); ` +
+      `the pass (trees and resident memory) ${fmt(check)} ms; ` +
       `recovery (identity + pidfd per engine) ${fmt(pass.recoverMs)} ms; expired ${pass.expired}`,
   );
   const uptime = readText("/proc/loadavg").split(" ").slice(0, 3).join(" ");
@@ -376,23 +375,22 @@ async function main(): Promise<number> {
 
   // Where the idle CPU goes (the daemon's code, timed above), and what 100,000 would need.
   const period = PASS_EVERY_S * 1000;
-  const walkPct = (walk / period) * 100;
-  const checkPct = (check / period) * 100;
-  const rssPct = ((rssPass - check) / (period * RSS_EVERY)) * 100;
+  // The daemon walks again only once cost / WALK_SHARE has passed (at least every tick).
+  const every = (cost: number): number => Math.max(period, cost / WALK_SHARE);
+  const cost = walk + check;
+  const passPct = (cost / every(cost)) * 100;
   const scale = NEXT / ENGINES;
   const n = (v: number): string => v.toLocaleString("en-US");
-  const perPass = (walk + check + (rssPass - check) / RSS_EVERY) * scale;
-  const stallAt = (ENGINES * STALL_THRESHOLD_MS) / Math.max(rssPass, 1);
   const notes = [
     h.line,
     `engines: ${ENGINES} engine-lite processes forked by one launcher in ${fmt(startMs / 1000)} s, each its own pid, port and dir (a 4 KB file), reused by every daemon; ~${fmt(engineKb, 0)} KB of host memory each`,
     `READY: ${READY_ROUNDS} interleaved rounds (${ready.empty.join(", ")} ms empty; ${ready.full.join(", ")} ms full); RSS: median of 5 samples after a ${SETTLE_MS / 1000} s settle (at the end of the windows: ${fmt(rssEnd.base)} / ${fmt(rssEnd.full)} MB); CPU: ${WINDOWS} windows of ${WINDOW_MS / 1000} s, the empty and the full daemon running together`,
-    `liveness pass at ${ENGINES} (every ${PASS_EVERY_S} s; the daemon's code timed in this process): /proc walk ${fmt(walk)} ms for ${pass.processes} processes = ${fmt(walkPct, 2)} % of a core, paid by the empty daemon too (it walks /proc with no session); the per-engine check ${fmt(check)} ms = ${fmt(checkPct, 2)} %; every ${RSS_EVERY}th pass reads every engine's /proc/<pid>/status (RSS): ${fmt(rssPass)} ms in one turn = ${fmt(rssPct, 2)} %; sum ${fmt(walkPct + checkPct + rssPct, 1)} % against ${fmt(cpuFull, 1)} % measured`,
-    `full daemon: ${fd.pidfds} pidfds, ${fd.open} fds of ${daemonNofile}; fd errors ${fdErrors}; event-loop delay p99 ${fmt(lagP99)} ms, max ${fmt(lagMax)} ms (the RSS sample runs in one turn); recovery (identity + pidfd + exit watch per engine) ${fmt(pass.recoverMs)} ms`,
+    `liveness pass at ${ENGINES} (the daemon's code timed in this process): /proc walk ${fmt(walk)} ms for ${pass.processes} processes + the per-engine check (tree, resident memory) ${fmt(check)} ms; the daemon walks at most every ${fmt(every(cost) / 1000, 1)} s here (${WALK_SHARE * 100} % of a core for the walk, at least every ${PASS_EVERY_S} s; none with no session): ${fmt(passPct, 2)} % of a core, against ${fmt(cpuFull, 2)} % measured`,
+    `full daemon: ${fd.pidfds} pidfds, ${fd.open} fds of ${daemonNofile}; fd errors ${fdErrors}; event-loop delay p99 ${fmt(lagP99)} ms, max ${fmt(lagMax)} ms; recovery (identity + pidfd + exit watch per engine) ${fmt(pass.recoverMs)} ms`,
     `next order of magnitude (${n(NEXT)} distinct engines), from these measurements:`,
     `  pids: kernel.pid_max above ${n(NEXT + h.threads)} (here ${h.pidMax}; a sysctl, up to 4,194,304), and as many in threads-max and the engines' user's ulimit -u`,
     `  fds: one pidfd per engine, ${n(NEXT)} + ~${Math.max(0, fd.open - fd.pidfds)}: above the unit's LimitNOFILE=${n(UNIT_NOFILE)} (and this host's ${n(h.nofile)}); past it pidfd_open and accept fail with EMFILE`,
-    `  the liveness pass: ~${n(Math.round(walk * scale))} ms of /proc walk + ${n(Math.round(check * scale))} ms of checks + ${n(Math.round(((rssPass - check) * scale) / RSS_EVERY))} ms of RSS sampling per ${PASS_EVERY_S} s pass on average: ${perPass > period ? "more than the period (passes overlap and are skipped; the loop is never idle)" : `${fmt((perPass / period) * 100, 0)} % of a core`}; the RSS sample ~${n(Math.round(rssPass * scale))} ms in one turn, past the ${n(STALL_THRESHOLD_MS)} ms stall threshold from ~${n(Math.round(stallAt / 1000) * 1000)} engines on: a daemon.stalled every ${PASS_EVERY_S * RSS_EVERY} s restarts every time-based deadline`,
+    `  the liveness pass: ~${n(Math.round(cost * scale))} ms of walk and checks (paced, 256 processes a turn), so a walk every ~${n(Math.round(every(cost * scale) / 1000))} s: the CPU stays at ${WALK_SHARE * 100} % of a core, but the trees of uncontained engines age that long (exits are still seen at once through pidfds; contained sessions do not need the walk)`,
     `  ports: ${n(ports)} of the ${n(h.ports[1] - h.ports[0] + 1)} ephemeral ports of one address taken here; ${n(NEXT)} listeners need several addresses or a wider range (65,535 per address at most)`,
     `  memory: ~${fmt((engineKb * NEXT) / 1024 / 1024, 1)} GB of host memory for the engines; the daemon's RSS +${fmt(((rssFull - rssBase) * 1000) / ENGINES, 1)} KB per distinct engine: ~${n(Math.round(rssBase + (rssFull - rssBase) * scale))} MB`,
     `  READY: ~${fmt(((readyFull - readyEmpty) / ENGINES) * 1000, 0)} µs per distinct engine over the empty start: ~${n(Math.round((readyEmpty + (readyFull - readyEmpty) * scale) / 100) * 100)} ms`,

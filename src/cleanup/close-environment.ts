@@ -2,7 +2,7 @@ import { performance } from "node:perf_hooks";
 import { liveness } from "../proc/identity.js";
 import { readUid } from "../proc/stat.js";
 import { freshTables, socketSnapshot } from "../proc/sockets.js";
-import { sharedTable } from "../proc/tree.js";
+import { recentTable } from "../proc/tree.js";
 import { commandHook } from "./release-hooks.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
 
@@ -23,7 +23,7 @@ export const closeEnvironment: CleanupStep = {
     // re-parented and only this record still ties them to the session.
     // A shared snapshot at most 100 ms old (every reap in flight takes one): a child forked
     // since is found by terminate (its parent, the cgroup, the cookie).
-    const processes = sharedTable(100).tree(session.engine, knownProcesses(ctx.journal));
+    const processes = (await recentTable(100)).tree(session.engine, knownProcesses(ctx.journal));
     // And its sockets: release-connections-and-ports verifies each one gone after terminate.
     // The network tables, read once for every reap snapshotting in this turn.
     const since = await freshTables(processes[0]?.pid ?? "self");

@@ -7,13 +7,13 @@ import { killCgroup, killSessionCgroup, signalProcess } from "../proc/signal.js"
 import { readStat, readUid } from "../proc/stat.js";
 import { cgroupUsage, processUsage } from "../proc/usage.js";
 import { processUses } from "../proc/users.js";
-import { freshTable, sharedTable, type ProcessTable } from "../proc/tree.js";
+import { freshTable, recentTable, type ProcessTable } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
 import { journaled } from "./journal.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
 
 const POLL_MS = 25;
-/** How old a shared /proc snapshot a poll may use (sharedTable). */
+/** How old a shared /proc snapshot a poll may use (recentTable). */
 const SHARED_SCAN_MS = 100;
 /** How long SIGKILLed processes get to disappear before they are reported as leftovers. */
 const KILL_WAIT_MS = 3000;
@@ -61,7 +61,7 @@ export const terminate: CleanupStep = {
     };
     /**
      * New members of the tree (and cgroup) on a /proc snapshot: polls share one up to
-     * SHARED_SCAN_MS old (sharedTable, `rescan`); the scans that decide the tree is complete
+     * SHARED_SCAN_MS old (recentTable, `rescan`); the scans that decide the tree is complete
      * (after a freeze, before the last kill check) wait for one taken after they asked
      * (freshTable, shared by the reaps that ask within 100 ms), unless the session is
      * contained: its cgroup (read fresh each time) holds every process born in it.
@@ -81,9 +81,9 @@ export const terminate: CleanupStep = {
         ctx.record({ processes: [...seen.values()].map((p) => ({ pid: p.pid, startTime: p.startTime })) });
       return fresh;
     };
-    const rescan = (): ProcessIdentity[] => rescanOn(sharedTable(SHARED_SCAN_MS));
+    const rescan = async (): Promise<ProcessIdentity[]> => rescanOn(await recentTable(SHARED_SCAN_MS));
     const rescanComplete = async (): Promise<ProcessIdentity[]> =>
-      rescanOn(cg === null ? await freshTable() : sharedTable(SHARED_SCAN_MS));
+      rescanOn(cg === null ? await freshTable() : await recentTable(SHARED_SCAN_MS));
     // A session a non-admin registered is reaped with that user's power: members of another
     // uid (a setuid helper, a process that changed user) are left alone and reported.
     const policy = { onlyUid: ctx.session.registeredBy.admin ? undefined : ctx.session.engine.uid };
@@ -101,7 +101,7 @@ export const terminate: CleanupStep = {
 
     // What the session used, read before anything is signalled (a cgroup's totals, or the
     // tree's own): the usage reported at finish. Journaled with the step, even on a timeout.
-    const before = rescan();
+    const before = await rescan();
     const own = processUsage(before.map((p) => p.pid));
     const inCg = cg === null ? null : cgroupUsage(cg.path, cgroupPids(cg.path));
     // The cgroup counts every process that ever ran in it, but only from the moment it was
@@ -121,7 +121,7 @@ export const terminate: CleanupStep = {
     const graceEnd = Math.min(performance.now() + ctx.profile.gracePeriodSec * 1000, ctx.deadline - KILL_WAIT_MS);
     while (!signal.aborted && alive().length > 0 && performance.now() < graceEnd) {
       await sleep(Math.min(POLL_MS, graceEnd - performance.now()));
-      sigterm += send(rescan(), "SIGTERM");
+      sigterm += send(await rescan(), "SIGTERM");
     }
 
     let sigstop = 0;
@@ -131,14 +131,14 @@ export const terminate: CleanupStep = {
     let containedKill: "sent" | "refused" | "failed" | null = null;
     known.push(...(await byCookie()));
     if (cg !== null && cgroupPids(cg.path).length > 0) {
-      rescan();
+      await rescan();
       containedKill = killSessionCgroup(cg.path, ctx.log, policy);
       if (containedKill === "sent") {
         await emptied(cg.path, Math.max(0, Math.min(KILL_WAIT_MS, ctx.deadline - performance.now() - 100)), signal);
       }
     }
     if (alive().length > 0) {
-      rescan();
+      await rescan();
       cgroupKill = cg === null ? killCgroup(ctx.session.engine, ctx.log, policy) : null;
       // Freeze: stop everything alive; a stopped process cannot fork, so a scan that finds no
       // newcomer means the tree is complete.

@@ -3,7 +3,16 @@ import { performance } from "node:perf_hooks";
 import type { ProcessIdentity } from "../sessions/types.js";
 import { bootId } from "./identity.js";
 import { loopTurn } from "../reaper/turns.js";
-import { isExited, isKernelThread, listStats, listStatsPaced, pageSize, readStat, readUid, type ProcStat } from "./stat.js";
+import {
+  isExited,
+  isKernelThread,
+  listStats,
+  listStatsPaced,
+  pageSize,
+  readStat,
+  readUid,
+  type ProcStat,
+} from "./stat.js";
 
 /**
  * One snapshot of /proc, indexed by pid and parent pid: a single walk of /proc serves the
@@ -93,19 +102,18 @@ export function processTree(engine: ProcessIdentity, known: readonly ProcessIden
   return new ProcessTable().tree(engine, known);
 }
 
+/** The latest fresh walk's table, and when that walk began. */
 let recent: { table: ProcessTable; at: number } | null = null;
 
 /**
- * A snapshot of /proc taken at most `maxAgeMs` ago, shared by every caller in that window
- * (the reaps in flight poll their trees every few tens of ms: one walk serves them all, not
- * one each). 0 takes a fresh one, which the next callers share. For questions a slightly
- * older picture answers as well (a poll that runs again); a decision that needs the state
- * after an action asks for 0.
+ * A snapshot of /proc at most `maxAgeMs` old: the latest fresh walk's (shared by every reap in
+ * flight), or the next one (freshTable). For questions a slightly older picture answers as
+ * well (a poll that runs again, a tree that terminate completes later); a decision that needs
+ * the state after an action asks freshTable. Never a synchronous walk of the host.
  */
-export function sharedTable(maxAgeMs: number): ProcessTable {
-  const now = performance.now();
-  if (recent === null || maxAgeMs <= 0 || now - recent.at > maxAgeMs) recent = { table: new ProcessTable(), at: now };
-  return recent.table;
+export async function recentTable(maxAgeMs: number): Promise<ProcessTable> {
+  if (recent !== null && performance.now() - recent.at <= maxAgeMs) return recent.table;
+  return freshTable();
 }
 
 /** At most one fresh walk (freshTable) starts per this many ms; the askers of the window share it. */
@@ -128,7 +136,7 @@ const freshStats = { walks: 0, asks: 0 };
  * group after it exited). Everyone who asks before a walk begins shares it, and a walk begins
  * at most every FRESH_EVERY_MS, read a chunk per paced turn (loopTurn): a storm of a thousand
  * reaps costs a walk per 100 ms, not a synchronous walk of the host per reap. The table also
- * serves sharedTable's callers.
+ * serves recentTable's callers.
  */
 export function freshTable(): Promise<ProcessTable> {
   freshStats.asks++;
