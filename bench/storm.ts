@@ -7,6 +7,7 @@
  * client would) is measured in a window with no storm and in the storm's window, side by
  * side in one run; every heartbeat must be answered 200 and no live session reaped.
  */
+import { readFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
 import { callApi } from "../src/cli/client.js";
 import { logLines, startReaperd } from "./lib/daemon.js";
@@ -182,6 +183,24 @@ async function main(): Promise<number> {
     await sleep(250); // the check reads /proc/net/tcp: not too often, it loads the same cores
   }
   const cleanedMs = performance.now() - bFrom;
+  // The engines are gone; each reap still verifies and journals its end: window B lasts
+  // until every storm session's reap.finished is written (the storm's whole work).
+  // Read incrementally, counted without parsing: this process also times the heartbeats.
+  let logOffset = 0;
+  let finishedCount = 0;
+  const stormFinished = (): number => {
+    const text = readFileSync(daemon.logFile, "latin1").slice(logOffset);
+    const end = text.lastIndexOf("\n") + 1;
+    const marker = '"event":"reap.finished","sessionId":"storm-';
+    for (let i = text.indexOf(marker); i >= 0 && i < end; i = text.indexOf(marker, i + 1)) finishedCount++;
+    logOffset += end;
+    return finishedCount;
+  };
+  while (stormFinished() < STORM) {
+    if (performance.now() - bFrom > 10 * 60_000) throw new Error("storm reaps not finished within 10 minutes");
+    await sleep(250);
+  }
+  const finishedMs = performance.now() - bFrom;
   const lag = await loopLag(daemon.socket);
   await sleep(1000);
   const bTo = performance.now();
@@ -207,7 +226,7 @@ async function main(): Promise<number> {
     `no storm: ${a.n} heartbeats, p50 ${fmt(a.p50)} ms, p99 ${fmt(a.p99)} ms, max ${fmt(a.max)} ms, ${a.failed} not 200`,
   );
   say(
-    `storm (${MODE}): ${MODE === "reap" ? `${STORM} force-reaps sent in ${fmt(sentMs)} ms, ` : ""}all cleaned after ${fmt(cleanedMs)} ms; ${b.n} heartbeats, p50 ${fmt(b.p50)} ms, p99 ${fmt(b.p99)} ms, max ${fmt(b.max)} ms, ${b.failed} not 200`,
+    `storm (${MODE}): ${MODE === "reap" ? `${STORM} force-reaps sent in ${fmt(sentMs)} ms, ` : ""}all cleaned after ${fmt(cleanedMs)} ms, every reap finished after ${fmt(finishedMs)} ms; ${b.n} heartbeats, p50 ${fmt(b.p50)} ms, p99 ${fmt(b.p99)} ms, max ${fmt(b.max)} ms, ${b.failed} not 200`,
   );
   say(`live sessions reaped: ${liveReaped}; storm sessions clean: ${stormClean}/${STORM}`);
   return report(

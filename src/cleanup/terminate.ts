@@ -9,6 +9,7 @@ import { cgroupUsage, processUsage } from "../proc/usage.js";
 import { processUses } from "../proc/users.js";
 import { freshTable, recentTable, type ProcessTable } from "../proc/tree.js";
 import type { Leftover, ProcessIdentity } from "../sessions/types.js";
+import { loopTurn } from "../reaper/turns.js";
 import { journaled } from "./journal.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
 
@@ -135,6 +136,7 @@ export const terminate: CleanupStep = {
       containedKill = killSessionCgroup(cg.path, ctx.log, policy);
       if (containedKill === "sent") {
         await emptied(cg.path, Math.max(0, Math.min(KILL_WAIT_MS, ctx.deadline - performance.now() - 100)), signal);
+        await loopTurn(); // a storm's cgroups empty together: their reaps go on paced
       }
     }
     if (alive().length > 0) {

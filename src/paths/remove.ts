@@ -133,6 +133,8 @@ async function runRm(
       signal,
       ...(asOwner ? { as: { uid, gid: target.gid } } : {}),
     });
+    // A storm's rm exits arrive by the dozen in one poll phase: their reaps go on paced.
+    await loopTurn();
     detail =
       ran.code === 0
         ? null

@@ -138,12 +138,17 @@ const freshStats = { walks: 0, asks: 0 };
  * reaps costs a walk per 100 ms, not a synchronous walk of the host per reap. The table also
  * serves recentTable's callers.
  */
-export function freshTable(): Promise<ProcessTable> {
+export async function freshTable(): Promise<ProcessTable> {
   freshStats.asks++;
-  return new Promise((resolve, reject) => {
+  const table = await new Promise<ProcessTable>((resolve, reject) => {
     waiting.push({ resolve, reject });
     scheduleFresh();
   });
+  // One walk answers a storm's reaps at once: they continue a few per paced turn, not all in
+  // the turn the walk ended (a thousand trees and journal records in one turn would hold
+  // every heartbeat for half a second).
+  await loopTurn();
+  return table;
 }
 
 export function freshTableStats(): { walks: number; asks: number } {
