@@ -22,6 +22,7 @@ import { systemClock } from "../src/clock.js";
 import { Detector } from "../src/detect/detector.js";
 import { identify } from "../src/proc/identity.js";
 import { isExited, listStats, readStat } from "../src/proc/stat.js";
+import { DEFAULTS } from "../src/config/schema.js";
 import { ProcessTable } from "../src/proc/tree.js";
 import { LiveSessions } from "../src/sessions/live.js";
 import type { ProcessIdentity } from "../src/sessions/types.js";
@@ -49,10 +50,10 @@ const GOAL_READY_MS = 3_000;
 const MIN_READY_NOISE_MS = 100;
 /**
  * The default liveness schedule (every 2 s), and the share of a core the pass's walk may take
- * (WALK_SHARE in src/detect/detector.ts: the next walk waits cost / share).
+ * (detect.liveness_cpu_percent's default, src/config/schema.ts: the next walk waits cost / share).
  */
 const PASS_EVERY_S = 2;
-const WALK_SHARE = 0.005;
+const WALK_SHARE = DEFAULTS.detect.liveness_cpu_percent / 100;
 const PASSES = QUICK ? 5 : 10;
 /** The unit's LimitNOFILE (systemd/session-reaper.service). */
 const UNIT_NOFILE = 65_536;
@@ -385,7 +386,7 @@ async function main(): Promise<number> {
     h.line,
     `engines: ${ENGINES} engine-lite processes forked by one launcher in ${fmt(startMs / 1000)} s, each its own pid, port and dir (a 4 KB file), reused by every daemon; ~${fmt(engineKb, 0)} KB of host memory each`,
     `READY: ${READY_ROUNDS} interleaved rounds (${ready.empty.join(", ")} ms empty; ${ready.full.join(", ")} ms full); RSS: median of 5 samples after a ${SETTLE_MS / 1000} s settle (at the end of the windows: ${fmt(rssEnd.base)} / ${fmt(rssEnd.full)} MB); CPU: ${WINDOWS} windows of ${WINDOW_MS / 1000} s, the empty and the full daemon running together`,
-    `liveness pass at ${ENGINES} (the daemon's code timed in this process): /proc walk ${fmt(walk)} ms for ${pass.processes} processes + the per-engine check (tree, resident memory) ${fmt(check)} ms; the daemon walks at most every ${fmt(every(cost) / 1000, 1)} s here (${WALK_SHARE * 100} % of a core for the walk, at least every ${PASS_EVERY_S} s; none with no session): ${fmt(passPct, 2)} % of a core, against ${fmt(cpuFull, 2)} % measured`,
+    `liveness pass at ${ENGINES} (the daemon's code timed in this process): /proc walk ${fmt(walk)} ms for ${pass.processes} processes + the per-engine check (tree, resident memory) ${fmt(check)} ms; the daemon walks at most every ${fmt(every(cost) / 1000, 1)} s here (detect.liveness_cpu_percent ${WALK_SHARE * 100} % of a core for the walk, at least every ${PASS_EVERY_S} s; none with no session): ${fmt(passPct, 2)} % of a core, against ${fmt(cpuFull, 2)} % measured`,
     `full daemon: ${fd.pidfds} pidfds, ${fd.open} fds of ${daemonNofile}; fd errors ${fdErrors}; event-loop delay p99 ${fmt(lagP99)} ms, max ${fmt(lagMax)} ms; recovery (identity + pidfd + exit watch per engine) ${fmt(pass.recoverMs)} ms`,
     `next order of magnitude (${n(NEXT)} distinct engines), from these measurements:`,
     `  pids: kernel.pid_max above ${n(NEXT + h.threads)} (here ${h.pidMax}; a sysctl, up to 4,194,304), and as many in threads-max and the engines' user's ulimit -u`,

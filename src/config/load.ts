@@ -69,7 +69,7 @@ export interface Config {
   readonly api: ApiConfig;
   readonly store: { readonly path: string; readonly flushIntervalMs: number };
   readonly log: { readonly level: LogLevel; readonly file: string };
-  readonly detect: { readonly livenessSchedule: string };
+  readonly detect: { readonly livenessSchedule: string; readonly livenessCpuPercent: number };
   readonly reaper: { readonly concurrency: number; readonly shutdownGraceSec: number };
   readonly orphans: { readonly schedule: string };
   /** Where session cgroups are made: an absolute path in the cgroup v2 tree, or "" (found at start). */
@@ -177,7 +177,7 @@ type Raw = {
   };
   store?: { path?: string; flush_interval_ms?: number };
   log?: { level?: LogLevel; file?: string };
-  detect?: { liveness_schedule?: string };
+  detect?: { liveness_schedule?: string; liveness_cpu_percent?: number };
   reaper?: { concurrency?: number; shutdown_grace_sec?: number };
   orphans?: { schedule?: string };
   containment?: { cgroup_base?: string };
@@ -289,7 +289,10 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       flushIntervalMs: raw.store?.flush_interval_ms ?? DEFAULTS.store.flush_interval_ms,
     },
     log: { level: level as LogLevel, file: raw.log?.file ?? DEFAULTS.log.file },
-    detect: { livenessSchedule: schedule },
+    detect: {
+      livenessSchedule: schedule,
+      livenessCpuPercent: raw.detect?.liveness_cpu_percent ?? DEFAULTS.detect.liveness_cpu_percent,
+    },
     reaper: {
       concurrency: raw.reaper?.concurrency ?? DEFAULTS.reaper.concurrency,
       shutdownGraceSec: raw.reaper?.shutdown_grace_sec ?? DEFAULTS.reaper.shutdown_grace_sec,

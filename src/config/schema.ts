@@ -29,7 +29,7 @@ export const DEFAULTS = {
   },
   store: { flush_interval_ms: 1000 },
   log: { level: "info", file: "" },
-  detect: { liveness_schedule: "*/2 * * * * *" },
+  detect: { liveness_schedule: "*/2 * * * * *", liveness_cpu_percent: 0.25 },
   reaper: { concurrency: 1024, shutdown_grace_sec: 20 },
   // Every minute (croner, with seconds); the sweep also runs once at start, after recovery.
   orphans: { schedule: "0 * * * * *" },
@@ -179,6 +179,7 @@ export const configSchema = {
       additionalProperties: false,
       properties: {
         liveness_schedule: { type: "string", minLength: 1 },
+        liveness_cpu_percent: { type: "number", exclusiveMinimum: 0, maximum: 100 },
       },
     },
     reaper: {

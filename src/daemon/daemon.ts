@@ -155,6 +155,7 @@ export class Daemon {
       registry: this.registry,
       clock,
       livenessSchedule: config.detect.livenessSchedule,
+      livenessCpuPercent: config.detect.livenessCpuPercent,
       log: this.log,
       expire: (id, reason, detail) => this.expire(id, reason, detail),
       // A stall is noticed before any deadline is read; nothing is judged on time while the

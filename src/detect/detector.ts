@@ -91,15 +91,8 @@ function cgroupCpuUsec(dir: string): number | null {
  */
 const MIN_CPU_WINDOW_MS = 500;
 
-/**
- * The share of one core the liveness pass's walk of /proc may take: a pass that cost C ms of
- * loop time is followed by the next walk no sooner than C / WALK_SHARE ms later. On a host
- * with ~1,000 processes (a walk of ~15 ms) that is every 2-4 s; with 10,000 (~190 ms with the
- * per-engine checks) every ~40 s. The walk refreshes the trees of uncontained engines (what
- * a cgroup tracks for contained ones); exits are seen at once through pidfds, and a process
- * without a pidfd is still checked on every tick.
- */
-const WALK_SHARE = 0.005;
+/** detect.liveness_cpu_percent's default (see `DetectorOptions.livenessCpuPercent`). */
+const LIVENESS_CPU_PERCENT = 0.25;
 
 export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
 
@@ -108,6 +101,15 @@ export interface DetectorOptions {
   clock: Clock;
   /** croner pattern of the liveness pass. */
   livenessSchedule: string;
+  /**
+   * The share of one core (percent) the liveness pass's walk of /proc may take: a pass that
+   * cost C ms of loop time is followed by the next walk no sooner than C / share later, and
+   * never sooner than the schedule. At 0.25 %, a host with ~1,000 processes (a walk of ~15 ms)
+   * is walked every ~6 s, one with 10,000 (~170 ms) every ~70 s. The walk refreshes the trees
+   * of uncontained engines (a cgroup tracks contained ones); exits are seen at once through
+   * pidfds, and a process without a pidfd is still checked on every tick.
+   */
+  livenessCpuPercent?: number;
   log: Logger;
   expire: ExpireFn;
   /**
@@ -144,7 +146,7 @@ export class Detector implements LiveWatcher {
   private readonly cpuWatched = new Map<string, LiveSession>();
   private readonly heap = new DeadlineHeap();
   private cancelTimer: (() => void) | null = null;
-  /** When the liveness pass may walk /proc again (performance.now() ms; see WALK_SHARE). */
+  /** When the liveness pass may walk /proc again (performance.now() ms; see livenessCpuPercent). */
   private nextWalkAt = 0;
   private armedAt = Number.POSITIVE_INFINITY;
   private cron: Cron | null = null;
@@ -153,6 +155,7 @@ export class Detector implements LiveWatcher {
   private readonly registry: LiveSessions;
   private readonly clock: Clock;
   private readonly livenessSchedule: string;
+  private readonly walkShare: number;
   private readonly log: Logger;
   private readonly expire: ExpireFn;
   private readonly mayJudgeTime: () => boolean;
@@ -162,6 +165,7 @@ export class Detector implements LiveWatcher {
     this.registry = opts.registry;
     this.clock = opts.clock;
     this.livenessSchedule = opts.livenessSchedule;
+    this.walkShare = (opts.livenessCpuPercent ?? LIVENESS_CPU_PERCENT) / 100;
     this.log = opts.log;
     this.expire = opts.expire;
     this.mayJudgeTime = opts.mayJudgeTime ?? (() => true);
@@ -280,7 +284,7 @@ export class Detector implements LiveWatcher {
       if (this.processes.size === 0) return; // no live session: nothing to read
       const at = performance.now();
       if (at < this.nextWalkAt) {
-        // Between walks (WALK_SHARE): the processes no pidfd watches are checked one by one.
+        // Between walks (livenessCpuPercent): the processes no pidfd watches are checked one by one.
         this.checkUnwatched();
         await this.sampleCpu();
         return;
@@ -293,7 +297,7 @@ export class Detector implements LiveWatcher {
       const from = performance.now();
       this.checkLiveness(new ProcessTable(stats));
       cost.busyMs += performance.now() - from;
-      this.nextWalkAt = at + cost.busyMs / WALK_SHARE;
+      this.nextWalkAt = at + cost.busyMs / this.walkShare;
       await this.sampleCpu();
     });
   }

@@ -270,6 +270,14 @@ test("a bad cron schedule in detect.liveness_schedule is an error naming the key
   assertInvalid(() => build({ detect: { liveness_schedule: "" } }), "detect.liveness_schedule");
 });
 
+test("detect.liveness_cpu_percent: a share of one core above 0 and at most 100", () => {
+  assert.equal(build({}).detect.livenessCpuPercent, 0.25);
+  assert.equal(build({ detect: { liveness_cpu_percent: 2 } }).detect.livenessCpuPercent, 2);
+  assertInvalid(() => build({ detect: { liveness_cpu_percent: 0 } }), "detect.liveness_cpu_percent");
+  assertInvalid(() => build({ detect: { liveness_cpu_percent: 101 } }), "detect.liveness_cpu_percent");
+  assertInvalid(() => build({ detect: { liveness_cpu_percent: "1" } }), "detect.liveness_cpu_percent");
+});
+
 test("a valid cron schedule is kept", () => {
   assert.equal(build({ detect: { liveness_schedule: "*/5 * * * * *" } }).detect.livenessSchedule, "*/5 * * * * *");
 });

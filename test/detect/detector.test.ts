@@ -38,7 +38,7 @@ interface Call {
  * (removes) the session, unless `fence` says the store failed. `mayJudgeTime` is the
  * daemon's: a stall watch looks first, then the store's availability (`store.available`).
  */
-function setup(t: Cleanup, opts: { start?: boolean; schedule?: string } = {}) {
+function setup(t: Cleanup, opts: { start?: boolean; schedule?: string; cpuPercent?: number } = {}) {
   const clock = new CountingClock();
   const calls: Call[] = [];
   const registry = new LiveSessions(clock);
@@ -52,6 +52,7 @@ function setup(t: Cleanup, opts: { start?: boolean; schedule?: string } = {}) {
     registry,
     clock,
     livenessSchedule: opts.schedule ?? SCHEDULE,
+    ...(opts.cpuPercent === undefined ? {} : { livenessCpuPercent: opts.cpuPercent }),
     log,
     expire: (id, reason, detail) => {
       // The session's tree at expiry, kept out of deepEqual's sight (not enumerable).
@@ -357,6 +358,21 @@ test("the croner schedule runs the liveness pass on its own (what a pidfd cannot
   const { calls, registry, detector, session, engine } = setup(t, { schedule: "* * * * * *" });
   registry.admit(session("reused", { engine: { ...engine, startTime: engine.startTime + 1 } }));
   await until(() => calls.length === 1, 3_000, "scheduled liveness pass");
+  assert.deepEqual(calls, [
+    { id: "reused", reason: "engine_gone", detail: { pid: engine.pid, detectedBy: "liveness" } },
+  ]);
+  detector.stop();
+});
+
+test("between walks of /proc (spaced by liveness_cpu_percent) a process no pidfd watches is still checked every tick", async (t) => {
+  // A share so small that after the first walk no other comes during the test.
+  const { calls, registry, detector, session, engine } = setup(t, { schedule: "* * * * * *", cpuPercent: 1e-9 });
+  registry.admit(session("first"));
+  await new Promise((r) => setTimeout(r, 2_200)); // the first tick's walk has run
+  assert.deepEqual(calls, []);
+  // An identity no pidfd can watch (its start time is not the process's): only a tick's check finds it.
+  registry.admit(session("reused", { engine: { ...engine, startTime: engine.startTime + 1 } }));
+  await until(() => calls.length === 1, 3_000, "the next tick's check");
   assert.deepEqual(calls, [
     { id: "reused", reason: "engine_gone", detail: { pid: engine.pid, detectedBy: "liveness" } },
   ]);
