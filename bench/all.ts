@@ -15,6 +15,7 @@ const FIGURES = [
   "startup",
   "storm",
   "distinct-engines",
+  "spawn",
 ];
 const args = process.argv.includes("--quick") ? ["--quick"] : [];
 const results: string[] = [];
