@@ -30,7 +30,7 @@ import { Store } from "../src/store/store.js";
 import { logLines, startReaperd, type Reaperd } from "./lib/daemon.js";
 import { compileEngine, startManyEngines, type Engine } from "./lib/engines.js";
 import { Population } from "./lib/population.js";
-import { MB, cpuMs, rssBytes } from "./lib/proc.js";
+import { MB, cpuWindows, rssBytes } from "./lib/proc.js";
 import { QUICK, fmt, judge, mad, median, report, runFigure, say, sleep } from "./lib/report.js";
 import { cleanupAll, tempDir } from "./lib/resources.js";
 
@@ -293,20 +293,7 @@ async function main(): Promise<number> {
   say(
     `RSS after ${SETTLE_MS / 1000} s: no session ${fmt(median(rss.base))} MB, ${ENGINES} engines ${fmt(median(rss.full))} MB`,
   );
-  const cpu = { base: [] as number[], full: [] as number[] };
-  for (let w = 1; w <= WINDOWS; w++) {
-    const b0 = cpuMs(base.pid);
-    const f0 = cpuMs(full.pid);
-    const w0 = performance.now();
-    await sleep(WINDOW_MS);
-    const elapsed = performance.now() - w0;
-    cpu.base.push(((cpuMs(base.pid) - b0) / elapsed) * 100);
-    cpu.full.push(((cpuMs(full.pid) - f0) / elapsed) * 100);
-    say(
-      `window ${w}: no session ${fmt(cpu.base.at(-1) as number, 3)} % of a core, ` +
-        `${ENGINES} distinct engines ${fmt(cpu.full.at(-1) as number, 3)} %`,
-    );
-  }
+  const cpu = await cpuWindows(base.pid, full.pid, WINDOWS, WINDOW_MS, `${ENGINES} distinct engines`);
   const rssEnd = { base: rssBytes(base.pid) / MB, full: rssBytes(full.pid) / MB };
   const fd = fds(full.pid);
   const [, daemonNofile] = limit(full.pid, "Max open files");

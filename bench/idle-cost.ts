@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { Store } from "../src/store/store.js";
 import { startReaperd, type Reaperd } from "./lib/daemon.js";
 import { Population, SEED_ENGINES, sleepers } from "./lib/population.js";
-import { cpuMs } from "./lib/proc.js";
+import { cpuWindows } from "./lib/proc.js";
 import { QUICK, fmt, judge, mad, median, report, runFigure, say, sleep } from "./lib/report.js";
 import { cleanupAll, tempDir } from "./lib/resources.js";
 
@@ -35,20 +35,7 @@ async function idleCost(population: Population): Promise<{ base: number[]; full:
   const base = await start(0);
   const full = await start(SESSIONS);
   await sleep(SETTLE_MS);
-  const percent = { base: [] as number[], full: [] as number[] };
-  for (let w = 1; w <= WINDOWS; w++) {
-    const b0 = cpuMs(base.pid);
-    const f0 = cpuMs(full.pid);
-    const t0 = performance.now();
-    await sleep(WINDOW_MS);
-    const elapsed = performance.now() - t0;
-    percent.base.push(((cpuMs(base.pid) - b0) / elapsed) * 100);
-    percent.full.push(((cpuMs(full.pid) - f0) / elapsed) * 100);
-    say(
-      `window ${w}: no session ${fmt(percent.base.at(-1) as number, 3)} % of a core, ` +
-        `${SESSIONS} sessions ${fmt(percent.full.at(-1) as number, 3)} %`,
-    );
-  }
+  const percent = await cpuWindows(base.pid, full.pid, WINDOWS, WINDOW_MS, `${SESSIONS} sessions`);
   await base.stop();
   await full.stop();
   return percent;

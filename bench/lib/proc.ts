@@ -1,5 +1,7 @@
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { performance } from "node:perf_hooks";
+import { fmt, say, sleep } from "./report.js";
 
 let ticksPerSecond: number | undefined;
 
@@ -26,3 +28,31 @@ export function rssBytes(pid: number): number {
 
 /** Megabytes (10^6 bytes), as the goals are stated. */
 export const MB = 1_000_000;
+
+/**
+ * The CPU two processes use side by side, in percent of a core, over `windows` windows of
+ * `windowMs` each (each window printed, `label` naming the second process).
+ */
+export async function cpuWindows(
+  basePid: number,
+  fullPid: number,
+  windows: number,
+  windowMs: number,
+  label: string,
+): Promise<{ base: number[]; full: number[] }> {
+  const out = { base: [] as number[], full: [] as number[] };
+  for (let w = 1; w <= windows; w++) {
+    const b0 = cpuMs(basePid);
+    const f0 = cpuMs(fullPid);
+    const t0 = performance.now();
+    await sleep(windowMs);
+    const elapsed = performance.now() - t0;
+    out.base.push(((cpuMs(basePid) - b0) / elapsed) * 100);
+    out.full.push(((cpuMs(fullPid) - f0) / elapsed) * 100);
+    say(
+      `window ${w}: no session ${fmt(out.base.at(-1) as number, 3)} % of a core, ` +
+        `${label} ${fmt(out.full.at(-1) as number, 3)} %`,
+    );
+  }
+  return out;
+}

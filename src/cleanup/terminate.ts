@@ -71,7 +71,7 @@ export const terminate: CleanupStep = {
       const fresh: ProcessIdentity[] = [];
       const tree = table.tree(ctx.session.engine, [...known, ...seen.values()]);
       for (const p of [...tree, ...members()]) {
-        // A shared snapshot may be up to maxAgeMs old: a process gone since is not one to handle.
+        // A shared snapshot may be up to SHARED_SCAN_MS old: a process gone since is not one to handle.
         if (!seen.has(key(p)) && liveness(p) === "alive") {
           seen.set(key(p), p);
           fresh.push(p);

@@ -23,8 +23,8 @@ const MAX_ATTEMPTS = 10;
  *    a component swapped for a symlink after step 1 is refused, never followed.
  * 3. GNU `rm -rf --one-file-system -- ./NAME` runs with that directory fd as its working
  *    directory (the child fchdirs to the fd itself, not to a path looked up again), as the
- *    path owner's uid/gid when the daemon is root (src/native/spawn.ts: no fork). rm walks with openat and never
- *    follows a symlink met during the walk, nor crosses a mount point.
+ *    path owner's uid/gid when the daemon is root (src/native/spawn.ts: no fork). rm walks
+ *    with openat and never follows a symlink met during the walk, nor crosses a mount point.
  * 4. A race can make rm fail (a name it saw moved away): steps 1-3 are retried until the
  *    path is gone, refused, or MAX_ATTEMPTS is reached.
  *

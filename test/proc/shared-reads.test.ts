@@ -11,6 +11,8 @@ import { test } from "node:test";
 import { freshTables, inetSockets } from "../../src/proc/sockets.js";
 import { SESSION_COOKIE, processUses, walkStats } from "../../src/proc/users.js";
 import { loopTurn, turnsWaiting } from "../../src/reaper/turns.js";
+import { identify } from "../../src/proc/identity.js";
+import { freshTable, freshTableStats, recentTable } from "../../src/proc/tree.js";
 
 function withCookie(t: { after: (fn: () => void) => void }, cookie: string): Promise<number> {
   const child = spawn("sleep", ["30"], { env: { ...process.env, [SESSION_COOKIE]: cookie }, stdio: "ignore" });
@@ -69,4 +71,28 @@ test("loopTurn: every waiter goes, in order, over later turns", async () => {
     Array.from({ length: 500 }, (_, i) => i),
   );
   assert.equal(turnsWaiting(), 0);
+});
+
+test("fresh process tables: askers of one window share a walk begun after they asked; a later ask gets a later walk", async (t) => {
+  const before = freshTableStats();
+  const tables = await Promise.all(Array.from({ length: 20 }, () => freshTable()));
+  const after = freshTableStats();
+  assert.equal(after.asks - before.asks, 20);
+  assert.equal(after.walks - before.walks, 1, "twenty asks in one turn: one walk");
+  assert.ok(tables.every((x) => x === tables[0]));
+  // A process started after that walk is in the next fresh table, never in the shared one.
+  const child = spawn("sleep", ["30"], { stdio: "ignore" });
+  t.after(() => child.kill("SIGKILL"));
+  await once(child, "spawn");
+  const id = identify(child.pid as number, "engine.pid", process.pid);
+  assert.equal(tables[0]?.find(id), undefined);
+  const next = await freshTable();
+  assert.notEqual(next, tables[0]);
+  assert.equal(next.find(id)?.pid, child.pid);
+  // recentTable shares the latest walk while it is young enough, else waits for a fresh one.
+  assert.equal(await recentTable(60_000), next);
+  await new Promise((r) => setTimeout(r, 30));
+  const third = await recentTable(10);
+  assert.notEqual(third, next);
+  assert.equal(freshTableStats().walks - after.walks, 2);
 });
