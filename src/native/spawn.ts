@@ -54,14 +54,17 @@ export function systemProgram(name: string): string {
 let devNull: number | null = null;
 /** The exit watches of running programs: a watch whose handle is collected stops watching. */
 const watches = new Set<object>();
-let running = 0;
+/**
+ * The pidfd watches do not hold the event loop open (a daemon's watches must not): while a
+ * slot is taken, this timer does, so a caller awaiting a program is never dropped by an idle loop.
+ */
 let keepAlive: NodeJS.Timeout | null = null;
 
 /**
  * Runs a short program to its end with the native addon's vfork-style spawn (spawnAt, on a
- * libuv pool thread): the event loop pays nothing for the spawn, where a fork's page-table
- * copy grows with the daemon's memory (~10 ms per 200 MB) and blocks every heartbeat. The program
- * gets /dev/null as stdin and stdout, a memfd as stderr (never a pipe that could fill), only
+ * libuv pool thread): the event loop pays ~0.05 ms per program, where a fork's page-table
+ * copy grows with the daemon's memory (~17 ms with 300 MB, figure 9) and blocks every
+ * heartbeat meanwhile. The program gets /dev/null as stdin and stdout, a memfd as stderr (never a pipe that could fill), only
  * fds 0-2, SYSTEM_PATH and LC_ALL=C, and all signals at their defaults. Its exit is seen
  * through its pidfd (no SIGCHLD handler), and it is reaped with waitpid.
  *
@@ -70,8 +73,11 @@ let keepAlive: NodeJS.Timeout | null = null;
  */
 export async function runProgram(file: string, args: readonly string[], opts: RunOptions): Promise<Ran> {
   // A slot: free now, or handed over by a program that ended (first come, first served).
-  if (active < MAX_RUNNING) active++;
-  else await new Promise<void>((r) => slots.push(r));
+  if (active < MAX_RUNNING) {
+    if (active++ === 0) keepAlive = setInterval(() => undefined, 3_600_000);
+  } else {
+    await new Promise<void>((r) => slots.push(r));
+  }
   try {
     if (opts.signal?.aborted) {
       throw Object.assign(new Error("not started: aborted while waiting for a free slot"), { code: "ABORT_ERR" });
@@ -79,8 +85,11 @@ export async function runProgram(file: string, args: readonly string[], opts: Ru
     return await start(file, args, opts);
   } finally {
     const next = slots.shift();
-    if (next === undefined) active--;
-    else next();
+    if (next !== undefined) next();
+    else if (--active === 0 && keepAlive !== null) {
+      clearInterval(keepAlive);
+      keepAlive = null;
+    }
   }
 }
 
@@ -108,10 +117,7 @@ async function start(file: string, args: readonly string[], opts: RunOptions): P
     closeSync(stderr);
     throw err instanceof Error ? err : new Error(String(err));
   }
-  // The pidfd watch does not hold the event loop open (a daemon's watches must not): while a
-  // program runs, this timer does, so a caller awaiting it is never dropped by an idle loop.
-  if (running++ === 0) keepAlive = setInterval(() => undefined, 3_600_000);
-  return new Promise<Ran>((resolve) => {
+  return new Promise<Ran>((resolve, reject) => {
     const kill = (): void => {
       try {
         native.pidfdSendSignal(child.pidfd, 9);
@@ -119,12 +125,7 @@ async function start(file: string, args: readonly string[], opts: RunOptions): P
         // exited already
       }
     };
-    opts.signal?.addEventListener("abort", kill, { once: true });
-    if (opts.signal?.aborted) kill();
-    const watch = native.watchExit(child.pidfd, () => {
-      watches.delete(watch);
-      opts.signal?.removeEventListener("abort", kill);
-      native.closeFd(child.pidfd);
+    const finish = (): Ran => {
       const status = native.waitExited(child.pid) ?? { code: -1, signal: 0 };
       const buf = Buffer.alloc(STDERR_BYTES);
       let n = 0;
@@ -133,9 +134,30 @@ async function start(file: string, args: readonly string[], opts: RunOptions): P
       } finally {
         closeSync(stderr);
       }
-      if (--running === 0 && keepAlive !== null) clearInterval(keepAlive);
-      resolve({ ...status, stderr: buf.subarray(0, n).toString("utf8").trim() });
-    });
+      return { ...status, stderr: buf.subarray(0, n).toString("utf8").trim() };
+    };
+    let watch: object;
+    try {
+      watch = native.watchExit(child.pidfd, () => {
+        watches.delete(watch);
+        opts.signal?.removeEventListener("abort", kill);
+        native.closeFd(child.pidfd);
+        resolve(finish());
+      });
+    } catch (err) {
+      // No watch (epoll refused the fd): the program is killed and reaped, and the call fails.
+      kill();
+      native.closeFd(child.pidfd);
+      const reap = (tries: number): void => {
+        if (native.waitExited(child.pid) === null && tries > 0) setTimeout(() => reap(tries - 1), 10);
+      };
+      reap(100);
+      closeSync(stderr);
+      reject(err instanceof Error ? err : new Error(String(err)));
+      return;
+    }
     watches.add(watch);
+    opts.signal?.addEventListener("abort", kill, { once: true });
+    if (opts.signal?.aborted) kill();
   });
 }
