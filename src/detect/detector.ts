@@ -403,7 +403,9 @@ export class Detector implements LiveWatcher {
 
   /** The processes no pidfd watches (none held, or the kernel has none): each checked now. */
   private checkUnwatched(): void {
-    const gone = [...this.processes.values()].filter((p) => p.handle === null && liveness(p.id) !== "alive");
+    // Every tick, so no copy of the whole map: usually none lacks a pidfd.
+    const gone: WatchedProcess[] = [];
+    for (const p of this.processes.values()) if (p.handle === null && liveness(p.id) !== "alive") gone.push(p);
     gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));
     for (const p of gone) this.processGone(p, "liveness");
   }
