@@ -8,7 +8,7 @@ import type { Clock } from "../clock.js";
 import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { listStatsPaced, readUid } from "../proc/stat.js";
-import { freshTable, ProcessTable } from "../proc/tree.js";
+import { descendantTree, freshTable, ProcessTable } from "../proc/tree.js";
 import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
 import { loopTurn } from "../reaper/turns.js";
@@ -260,6 +260,17 @@ export class Detector implements LiveWatcher {
     for (const s of p.engineOf) this.registry.setTree(s, tree);
   }
 
+  /** Adds to an engine's tree its descendants (children files) not in it yet. */
+  private addDescendants(engine: ProcessIdentity): void {
+    const p = this.processes.get(identityKey(engine));
+    if (p === undefined || p.engineOf.size === 0) return;
+    const known = new Set([identityKey(p.id), ...p.tree.map(identityKey)]);
+    const added = descendantTree(p.id).filter((c) => !known.has(identityKey(c)));
+    if (added.length === 0) return;
+    p.tree = [...p.tree, ...added];
+    for (const s of p.engineOf) this.registry.setTree(s, p.tree);
+  }
+
   /** Expires every session of a process that is gone: engine_gone first, then owner_gone. */
   private processGone(p: WatchedProcess, detectedBy: "pidfd" | "liveness"): number {
     let n = 0;
@@ -422,6 +433,11 @@ export class Detector implements LiveWatcher {
    */
   async sampleCpu(sessions: readonly LiveSession[] = [...this.cpuWatched.values()]): Promise<number> {
     if (sessions.length === 0) return 0;
+    // An uncontained tree gains the engine's descendants born since the last walk (a backend
+    // forked for a query after registration): walks are spaced (livenessCpuPercent), and a
+    // session whose only activity is a new process's CPU must not be judged idle meanwhile.
+    // Read through the tree's children files: the cost is the tree's, not the host's.
+    for (const s of sessions) if (s.cgroup === null) this.addDescendants(s.engine);
     const pids = new Set<number>();
     for (const s of sessions) if (s.cgroup === null) for (const p of members(s)) pids.add(p.pid);
     // A pid that is gone comes back null (pidusage's types omit it).

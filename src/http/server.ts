@@ -253,7 +253,11 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
         response: { 201: sessionResponse },
       },
     },
-    (req, reply) => reply.status(201).send(sessionJson(sessions.register(req.body, callerOf(req)))),
+    async (req, reply) => {
+      const session = await sessions.register(req.body, callerOf(req));
+      reply.status(201);
+      return sessionJson(session);
+    },
   );
 
   app.get<{ Querystring: ListQuery }>(
@@ -315,7 +319,7 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
         response: { 200: sessionResponse },
       },
     },
-    (req) => sessionJson(sessions.update(req.params.id, req.body, callerOf(req))),
+    async (req) => sessionJson(await sessions.update(req.params.id, req.body, callerOf(req))),
   );
 
   app.delete<{ Params: { id: string } }>(
@@ -328,7 +332,11 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
         response: { 202: sessionResponse },
       },
     },
-    (req, reply) => reply.status(202).send(sessionJson(sessions.end(req.params.id, "closed", callerOf(req)))),
+    async (req, reply) => {
+      const session = await sessions.end(req.params.id, "closed", callerOf(req));
+      reply.status(202);
+      return sessionJson(session);
+    },
   );
 
   app.post<{ Params: { id: string } }>(
@@ -343,7 +351,11 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       },
       preValidation: acceptMissingBody,
     },
-    (req, reply) => reply.status(202).send(sessionJson(sessions.end(req.params.id, "forced", callerOf(req)))),
+    async (req, reply) => {
+      const session = await sessions.end(req.params.id, "forced", callerOf(req));
+      reply.status(202);
+      return sessionJson(session);
+    },
   );
 
   app.get<{ Params: { id: string } }>(

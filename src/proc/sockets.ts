@@ -404,16 +404,17 @@ export function portsHeldBy(pids: readonly number[]): Map<number, Set<InetProto>
  * Which of `ports` the processes `pids` hold as a TCP LISTEN or a bound UDP socket (what
  * `portsHeldBy` would list, for these ports only): each process's fd table, then each network
  * namespace's tables, filtered by port before parsing, and no further table once every port
- * is found. What registration checks the declared ports against.
+ * is found. What registration checks the declared ports against. With `notBefore`, a table
+ * reading begun at or after that moment may be shared (see `freshTables`).
  */
-export function heldOf(pids: readonly number[], ports: ReadonlySet<number>): Set<number> {
+export function heldOf(pids: readonly number[], ports: ReadonlySet<number>, notBefore?: number): Set<number> {
   const found = new Set<number>();
   if (ports.size === 0) return found;
   const holders = inodeHolders(pids);
   if (holders.size === 0) return found;
   for (const pid of namespaces(pids).values()) {
     for (const proto of INET_PROTOS) {
-      for (const s of inetTable(pid, proto, ports)) {
+      for (const s of inetTable(pid, proto, ports, notBefore)) {
         const bound = s.proto.startsWith("udp") || s.state === "LISTEN";
         if (bound && holders.has(s.inode)) found.add(s.localPort);
       }

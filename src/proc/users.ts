@@ -102,13 +102,114 @@ class ProcView {
   }
 }
 
-/** One question asked of every process in a walk. */
+/**
+ * One question asked of every process in a walk. What it looks for is declared (`keys`), so
+ * that a walk serving hundreds of scans finds, per process, the few scans it concerns through
+ * maps (a cookie, a path or one of its parents, a socket inode, a file), and calls only
+ * their `visit`: the cost of a walk is its reads, not processes × scans.
+ */
 interface Scan {
   readonly skip?: ReadonlySet<number> | undefined;
+  readonly keys: ScanKeys;
+  /** Called for a process that has one of the scan's keys (and for no other). */
   visit(p: ProcView): void;
   /** Called once the walk has seen every process. */
   done(): void;
   fail(err: unknown): void;
+}
+
+interface ScanKeys {
+  /** The cookie's value: processes whose environment has REAPER_SESSION_ID=<cookie>. */
+  readonly cookie?: string | undefined;
+  /** Processes with a cwd, root, fd or mapping at or below one of these. */
+  readonly paths?: readonly string[] | undefined;
+  /** Processes holding one of these socket inodes. */
+  readonly sockets?: Iterable<number> | undefined;
+  /** Processes with exactly one of these files open or mapped. */
+  readonly files?: Iterable<string> | undefined;
+}
+
+/** The scans of one walk, by what they look for. */
+class ScanIndex {
+  readonly byCookie = new Map<string, Scan[]>();
+  readonly byPath = new Map<string, Scan[]>();
+  readonly bySocket = new Map<number, Scan[]>();
+  readonly byFile = new Map<string, Scan[]>();
+
+  constructor(scans: Iterable<Scan>) {
+    for (const s of scans) {
+      const k = s.keys;
+      // Keyed as environ's bytes read as latin1, whatever the cookie's characters.
+      if (k.cookie !== undefined) add(this.byCookie, Buffer.from(k.cookie).toString("latin1"), s);
+      for (const p of k.paths ?? []) add(this.byPath, p, s);
+      for (const inode of k.sockets ?? []) add(this.bySocket, inode, s);
+      for (const f of k.files ?? []) add(this.byFile, f, s);
+    }
+  }
+
+  /** The scans `p` concerns: read only what some scan asks about. */
+  scansOf(p: ProcView): Set<Scan> {
+    const out = new Set<Scan>();
+    const addAll = (list: readonly Scan[] | undefined): void => {
+      if (list !== undefined) for (const s of list) out.add(s);
+    };
+    if (this.byCookie.size > 0) {
+      const env = p.environ();
+      if (env !== null) for (const value of cookieValues(env)) addAll(this.byCookie.get(value));
+    }
+    const paths = this.byPath.size > 0;
+    const byPath = (target: string): void => {
+      // The target and each parent: a path scan matches at or below its path.
+      addAll(this.byPath.get(target));
+      for (let i = target.lastIndexOf("/"); i > 0; i = target.lastIndexOf("/", i - 1)) {
+        addAll(this.byPath.get(target.slice(0, i)));
+      }
+    };
+    if (paths) {
+      const { cwd, root } = p.cwdRoot();
+      if (cwd !== null) byPath(cwd);
+      if (root !== null && root !== "/") byPath(root);
+    }
+    if (paths || this.bySocket.size > 0 || this.byFile.size > 0) {
+      for (const target of p.fds()) {
+        if (target.charCodeAt(0) !== 47) {
+          if (this.bySocket.size === 0) continue;
+          const m = SOCKET_LINK.exec(target);
+          if (m !== null) addAll(this.bySocket.get(Number(m[1])));
+          continue;
+        }
+        if (paths) byPath(target);
+        addAll(this.byFile.get(target));
+      }
+    }
+    if (paths || this.byFile.size > 0) {
+      for (const file of p.maps()) {
+        if (paths) byPath(file);
+        addAll(this.byFile.get(file));
+      }
+    }
+    return out;
+  }
+}
+
+function add<K>(map: Map<K, Scan[]>, key: K, scan: Scan): void {
+  const list = map.get(key);
+  if (list === undefined) map.set(key, [scan]);
+  else if (list[list.length - 1] !== scan) list.push(scan);
+}
+
+const COOKIE_PREFIX = Buffer.from(`${SESSION_COOKIE}=`);
+
+/** The values of every REAPER_SESSION_ID variable in an environ block (NUL-terminated ones), as latin1. */
+function cookieValues(env: Buffer): string[] {
+  const out: string[] = [];
+  for (let i = env.indexOf(COOKIE_PREFIX); i >= 0; i = env.indexOf(COOKIE_PREFIX, i + 1)) {
+    if (i !== 0 && env[i - 1] !== 0) continue;
+    const from = i + COOKIE_PREFIX.length;
+    const end = env.indexOf(0, from);
+    if (end >= 0) out.push(env.toString("latin1", from, end));
+  }
+  return out;
 }
 
 /**
@@ -155,6 +256,7 @@ class ProcWalker {
     this.stats.walks++;
     this.stats.scans += scans.length;
     const live = new Set(scans);
+    const index = new ScanIndex(scans);
     let names: string[] = [];
     try {
       names = readdirSync("/proc");
@@ -166,8 +268,8 @@ class ProcWalker {
       const c = name.charCodeAt(0);
       if (c < 48 || c > 57) continue;
       const view = new ProcView(Number(name));
-      for (const s of live) {
-        if (s.skip?.has(view.pid)) continue;
+      for (const s of index.scansOf(view)) {
+        if (!live.has(s) || s.skip?.has(view.pid)) continue;
         try {
           s.visit(view);
         } catch (err) {
@@ -220,6 +322,7 @@ export function processUses(q: UseQuery): Promise<ProcessUse[]> {
     const out: ProcessUse[] = [];
     return {
       skip: q.skip,
+      keys: { cookie: needle === null ? undefined : q.cookie, paths, sockets: [...sockets.keys()] },
       visit(p) {
         const reasons = fileUses(p, paths.length > 0 ? usesPath : null, sockets);
         const env = needle === null ? null : p.environ();
@@ -304,6 +407,7 @@ export function filesInUse(files: ReadonlySet<string>): Promise<Set<string>> {
   const used = new Set<string>();
   if (files.size === 0) return Promise.resolve(used);
   return scan<Set<string>>((resolve) => ({
+    keys: { files },
     visit(p) {
       for (const target of p.fds()) if (files.has(target)) used.add(target);
       for (const file of p.maps()) if (files.has(file)) used.add(file);

@@ -205,6 +205,9 @@ export class Reaper {
 
   private async runPipeline(id: string): Promise<void> {
     const { store, audit, clock } = this.deps;
+    // Its reading of the journal and its attempt's record, paced too: a burst of fences
+    // (a tenant force-reaped, a thousand deadlines at once) starts its pipelines a few per turn.
+    await loopTurn();
     const session = store.getSession(id);
     if (session === undefined || session.state !== "reaping") return;
     const profile = this.profileOf(session);

@@ -13,11 +13,12 @@ import type { SessionCgroups } from "../proc/containment.js";
 import { registerBody, type ListQuery, type RegisterBody, type UpdateBody } from "../http/schemas.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
-import { heldOf, inetSockets } from "../proc/sockets.js";
+import { freshTables, heldOf, inetSockets } from "../proc/sockets.js";
 import { cgroupPids } from "../proc/cgroup.js";
 import { descendantTree, processTree } from "../proc/tree.js";
 import { checkPath } from "../paths/validate.js";
 import type { Reaper } from "../reaper/reaper.js";
+import { loopTurn } from "../reaper/turns.js";
 import type { Store } from "../store/store.js";
 import {
   NOT_YET_REAPED,
@@ -83,11 +84,29 @@ const MAX_ITEMS = registerBody.properties.ports.maxItems;
 export class Sessions {
   constructor(private readonly deps: SessionsDeps) {}
 
-  register(body: RegisterBody, caller: Caller): Session {
-    const { config, store, audit, registry, daemonPid } = this.deps;
+  /**
+   * The declared ports are checked against a reading of the network tables begun after the
+   * request arrived, shared by the registrations of the same moment (`freshTables`): reading
+   * /proc/net/tcp on a host with thousands of sockets takes milliseconds, and one reading per
+   * registration held the loop for 70 % of a storm of registrations (heartbeats waited
+   * seconds). Everything else is checked, and the session committed, in one synchronous run
+   * after that wait.
+   */
+  async register(body: RegisterBody, caller: Caller): Promise<Session> {
+    this.refuseWhileShuttingDown();
+    const since = (body.ports?.length ?? 0) > 0 ? await freshTables(body.engine.pid) : undefined;
+    return this.registerNow(body, caller, since);
+  }
+
+  private refuseWhileShuttingDown(): void {
     if (!this.deps.accepting()) {
       throw new ReaperError("SR_SHUTTING_DOWN", "the daemon is shutting down and takes no new sessions");
     }
+  }
+
+  private registerNow(body: RegisterBody, caller: Caller, tablesSince: number | undefined): Session {
+    const { config, store, audit, registry, daemonPid } = this.deps;
+    this.refuseWhileShuttingDown();
     const profileName = body.profile ?? "default";
     // Own keys only: "__proto__", "constructor" or "toString" must not find Object.prototype's.
     const profile = Object.hasOwn(config.profiles, profileName) ? config.profiles[profileName] : undefined;
@@ -115,6 +134,8 @@ export class Sessions {
     checkPortsHeld(
       ports.map((port, i) => [port, i]),
       engine,
+      null,
+      tablesSince,
     );
     const id = body.id ?? randomUUID();
     const who = registeredBy(caller);
@@ -242,7 +263,14 @@ export class Sessions {
    * registered are accepted as they are (idempotent retries). The same caller policy as a
    * heartbeat; one `session.updated` event with what was added.
    */
-  update(id: string, body: UpdateBody, caller: Caller): Session {
+  async update(id: string, body: UpdateBody, caller: Caller): Promise<Session> {
+    // The same shared reading of the network tables as registration's, begun after the ask.
+    const engine = (body.ports?.length ?? 0) > 0 ? this.deps.registry.get(id)?.engine : undefined;
+    const since = engine === undefined ? undefined : await freshTables(engine.pid);
+    return this.updateNow(id, body, caller, since);
+  }
+
+  private updateNow(id: string, body: UpdateBody, caller: Caller, tablesSince: number | undefined): Session {
     const { registry, store, audit, config } = this.deps;
     const known = registry.get(id);
     if (known === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
@@ -277,7 +305,7 @@ export class Sessions {
         );
       }
     }
-    checkPortsHeld(newPorts, s.engine, known.cgroup);
+    checkPortsHeld(newPorts, s.engine, known.cgroup, tablesSince);
     const next = { ports: [...s.ports, ...newPorts.map(([p]) => p)], paths: [...s.paths, ...newPaths], labels };
     this.requireStore();
     const changedLabels = Object.fromEntries(Object.entries(body.labels ?? {}).filter(([k, v]) => s.labels[k] !== v));
@@ -295,8 +323,18 @@ export class Sessions {
     return this.withLiveTiming({ ...s, ...next });
   }
 
-  /** Client close (reason `closed`) or operator force-reap (reason `forced`). */
-  end(id: string, reason: "closed" | "forced", caller: Caller): Session {
+  /**
+   * Client close (reason `closed`) or operator force-reap (reason `forced`). The fence is
+   * taken at a paced turn (`loopTurn`), like the reaps' own work: an operator's burst of a
+   * thousand force-reaps is then fenced a few per turn, and the heartbeats that arrive
+   * meanwhile are read between them, instead of waiting behind the whole burst.
+   */
+  async end(id: string, reason: "closed" | "forced", caller: Caller): Promise<Session> {
+    await loopTurn();
+    return this.endNow(id, reason, caller);
+  }
+
+  private endNow(id: string, reason: "closed" | "forced", caller: Caller): Session {
     const s = this.deps.store.getSession(id);
     if (s === undefined) throw new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
     checkActor(caller, s.registeredBy, id);
@@ -454,18 +492,19 @@ function clampTimeouts(
 function checkPortsHeld(
   declared: readonly (readonly [port: number, index: number])[],
   engine: ProcessIdentity,
-  cgroup: string | null = null,
+  cgroup: string | null,
+  tablesSince: number | undefined,
 ): void {
   if (declared.length === 0) return;
   const ports = declared.map(([port]) => port);
   const wanted = new Set(ports);
-  let held = heldOf([engine.pid], wanted);
+  let held = heldOf([engine.pid], wanted, tablesSince);
   if (held.size < wanted.size || liveness(engine) !== "alive") {
     // The tree, and a contained session's cgroup: what a launcher started and left (a
     // daemonized server, re-parented away from the tree) is still in there.
     const pids = new Set(processTree(engine).map((p) => p.pid));
     if (cgroup !== null) for (const pid of cgroupPids(cgroup)) pids.add(pid);
-    held = heldOf([...pids], wanted);
+    held = heldOf([...pids], wanted, tablesSince);
   }
   const missing = declared.find(([port]) => !held.has(port));
   if (missing === undefined) return;

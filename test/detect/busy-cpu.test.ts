@@ -1,4 +1,6 @@
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { test } from "node:test";
 import pidusage from "pidusage";
 import { pino } from "pino";
@@ -117,3 +119,70 @@ test("sampleCpu: a baseline first, then activity moves only for an engine above 
   assert.equal(await detector.sampleCpu(), 0);
   assert.equal(burner.lastActivityAt, t0 + 5000);
 });
+
+test("sampleCpu, uncontained: the CPU of a process the engine forked after the last walk counts, without a walk", async (t) => {
+  const clock = new FakeClock();
+  const registry = new LiveSessions(clock);
+  const detector = new Detector({
+    registry,
+    clock,
+    livenessSchedule: "*/2 * * * * *",
+    log: pino({ level: "silent" }),
+    expire: () => undefined,
+  });
+  t.after(() => detector.close());
+  // An engine (a shell) that forks its worker later, as a postmaster forks a backend per query.
+  // The detector is never started: no walk of /proc refreshes the session's tree.
+  const engine = spawn("sh", ["-c", `sleep 0.5; "${process.execPath}" -e 'for (;;) {}' & wait`], {
+    stdio: "ignore",
+    detached: true,
+  });
+  t.after(() => {
+    try {
+      process.kill(-(engine.pid as number), "SIGKILL");
+    } catch {
+      // gone
+    }
+  });
+  const s = registry.admit({
+    id: "forks-later",
+    engine: identify(engine.pid as number, "engine.pid", process.pid),
+    ownerPid: null,
+    registeredBy: { uid: 0, admin: true, via: "unix" },
+    heartbeatTimeoutSec: 30,
+    idleTimeoutSec: 60,
+    maxLifetimeSec: 0,
+    busyCpuPercent: 20,
+  });
+  const t0 = clock.now();
+  await detector.sampleCpu(); // the baseline: the shell (and its sleep), no worker yet
+  const worker = await waitForChild(engine.pid as number);
+  await burningFor(worker, 200);
+  await sleep(300);
+  clock.advance(5000);
+  assert.equal(await detector.sampleCpu(), 1, "the worker's CPU made the session busy");
+  assert.equal(s.lastActivityAt, t0 + 5000);
+  assert.ok(
+    s.tree.some((p) => p.pid === worker),
+    `the worker ${worker} joined the tree: ${JSON.stringify(s.tree)}`,
+  );
+});
+
+/** The child of `pid` that runs node (its children file), once it has one. */
+async function waitForChild(pid: number): Promise<number> {
+  const end = Date.now() + 10_000;
+  for (;;) {
+    // The shell's children: its `sleep` first, then the worker (node).
+    for (const c of readFileSync(`/proc/${pid}/task/${pid}/children`, "latin1").trim().split(" ")) {
+      let comm = "";
+      try {
+        comm = readFileSync(`/proc/${c}/comm`, "latin1").trim();
+      } catch {
+        // the sleep, exited meanwhile
+      }
+      if (comm === "node") return Number(c);
+    }
+    if (Date.now() > end) throw new Error(`pid ${pid} forked nothing`);
+    await sleep(20);
+  }
+}

@@ -6,10 +6,13 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { createServer, type AddressInfo } from "node:net";
 import { test } from "node:test";
 import { freshTables, inetSockets } from "../../src/proc/sockets.js";
-import { SESSION_COOKIE, processUses, walkStats } from "../../src/proc/users.js";
+import { SESSION_COOKIE, filesInUse, processUses, walkStats } from "../../src/proc/users.js";
 import { loopTurn, turnsWaiting } from "../../src/reaper/turns.js";
 import { identify } from "../../src/proc/identity.js";
 import { freshTable, freshTableStats, recentTable } from "../../src/proc/tree.js";
@@ -95,4 +98,68 @@ test("fresh process tables: askers of one window share a walk begun after they a
   const third = await recentTable(10);
   assert.notEqual(third, next);
   assert.equal(freshTableStats().walks - after.walks, 2);
+});
+
+test("one walk serves scans of every kind, each through its own keys: cookies whole, paths at or below, sockets, files", async (t) => {
+  const root = mkdtempSync(join(tmpdir(), "sr-scan-keys-"));
+  t.after(() => rmSync(root, { recursive: true, force: true }));
+  const [dirA, dirB, dirAB] = ["a", "b", "ab"].map((d) => join(root, d)) as [string, string, string];
+  for (const d of [join(dirA, "sub"), dirB, dirAB]) mkdirSync(d, { recursive: true });
+  const fileB = join(dirB, "open.txt");
+  writeFileSync(fileB, "x");
+  const run = async (cmd: string, opts: { cwd?: string; env?: Record<string, string> }): Promise<number> => {
+    const child = spawn("sh", ["-c", cmd], {
+      cwd: opts.cwd ?? root,
+      env: { PATH: "/usr/bin:/bin", ...opts.env },
+      stdio: "ignore",
+    });
+    t.after(() => child.kill("SIGKILL"));
+    await once(child, "spawn");
+    return child.pid as number;
+  };
+  const inA = await run("exec sleep 30", { cwd: join(dirA, "sub") });
+  const inAB = await run("exec sleep 30", { cwd: dirAB }); // "/…/ab" is not below "/…/a"
+  const holdsB = await run(`exec 3<${fileB}; exec sleep 30`, {});
+  const c10 = await run("exec sleep 30", { env: { [SESSION_COOKIE]: "keys-c10" } });
+  const notAtStart = await run("exec sleep 30", { env: { [`X${SESSION_COOKIE}`]: "keys-c1" } });
+  const server = createServer().listen(0, "127.0.0.1");
+  await once(server, "listening");
+  t.after(() => void server.close());
+  const port = (server.address() as AddressInfo).port;
+  const inode = inetSockets("self", new Set([port])).find((s) => s.state === "LISTEN")?.inode as number;
+  // Let the shells exec and open their files.
+  await new Promise((r) => setTimeout(r, 200));
+  const before = walkStats();
+  const [a, b, cookie1, cookie10, sockets, files] = await Promise.all([
+    processUses({ paths: [dirA] }),
+    processUses({ paths: [dirB] }),
+    processUses({ cookie: "keys-c1" }),
+    processUses({ cookie: "keys-c10" }),
+    processUses({ sockets: new Map([[inode, `port ${port}`]]) }),
+    filesInUse(new Set([fileB, join(dirB, "never-opened")])),
+  ]);
+  assert.equal(walkStats().walks - before.walks, 1, "six scans asked in one turn: one walk");
+  assert.deepEqual(
+    a.map((u) => [u.pid, u.why]),
+    [[inA, `cwd under ${dirA}`]],
+  );
+  assert.ok(!a.some((u) => u.pid === inAB));
+  assert.deepEqual(
+    b.map((u) => [u.pid, u.why]),
+    [[holdsB, `fd under ${dirB}`]],
+  );
+  assert.deepEqual(
+    cookie1,
+    [],
+    `neither ${SESSION_COOKIE}=keys-c10 (${c10}) nor X${SESSION_COOKIE}=keys-c1 (${notAtStart})`,
+  );
+  assert.deepEqual(
+    cookie10.map((u) => [u.pid, u.why]),
+    [[c10, "cookie"]],
+  );
+  assert.deepEqual(
+    sockets.map((u) => [u.pid, u.why]),
+    [[process.pid, `port ${port}`]],
+  );
+  assert.deepEqual([...files], [fileB]);
 });
