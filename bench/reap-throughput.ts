@@ -148,8 +148,9 @@ async function main(): Promise<number> {
         baseline: `${fmt(median / 1000)} (shell loop kill + rm -rf, median; ${spread})`,
         result: `${fmt(r.ms / 1000)} (${fmt((ENGINES * 1000) / r.ms)} reaps/s; last reap.finished ${fmt(r.finishedMs / 1000)} s); ${r.clean}/${ENGINES} clean`,
         ratio: fmt(r.ms / median),
-        goal: "all clean, ≤ 3 × the floor",
-        pass: r.clean === ENGINES && r.ms <= 3 * median,
+        // The other build (BENCH_BEFORE) is shown beside this one, not judged.
+        goal: r.spec.reaperd === undefined ? "all clean, ≤ 3 × the floor" : "(the other build: not judged)",
+        pass: r.spec.reaperd !== undefined ? null : r.clean === ENGINES && r.ms <= 3 * median,
         noise: "the floor's spread",
       })),
     ],
