@@ -27,6 +27,9 @@ interface WatchedProcess {
   tree: ProcessIdentity[];
 }
 
+/** How close to its idle deadline a session's tree is looked at for new descendants (sampleCpu). */
+const IDLE_LOOKAHEAD_MS = 10_000;
+
 const identityKey = (id: ProcessIdentity): string => `${id.pid}:${id.startTime}:${id.bootId}:${id.uid}`;
 
 function sameTree(a: readonly ProcessIdentity[], b: readonly ProcessIdentity[]): boolean {
@@ -433,11 +436,16 @@ export class Detector implements LiveWatcher {
    */
   async sampleCpu(sessions: readonly LiveSession[] = [...this.cpuWatched.values()]): Promise<number> {
     if (sessions.length === 0) return 0;
-    // An uncontained tree gains the engine's descendants born since the last walk (a backend
-    // forked for a query after registration): walks are spaced (livenessCpuPercent), and a
-    // session whose only activity is a new process's CPU must not be judged idle meanwhile.
-    // Read through the tree's children files: the cost is the tree's, not the host's.
-    for (const s of sessions) if (s.cgroup === null) this.addDescendants(s.engine);
+    // An uncontained tree near its idle deadline gains the engine's descendants born since
+    // the last walk (a backend forked for a query after registration): walks are spaced
+    // (livenessCpuPercent), and a session whose only activity is a new process's CPU must not
+    // be judged idle meanwhile. Read through the tree's children files (the tree's cost, not
+    // the host's), and only within IDLE_LOOKAHEAD_MS of the idle deadline: a newcomer's CPU
+    // counts whole in its first window, so a late look misses none of it.
+    const soon = this.clock.mono() + IDLE_LOOKAHEAD_MS;
+    for (const s of sessions) {
+      if (s.cgroup === null && s.activityMono + s.idleTimeoutSec * 1000 <= soon) this.addDescendants(s.engine);
+    }
     const pids = new Set<number>();
     for (const s of sessions) if (s.cgroup === null) for (const p of members(s)) pids.add(p.pid);
     // A pid that is gone comes back null (pidusage's types omit it).

@@ -150,7 +150,8 @@ test("sampleCpu, uncontained: the CPU of a process the engine forked after the l
     ownerPid: null,
     registeredBy: { uid: 0, admin: true, via: "unix" },
     heartbeatTimeoutSec: 30,
-    idleTimeoutSec: 60,
+    // Judged 5 s after registration: within 10 s of this idle deadline, where trees are looked at.
+    idleTimeoutSec: 12,
     maxLifetimeSec: 0,
     busyCpuPercent: 20,
   });
