@@ -58,7 +58,12 @@ test("busy_cpu_percent: a computing engine is not culled as idle; an idle one in
   assert.equal((await d.reaped("busy")).reason, "closed");
 });
 
-test("sampleCpu: a baseline first, then activity moves only for an engine above its threshold", async (t) => {
+/** A detector on a fake clock, never started: no timer, no walk of /proc; tests call sampleCpu. */
+function unstartedDetector(t: { after: (fn: () => void) => void }): {
+  clock: FakeClock;
+  registry: LiveSessions;
+  detector: Detector;
+} {
   const clock = new FakeClock();
   const registry = new LiveSessions(clock);
   const detector = new Detector({
@@ -69,6 +74,11 @@ test("sampleCpu: a baseline first, then activity moves only for an engine above 
     expire: () => undefined,
   });
   t.after(() => detector.close());
+  return { clock, registry, detector };
+}
+
+test("sampleCpu: a baseline first, then activity moves only for an engine above its threshold", async (t) => {
+  const { clock, registry, detector } = unstartedDetector(t);
   const session = (id: string, pid: number, busyCpuPercent: number | null): Admission => ({
     id,
     engine: identify(pid, "engine.pid", process.pid),
@@ -121,16 +131,7 @@ test("sampleCpu: a baseline first, then activity moves only for an engine above 
 });
 
 test("sampleCpu, uncontained: the CPU of a process the engine forked after the last walk counts, without a walk", async (t) => {
-  const clock = new FakeClock();
-  const registry = new LiveSessions(clock);
-  const detector = new Detector({
-    registry,
-    clock,
-    livenessSchedule: "*/2 * * * * *",
-    log: pino({ level: "silent" }),
-    expire: () => undefined,
-  });
-  t.after(() => detector.close());
+  const { clock, registry, detector } = unstartedDetector(t);
   // An engine (a shell) that forks its worker later, as a postmaster forks a backend per query.
   // The detector is never started: no walk of /proc refreshes the session's tree.
   const engine = spawn("sh", ["-c", `sleep 0.5; "${process.execPath}" -e 'for (;;) {}' & wait`], {
