@@ -223,7 +223,9 @@ export class Reaper {
       }
       await loopTurn(); // each step's synchronous start, paced across the reaps in flight
       const result = await this.runStep(step, session, profile, journal, attempt, log.child({ step: step.name }));
-      audit.transaction(() => {
+      // Committed with the step records of the other reaps of this turn, and before the next
+      // step acts (a record lost to a crash only makes its step run again: steps are idempotent).
+      await audit.commitSoon(() => {
         store.recordStep(id, POSITION[step.name], result);
         audit.record({
           event: "reap.step",
