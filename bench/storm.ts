@@ -59,8 +59,8 @@ async function main(): Promise<number> {
     dir: tempDir(),
     toml: `[profiles.default]\nallowed_roots = ["${root}"]\nheartbeat_timeout_sec = 600\n`,
   });
-  // Each live session heartbeats from the moment it is registered (the load goes round the
-  // ids registered so far, at LIVE per second in all).
+  // Each live session heartbeats once a second from the moment it is registered (its own
+  // slot of each second: bench/lib/heartbeat-load.ts).
   const load = startHeartbeatLoad(daemon.socket, LIVE);
   for (let i = 0; i < live.length; i += 16) {
     const batch = live.slice(i, i + 16).map((e, j) => ({

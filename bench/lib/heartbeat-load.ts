@@ -66,6 +66,7 @@ function runLoad(setup: Setup): void {
   const beats: Beat[] = [];
   const inFlight = new Set<Promise<void>>();
   let running = true;
+  const socketPath = setup.socket;
   const send = (id: string): void => {
     const sent = now();
     const p = callApi(socketPath, "POST", `/v1/sessions/${id}/heartbeat`, { activity: "busy" }, { timeoutMs: 30_000 })
@@ -77,7 +78,6 @@ function runLoad(setup: Setup): void {
       .finally(() => inFlight.delete(p));
     inFlight.add(p);
   };
-  const socketPath = setup.socket;
   const t0 = performance.now();
   let n = 0;
   const tick = (): void => {

@@ -87,7 +87,7 @@ export class AuditTrail {
     });
   }
 
-  /** Group commits made and the writes they carried (tests, the benchmark's report). */
+  /** Group commits made and the writes they carried (for tests). */
   readonly groupStats = { commits: 0, writes: 0 };
   private group: { fn: () => void; resolve: () => void; reject: (err: unknown) => void }[] = [];
 
