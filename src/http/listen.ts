@@ -35,6 +35,9 @@ export function socketHolder(path: string): Promise<number | null | false> {
   });
 }
 
+/** The unix socket's listen backlog: systemd/session-reaper.socket's Backlog= (the kernel caps it at somaxconn). */
+export const LISTEN_BACKLOG = 1024;
+
 /**
  * Listens on a unix socket with the given mode. A stale socket file left by a crashed daemon
  * is replaced; a socket another daemon still answers on is not (two daemons on one host
@@ -57,7 +60,9 @@ export async function listenUnix(app: FastifyInstance, path: string, mode: numbe
     }
     unlinkSync(path);
   }
-  await app.listen({ path });
+  // The socket unit's Backlog=: a burst of connections waits in the kernel's queue while the
+  // loop is busy, instead of being refused (EAGAIN) past Node's default of 511.
+  await app.listen({ path, backlog: LISTEN_BACKLOG });
   // The group first: until then the mode applies to the daemon's own group.
   if (gid !== null) chownSync(path, -1, gid);
   chmodSync(path, mode);

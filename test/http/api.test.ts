@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
-import { mkdirSync, statSync, symlinkSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { mkdirSync, readFileSync, statSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { callApi } from "../../src/cli/client.js";
+import { LISTEN_BACKLOG } from "../../src/http/listen.js";
 import {
   foreignPort,
   startDaemon,
@@ -270,7 +272,7 @@ test("list: filters and cursor pagination", async (t) => {
   await expectError(d, "GET", "/v1/sessions?state=zombie", undefined, 400, "SR_BAD_REQUEST");
 });
 
-test("daemon, health and readiness; the socket is mode 0660", async (t) => {
+test("daemon, health and readiness; the socket is mode 0660, its listen backlog the socket unit's", async (t) => {
   const { d } = await setup(t);
   const info = await d.api<{ state: string; version: string; startedAt: string; counts: object }>("GET", "/v1/daemon");
   assert.equal(info.status, 200);
@@ -280,4 +282,13 @@ test("daemon, health and readiness; the socket is mode 0660", async (t) => {
   assert.equal((await d.api("GET", "/healthz")).status, 200);
   assert.equal((await d.api("GET", "/readyz")).status, 200);
   assert.equal(statSync(d.socket).mode & 0o777, 0o660);
+  // ss shows a listening socket's backlog as Send-Q (capped by net.core.somaxconn).
+  const somaxconn = Number(readFileSync("/proc/sys/net/core/somaxconn", "latin1"));
+  const line = execFileSync("ss", ["-xlnH"], { encoding: "latin1" })
+    .split("\n")
+    .find((l) => l.includes(` ${d.socket} `));
+  assert.ok(line !== undefined, `the daemon's socket in ss -xl: ${d.socket}`);
+  assert.equal(Number(line.trim().split(/\s+/)[3]), Math.min(LISTEN_BACKLOG, somaxconn), line);
+  const unit = readFileSync(new URL("../../../systemd/session-reaper.socket", import.meta.url), "latin1");
+  assert.match(unit, new RegExp(`^Backlog=${LISTEN_BACKLOG}$`, "m"));
 });
