@@ -1,6 +1,5 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { readFileSync } from "node:fs";
 import { test } from "node:test";
 import pidusage from "pidusage";
 import { pino } from "pino";
@@ -8,6 +7,9 @@ import { FakeClock } from "../../src/clock.js";
 import { Detector } from "../../src/detect/detector.js";
 import { LiveSessions, type Admission } from "../../src/sessions/live.js";
 import { identify } from "../../src/proc/identity.js";
+import { readStat } from "../../src/proc/stat.js";
+import { childrenOf } from "../../src/proc/tree.js";
+import type { ProcessIdentity } from "../../src/sessions/types.js";
 import { sleeper, startDaemon, tempDir, testConfig } from "../helpers.js";
 
 const BURN = ["-e", "for (;;) {}"];
@@ -145,9 +147,10 @@ test("sampleCpu, uncontained: the CPU of a process the engine forked after the l
       // gone
     }
   });
+  const engineId = identify(engine.pid as number, "engine.pid", process.pid);
   const s = registry.admit({
     id: "forks-later",
-    engine: identify(engine.pid as number, "engine.pid", process.pid),
+    engine: engineId,
     ownerPid: null,
     registeredBy: { uid: 0, admin: true, via: "unix" },
     heartbeatTimeoutSec: 30,
@@ -158,7 +161,7 @@ test("sampleCpu, uncontained: the CPU of a process the engine forked after the l
   });
   const t0 = clock.now();
   await detector.sampleCpu(); // the baseline: the shell (and its sleep), no worker yet
-  const worker = await waitForChild(engine.pid as number);
+  const worker = await waitForChild(engineId);
   await burningFor(worker, 200);
   await sleep(300);
   clock.advance(5000);
@@ -170,21 +173,14 @@ test("sampleCpu, uncontained: the CPU of a process the engine forked after the l
   );
 });
 
-/** The child of `pid` that runs node (its children file), once it has one. */
-async function waitForChild(pid: number): Promise<number> {
+/** The child of `engine` that runs node (the project's childrenOf), once it has one. */
+async function waitForChild(engine: ProcessIdentity): Promise<number> {
   const end = Date.now() + 10_000;
   for (;;) {
     // The shell's children: its `sleep` first, then the worker (node).
-    for (const c of readFileSync(`/proc/${pid}/task/${pid}/children`, "latin1").trim().split(" ")) {
-      let comm = "";
-      try {
-        comm = readFileSync(`/proc/${c}/comm`, "latin1").trim();
-      } catch {
-        // the sleep, exited meanwhile
-      }
-      if (comm === "node") return Number(c);
-    }
-    if (Date.now() > end) throw new Error(`pid ${pid} forked nothing`);
+    const worker = childrenOf(engine).find((c) => readStat(c.pid)?.comm === "node");
+    if (worker !== undefined) return worker.pid;
+    if (Date.now() > end) throw new Error(`pid ${engine.pid} forked no worker`);
     await sleep(20);
   }
 }
