@@ -367,6 +367,7 @@ export function storedSession(id: string, over: Partial<Session> = {}, t0 = Date
     ...NOT_YET_REAPED,
     registeredBy: { uid: 1000, admin: false, via: "unix" },
     containment: null,
+    tracking: null,
     ...over,
   };
 }

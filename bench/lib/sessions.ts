@@ -87,6 +87,7 @@ export function seedLiveSessions(
             ...NOT_YET_REAPED,
             registeredBy: { uid: 0, admin: true, via: "unix" },
             containment: null,
+            tracking: null,
           };
           store.insertSession(session, opts.engineTree === true ? [engine] : []);
         }

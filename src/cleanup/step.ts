@@ -21,6 +21,18 @@ export interface StepContext {
    * snapshot taken before a hook that hangs must not be lost).
    */
   record(fields: Record<string, unknown>): void;
+  /** The session's members by lineage: every process the engine started (src/proc/lineage.ts). */
+  readonly lineage: SessionMembers;
+}
+
+/** A session's members by lineage, as the steps and the verification see them. */
+export interface SessionMembers {
+  /** The live members now, after every fork the kernel reported before the call; none without lineage. */
+  members(): ProcessIdentity[];
+  /** CPU seconds of members that exited and were reaped outside the session (their CPU is in no live member's). */
+  exitedCpuSec(): number;
+  /** Every fork since the engine's birth is known (its tracking is still "lineage"). */
+  complete(): boolean;
 }
 
 export interface StepOutput {

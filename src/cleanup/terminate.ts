@@ -26,7 +26,9 @@ const MAX_FREEZE_ROUNDS = 50;
  * after a deadline). Children forked during the grace period are found by re-scanning and
  * signalled too. Before SIGKILL the tree is frozen with SIGSTOP, round after round until a
  * scan finds no newcomer, so a process forking in a loop cannot outrun the kill; if the
- * engine has a cgroup of its own, `cgroup.kill` ends it at once. Every signal goes through
+ * engine has a cgroup of its own, `cgroup.kill` ends it at once. The tree is the union of what
+ * lineage knows (every process the engine started, from the kernel), the walks of /proc, the
+ * cookie and the cgroup. Every signal goes through
  * the identity-checked path; a zombie counts as gone. The processes handled are journaled
  * for the port step.
  */
@@ -70,7 +72,9 @@ export const terminate: CleanupStep = {
     const rescanOn = (table: ProcessTable): ProcessIdentity[] => {
       const fresh: ProcessIdentity[] = [];
       const tree = table.tree(ctx.session.engine, [...known, ...seen.values()]);
-      for (const p of [...tree, ...members()]) {
+      // Lineage: every process the engine started, wherever it went (setsid, double forks,
+      // re-parenting, moved out of the cgroup), after every fork reported before this look.
+      for (const p of [...tree, ...members(), ...ctx.lineage.members()]) {
         // A shared snapshot may be up to SHARED_SCAN_MS old: a process gone since is not one to handle.
         if (!seen.has(key(p)) && liveness(p) === "alive") {
           seen.set(key(p), p);
@@ -103,7 +107,11 @@ export const terminate: CleanupStep = {
     // What the session used, read before anything is signalled (a cgroup's totals, or the
     // tree's own): the usage reported at finish. Journaled with the step, even on a timeout.
     const before = await rescan();
-    const own = processUsage(before.map((p) => p.pid));
+    // Members that exited already and were reaped outside the session (a double fork's
+    // grandchild, re-parented to init): their CPU is in no live process's counters.
+    const exitedCpuSec = ctx.lineage.exitedCpuSec();
+    const live = processUsage(before.map((p) => p.pid));
+    const own = { ...live, cpuSec: live.cpuSec + exitedCpuSec };
     const inCg = cg === null ? null : cgroupUsage(cg.path, cgroupPids(cg.path));
     // The cgroup counts every process that ever ran in it, but only from the moment it was
     // moved there: what the engine used before (registration comes after its start) is in

@@ -7,10 +7,10 @@ import { processUses, type ProcessUse } from "../proc/users.js";
 import type { Leftover, ProcessIdentity, Session } from "../sessions/types.js";
 import { journaled, type Journal } from "./journal.js";
 import { ipcQuery } from "./remove-paths.js";
-import { knownProcesses } from "./step.js";
+import { knownProcesses, type SessionMembers } from "./step.js";
 
 /** What a verification pass looked at: a `clean` is backed by exactly these. */
-export type Verified = "cgroup" | "tree" | "cookie" | "ports" | "paths" | "ipc";
+export type Verified = "cgroup" | "lineage" | "tree" | "cookie" | "ports" | "paths" | "ipc";
 
 export interface Verification {
   readonly verified: Verified[];
@@ -21,6 +21,9 @@ export interface Verification {
  * "clean" means verified: after the cleanup steps, a pass that looks at the host afresh,
  * independently of what the steps believed they did:
  *
+ * - lineage: no process the engine started is alive, by the kernel's own record of every fork
+ *   since the engine's birth (src/proc/lineage.ts); named only while that record is complete
+ *   (no event lost, no restart), though its members are always looked at;
  * - tree: no process of the session's last known tree (the fence's snapshot, close-environment's,
  *   terminate's) still runs;
  * - cookie: no process carries REAPER_SESSION_ID=<id> in its environment, wherever it was
@@ -34,7 +37,12 @@ export interface Verification {
  * Anything found is a `process` leftover naming pid, comm, uid and why; the outcome is then
  * `partial`, never `clean`.
  */
-export async function verifyGone(session: Session, journal: Journal, daemonPid: number): Promise<Verification> {
+export async function verifyGone(
+  session: Session,
+  journal: Journal,
+  lineage: SessionMembers,
+  daemonPid: number,
+): Promise<Verification> {
   const found = new Map<number, ProcessUse>();
   const add = (u: ProcessUse): void => {
     if (!found.has(u.pid)) found.set(u.pid, u);
@@ -47,6 +55,15 @@ export async function verifyGone(session: Session, journal: Journal, daemonPid: 
       if (st === null || st.state === "Z") continue;
       add({ pid, startTime: st.startTime, comm: st.comm, uid: readUid(pid) ?? -1, why: `in cgroup ${cg.path}` });
     }
+  }
+  // lineage: every live process the engine ever started, wherever it went (another session,
+  // process group or cgroup, re-parented to init), after every fork reported before now
+  const complete = lineage.complete();
+  for (const p of lineage.members()) {
+    if (p.pid <= 1 || p.pid === daemonPid || liveness(p) !== "alive") continue;
+    const st = readStat(p.pid);
+    if (st === null || st.state === "Z") continue;
+    add({ pid: p.pid, startTime: p.startTime, comm: st.comm, uid: p.uid, why: "started by the engine (lineage)" });
   }
   // tree
   const boot = session.engine.bootId;
@@ -89,7 +106,15 @@ export async function verifyGone(session: Session, journal: Journal, daemonPid: 
     detail: o.why,
   }));
   return {
-    verified: [...(cg === null ? [] : (["cgroup"] as const)), "tree", "cookie", "ports", "paths", "ipc"],
+    verified: [
+      ...(cg === null ? [] : (["cgroup"] as const)),
+      ...(complete ? (["lineage"] as const) : []),
+      "tree",
+      "cookie",
+      "ports",
+      "paths",
+      "ipc",
+    ],
     leftovers: [...found.values()]
       .map((u): Leftover => ({
         step: "finish",

@@ -78,6 +78,13 @@ export interface Session {
   registeredBy: { uid: number | null; admin: boolean; via: "unix" | "tcp" | null };
   /** A cgroup of its own, or none and why (null: registered before containment existed). */
   containment: { kind: "cgroup"; path: string; made: boolean } | { kind: "none"; why: string } | null;
+  /**
+   * How its processes were known, strongest first: "lineage" (every fork since the engine's
+   * birth, from the kernel), "cgroup-from-birth", "cgroup", "snapshots" (null: before tracking).
+   */
+  tracking: "lineage" | "cgroup-from-birth" | "cgroup" | "snapshots" | null;
+  /** On POST /v1/sessions only: what the registration could not give (tracking weaker than lineage). */
+  warnings?: { code: string; message: string }[];
   /** On GET /v1/sessions/{id} only. */
   steps?: {
     name: StepName;

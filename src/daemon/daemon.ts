@@ -14,6 +14,7 @@ import { LiveSessions } from "../sessions/live.js";
 import { WriteBehind } from "../sessions/write-behind.js";
 import { DatabaseLock } from "../store/lock.js";
 import { SessionCgroups } from "../proc/containment.js";
+import { SessionLineage, trackingOf } from "../proc/lineage.js";
 import type { Server } from "node:http";
 import { loadToken } from "../auth/tcp.js";
 import { closeServer, listenFd, listenTcp, listenUnix } from "../http/listen.js";
@@ -80,6 +81,8 @@ export class Daemon {
   readonly registry: LiveSessions;
   /** Where session cgroups are made (or why none can be). */
   readonly cgroups: SessionCgroups;
+  /** Lineage of every process from the kernel's process events (opened at start). */
+  readonly lineage = new SessionLineage();
   readonly detector: Detector;
   readonly reaper: Reaper;
   readonly sessions: Sessions;
@@ -133,6 +136,7 @@ export class Daemon {
       store: this.store,
       profiles: Object.keys(config.profiles),
       logLinesDropped: () => sink?.dropped ?? 0,
+      lineage: () => ({ available: this.lineage.status.available, ...this.lineage.counters() }),
     });
     this.reaper = new Reaper({
       store: this.store,
@@ -142,6 +146,7 @@ export class Daemon {
       log: this.log,
       config,
       daemonPid,
+      lineage: this.lineage,
       failpoints: opts.failpoints,
       crash: opts.crash,
     });
@@ -161,6 +166,7 @@ export class Daemon {
       // A stall is noticed before any deadline is read; nothing is judged on time while the
       // store cannot commit.
       mayJudgeTime: () => (this.stallWatch.check(), this.store.available),
+      lineage: this.lineage,
       onPidfdError: (code) => this.resourceError("pidfd", code),
     });
     this.sessions = new Sessions({
@@ -174,6 +180,7 @@ export class Daemon {
       metrics: this.metrics,
       daemonPid,
       accepting: () => this.stateValue === "running" || this.stateValue === "starting",
+      lineage: this.lineage,
     });
     this.writeBehind = new WriteBehind(this.registry, this.store, this.log, config.store.flushIntervalMs);
     this.callers = new Callers({ adminGid: config.api.adminGid, daemonUid });
@@ -212,11 +219,20 @@ export class Daemon {
   }
 
   info(): DaemonInfo {
+    const status = this.lineage.status;
+    const { events, lost, processes } = this.lineage.counters();
     return {
       state: this.stateValue === "running" || this.stateValue === "starting" ? "running" : "shutting_down",
       version: VERSION,
       startedAt: new Date(this.startedAt).toISOString(),
       ready: this.stateValue === "running",
+      lineage: {
+        available: status.available,
+        ...(status.available ? {} : { why: status.why }),
+        events,
+        lost,
+        processes,
+      },
     };
   }
 
@@ -229,11 +245,24 @@ export class Daemon {
   async start(inheritedFd: number | null = null): Promise<void> {
     this.startedAt = this.clock.now();
     await this.app.ready();
+    // Before anything is recovered: the table of the host's processes is seeded by a walk.
+    const lineage = this.lineage.open((lost, fellBack) => this.lineageLost(lost, fellBack));
+    if (!lineage.available) {
+      this.log.warn(
+        { why: lineage.why },
+        "no lineage from the kernel's process events: sessions are tracked by cgroups and walks of /proc (tracking shows which)",
+      );
+    }
+    // Forks made while no daemon listened are unknown: no unfinished session keeps "lineage".
+    this.store.downgradeTracking();
     const resumed = this.reaper.resumeAll();
     let recovered = 0;
     for (const s of this.store.liveForRecovery()) {
       recovered++;
       this.registry.recover({ ...s, busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null });
+      // Lineage from now on: the engine's descendants by the seed walk, and the tree kept durable.
+      this.lineage.adopt(s.id, s.engine);
+      this.lineage.include(s.id, s.tree);
     }
     if (addon === null) {
       this.log.error("the native addon is not built (npm ci builds it): every path delete will be refused");
@@ -260,6 +289,7 @@ export class Daemon {
         recovered,
         resumedReaps: resumed,
         reapedAtStart: goneAtStart,
+        lineage: lineage.available ? { available: true } : { available: false, why: lineage.why },
       },
     });
     // After recovery, so that every session the table still knows claims its processes.
@@ -377,6 +407,7 @@ export class Daemon {
     );
     await part("store", () => this.store.close());
     await part("cgroups", () => this.cgroups.close());
+    await part("lineage", () => this.lineage.close());
     await part("lock", () => this.lock.release());
     await part("pidusage", () => pidusage.clear());
     this.stateValue = "stopped";
@@ -409,6 +440,26 @@ export class Daemon {
       "the daemon was stalled: time-based deadlines restart from now",
     );
     this.audit.record({ event: "daemon.stalled", detail: { cause, stalledMs: Math.round(ms), ...detail } });
+  }
+
+  /**
+   * Process events were lost (the kernel's buffer overran, or ours): counted (the metric reads
+   * the counters), logged, and the sessions whose lineage was complete fall back to what their
+   * containment gives; the table is already mended from a walk, and the walks go on.
+   */
+  private lineageLost(lost: number, fellBack: readonly string[]): void {
+    this.log.warn(
+      { lost, sessions: fellBack.length },
+      "process events were lost: lineage was mended from a walk of /proc, and the sessions of the moment fall back to their cgroups and walks",
+    );
+    for (const id of fellBack) {
+      try {
+        const s = this.store.getSession(id);
+        if (s !== undefined) this.store.setTracking(id, trackingOf(undefined, s.containment));
+      } catch (err) {
+        this.log.error({ err, sessionId: id }, "could not record the session's tracking");
+      }
+    }
   }
 
   private storeUnavailable(fault: string): void {

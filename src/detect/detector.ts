@@ -11,6 +11,7 @@ import { listStatsPaced, readUid } from "../proc/stat.js";
 import { descendantTree, freshTable, ProcessTable } from "../proc/tree.js";
 import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
 import type { ProcessIdentity, Reason } from "../sessions/types.js";
+import type { SessionLineage } from "../proc/lineage.js";
 import { loopTurn } from "../reaper/turns.js";
 import { DeadlineHeap } from "./heap.js";
 
@@ -123,6 +124,8 @@ export interface DetectorOptions {
   mayJudgeTime?: () => boolean;
   /** A pidfd could not be opened for a reason other than the process being gone (EMFILE…). */
   onPidfdError?: (code: string) => void;
+  /** Members by lineage: added to each tree the liveness pass refreshes, counted in busy CPU. */
+  lineage?: Pick<SessionLineage, "members"> | undefined;
 }
 
 /** Loop time the detector may spend fencing due sessions in one turn (see expireDue). */
@@ -163,6 +166,7 @@ export class Detector implements LiveWatcher {
   private readonly expire: ExpireFn;
   private readonly mayJudgeTime: () => boolean;
   private readonly onPidfdError: (code: string) => void;
+  private readonly lineage: Pick<SessionLineage, "members"> | undefined;
 
   constructor(opts: DetectorOptions) {
     this.registry = opts.registry;
@@ -173,6 +177,7 @@ export class Detector implements LiveWatcher {
     this.expire = opts.expire;
     this.mayJudgeTime = opts.mayJudgeTime ?? (() => true);
     this.onPidfdError = opts.onPidfdError ?? (() => undefined);
+    this.lineage = opts.lineage;
     opts.registry.watch(this);
   }
 
@@ -255,20 +260,32 @@ export class Detector implements LiveWatcher {
     }
   }
 
-  /** The engine's tree on this snapshot, given to its sessions if it changed. */
+  /**
+   * The engine's tree on this snapshot, with its members by lineage (processes that left the
+   * tree by a double fork or setsid, which no snapshot ties to it), given to its sessions if
+   * it changed: kept durable, so that a restarted daemon starts from it.
+   */
   private refreshTree(p: WatchedProcess, table: ProcessTable): void {
-    const tree = table.tree(p.id, p.tree);
+    const first = p.engineOf.values().next().value;
+    const byLineage = first === undefined || this.lineage === undefined ? [] : this.lineage.members(first.id);
+    const tree = table.tree(p.id, byLineage.length === 0 ? p.tree : [...p.tree, ...byLineage]);
     if (sameTree(tree, p.tree)) return;
     p.tree = tree;
     for (const s of p.engineOf) this.registry.setTree(s, tree);
   }
 
-  /** Adds to an engine's tree its descendants (children files) not in it yet. */
+  /** Adds to an engine's tree its descendants (children files, lineage) not in it yet. */
   private addDescendants(engine: ProcessIdentity): void {
     const p = this.processes.get(identityKey(engine));
     if (p === undefined || p.engineOf.size === 0) return;
     const known = new Set([identityKey(p.id), ...p.tree.map(identityKey)]);
-    const added = descendantTree(p.id).filter((c) => !known.has(identityKey(c)));
+    const first = p.engineOf.values().next().value;
+    const byLineage = first === undefined || this.lineage === undefined ? [] : this.lineage.members(first.id);
+    const added = [...descendantTree(p.id), ...byLineage].filter((c) => {
+      if (known.has(identityKey(c))) return false;
+      known.add(identityKey(c));
+      return true;
+    });
     if (added.length === 0) return;
     p.tree = [...p.tree, ...added];
     for (const s of p.engineOf) this.registry.setTree(s, p.tree);

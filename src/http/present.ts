@@ -33,6 +33,7 @@ export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: E
     reapAttempts: s.reapAttempts,
     registeredBy: s.registeredBy,
     containment: s.containment,
+    tracking: s.tracking,
     ...(steps === undefined ? {} : { steps: steps.map(stepJson) }),
     ...(usage === undefined ? {} : { usage }),
   };

@@ -9,7 +9,7 @@
  * real answers against them so they cannot drift from present.ts.
  */
 import { AUDIT_EVENTS } from "../audit/audit.js";
-import { REASONS, STEP_NAMES } from "../sessions/types.js";
+import { REASONS, STEP_NAMES, TRACKINGS } from "../sessions/types.js";
 
 export const SESSION_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$";
 
@@ -229,6 +229,22 @@ export const sessionResponse = {
         },
       ],
     },
+    tracking: {
+      enum: [...TRACKINGS, null],
+      description:
+        "how the session's processes were known, strongest first: lineage (every fork since the engine's birth, from the kernel's process events), cgroup-from-birth (the engine's own cgroup, nothing in it older than the engine), cgroup (the engine's tree moved into a cgroup at registration), snapshots (walks of /proc and the cookie); null for sessions registered before tracking was recorded",
+    },
+    warnings: {
+      type: "array",
+      description:
+        "POST /v1/sessions only: what the registration could not give (tracking weaker than lineage, and why)",
+      items: {
+        type: "object",
+        additionalProperties: false,
+        required: ["code", "message"],
+        properties: { code: { type: "string" }, message: { type: "string" } },
+      },
+    },
     steps: { type: "array", items: stepResult, description: "GET /v1/sessions/{id} only" },
     usage: {
       description:
@@ -417,6 +433,20 @@ export const daemonResponse = {
     state: { enum: ["running", "shutting_down"] },
     version: { type: "string" },
     startedAt: time,
+    lineage: {
+      type: "object",
+      additionalProperties: false,
+      required: ["available", "events", "lost", "processes"],
+      description:
+        "the kernel's process events connector: whether the daemon reads it (and why not), events read, events lost (each loss falls the sessions of the moment back to walks), processes in the lineage table",
+      properties: {
+        available: { type: "boolean" },
+        why: { type: "string" },
+        events: { type: "integer" },
+        lost: { type: "integer" },
+        processes: { type: "integer" },
+      },
+    },
     counts: {
       type: "object",
       additionalProperties: false,

@@ -58,6 +58,7 @@ export interface DaemonInfo {
   version: string;
   startedAt: string;
   ready: boolean;
+  lineage: { available: boolean; why?: string; events: number; lost: number; processes: number };
 }
 
 export interface ServerDeps {
@@ -254,9 +255,9 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       },
     },
     async (req, reply) => {
-      const session = await sessions.register(req.body, callerOf(req));
+      const { warnings, ...session } = await sessions.register(req.body, callerOf(req));
       reply.status(201);
-      return sessionJson(session);
+      return { ...sessionJson(session), ...(warnings.length > 0 ? { warnings } : {}) };
     },
   );
 

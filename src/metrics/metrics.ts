@@ -10,6 +10,8 @@ export interface MetricsDeps {
   profiles: readonly string[];
   /** Log and audit lines the sink could not write (src/audit/sink.ts), read at scrape time. */
   logLinesDropped?: () => number;
+  /** The lineage connector's state and counters (src/proc/lineage.ts), read at scrape time. */
+  lineage?: () => { available: boolean; events: number; lost: number; processes: number };
 }
 
 /**
@@ -191,6 +193,41 @@ export class Metrics {
       labelNames: ["profile"],
       buckets: [10, 60, 600, 3600, 4 * 3600, 86400, 7 * 86400],
       registers,
+    });
+    const lineage = deps.lineage ?? (() => ({ available: false, events: 0, lost: 0, processes: 0 }));
+    new Gauge({
+      name: "session_reaper_lineage_available",
+      help: "1 while the kernel's process events connector is read (lineage of every fork); 0 where it is unavailable (sessions are tracked by cgroups and walks).",
+      registers,
+      collect() {
+        this.set(lineage().available ? 1 : 0);
+      },
+    });
+    new Counter({
+      name: "session_reaper_lineage_events_total",
+      help: "Process events (forks and exits) read from the kernel's connector.",
+      registers,
+      collect() {
+        this.reset();
+        this.inc(lineage().events);
+      },
+    });
+    new Counter({
+      name: "session_reaper_lineage_lost_total",
+      help: "Process events lost (the socket's buffer overran, ENOBUFS, or the daemon's was full): each loss falls the sessions of the moment back to walks.",
+      registers,
+      collect() {
+        this.reset();
+        this.inc(lineage().lost);
+      },
+    });
+    new Gauge({
+      name: "session_reaper_lineage_processes",
+      help: "Processes in the lineage table (one per live process on the host).",
+      registers,
+      collect() {
+        this.set(lineage().processes);
+      },
     });
     this.fdErrors = new Counter({
       name: "session_reaper_fd_errors_total",

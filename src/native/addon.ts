@@ -31,6 +31,27 @@ export interface NativeAddon {
   /** waitpid(pid, WNOHANG) for a child spawnAt started: null while it runs. */
   waitExited(pid: number): { code: number; signal: number } | null;
   memfdCreate(name: string): number;
+  /**
+   * Subscribes to the kernel's process events connector (netlink CN_IDX_PROC) on a thread of
+   * the addon's own; `onBatch` runs on the event loop when records are waiting (coalesced).
+   * Throws EPERM without CAP_NET_ADMIN, EPROTONOSUPPORT outside the initial network namespace,
+   * ETIMEDOUT when the kernel never acknowledges (another pid or user namespace), EBUSY if open.
+   */
+  procEventsOpen(onBatch: () => void): void;
+  /** The records read since the last drain (see src/proc/lineage.ts); `flush` also reads what the kernel queued up to now. */
+  procEventsDrain(flush: boolean): ProcEventsBatch;
+  procEventsClose(): void;
+}
+
+/** What procEventsDrain returns: records of 5 numbers each, and counters since the open. */
+export interface ProcEventsBatch {
+  readonly records: Float64Array;
+  /** The kernel's socket buffer overran (ENOBUFS): events lost. */
+  readonly overruns: number;
+  /** The addon's buffer was full: records dropped. */
+  readonly dropped: number;
+  /** Records produced since the open. */
+  readonly events: number;
 }
 
 /** The peer of a connected unix socket, as the kernel recorded it at connect(2). */

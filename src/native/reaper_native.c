@@ -28,6 +28,12 @@
  *   waitExited(pid) -> {code, signal} | null
  *                                    waitpid(2) WNOHANG for a child spawnAt started
  *   memfdCreate(name) -> fd          memfd_create(2): a file in memory (a child's stderr)
+ *   procEventsOpen(callback)         subscribes to the kernel's process events connector (fork,
+ *                                    exit) on a thread of its own; callback runs on the event loop
+ *                                    once per batch (see "process events" below)
+ *   procEventsDrain(flush) -> {records, overruns, dropped, events}
+ *                                    takes the batch; flush also reads what the kernel queued
+ *   procEventsClose()                unsubscribes and stops the thread
  *
  * Errors are thrown as Error objects whose `code` is the errno name ("ESRCH", "ENOSYS", ...),
  * like Node's own fs errors, so callers can fall back when the kernel lacks pidfd (< 5.3).
@@ -88,6 +94,9 @@ static const char *errno_name(int err) {
     case E2BIG: return "E2BIG";
     case ECANCELED: return "ECANCELED";
     case ECHILD: return "ECHILD";
+    case EPROTONOSUPPORT: return "EPROTONOSUPPORT";
+    case ETIMEDOUT: return "ETIMEDOUT";
+    case EBUSY: return "EBUSY";
     default: return "EUNKNOWN";
   }
 }
@@ -683,6 +692,402 @@ static napi_value memfd_create_js(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * ---- process events: the kernel's process events connector (netlink CN_IDX_PROC) ----
+ *
+ * The kernel reports every fork and exit on the host as it happens. A thread of our own
+ * blocks on the socket (so a busy event loop never lets the kernel's buffer overrun), reads
+ * each new process's start time from /proc/<pid>/stat at once (the identity that ties a pid
+ * to one process), and appends compact records to a buffer; the event loop is woken once per
+ * batch (uv_async_send coalesces) and drains it. procEventsDrain(true) also reads whatever the
+ * kernel has queued up to this moment, on the calling thread: a barrier ("every fork before
+ * now is known") for the decisions that need one.
+ *
+ * Record: 5 doubles [kind, pid, parent, startTime, cpuTicks]
+ *   kind 1 fork: pid = the new process (thread-group id; new threads are skipped), parent = the
+ *                forking process, startTime = its /proc start time (-1 if it was gone already,
+ *                or the pid was reused before the read: checked against the event's time)
+ *   kind 2 exit: pid = the process (its thread-group leader), parent = its parent at exit
+ *                (-1 unknown), startTime as read then (-1 unknown), cpuTicks = utime + stime +
+ *                cutime + cstime as read at the exit (-1 unknown)
+ * Lost events are counted, never silent: `overruns` (the socket's buffer overran: ENOBUFS)
+ * and `dropped` (our buffer was full: PE_MAX_RECORDS, 10 MB).
+ */
+#include <linux/netlink.h>
+#include <linux/connector.h>
+#include <linux/cn_proc.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+
+#define PE_FIELDS 5
+#define PE_MAX_RECORDS (1 << 18)
+#define PE_KIND_FORK 1
+#define PE_KIND_EXIT 2
+
+typedef struct {
+  int fd;
+  int stop_fd;
+  pthread_t thread;
+  pthread_mutex_t mu;
+  double *recs; /* PE_FIELDS doubles per record */
+  size_t len;   /* records */
+  size_t cap;
+  double overruns;
+  double dropped;
+  double events;
+  long tick_ns;
+  uv_async_t async;
+  napi_env env;
+  napi_ref callback;
+  napi_async_context context;
+} proc_events;
+
+static proc_events *pe = NULL;
+
+/* /proc/<pid>/stat: state, ppid, utime+stime+cutime+cstime, starttime; 0 if unreadable. */
+static int pe_read_stat(int pid, long long *ppid, double *cpu, double *start) {
+  char path[40];
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[1024];
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  char *p = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
+  if (p == NULL || p[1] != ' ' || p[2] == '\0') return 0;
+  char *s = p + 3; /* after the state */
+  long long f[23];
+  for (int i = 4; i <= 22; i++) {
+    char *end;
+    f[i] = strtoll(s, &end, 10);
+    if (end == s) return 0;
+    s = end;
+  }
+  *ppid = f[4];
+  *cpu = (double)(f[14] + f[15] + f[16] + f[17]);
+  *start = (double)f[22];
+  return 1;
+}
+
+/* CLOCK_BOOTTIME - CLOCK_MONOTONIC: the event's timestamp (monotonic) to /proc's start time (boot time). */
+static long long pe_boot_offset_ns(void) {
+  struct timespec b, m;
+  clock_gettime(CLOCK_BOOTTIME, &b);
+  clock_gettime(CLOCK_MONOTONIC, &m);
+  return ((long long)b.tv_sec - m.tv_sec) * 1000000000LL + ((long long)b.tv_nsec - m.tv_nsec);
+}
+
+static void pe_push(double kind, double pid, double parent, double start, double cpu) {
+  if (pe->len == pe->cap) {
+    if (pe->cap >= PE_MAX_RECORDS) {
+      pe->dropped++;
+      return;
+    }
+    size_t cap = pe->cap == 0 ? 1024 : pe->cap * 2;
+    double *next = realloc(pe->recs, cap * PE_FIELDS * sizeof(double));
+    if (next == NULL) {
+      pe->dropped++;
+      return;
+    }
+    pe->recs = next;
+    pe->cap = cap;
+  }
+  double *r = pe->recs + pe->len * PE_FIELDS;
+  r[0] = kind;
+  r[1] = pid;
+  r[2] = parent;
+  r[3] = start;
+  r[4] = cpu;
+  pe->len++;
+  pe->events++;
+}
+
+static void pe_event(const struct proc_event *ev) {
+  long long ppid;
+  double cpu, start;
+  if (ev->what == PROC_EVENT_FORK) {
+    const struct fork_proc_event *f = &ev->event_data.fork;
+    if (f->child_pid != f->child_tgid) return; /* a new thread, not a process */
+    if (pe_read_stat(f->child_tgid, &ppid, &cpu, &start)) {
+      /* A read long after the fork may find another process under a recycled pid. */
+      long long at = ((long long)ev->timestamp_ns + pe_boot_offset_ns()) / pe->tick_ns;
+      long long tick_per_s = 1000000000LL / pe->tick_ns;
+      if ((long long)start < at - tick_per_s || (long long)start > at + tick_per_s) start = -1;
+    } else {
+      start = -1;
+    }
+    pe_push(PE_KIND_FORK, f->child_tgid, f->parent_tgid, start, -1);
+  } else if (ev->what == PROC_EVENT_EXIT) {
+    const struct exit_proc_event *x = &ev->event_data.exit;
+    if (x->process_pid != x->process_tgid) return; /* a thread */
+    if (pe_read_stat(x->process_tgid, &ppid, &cpu, &start)) {
+      pe_push(PE_KIND_EXIT, x->process_tgid, (double)ppid, start, cpu);
+    } else {
+      pe_push(PE_KIND_EXIT, x->process_tgid, -1, -1, -1);
+    }
+  }
+}
+
+/* Reads every queued datagram (non-blocking), under pe->mu; returns how many events it added. */
+static size_t pe_pump(void) {
+  char buf[8192] __attribute__((aligned(NLMSG_ALIGNTO)));
+  size_t before = pe->len;
+  for (;;) {
+    ssize_t n = recv(pe->fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == ENOBUFS) {
+        pe->overruns++;
+        continue;
+      }
+      break; /* EAGAIN: nothing more queued */
+    }
+    if (n == 0) break;
+    int len = (int)n;
+    for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+      if (h->nlmsg_type == NLMSG_ERROR || h->nlmsg_type == NLMSG_NOOP) continue;
+      const struct cn_msg *cn = (const struct cn_msg *)NLMSG_DATA(h);
+      if (cn->id.idx != CN_IDX_PROC || cn->id.val != CN_VAL_PROC) continue;
+      pe_event((const struct proc_event *)cn->data);
+    }
+  }
+  return pe->len - before;
+}
+
+static void *pe_main(void *arg) {
+  (void)arg;
+  struct pollfd fds[2] = {{pe->fd, POLLIN, 0}, {pe->stop_fd, POLLIN, 0}};
+  for (;;) {
+    int rc = poll(fds, 2, -1);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (fds[1].revents != 0) break;
+    pthread_mutex_lock(&pe->mu);
+    double before = pe->overruns + pe->dropped;
+    size_t added = pe_pump();
+    int lost = pe->overruns + pe->dropped != before;
+    pthread_mutex_unlock(&pe->mu);
+    if (added > 0 || lost) uv_async_send(&pe->async);
+  }
+  return NULL;
+}
+
+static void pe_on_async(uv_async_t *handle) {
+  (void)handle;
+  if (pe == NULL || pe->callback == NULL) return;
+  napi_env env = pe->env;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  napi_value callback, recv, ignored;
+  napi_get_reference_value(env, pe->callback, &callback);
+  napi_get_global(env, &recv);
+  napi_make_callback(env, pe->context, recv, callback, 0, NULL, &ignored);
+  napi_close_handle_scope(env, scope);
+}
+
+static void pe_on_closed(uv_handle_t *handle) {
+  free(handle->data);
+}
+
+/* Stops the thread and frees everything; safe to call twice. */
+static void pe_stop(void) {
+  if (pe == NULL) return;
+  proc_events *p = pe;
+  uint64_t one = 1;
+  ssize_t w = write(p->stop_fd, &one, sizeof one);
+  (void)w;
+  pthread_join(p->thread, NULL);
+  close(p->fd);
+  close(p->stop_fd);
+  pthread_mutex_destroy(&p->mu);
+  free(p->recs);
+  if (p->callback != NULL) napi_delete_reference(p->env, p->callback);
+  if (p->context != NULL) napi_async_destroy(p->env, p->context);
+  pe = NULL;
+  p->async.data = p;
+  uv_close((uv_handle_t *)&p->async, pe_on_closed);
+}
+
+static void pe_cleanup_hook(void *arg) {
+  (void)arg;
+  pe_stop();
+}
+
+/* Subscribes (PROC_CN_MCAST_LISTEN) and waits up to 1 s for the kernel's acknowledgement: a
+ * process outside the initial pid or user namespace is silently ignored, and would wait forever. */
+static int pe_subscribe(int fd) {
+  struct __attribute__((aligned(NLMSG_ALIGNTO))) {
+    struct nlmsghdr nl;
+    struct __attribute__((__packed__)) {
+      struct cn_msg cn;
+      enum proc_cn_mcast_op op;
+    } body;
+  } req;
+  memset(&req, 0, sizeof req);
+  unsigned seq = (unsigned)getpid() ^ (unsigned)time(NULL);
+  req.nl.nlmsg_len = sizeof req;
+  req.nl.nlmsg_type = NLMSG_DONE;
+  req.body.cn.id.idx = CN_IDX_PROC;
+  req.body.cn.id.val = CN_VAL_PROC;
+  req.body.cn.seq = seq;
+  req.body.cn.ack = seq; /* answered as ack + 1 (the kernel numbers seq itself) */
+  req.body.cn.len = sizeof(enum proc_cn_mcast_op);
+  req.body.op = PROC_CN_MCAST_LISTEN;
+  if (send(fd, &req, sizeof req, 0) < 0) return errno;
+  struct timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  char buf[8192] __attribute__((aligned(NLMSG_ALIGNTO)));
+  for (;;) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    long elapsed = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
+    if (elapsed >= 1000) return ETIMEDOUT;
+    struct pollfd pfd = {fd, POLLIN, 0};
+    if (poll(&pfd, 1, (int)(1000 - elapsed)) <= 0) continue;
+    ssize_t n = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (n <= 0) continue;
+    int len = (int)n;
+    for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+      const struct cn_msg *cn = (const struct cn_msg *)NLMSG_DATA(h);
+      if (cn->id.idx != CN_IDX_PROC || cn->id.val != CN_VAL_PROC) continue;
+      const struct proc_event *ev = (const struct proc_event *)cn->data;
+      if (ev->what == PROC_EVENT_NONE && cn->ack == seq + 1) return (int)ev->event_data.ack.err;
+    }
+  }
+}
+
+static napi_value proc_events_open_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_valuetype t;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_function) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected a callback");
+    return NULL;
+  }
+  if (pe != NULL) return throw_errno(env, EBUSY, "procEventsOpen");
+  uv_loop_t *loop;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) {
+    napi_throw_error(env, "EUNKNOWN", "no event loop");
+    return NULL;
+  }
+  int fd = socket(PF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_CONNECTOR);
+  if (fd < 0) return throw_errno(env, errno, "socket(NETLINK_CONNECTOR)");
+  /* A fork storm fills the default 208 KB in a few ms of a stall: ask for 8 MB (root may exceed rmem_max). */
+  int size = 8 << 20;
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) != 0)
+    (void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+  struct sockaddr_nl sa;
+  memset(&sa, 0, sizeof sa);
+  sa.nl_family = AF_NETLINK;
+  sa.nl_groups = CN_IDX_PROC;
+  sa.nl_pid = 0;
+  if (bind(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+    int err = errno;
+    close(fd);
+    return throw_errno(env, err, "bind(CN_IDX_PROC)");
+  }
+  int err = pe_subscribe(fd);
+  if (err != 0) {
+    close(fd);
+    return throw_errno(env, err, "PROC_CN_MCAST_LISTEN");
+  }
+  proc_events *p = calloc(1, sizeof *p);
+  if (p == NULL) {
+    close(fd);
+    return throw_errno(env, ENOMEM, "procEventsOpen");
+  }
+  p->fd = fd;
+  p->stop_fd = eventfd(0, EFD_CLOEXEC);
+  p->tick_ns = 1000000000L / sysconf(_SC_CLK_TCK);
+  p->env = env;
+  if (p->stop_fd < 0) {
+    err = errno;
+    close(fd);
+    free(p);
+    return throw_errno(env, err, "eventfd");
+  }
+  pthread_mutex_init(&p->mu, NULL);
+  int rc = uv_async_init(loop, &p->async, pe_on_async);
+  if (rc != 0) {
+    close(fd);
+    close(p->stop_fd);
+    free(p);
+    napi_throw_error(env, uv_err_name(rc), uv_strerror(rc));
+    return NULL;
+  }
+  /* The events must not keep the daemon's event loop alive on their own. */
+  uv_unref((uv_handle_t *)&p->async);
+  napi_value name;
+  napi_create_string_utf8(env, "reaper.procEvents", NAPI_AUTO_LENGTH, &name);
+  napi_async_init(env, NULL, name, &p->context);
+  napi_create_reference(env, argv[0], 1, &p->callback);
+  pe = p;
+  rc = pthread_create(&p->thread, NULL, pe_main, NULL);
+  if (rc != 0) {
+    pe = NULL;
+    napi_delete_reference(env, p->callback);
+    napi_async_destroy(env, p->context);
+    close(fd);
+    close(p->stop_fd);
+    p->async.data = p;
+    uv_close((uv_handle_t *)&p->async, pe_on_closed);
+    return throw_errno(env, rc, "pthread_create");
+  }
+  napi_add_env_cleanup_hook(env, pe_cleanup_hook, NULL);
+  return NULL;
+}
+
+static napi_value proc_events_drain_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  bool flush = false;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc >= 1) napi_get_value_bool(env, argv[0], &flush);
+  napi_value result, array, buffer;
+  napi_create_object(env, &result);
+  if (pe == NULL) return throw_errno(env, EBADF, "procEventsDrain");
+  pthread_mutex_lock(&pe->mu);
+  if (flush) pe_pump();
+  void *data = NULL;
+  size_t bytes = pe->len * PE_FIELDS * sizeof(double);
+  if (napi_create_arraybuffer(env, bytes, &data, &buffer) == napi_ok) {
+    if (bytes > 0) memcpy(data, pe->recs, bytes);
+    pe->len = 0;
+    if (pe->cap > 65536) { /* give back a storm's buffer */
+      free(pe->recs);
+      pe->recs = NULL;
+      pe->cap = 0;
+    }
+  }
+  double overruns = pe->overruns, dropped = pe->dropped, events = pe->events;
+  pthread_mutex_unlock(&pe->mu);
+  napi_create_typedarray(env, napi_float64_array, bytes / sizeof(double), buffer, 0, &array);
+  napi_set_named_property(env, result, "records", array);
+  napi_value v;
+  napi_create_double(env, overruns, &v);
+  napi_set_named_property(env, result, "overruns", v);
+  napi_create_double(env, dropped, &v);
+  napi_set_named_property(env, result, "dropped", v);
+  napi_create_double(env, events, &v);
+  napi_set_named_property(env, result, "events", v);
+  return result;
+}
+
+static napi_value proc_events_close_js(napi_env env, napi_callback_info info) {
+  (void)info;
+  if (pe != NULL) {
+    napi_remove_env_cleanup_hook(env, pe_cleanup_hook, NULL);
+    pe_stop();
+  }
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pidfdOpen", NULL, pidfd_open_js, NULL, NULL, NULL, napi_default, NULL},
@@ -697,6 +1102,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"spawnAt", NULL, spawn_at_js, NULL, NULL, NULL, napi_default, NULL},
       {"waitExited", NULL, wait_exited_js, NULL, NULL, NULL, napi_default, NULL},
       {"memfdCreate", NULL, memfd_create_js, NULL, NULL, NULL, napi_default, NULL},
+      {"procEventsOpen", NULL, proc_events_open_js, NULL, NULL, NULL, napi_default, NULL},
+      {"procEventsDrain", NULL, proc_events_drain_js, NULL, NULL, NULL, napi_default, NULL},
+      {"procEventsClose", NULL, proc_events_close_js, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

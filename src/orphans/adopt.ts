@@ -119,6 +119,8 @@ function synthetic(
     registeredBy: { uid: null, admin: true, via: null },
     // Found, not launched: what it left escaped no cgroup of ours, and nothing is moved now.
     containment: { kind: "none", why: "found by the orphan sweep" },
+    // Found by a walk of /proc, after the fact.
+    tracking: "snapshots",
   };
 }
 

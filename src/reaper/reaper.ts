@@ -4,7 +4,7 @@ import type { AuditTrail } from "../audit/audit.js";
 import { closeEnvironment } from "../cleanup/close-environment.js";
 import { releaseConnectionsAndPorts } from "../cleanup/release-ports.js";
 import { removePaths } from "../cleanup/remove-paths.js";
-import type { CleanupStep, StepOutput } from "../cleanup/step.js";
+import { knownProcesses, type CleanupStep, type SessionMembers, type StepOutput } from "../cleanup/step.js";
 import { terminate } from "../cleanup/terminate.js";
 import { JOURNAL_VERSION, type FenceDetail } from "../cleanup/journal.js";
 import { sessionUsage } from "../cleanup/usage.js";
@@ -13,6 +13,7 @@ import type { Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
+import { trackingOf, type SessionLineage } from "../proc/lineage.js";
 import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
 import type { Store } from "../store/store.js";
 import { loopTurn } from "./turns.js";
@@ -52,6 +53,8 @@ export interface ReaperDeps {
   /** Step durations and finished reaps are counted here once committed. */
   metrics?: Metrics | undefined;
   daemonPid: number;
+  /** Session membership by lineage: adopted at registration, released once the reap finished. */
+  lineage: SessionLineage;
   /** Boundaries (names from FAILPOINTS) at which to call `crash`. Empty in production. */
   failpoints?: ReadonlySet<string> | undefined;
   /** What a failpoint does: main.ts passes a SIGKILL to the daemon itself. */
@@ -214,6 +217,18 @@ export class Reaper {
     const journal = new Map(store.steps(id).map((s) => [s.name, s]));
     const attempt = store.startAttempt(id) ?? 1;
     const log = this.deps.log.child({ sessionId: id, attempt });
+    // A reap resumed after a restart (or an orphan's) has no membership yet: the engine's
+    // descendants now and those of the processes already journaled.
+    const { lineage } = this.deps;
+    if (lineage.get(id) === undefined) {
+      lineage.adopt(id, session.engine);
+      lineage.include(id, knownProcesses(journal));
+    }
+    const members: SessionMembers = {
+      members: () => lineage.members(id),
+      exitedCpuSec: () => lineage.get(id)?.exitedCpuSec ?? 0,
+      complete: () => session.tracking === "lineage" && lineage.get(id)?.complete === true,
+    };
 
     for (const step of CLEANUP_STEPS) {
       if (journal.has(step.name)) continue; // done before a restart: never run twice
@@ -222,7 +237,11 @@ export class Reaper {
         return;
       }
       await loopTurn(); // each step's synchronous start, paced across the reaps in flight
-      const result = await this.runStep(step, session, profile, journal, attempt, log.child({ step: step.name }));
+      const result = await this.runStep(
+        step,
+        { session, profile, journal, attempt, members },
+        log.child({ step: step.name }),
+      );
       // Committed with the step records of the other reaps of this turn, and before the next
       // step acts (a record lost to a crash only makes its step run again: steps are idempotent).
       await audit.commitSoon(() => {
@@ -245,7 +264,7 @@ export class Reaper {
     const steps = CLEANUP_STEPS.map((s) => journal.get(s.name) as StepResult);
     const verifyStart = performance.now();
     await loopTurn();
-    const verification = await verify(session, journal, this.deps.daemonPid, log);
+    const verification = await verify(session, journal, members, this.deps.daemonPid, log);
     await loopTurn(); // the finish transaction, paced too
     const verifyMs = performance.now() - verifyStart;
     const stepLeftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
@@ -263,14 +282,20 @@ export class Reaper {
     const outcome = outcomeOf(steps, leftovers);
     const now = clock.now();
     const usage = sessionUsage(session, journal, now);
+    // Lineage holds to the end only if no event was lost and the daemon never restarted meanwhile.
+    const tracking =
+      session.tracking === "lineage" && !members.complete()
+        ? trackingOf(undefined, session.containment)
+        : session.tracking;
     const finished = audit.transaction(() => {
       if (!store.finish(id, outcome, leftovers, now)) return false;
+      if (tracking !== null) store.setTracking(id, tracking);
       const finish: StepResult = {
         name: "finish",
         outcome: "ok",
         startedAt: now,
         durationMs: verifyMs,
-        detail: { v: JOURNAL_VERSION, outcome, verified: verification.verified, usage },
+        detail: { v: JOURNAL_VERSION, outcome, verified: verification.verified, tracking, usage },
       };
       store.recordStep(id, POSITION.finish, finish);
       audit.record({
@@ -279,10 +304,11 @@ export class Reaper {
         reason: session.reason ?? undefined,
         outcome,
         durationMs: now - (session.reapStartedAt ?? now),
-        detail: { leftovers, attempts: attempt, verified: verification.verified, usage },
+        detail: { leftovers, attempts: attempt, verified: verification.verified, tracking, usage },
       });
       return true;
     });
+    if (finished) lineage.release(id);
     if (finished) {
       this.deps.metrics?.reapFinished(session.reason ?? "forced", outcome, session.profile);
       this.deps.metrics?.sessionUsage(session.profile, usage);
@@ -299,12 +325,16 @@ export class Reaper {
   /** Own deadline, own try/catch, own record: a step never throws past here. */
   private async runStep(
     step: CleanupStep,
-    session: Session,
-    profile: Profile,
-    journal: ReadonlyMap<StepName, StepResult>,
-    attempt: number,
+    run: {
+      session: Session;
+      profile: Profile;
+      journal: ReadonlyMap<StepName, StepResult>;
+      attempt: number;
+      members: SessionMembers;
+    },
     log: Logger,
   ): Promise<StepResult> {
+    const { session, profile, journal, attempt, members } = run;
     const startedAt = this.deps.clock.now();
     const t0 = performance.now();
     const timeoutMs = step.timeoutMs(profile);
@@ -330,6 +360,7 @@ export class Reaper {
         deadline: t0 + timeoutMs,
         attempt,
         record: (fields: Record<string, unknown>) => Object.assign(recorded, fields),
+        lineage: members,
       };
       out = await Promise.race([step.run(ctx, controller.signal), timedOut]);
       outcome = out.ok ? "ok" : "failed";
@@ -356,11 +387,12 @@ export class Reaper {
 async function verify(
   session: Session,
   journal: ReadonlyMap<StepName, StepResult>,
+  members: SessionMembers,
   daemonPid: number,
   log: Logger,
 ): Promise<Verification> {
   try {
-    return await verifyGone(session, journal, daemonPid);
+    return await verifyGone(session, journal, members, daemonPid);
   } catch (err) {
     log.error({ err }, "verification pass failed");
     return { verified: [], leftovers: [] };

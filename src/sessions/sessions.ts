@@ -16,6 +16,7 @@ import { identify, liveness } from "../proc/identity.js";
 import { freshTables, heldOf, inetSockets } from "../proc/sockets.js";
 import { cgroupPids } from "../proc/cgroup.js";
 import { descendantTree, processTree } from "../proc/tree.js";
+import { trackingOf, type LineageStatus, type SessionLineage } from "../proc/lineage.js";
 import { checkPath } from "../paths/validate.js";
 import type { Reaper } from "../reaper/reaper.js";
 import { loopTurn } from "../reaper/turns.js";
@@ -28,7 +29,38 @@ import {
   type Session,
   type StepResult,
   type TimeReason,
+  type Tracking,
 } from "./types.js";
+
+/** A registration's answer: the session, and what it could not be given. */
+export type RegisteredSession = Session & { readonly warnings: readonly RegistrationWarning[] };
+
+export interface RegistrationWarning {
+  readonly code: "SR_TRACKING_WEAKER_THAN_LINEAGE";
+  readonly message: string;
+}
+
+/** What a tracking weaker than lineage leaves unknown, and why the session has no lineage. */
+const TRACKING_COVERS: Record<Exclude<Tracking, "lineage">, string> = {
+  "cgroup-from-birth": "its own cgroup holds everything it started, unless a process was moved out of the cgroup",
+  cgroup:
+    "its cgroup holds what it starts from now on; a process that left its tree before this registration (a double fork, setsid) is found only by the cookie",
+  snapshots:
+    "walks of /proc and the cookie: a process that leaves its tree between two walks and carries no cookie is not known",
+};
+
+function trackingWarnings(tracking: Tracking, engine: ProcessIdentity, status: LineageStatus): RegistrationWarning[] {
+  if (tracking === "lineage") return [];
+  const why = !status.available
+    ? `lineage is unavailable on this host (${status.why})`
+    : `the engine (pid ${engine.pid}) started before the daemon saw every fork of it (before the daemon started, or while process events were lost)`;
+  return [
+    {
+      code: "SR_TRACKING_WEAKER_THAN_LINEAGE",
+      message: `tracked as "${tracking}": ${why}; ${TRACKING_COVERS[tracking]}`,
+    },
+  ];
+}
 
 export interface EngineUsage {
   /** Percent of one core, since the previous pidusage read of this pid. */
@@ -72,6 +104,8 @@ export interface SessionsDeps {
   daemonPid: number;
   /** False while shutting down: registrations get 503. */
   accepting: () => boolean;
+  /** Lineage from the kernel's process events (membership of every process the engine started). */
+  lineage: SessionLineage;
 }
 
 /** A session's cap on ports, on paths and on labels (the register body's caps). */
@@ -92,7 +126,7 @@ export class Sessions {
    * seconds). Everything else is checked, and the session committed, in one synchronous run
    * after that wait.
    */
-  async register(body: RegisterBody, caller: Caller): Promise<Session> {
+  async register(body: RegisterBody, caller: Caller): Promise<RegisteredSession> {
     this.refuseWhileShuttingDown();
     const since = (body.ports?.length ?? 0) > 0 ? await freshTables(body.engine.pid) : undefined;
     return this.registerNow(body, caller, since);
@@ -104,7 +138,7 @@ export class Sessions {
     }
   }
 
-  private registerNow(body: RegisterBody, caller: Caller, tablesSince: number | undefined): Session {
+  private registerNow(body: RegisterBody, caller: Caller, tablesSince: number | undefined): RegisteredSession {
     const { config, store, audit, registry, daemonPid } = this.deps;
     this.refuseWhileShuttingDown();
     const profileName = body.profile ?? "default";
@@ -144,10 +178,21 @@ export class Sessions {
     }
     // Before anything is moved into a cgroup: the commit would fail anyway.
     this.requireStore();
-    // The tree seen now is the session's from the start (a daemonizing launcher's children
-    // included), journaled with its row; containment moves all of it into the session's cgroup.
-    const tree = descendantTree(engine);
-    const containment = this.contain(id, profile, engine, tree, caller.admin ? undefined : engine.uid);
+    // Every live descendant of the engine by lineage (through setsid, double forks and
+    // re-parenting, born before this registration) and the tree seen now by its children files
+    // are the session's from the start, journaled with its row; containment moves all of it into
+    // the session's cgroup. From now on a fork by a member makes a member (src/proc/lineage.ts).
+    const membership = this.deps.lineage.adopt(id, engine);
+    const tree = unionOf(membership.identities(), descendantTree(engine));
+    let containment: Containment;
+    try {
+      containment = this.contain(id, profile, engine, tree, caller.admin ? undefined : engine.uid);
+    } catch (err) {
+      this.deps.lineage.release(id);
+      throw err;
+    }
+    this.deps.lineage.include(id, tree);
+    const tracking = trackingOf(membership, containment);
     // Committed first, then admitted: a failed commit (SR_STORE_UNAVAILABLE) leaves nothing
     // in memory, and nothing after the commit can fail (the audit line never throws).
     let session: Session | undefined;
@@ -172,6 +217,7 @@ export class Sessions {
           ...NOT_YET_REAPED,
           registeredBy: who,
           containment,
+          tracking,
         };
         store.insertSession(session, tree);
         audit.record({
@@ -184,11 +230,14 @@ export class Sessions {
             registeredBy: who,
             callerPid: caller.pid,
             containment,
+            tracking,
+            processes: tree.length,
           },
         });
       });
     } catch (err) {
       this.deps.cgroups.undo(containment);
+      this.deps.lineage.release(id);
       throw err;
     }
     const live = registry.admit({
@@ -203,7 +252,11 @@ export class Sessions {
       tree,
       cgroup: containment.kind === "cgroup" ? containment.path : null,
     });
-    return { ...(session as Session), deadline: registry.wallDeadline(live) };
+    return {
+      ...(session as Session),
+      deadline: registry.wallDeadline(live),
+      warnings: trackingWarnings(tracking, engine, this.deps.lineage.status),
+    };
   }
 
   /**
@@ -530,4 +583,14 @@ async function engineUsage(s: Session): Promise<EngineUsage | null> {
   } catch {
     return null;
   }
+}
+
+/** Two lists of identities as one, each process once (the first list's entry kept). */
+function unionOf(a: readonly ProcessIdentity[], b: readonly ProcessIdentity[]): ProcessIdentity[] {
+  const out = new Map<string, ProcessIdentity>();
+  for (const p of [...a, ...b]) {
+    const key = `${p.pid}:${p.startTime}`;
+    if (!out.has(key)) out.set(key, p);
+  }
+  return [...out.values()];
 }

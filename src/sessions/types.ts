@@ -89,7 +89,19 @@ export interface Session {
   readonly registeredBy: RegisteredBy;
   /** How its processes are contained (null: registered before containment existed). */
   readonly containment: Containment | null;
+  /** How its processes were known (null: registered before tracking was recorded). */
+  readonly tracking: Tracking | null;
 }
+
+/**
+ * How a session's processes were known, strongest first (src/proc/lineage.ts):
+ * - lineage: every fork since the engine's birth, from the kernel's process events connector;
+ * - cgroup-from-birth: the engine's own cgroup, in which no process is older than the engine;
+ * - cgroup: a cgroup the engine's tree was moved into at registration;
+ * - snapshots: walks of /proc and the cookie only.
+ */
+export const TRACKINGS = ["lineage", "cgroup-from-birth", "cgroup", "snapshots"] as const;
+export type Tracking = (typeof TRACKINGS)[number];
 
 /** How a session is contained: see src/proc/containment.ts. */
 export type Containment =

@@ -14,7 +14,9 @@ import type {
   SessionState,
   StepName,
   StepResult,
+  Tracking,
 } from "../sessions/types.js";
+import { TRACKINGS } from "../sessions/types.js";
 import { migrate } from "./migrate.js";
 
 interface SessionRow {
@@ -52,6 +54,7 @@ interface SessionRow {
   registered_via: "unix" | "tcp" | null;
   containment: string | null;
   tree: string | null;
+  tracking: string | null;
 }
 
 export interface StoredEvent {
@@ -170,6 +173,7 @@ function toSession(r: SessionRow): Session {
     reapAttempts: r.reap_attempts,
     registeredBy: { uid: r.registered_by_uid, admin: r.registered_as_admin === 1, via: r.registered_via },
     containment: r.containment === null ? null : (JSON.parse(r.containment) as Containment),
+    tracking: (TRACKINGS as readonly string[]).includes(r.tracking ?? "") ? (r.tracking as Tracking) : null,
   };
 }
 
@@ -183,6 +187,8 @@ export class Store {
   private stateCounts: Record<SessionState, number> | null = null;
   private readonly stmts: {
     insert: Statement;
+    setTracking: Statement;
+    downgradeTracking: Statement;
     get: Statement;
     seqOf: Statement;
     fence: Statement;
@@ -242,11 +248,19 @@ export class Store {
       insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,
           engine_uid, owner_pid, owner_start_time, owner_boot_id, owner_uid, ports, paths, labels,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, created_at, last_heartbeat_at,
-          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via, containment, tree)
+          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via, containment, tree, tracking)
         VALUES (@id, @profile, @owner, @engine_pid, @engine_start_time, @engine_boot_id, @engine_uid, @owner_pid,
           @owner_start_time, @owner_boot_id, @owner_uid, @ports, @paths, @labels, @heartbeat_timeout_sec,
           @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live',
-          @registered_by_uid, @registered_as_admin, @registered_via, @containment, @tree)`),
+          @registered_by_uid, @registered_as_admin, @registered_via, @containment, @tree, @tracking)`),
+      setTracking: db.prepare("UPDATE sessions SET tracking = ? WHERE id = ? AND tracking IS NOT ?"),
+      // After a restart (or lost events), forks the daemon did not see may have escaped: a lineage
+      // that was complete falls back to what the session's containment gives.
+      downgradeTracking: db.prepare(`UPDATE sessions SET tracking = CASE
+          WHEN json_extract(containment, '$.kind') = 'cgroup' AND json_extract(containment, '$.made') = 0 THEN 'cgroup-from-birth'
+          WHEN json_extract(containment, '$.kind') = 'cgroup' THEN 'cgroup'
+          ELSE 'snapshots' END
+        WHERE tracking = 'lineage' AND state IN ('live', 'reaping')`),
       get: db.prepare("SELECT * FROM sessions WHERE id = ?"),
       seqOf: db.prepare("SELECT seq FROM sessions WHERE id = ?"),
       fence:
@@ -438,6 +452,7 @@ export class Store {
         registered_via: s.registeredBy.via,
         containment: s.containment === null ? null : JSON.stringify(s.containment),
         tree: JSON.stringify(tree),
+        tracking: s.tracking,
       });
       if (inserted.changes === 1 && this.stateCounts !== null) this.stateCounts.live++;
     } catch (err) {
@@ -532,6 +547,19 @@ export class Store {
         cgroup: cgroupOf(r.containment),
       };
     }
+  }
+
+  /** A session's tracking changed (it fell back after lost events): true if the row changed. */
+  setTracking(id: string, tracking: Tracking): boolean {
+    return this.stmts.setTracking.run(tracking, id, tracking).changes === 1;
+  }
+
+  /**
+   * At start: every unfinished session tracked by lineage falls back to what its containment
+   * gives (forks made while no daemon listened are unknown). Returns how many did.
+   */
+  downgradeTracking(): number {
+    return this.stmts.downgradeTracking.run().changes;
   }
 
   /**

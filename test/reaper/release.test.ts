@@ -117,6 +117,7 @@ async function runRelease(
     reapAttempts: 1,
     registeredBy: { uid: 0, admin: true, via: "unix" },
     containment: null,
+    tracking: null,
   };
   const entry = (name: StepName, detail: StepResult["detail"]): [StepName, StepResult] => [
     name,
@@ -133,6 +134,8 @@ async function runRelease(
   const ctx: StepContext = {
     session,
     profile,
+    // The release step alone, on a journal written by hand: no lineage to consult.
+    lineage: { members: () => [], exitedCpuSec: () => 0, complete: () => false },
     log: pino({ level: "silent" }),
     daemonPid: process.pid,
     journal,
