@@ -206,8 +206,11 @@ export async function spawnDaemon(
   configFile: string,
   socket: string,
   env: NodeJS.ProcessEnv = {},
+  /** A command line the daemon runs under (e.g. setpriv dropping a capability). */
+  wrap: readonly string[] = [],
 ): Promise<{ proc: ChildProcess; exit: Promise<number | null>; output: () => string }> {
-  const proc = spawn(process.execPath, [REAPERD, "--config", configFile], {
+  const argv = [...wrap, process.execPath, REAPERD, "--config", configFile];
+  const proc = spawn(argv[0] as string, argv.slice(1), {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, ...env },
   });

@@ -28,7 +28,7 @@ type Holder = { by: "session" | "outside"; pid: number; comm: string };
 
 type PortReport =
   | { port: number; status: "free"; timeWait: number }
-  | ({ port: number; status: "held"; proto: string } & Holder)
+  | ({ port: number; status: "held"; proto: string; state: string } & Holder)
   | { port: number; status: "bind-failed"; proto: string; error: string; timeWait: number };
 
 type SocketItem = { kind: "listening" | "established" | "unix"; item: string; inode: number; port?: number };
@@ -94,12 +94,16 @@ async function inspect(
 ): Promise<PortReport> {
   const sockets = inetSockets("self", new Set([port]), notBefore);
   const timeWait = sockets.filter((s) => s.state === "TIME_WAIT").length;
-  const bound = sockets.filter((s) => s.inode > 0 && (s.state === "LISTEN" || (udp && isUdp(s))));
+  // Any socket on the port that a process still refers to (inode > 0) holds it: a listener,
+  // a bound UDP socket, and a connection too (a PostgreSQL backend that outlived its
+  // postmaster keeps its client's). A connection does not fail the test bind (the listener
+  // it was accepted from set SO_REUSEADDR, as servers do), so only the tables tell.
+  const bound = sockets.filter((s) => s.inode > 0 && (udp || !isUdp(s)));
   const holder = holdersIn(new Set(bound.map((s) => s.inode)), session)[0];
   if (holder !== undefined) {
     const mine = socketInodes(holder.pid);
-    const proto = bound.find((s) => mine.has(s.inode))?.proto ?? "tcp";
-    return { port, status: "held", proto, ...holder };
+    const held = bound.find((s) => mine.has(s.inode));
+    return { port, status: "held", proto: held?.proto ?? "tcp", state: held?.state ?? "?", ...holder };
   }
   const tcpError = await testBindTcp(port);
   if (tcpError !== null) return { port, status: "bind-failed", proto: "tcp", error: tcpError, timeWait };
@@ -134,6 +138,8 @@ function itemsOf(snap: SocketSnapshot): SocketItem[] {
       kind: "established" as const,
       item: `${s.proto} ${s.local} -> ${s.remote}`,
       inode: s.inode,
+      // A connection on a registered port holds that port: the port check reports it.
+      ...(typeof s.localPort === "number" ? { port: s.localPort } : {}),
     })),
     ...snap.unix.map((s) => ({
       kind: "unix" as const,
@@ -211,7 +217,8 @@ function verifySockets(
 /**
  * Runs the profile's release hooks, then verifies that the session released its sockets:
  * every socket of close-environment's snapshot is gone (or still open only in an ancestor it
- * was inherited from), and every registered port has no listener and passes a test bind.
+ * was inherited from), and no process holds a socket on a registered port (listening or
+ * connected: `free` means none) and each passes a test bind.
  * TIME_WAIT is reported, not a failure. A port or socket now held by a process outside the
  * session is reported as a leftover and never touched.
  */
@@ -278,15 +285,15 @@ export const releaseConnectionsAndPorts: CleanupStep = {
           item: String(r.port),
           detail:
             r.by === "outside"
-              ? `held by pid ${r.pid} (${r.comm}), a process outside the session: not touched`
-              : `still held by session process ${r.pid} (${r.comm})`,
+              ? `held by pid ${r.pid} (${r.comm}), a process outside the session (${r.proto} ${r.state}): not touched`
+              : `still held by session process ${r.pid} (${r.comm}): ${r.proto} ${r.state}`,
         });
       } else if (r.status === "bind-failed") {
         leftovers.push({
           step: STEP,
           kind: "port",
           item: String(r.port),
-          detail: `no listener found, but a ${r.proto} test bind failed: ${r.error}`,
+          detail: `no process holds a socket on it, but a ${r.proto} test bind failed: ${r.error}`,
         });
       }
     }
@@ -307,7 +314,7 @@ export const releaseConnectionsAndPorts: CleanupStep = {
     const registered = new Set(session.ports);
     const survivors = "survivors" in sockets ? sockets.survivors : [];
     for (const s of survivors) {
-      // A listening socket on a registered port is already reported by the port check.
+      // A socket on a registered port (listening or connected) is already reported by the port check.
       if (s.port !== undefined && registered.has(s.port)) continue;
       leftovers.push({
         step: STEP,

@@ -54,7 +54,9 @@ export const removePaths: CleanupStep = {
 /**
  * IPC the session left (src/proc/ipc.ts): reported as `ipc` leftovers, and removed when the
  * profile says `remove_ipc = true` (POSIX shm through the one delete path, with /dev/shm as
- * its only allowed root; SysV with ipcrm as the owner). What is removed is no leftover.
+ * its only allowed root; SysV with ipcrm as the owner). What is removed is no leftover. An
+ * object still in use (attached, mapped or open by a survivor) is reported, never removed:
+ * as with a registered path in use, what a live process holds is not pulled from under it.
  */
 async function removeIpc(
   ctx: StepContext,
@@ -66,8 +68,8 @@ async function removeIpc(
   const results: { kind: string; item: string; status: string }[] = [];
   const leftovers: Leftover[] = [];
   for (const o of found) {
-    let error: string | null = "not removed (remove_ipc = false)";
-    if (profile.removeIpc) {
+    let error: string | null = o.inUse !== undefined ? "in use: not removed" : "not removed (remove_ipc = false)";
+    if (profile.removeIpc && o.inUse === undefined) {
       if (o.kind === "posix_shm") {
         const r = await removePath(o.item, [POSIX_SHM_DIR], o.uid, ctx.log, signal);
         error =
@@ -85,11 +87,14 @@ async function removeIpc(
   return { results, leftovers };
 }
 
-/** The session's IPC: its uid's since its engine started, or created by one of its processes. */
+/**
+ * The session's IPC: its uid's since its engine started, or created by one of its processes;
+ * the processes journaled as the session's are its members (those alive are survivors).
+ */
 export function ipcQuery(ctx: Pick<StepContext, "session" | "journal">): IpcQuery {
   const { session } = ctx;
-  const pids = new Set([session.engine.pid, ...knownProcesses(ctx.journal).map((p) => p.pid)]);
-  for (const p of terminatedProcesses(ctx)) pids.add(p.pid);
+  const members = [session.engine, ...knownProcesses(ctx.journal), ...terminatedProcesses(ctx)];
+  const pids = new Set(members.map((p) => p.pid));
   const started = startedAtMs(session.engine.startTime);
-  return { uid: session.engine.uid, since: Math.min(session.createdAt, started ?? session.createdAt), pids };
+  return { uid: session.engine.uid, since: Math.min(session.createdAt, started ?? session.createdAt), pids, members };
 }

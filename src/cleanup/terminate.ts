@@ -1,7 +1,7 @@
 import { rmdirSync } from "node:fs";
 import { performance } from "node:perf_hooks";
 import { cgroupPids } from "../proc/cgroup.js";
-import { emptied } from "../proc/containment.js";
+import { emptied, removeOnceEmptied } from "../proc/containment.js";
 import { bootId, liveness } from "../proc/identity.js";
 import { killCgroup, killSessionCgroup, signalProcess } from "../proc/signal.js";
 import { readStat, readUid } from "../proc/stat.js";
@@ -174,7 +174,8 @@ export const terminate: CleanupStep = {
     const refused = [...notOurs.values()].filter((p) => liveness(p) === "alive");
     // A contained session's cgroup, once empty, is removed (when the daemon made it).
     const inCgroup = cg === null ? [] : cgroupPids(cg.path);
-    const removed = cg !== null && cg.made && inCgroup.length === 0 ? removeCgroup(cg.path) : false;
+    const cgroupError = cg !== null && cg.made && inCgroup.length === 0 ? cgroupRemoval(cg.path) : null;
+    const removed = cg !== null && cg.made && inCgroup.length === 0 && cgroupError === null;
     const leftovers: Leftover[] = [
       ...survivors.map((p) => ({
         step: "terminate" as const,
@@ -198,8 +199,30 @@ export const terminate: CleanupStep = {
         detail: "still in the session's cgroup",
       });
     }
+    // A cgroup the daemon made and could not remove is a leftover of its own (a directory of
+    // the cgroup tree, hence `path`): nothing else would ever remove it once the session is
+    // reaped. Still populated, it goes in the background once it empties (its cgroup.events
+    // says so), and the log says when.
+    const cgroupLeft = cg !== null && cg.made && !removed;
+    if (cgroupLeft) {
+      const held = inCgroup.slice(0, 5).map((pid) => {
+        const st = readStat(pid);
+        return `pid ${pid} (${st?.comm ?? "?"}, uid ${readUid(pid) ?? "?"}${st?.state === "D" ? ", in uninterruptible sleep" : ""})`;
+      });
+      const more = inCgroup.length > held.length ? ` and ${inCgroup.length - held.length} more` : "";
+      leftovers.push({
+        step: "terminate",
+        kind: "path",
+        item: cg.path,
+        detail:
+          inCgroup.length > 0
+            ? `the session's cgroup, not removed: it still holds ${held.join(", ")}${more}; it is removed once it empties`
+            : `the session's cgroup, empty but not removed: ${cgroupError ?? "rmdir failed"}`,
+      });
+      if (inCgroup.length > 0) removeOnceEmptied(cg.path, ctx.log);
+    }
     return {
-      ok: survivors.length === 0 && refused.length === 0 && inCgroup.length === 0,
+      ok: survivors.length === 0 && refused.length === 0 && inCgroup.length === 0 && !cgroupLeft,
       detail: {
         processes: [...seen.values()].map((p) => ({ pid: p.pid, startTime: p.startTime })),
         sigterm,
@@ -225,11 +248,17 @@ function cgroupDetail(
 
 /** rmdir of an empty cgroup the daemon made (not a file delete: a cgroup holds no files). */
 function removeCgroup(path: string): boolean {
+  return cgroupRemoval(path) === null;
+}
+
+/** removeCgroup's rmdir: null once removed (or already gone), else why not ("rmdir: EBUSY"). */
+function cgroupRemoval(path: string): string | null {
   try {
     rmdirSync(path);
-    return true;
+    return null;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "ENOENT";
+    const code = (err as NodeJS.ErrnoException).code;
+    return code === "ENOENT" ? null : `rmdir: ${code ?? (err as Error).message}`;
   }
 }
 

@@ -32,7 +32,10 @@ export interface Verification {
  *   PostgreSQL backend that outlived its postmaster still holds its client's connection);
  * - paths: no live process has its cwd, its root, an open fd or a mapped file at or below a
  *   registered path;
- * - ipc: no shared memory, semaphore or queue of the session is left (src/proc/ipc.ts).
+ * - ipc: no shared memory, semaphore or queue of the session is left (src/proc/ipc.ts); named
+ *   only when none is still in use: an object a live process attaches or maps (a survivor
+ *   found above, or anyone for a segment the session created) is not gone, and cannot be
+ *   while its user lives.
  *
  * Anything found is a `process` leftover naming pid, comm, uid and why; the outcome is then
  * `partial`, never `clean`.
@@ -99,7 +102,11 @@ export async function verifyGone(
   })) {
     add(u);
   }
-  const ipc = (await ipcLeftovers(ipcQuery({ session, journal }))).map((o): Leftover => ({
+  // The survivors found above are the session's members too: what they attach or map is its.
+  const q = ipcQuery({ session, journal });
+  const objects = await ipcLeftovers({ ...q, members: [...(q.members ?? []), ...found.values()] });
+  const ipcInUse = objects.some((o) => o.inUse !== undefined);
+  const ipc = objects.map((o): Leftover => ({
     step: "finish",
     kind: "ipc",
     item: `${o.kind} ${o.item}`,
@@ -113,7 +120,7 @@ export async function verifyGone(
       "cookie",
       "ports",
       "paths",
-      "ipc",
+      ...(ipcInUse ? [] : (["ipc"] as const)),
     ],
     leftovers: [...found.values()]
       .map((u): Leftover => ({

@@ -1,4 +1,5 @@
-import { closeSync, fstatSync, lstatSync, type Stats } from "node:fs";
+import { closeSync, fstatSync, lstatSync, readdirSync, type Stats } from "node:fs";
+import { dirname } from "node:path";
 import type { Logger } from "pino";
 import { errorMessage } from "../errors.js";
 import { loopTurn } from "../reaper/turns.js";
@@ -104,7 +105,8 @@ async function removeOnce(
     if (target === null) return { status: "absent" };
     if (target.uid !== uid) return { status: "refused", detail: `${path} is now owned by uid ${target.uid}` };
     if (target.dev !== rootDev) return { status: "refused", detail: `${path} is now a mount point` };
-    return await runRm(["--", `./${name}`], dirfd, uid, target, log, signal, () => lstatOrNull(inDir) !== null);
+    const r = await runRm(["--", `./${name}`], dirfd, uid, target, log, signal, () => lstatOrNull(inDir) !== null);
+    return r.status === "failed" ? { ...r, detail: whatIsLeft(path, inDir, dirfd, uid, target, r.detail) } : r;
   } catch (err) {
     return { status: "failed", detail: errorMessage(err) };
   } finally {
@@ -145,6 +147,36 @@ async function runRm(
   if (!stillThere()) return { status: "removed" };
   log.debug({ detail }, "rm left the path in place");
   return { status: "failed", detail: detail ?? "the path still exists after rm" };
+}
+
+/**
+ * What a failed rm left, said plainly: rm's message alone ("Permission denied") reads as if
+ * nothing was deleted, when typically everything inside was and only the directory itself
+ * remains, because its parent is not writable by the uid rm ran as (a directory registered
+ * directly below a root-owned one).
+ */
+function whatIsLeft(path: string, inDir: string, dirfd: number, uid: number, target: Stats, detail: string): string {
+  let entries: string[];
+  try {
+    if (!lstatSync(inDir).isDirectory()) return detail;
+    entries = readdirSync(inDir);
+  } catch {
+    return detail;
+  }
+  if (entries.length > 0) return detail;
+  const parent = fstatSync(dirfd);
+  const why = writableBy(parent, uid, target.gid)
+    ? ""
+    : `: its parent ${dirname(path)} is not writable by uid ${uid} (owner uid ${parent.uid}, mode ${(parent.mode & 0o7777).toString(8).padStart(4, "0")})`;
+  return `its contents were removed; the empty directory itself remains${why} (${detail})`;
+}
+
+/** Whether the mode bits let uid (with gid, the group rm runs with) write in a directory. */
+function writableBy(st: Stats, uid: number, gid: number): boolean {
+  if (uid === 0) return true;
+  if (st.uid === uid) return (st.mode & 0o200) !== 0;
+  if (st.gid === gid) return (st.mode & 0o020) !== 0;
+  return (st.mode & 0o002) !== 0;
 }
 
 function lstatOrNull(p: string): Stats | null {

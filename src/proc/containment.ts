@@ -41,8 +41,12 @@ export class SessionCgroups {
     this.why = why;
   }
 
-  /** At daemon stop: removes a base of its own once no session cgroup is left in it. */
+  /**
+   * At daemon stop: stops the background removals of its session cgroups (removeOnceEmptied;
+   * one last try each), then removes a base of its own once no session cgroup is left in it.
+   */
   close(): void {
+    if (this.base !== null) stopRemovals(this.base);
     if (!this.ownsBase || this.base === null) return;
     try {
       rmdirSync(this.base);
@@ -204,9 +208,15 @@ export function populated(dir: string): boolean {
 
 /**
  * Resolves once the cgroup is empty (`populated 0`), woken by the kernel's notification on
- * cgroup.events (inotify) rather than a sleep loop; false if `timeoutMs` passes first.
+ * cgroup.events (inotify) rather than a sleep loop; false if `timeoutMs` passes first (never,
+ * with Infinity) or `signal` aborts. With `unref`, the wait keeps no process alive.
  */
-export function emptied(dir: string, timeoutMs: number, signal?: AbortSignal): Promise<boolean> {
+export function emptied(
+  dir: string,
+  timeoutMs: number,
+  signal?: AbortSignal,
+  opts: { unref?: boolean } = {},
+): Promise<boolean> {
   if (!populated(dir)) return Promise.resolve(true);
   return new Promise((resolve) => {
     let done = false;
@@ -232,8 +242,63 @@ export function emptied(dir: string, timeoutMs: number, signal?: AbortSignal): P
     }
     // A backstop, not the mechanism: a notification lost (the file removed) is seen within a second.
     const backstop = setInterval(check, 1000);
-    const timer = setTimeout(() => finish(!populated(dir)), timeoutMs);
+    // setTimeout takes Infinity for 1 ms: no timer at all then.
+    const timer = Number.isFinite(timeoutMs) ? setTimeout(() => finish(!populated(dir)), timeoutMs) : undefined;
+    if (opts.unref === true) {
+      watcher?.unref();
+      backstop.unref();
+      timer?.unref();
+    }
     signal?.addEventListener("abort", onAbort);
     check();
   });
+}
+
+/** Session cgroups waiting to empty before they are removed (removeOnceEmptied), by path. */
+const pendingRemovals = new Map<string, AbortController>();
+
+/**
+ * A session cgroup the reap could not remove (something still runs in it: a process the
+ * session may not signal, one in uninterruptible sleep, one frozen by the v1 freezer) is
+ * removed in the background once it empties: its cgroup.events says `populated 0`, then
+ * rmdir. A process forked in it meanwhile makes the rmdir fail (EBUSY): the wait starts
+ * again. Keeps no process alive; `SessionCgroups.close` ends the waits at daemon stop, and
+ * the cgroup then stays, as a live session's does.
+ */
+export function removeOnceEmptied(dir: string, log: Logger): void {
+  if (pendingRemovals.has(dir)) return;
+  const stop = new AbortController();
+  pendingRemovals.set(dir, stop);
+  void (async () => {
+    try {
+      while (await emptied(dir, Infinity, stop.signal, { unref: true })) {
+        try {
+          rmdirSync(dir);
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code === "EBUSY" && populated(dir)) continue; // repopulated meanwhile: wait again
+          if (code !== "ENOENT") log.warn({ cgroup: dir, err }, "session cgroup could not be removed");
+          return;
+        }
+        log.info({ cgroup: dir }, "session cgroup removed once it emptied");
+        return;
+      }
+    } finally {
+      if (pendingRemovals.get(dir) === stop) pendingRemovals.delete(dir);
+    }
+  })();
+}
+
+/** Ends the background removals below `base` (a daemon's stop): one last rmdir each, then left. */
+function stopRemovals(base: string): void {
+  for (const [dir, stop] of pendingRemovals) {
+    if (!dir.startsWith(base + "/")) continue;
+    stop.abort();
+    pendingRemovals.delete(dir);
+    try {
+      rmdirSync(dir);
+    } catch {
+      // still populated: left for an operator (it is a leftover of its session)
+    }
+  }
 }

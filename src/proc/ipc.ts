@@ -1,7 +1,8 @@
 import { spawn } from "node:child_process";
-import { lstatSync, readFileSync, readdirSync } from "node:fs";
+import { lstatSync, readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
 import { passwdFileEntry } from "./passwd.js";
+import { readStat, readUid } from "./stat.js";
 import { filesInUse } from "./users.js";
 
 /** Where POSIX shared memory and named semaphores live (shm_open, sem_open). */
@@ -13,8 +14,14 @@ export interface IpcObject {
   /** The file's path (posix_shm), or the SysV id. */
   readonly item: string;
   readonly uid: number;
-  /** Why it is the session's. */
+  /** Why it is the session's (and, when in use, who uses it). */
   readonly why: string;
+  /**
+   * Who still attaches, maps or has it open ("pid 42 (postgres, uid 70), a leftover of the
+   * session"), when someone does: an object in use lives as long as its user, so it is
+   * reported, never removed, and the verification cannot call it gone.
+   */
+  readonly inUse?: string;
 }
 
 export interface IpcQuery {
@@ -24,6 +31,12 @@ export interface IpcQuery {
   readonly since: number;
   /** Pids of the session's processes (every one ever tracked): SysV shm is matched by creator pid. */
   readonly pids: ReadonlySet<number>;
+  /**
+   * The session's processes by identity, as the caller knows them (journaled trees, the
+   * verification's finds): those still alive are its leftovers, and an object one of them
+   * uses is still the session's, in use.
+   */
+  readonly members?: readonly { readonly pid: number; readonly startTime: number }[];
 }
 
 /** A second of slack for file-system timestamps against the daemon's clock. */
@@ -39,9 +52,12 @@ const SLACK_MS = 1000;
  * - SysV semaphore sets and message queues created by the engine's uid since registration
  *   (the kernel keeps no creator pid for them).
  *
- * Only objects no live process is attached to are listed: SysV shm with `nattch` 0, POSIX
- * files no live process has open or mapped (another cluster of the same user keeps its own;
- * a survivor of the session keeps its, and is itself reported). `since` should be when the
+ * An object in use is listed only when it is still the session's for sure, with `inUse`
+ * saying who uses it: SysV shm of the session's creator attached by anyone (`nattch` > 0:
+ * the segment outlives the reap as long as its attacher does), a POSIX file open or mapped
+ * by a live member of the session (a survivor of the reap). A POSIX file only processes
+ * outside the session use is left out: another cluster of the same user keeps its own, and
+ * owner and birth time alone do not make it the session's. `since` should be when the
  * engine started (its objects made before registration are its too). Matching by owner is for
  * an engine of its own uid: for a root engine everything root made meanwhile would match, so
  * only SysV shm (by creator pid) is looked at. What the same uid made meanwhile outside the
@@ -73,16 +89,34 @@ export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
     }
   }
   const used = await filesInUse(new Set(posix.map((o) => o.item)));
-  out.push(...posix.filter((o) => !used.has(o.item)));
-  for (const r of sysv("shm")) {
-    const cpid = Number(r.cpid);
-    if (!q.pids.has(cpid) || r.nattch !== "0") continue;
+  // Who of the session's survivors uses what: read only when something is in use at all.
+  const shm = sysv("shm");
+  const anyInUse = used.size > 0 || shm.some((r) => q.pids.has(Number(r.cpid)) && r.nattch !== "0");
+  const survivors = anyInUse ? liveMembers(q.members ?? []) : [];
+  for (const o of posix) {
+    if (!used.has(o.item)) {
+      out.push(o);
+      continue;
+    }
+    const user = survivors.find((m) => m.files().has(o.item));
+    if (user === undefined) continue; // another process's of the same user, as far as can be told
+    const inUse = `${user.name}, a leftover of the session`;
     out.push({
-      kind: "sysv_shm",
-      item: String(r.shmid),
-      uid: Number(r.uid),
-      why: `created by pid ${cpid} of the session`,
+      ...o,
+      why: `owned by the engine's uid, created while it ran, still open or mapped by ${inUse}`,
+      inUse,
     });
+  }
+  for (const r of shm) {
+    const cpid = Number(r.cpid);
+    if (!q.pids.has(cpid)) continue;
+    const base = { kind: "sysv_shm", item: String(r.shmid), uid: Number(r.uid) } as const;
+    if (r.nattch === "0") {
+      out.push({ ...base, why: `created by pid ${cpid} of the session` });
+      continue;
+    }
+    const inUse = attachers(r, survivors);
+    out.push({ ...base, why: `created by pid ${cpid} of the session, still attached by ${inUse}`, inUse });
   }
   for (const [kind, file, idKey] of byOwner
     ? ([
@@ -101,6 +135,97 @@ export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
     }
   }
   return out;
+}
+
+interface LiveMember {
+  readonly pid: number;
+  /** "pid 42 (postgres, uid 70)". */
+  readonly name: string;
+  /** The files it has open or mapped (as in /proc/<pid>/fd and maps), read on first use. */
+  files(): ReadonlySet<string>;
+  /** The SysV segments it has attached (a SysV mapping's inode is the shmid), read on first use. */
+  segments(): ReadonlySet<string>;
+}
+
+/** Those of `members` still alive with their identity (a zombie attaches and maps nothing). */
+function liveMembers(members: readonly { pid: number; startTime: number }[]): LiveMember[] {
+  const out = new Map<number, LiveMember>();
+  for (const m of members) {
+    if (out.has(m.pid)) continue;
+    const st = readStat(m.pid);
+    if (st === null || st.startTime !== m.startTime || st.state === "Z" || st.state === "X") continue;
+    let maps: string[] | undefined;
+    const mapLines = (): string[] => {
+      if (maps === undefined) {
+        try {
+          maps = readFileSync(`/proc/${m.pid}/maps`, "latin1").split("\n");
+        } catch {
+          maps = [];
+        }
+      }
+      return maps;
+    };
+    let files: Set<string> | undefined;
+    let segments: Set<string> | undefined;
+    out.set(m.pid, {
+      pid: m.pid,
+      name: `pid ${m.pid} (${st.comm}, uid ${readUid(m.pid) ?? "?"})`,
+      files() {
+        if (files === undefined) {
+          files = new Set();
+          for (const line of mapLines()) {
+            const slash = line.indexOf("/");
+            if (slash >= 0) files.add(line.slice(slash).replace(/ \(deleted\)$/, ""));
+          }
+          let fds: string[] = [];
+          try {
+            fds = readdirSync(`/proc/${m.pid}/fd`);
+          } catch {
+            // gone, or not readable
+          }
+          for (const fd of fds) {
+            try {
+              files.add(readlinkSync(`/proc/${m.pid}/fd/${fd}`).replace(/ \(deleted\)$/, ""));
+            } catch {
+              // closed meanwhile
+            }
+          }
+        }
+        return files;
+      },
+      segments() {
+        if (segments === undefined) {
+          segments = new Set();
+          for (const line of mapLines()) {
+            // "7f…-7f… rw-s 00000000 00:01 98331    /SYSV00000000 (deleted)"
+            const f = line.trim().split(/\s+/);
+            if (f[5]?.startsWith("/SYSV") && f[4] !== undefined) segments.add(f[4]);
+          }
+        }
+        return segments;
+      },
+    });
+  }
+  return [...out.values()];
+}
+
+/**
+ * Who attaches a SysV segment: the session's survivors that do, by name; else the count the
+ * kernel keeps, and the last process to attach or detach (`lpid`) if it still runs (finding
+ * every attacher would take a read of every process's maps).
+ */
+function attachers(r: Record<string, string>, survivors: readonly LiveMember[]): string {
+  const mine = survivors.filter((m) => m.segments().has(String(r.shmid)));
+  if (mine.length > 0) {
+    return `${mine.map((m) => m.name).join(", ")}, ${mine.length === 1 ? "a leftover" : "leftovers"} of the session`;
+  }
+  const n = Number(r.nattch);
+  const lpid = Number(r.lpid);
+  const last = lpid > 0 ? readStat(lpid) : null;
+  const count = `${n} process${n === 1 ? "" : "es"} outside the session's known processes`;
+  return last === null
+    ? count
+    : `${count} (the last to attach or detach: pid ${lpid} (${last.comm}, uid ${readUid(lpid) ?? "?"}))`;
 }
 
 /** The rows of /proc/sysvipc/<file>, keyed by the header's column names. */

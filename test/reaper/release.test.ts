@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer as createHttpServer, type IncomingMessage } from "node:http";
@@ -236,6 +237,50 @@ test("snapshot: a socket still open in a session process that survived is a left
     assert.match(l.detail, new RegExp(`session process ${child} \\(node\\)`));
   }
   assert.ok(!isGone(child), "the step never signals");
+});
+
+test("a connection on a registered port still held by a session process that survived: the port is held, not free", async (t) => {
+  const dir = tempDir(t);
+  // A server that accepts one client, then closes its listener and keeps the connection (a
+  // backend that outlived its postmaster). Node's listener set SO_REUSEADDR, as servers do:
+  // a test bind beside the connection succeeds, so only the tables show the port is held.
+  const code = `
+const srv = require("node:net").createServer((s) => { s.on("error", () => {}); srv.close(); });
+srv.listen(0, "127.0.0.1", () => console.log(srv.address().port));
+setInterval(() => {}, 60000);
+`;
+  const holder = spawn(process.execPath, ["-e", code], { stdio: ["ignore", "pipe", "inherit"] });
+  t.after(() => void holder.kill("SIGKILL"));
+  const port = Number(await new Promise<string>((r) => holder.stdout.setEncoding("utf8").once("data", r)));
+  const client = createConnection({ port, host: "127.0.0.1" });
+  client.on("error", () => undefined);
+  await once(client, "connect");
+  t.after(() => void client.destroy());
+  await until(
+    () => {
+      const on = inetSockets("self", new Set([port]));
+      return !on.some((s) => s.state === "LISTEN") && on.some((s) => s.state === "ESTABLISHED" && s.inode > 0);
+    },
+    5_000,
+    "listener closed, connection kept",
+  );
+  const id = identify(holder.pid as number, "engine", process.pid);
+  const sockets = socketSnapshot([id.pid]);
+  const out = await runRelease(dir, id, [port], { tree: [id], sockets });
+  assert.equal(out.ok, false);
+  assert.deepEqual(out.detail.ports, [
+    { port, status: "held", proto: "tcp", state: "ESTABLISHED", by: "session", pid: id.pid, comm: "node" },
+  ]);
+  const onPort = (out.leftovers ?? []).filter((l) => l.item === String(port) || l.item.includes(`:${port} `));
+  // One leftover for the port, none again for its connection among the snapshot's sockets.
+  assert.deepEqual(onPort, [
+    {
+      step: RELEASE,
+      kind: "port",
+      item: String(port),
+      detail: `still held by session process ${id.pid} (node): tcp ESTABLISHED`,
+    },
+  ]);
 });
 
 test("snapshot: absent from the journal (engine already gone, older journal) is reported, not a failure", async (t) => {
