@@ -16,14 +16,15 @@ test("systemd-analyze verify prints nothing for the service and the socket", () 
   assert.equal(r.status, 0);
 });
 
-test("systemd-analyze security --offline: exposure at most 3.0", (t) => {
+// 3.0 before lineage; CAP_NET_ADMIN and AF_NETLINK (the process events connector) cost 0.2.
+test("systemd-analyze security --offline: exposure at most 3.2", (t) => {
   const out = execFileSync("systemd-analyze", ["security", "--offline=true", SERVICE], { encoding: "utf8" });
   const m = /Overall exposure level for session-reaper\.service: ([\d.]+)/.exec(out);
   assert.ok(m, out);
   const exposure = Number(m[1]);
   t.diagnostic(`exposure ${exposure}`);
   process.stdout.write(`# systemd-analyze security exposure: ${exposure}\n`);
-  assert.ok(exposure <= 3.0, `exposure ${exposure} > 3.0`);
+  assert.ok(exposure <= 3.2, `exposure ${exposure} > 3.2`);
 });
 
 test("the unit keeps its promises to the daemon", () => {
