@@ -105,7 +105,7 @@ test("uncontained short-lived engine: the setsid child it started 0.2 s before i
   assert.equal(finished.detail.tracking, "lineage");
 });
 
-test("moved out of its cgroup: the child and the setsid grandchild still die, and clean is true", async (t) => {
+test("moved out of its cgroup, then orphaned: the setsid grandchild still dies, and clean is true", async (t) => {
   const mount = cgroup2Mount();
   assert.ok(mount !== null, "this host has a cgroup v2 tree");
   const dir = tempDir(t);
@@ -129,6 +129,12 @@ test("moved out of its cgroup: the child and the setsid grandchild still die, an
   for (const pid of pids) assert.ok(procs.split("\n").includes(String(pid)), `${pid} born outside the cgroup`);
   for (const pid of pids) writeFileSync(join(mount, "cgroup.procs"), String(pid));
   assert.equal(readFileSync(join(reg.body.containment.path, "cgroup.procs"), "utf8").trim(), "");
+  // The child exits: the grandchild, outside the cgroup, is init's now (no walk of /proc ties
+  // it to the engine any more).
+  const [, child, grandchild] = pids as [number, number, number];
+  writeFileSync(`${gate}.moved`, "");
+  await until(() => isGone(child), 5_000, "the child exits");
+  assert.equal(Number(readFileSync(`/proc/${grandchild}/stat`, "latin1").split(") ")[1]?.split(" ")[1]), 1);
   assert.equal((await d.api("POST", "/v1/sessions/moved/reap")).status, 202);
   const finished = (await d.reaped("moved")) as unknown as Finished;
   await until(() => pids.every(isGone), 5_000, "the family gone").catch(() => undefined);
@@ -207,17 +213,19 @@ test("usage is the whole session's: CPU of members that exited (reaped by the en
   assert.equal(reg.status, 201, JSON.stringify(reg.body));
   await until(() => existsSync(join(out, "done")), 30_000, "the workload");
   // The independent measurement: each process's own CPU, as it read it from the kernel.
-  const reported = readdirSync(out)
+  const each = readdirSync(out)
     .filter((n) => n.startsWith("cpu."))
-    .reduce((sum, n) => sum + Number(readFileSync(join(out, n), "utf8")), 0);
-  assert.ok(reported >= 2.0, `the workload burned ${reported} s`);
+    .map((n) => `${n}=${readFileSync(join(out, n), "utf8")}`);
+  const reported = each.reduce((sum, n) => sum + Number(n.split("=")[1]), 0);
+  assert.ok(reported >= 2.4, `the workload burned ${reported} s`);
   assert.equal((await d.api("POST", "/v1/sessions/usage/reap")).status, 202);
   const finished = (await d.reaped("usage")) as unknown as Finished;
   const usage = finished.detail.usage;
-  // Clock ticks are 10 ms, and python's start-up costs a little: within 15 % (and 0.15 s).
+  // Clock ticks are 10 ms, and each process's exit costs a little: within 8 % (and 0.15 s).
+  // A count that misses the grandchild init reaped is 1.0 s short.
   assert.ok(
-    Math.abs(usage.cpuSec - reported) <= Math.max(0.15, reported * 0.15),
-    `cpuSec ${usage.cpuSec} against ${reported} measured by the processes themselves`,
+    Math.abs(usage.cpuSec - reported) <= Math.max(0.15, reported * 0.08),
+    `cpuSec ${usage.cpuSec} against ${reported} measured by the processes themselves (${each.join(" ")}): ${JSON.stringify(finished.detail)}`,
   );
   assert.ok(usage.peakMemoryBytes >= 80 * 1024 * 1024, `peakMemoryBytes ${usage.peakMemoryBytes}`);
   assert.ok(usage.peakProcesses >= 2, `peakProcesses ${usage.peakProcesses}`);
