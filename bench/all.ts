@@ -16,6 +16,7 @@ const FIGURES = [
   "storm",
   "distinct-engines",
   "spawn",
+  "fork-storm",
 ];
 const args = process.argv.includes("--quick") ? ["--quick"] : [];
 const results: string[] = [];

@@ -28,6 +28,8 @@ interface SessionTrail {
   contained: boolean | null;
   /** reap.finished's `verified` (null: a line from before the verification pass). */
   verified: string[] | null;
+  /** reap.finished's `tracking` (null: a line from before tracking was recorded). */
+  tracking: string | null;
 }
 
 /** What a `clean` must have been verified by, given the session's containment. */
@@ -98,6 +100,7 @@ export function addLine(trail: Trail, text: string): void {
       lastLine: 0,
       contained: null,
       verified: null,
+      tracking: null,
     };
     trail.sessions.set(sessionId, s);
   }
@@ -105,7 +108,7 @@ export function addLine(trail: Trail, text: string): void {
   s.lastLine = line;
   if (typeof rec.reason === "string") s.reason = rec.reason;
   if (LEAVING_LIVE.has(rec.event)) s.leftLive = true;
-  const detail = (rec.detail ?? {}) as { containment?: { kind?: unknown }; verified?: unknown };
+  const detail = (rec.detail ?? {}) as { containment?: { kind?: unknown }; verified?: unknown; tracking?: unknown };
   if (rec.event === "session.registered" && detail.containment !== undefined) {
     s.contained = detail.containment?.kind === "cgroup";
   }
@@ -113,6 +116,7 @@ export function addLine(trail: Trail, text: string): void {
     s.finished = true;
     s.outcome = typeof rec.outcome === "string" ? rec.outcome : null;
     s.verified = Array.isArray(detail.verified) ? detail.verified.filter((v) => typeof v === "string") : null;
+    s.tracking = typeof detail.tracking === "string" ? detail.tracking : null;
   }
 }
 
@@ -146,6 +150,13 @@ export interface VerifyReport {
    * counted against `complete` (a trail from before the verification pass has none).
    */
   weaklyVerified: { sessionId: string; verified: string[] | null; missing: string[] }[];
+  /**
+   * Sessions reaped `clean` whose reap.finished says `tracking: "snapshots"`: their processes
+   * were known from walks of /proc and the cookie only. Listed, not counted against `complete`.
+   */
+  snapshotsOnlyCleanReaps: { count: number; sessions: string[] };
+  /** Sessions reaped `clean` whose reap.finished has no `tracking` (older builds): not counted as snapshots. */
+  trackingUnknownCleanReaps: { count: number; sessions: string[] };
   malformed: { line: number; text: string }[];
   unknown: { line: number; event: string; sessionId: string | null }[];
   daemon: DaemonCheck;
@@ -160,6 +171,8 @@ export function verifyTrail(
   const missing: VerifyReport["missing"] = [];
   const mismatches: VerifyReport["mismatches"] = [];
   const weaklyVerified: VerifyReport["weaklyVerified"] = [];
+  const snapshotsOnly: string[] = [];
+  const trackingUnknown: string[] = [];
   let live = 0;
   let reaped = 0;
   for (const s of trail.sessions.values()) {
@@ -187,6 +200,8 @@ export function verifyTrail(
       const must = s.contained === true ? ["cgroup", ...MUST_VERIFY] : MUST_VERIFY;
       const lacking = must.filter((m) => !(s.verified ?? []).includes(m));
       if (lacking.length > 0) weaklyVerified.push({ sessionId: s.id, verified: s.verified, missing: lacking });
+      if (s.tracking === "snapshots") snapshotsOnly.push(s.id);
+      else if (s.tracking === null) trackingUnknown.push(s.id);
     }
     if (v === undefined) continue;
     if (s.finished && !v.known) mismatches.push({ sessionId: s.id, detail: "the daemon does not know this session" });
@@ -204,6 +219,8 @@ export function verifyTrail(
     missing,
     mismatches,
     weaklyVerified,
+    snapshotsOnlyCleanReaps: { count: snapshotsOnly.length, sessions: snapshotsOnly },
+    trackingUnknownCleanReaps: { count: trackingUnknown.length, sessions: trackingUnknown },
     malformed: trail.malformed,
     unknown: trail.unknown,
     daemon,
@@ -291,6 +308,13 @@ export function renderReport(r: VerifyReport): string {
     ["missing reap.finished", String(r.sessions.missing)],
     ["log/daemon mismatches", String(r.mismatches.length)],
     ["clean, weakly verified", String(r.weaklyVerified.length)],
+    ["clean, snapshots only", String(r.snapshotsOnlyCleanReaps.count)],
+    [
+      "clean, tracking unknown",
+      r.trackingUnknownCleanReaps.count === 0
+        ? "0"
+        : `${r.trackingUnknownCleanReaps.count} (reap.finished from an older build, without tracking)`,
+    ],
     ["malformed lines", String(r.malformed.length)],
     ["unknown events", String(r.unknown.length)],
     ["daemon", daemon],
@@ -323,6 +347,12 @@ export function renderReport(r: VerifyReport): string {
         true,
       );
   }
+  if (r.snapshotsOnlyCleanReaps.count > 0) {
+    text +=
+      `\nClean, but tracked by snapshots only: ${r.snapshotsOnlyCleanReaps.count}. Their clean is only as good as walks of /proc:\n` +
+      "a process born and re-parented between two walks, carrying no cookie, could have been missed.\n" +
+      idList(r.snapshotsOnlyCleanReaps.sessions);
+  }
   if (r.malformed.length > 0) {
     text +=
       "\nMalformed lines:\n" + table([["LINE", "TEXT"], ...r.malformed.map((m) => [String(m.line), m.text])], true);
@@ -336,4 +366,24 @@ export function renderReport(r: VerifyReport): string {
       );
   }
   return text;
+}
+
+/** How many ids a human report lists before "and N more" (--json lists them all). */
+export const LISTED_IDS = 20;
+
+/** The first LISTED_IDS ids, comma-separated in lines of at most ~100 columns, then "and N more". */
+function idList(ids: readonly string[]): string {
+  const lines: string[] = [];
+  let line = "";
+  for (const [i, id] of ids.slice(0, LISTED_IDS).entries()) {
+    const item = i < Math.min(ids.length, LISTED_IDS) - 1 ? `${id},` : id;
+    if (line !== "" && line.length + 1 + item.length > 98) {
+      lines.push(line);
+      line = "";
+    }
+    line += (line === "" ? "" : " ") + item;
+  }
+  if (line !== "") lines.push(line);
+  if (ids.length > LISTED_IDS) lines.push(`and ${ids.length - LISTED_IDS} more (--json lists them all)`);
+  return lines.map((l) => `  ${l}\n`).join("");
 }

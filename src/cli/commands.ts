@@ -2,7 +2,7 @@
 import type { Session } from "../client/index.js";
 import type { ExpiringJson, OrphanJson } from "../http/present.js";
 import { EXIT, UsageError, apiFailure, parseAdditions, stringOption, type Context } from "./command.js";
-import { parseDuration, relativeTime, table } from "./format.js";
+import { parseDuration, plural, relativeTime, table } from "./format.js";
 
 function print(ctx: Context, value: unknown, human: () => string): void {
   ctx.out(ctx.json ? JSON.stringify(value, null, 2) + "\n" : human());
@@ -125,13 +125,14 @@ function showSession(s: Session, now: number): string {
   else if (u)
     rows.push([
       "used",
-      `${u.cpuSec.toFixed(1)} CPU s, peak ${(u.peakMemoryBytes / 1048576).toFixed(1)} MiB (${u.peakMemorySource}), ${u.peakProcesses} processes at most, lived ${u.lifetimeSec.toFixed(0)} s`,
+      `${u.cpuSec.toFixed(1)} CPU s, peak ${(u.peakMemoryBytes / 1048576).toFixed(1)} MiB (${u.peakMemorySource}), ${plural(u.peakProcesses, "process", "processes")} at most, lived ${u.lifetimeSec.toFixed(0)} s`,
     ]);
   if (s.containment)
     rows.push([
       "containment",
       s.containment.kind === "cgroup" ? `cgroup ${s.containment.path}` : `none (${s.containment.why})`,
     ]);
+  rows.push(["tracking", s.tracking ?? "unknown (registered before tracking was recorded)"]);
   let text = table(rows);
   if (s.steps && s.steps.length > 0) {
     text +=

@@ -12,6 +12,11 @@ export function table(rows: readonly (readonly string[])[], header = false): str
   return lines.join("\n") + "\n";
 }
 
+/** "1 process", "2 processes". */
+export function plural(n: number, one: string, many: string): string {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
 /** "in 12s", "3m ago", "2h ago", "in 1d". */
 export function relativeTime(iso: string, now: number): string {
   const ms = Date.parse(iso) - now;

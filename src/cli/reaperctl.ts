@@ -84,8 +84,9 @@ Examples:
     synopsis: "show ID",
     summary: "one session with its cleanup steps and leftovers",
     help: `Shows one session: state and reason, outcome, engine pid, times, deadline, ports,
-paths, engine cpu and memory while live, each cleanup step with its outcome and duration,
-and anything the cleanup left behind. Exit 3 if no session has this id.
+paths, engine cpu and memory while live, its tracking (how its processes were known:
+lineage, cgroup-from-birth, cgroup or snapshots), each cleanup step with its outcome and
+duration, and anything the cleanup left behind. Exit 3 if no session has this id.
 
 Example:
   reaperctl show spark-42`,
@@ -207,6 +208,10 @@ malformed lines (line number, first 80 characters). Operational lines without an
 output) is skipped too. When the daemon answers, each session the log names is
 cross-checked with the daemon's own events (a reap.finished the log lost, or a session the
 daemon does not know, is listed); when it does not, the log is verified alone.
+Also listed, without changing the exit code: clean reaps tracked by snapshots only
+(reap.finished's tracking "snapshots": their clean is only as good as walks of /proc; the
+first 20 ids, then a count), and a count of clean reaps whose reap.finished has no
+tracking (older builds).
 Exit 0 when complete, 5 when anything is missing, mismatched, malformed or unknown.
 
 Options:

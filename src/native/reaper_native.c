@@ -50,6 +50,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
@@ -718,6 +719,7 @@ static napi_value memfd_create_js(napi_env env, napi_callback_info info) {
 #include <linux/cn_proc.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/utsname.h>
 #include <time.h>
 
 #define PE_FIELDS 5
@@ -857,22 +859,49 @@ static size_t pe_pump(void) {
   return pe->len - before;
 }
 
+static long long pe_now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/*
+ * Reads as events come; wakes the event loop at most every PE_WAKE_MS (a fork storm would
+ * otherwise wake it for nearly every datagram: an epoll round and a JS call each). Records
+ * wait in the buffer meanwhile; procEventsDrain(true) takes them at once (the barrier does not
+ * wait for a wake).
+ */
+#define PE_WAKE_MS 10
 static void *pe_main(void *arg) {
   (void)arg;
   struct pollfd fds[2] = {{pe->fd, POLLIN, 0}, {pe->stop_fd, POLLIN, 0}};
+  long long last_wake = 0;
+  int pending = 0;
   for (;;) {
-    int rc = poll(fds, 2, -1);
+    int timeout = -1;
+    if (pending) {
+      long long left = last_wake + PE_WAKE_MS - pe_now_ms();
+      timeout = left > 0 ? (int)left : 0;
+    }
+    int rc = poll(fds, 2, timeout);
     if (rc < 0) {
       if (errno == EINTR) continue;
       break;
     }
     if (fds[1].revents != 0) break;
-    pthread_mutex_lock(&pe->mu);
-    double before = pe->overruns + pe->dropped;
-    size_t added = pe_pump();
-    int lost = pe->overruns + pe->dropped != before;
-    pthread_mutex_unlock(&pe->mu);
-    if (added > 0 || lost) uv_async_send(&pe->async);
+    if (rc > 0 && fds[0].revents != 0) {
+      pthread_mutex_lock(&pe->mu);
+      double before = pe->overruns + pe->dropped;
+      size_t added = pe_pump();
+      int lost = pe->overruns + pe->dropped != before;
+      pthread_mutex_unlock(&pe->mu);
+      if (added > 0 || lost) pending = 1;
+    }
+    if (pending && pe_now_ms() - last_wake >= PE_WAKE_MS) {
+      uv_async_send(&pe->async);
+      last_wake = pe_now_ms();
+      pending = 0;
+    }
   }
   return NULL;
 }
@@ -920,25 +949,65 @@ static void pe_cleanup_hook(void *arg) {
 
 /* Subscribes (PROC_CN_MCAST_LISTEN) and waits up to 1 s for the kernel's acknowledgement: a
  * process outside the initial pid or user namespace is silently ignored, and would wait forever. */
-static int pe_subscribe(int fd) {
+/*
+ * Since Linux 6.6 a listener may name the events it wants (struct proc_input: the operation,
+ * then a mask of event kinds): fork and exit only, so that the kernel does not queue, and the
+ * thread does not read, an exec, a uid or a comm change for every process of a storm. Older
+ * kernels ignore a message of that size (no acknowledgement): they get the plain one.
+ */
+static int pe_kernel_filters(void) {
+  struct utsname u;
+  int major = 0, minor = 0;
+  if (uname(&u) != 0 || sscanf(u.release, "%d.%d", &major, &minor) != 2) return 0;
+  return major > 6 || (major == 6 && minor >= 6);
+}
+
+#define PE_EVENT_FORK 0x00000001u /* PROC_EVENT_FORK */
+#define PE_EVENT_EXIT 0x80000000u /* PROC_EVENT_EXIT */
+
+static int pe_wait_ack(int fd, unsigned seq);
+
+/* Sends PROC_CN_MCAST_LISTEN with seq/ack = seq; with `filtered`, the 6.6+ form naming fork and exit. */
+static int pe_send_listen(int fd, unsigned seq, int filtered) {
   struct __attribute__((aligned(NLMSG_ALIGNTO))) {
     struct nlmsghdr nl;
     struct __attribute__((__packed__)) {
       struct cn_msg cn;
-      enum proc_cn_mcast_op op;
+      uint32_t op;         /* enum proc_cn_mcast_op */
+      uint32_t event_type; /* struct proc_input's mask (6.6+); not sent to older kernels */
     } body;
   } req;
   memset(&req, 0, sizeof req);
-  unsigned seq = (unsigned)getpid() ^ (unsigned)time(NULL);
-  req.nl.nlmsg_len = sizeof req;
+  size_t payload = filtered ? 2 * sizeof(uint32_t) : sizeof(uint32_t);
+  req.nl.nlmsg_len = NLMSG_LENGTH(sizeof(struct cn_msg) + payload);
   req.nl.nlmsg_type = NLMSG_DONE;
   req.body.cn.id.idx = CN_IDX_PROC;
   req.body.cn.id.val = CN_VAL_PROC;
   req.body.cn.seq = seq;
   req.body.cn.ack = seq; /* answered as ack + 1 (the kernel numbers seq itself) */
-  req.body.cn.len = sizeof(enum proc_cn_mcast_op);
+  req.body.cn.len = (uint16_t)payload;
   req.body.op = PROC_CN_MCAST_LISTEN;
-  if (send(fd, &req, sizeof req, 0) < 0) return errno;
+  req.body.event_type = PE_EVENT_FORK | PE_EVENT_EXIT;
+  return send(fd, &req, req.nl.nlmsg_len, 0) < 0 ? errno : 0;
+}
+
+/*
+ * Subscribes and waits up to 1 s for the kernel's acknowledgement (a process outside the
+ * initial pid or user namespace is silently ignored, and would wait forever); then, where the
+ * kernel filters (6.6+), narrows the subscription to fork and exit. The acknowledgement of
+ * that second message is itself filtered out by the kernel (it is no fork and no exit): it is
+ * not waited for, and the first one proved the kernel hears us.
+ */
+static int pe_subscribe(int fd) {
+  unsigned seq = (unsigned)getpid() ^ (unsigned)time(NULL);
+  int err = pe_send_listen(fd, seq, 0);
+  if (err != 0) return err;
+  err = pe_wait_ack(fd, seq);
+  if (err == 0 && pe_kernel_filters()) (void)pe_send_listen(fd, seq + 2, 1);
+  return err;
+}
+
+static int pe_wait_ack(int fd, unsigned seq) {
   struct timespec t0;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   char buf[8192] __attribute__((aligned(NLMSG_ALIGNTO)));

@@ -199,3 +199,132 @@ test("a clean verified by less than the session's containment allowed is listed 
   assert.match(renderReport(r), /clean, weakly verified\s+2/);
   assert.match(renderReport(r), /^contained-no-cgroup\s+tree,cookie,ports,paths,ipc\s+cgroup$/m);
 });
+
+test("audit verify: clean reaps tracked by snapshots only are listed, and the exit code stays as it was", async (t) => {
+  const dir = tempDir(t);
+  // Started before the daemon, uncontained: tracked by walks of /proc only ("snapshots").
+  const before = ["snap-1", "snap-2", "snap-3"].map((id) => ({ id, pid: sleeper(t).pid }));
+  const d = await startDaemon(
+    t,
+    testConfig(dir, { log: { level: "info" }, profiles: { default: { containment: "none" } } }),
+  );
+  // Born after the daemon: lineage where the host gives it, else snapshots too.
+  const sessions = [...before, { id: "late-1", pid: sleeper(t).pid }];
+  for (const { id, pid } of sessions) {
+    assert.equal((await d.api("POST", "/v1/sessions", { id, engine: { pid } })).status, 201);
+  }
+  for (const { id } of sessions) await d.api("POST", `/v1/sessions/${id}/reap`);
+  for (const { id } of sessions) await d.reaped(id);
+  const api = new Map<string, { tracking: string; outcome: string }>();
+  for (const { id } of sessions) {
+    api.set(id, (await d.api<{ tracking: string; outcome: string }>("GET", `/v1/sessions/${id}`)).body);
+  }
+  for (const { id } of before) {
+    assert.equal(api.get(id)?.tracking, "snapshots", id);
+    assert.equal(api.get(id)?.outcome, "clean", id);
+  }
+
+  const lines = d.lines
+    .join("")
+    .split("\n")
+    .filter((l) => l !== "");
+  // snap-3's reap.finished as a build from before tracking wrote it: no detail.tracking.
+  const isFinish = (l: string, id: string): boolean =>
+    l.includes('"event":"reap.finished"') && l.includes(`"sessionId":"${id}"`);
+  const older = lines.map((l) => {
+    if (!isFinish(l, "snap-3")) return l;
+    const rec = JSON.parse(l) as { detail: { tracking?: string } };
+    assert.equal(rec.detail.tracking, "snapshots");
+    delete rec.detail.tracking;
+    return JSON.stringify(rec);
+  });
+  const file = write(dir, "audit.log", older);
+  const snapshots = sessions
+    .map((s) => s.id)
+    .filter((id) => id !== "snap-3" && api.get(id)?.tracking === "snapshots" && api.get(id)?.outcome === "clean");
+  assert.ok(snapshots.includes("snap-1") && snapshots.includes("snap-2"));
+
+  const human = await ctl(["audit", "verify", file, "--socket", d.socket]);
+  assert.equal(human.code, 0, human.stdout + human.stderr);
+  assert.match(human.stdout, /^result\s+complete$/m);
+  assert.match(human.stdout, new RegExp(`^clean, snapshots only\\s+${snapshots.length}$`, "m"));
+  assert.match(human.stdout, /^clean, tracking unknown\s+1 \(reap\.finished from an older build, without tracking\)$/m);
+  assert.match(
+    human.stdout,
+    new RegExp(
+      `^Clean, but tracked by snapshots only: ${snapshots.length}\\. Their clean is only as good as walks of /proc:\\n` +
+        "a process born and re-parented between two walks, carrying no cookie, could have been missed\\.\\n" +
+        `  ${snapshots.join(", ")}\\n`,
+      "m",
+    ),
+  );
+
+  const json = await ctl(["audit", "verify", file, "--json", "--socket", d.socket]);
+  assert.equal(json.code, 0, json.stderr);
+  const rep = report(json.stdout);
+  assert.equal(rep.complete, true);
+  assert.deepEqual(rep.snapshotsOnlyCleanReaps, { count: snapshots.length, sessions: snapshots });
+  assert.deepEqual(rep.trackingUnknownCleanReaps, { count: 1, sessions: ["snap-3"] });
+
+  // A trail with a reap.finished missing still exits 5, snapshots or not.
+  const cut = write(
+    dir,
+    "cut.log",
+    older.filter((l) => !isFinish(l, "late-1")),
+  );
+  const incomplete = await ctl(["audit", "verify", cut, "--offline", "--json"]);
+  assert.equal(incomplete.code, 5, incomplete.stdout);
+  assert.deepEqual(
+    report(incomplete.stdout).snapshotsOnlyCleanReaps.sessions,
+    snapshots.filter((id) => id !== "late-1"),
+  );
+});
+
+test("audit verify: the human report names the first 20 snapshots-only clean reaps, then how many more", async (t) => {
+  const dir = tempDir(t);
+  const lines: string[] = [];
+  const reap = (id: string, outcome: string, tracking?: string): void => {
+    lines.push(JSON.stringify({ level: 30, audit: true, event: "session.registered", sessionId: id, detail: {} }));
+    lines.push(JSON.stringify({ level: 30, audit: true, event: "reap.started", sessionId: id, reason: "forced" }));
+    lines.push(
+      JSON.stringify({
+        level: 30,
+        audit: true,
+        event: "reap.finished",
+        sessionId: id,
+        reason: "forced",
+        outcome,
+        detail: { verified: ["tree", "cookie", "ports", "paths", "ipc"], ...(tracking ? { tracking } : {}) },
+      }),
+    );
+  };
+  const ids = Array.from({ length: 23 }, (_, i) => `session-${String(i + 1).padStart(2, "0")}`);
+  for (const id of ids) reap(id, "clean", "snapshots");
+  reap("partial-snap", "partial", "snapshots"); // not clean: not listed
+  reap("cgroup-1", "clean", "cgroup");
+  reap("lineage-1", "clean", "lineage");
+  reap("old-1", "clean");
+  const file = write(dir, "many.log", lines);
+
+  const human = await ctl(["audit", "verify", file, "--offline"]);
+  assert.equal(human.code, 0, human.stdout + human.stderr);
+  assert.match(human.stdout, /^clean, snapshots only\s+23$/m);
+  assert.match(human.stdout, /^clean, tracking unknown\s+1 /m);
+  const section = human.stdout.slice(human.stdout.indexOf("Clean, but tracked by snapshots only: 23."));
+  const listed = [...section.matchAll(/session-\d\d/g)].map((m) => m[0]);
+  assert.deepEqual(listed, ids.slice(0, 20));
+  assert.match(section, /^ {2}and 3 more \(--json lists them all\)$/m);
+  for (const l of section.split("\n")) assert.ok(l.length <= 100, l);
+  assert.doesNotMatch(human.stdout, /partial-snap|cgroup-1|lineage-1/);
+
+  const rep = report((await ctl(["audit", "verify", file, "--offline", "--json"])).stdout);
+  assert.deepEqual(rep.snapshotsOnlyCleanReaps, { count: 23, sessions: ids });
+  assert.deepEqual(rep.trackingUnknownCleanReaps, { count: 1, sessions: ["old-1"] });
+
+  // Nothing snapshots-only: no section, a zero in the summary.
+  const none = await ctl(["audit", "verify", write(dir, "none.log", lines.slice(-9)), "--offline"]);
+  assert.equal(none.code, 0);
+  assert.match(none.stdout, /^clean, snapshots only\s+0$/m);
+  assert.match(none.stdout, /^clean, tracking unknown\s+1 /m);
+  assert.doesNotMatch(none.stdout, /tracked by snapshots only/);
+});

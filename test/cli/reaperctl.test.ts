@@ -69,6 +69,36 @@ test("reaperctl status, list, show, events, close: tables, --json, exit codes", 
   assert.match(again.stderr, /SR_SESSION_NOT_LIVE/);
 });
 
+test("reaperctl show: the session's tracking after its containment, and '1 process' in the singular", async (t) => {
+  const dir = tempDir(t);
+  // Started before the daemon, uncontained: no lineage and no cgroup, so walks of /proc only.
+  const before = sleeper(t);
+  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { containment: "none" } } }));
+  const after = sleeper(t);
+  const s = ["--socket", d.socket];
+  await d.api("POST", "/v1/sessions", { id: "snap-1", engine: { pid: before.pid } });
+  await d.api("POST", "/v1/sessions", { id: "late-1", engine: { pid: after.pid } });
+
+  const live = await ctl(["show", "snap-1", ...s]);
+  assert.equal(live.code, 0, live.stderr);
+  assert.match(live.stdout, /^containment\s+none \(.+\)\ntracking\s+snapshots$/m);
+  // Whatever this host gives a session born after the daemon, show prints what the API says.
+  const lateTracking = (await d.api<{ tracking: string }>("GET", "/v1/sessions/late-1")).body.tracking;
+  const late = await ctl(["show", "late-1", ...s]);
+  assert.match(late.stdout, new RegExp(`^tracking\\s+${lateTracking}$`, "m"));
+  const json = await ctl(["show", "snap-1", "--json", ...s]);
+  assert.equal((JSON.parse(json.stdout) as { tracking: string }).tracking, "snapshots");
+
+  // Reaped: a lone `sleep` was one process at most.
+  assert.equal((await ctl(["reap", "snap-1", ...s])).code, 0);
+  await d.reaped("snap-1");
+  const reaped = await ctl(["show", "snap-1", ...s]);
+  assert.equal(reaped.code, 0, reaped.stderr);
+  assert.match(reaped.stdout, /^used\s+.*, 1 process at most, lived \d+ s$/m);
+  assert.doesNotMatch(reaped.stdout, /\b1 processes\b/);
+  assert.match(reaped.stdout, /^tracking\s+snapshots$/m);
+});
+
 test("reaperctl expiring: soonest first, with the timeout that fires; --within; --json", async (t) => {
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir));
