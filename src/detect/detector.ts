@@ -26,6 +26,13 @@ interface WatchedProcess {
   readonly ownerOf: Set<LiveSession>;
   /** The engine's tree at the last liveness pass (shared by its sessions' `tree`). */
   tree: ProcessIdentity[];
+  /**
+   * Its pidfd said it exited (set after the last look at its tree, before its sessions are
+   * expired): an expiry the store could
+   * not commit is tried again on every tick and first thing once the store commits (rearm),
+   * so the exit the daemon saw is the reason on record, not a timeout that passed meanwhile.
+   */
+  exited: boolean;
 }
 
 /** How close to its idle deadline a session's tree is looked at for new descendants (sampleCpu). */
@@ -224,7 +231,7 @@ export class Detector implements LiveWatcher {
     const key = identityKey(id);
     const known = this.processes.get(key);
     if (known !== undefined) return known;
-    const p: WatchedProcess = { id, handle: null, engineOf: new Set(), ownerOf: new Set(), tree: [] };
+    const p: WatchedProcess = { id, handle: null, engineOf: new Set(), ownerOf: new Set(), tree: [], exited: false };
     this.processes.set(key, p);
     const handle = ProcessHandle.open(id.pid, this.onPidfdError);
     if (handle === null) return p; // no pidfd here, already gone, or no fd: the liveness pass decides
@@ -254,6 +261,7 @@ export class Detector implements LiveWatcher {
         if (this.processes.get(identityKey(p.id)) !== p) return;
         this.refreshTree(p, table);
       }
+      p.exited = true; // after the last look: a retry (checkUnwatched) never expires before it
       this.processGone(p, "pidfd");
     } catch (err) {
       this.log.error({ err, pid: p.id.pid }, "expiry on process exit failed");
@@ -393,8 +401,13 @@ export class Detector implements LiveWatcher {
     if (this.running) this.arm();
   }
 
-  /** Judging may resume (the store commits again): the earliest deadline gets a timer again. */
+  /**
+   * Judging may resume (the store commits again): the exits seen while it could not commit
+   * are expired first (engine_gone is the truth, and the heartbeat deadline has passed
+   * meanwhile), then the earliest deadline gets a timer again.
+   */
   rearm(): void {
+    this.checkUnwatched();
     this.cancelTimer?.();
     this.cancelTimer = null;
     this.armedAt = Number.POSITIVE_INFINITY;
@@ -432,11 +445,16 @@ export class Detector implements LiveWatcher {
     return due;
   }
 
-  /** The processes no pidfd watches (none held, or the kernel has none): each checked now. */
+  /**
+   * The processes no pidfd watches (none held, or the kernel has none), and those whose exit
+   * was seen but whose sessions are still live (the store could not commit): each checked now.
+   */
   private checkUnwatched(): void {
     // Every tick, so no copy of the whole map: usually none lacks a pidfd.
     const gone: WatchedProcess[] = [];
-    for (const p of this.processes.values()) if (p.handle === null && liveness(p.id) !== "alive") gone.push(p);
+    for (const p of this.processes.values()) {
+      if ((p.handle === null || p.exited) && liveness(p.id) !== "alive") gone.push(p);
+    }
     gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));
     for (const p of gone) this.processGone(p, "liveness");
   }
