@@ -47,6 +47,10 @@ export async function list(ctx: Context): Promise<number> {
   if (state !== undefined && !STATES.includes(state)) {
     throw new UsageError(`--state: "${state}" is not a state; use one of ${STATES.join(", ")}`);
   }
+  const limit = stringOption(ctx.values, "limit");
+  if (limit !== undefined && (!/^\d{1,4}$/.test(limit) || Number(limit) < 1 || Number(limit) > 1000)) {
+    throw new UsageError(`--limit: "${limit}" is not a number from 1 to 1000`);
+  }
   const sessions: Session[] = [];
   const params = new URLSearchParams();
   for (const key of ["state", "profile", "owner", "limit"]) {

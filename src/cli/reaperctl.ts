@@ -4,7 +4,7 @@
  * scripts. This file is the CLI's entry point: it parses the command line, owns the
  * process's signals and exit code, and hands each command a Context.
  */
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { ReaperError, errorMessage } from "../errors.js";
@@ -20,7 +20,12 @@ const GLOBAL_OPTIONS = {
   socket: { type: "string" },
   json: { type: "boolean", default: false },
   help: { type: "boolean", short: "h", default: false },
+  version: { type: "boolean", short: "V", default: false },
 } satisfies Options;
+
+const VERSION = (
+  JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }
+).version;
 
 const EXIT_CODES = `Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 daemon unreachable,
 5 audit verify found problems; run exits with its command's status.`;
@@ -29,7 +34,8 @@ const GLOBAL_HELP = `Options:
   --socket PATH   the daemon's socket; default $REAPER_SOCKET, then
                   /run/session-reaper/reaper.sock if present, else ./reaper.sock
   --json          print JSON instead of a table
-  -h, --help      show help`;
+  -h, --help      show help
+  -V, --version   print reaperctl's version`;
 
 interface CommandSpec {
   /** One or two words: "status", "audit verify". */
@@ -306,6 +312,41 @@ function defaultSocket(env: NodeJS.ProcessEnv): string {
   return existsSync(system) ? system : resolve("reaper.sock");
 }
 
+/** Edit distance (insertions, deletions, substitutions, adjacent swaps) for "did you mean". */
+function distance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array<number>(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) (d[0] as number[])[j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const row = d[i] as number[];
+      const up = d[i - 1] as number[];
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      row[j] = Math.min((up[j] as number) + 1, (row[j - 1] as number) + 1, (up[j - 1] as number) + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
+        row[j] = Math.min(row[j] as number, ((d[i - 2] as number[])[j - 2] as number) + 1);
+      }
+    }
+  }
+  return (d[a.length] as number[])[b.length] as number;
+}
+
+/** The closest of `known` to `word`, if it is close enough to be a typo (at most 2 edits). */
+function closest(word: string, known: readonly string[]): string | undefined {
+  let best: string | undefined;
+  let bestD = Number.POSITIVE_INFINITY;
+  for (const k of known) {
+    const dist = distance(word, k);
+    if (dist < bestD) [best, bestD] = [k, dist];
+  }
+  return bestD <= Math.min(2, Math.floor(word.length / 2)) ? best : undefined;
+}
+
+function unknownCommand(name: string): UsageError {
+  const words = [...new Set(COMMANDS.map((c) => c.name.split(" ")[0] as string)), "help"];
+  const near = closest(name, words);
+  return new UsageError(`unknown command "${name}"${near ? `; did you mean "${near}"?` : ""}`);
+}
+
 /** The command's words among the positionals: "audit verify" is two. */
 function findCommand(positionals: string[]): { spec: CommandSpec | undefined; words: number; name: string } {
   const [first, second] = positionals;
@@ -313,13 +354,24 @@ function findCommand(positionals: string[]): { spec: CommandSpec | undefined; wo
   const two = `${first} ${second ?? ""}`;
   const spec = COMMANDS.find((c) => c.name === two) ?? COMMANDS.find((c) => c.name === first);
   if (spec === undefined && first === "audit") {
-    throw new UsageError(second === undefined ? "audit needs a subcommand: verify" : `unknown command "${two}"`);
+    if (second === undefined) throw new UsageError("audit needs a subcommand: verify");
+    throw new UsageError(
+      `unknown command "${two}"${closest(second, ["verify"]) ? '; did you mean "audit verify"?' : ""}`,
+    );
   }
   return { spec, words: spec?.name.includes(" ") ? 2 : 1, name: first };
 }
 
 /** For the usage hint after an error. */
 let usedCommand = "";
+
+/** "unknown option --stat for list; did you mean --state?" */
+function unknownOption(option: string): string {
+  const spec = COMMANDS.find((c) => c.name === usedCommand);
+  const names = Object.keys({ ...GLOBAL_OPTIONS, ...spec?.options });
+  const near = option.startsWith("--") ? closest(option.slice(2), names) : undefined;
+  return `unknown option ${option}${usedCommand ? ` for ${usedCommand}` : ""}${near ? `; did you mean --${near}?` : ""}`;
+}
 
 async function main(argv: string[], out: (s: string) => void): Promise<number> {
   // Everything after the first "--" belongs to run's command, never to reaperctl.
@@ -344,11 +396,15 @@ async function main(argv: string[], out: (s: string) => void): Promise<number> {
       out(usage());
       return EXIT.ok;
     }
-    if (name === "") {
-      process.stderr.write(usage());
-      return EXIT.usage;
+    if (loose.values.version === true) {
+      out(`reaperctl ${VERSION}\n`);
+      return EXIT.ok;
     }
-    throw new UsageError(`unknown command "${name}"`);
+    if (name !== "") throw unknownCommand(name);
+    // No command: an option none of the commands knows is named (the strict pass says how).
+    parseArgs({ args: own, options: GLOBAL_OPTIONS, allowPositionals: true, strict: true });
+    process.stderr.write(usage());
+    return EXIT.usage;
   }
   const { values, positionals } = parseArgs({
     args: own,
@@ -358,6 +414,10 @@ async function main(argv: string[], out: (s: string) => void): Promise<number> {
   });
   if (values.help === true) {
     out(commandHelp(spec));
+    return EXIT.ok;
+  }
+  if (values.version === true) {
+    out(`reaperctl ${VERSION}\n`);
     return EXIT.ok;
   }
   const args = positionals.slice(words);
@@ -388,9 +448,7 @@ main(process.argv.slice(2), (s) => process.stdout.write(s)).then(
     const code = (err as { code?: string }).code;
     // node:util's message for an unknown option explains "--" at length: one line is enough.
     const unknown = code === "ERR_PARSE_ARGS_UNKNOWN_OPTION" ? /'([^']+)'/.exec(errorMessage(err))?.[1] : undefined;
-    const message = unknown
-      ? `unknown option ${unknown}${usedCommand ? ` for ${usedCommand}` : ""}`
-      : errorMessage(err);
+    const message = unknown ? unknownOption(unknown) : errorMessage(err);
     process.stderr.write(`reaperctl: ${message}\n`);
     if (err instanceof UsageError || code?.startsWith("ERR_PARSE_ARGS")) {
       process.stderr.write(`Run "reaperctl ${usedCommand ? `${usedCommand} ` : ""}--help" for usage.\n`);

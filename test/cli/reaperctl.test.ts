@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { parseDuration, relativeTime, table } from "../../src/cli/format.js";
@@ -195,6 +196,33 @@ test("reaperctl: usage errors exit 2, an absent daemon exits 4 with one line", a
   assert.equal(down.code, 4);
   assert.equal(down.stderr.trim().split("\n").length, 1);
   assert.match(down.stderr, /is it running\?/);
+});
+
+test("reaperctl: an unknown option or a typo is named, with the nearest command or option; --version; bad numbers caught before any request", async (t) => {
+  const dir = tempDir(t);
+  const absent = ["--socket", join(dir, "absent.sock")]; // any request would exit 4, not 2
+  const usage = (r: { code: number | null; stderr: string }, line: string): void => {
+    assert.equal(r.code, 2, r.stderr);
+    assert.equal(r.stderr.split("\n")[0], `reaperctl: ${line}`);
+    assert.ok(r.stderr.length < 200, `one line and a pointer to --help, not the whole usage: ${r.stderr}`);
+  };
+  usage(await ctl(["--bogus"]), "unknown option --bogus");
+  usage(await ctl(["stauts", ...absent]), 'unknown command "stauts"; did you mean "status"?');
+  usage(await ctl(["lsit", ...absent]), 'unknown command "lsit"; did you mean "list"?');
+  usage(await ctl(["audit", "verfy", ...absent]), 'unknown command "audit verfy"; did you mean "audit verify"?');
+  usage(await ctl(["frobnicate", ...absent]), 'unknown command "frobnicate"');
+  usage(await ctl(["list", "--stat", "live", ...absent]), "unknown option --stat for list; did you mean --state?");
+  usage(await ctl(["list", "--limit", "abc", ...absent]), '--limit: "abc" is not a number from 1 to 1000');
+  usage(await ctl(["list", "--limit", "0", ...absent]), '--limit: "0" is not a number from 1 to 1000');
+  usage(await ctl(["list", "--limit", "1001", ...absent]), '--limit: "1001" is not a number from 1 to 1000');
+  const { version } = JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as {
+    version: string;
+  };
+  for (const args of [["--version"], ["-V"], ["status", "--version"]]) {
+    const v = await ctl(args);
+    assert.equal(v.code, 0, args.join(" "));
+    assert.equal(v.stdout, `reaperctl ${version}\n`);
+  }
 });
 
 test("reaperd: --help, --version, and a bad config exits 78 naming the key", async (t) => {
