@@ -381,6 +381,7 @@ test("daemon unreachable: required (the default) refuses the kernel; required = 
   const f = await refused.next();
   assert.equal(f.event, "start-failed", JSON.stringify(f));
   assert.match(f.error ?? "", /not started: the daemon at .* did not register it/);
+  assert.match(f.error ?? "", /start the daemon .* or set kernel_provisioner\.config\.required = false/);
   assert.equal(await within(refused.exited, 10_000, "driver exit"), 1);
   assert.deepEqual(
     readdirSync("/proc").filter(
@@ -418,6 +419,26 @@ test("daemon unreachable: required (the default) refuses the kernel; required = 
   assert.equal(done.reason, "closed");
   assert.equal(done.outcome, "clean", JSON.stringify(done.leftovers));
   await assertNothingLeft(k, kernel);
+});
+
+test("a daemon that refuses the kernel's directory: the hint names allowed_roots, not the daemon being down", async (t) => {
+  const dir = tempDir(t, "sr-jupyter-");
+  const jup = jupyter(dir);
+  const elsewhere = tempDir(t, "sr-jupyter-root-");
+  mkdirSync(join(dir, "daemon"));
+  const { file, socket } = writeDaemonConfig(
+    join(dir, "daemon"),
+    `[profiles.default]\nallowed_roots = ["${elsewhere}"]\ngrace_period_sec = 3\n`,
+  );
+  await spawnDaemon(t, file, socket);
+  jup.spec("outside-root", { socket, register_timeout: 0.5 });
+  const refused = new Driver(t, jup.env, ["start", "outside-root"]);
+  const f = await refused.next();
+  assert.equal(f.event, "start-failed", JSON.stringify(f));
+  assert.match(f.error ?? "", /SR_PATH_OUTSIDE_ROOT/);
+  assert.match(f.error ?? "", /refused the kernel's directory \/.*: add its parent to the profile's allowed_roots/);
+  assert.doesNotMatch(f.error ?? "", /required = false/);
+  assert.equal(await within(refused.exited, 10_000, "driver exit"), 1);
 });
 
 function cmdline(pid: number): string {

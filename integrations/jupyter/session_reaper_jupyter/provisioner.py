@@ -609,8 +609,7 @@ class ReaperProvisioner(LocalProvisioner):  # type: ignore[misc]
                 await self._abort_launch(launch)
                 raise RuntimeError(
                     f"session-reaper: kernel {self.kernel_id} not started: the daemon at {self.socket_path()} "
-                    f"did not register it ({e}); set kernel_provisioner.config.required = false to run "
-                    "kernels unregistered when the daemon is unavailable"
+                    f"did not register it ({e}); {self._refusal_hint(e, launch)}"
                 ) from e
             retry = not isinstance(e, ReaperApiError) or e.retryable
             self.log.warning(
@@ -630,6 +629,36 @@ class ReaperProvisioner(LocalProvisioner):  # type: ignore[misc]
         )
         self._start_keeper(launch)
         return info
+
+    def _refusal_hint(self, e: Exception, launch: Launch) -> str:
+        """What to change, from why the daemon did not register the kernel: a daemon that is
+        down and a daemon that refused a path or a port need different fixes."""
+        code = getattr(e, "code", None)
+        if not isinstance(e, ReaperApiError):
+            return (
+                "start the daemon (or point kernel_provisioner.config.socket or $REAPER_SOCKET at it), "
+                "or set kernel_provisioner.config.required = false to run kernels unregistered while "
+                "it is unreachable"
+            )
+        if code in ("SR_PATH_OUTSIDE_ROOT", "SR_PATH_OTHER_FS", "SR_PATH_SYMLINK", "SR_PATH_NOT_OWNED"):
+            where = launch.kernel_dir or (launch.paths[0] if launch.paths else "the kernel's directory")
+            return (
+                f"the daemon refused the kernel's directory {where}: add its parent to the profile's "
+                "allowed_roots in the daemon's config (a real directory, not a symbolic link, on the same "
+                "file system, owned by the kernel's user), or point kernel_provisioner.config.kernel_dir_root "
+                "(or JUPYTER_RUNTIME_DIR) at a directory below an allowed root, or set "
+                "kernel_provisioner.config.kernel_runtime_dir = false"
+            )
+        if code == "SR_PORT_NOT_OWNED":
+            return "the kernel did not hold its ports when it registered: raise kernel_provisioner.config.wait_ports"
+        if code == "SR_UNKNOWN_PROFILE":
+            return "set kernel_provisioner.config.profile to a profile the daemon's config defines"
+        if e.retryable:
+            return (
+                "the daemon is busy or cannot write its store: retry, or set kernel_provisioner.config.required "
+                "= false to run kernels unregistered meanwhile"
+            )
+        return f"see the daemon's error code {code} in the session-reaper README"
 
     async def _abort_launch(self, launch: Launch) -> None:
         """The kernel of a refused launch (required mode): killed, its own directory removed."""
