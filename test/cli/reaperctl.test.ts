@@ -280,7 +280,5 @@ test("systemd/config.example.toml is a valid configuration", async () => {
   const { fileURLToPath } = await import("node:url");
   const file = fileURLToPath(new URL("../../../systemd/config.example.toml", import.meta.url));
   const config = loadConfig({ configPath: file, env: {}, cwd: "/tmp" });
-  assert.deepEqual(Object.keys(config.profiles).sort(), ["default", "spark"]);
-  assert.equal(config.profiles.spark?.idleTimeoutSec, 3600);
-  assert.deepEqual(config.profiles.spark?.closeHook, { kind: "http", path: "/api/v1/shutdown" });
+  assert.deepEqual(Object.keys(config.profiles).sort(), ["default"]);
 });

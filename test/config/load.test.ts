@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -534,7 +534,7 @@ test("a full file is mapped to camelCase values", (t) => {
   assert.deepEqual(c.reaper, { concurrency: 2, shutdownGraceSec: 1.5 });
 });
 
-test("the shipped systemd/config.example.toml loads and matches the built-in defaults", () => {
+test("the shipped systemd/config.example.toml loads and matches the built-in defaults", (t) => {
   const example = fileURLToPath(new URL("../../../systemd/config.example.toml", import.meta.url));
   const c = loadConfig({ configPath: example, env: {}, cwd: "/srv/reaper" });
   const defaults = build({}, {}, "/srv/reaper");
@@ -547,7 +547,22 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
   assert.deepEqual(c.orphans, defaults.orphans);
   assert.deepEqual(c.containment, defaults.containment);
   assert.deepEqual(c.profiles.default, defaults.profiles.default);
-  assert.deepEqual(c.profiles.spark, {
+  // Copied as it ships, it defines no other profile (and no orphan sweep): the example
+  // profile is commented out, and uncommented it loads as documented.
+  assert.deepEqual(Object.keys(c.profiles), ["default"]);
+  const text = readFileSync(example, "utf8");
+  const marker = text.indexOf("# --- An example profile");
+  assert.ok(marker > 0, "the example profile's marker");
+  const uncommented = text
+    .slice(marker)
+    .split("\n")
+    .map((l) => (l.startsWith("## ") ? l.slice(1) : /^# (\[|[a-z_]+ = )/.test(l) ? l.slice(2) : l))
+    .join("\n");
+  const dir = tempDir(t);
+  const withSpark = join(dir, "config.toml");
+  writeFileSync(withSpark, text.slice(0, marker) + uncommented);
+  const e = loadConfig({ configPath: withSpark, env: {}, cwd: "/srv/reaper" });
+  assert.deepEqual(e.profiles.spark, {
     name: "spark",
     heartbeatTimeoutSec: 60,
     idleTimeoutSec: PROFILE_DEFAULTS.idle_timeout_sec,
