@@ -4,7 +4,8 @@
  * exit codes (graphile-worker's src/main.ts). First SIGTERM/SIGINT: graceful stop. A second
  * signal, or the stop taking longer than the grace budget plus a margin: forced exit; every
  * state change is already committed, so the journal stays consistent and the next start
- * resumes what was in flight.
+ * resumes what was in flight. SIGHUP (logrotate's postrotate, `systemctl reload`) reopens the
+ * log file and never stops the daemon (its default action would).
  */
 import { parseArgs } from "node:util";
 import { loadConfig } from "./config/load.js";
@@ -55,6 +56,10 @@ async function main(): Promise<number | null> {
   if (args.version) return (process.stdout.write(`${VERSION}\n`), 0);
 
   let daemon: Daemon | undefined;
+  // From the first moment, whoever sends it: a SIGHUP during the start is acted on once running.
+  let hangupWhileStarting = false;
+  let onHangup = (): void => void (hangupWhileStarting = true);
+  process.on("SIGHUP", () => onHangup());
   try {
     const config = loadConfig({ configPath: args.config, env: process.env, cwd: process.cwd() });
     const inherited = activationFd(process.env, process.pid);
@@ -87,6 +92,8 @@ async function main(): Promise<number | null> {
     process.exit(err instanceof ReaperError && START_REFUSALS.has(err.code) ? EXIT_CONFIG : EXIT_CRASH);
   }
   const running = daemon;
+  onHangup = () => running.reopenLog();
+  if (hangupWhileStarting) running.reopenLog();
 
   let stopping = false;
   const onSignal = (signal: NodeJS.Signals): void => {

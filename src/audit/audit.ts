@@ -3,6 +3,7 @@ import type { Logger } from "pino";
 import type { Clock } from "../clock.js";
 import { ReaperError } from "../errors.js";
 import type { NewEvent, Store } from "../store/store.js";
+import type { DroppedLines } from "./sink.js";
 
 export const AUDIT_EVENTS = [
   "daemon.started",
@@ -17,6 +18,7 @@ export const AUDIT_EVENTS = [
   "reap.finished",
   "orphan.found",
   "daemon.stalled",
+  "daemon.lines_dropped",
 ] as const;
 export type AuditEventName = (typeof AUDIT_EVENTS)[number];
 
@@ -152,6 +154,23 @@ export class AuditTrail {
       full.detail = { ...full.detail, stored: false };
     }
     this.publish(full);
+  }
+
+  /**
+   * Records what the log sink could not write, once it writes again (`take`: the sink's
+   * `takeDropped`): one `daemon.lines_dropped` per report, naming the audit lines the log
+   * lacks, so that `audit verify` can account for them. Never throws: what cannot be recorded
+   * now (the store is closed, the daemon stopping) stays counted in the metric.
+   */
+  recordDroppedLines(take: () => DroppedLines | null): void {
+    // Taken first: a report whose own line is dropped again goes to the next round, not this one.
+    const reports: DroppedLines[] = [];
+    for (let d = take(); d !== null; d = take()) reports.push(d);
+    try {
+      for (const d of reports) this.record({ event: "daemon.lines_dropped", detail: { ...d } });
+    } catch {
+      // the metric counted every line; the stderr note said so
+    }
   }
 
   /**

@@ -3,6 +3,8 @@
  * file or journald through stdin) that every session that left `live` reached
  * `reap.finished`, and cross-checks each session it names against the daemon's own events
  * when the daemon answers. Problems are listed, never fatal: the verifier reads everything.
+ * Lines the daemon could not write (a full disk) are accounted for by its `daemon.lines_dropped`
+ * events, which name each audit line dropped: a named line counts as if it were there.
  */
 import { open } from "node:fs/promises";
 import { createInterface } from "node:readline";
@@ -45,10 +47,32 @@ export interface Trail {
   malformed: { line: number; text: string }[];
   unknown: { line: number; event: string; sessionId: string | null }[];
   sessions: Map<string, SessionTrail>;
+  /** What the daemon.lines_dropped events say was dropped (summed over them). */
+  dropped: DroppedTotals;
+}
+
+/**
+ * Lines the daemon could not write to this log (a full disk), by its `daemon.lines_dropped`
+ * events: `records` such events, `lines` dropped (operational and audit), `auditLines` among
+ * them, `unnamed` audit lines no event names (the daemon keeps at most 10,000 names).
+ */
+export interface DroppedTotals {
+  records: number;
+  lines: number;
+  auditLines: number;
+  unnamed: number;
 }
 
 export function newTrail(): Trail {
-  return { lines: 0, nonAudit: 0, daemonEvents: 0, malformed: [], unknown: [], sessions: new Map() };
+  return {
+    lines: 0,
+    nonAudit: 0,
+    daemonEvents: 0,
+    malformed: [],
+    unknown: [],
+    sessions: new Map(),
+    dropped: { records: 0, lines: 0, auditLines: 0, unnamed: 0 },
+  };
 }
 
 /**
@@ -76,14 +100,26 @@ export function addLine(trail: Trail, text: string): void {
     return;
   }
   if (typeof rec.event !== "string") return malformed();
+  if (rec.event === "daemon.lines_dropped") addDropped(trail, line, rec.detail);
+  addEvent(trail, line, rec.event, rec, malformed);
+}
+
+/** One audit event (a line, or a line a daemon.lines_dropped names) into the trail. */
+function addEvent(
+  trail: Trail,
+  line: number,
+  event: string,
+  rec: Record<string, unknown>,
+  malformed: () => void,
+): void {
   const sessionId = typeof rec.sessionId === "string" ? rec.sessionId : null;
-  if (!KNOWN.has(rec.event)) {
-    trail.unknown.push({ line, event: rec.event.slice(0, 80), sessionId });
+  if (!KNOWN.has(event)) {
+    trail.unknown.push({ line, event: event.slice(0, 80), sessionId });
     return;
   }
   // A report-mode orphan.found concerns a process or path, not a session; in reap mode it
   // names the session it became, and counts in that session's trail.
-  if (rec.event.startsWith("daemon.") || (rec.event === "orphan.found" && sessionId === null)) {
+  if (event.startsWith("daemon.") || (event === "orphan.found" && sessionId === null)) {
     trail.daemonEvents++;
     return;
   }
@@ -104,19 +140,51 @@ export function addLine(trail: Trail, text: string): void {
     };
     trail.sessions.set(sessionId, s);
   }
-  s.lastEvent = rec.event;
+  s.lastEvent = event;
   s.lastLine = line;
   if (typeof rec.reason === "string") s.reason = rec.reason;
-  if (LEAVING_LIVE.has(rec.event)) s.leftLive = true;
+  if (LEAVING_LIVE.has(event)) s.leftLive = true;
   const detail = (rec.detail ?? {}) as { containment?: { kind?: unknown }; verified?: unknown; tracking?: unknown };
-  if (rec.event === "session.registered" && detail.containment !== undefined) {
+  if (event === "session.registered" && detail.containment !== undefined) {
     s.contained = detail.containment?.kind === "cgroup";
   }
-  if (rec.event === "reap.finished") {
+  if (event === "reap.finished") {
     s.finished = true;
     s.outcome = typeof rec.outcome === "string" ? rec.outcome : null;
     s.verified = Array.isArray(detail.verified) ? detail.verified.filter((v) => typeof v === "string") : null;
     s.tracking = typeof detail.tracking === "string" ? detail.tracking : null;
+  }
+}
+
+/**
+ * A daemon.lines_dropped: its counts are summed, and each audit line it names counts as if it
+ * were in the log (by event and session: a named reap.finished has no outcome, so it is not
+ * judged as clean). A detail of another shape is malformed.
+ */
+function addDropped(trail: Trail, line: number, detail: unknown): void {
+  const d = detail as { lines?: unknown; auditLines?: unknown; unnamed?: unknown; events?: unknown } | null;
+  const count = (v: unknown): number | null => (Number.isSafeInteger(v) && (v as number) >= 0 ? (v as number) : null);
+  const [lines, auditLines, unnamed] = [count(d?.lines), count(d?.auditLines), count(d?.unnamed)];
+  const malformed = (): void =>
+    void trail.malformed.push({ line, text: `daemon.lines_dropped: ${JSON.stringify(detail)}`.slice(0, 80) });
+  if (lines === null || auditLines === null || unnamed === null || !Array.isArray(d?.events)) return malformed();
+  trail.dropped.records++;
+  trail.dropped.lines += lines;
+  trail.dropped.auditLines += auditLines;
+  trail.dropped.unnamed += unnamed;
+  for (const named of d.events as unknown[]) {
+    const n = named as { event?: unknown; sessionId?: unknown } | null;
+    if (typeof n?.event !== "string") {
+      malformed();
+      continue;
+    }
+    addEvent(
+      trail,
+      line,
+      n.event,
+      { event: n.event, ...(typeof n.sessionId === "string" ? { sessionId: n.sessionId } : {}) },
+      malformed,
+    );
   }
 }
 
@@ -159,6 +227,11 @@ export interface VerifyReport {
   trackingUnknownCleanReaps: { count: number; sessions: string[] };
   malformed: { line: number; text: string }[];
   unknown: { line: number; event: string; sessionId: string | null }[];
+  /**
+   * Lines the daemon could not write (daemon.lines_dropped): named audit lines are counted in
+   * the sessions above; `unnamed` ones make the log incomplete (the daemon's SQLite rows hold them).
+   */
+  droppedLines: DroppedTotals;
   daemon: DaemonCheck;
 }
 
@@ -211,7 +284,8 @@ export function verifyTrail(
       mismatches.push({ sessionId: s.id, detail: "the log lacks the reap.finished the daemon holds" });
   }
   return {
-    complete: missing.length + mismatches.length + trail.malformed.length + trail.unknown.length === 0,
+    complete:
+      missing.length + mismatches.length + trail.malformed.length + trail.unknown.length + trail.dropped.unnamed === 0,
     source,
     lines: trail.lines,
     nonAudit: trail.nonAudit,
@@ -223,6 +297,7 @@ export function verifyTrail(
     trackingUnknownCleanReaps: { count: trackingUnknown.length, sessions: trackingUnknown },
     malformed: trail.malformed,
     unknown: trail.unknown,
+    droppedLines: { ...trail.dropped },
     daemon,
   };
 }
@@ -317,6 +392,7 @@ export function renderReport(r: VerifyReport): string {
     ],
     ["malformed lines", String(r.malformed.length)],
     ["unknown events", String(r.unknown.length)],
+    ["dropped lines", droppedRow(r.droppedLines)],
     ["daemon", daemon],
     ["result", r.complete ? "complete" : "INCOMPLETE"],
   ]);
@@ -357,6 +433,11 @@ export function renderReport(r: VerifyReport): string {
     text +=
       "\nMalformed lines:\n" + table([["LINE", "TEXT"], ...r.malformed.map((m) => [String(m.line), m.text])], true);
   }
+  if (r.droppedLines.unnamed > 0) {
+    text +=
+      `\n${r.droppedLines.unnamed} audit lines were dropped with no name kept: this log cannot account for them.\n` +
+      "The daemon's database holds every event (reaperctl events ID).\n";
+  }
   if (r.unknown.length > 0) {
     text +=
       "\nUnknown events:\n" +
@@ -366,6 +447,13 @@ export function renderReport(r: VerifyReport): string {
       );
   }
   return text;
+}
+
+/** The "dropped lines" row: what the daemon could not write to this log, and how it is accounted for. */
+function droppedRow(d: DroppedTotals): string {
+  if (d.records === 0) return "0";
+  const unnamed = d.unnamed > 0 ? `, ${d.unnamed} of them UNNAMED` : "";
+  return `${d.lines} (log full; ${d.auditLines} audit lines named by ${d.records} daemon.lines_dropped${unnamed})`;
 }
 
 /** How many ids a human report lists before "and N more" (--json lists them all). */

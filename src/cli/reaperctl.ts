@@ -214,11 +214,15 @@ malformed lines (line number, first 80 characters). Operational lines without an
 output) is skipped too. When the daemon answers, each session the log names is
 cross-checked with the daemon's own events (a reap.finished the log lost, or a session the
 daemon does not know, is listed); when it does not, the log is verified alone.
+Lines the daemon could not write (a full disk) are named by its daemon.lines_dropped
+events and count as written; audit lines dropped without a name make the log incomplete.
+A rotated log is verified as one: cat the files oldest first into stdin.
 Also listed, without changing the exit code: clean reaps tracked by snapshots only
 (reap.finished's tracking "snapshots": their clean is only as good as walks of /proc; the
 first 20 ids, then a count), and a count of clean reaps whose reap.finished has no
 tracking (older builds).
-Exit 0 when complete, 5 when anything is missing, mismatched, malformed or unknown.
+Exit 0 when complete, 5 when anything is missing, mismatched, malformed, unknown or
+dropped unnamed.
 
 Options:
   --offline   do not ask the daemon

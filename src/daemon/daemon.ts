@@ -132,6 +132,7 @@ export class Daemon {
     }
     const sink = this.loggers.sink;
     this.audit = new AuditTrail(this.store, this.loggers.audit, clock);
+    if (sink !== null) sink.onRecovered = () => this.reportDroppedLines();
     this.metrics = new Metrics({
       store: this.store,
       profiles: Object.keys(config.profiles),
@@ -402,6 +403,7 @@ export class Daemon {
     await part("heartbeat flush", () => this.writeBehind.flushAll());
     await part("http", () => Promise.all([this.app.close(), this.tcpServer ? closeServer(this.tcpServer) : undefined]));
     await part("process watches", () => this.detector.close());
+    await part("dropped log lines", () => this.reportDroppedLines());
     await part("audit", () =>
       this.audit.record({ event: "daemon.stopped", detail: { counts: this.store.counts(), failed } }),
     );
@@ -413,6 +415,33 @@ export class Daemon {
     this.stateValue = "stopped";
     this.loggers.flush();
     this.loggers.sink?.close();
+  }
+
+  /**
+   * SIGHUP: the log file is opened again at its configured path (logrotate moved it away), a
+   * line closing the old file and one opening the new. Logging to stdout, there is nothing to
+   * reopen. Never throws: a file that cannot be opened leaves lines going to the old one.
+   */
+  reopenLog(): void {
+    const sink = this.loggers.sink;
+    const file = this.config.log.file;
+    if (sink === null || !sink.ownsFile) {
+      this.log.info({ signal: "SIGHUP" }, "SIGHUP: logging to stdout, no log file to reopen");
+      return;
+    }
+    this.log.info({ signal: "SIGHUP", file }, "reopening the log file");
+    try {
+      sink.reopen();
+      this.log.info({ signal: "SIGHUP", file }, "log file reopened");
+    } catch (err) {
+      this.log.error({ err, file }, "the log file could not be reopened: lines go on to the file already open");
+    }
+  }
+
+  /** Lines the log sink dropped and has written again since: on record (daemon.lines_dropped). */
+  private reportDroppedLines(): void {
+    const sink = this.loggers.sink;
+    if (sink !== null && this.stateValue !== "stopped") this.audit.recordDroppedLines(() => sink.takeDropped());
   }
 
   /**

@@ -200,6 +200,56 @@ test("a clean verified by less than the session's containment allowed is listed 
   assert.match(renderReport(r), /^contained-no-cgroup\s+tree,cookie,ports,paths,ipc\s+cgroup$/m);
 });
 
+test("the audit lines a daemon.lines_dropped names count as written; unnamed ones leave the trail incomplete", () => {
+  const trailOf = (unnamed: number): VerifyReport => {
+    const trail = newTrail();
+    const line = (o: Record<string, unknown>): void => addLine(trail, JSON.stringify({ audit: true, ...o }));
+    line({ event: "session.registered", sessionId: "s1" });
+    line({ event: "session.expired", sessionId: "s1", reason: "heartbeat_timeout" });
+    // The disk filled: the reap's last lines and s2's whole trail were dropped, then named.
+    line({
+      event: "daemon.lines_dropped",
+      detail: {
+        lines: 6,
+        auditLines: 4 + unnamed,
+        events: [
+          { event: "reap.finished", sessionId: "s1" },
+          { event: "session.registered", sessionId: "s2" },
+          { event: "session.closed", sessionId: "s2" },
+          { event: "reap.finished", sessionId: "s2" },
+        ],
+        unnamed,
+        error: "ENOSPC",
+        from: "2026-12-01T00:00:00.000Z",
+        to: "2026-12-01T00:00:01.000Z",
+      },
+    });
+    line({ event: "daemon.lines_dropped", detail: { lines: "many" } });
+    return verifyTrail(trail, "test", { status: "skipped" }, new Map());
+  };
+  const named = trailOf(0);
+  assert.deepEqual(named.sessions, { seen: 2, live: 0, reaped: 2, missing: 0 });
+  assert.deepEqual(named.droppedLines, { records: 1, lines: 6, auditLines: 4, unnamed: 0 });
+  assert.deepEqual(
+    named.malformed.map((m) => m.line),
+    [4],
+    "a daemon.lines_dropped of another shape is malformed",
+  );
+  assert.match(
+    renderReport(named),
+    /^dropped lines\s+6 \(log full; 4 audit lines named by 1 daemon\.lines_dropped\)$/m,
+  );
+
+  const unnamed = trailOf(2);
+  assert.equal(unnamed.complete, false);
+  assert.deepEqual(unnamed.sessions, { seen: 2, live: 0, reaped: 2, missing: 0 });
+  assert.match(
+    renderReport(unnamed),
+    /6 \(log full; 6 audit lines named by 1 daemon\.lines_dropped, 2 of them UNNAMED\)/,
+  );
+  assert.match(renderReport(unnamed), /2 audit lines were dropped with no name kept/);
+});
+
 test("audit verify: clean reaps tracked by snapshots only are listed, and the exit code stays as it was", async (t) => {
   const dir = tempDir(t);
   // Started before the daemon, uncontained: tracked by walks of /proc only ("snapshots").

@@ -43,6 +43,8 @@ test("the unit keeps its promises to the daemon", () => {
   const stopSec = Number(/^(\d+)s$/.exec(get("TimeoutStopSec")[0] ?? "")?.[1]);
   assert.ok(stopSec > DEFAULTS.reaper.shutdown_grace_sec + 5 + 10, `TimeoutStopSec=${stopSec}s`);
   assert.deepEqual(get("RestartPreventExitStatus"), ["78"]);
+  // SIGHUP reopens the log file (src/main.ts): what logrotate's postrotate and systemctl reload send.
+  assert.deepEqual(get("ExecReload"), ["/bin/kill -HUP $MAINPID"]);
   for (const forbidden of ["PrivateUsers", "ProtectProc", "PrivateTmp", "MemoryDenyWriteExecute"]) {
     assert.deepEqual(get(forbidden), [], `${forbidden}= breaks the job`);
     assert.match(unit, new RegExp(`^# ${forbidden}=`, "m"), `the reason for omitting ${forbidden}= is written down`);
