@@ -77,12 +77,19 @@ export function newTrail(): Trail {
 
 /**
  * Adds one line. Lines may carry a prefix before the JSON (journalctl's default output,
- * "Nov 22 06:46:41 host node[42]: {…}"), which is skipped; blank lines are ignored.
+ * "Nov 22 06:46:41 host node[42]: {…}"), which is skipped; blank lines and npm's banner are
+ * ignored.
  */
 export function addLine(trail: Trail, text: string): void {
   const line = ++trail.lines;
   const trimmed = text.trim();
   if (trimmed === "") return;
+  // npm's banner when the daemon runs as `npm start` ("> session-reaper@0.1.0 start", then
+  // "> node dist/src/main.js"): not the daemon's, and never a piece of a JSON line.
+  if (trimmed.startsWith("> ") && !trimmed.includes("{")) {
+    trail.nonAudit++;
+    return;
+  }
   const malformed = (): void => void trail.malformed.push({ line, text: trimmed.slice(0, 80) });
   const start = trimmed.indexOf("{");
   let parsed: unknown;

@@ -74,6 +74,18 @@ test("audit verify: a complete trail from a real daemon, from a file and from st
   );
   assert.equal((await ctl(["audit", "verify", prefixed, "--offline"])).code, 0);
 
+  // `npm start > reaper.log`: npm's banner before the daemon's lines is not the daemon's.
+  const npm = write(dir, "npm-start.log", [
+    "",
+    "> session-reaper@0.1.0 start",
+    "> node dist/src/main.js",
+    "",
+    ...lines,
+  ]);
+  const fromNpm = await ctl(["audit", "verify", npm, "--offline", "--json"]);
+  assert.equal(fromNpm.code, 0, fromNpm.stdout);
+  assert.deepEqual(report(fromNpm.stdout).malformed, []);
+
   // The daemon is not running: the log alone is verified, and that is no error.
   const alone = await ctl(["audit", "verify", file, "--socket", join(dir, "absent.sock")]);
   assert.equal(alone.code, 0, alone.stdout);
