@@ -17,6 +17,7 @@ export const AUDIT_EVENTS = [
   "reap.finished",
   "orphan.found",
   "daemon.stalled",
+  "session.damaged",
 ] as const;
 export type AuditEventName = (typeof AUDIT_EVENTS)[number];
 
