@@ -56,6 +56,11 @@ export const ERRORS = {
   SR_SESSION_NOT_FOUND: { status: 404, summary: "no session has this id" },
   SR_SESSION_FENCED: { status: 409, summary: "the session is being reaped or was reaped" },
   SR_SESSION_NOT_LIVE: { status: 409, summary: "the session is no longer live" },
+  SR_SESSION_DAMAGED: {
+    status: 409,
+    summary:
+      "a stored value of the session cannot be read (a damaged row): it cannot be changed, and if its engine cannot be identified (state damaged) it takes no heartbeats; close or force-reap it",
+  },
   SR_INVALID_CURSOR: { status: 400, summary: "the list cursor is malformed" },
   SR_SHUTTING_DOWN: { status: 503, summary: "the daemon is shutting down and takes no new sessions" },
   SR_STORE_UNAVAILABLE: {

@@ -19,6 +19,7 @@ export const AUDIT_EVENTS = [
   "orphan.found",
   "daemon.stalled",
   "daemon.lines_dropped",
+  "session.damaged",
 ] as const;
 export type AuditEventName = (typeof AUDIT_EVENTS)[number];
 

@@ -3,6 +3,7 @@ import { liveness } from "../proc/identity.js";
 import { readUid } from "../proc/stat.js";
 import { freshTables, socketSnapshot } from "../proc/sockets.js";
 import { recentTable } from "../proc/tree.js";
+import { hookRefusal } from "./hook-template.js";
 import { commandHook } from "./release-hooks.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
 
@@ -36,6 +37,8 @@ export const closeEnvironment: CleanupStep = {
 
     let out: StepOutput;
     if (hook.kind === "http") {
+      const refused = hookRefusal(session);
+      if (refused !== null) return { ok: false, detail: { hook: "http", error: refused } };
       const port = session.ports[0];
       if (port === undefined) {
         return {

@@ -47,14 +47,27 @@ export interface StepDetails {
 /** A journal as the steps see it: results by step name (also from before a restart). */
 export type Journal = ReadonlyMap<StepName, StepResult>;
 
+/** A journaled process: at least a pid and a start time (whole numbers). */
+const isProcess = (p: unknown): boolean =>
+  typeof p === "object" &&
+  p !== null &&
+  Number.isSafeInteger((p as { pid?: unknown }).pid) &&
+  Number.isSafeInteger((p as { startTime?: unknown }).startTime);
+
 /**
  * What a journaled step recorded, typed, or undefined if that step has no record yet. Array
- * fields that a damaged or foreign record holds as something else read as absent.
+ * fields that a damaged or foreign record holds as something else read as absent, and their
+ * items that are no process are left out (a reap must never crash on its own journal).
  */
 export function journaled<N extends StepName>(journal: Journal, name: N): StepDetails[N] | undefined {
   const detail = journal.get(name)?.detail;
   if (detail === undefined) return undefined;
   const out: Record<string, unknown> = { ...detail };
-  for (const key of ["processes"]) if (key in out && !Array.isArray(out[key])) delete out[key];
+  for (const key of ["processes"]) {
+    if (!(key in out)) continue;
+    const v = out[key];
+    if (Array.isArray(v)) out[key] = v.filter(isProcess);
+    else delete out[key];
+  }
   return out as unknown as StepDetails[N];
 }

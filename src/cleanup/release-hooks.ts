@@ -4,7 +4,7 @@ import type { Logger } from "pino";
 import type { ReleaseHook } from "../config/load.js";
 import { errorMessage } from "../errors.js";
 import { passwdEntry } from "../proc/passwd.js";
-import { TemplateError, expandArgv } from "./hook-template.js";
+import { TemplateError, expandArgv, hookRefusal } from "./hook-template.js";
 import type { Session } from "../sessions/types.js";
 
 type HookResult = { outcome: "ok" | "failed" | "timeout"; error?: string };
@@ -76,6 +76,8 @@ export function runReleaseHooks(
 
 /** POSTs the session's facts as JSON; any 2xx answer is success. Redirects are refused. */
 async function postHook(url: string, session: Session, attempt: number, signal: AbortSignal): Promise<HookOutcome> {
+  const refused = hookRefusal(session);
+  if (refused !== null) return { hook: "http", url, outcome: "failed", error: refused };
   const body = JSON.stringify({
     sessionId: session.id,
     profile: session.profile,
@@ -122,6 +124,8 @@ export async function commandHook(
   signal: AbortSignal,
   opts: { path: string; runAs?: { uid: number; gid: number } },
 ): Promise<CommandOutcome> {
+  const refused = hookRefusal(session);
+  if (refused !== null) return { hook: "command", argv, outcome: "failed", error: refused };
   let expanded: string[];
   try {
     expanded = expandArgv(argv, session);

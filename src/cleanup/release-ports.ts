@@ -16,6 +16,7 @@ import {
   type SocketSnapshot,
 } from "../proc/sockets.js";
 import type { Leftover, StepName, StepResult } from "../sessions/types.js";
+import { damageOf, whereIs } from "../store/columns.js";
 import { runReleaseHooks, type HookReport } from "./release-hooks.js";
 import { knownProcesses, sleep, type CleanupStep } from "./step.js";
 import { terminatedProcesses } from "./terminate.js";
@@ -341,13 +342,25 @@ export const releaseConnectionsAndPorts: CleanupStep = {
       .filter((s) => registered.has(s.port) || snapConnections.has(s.item))
       .map((s) => s.item);
 
+    // Ports that cannot be read were neither checked nor released: the step cannot have succeeded.
+    const damaged = damageOf(session, "ports");
     const hooksOk = hooks.every((h) => h.outcome === "ok");
     // An outsider on a port is reported, but the session itself released what it held.
     const portsOk = ports.every((r) => r.status === "free" || (r.status === "held" && r.by === "outside"));
     const socketsOk = survivors.every((s) => s.by === "outside");
     return {
-      ok: hooksOk && portsOk && socketsOk,
-      detail: { hooks, ports, sockets, timeWait },
+      ok: hooksOk && portsOk && socketsOk && damaged === undefined,
+      detail: {
+        hooks,
+        ports,
+        ...(damaged === undefined
+          ? {}
+          : {
+              unreadable: `${whereIs(damaged)} cannot be read (${damaged.error}): the session's ports are unknown, none was verified free`,
+            }),
+        sockets,
+        timeWait,
+      },
       leftovers,
     };
   },

@@ -2,6 +2,7 @@ import { removePath } from "../paths/remove.js";
 import { ipcLeftovers, POSIX_SHM_DIR, removeSysv, startedAtMs, type IpcQuery } from "../proc/ipc.js";
 import { processUses } from "../proc/users.js";
 import type { Leftover } from "../sessions/types.js";
+import { damageOf, whereIs } from "../store/columns.js";
 import { knownProcesses, type CleanupStep, type StepContext } from "./step.js";
 import { terminatedProcesses } from "./terminate.js";
 
@@ -22,6 +23,14 @@ export const removePaths: CleanupStep = {
   async run(ctx, signal) {
     const results: { path: string; status: string; detail?: string }[] = [];
     const leftovers: Leftover[] = [];
+    // Paths that cannot be read are never guessed at: nothing is deleted, and the step fails.
+    const damaged = damageOf(ctx.session, "paths");
+    const unreadable =
+      damaged === undefined
+        ? {}
+        : {
+            unreadable: `${whereIs(damaged)} cannot be read (${damaged.error}): the session's paths are unknown, none was deleted`,
+          };
     for (const path of ctx.session.paths) {
       const users = await processUses({ paths: [path], skip: new Set([ctx.daemonPid, process.pid]) });
       if (users.length > 0) {
@@ -44,8 +53,8 @@ export const removePaths: CleanupStep = {
     const ipc = await removeIpc(ctx, signal);
     leftovers.push(...ipc.leftovers);
     return {
-      ok: leftovers.length === 0,
-      detail: { paths: results, ...(ipc.results.length > 0 ? { ipc: ipc.results } : {}) },
+      ok: leftovers.length === 0 && damaged === undefined,
+      detail: { paths: results, ...unreadable, ...(ipc.results.length > 0 ? { ipc: ipc.results } : {}) },
       leftovers,
     };
   },

@@ -5,6 +5,7 @@ import { freshTables, inetSockets } from "../proc/sockets.js";
 import { readStat, readUid } from "../proc/stat.js";
 import { processUses, type ProcessUse } from "../proc/users.js";
 import type { Leftover, ProcessIdentity, Session } from "../sessions/types.js";
+import { damageOf, engineReadable } from "../store/columns.js";
 import { journaled, type Journal } from "./journal.js";
 import { ipcQuery } from "./remove-paths.js";
 import { knownProcesses, type SessionMembers } from "./step.js";
@@ -112,14 +113,16 @@ export async function verifyGone(
     item: `${o.kind} ${o.item}`,
     detail: o.why,
   }));
+  // A check is named only if it looked at what the session holds: its ports and paths as
+  // stored, its tree from its engine. One whose stored values cannot be read checked nothing.
   return {
     verified: [
       ...(cg === null ? [] : (["cgroup"] as const)),
       ...(complete ? (["lineage"] as const) : []),
-      "tree",
+      ...(engineReadable(session) ? (["tree"] as const) : []),
       "cookie",
-      "ports",
-      "paths",
+      ...(damageOf(session, "ports") === undefined ? (["ports"] as const) : []),
+      ...(damageOf(session, "paths") === undefined ? (["paths"] as const) : []),
       ...(ipcInUse ? [] : (["ipc"] as const)),
     ],
     leftovers: [...found.values()]

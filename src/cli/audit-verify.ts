@@ -14,9 +14,12 @@ import { ReaperError } from "../errors.js";
 import { EXIT, UsageError, type Context } from "./command.js";
 import { table } from "./format.js";
 
-/** The events that take a session out of `live`. */
+/** The events that take a session out of `live` (and session.damaged with action "quarantined"). */
 const LEAVING_LIVE = new Set(["session.closed", "session.expired", "reap.started"]);
 const KNOWN = new Set<string>(AUDIT_EVENTS);
+
+/** session.damaged's `action` when the session's engine cannot be identified: it left live, for an operator. */
+const QUARANTINED = "quarantined";
 
 interface SessionTrail {
   id: string;
@@ -32,6 +35,10 @@ interface SessionTrail {
   verified: string[] | null;
   /** reap.finished's `tracking` (null: a line from before tracking was recorded). */
   tracking: string | null;
+  /** Columns session.damaged named (a damaged row), in order; empty when none. */
+  damaged: string[];
+  /** A session.damaged said "quarantined": its engine cannot be identified. */
+  quarantined: boolean;
 }
 
 /** What a `clean` must have been verified by, given the session's containment. */
@@ -144,6 +151,8 @@ function addEvent(
       contained: null,
       verified: null,
       tracking: null,
+      damaged: [],
+      quarantined: false,
     };
     trail.sessions.set(sessionId, s);
   }
@@ -151,7 +160,25 @@ function addEvent(
   s.lastLine = line;
   if (typeof rec.reason === "string") s.reason = rec.reason;
   if (LEAVING_LIVE.has(event)) s.leftLive = true;
-  const detail = (rec.detail ?? {}) as { containment?: { kind?: unknown }; verified?: unknown; tracking?: unknown };
+  const detail = (rec.detail ?? {}) as {
+    containment?: { kind?: unknown };
+    verified?: unknown;
+    tracking?: unknown;
+    damage?: unknown;
+    action?: unknown;
+  };
+  if (event === "session.damaged") {
+    for (const d of Array.isArray(detail.damage) ? detail.damage : []) {
+      const column = (d as { table?: unknown; column?: unknown } | null)?.column;
+      const table = (d as { table?: unknown } | null)?.table;
+      const name = typeof table === "string" && typeof column === "string" ? `${table}.${column}` : "?";
+      if (!s.damaged.includes(name)) s.damaged.push(name);
+    }
+    if (detail.action === QUARANTINED) {
+      s.quarantined = true;
+      s.leftLive = true;
+    }
+  }
   if (event === "session.registered" && detail.containment !== undefined) {
     s.contained = detail.containment?.kind === "cgroup";
   }
@@ -202,7 +229,8 @@ export async function readTrail(input: Readable): Promise<Trail> {
 }
 
 /** What the daemon's events say about one session; `known: false` when it answers 404. */
-export type DaemonView = { known: false } | { known: true; leftLive: boolean; finished: boolean };
+export type DaemonView =
+  { known: false } | { known: true; leftLive: boolean; finished: boolean; quarantined?: boolean };
 
 export type DaemonCheck =
   | { status: "checked"; socket: string; sessions: number }
@@ -215,8 +243,18 @@ export interface VerifyReport {
   lines: number;
   nonAudit: number;
   sessions: { seen: number; live: number; reaped: number; missing: number };
-  /** Left live with a reap.finished in neither the log nor the daemon's events. */
+  /**
+   * Left live with a reap.finished in neither the log nor the daemon's events (a session
+   * quarantined for a damaged row, its engine unidentified, counts here until an operator
+   * closes or force-reaps it).
+   */
   missing: { sessionId: string; reason: string | null; lastEvent: string; line: number; daemon: string }[];
+  /**
+   * Sessions whose stored row was found damaged (session.damaged): the columns named, whether
+   * the session was quarantined, whether it reached reap.finished. Listed; a quarantined one not
+   * finished is also missing.
+   */
+  damaged: { sessionId: string; columns: string[]; quarantined: boolean; finished: boolean }[];
   /** The log and the daemon disagree about a session's end. */
   mismatches: { sessionId: string; detail: string }[];
   /**
@@ -253,12 +291,21 @@ export function verifyTrail(
   const weaklyVerified: VerifyReport["weaklyVerified"] = [];
   const snapshotsOnly: string[] = [];
   const trackingUnknown: string[] = [];
+  const damaged: VerifyReport["damaged"] = [];
   let live = 0;
   let reaped = 0;
   for (const s of trail.sessions.values()) {
     const v = views.get(s.id);
     const daemonLeft = v?.known === true && v.leftLive;
     const daemonFinished = v?.known === true && v.finished;
+    if (s.damaged.length > 0 || s.quarantined || (v?.known === true && v.quarantined === true)) {
+      damaged.push({
+        sessionId: s.id,
+        columns: s.damaged,
+        quarantined: s.quarantined || (v?.known === true && v.quarantined === true),
+        finished: s.finished || daemonFinished,
+      });
+    }
     if (s.finished || daemonFinished) reaped++;
     else if (s.leftLive || daemonLeft) {
       missing.push({
@@ -271,9 +318,11 @@ export function verifyTrail(
             ? "not checked"
             : !v.known
               ? "unknown session"
-              : v.leftLive
-                ? "no reap.finished either (still reaping?)"
-                : "live",
+              : v.quarantined === true && v.leftLive
+                ? "damaged: quarantined (its engine cannot be identified), awaiting an operator's close or force-reap"
+                : v.leftLive
+                  ? "no reap.finished either (still reaping?)"
+                  : "live",
       });
     } else live++;
     if (s.finished && s.outcome === "clean") {
@@ -298,6 +347,7 @@ export function verifyTrail(
     nonAudit: trail.nonAudit,
     sessions: { seen: trail.sessions.size, live, reaped, missing: missing.length },
     missing,
+    damaged,
     mismatches,
     weaklyVerified,
     snapshotsOnlyCleanReaps: { count: snapshotsOnly.length, sessions: snapshotsOnly },
@@ -316,16 +366,20 @@ async function askDaemon(ctx: Context, ids: string[]): Promise<Map<string, Daemo
   const worker = async (): Promise<void> => {
     while (next < ids.length) {
       const id = ids[next++] as string;
-      const res = await ctx.api<{ events: { event: string }[] }>(
+      const res = await ctx.api<{ events: { event: string; detail: { action?: unknown } | null }[] }>(
         "GET",
         `/v1/sessions/${encodeURIComponent(id)}/events`,
       );
       if (res.status === 200) {
         const names = res.body.events.map((e) => e.event);
+        const quarantined = res.body.events.some(
+          (e) => e.event === "session.damaged" && e.detail?.action === QUARANTINED,
+        );
         views.set(id, {
           known: true,
-          leftLive: names.some((n) => LEAVING_LIVE.has(n)),
+          leftLive: quarantined || names.some((n) => LEAVING_LIVE.has(n)),
           finished: names.includes("reap.finished"),
+          quarantined,
         });
       } else if (res.status === 404 || res.status === 400) {
         views.set(id, { known: false }); // 400: not even a valid session id
@@ -388,6 +442,7 @@ export function renderReport(r: VerifyReport): string {
     ["reaped", String(r.sessions.reaped)],
     ["still live", String(r.sessions.live)],
     ["missing reap.finished", String(r.sessions.missing)],
+    ["damaged rows", String(r.damaged.length)],
     ["log/daemon mismatches", String(r.mismatches.length)],
     ["clean, weakly verified", String(r.weaklyVerified.length)],
     ["clean, snapshots only", String(r.snapshotsOnlyCleanReaps.count)],
@@ -410,6 +465,22 @@ export function renderReport(r: VerifyReport): string {
         [
           ["SESSION", "REASON", "LAST EVENT", "LINE", "DAEMON"],
           ...r.missing.map((m) => [m.sessionId, m.reason ?? "-", m.lastEvent, String(m.line), m.daemon]),
+        ],
+        true,
+      );
+  }
+  if (r.damaged.length > 0) {
+    text +=
+      "\nSessions whose stored row is damaged (reaperctl show ID names each value):\n" +
+      table(
+        [
+          ["SESSION", "DAMAGED", "ENGINE", "REAP.FINISHED"],
+          ...r.damaged.map((d) => [
+            d.sessionId,
+            d.columns.join(",") || "-",
+            d.quarantined ? "unidentified: quarantined" : "identified",
+            d.finished ? "yes" : "no",
+          ]),
         ],
         true,
       );

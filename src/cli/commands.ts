@@ -1,6 +1,7 @@
 /** The commands that read or act on the daemon's sessions: one API call (or page loop) each. */
 import type { Session } from "../client/index.js";
 import type { ExpiringJson, OrphanJson } from "../http/present.js";
+import { SESSION_STATES } from "../sessions/types.js";
 import { EXIT, UsageError, apiFailure, parseAdditions, stringOption, type Context } from "./command.js";
 import { parseDuration, plural, relativeTime, table } from "./format.js";
 
@@ -32,6 +33,14 @@ export async function status(ctx: Context): Promise<number> {
       ["version", d.version],
       ["started", `${d.startedAt} (${relativeTime(d.startedAt, now)})`],
       ["live", String(d.counts.live ?? 0)],
+      ...((d.counts.damaged ?? 0) > 0
+        ? [
+            [
+              "damaged",
+              `${d.counts.damaged} (engine unidentified: close or force-reap; reaperctl list --state damaged)`,
+            ],
+          ]
+        : []),
       ["reaping", String(d.counts.reaping ?? 0)],
       ["reaped", String(d.counts.reaped ?? 0)],
     ]),
@@ -39,7 +48,7 @@ export async function status(ctx: Context): Promise<number> {
   return EXIT.ok;
 }
 
-const STATES = ["live", "reaping", "reaped"];
+const STATES: readonly string[] = SESSION_STATES;
 
 export async function list(ctx: Context): Promise<number> {
   noArgs(ctx, "list");
@@ -73,7 +82,10 @@ export async function list(ctx: Context): Promise<number> {
         ["ID", "STATE", "PROFILE", "OWNER", "PID", "CREATED", "EXPIRES / REASON"],
         ...sessions.map((s) => [
           s.id,
-          s.state,
+          // A damaged row shows as such whatever its state: "live, damaged: paths".
+          s.damage.length > 0 && s.state !== "damaged"
+            ? `${s.state}, damaged: ${[...new Set(s.damage.map((d) => d.column))].join(",")}`
+            : s.state,
           s.profile,
           s.owner ?? "-",
           String(s.engine.pid),
@@ -144,6 +156,24 @@ function showSession(s: Session, now: number): string {
   }
   if (s.leftovers.length > 0) {
     text += "\n" + table([["LEFTOVER", "ITEM", "DETAIL"], ...s.leftovers.map((l) => [l.kind, l.item, l.detail])], true);
+  }
+  if (s.damage.length > 0) {
+    text +=
+      "\nStored values that cannot be read (a damaged row: treated as nothing, never reaped clean):\n" +
+      table(
+        [
+          ["TABLE", "ROW", "COLUMN", "WHAT IS WRONG"],
+          ...s.damage.map((d) => [
+            d.table,
+            Object.entries(d.row)
+              .map(([k, v]) => `${k}=${v}`)
+              .join(" "),
+            d.column,
+            d.error,
+          ]),
+        ],
+        true,
+      );
   }
   return text;
 }

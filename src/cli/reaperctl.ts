@@ -54,7 +54,7 @@ const COMMANDS: CommandSpec[] = [
     synopsis: "status",
     summary: "the daemon's state, version and session counts",
     help: `Shows whether the daemon is running or shutting down, its version, when it started,
-and how many sessions are live, reaping and reaped.
+and how many sessions are live, reaping and reaped (and damaged, when any is).
 
 Example:
   reaperctl status`,
@@ -69,7 +69,8 @@ Example:
 live session expires or why a reaped one ended (with its outcome).
 
 Options:
-  --state S       live, reaping or reaped
+  --state S       live, reaping, reaped or damaged (live, but its engine cannot be
+                  identified: its stored row is damaged)
   --profile P     only sessions of profile P
   --owner O       only sessions whose owner is O
   --limit N       at most N sessions (1..1000; default: every page)
@@ -92,7 +93,8 @@ Examples:
     help: `Shows one session: state and reason, outcome, engine pid, times, deadline, ports,
 paths, engine cpu and memory while live, its tracking (how its processes were known:
 lineage, cgroup-from-birth, cgroup or snapshots), each cleanup step with its outcome and
-duration, and anything the cleanup left behind. Exit 3 if no session has this id.
+duration, anything the cleanup left behind, and the stored values of its row that cannot
+be read (a damaged row: table, row, column). Exit 3 if no session has this id.
 
 Example:
   reaperctl show spark-42`,

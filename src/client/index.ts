@@ -22,6 +22,7 @@ import { callApi, type ApiResponse } from "../cli/client.js";
 import type { RegisterBody, UpdateBody } from "../http/schemas.js";
 import {
   SESSION_COOKIE,
+  type Damage,
   type Leftover,
   type Outcome,
   type ProcessIdentity,
@@ -83,6 +84,12 @@ export interface Session {
    * birth, from the kernel), "cgroup-from-birth", "cgroup", "snapshots" (null: before tracking).
    */
   tracking: "lineage" | "cgroup-from-birth" | "cgroup" | "snapshots" | null;
+  /**
+   * Stored values of its row the daemon cannot read (a damaged row; empty when intact): table,
+   * row, column and what is wrong. A damaged session is never reaped clean; state "damaged":
+   * its engine cannot be identified, and it takes no heartbeat (409 SR_SESSION_DAMAGED).
+   */
+  damage: readonly Damage[];
   /** On POST /v1/sessions only: what the registration could not give (tracking weaker than lineage). */
   warnings?: { code: string; message: string }[];
   /** On GET /v1/sessions/{id} only. */
@@ -92,6 +99,7 @@ export interface Session {
     startedAt: string | null;
     durationMs: number;
     detail: StepResult["detail"];
+    damage?: Damage;
   }[];
   /** On GET /v1/sessions/{id} only: while live, the engine's usage now; once reaped, what the session used. */
   usage?:

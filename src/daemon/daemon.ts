@@ -23,7 +23,9 @@ import { Metrics } from "../metrics/metrics.js";
 import { OrphanSweep } from "../orphans/sweep.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
+import { damageOf, engineReadable } from "../store/columns.js";
 import { Store } from "../store/store.js";
+import { DamageWatch } from "./damage.js";
 import { addon } from "../native/addon.js";
 import { pidfd } from "../proc/pidfd.js";
 import { SystemdNotifier } from "../systemd/notify.js";
@@ -78,6 +80,8 @@ export class Daemon {
   readonly store: Store;
   readonly metrics: Metrics;
   readonly audit: AuditTrail;
+  /** Names every damaged stored value the store meets (log, metric, session.damaged). */
+  readonly damage: DamageWatch;
   readonly registry: LiveSessions;
   /** Where session cgroups are made (or why none can be). */
   readonly cgroups: SessionCgroups;
@@ -139,6 +143,11 @@ export class Daemon {
       logLinesDropped: () => sink?.dropped ?? 0,
       lineage: () => ({ available: this.lineage.status.available, ...this.lineage.counters() }),
     });
+    this.damage = new DamageWatch({ store: this.store, audit: this.audit, metrics: this.metrics, log: this.log });
+    this.cgroups =
+      config.store.path === ":memory:"
+        ? SessionCgroups.none("an in-memory database (tests)")
+        : SessionCgroups.find(config.containment.cgroupBase, config.store.path, this.log);
     this.reaper = new Reaper({
       store: this.store,
       audit: this.audit,
@@ -148,14 +157,11 @@ export class Daemon {
       config,
       daemonPid,
       lineage: this.lineage,
+      cgroups: this.cgroups,
       failpoints: opts.failpoints,
       crash: opts.crash,
     });
     this.registry = new LiveSessions(clock);
-    this.cgroups =
-      config.store.path === ":memory:"
-        ? SessionCgroups.none("an in-memory database (tests)")
-        : SessionCgroups.find(config.containment.cgroupBase, config.store.path, this.log);
     this.stallWatch = new StallWatch(clock, STALL_THRESHOLD_MS, (ms) => this.stalled("loop", ms));
     this.detector = new Detector({
       registry: this.registry,
@@ -258,13 +264,34 @@ export class Daemon {
     this.store.downgradeTracking();
     const resumed = this.reaper.resumeAll();
     let recovered = 0;
+    // A damaged row never stops a start (src/store/columns.ts): its session is watched if its
+    // engine can still be identified, else quarantined (state damaged: watched by nothing,
+    // nothing signalled, an operator's). Each is named by a session.damaged event.
+    const damaged = { watched: 0, quarantined: 0 };
     for (const s of this.store.liveForRecovery()) {
+      if (s.damage.length > 0) {
+        if (!engineReadable(s)) {
+          damaged.quarantined++;
+          continue;
+        }
+        damaged.watched++;
+      }
       recovered++;
-      this.registry.recover({ ...s, busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null });
+      // A damaged containment: the cgroup made for the session, if any (its tree, if damaged
+      // too, reads as none: the engine, its cgroup and its lineage are where its processes are).
+      const made = damageOf(s, "containment") === undefined ? null : this.cgroups.madeFor(s.id);
+      const cgroup = made?.kind === "cgroup" ? made.path : (s.cgroup ?? null);
+      this.registry.recover({
+        ...s,
+        cgroup,
+        busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null,
+      });
       // Lineage from now on: the engine's descendants by the seed walk, and the tree kept durable.
       this.lineage.adopt(s.id, s.engine);
       this.lineage.include(s.id, s.tree);
     }
+    // Named now, before any of them is judged (the table is no longer being read).
+    this.damage.flush();
     if (addon === null) {
       this.log.error("the native addon is not built (npm ci builds it): every path delete will be refused");
     } else if (pidfd === null) {
@@ -290,6 +317,7 @@ export class Daemon {
         recovered,
         resumedReaps: resumed,
         reapedAtStart: goneAtStart,
+        damaged,
         lineage: lineage.available ? { available: true } : { available: false, why: lineage.why },
       },
     });
@@ -336,7 +364,8 @@ export class Daemon {
     const c = this.store.counts();
     const queued = this.reaper.pending + this.reaper.inFlight;
     const store = this.store.available ? "" : `; STORE UNAVAILABLE (${this.store.lastFault ?? "?"})`;
-    return `${this.stateValue === "running" ? "Running" : "Stopping"}: ${c.live} live, ${c.reaping} reaping (${queued} in flight or queued), ${c.reaped} reaped${store}`;
+    const damaged = (c.damaged ?? 0) > 0 ? `, ${c.damaged} DAMAGED (quarantined: close or force-reap)` : "";
+    return `${this.stateValue === "running" ? "Running" : "Stopping"}: ${c.live} live${damaged}, ${c.reaping} reaping (${queued} in flight or queued), ${c.reaped} reaped${store}`;
   }
 
   /**

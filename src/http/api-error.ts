@@ -57,7 +57,9 @@ export function toApiError(err: unknown, log: Logger): { status: number; body: o
     case "FST_ERR_CTP_INVALID_JSON_BODY":
       return { status: 400, body: errorBody("SR_INVALID_JSON", fe.message) };
   }
-  if (err instanceof SyntaxError || (fe.statusCode === 400 && /JSON/i.test(fe.message))) {
+  // Only a body the parser refused (it sets statusCode 400) is the caller's bad JSON: JSON the
+  // daemon failed to read itself (a damaged stored value) is its own fault, never the caller's.
+  if (fe.statusCode === 400 && (err instanceof SyntaxError || /JSON/i.test(fe.message))) {
     return { status: 400, body: errorBody("SR_INVALID_JSON", err.message) };
   }
   if (fe.statusCode !== undefined && fe.statusCode >= 400 && fe.statusCode < 500) {

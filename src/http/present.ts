@@ -34,6 +34,7 @@ export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: E
     registeredBy: s.registeredBy,
     containment: s.containment,
     tracking: s.tracking,
+    damage: s.damage,
     ...(steps === undefined ? {} : { steps: steps.map(stepJson) }),
     ...(usage === undefined ? {} : { usage }),
   };
@@ -46,6 +47,7 @@ export function stepJson(r: StepResult) {
     startedAt: iso(r.startedAt),
     durationMs: Math.round(r.durationMs),
     detail: r.detail,
+    ...(r.damage === undefined ? {} : { damage: r.damage }),
   };
 }
 
@@ -60,6 +62,7 @@ export function eventJson(e: StoredEvent) {
     outcome: e.outcome,
     durationMs: e.durationMs,
     detail: e.detail,
+    ...(e.damage === undefined ? {} : { damage: e.damage }),
   };
 }
 

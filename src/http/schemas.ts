@@ -9,7 +9,7 @@
  * real answers against them so they cannot drift from present.ts.
  */
 import { AUDIT_EVENTS } from "../audit/audit.js";
-import { REASONS, STEP_NAMES, TRACKINGS } from "../sessions/types.js";
+import { REASONS, SESSION_STATES, STEP_NAMES, TRACKINGS } from "../sessions/types.js";
 
 export const SESSION_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$";
 
@@ -76,7 +76,7 @@ export const listQuery = {
   type: "object",
   additionalProperties: false,
   properties: {
-    state: { enum: ["live", "reaping", "reaped"] },
+    state: { enum: SESSION_STATES },
     profile: { type: "string", minLength: 1, maxLength: 64 },
     owner: { type: "string", maxLength: 256 },
     limit: { type: "integer", minimum: 1, maximum: 1000, default: 100 },
@@ -129,6 +129,23 @@ const leftover = {
   },
 } as const;
 
+/** A stored value that could not be read (a damaged row): where it is and what is wrong. */
+const damage = {
+  type: "object",
+  additionalProperties: false,
+  required: ["table", "row", "column", "error"],
+  properties: {
+    table: { enum: ["sessions", "reap_steps", "audit_events"] },
+    row: {
+      type: "object",
+      description: "the row's key: sessions { seq, id }, reap_steps { session_id, name }, audit_events { seq }",
+      additionalProperties: { type: ["string", "integer"] },
+    },
+    column: { type: "string" },
+    error: { type: "string" },
+  },
+} as const;
+
 const stepResult = {
   type: "object",
   additionalProperties: false,
@@ -139,6 +156,7 @@ const stepResult = {
     startedAt: time,
     durationMs: { type: "integer", minimum: 0 },
     detail: { type: "object" },
+    damage: { ...damage, description: "the stored record's detail cannot be read (then detail is {})" },
   },
 } as const;
 
@@ -169,6 +187,7 @@ export const sessionResponse = {
     "reapedAt",
     "reapAttempts",
     "registeredBy",
+    "damage",
   ],
   properties: {
     id: { type: "string", pattern: SESSION_ID_PATTERN },
@@ -182,14 +201,21 @@ export const sessionResponse = {
     heartbeatTimeoutSec: { type: "integer" },
     idleTimeoutSec: { type: "integer" },
     maxLifetimeSec: { type: "integer", description: "0: no maximum lifetime" },
-    state: { enum: ["live", "reaping", "reaped"] },
+    state: {
+      enum: SESSION_STATES,
+      description:
+        "damaged: live, but its engine cannot be identified (its stored identity is damaged): nothing watches it and nothing is signalled for it; it leaves the state by a close or a force-reap",
+    },
     reason: { enum: [...REASONS, null] },
     outcome: { enum: ["clean", "partial", "failed", null] },
     leftovers: { type: "array", items: leftover },
     createdAt: time,
     lastHeartbeatAt: time,
     lastActivityAt: time,
-    deadline: { ...timeOrNull, description: "the earliest time-based expiry while live; null once fenced" },
+    deadline: {
+      ...timeOrNull,
+      description: "the earliest time-based expiry while live; null once fenced, and while damaged",
+    },
     reapStartedAt: timeOrNull,
     reapedAt: timeOrNull,
     reapAttempts: { type: "integer", minimum: 0 },
@@ -228,6 +254,12 @@ export const sessionResponse = {
           properties: { kind: { const: "none" }, why: { type: "string" } },
         },
       ],
+    },
+    damage: {
+      type: "array",
+      items: damage,
+      description:
+        "stored values of the session's row that cannot be read (a damaged row; empty when intact): each reads as nothing, and what depends on it is treated conservatively (a damaged session is never reaped clean)",
     },
     tracking: {
       enum: [...TRACKINGS, null],
@@ -324,6 +356,7 @@ export const eventsResponse = {
           outcome: { type: ["string", "null"] },
           durationMs: { type: ["integer", "null"] },
           detail: { type: ["object", "null"] },
+          damage: { ...damage, description: "the stored detail cannot be read (then detail is null)" },
         },
       },
     },
@@ -451,7 +484,15 @@ export const daemonResponse = {
       type: "object",
       additionalProperties: false,
       required: ["live", "reaping", "reaped"],
-      properties: { live: { type: "integer" }, reaping: { type: "integer" }, reaped: { type: "integer" } },
+      properties: {
+        live: { type: "integer" },
+        reaping: { type: "integer" },
+        reaped: { type: "integer" },
+        damaged: {
+          type: "integer",
+          description: "present when any session is damaged (live, its engine unidentified: an operator's)",
+        },
+      },
     },
   },
 } as const;
@@ -499,7 +540,7 @@ export interface ExpiringQuery {
 }
 
 export interface ListQuery {
-  state?: "live" | "reaping" | "reaped";
+  state?: (typeof SESSION_STATES)[number];
   profile?: string;
   owner?: string;
   limit: number;

@@ -1,8 +1,13 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
-import type { Outcome, Reason, SessionState, StepName, TimeReason } from "../sessions/types.js";
+import {
+  SESSION_STATES,
+  type Damage,
+  type Outcome,
+  type Reason,
+  type StepName,
+  type TimeReason,
+} from "../sessions/types.js";
 import type { Store } from "../store/store.js";
-
-const STATES: readonly SessionState[] = ["live", "reaping", "reaped"];
 
 export interface MetricsDeps {
   store: Store;
@@ -50,6 +55,7 @@ export class Metrics {
   private readonly stalls: Counter<"cause">;
   private readonly stalledSeconds: Counter<"cause">;
   private readonly storeFaults: Counter;
+  private readonly storeDamageFound: Counter<"table" | "column">;
   private readonly fdErrors: Counter<"op" | "code">;
   private readonly usageCpu: Histogram<"profile">;
   private readonly usageMemory: Histogram<"profile">;
@@ -65,12 +71,12 @@ export class Metrics {
     const reapedByProfile = this.reapedByProfile;
     new Gauge({
       name: "session_reaper_sessions",
-      help: "Sessions by state and profile (live and reaping read from SQLite at scrape time).",
+      help: "Sessions by state and profile (live, damaged and reaping read from SQLite at scrape time).",
       labelNames: ["state", "profile"],
       registers,
       collect() {
         this.reset();
-        for (const profile of deps.profiles) for (const state of STATES) this.set({ state, profile }, 0);
+        for (const profile of deps.profiles) for (const state of SESSION_STATES) this.set({ state, profile }, 0);
         for (const r of deps.store.unfinishedByProfile()) this.set({ state: r.state, profile: r.profile }, r.n);
         for (const [profile, n] of reapedByProfile) this.set({ state: "reaped", profile }, n);
       },
@@ -152,6 +158,12 @@ export class Metrics {
     this.storeFaults = new Counter({
       name: "session_reaper_store_faults_total",
       help: "Times the store stopped committing (locked by another process, disk full, I/O error).",
+      registers,
+    });
+    this.storeDamageFound = new Counter({
+      name: "session_reaper_store_damage_total",
+      help: "Stored values found unreadable (a damaged row: bad JSON, JSON of the wrong shape, a value of the wrong type), once per value and daemon run, by table and column; each is named in the log and in a session.damaged event.",
+      labelNames: ["table", "column"],
       registers,
     });
     const store = deps.store;
@@ -253,6 +265,11 @@ export class Metrics {
   /** The store stopped committing (one per outage). */
   storeFault(): void {
     this.storeFaults.inc();
+  }
+
+  /** A damaged stored value, found for the first time since the daemon started. */
+  storeDamage(table: Damage["table"], column: string): void {
+    this.storeDamageFound.inc({ table, column });
   }
 
   /** A file descriptor could not be had: `op` is "pidfd" or "accept". */

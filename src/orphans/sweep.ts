@@ -25,6 +25,7 @@ import type { Metrics } from "../metrics/metrics.js";
 import { checkPath } from "../paths/validate.js";
 import { bootId } from "../proc/identity.js";
 import { portsHeldBy } from "../proc/sockets.js";
+import { damageOf, describeDamage, engineReadable } from "../store/columns.js";
 import { isExited, isKernelThread, listStats, readUid, type ProcStat } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
 import type { ProcessIdentity, Session, StepName, StepResult } from "../sessions/types.js";
@@ -97,6 +98,11 @@ export class OrphanSweep {
   /** The last pass's findings by key: a key seen before is not reported again. */
   private findings = new Map<string, OrphanFinding>();
   private sweptAt: number | null = null;
+  /** A live or reaping session of this pass whose damaged row may hide a claim, per kind. */
+  private doubts: { process: Session | undefined; path: Session | undefined } = {
+    process: undefined,
+    path: undefined,
+  };
   private cron: Cron | null = null;
 
   constructor(private readonly deps: OrphanSweepDeps) {
@@ -164,6 +170,12 @@ export class OrphanSweep {
     const reaping = this.deps.store.sessionsInState("reaping");
     const claimed = this.claimedProcesses(table, live, reaping);
     const claimedPaths = new PathClaims([...live, ...reaping].flatMap((s) => s.paths));
+    // A session whose row is damaged may own what nothing else claims: its unreadable paths,
+    // the processes of an engine it can no longer identify. Nothing is reaped on that doubt.
+    this.doubts = {
+      process: [...live, ...reaping].find((s) => !engineReadable(s)),
+      path: [...live, ...reaping].find((s) => damageOf(s, "paths") !== undefined),
+    };
 
     const candidates = [
       ...this.identityMismatches(table, live, now),
@@ -191,7 +203,13 @@ export class OrphanSweep {
     const action = c.finding.kind === "identity_mismatch" || m === null ? "report" : m.policy.mode;
     const ports = c.tree ? [...portsHeldBy(c.tree.map((p) => p.pid)).keys()].sort((a, b) => a - b).slice(0, 64) : [];
     let finding: OrphanFinding = { ...c.finding, action, ports, firstSeenAt: now, adopted: false };
-    if (action === "reap" && m !== null) {
+    const doubt = c.finding.kind === "process" || c.finding.kind === "path" ? this.doubts[c.finding.kind] : undefined;
+    if (action === "reap" && doubt !== undefined) {
+      finding = {
+        ...finding,
+        detail: `not reaped: session ${doubt.id}'s stored row is damaged (${describeDamage(doubt.damage)}), and it may own this`,
+      };
+    } else if (action === "reap" && m !== null) {
       const adoption =
         c.finding.kind === "process" && c.identity && c.tree
           ? adoptProcess(this.deps, m.profile, { identity: c.identity, tree: c.tree, ports }, eventDetail(finding))

@@ -132,6 +132,23 @@ export class SessionCgroups {
     return { kind: "cgroup", path: dir, made: true };
   }
 
+  /**
+   * The cgroup this daemon makes for session `id` (`<base>/<id>`), if it exists: what a session
+   * whose stored containment cannot be read was contained in (a damaged row). A scope the engine
+   * had of its own is not found this way; nothing else is ever at that path but the session's.
+   */
+  madeFor(id: string): Containment | null {
+    // A session id (SESSION_ID_PATTERN) never holds a "/": anything else names no cgroup of ours.
+    if (this.base === null || !/^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$/.test(id)) return null;
+    const dir = join(this.base, id);
+    try {
+      accessSync(join(dir, "cgroup.procs"), constants.F_OK);
+    } catch {
+      return null;
+    }
+    return { kind: "cgroup", path: dir, made: true };
+  }
+
   /** Removes a cgroup the daemon made, once empty; false if it is not (yet). */
   release(c: Containment): boolean {
     if (c.kind !== "cgroup" || !c.made) return true;

@@ -14,7 +14,9 @@ import type { Config, Profile } from "../config/load.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { trackingOf, type SessionLineage } from "../proc/lineage.js";
+import type { SessionCgroups } from "../proc/containment.js";
 import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
+import { damageOf, describeDamage, engineDamage, engineReadable } from "../store/columns.js";
 import type { Store } from "../store/store.js";
 import { loopTurn } from "./turns.js";
 
@@ -37,6 +39,22 @@ const POSITION: Record<StepName, number> = {
 
 class StepTimeout extends Error {}
 
+/**
+ * A pipeline that crashes (a bug: steps never throw) is started again this many times, a
+ * second apart; then the reap is finished as it stands, never left `reaping`.
+ */
+const CRASH_RESTARTS = 2;
+const CRASH_RESTART_MS = 1000;
+
+/** What one start of a session's pipeline works with. */
+interface ReapRun {
+  readonly session: Session;
+  readonly journal: Map<StepName, StepResult>;
+  readonly members: SessionMembers;
+  readonly attempt: number;
+  readonly log: Logger;
+}
+
 /** Step boundaries at which a failpoint may stop the daemon dead (crash-safety tests). */
 export const FAILPOINTS: readonly string[] = [
   "after-fence",
@@ -55,6 +73,8 @@ export interface ReaperDeps {
   daemonPid: number;
   /** Session membership by lineage: adopted at registration, released once the reap finished. */
   lineage: SessionLineage;
+  /** Where the daemon makes session cgroups: the one of a session whose stored containment is damaged. */
+  cgroups?: Pick<SessionCgroups, "madeFor"> | undefined;
   /** Boundaries (names from FAILPOINTS) at which to call `crash`. Empty in production. */
   failpoints?: ReadonlySet<string> | undefined;
   /** What a failpoint does: main.ts passes a SIGKILL to the daemon itself. */
@@ -79,6 +99,8 @@ export class Reaper {
   private stopping = false;
   /** Running pipelines stop at their next step boundary (shutdown grace exhausted). */
   private halted = false;
+  /** Crashes of each session's pipeline in this daemon run (see CRASH_RESTARTS). */
+  private readonly crashes = new Map<string, number>();
 
   constructor(private readonly deps: ReaperDeps) {}
 
@@ -179,15 +201,15 @@ export class Reaper {
       const id = this.queue.shift() as string;
       this.queued.delete(id);
       const run = this.runPipeline(id)
-        .catch((err: unknown) => {
-          if (err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE") {
+        .catch(async (err: unknown) => {
+          if (isStoreUnavailable(err)) {
             this.deps.log.warn(
               { sessionId: id, err },
               "reap paused: the store cannot journal; resumes when it commits",
             );
             this.parked.add(id);
           } else {
-            this.deps.log.error({ sessionId: id, err }, "reap pipeline crashed");
+            await this.crashed(id, err);
           }
         })
         .finally(() => {
@@ -211,16 +233,25 @@ export class Reaper {
     // Its reading of the journal and its attempt's record, paced too: a burst of fences
     // (a tenant force-reaped, a thousand deadlines at once) starts its pipelines a few per turn.
     await loopTurn();
-    const session = store.getSession(id);
-    if (session === undefined || session.state !== "reaping") return;
+    const stored = store.getSession(id);
+    if (stored === undefined || stored.state !== "reaping") return;
+    const records = store.steps(id);
+    // A record whose detail cannot be read (a damaged row) is no record: its step runs again.
+    const journal = new Map(records.filter((r) => r.damage === undefined).map((r) => [r.name, r]));
+    const session = this.sessionToReap(stored, records);
     const profile = this.profileOf(session);
-    const journal = new Map(store.steps(id).map((s) => [s.name, s]));
     const attempt = store.startAttempt(id) ?? 1;
     const log = this.deps.log.child({ sessionId: id, attempt });
+    // An engine that cannot be identified (its stored identity is damaged) is never acted on:
+    // no hook, no signal, no delete; the verification still looks, and says what is left.
+    const identified = engineReadable(session);
+    const notRun = identified
+      ? null
+      : `not run: the engine cannot be identified (${describeDamage(engineDamage(session))}); nothing is signalled, deleted or run for this session`;
     // A reap resumed after a restart (or an orphan's) has no membership yet: the engine's
     // descendants now and those of the processes already journaled.
     const { lineage } = this.deps;
-    if (lineage.get(id) === undefined) {
+    if (identified && lineage.get(id) === undefined) {
       lineage.adopt(id, session.engine);
       lineage.include(id, knownProcesses(journal));
     }
@@ -237,30 +268,66 @@ export class Reaper {
         return;
       }
       await loopTurn(); // each step's synchronous start, paced across the reaps in flight
-      const result = await this.runStep(
-        step,
-        { session, profile, journal, attempt, members },
-        log.child({ step: step.name }),
-      );
+      const result =
+        notRun === null
+          ? await this.runStep(step, { session, profile, journal, attempt, members }, log.child({ step: step.name }))
+          : notRunResult(step.name, clock.now(), notRun);
       // Committed with the step records of the other reaps of this turn, and before the next
       // step acts (a record lost to a crash only makes its step run again: steps are idempotent).
-      await audit.commitSoon(() => {
-        store.recordStep(id, POSITION[step.name], result);
-        audit.record({
-          event: "reap.step",
-          sessionId: id,
-          reason: session.reason ?? undefined,
-          step: step.name,
-          outcome: result.outcome,
-          durationMs: result.durationMs,
-          detail: { ...result.detail, attempt },
-        });
-      });
-      this.deps.metrics?.stepFinished(step.name, result.durationMs);
+      await audit.commitSoon(() => this.journalStep(session, result, attempt));
+      if (notRun === null) this.deps.metrics?.stepFinished(step.name, result.durationMs);
       journal.set(step.name, result);
       this.failpoint(`after-${step.name}`, id);
     }
+    await this.finishReap({ session, journal, members, attempt, log });
+  }
 
+  /**
+   * The session as its reap sees it: the damage of its journal's records with its own, and,
+   * when its stored containment cannot be read, the cgroup the daemon made for it if there is
+   * one (a damaged containment means: start from the engine, its cgroup and its lineage).
+   */
+  private sessionToReap(stored: Session, records: readonly StepResult[]): Session {
+    const journalDamage = records.flatMap((r) => (r.damage === undefined ? [] : [r.damage]));
+    const containment =
+      damageOf(stored, "containment") === undefined
+        ? stored.containment
+        : (this.deps.cgroups?.madeFor(stored.id) ?? null);
+    if (journalDamage.length === 0 && containment === stored.containment) return stored;
+    return { ...stored, containment, damage: [...stored.damage, ...journalDamage] };
+  }
+
+  /** A step's record and its reap.step event (inside the caller's transaction). */
+  private journalStep(session: Session, result: StepResult, attempt: number): void {
+    this.deps.store.recordStep(session.id, POSITION[result.name], result);
+    this.deps.audit.record({
+      event: "reap.step",
+      sessionId: session.id,
+      reason: session.reason ?? undefined,
+      step: result.name,
+      outcome: result.outcome,
+      durationMs: result.durationMs,
+      detail: { ...result.detail, attempt },
+    });
+  }
+
+  /**
+   * The verification pass, the outcome and the finish. `crashed`: the pipeline crashed past
+   * its restarts; the steps it did not journal are recorded as not run, and the reap ends as it
+   * stands. A session with a damaged row is never `clean`: what the damaged values held (its
+   * ports, its paths, its tree) could not be cleaned up nor verified.
+   */
+  private async finishReap(run: ReapRun, crashed?: string): Promise<void> {
+    const { store, audit, clock, lineage } = this.deps;
+    const { session, journal, members, attempt, log } = run;
+    const id = session.id;
+    const missing =
+      crashed === undefined
+        ? []
+        : CLEANUP_STEPS.filter((s) => !journal.has(s.name)).map((s) =>
+            notRunResult(s.name, clock.now(), `not run: ${crashed}`),
+          );
+    for (const r of missing) journal.set(r.name, r);
     const steps = CLEANUP_STEPS.map((s) => journal.get(s.name) as StepResult);
     const verifyStart = performance.now();
     await loopTurn();
@@ -279,7 +346,8 @@ export class Reaper {
           !(l.why ?? "").split(", ").every((r) => named.has(`port:${/^port (\d+) /.exec(r)?.[1]}`)),
       ),
     ];
-    const outcome = outcomeOf(steps, leftovers);
+    const verified = outcomeOf(steps, leftovers);
+    const outcome = verified === "clean" && session.damage.length > 0 ? "partial" : verified;
     const now = clock.now();
     const usage = sessionUsage(session, journal, now);
     // Lineage holds to the end only if no event was lost and the daemon never restarted meanwhile.
@@ -287,15 +355,25 @@ export class Reaper {
       session.tracking === "lineage" && !members.complete()
         ? trackingOf(undefined, session.containment)
         : session.tracking;
+    const damage = session.damage.length > 0 ? { damage: session.damage } : {};
     const finished = audit.transaction(() => {
       if (!store.finish(id, outcome, leftovers, now)) return false;
+      for (const r of missing) this.journalStep(session, r, attempt);
       if (tracking !== null) store.setTracking(id, tracking);
       const finish: StepResult = {
         name: "finish",
         outcome: "ok",
         startedAt: now,
         durationMs: verifyMs,
-        detail: { v: JOURNAL_VERSION, outcome, verified: verification.verified, tracking, usage },
+        detail: {
+          v: JOURNAL_VERSION,
+          outcome,
+          verified: verification.verified,
+          tracking,
+          usage,
+          ...damage,
+          ...(crashed === undefined ? {} : { crashed }),
+        },
       };
       store.recordStep(id, POSITION.finish, finish);
       audit.record({
@@ -304,16 +382,65 @@ export class Reaper {
         reason: session.reason ?? undefined,
         outcome,
         durationMs: now - (session.reapStartedAt ?? now),
-        detail: { leftovers, attempts: attempt, verified: verification.verified, tracking, usage },
+        detail: {
+          leftovers,
+          attempts: attempt,
+          verified: verification.verified,
+          tracking,
+          usage,
+          ...damage,
+          ...(crashed === undefined ? {} : { crashed }),
+        },
       });
       return true;
     });
-    if (finished) lineage.release(id);
     if (finished) {
+      lineage.release(id);
+      this.crashes.delete(id);
       this.deps.metrics?.reapFinished(session.reason ?? "forced", outcome, session.profile);
       this.deps.metrics?.sessionUsage(session.profile, usage);
     }
     this.failpoint("after-finish", id);
+  }
+
+  /**
+   * The pipeline threw past its steps (a bug: steps never throw, damaged values read as
+   * nothing). Started again up to CRASH_RESTARTS times (steps are idempotent and journaled);
+   * then the reap is finished as it stands, `partial` or `failed`, with what the verification
+   * finds still alive: a reap never stays `reaping`.
+   */
+  private async crashed(id: string, err: unknown): Promise<void> {
+    const { store, log } = this.deps;
+    const n = (this.crashes.get(id) ?? 0) + 1;
+    this.crashes.set(id, n);
+    if (n <= CRASH_RESTARTS) {
+      log.error({ sessionId: id, err, crashes: n }, "reap pipeline crashed: starting it again");
+      setTimeout(() => this.enqueue(id), CRASH_RESTART_MS).unref();
+      return;
+    }
+    const why = `the reap pipeline crashed ${n} times (last: ${errorMessage(err)})`;
+    log.error({ sessionId: id, err, crashes: n }, `${why}: the reap is finished as it stands`);
+    try {
+      const stored = store.getSession(id);
+      if (stored === undefined || stored.state !== "reaping") return;
+      const records = store.steps(id);
+      const journal = new Map(records.filter((r) => r.damage === undefined).map((r) => [r.name, r]));
+      const { lineage } = this.deps;
+      const members: SessionMembers = {
+        members: () => lineage.members(id),
+        exitedCpuSec: () => lineage.get(id)?.exitedCpuSec ?? 0,
+        complete: () => false,
+      };
+      const session = this.sessionToReap(stored, records);
+      await this.finishReap({ session, journal, members, attempt: stored.reapAttempts, log }, why);
+    } catch (finishErr) {
+      if (isStoreUnavailable(finishErr)) {
+        this.parked.add(id);
+        return;
+      }
+      // Left `reaping`: the next start resumes it.
+      log.error({ sessionId: id, err: finishErr }, "the crashed reap could not be finished");
+    }
   }
 
   private failpoint(name: string, sessionId: string): void {
@@ -397,6 +524,13 @@ async function verify(
     log.error({ err }, "verification pass failed");
     return { verified: [], leftovers: [] };
   }
+}
+
+const isStoreUnavailable = (err: unknown): boolean => err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE";
+
+/** A step that was not run (its reason in `detail.notRun`): failed, and journaled like any. */
+function notRunResult(name: StepName, now: number, why: string): StepResult {
+  return { name, outcome: "failed", startedAt: now, durationMs: 0, detail: { v: JOURNAL_VERSION, notRun: why } };
 }
 
 /** clean: every step ok and nothing left; failed: no step succeeded; partial otherwise. */

@@ -18,6 +18,7 @@ import { cgroupPids } from "../proc/cgroup.js";
 import { descendantTree, processTree } from "../proc/tree.js";
 import { trackingOf, type LineageStatus, type SessionLineage } from "../proc/lineage.js";
 import { checkPath } from "../paths/validate.js";
+import { damageOf, describeDamage, engineDamage, whereIs } from "../store/columns.js";
 import type { Reaper } from "../reaper/reaper.js";
 import { loopTurn } from "../reaper/turns.js";
 import type { Store } from "../store/store.js";
@@ -330,6 +331,16 @@ export class Sessions {
     checkActor(caller, known.registeredBy, id);
     const s = store.getSession(id);
     if (s === undefined || s.state !== "live") throw this.notLive(id, "SR_SESSION_FENCED");
+    // The update rewrites these three whole: over a damaged one it would erase what the row
+    // held (paths that must never be deleted unseen) and hide the damage.
+    const damaged = (["ports", "paths", "labels"] as const).map((c) => damageOf(s, c)).find((d) => d !== undefined);
+    if (damaged !== undefined) {
+      throw new ReaperError(
+        "SR_SESSION_DAMAGED",
+        `session "${id}" cannot be changed: ${whereIs(damaged)} cannot be read (${damaged.error}); it is still watched, and is reaped with its damaged values treated conservatively`,
+        { damage: s.damage },
+      );
+    }
     const profile = config.profiles[s.profile];
     if (profile === undefined) {
       throw new ReaperError(
@@ -492,6 +503,13 @@ export class Sessions {
   private notLive(id: string, code: "SR_SESSION_FENCED" | "SR_SESSION_NOT_LIVE"): ReaperError {
     const s = this.deps.store.getSession(id);
     if (s === undefined) return new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
+    if (s.state === "damaged") {
+      return new ReaperError(
+        "SR_SESSION_DAMAGED",
+        `session "${id}" is damaged: its engine cannot be identified (${describeDamage(engineDamage(s))}), so the daemon no longer watches it nor signals anything for it; close or force-reap it once its processes are dealt with`,
+        { state: s.state, damage: s.damage },
+      );
+    }
     return new ReaperError(code, `session "${id}" is ${s.state}${s.reason ? ` (${s.reason})` : ""}`, {
       state: s.state,
       reason: s.reason,

@@ -14,7 +14,16 @@ export interface ProcessIdentity {
   readonly uid: number;
 }
 
-export type SessionState = "live" | "reaping" | "reaped";
+/**
+ * `damaged`: a live session whose engine the daemon cannot identify, because the stored values
+ * of its identity (engine_pid, engine_start_time, engine_boot_id, engine_uid) cannot be read.
+ * Nothing watches it and nothing is signalled for it; it leaves the state by an operator's
+ * force-reap or a close (then reaped with nothing signalled, outcome `failed`), or by a repair
+ * of its row (live again at the next start). Derived from the row, never written: see
+ * src/store/columns.ts.
+ */
+export type SessionState = "live" | "reaping" | "reaped" | "damaged";
+export const SESSION_STATES = ["live", "reaping", "reaped", "damaged"] as const satisfies readonly SessionState[];
 
 export const REASONS = [
   "heartbeat_timeout",
@@ -60,6 +69,22 @@ export interface StepResult {
   readonly startedAt: number;
   readonly durationMs: number;
   readonly detail: Record<string, unknown> & { leftovers?: Leftover[] };
+  /** The stored record's detail could not be read (then `detail` is empty): a resumed reap runs the step again. */
+  readonly damage?: Damage;
+}
+
+/**
+ * A stored value that could not be read (issue 22): bad JSON, JSON of the wrong shape, or a
+ * value of the wrong type where SQLite's integrity check cannot see it. It names where it is,
+ * so that an operator can look at it (`SELECT … FROM sessions WHERE seq = 12`) and repair it.
+ */
+export interface Damage {
+  readonly table: "sessions" | "reap_steps" | "audit_events";
+  /** The row's key: sessions `{ seq, id }`, reap_steps `{ session_id, name }`, audit_events `{ seq }`. */
+  readonly row: Readonly<Record<string, string | number>>;
+  readonly column: string;
+  /** What is wrong with it (the JSON parser's message, or what the value should have been). */
+  readonly error: string;
 }
 
 export interface Session {
@@ -91,6 +116,12 @@ export interface Session {
   readonly containment: Containment | null;
   /** How its processes were known (null: registered before tracking was recorded). */
   readonly tracking: Tracking | null;
+  /**
+   * Stored values of its row that could not be read (empty for an intact row). Each damaged
+   * one reads as nothing (no ports, no paths, no labels, no tree, no containment), and what
+   * depends on it is treated conservatively: see README, "A damaged row".
+   */
+  readonly damage: readonly Damage[];
 }
 
 /**
@@ -117,6 +148,7 @@ export const NOT_YET_REAPED = {
   reapStartedAt: null,
   reapedAt: null,
   reapAttempts: 0,
+  damage: [],
 } as const satisfies Partial<Session>;
 
 /**

@@ -4,19 +4,20 @@ import { dirname } from "node:path";
 import { ReaperError, errorMessage } from "../errors.js";
 import type { HeartbeatWrite, StoredLive } from "../sessions/live.js";
 import type {
+  Damage,
   Leftover,
   Outcome,
   ProcessIdentity,
   Reason,
   Session,
-  Containment,
   RegisteredBy,
   SessionState,
   StepName,
   StepResult,
   Tracking,
 } from "../sessions/types.js";
-import { TRACKINGS } from "../sessions/types.js";
+import { SESSION_STATES, TRACKINGS } from "../sessions/types.js";
+import { ENGINE_READABLE, RowReading, engineReadable } from "./columns.js";
 import { migrate } from "./migrate.js";
 
 interface SessionRow {
@@ -24,6 +25,7 @@ interface SessionRow {
   id: string;
   profile: string;
   owner: string | null;
+  // What the row should hold; src/store/columns.ts reads what it does hold (issue 22).
   engine_pid: number;
   engine_start_time: number;
   engine_boot_id: string;
@@ -67,6 +69,8 @@ export interface StoredEvent {
   outcome: string | null;
   durationMs: number | null;
   detail: Record<string, unknown> | null;
+  /** The stored detail could not be read (then `detail` is null). */
+  damage?: Damage;
 }
 
 export interface NewEvent {
@@ -80,6 +84,9 @@ export interface NewEvent {
   detail?: Record<string, unknown> | undefined;
 }
 
+/** Sessions by state; `damaged` only when any session is (see Store.counts). */
+export type SessionCounts = Record<Exclude<SessionState, "damaged">, number> & { damaged?: number };
+
 export interface ListFilter {
   state?: SessionState | undefined;
   profile?: string | undefined;
@@ -89,8 +96,17 @@ export interface ListFilter {
   afterSeq?: number | undefined;
 }
 
-/** What recovery needs of a live session: its identities, timestamps, timeouts, profile. */
-export type RecoveredSession = Omit<StoredLive, "busyCpuPercent"> & { readonly profile: string };
+/**
+ * What recovery needs of a live session: its identities, timestamps, timeouts, profile, and
+ * the stored values of its row that could not be read (`damage`: its engine may be unidentified).
+ */
+export type RecoveredSession = Omit<StoredLive, "busyCpuPercent"> & {
+  readonly profile: string;
+  readonly damage: readonly Damage[];
+};
+
+/** Told of every damaged stored value met while reading (`sessionId`: the session it belongs to). */
+export type DamageListener = (sessionId: string, damage: readonly Damage[]) => void;
 
 export type { HeartbeatWrite };
 
@@ -136,27 +152,28 @@ function corrupt(path: string, found: string): ReaperError {
   );
 }
 
-/** The cgroup path a stored containment names, or null. */
-function cgroupOf(containment: string | null): string | null {
-  if (containment === null) return null;
-  const c = JSON.parse(containment) as Containment;
-  return c.kind === "cgroup" ? c.path : null;
-}
+/** A sessions row's reading: its key names the row in every finding. */
+const sessionRow = (r: Pick<SessionRow, "seq" | "id">): RowReading =>
+  new RowReading("sessions", { seq: r.seq, id: r.id });
 
+/**
+ * A row as a session. Never throws on a damaged value (src/store/columns.ts): the session says
+ * what could not be read in `damage`, and a live one whose engine cannot be identified is
+ * `damaged`.
+ */
 function toSession(r: SessionRow): Session {
-  const owner: ProcessIdentity | null =
-    r.owner_pid === null
-      ? null
-      : { pid: r.owner_pid, startTime: r.owner_start_time ?? 0, bootId: r.owner_boot_id ?? "", uid: r.owner_uid ?? -1 };
-  return {
+  const read = sessionRow(r);
+  const engine = read.engine(r);
+  const ownerPid = read.owner(r);
+  const session: Session = {
     id: r.id,
     profile: r.profile,
     owner: r.owner,
-    engine: { pid: r.engine_pid, startTime: r.engine_start_time, bootId: r.engine_boot_id, uid: r.engine_uid },
-    ownerPid: owner,
-    ports: JSON.parse(r.ports) as number[],
-    paths: JSON.parse(r.paths) as string[],
-    labels: JSON.parse(r.labels) as Record<string, string>,
+    engine,
+    ownerPid,
+    ports: read.json("ports", "ports", r.ports, []),
+    paths: read.json("paths", "paths", r.paths, []),
+    labels: read.json("labels", "labels", r.labels, {}),
     heartbeatTimeoutSec: r.heartbeat_timeout_sec,
     idleTimeoutSec: r.idle_timeout_sec,
     maxLifetimeSec: r.max_lifetime_sec,
@@ -167,15 +184,21 @@ function toSession(r: SessionRow): Session {
     state: r.state,
     reason: r.reason,
     outcome: r.outcome,
-    leftovers: r.leftovers === null ? [] : (JSON.parse(r.leftovers) as Leftover[]),
+    leftovers: read.nullableJson("leftovers", "leftovers", r.leftovers, []) ?? [],
     reapStartedAt: r.reap_started_at,
     reapedAt: r.reaped_at,
     reapAttempts: r.reap_attempts,
     registeredBy: { uid: r.registered_by_uid, admin: r.registered_as_admin === 1, via: r.registered_via },
-    containment: r.containment === null ? null : (JSON.parse(r.containment) as Containment),
+    containment: read.nullableJson("containment", "containment", r.containment, null),
     tracking: (TRACKINGS as readonly string[]).includes(r.tracking ?? "") ? (r.tracking as Tracking) : null,
+    damage: read.damage,
   };
+  // Nothing watches a session whose engine cannot be identified: no deadline applies to it.
+  return r.state === "live" && !engineReadable(session) ? { ...session, state: "damaged", deadline: null } : session;
 }
+
+/** A live row whose engine cannot be identified counts as `damaged` (see ENGINE_READABLE). */
+const STATE_OF_ROW = `CASE WHEN state = 'live' AND NOT ${ENGINE_READABLE} THEN 'damaged' ELSE state END`;
 
 /**
  * All SQL lives here. Every statement is prepared once; `now` is always a bound parameter
@@ -215,6 +238,7 @@ export class Store {
   private availableValue = true;
   private fault: string | null = null;
   private readonly health: { unavailable: (fault: string) => void; available: () => void }[] = [];
+  private readonly damageListeners: DamageListener[] = [];
 
   /**
    * Opens (and migrates) the database. Throws SR_STORE_CORRUPT when the integrity check
@@ -256,17 +280,20 @@ export class Store {
       setTracking: db.prepare("UPDATE sessions SET tracking = ? WHERE id = ? AND tracking IS NOT ?"),
       // After a restart (or lost events), forks the daemon did not see may have escaped: a lineage
       // that was complete falls back to what the session's containment gives.
+      // A containment that is not valid JSON (a damaged row) gives nothing: json_extract would fail the start.
       downgradeTracking: db.prepare(`UPDATE sessions SET tracking = CASE
+          WHEN NOT json_valid(containment) THEN 'snapshots'
           WHEN json_extract(containment, '$.kind') = 'cgroup' AND json_extract(containment, '$.made') = 0 THEN 'cgroup-from-birth'
           WHEN json_extract(containment, '$.kind') = 'cgroup' THEN 'cgroup'
           ELSE 'snapshots' END
         WHERE tracking = 'lineage' AND state IN ('live', 'reaping')`),
       get: db.prepare("SELECT * FROM sessions WHERE id = ?"),
       seqOf: db.prepare("SELECT seq FROM sessions WHERE id = ?"),
+      // A `damaged` session is a live row too (STATE_OF_ROW): `readable` tells which count it left.
       fence:
         db.prepare(`UPDATE sessions SET state = 'reaping', reason = @reason, reap_started_at = @now, deadline = NULL,
           last_heartbeat_at = COALESCE(@hb, last_heartbeat_at), last_activity_at = COALESCE(@activity, last_activity_at)
-        WHERE id = @id AND state = 'live'`),
+        WHERE id = @id AND state = 'live' RETURNING ${ENGINE_READABLE} AS readable`),
       finish:
         db.prepare(`UPDATE sessions SET state = 'reaped', outcome = @outcome, leftovers = @leftovers, reaped_at = @now
         WHERE id = @id AND state = 'reaping'`),
@@ -287,16 +314,16 @@ export class Store {
         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`),
       events: db.prepare("SELECT * FROM audit_events WHERE session_id = ? ORDER BY seq"),
       byState: db.prepare("SELECT * FROM sessions WHERE state = ? ORDER BY seq"),
-      liveForRecovery: db.prepare(`SELECT id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
+      liveForRecovery: db.prepare(`SELECT seq, id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
           owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
           heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline, registered_by_uid,
           registered_as_admin, registered_via, tree, containment
         FROM sessions WHERE state = 'live' ORDER BY seq`),
-      counts: db.prepare("SELECT state, COUNT(*) AS n FROM sessions GROUP BY state"),
+      counts: db.prepare(`SELECT ${STATE_OF_ROW} AS state, COUNT(*) AS n FROM sessions GROUP BY 1`),
       // These three search the (state, deadline) index by state, so they visit only the rows
       // of the states they count: live and reaping rows are few, reaped ones most of the table.
       unfinishedByProfile: db.prepare(
-        "SELECT state, profile, COUNT(*) AS n FROM sessions WHERE state IN ('live', 'reaping') GROUP BY state, profile",
+        `SELECT ${STATE_OF_ROW} AS state, profile, COUNT(*) AS n FROM sessions WHERE state IN ('live', 'reaping') GROUP BY 1, profile`,
       ),
       reapedByProfile: db.prepare(
         "SELECT profile, COUNT(*) AS n FROM sessions WHERE state = 'reaped' GROUP BY profile",
@@ -335,6 +362,30 @@ export class Store {
   /** What made the store unavailable, or null. */
   get lastFault(): string | null {
     return this.fault;
+  }
+
+  /**
+   * Told of the damaged values every read meets (src/store/columns.ts): the daemon names each in
+   * its log and audit trail. Called synchronously, possibly while a statement is being iterated:
+   * a listener must not use the database before the current turn of the event loop ends.
+   */
+  onDamage(listener: DamageListener): void {
+    this.damageListeners.push(listener);
+  }
+
+  private noticed<T extends { readonly id: string; readonly damage: readonly Damage[] }>(s: T): T {
+    if (s.damage.length > 0) this.damageFound(s.id, s.damage);
+    return s;
+  }
+
+  private damageFound(sessionId: string, damage: readonly Damage[]): void {
+    for (const l of this.damageListeners) {
+      try {
+        l(sessionId, damage);
+      } catch {
+        // a listener's failure is its own: the read goes on
+      }
+    }
   }
 
   /** Told when the store stops committing and when it commits again. */
@@ -474,7 +525,7 @@ export class Store {
 
   getSession(id: string): Session | undefined {
     const row = this.stmts.get.get(id) as SessionRow | undefined;
-    return row && toSession(row);
+    return row && this.noticed(toSession(row));
   }
 
   seqOf(id: string): number | undefined {
@@ -484,11 +535,18 @@ export class Store {
   list(filter: ListFilter): { sessions: Session[]; lastSeq: number | null; more: boolean } {
     const where: string[] = [];
     const params: Record<string, unknown> = { limit: filter.limit + 1 };
-    for (const key of ["state", "profile", "owner"] as const) {
+    for (const key of ["profile", "owner"] as const) {
       if (filter[key] !== undefined) {
         where.push(`${key} = @${key}`);
         params[key] = filter[key];
       }
+    }
+    // `live` and `damaged` are both live rows: the engine's identity, readable or not, tells them apart.
+    if (filter.state === "live") where.push(`state = 'live' AND ${ENGINE_READABLE}`);
+    else if (filter.state === "damaged") where.push(`state = 'live' AND NOT ${ENGINE_READABLE}`);
+    else if (filter.state !== undefined) {
+      where.push("state = @state");
+      params.state = filter.state;
     }
     if (filter.afterSeq !== undefined) {
       where.push("seq > @afterSeq");
@@ -498,18 +556,21 @@ export class Store {
     const rows = this.db.prepare(sql).all(params) as SessionRow[];
     const more = rows.length > filter.limit;
     const page = rows.slice(0, filter.limit);
-    return { sessions: page.map(toSession), lastSeq: page.at(-1)?.seq ?? null, more };
+    return { sessions: page.map((r) => this.noticed(toSession(r))), lastSeq: page.at(-1)?.seq ?? null, more };
   }
 
-  sessionsInState(state: SessionState): Session[] {
-    return (this.stmts.byState.all(state) as SessionRow[]).map(toSession);
+  /** Sessions whose row is in `state` (`live` rows include the `damaged` ones: their state says which). */
+  sessionsInState(state: "live" | "reaping" | "reaped"): Session[] {
+    return (this.stmts.byState.all(state) as SessionRow[]).map((r) => this.noticed(toSession(r)));
   }
 
   /**
    * Every live session, one at a time and only the columns recovery needs (no JSON parsed, no
    * row kept): at 100,000 sessions, loading whole rows first would leave a peak of garbage
    * that stays in the daemon's resident set. Identities equal to an earlier row's are the same
-   * object, so a shared engine or owner (and the boot id string) is held once.
+   * object, so a shared engine or owner (and the boot id string) is held once. A value that
+   * cannot be read is in `damage` (src/store/columns.ts), never a throw: one damaged row must
+   * not stop a start.
    */
   *liveForRecovery(): Generator<RecoveredSession> {
     const identities = new Map<string, ProcessIdentity>();
@@ -527,14 +588,20 @@ export class Store {
       return r;
     };
     for (const r of this.stmts.liveForRecovery.iterate() as IterableIterator<SessionRow>) {
-      yield {
+      const read = sessionRow(r);
+      const engine = read.engine(r);
+      const owner = read.owner(r);
+      const tree = read.nullableJson("tree", "tree", r.tree, []) ?? [];
+      const containment = read.nullableJson("containment", "containment", r.containment, null);
+      const damage = read.damage;
+      yield this.noticed({
         id: r.id,
         profile: r.profile,
-        engine: identity(r.engine_pid, r.engine_start_time, r.engine_boot_id, r.engine_uid),
-        ownerPid:
-          r.owner_pid === null
-            ? null
-            : identity(r.owner_pid, r.owner_start_time ?? 0, r.owner_boot_id ?? "", r.owner_uid ?? -1),
+        engine:
+          damage.length === 0 || engineReadable({ damage })
+            ? identity(engine.pid, engine.startTime, engine.bootId, engine.uid)
+            : engine,
+        ownerPid: owner === null ? null : identity(owner.pid, owner.startTime, owner.bootId, owner.uid),
         createdAt: r.created_at,
         lastHeartbeatAt: r.last_heartbeat_at,
         lastActivityAt: r.last_activity_at,
@@ -543,9 +610,10 @@ export class Store {
         maxLifetimeSec: r.max_lifetime_sec,
         deadline: r.deadline,
         registeredBy: registrant(r.registered_by_uid, r.registered_as_admin === 1, r.registered_via),
-        tree: r.tree === null ? [] : (JSON.parse(r.tree) as ProcessIdentity[]),
-        cgroup: cgroupOf(r.containment),
-      };
+        tree,
+        cgroup: containment?.kind === "cgroup" ? containment.path : null,
+        damage,
+      });
     }
   }
 
@@ -567,19 +635,18 @@ export class Store {
    * session's final record (its last heartbeat and activity, from memory).
    */
   fence(id: string, reason: Reason, now: number, last?: { lastHeartbeatAt: number; lastActivityAt: number }): boolean {
-    const fenced =
-      this.stmts.fence.run({
-        id,
-        reason,
-        now,
-        hb: last?.lastHeartbeatAt ?? null,
-        activity: last?.lastActivityAt ?? null,
-      }).changes === 1;
-    if (fenced && this.stateCounts !== null) {
-      this.stateCounts.live--;
+    const fenced = this.stmts.fence.get({
+      id,
+      reason,
+      now,
+      hb: last?.lastHeartbeatAt ?? null,
+      activity: last?.lastActivityAt ?? null,
+    }) as { readable: number } | undefined;
+    if (fenced !== undefined && this.stateCounts !== null) {
+      this.stateCounts[fenced.readable === 1 ? "live" : "damaged"]--;
       this.stateCounts.reaping++;
     }
-    return fenced;
+    return fenced !== undefined;
   }
 
   finish(id: string, outcome: Outcome, leftovers: readonly Leftover[], now: number): boolean {
@@ -624,21 +691,36 @@ export class Store {
     );
   }
 
+  /**
+   * The session's journal. A record whose detail cannot be read comes with `damage` and an
+   * empty detail: a resumed reap runs that step again (steps are idempotent).
+   */
   steps(sessionId: string): StepResult[] {
     const rows = this.stmts.steps.all(sessionId) as {
+      session_id: string;
       name: StepName;
       outcome: StepResult["outcome"];
       started_at: number;
       duration_ms: number;
       detail: string;
     }[];
-    return rows.map((r) => ({
-      name: r.name,
-      outcome: r.outcome,
-      startedAt: r.started_at,
-      durationMs: r.duration_ms,
-      detail: JSON.parse(r.detail) as StepResult["detail"],
-    }));
+    const damage: Damage[] = [];
+    const steps = rows.map((r): StepResult => {
+      const read = new RowReading("reap_steps", { session_id: r.session_id, name: r.name });
+      const detail = read.json("detail", "detail", r.detail, {});
+      const found = read.damage[0];
+      if (found !== undefined) damage.push(found);
+      return {
+        name: r.name,
+        outcome: r.outcome,
+        startedAt: r.started_at,
+        durationMs: r.duration_ms,
+        detail,
+        ...(found === undefined ? {} : { damage: found }),
+      };
+    });
+    if (damage.length > 0) this.damageFound(sessionId, damage);
+    return steps;
   }
 
   insertEvent(e: NewEvent): void {
@@ -666,22 +748,36 @@ export class Store {
       duration_ms: number | null;
       detail: string | null;
     }[];
-    return rows.map((r) => ({
-      seq: r.seq,
-      at: r.at,
-      event: r.event,
-      sessionId: r.session_id,
-      reason: r.reason,
-      step: r.step,
-      outcome: r.outcome,
-      durationMs: r.duration_ms,
-      detail: r.detail === null ? null : (JSON.parse(r.detail) as Record<string, unknown>),
-    }));
+    const damage: Damage[] = [];
+    const events = rows.map((r): StoredEvent => {
+      const read = new RowReading("audit_events", { seq: r.seq });
+      const detail = read.nullableJson("detail", "detail", r.detail, null);
+      const found = read.damage[0];
+      if (found !== undefined) damage.push(found);
+      return {
+        seq: r.seq,
+        at: r.at,
+        event: r.event,
+        sessionId: r.session_id,
+        reason: r.reason,
+        step: r.step,
+        outcome: r.outcome,
+        durationMs: r.duration_ms,
+        detail,
+        ...(found === undefined ? {} : { damage: found }),
+      };
+    });
+    if (damage.length > 0) this.damageFound(sessionId, damage);
+    return events;
   }
 
-  /** Live and reaping sessions counted by state and profile (an index range, cheap at scrape time). */
-  unfinishedByProfile(): { state: "live" | "reaping"; profile: string; n: number }[] {
-    return this.stmts.unfinishedByProfile.all() as { state: "live" | "reaping"; profile: string; n: number }[];
+  /** Live, damaged and reaping sessions counted by state and profile (an index range, cheap at scrape time). */
+  unfinishedByProfile(): { state: "live" | "reaping" | "damaged"; profile: string; n: number }[] {
+    return this.stmts.unfinishedByProfile.all() as {
+      state: "live" | "reaping" | "damaged";
+      profile: string;
+      n: number;
+    }[];
   }
 
   /** Reaped sessions counted by profile: visits every reaped row, so run once (daemon start). */
@@ -710,12 +806,14 @@ export class Store {
    * so the 10 s STATUS= line and GET /v1/daemon cost nothing per session. A rolled-back
    * transaction drops the kept counts: the next call counts again.
    */
-  counts(): Record<SessionState, number> {
+  counts(): SessionCounts {
     if (this.stateCounts === null) {
-      const out: Record<SessionState, number> = { live: 0, reaping: 0, reaped: 0 };
+      const out = Object.fromEntries(SESSION_STATES.map((st) => [st, 0])) as Record<SessionState, number>;
       for (const r of this.stmts.counts.all() as { state: SessionState; n: number }[]) out[r.state] = r.n;
       this.stateCounts = out;
     }
-    return { ...this.stateCounts };
+    // `damaged` only when there is one: it is an exception an operator must see, not a state of routine.
+    const { damaged, ...counts } = this.stateCounts;
+    return damaged > 0 ? { ...counts, damaged } : counts;
   }
 }

@@ -119,6 +119,7 @@ async function runRelease(
     registeredBy: { uid: 0, admin: true, via: "unix" },
     containment: null,
     tracking: null,
+    damage: [],
   };
   const entry = (name: StepName, detail: StepResult["detail"]): [StepName, StepResult] => [
     name,
