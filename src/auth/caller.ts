@@ -40,7 +40,11 @@ export function unixFd(socket: Socket): number | null {
 
 /** Reads the peer's credentials off a unix socket connection; UNKNOWN when that fails. */
 export function unixCaller(socket: Socket, rule: AdminRule): Caller {
-  const fd = unixFd(socket);
+  return fdCaller(unixFd(socket), rule);
+}
+
+/** Reads the peer's credentials off a connected unix socket's fd; UNKNOWN when that fails. */
+export function fdCaller(fd: number | null, rule: AdminRule): Caller {
   if (fd === null || addon === null) return UNKNOWN_CALLER;
   let cred;
   try {
@@ -75,5 +79,15 @@ export class Callers {
 
   markTcp(socket: Socket): void {
     this.bySocket.set(socket, TCP_CALLER);
+  }
+
+  /** The caller of a connection accepted on the unix socket, read off its fd before Node made it a socket. */
+  ofFd(fd: number): Caller {
+    return fdCaller(fd, this.rule);
+  }
+
+  /** Enters a caller read by `ofFd` for the socket Node made of that fd. */
+  enter(socket: Socket, caller: Caller): void {
+    this.bySocket.set(socket, caller);
   }
 }

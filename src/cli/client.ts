@@ -1,29 +1,78 @@
-import { request } from "node:http";
+import { Agent, request } from "node:http";
 import { ReaperError } from "../errors.js";
 
 export interface ApiResponse<T = unknown> {
   status: number;
   body: T;
+  /**
+   * How long the daemon keeps this connection open while idle (its `Keep-Alive: timeout=N`
+   * header, in ms), or null if it closes it: a request sent sooner reuses the connection.
+   */
+  keepAliveMs?: number | null;
 }
+
+/**
+ * The connections to the daemon, kept open between requests and shared by every caller in
+ * the process. A kept connection is dropped a second before the daemon's announced keep-alive
+ * timeout (Node's agent reads `Keep-Alive: timeout=N`), so a request never races the daemon
+ * closing it; the agent's own timeout only bounds a connection the daemon announced nothing
+ * for. Kept connections never hold the process open.
+ */
+const agent = new Agent({ keepAlive: true, scheduling: "lifo", timeout: 60_000 });
+
+/** `Keep-Alive: timeout=N` in ms; null without one. */
+function keepAliveOf(header: string | string[] | undefined): number | null {
+  const sec = typeof header !== "string" ? undefined : /(?:^|[\s,])timeout=(\d+)/.exec(header)?.[1];
+  return sec === undefined ? null : Number(sec) * 1000;
+}
+
+/** The longest wait between two connects refused with EAGAIN. */
+const CONNECT_RETRY_MAX_MS = 200;
+
+type CallOptions = { timeoutMs?: number; rawBody?: string; headers?: Record<string, string> };
 
 /**
  * One JSON request to the daemon over its unix socket. Any HTTP answer resolves (callers
  * look at `status`); only transport failures reject: `SR_DAEMON_UNREACHABLE` (no socket, or
  * nobody listening), an error with code `ETIMEDOUT` (no answer in time), or the socket's own
  * error (`ECONNRESET`, `EPIPE`: the daemon went away mid-request).
+ *
+ * A connect refused with EAGAIN (the socket's listen backlog is full: a burst, or a local
+ * user crowding it) is tried again, from 5 ms doubling to 200 ms, within the timeout: nothing
+ * was sent, so any request may be.
  */
-export function callApi<T = unknown>(
+export async function callApi<T = unknown>(
   socketPath: string,
   method: string,
   path: string,
   body?: unknown,
-  opts: { timeoutMs?: number; rawBody?: string; headers?: Record<string, string> } = {},
+  opts: CallOptions = {},
+): Promise<ApiResponse<T>> {
+  const end = Date.now() + (opts.timeoutMs ?? 10_000);
+  for (let delay = 5; ; delay = Math.min(CONNECT_RETRY_MAX_MS, delay * 2)) {
+    try {
+      return await callOnce<T>(socketPath, method, path, body, opts);
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      if (e.code !== "EAGAIN" || e.syscall !== "connect" || Date.now() + delay >= end) throw err;
+    }
+    await new Promise((r) => setTimeout(r, delay));
+  }
+}
+
+function callOnce<T>(
+  socketPath: string,
+  method: string,
+  path: string,
+  body: unknown,
+  opts: CallOptions,
 ): Promise<ApiResponse<T>> {
   const payload = opts.rawBody ?? (body === undefined ? undefined : JSON.stringify(body));
   return new Promise((resolve, reject) => {
     const req = request(
       {
         socketPath,
+        agent,
         method,
         path,
         headers: {
@@ -44,7 +93,11 @@ export function callApi<T = unknown>(
           } catch {
             // not JSON (e.g. /metrics): keep the text
           }
-          resolve({ status: res.statusCode ?? 0, body: parsed as T });
+          resolve({
+            status: res.statusCode ?? 0,
+            body: parsed as T,
+            keepAliveMs: keepAliveOf(res.headers["keep-alive"]),
+          });
         });
         res.on("error", reject);
       },

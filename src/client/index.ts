@@ -5,14 +5,16 @@
  *   const client = new ReaperClient({ socketPath: "/run/session-reaper/reaper.sock" });
  *   await client.register({ engine: { pid: process.pid }, paths: [tmp] });
  *   client.on("fenced", () => shutDown());
- *   client.start();               // heartbeats every third of the timeout, ±10%
+ *   client.start();               // heartbeats on one kept connection, ±10%
  *   client.idle(); client.busy(); // the activity sent with the next heartbeats
  *   await client.close();         // DELETE: the daemon runs the full cleanup
  *
  * The heartbeat loop follows etcd's lease keepalive: a jittered interval well inside the
  * timeout, so one lost beat never expires the session, and exponential backoff while the
  * daemon cannot be reached (a restart: the socket is gone or refuses), since daemon
- * downtime never counts against a session. `reaperctl run` is built on this class.
+ * downtime never counts against a session. The interval also falls within the daemon's
+ * keep-alive timeout, so the loop keeps its connection: a heartbeat never waits to connect,
+ * nor for a free slot on a crowded socket. `reaperctl run` is built on this class.
  */
 import { spawn as spawnProcess, type ChildProcess, type SpawnOptions } from "node:child_process";
 import { randomUUID } from "node:crypto";
@@ -172,7 +174,10 @@ export interface ReaperClientEvents {
 
 export interface ReaperClientOptions {
   socketPath: string;
-  /** Heartbeat interval before jitter; default a third of the session's heartbeatTimeoutSec. */
+  /**
+   * Heartbeat interval before jitter; default a third of the session's heartbeatTimeoutSec, or
+   * less so that the connection is kept: 80% of (the daemon's keep-alive timeout − 1 s).
+   */
   intervalMs?: number;
   /** Each request's timeout; default 5000 ms. */
   requestTimeoutMs?: number;
@@ -184,6 +189,14 @@ export interface ReaperClientOptions {
 function jitter(ms: number): number {
   return Math.round(ms * (0.9 + 0.2 * Math.random()));
 }
+
+/** Node's agent drops a kept connection this long before the daemon's announced keep-alive timeout. */
+const AGENT_KEEP_ALIVE_BUFFER_MS = 1000;
+/**
+ * The share of that time the default interval takes: with +10% jitter and a timer that fires
+ * late on a busy host, the next heartbeat still finds the connection open.
+ */
+const KEEP_ALIVE_SHARE = 0.8;
 
 export class ReaperClient extends EventEmitter<ReaperClientEvents> {
   readonly socketPath: string;
@@ -198,6 +211,8 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
   private loop = 0;
   private looping = false;
   private failures = 0;
+  /** The daemon's keep-alive timeout, as its last answer announced it; null: none announced. */
+  private keepAliveMs: number | null = null;
 
   constructor(opts: ReaperClientOptions) {
     super();
@@ -350,12 +365,17 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
     return `/v1/sessions/${encodeURIComponent(this.sessionId())}`;
   }
 
-  private call<T>(method: string, path: string, body?: unknown): Promise<ApiResponse<T>> {
-    return callApi<T>(this.socketPath, method, path, body, { timeoutMs: this.requestTimeoutMs });
+  private async call<T>(method: string, path: string, body?: unknown): Promise<ApiResponse<T>> {
+    const res = await callApi<T>(this.socketPath, method, path, body, { timeoutMs: this.requestTimeoutMs });
+    if (res.keepAliveMs !== undefined) this.keepAliveMs = res.keepAliveMs;
+    return res;
   }
 
   private nextInterval(): number {
-    return jitter(this.intervalMs ?? ((this.current?.heartbeatTimeoutSec ?? 30) * 1000) / 3);
+    if (this.intervalMs !== undefined) return jitter(this.intervalMs);
+    const third = ((this.current?.heartbeatTimeoutSec ?? 30) * 1000) / 3;
+    const kept = this.keepAliveMs === null ? 0 : KEEP_ALIVE_SHARE * (this.keepAliveMs - AGENT_KEEP_ALIVE_BUFFER_MS);
+    return jitter(kept > 0 ? Math.min(third, kept) : third);
   }
 
   private schedule(loop: number, delayMs: number): void {

@@ -89,7 +89,13 @@ export interface ApiConfig {
   readonly headerTimeoutMs: number;
   readonly requestTimeoutMs: number;
   readonly keepAliveTimeoutMs: number;
+  /**
+   * Unix socket: connections of non-admin peers open at once (admins' are not counted);
+   * loopback TCP: connections open at once.
+   */
   readonly maxConnections: number;
+  /** Unix socket: connections one non-admin uid may hold open at once (src/http/connection-limits.ts). */
+  readonly maxConnectionsPerUid: number;
   /** Loopback TCP, off unless configured. */
   readonly tcp: { readonly host: string; readonly port: number; readonly tokenFile: string } | null;
 }
@@ -173,6 +179,7 @@ type Raw = {
     request_timeout_ms?: number;
     keep_alive_timeout_ms?: number;
     max_connections?: number;
+    max_connections_per_uid?: number;
     tcp?: { listen: string; token_file: string };
   };
   store?: { path?: string; flush_interval_ms?: number };
@@ -253,6 +260,14 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       `${where}: api.header_timeout_ms: ${headerTimeout} exceeds api.request_timeout_ms (${requestTimeout})`,
     );
   }
+  const maxConnections = raw.api?.max_connections ?? DEFAULTS.api.max_connections;
+  const maxConnectionsPerUid = raw.api?.max_connections_per_uid ?? DEFAULTS.api.max_connections_per_uid;
+  if (maxConnectionsPerUid > maxConnections) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${where}: api.max_connections_per_uid: ${maxConnectionsPerUid} exceeds api.max_connections (${maxConnections})`,
+    );
+  }
   const rawProfiles = raw.profiles ?? {};
   const baseRaw = rawProfiles.default ?? {};
   const profiles: Record<string, Profile> = {};
@@ -279,7 +294,8 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
       headerTimeoutMs: headerTimeout,
       requestTimeoutMs: requestTimeout,
       keepAliveTimeoutMs: raw.api?.keep_alive_timeout_ms ?? DEFAULTS.api.keep_alive_timeout_ms,
-      maxConnections: raw.api?.max_connections ?? DEFAULTS.api.max_connections,
+      maxConnections,
+      maxConnectionsPerUid,
       tcp: raw.api?.tcp
         ? { ...loopbackListen(raw.api.tcp.listen, `${where}: api.tcp.listen`), tokenFile: raw.api.tcp.token_file }
         : null,

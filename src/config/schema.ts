@@ -26,6 +26,7 @@ export const DEFAULTS = {
     request_timeout_ms: 30000,
     keep_alive_timeout_ms: 5000,
     max_connections: 1024,
+    max_connections_per_uid: 128,
   },
   store: { flush_interval_ms: 1000 },
   log: { level: "info", file: "" },
@@ -145,6 +146,9 @@ export const configSchema = {
         request_timeout_ms: { type: "integer", minimum: 100, maximum: 600000 },
         keep_alive_timeout_ms: { type: "integer", minimum: 100, maximum: 600000 },
         max_connections: { type: "integer", minimum: 1, maximum: 65536 },
+        // Connections one non-admin uid may hold open at once on the unix socket; load.ts
+        // checks it is at most max_connections.
+        max_connections_per_uid: { type: "integer", minimum: 1, maximum: 65536 },
         tcp: {
           type: "object",
           additionalProperties: false,

@@ -9,6 +9,7 @@ import { systemClock, type Clock } from "../clock.js";
 import type { Config } from "../config/load.js";
 import { Detector } from "../detect/detector.js";
 import { StallWatch } from "../detect/stall.js";
+import { CrowdWatch } from "../detect/crowd.js";
 import { ReaperError } from "../errors.js";
 import { LiveSessions } from "../sessions/live.js";
 import { WriteBehind } from "../sessions/write-behind.js";
@@ -19,7 +20,8 @@ import type { Server } from "node:http";
 import { loadToken } from "../auth/tcp.js";
 import { closeServer, listenFd, listenTcp, listenUnix } from "../http/listen.js";
 import { buildServer, buildTcpServer, type DaemonInfo } from "../http/server.js";
-import { Metrics } from "../metrics/metrics.js";
+import { ConnectionLimits } from "../http/connection-limits.js";
+import { Metrics, type StallCause } from "../metrics/metrics.js";
 import { OrphanSweep } from "../orphans/sweep.js";
 import { Reaper } from "../reaper/reaper.js";
 import { Sessions } from "../sessions/sessions.js";
@@ -99,6 +101,9 @@ export class Daemon {
   private readonly lock: DatabaseLock;
   private readonly writeBehind: WriteBehind;
   private readonly stallWatch: StallWatch;
+  /** Connections turned away that may have kept heartbeats out (src/detect/crowd.ts). */
+  private readonly crowdWatch: CrowdWatch;
+  private readonly connectionLimits: ConnectionLimits;
   private statusTimer: NodeJS.Timeout | null = null;
   private watchdogTimer: NodeJS.Timeout | null = null;
   private probeTimer: NodeJS.Timeout | null = null;
@@ -142,6 +147,7 @@ export class Daemon {
       profiles: Object.keys(config.profiles),
       logLinesDropped: () => sink?.dropped ?? 0,
       lineage: () => ({ available: this.lineage.status.available, ...this.lineage.counters() }),
+      connections: () => this.connectionLimits.open,
     });
     this.damage = new DamageWatch({ store: this.store, audit: this.audit, metrics: this.metrics, log: this.log });
     this.cgroups =
@@ -191,6 +197,25 @@ export class Daemon {
     });
     this.writeBehind = new WriteBehind(this.registry, this.store, this.log, config.store.flushIntervalMs);
     this.callers = new Callers({ adminGid: config.api.adminGid, daemonUid });
+    this.crowdWatch = new CrowdWatch({
+      clock,
+      log: this.log,
+      maxHeartbeatTimeoutMs: Math.max(...Object.values(config.profiles).map((p) => p.heartbeatTimeoutSec)) * 1000,
+      resume: () => this.registry.resumeHeartbeats(),
+      ended: (e) => {
+        const detail = { refused: e.refused, forgivenMs: Math.round(e.forgivenMs), budgetSpent: e.exhausted };
+        this.stalled("crowded", e.last - e.since, detail);
+      },
+    });
+    this.connectionLimits = new ConnectionLimits({
+      total: config.api.maxConnections,
+      perUid: config.api.maxConnectionsPerUid,
+      callers: this.callers,
+      metrics: this.metrics,
+      log: this.log,
+      clock,
+      crowded: () => this.crowdWatch.refused(),
+    });
     this.orphans = new OrphanSweep({
       config,
       store: this.store,
@@ -211,6 +236,7 @@ export class Daemon {
       log: this.log,
       api: config.api,
       callers: this.callers,
+      connectionLimits: this.connectionLimits,
       info: () => this.info(),
     });
     this.store.onHealth({
@@ -332,7 +358,7 @@ export class Daemon {
   async listen(inheritedFd: number | null = null): Promise<void> {
     if (inheritedFd !== null) await listenFd(this.app, inheritedFd);
     else await listenUnix(this.app, this.config.api.socket, this.config.api.socketMode, this.config.api.socketGid);
-    this.watchAccept(this.app.server);
+    this.watchAccept(this.app.server, true);
     const tcp = this.config.api.tcp;
     if (tcp !== null && this.tcpToken !== null) {
       const server = buildTcpServer(
@@ -419,7 +445,7 @@ export class Daemon {
       }),
     );
     await part("detector", () => this.detector.stop());
-    await part("stall watch", () => this.stallWatch.stop());
+    await part("stall watch", () => (this.stallWatch.stop(), this.crowdWatch.stop()));
     await part("orphan sweep", () => this.orphans.stop());
     // Watchdog pings go on while reaps drain: a long, healthy stop is not a hang.
     await part("reaper", () => this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000));
@@ -489,13 +515,16 @@ export class Daemon {
   /**
    * The daemon comes back from time it did not see pass: the restart rule applies from now
    * (no session is reaped for heartbeats it could not read), and the stall is on record.
+   * Crowding (connections turned away) moved heartbeat deadlines as it went (CrowdWatch).
    */
-  private stalled(cause: "loop" | "store", ms: number, detail: Record<string, unknown> = {}): void {
-    this.registry.resume();
+  private stalled(cause: StallCause, ms: number, detail: Record<string, unknown> = {}): void {
+    if (cause !== "crowded") this.registry.resume();
     this.metrics.stalled(cause, ms);
     this.log.warn(
-      { cause, stalledMs: Math.round(ms) },
-      "the daemon was stalled: time-based deadlines restart from now",
+      { cause, stalledMs: Math.round(ms), ...detail },
+      cause === "crowded"
+        ? "the daemon turned connections away: heartbeat deadlines restarted from the last refusal"
+        : "the daemon was stalled: time-based deadlines restart from now",
     );
     this.audit.record({ event: "daemon.stalled", detail: { cause, stalledMs: Math.round(ms), ...detail } });
   }
@@ -595,9 +624,15 @@ export class Daemon {
     this.log.error({ op, code }, what);
   }
 
-  /** Accept errors (EMFILE, ENFILE) that Node reports on the server are counted, never fatal. */
-  private watchAccept(server: Server): void {
-    server.on("error", (err: NodeJS.ErrnoException) => this.resourceError("accept", err.code ?? "EUNKNOWN"));
+  /**
+   * Accept errors (EMFILE, ENFILE) that Node reports on the server are counted, never fatal; on
+   * the unix socket, a connection that could not be accepted may have been a heartbeat.
+   */
+  private watchAccept(server: Server, crowds = false): void {
+    server.on("error", (err: NodeJS.ErrnoException) => {
+      this.resourceError("accept", err.code ?? "EUNKNOWN");
+      if (crowds) this.crowdWatch.refused();
+    });
   }
 }
 

@@ -26,11 +26,19 @@ export interface Deadline {
  * from no earlier than `floor`: the last moment the daemon came back from downtime (a
  * restart, a stall of its loop, a store that could not commit). Downtime never counts
  * against a session (etcd's lease refresh on leader change): every time-based timeout must
- * elapse again after it.
+ * elapse again after it. The heartbeat timeout is also measured from no earlier than
+ * `heartbeatFloor`: the last moment the daemon turned connections away (src/detect/crowd.ts).
  */
-export function deadlineOf(t: Timing, floor = Number.NEGATIVE_INFINITY): Deadline {
+export function deadlineOf(
+  t: Timing,
+  floor = Number.NEGATIVE_INFINITY,
+  heartbeatFloor = Number.NEGATIVE_INFINITY,
+): Deadline {
   const from = (since: number, sec: number): number => Math.max(since, floor) + sec * 1000;
-  let best: Deadline = { at: from(t.heartbeatMono, t.heartbeatTimeoutSec), reason: "heartbeat_timeout" };
+  let best: Deadline = {
+    at: from(Math.max(t.heartbeatMono, heartbeatFloor), t.heartbeatTimeoutSec),
+    reason: "heartbeat_timeout",
+  };
   const idle = from(t.activityMono, t.idleTimeoutSec);
   if (idle < best.at) best = { at: idle, reason: "idle_timeout" };
   if (t.maxLifetimeSec > 0) {

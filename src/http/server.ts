@@ -25,6 +25,7 @@ import type { OrphanSweep } from "../orphans/sweep.js";
 import type { Sessions } from "../sessions/sessions.js";
 import type { Store } from "../store/store.js";
 import { errorBody as send, toApiError } from "./api-error.js";
+import type { ConnectionLimits } from "./connection-limits.js";
 import { FastHeartbeat } from "./fast-heartbeat.js";
 import { collectRoutes, openApiDocument } from "./openapi.js";
 import { eventJson, expiringJson, orphanJson, sessionJson } from "./present.js";
@@ -73,6 +74,11 @@ export interface ServerDeps {
   >;
   /** Who is asking, per connection (src/auth/caller.ts). */
   callers: Callers;
+  /**
+   * Per-uid connection limits at accept (src/http/connection-limits.ts); without them, Node's
+   * own cap (api.max_connections, for every peer alike) applies.
+   */
+  connectionLimits?: ConnectionLimits;
   info: () => DaemonInfo;
 }
 
@@ -176,6 +182,8 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       const server = createServer(serverOptions(deps.api), (req, res) => fast.serve(req, res, handler));
       server.requestTimeout = deps.api.requestTimeoutMs;
       server.keepAliveTimeout = deps.api.keepAliveTimeoutMs;
+      if (deps.connectionLimits === undefined) server.maxConnections = deps.api.maxConnections;
+      else deps.connectionLimits.attach(server);
       return server;
     },
     // Session ids have up to 128 characters: find-my-way's default cap of 100 would answer 414
@@ -196,7 +204,6 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
     },
     clientErrorHandler: answerClientError,
   });
-  app.server.maxConnections = deps.api.maxConnections;
   fastPaths.set(app, fast);
   // fastify's closing flag is set in the same step as its preClose hooks run: from then on
   // every request is fastify's (503 while closing, as return503OnClosing says).

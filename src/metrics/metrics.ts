@@ -17,7 +17,12 @@ export interface MetricsDeps {
   logLinesDropped?: () => number;
   /** The lineage connector's state and counters (src/proc/lineage.ts), read at scrape time. */
   lineage?: () => { available: boolean; events: number; lost: number; processes: number };
+  /** Connections open on the unix socket, by kind of peer (src/http/connection-limits.ts), read at scrape time. */
+  connections?: () => { admin: number; user: number };
 }
+
+/** What made the daemon lose time: its loop, its store, or connections it turned away. */
+export type StallCause = "loop" | "store" | "crowded";
 
 /**
  * The daemon's Prometheus metrics, on a registry of its own (never prom-client's global one:
@@ -57,6 +62,8 @@ export class Metrics {
   private readonly storeFaults: Counter;
   private readonly storeDamageFound: Counter<"table" | "column">;
   private readonly fdErrors: Counter<"op" | "code">;
+  private readonly connectionsRefused: Counter<"limit">;
+  private readonly connectionsEvicted: Counter<"limit">;
   private readonly usageCpu: Histogram<"profile">;
   private readonly usageMemory: Histogram<"profile">;
   private readonly usageLifetime: Histogram<"profile">;
@@ -145,7 +152,7 @@ export class Metrics {
     });
     this.stalls = new Counter({
       name: "session_reaper_stalls_total",
-      help: "Times the daemon came back from a stall: its event loop did not run for over a second (cause loop: SIGSTOP, a VM freeze, a blocked loop) or its store could not commit (cause store). Time-based deadlines restart after each.",
+      help: "Times the daemon came back from a stall: its event loop did not run for over a second (cause loop: SIGSTOP, a VM freeze, a blocked loop), its store could not commit (cause store), or it turned away connections of peers within their limits (cause crowded). Time-based deadlines restart after each (after crowded, heartbeat deadlines only).",
       labelNames: ["cause"],
       registers,
     });
@@ -247,10 +254,34 @@ export class Metrics {
       labelNames: ["op", "code"],
       registers,
     });
+    this.connectionsRefused = new Counter({
+      name: "session_reaper_connections_refused_total",
+      help: "Unix socket connections closed at accept, by the limit that refused them: uid (the peer's uid held api.max_connections_per_uid, all busy) or total (api.max_connections held, all busy).",
+      labelNames: ["limit"],
+      registers,
+    });
+    this.connectionsEvicted = new Counter({
+      name: "session_reaper_connections_evicted_total",
+      help: "Idle unix socket connections closed to make room for a new one, by limit: uid (the same uid's, at its limit) or total (the uid holding the most's).",
+      labelNames: ["limit"],
+      registers,
+    });
+    const connections = deps.connections ?? (() => ({ admin: 0, user: 0 }));
+    new Gauge({
+      name: "session_reaper_connections",
+      help: "Unix socket connections open now, by peer: admin (root, the daemon's uid, api.admin_group: not limited) or user (counted against the limits).",
+      labelNames: ["peer"],
+      registers,
+      collect() {
+        const open = connections();
+        this.set({ peer: "admin" }, open.admin);
+        this.set({ peer: "user" }, open.user);
+      },
+    });
   }
 
-  /** The loop did not run (cause "loop") or the store did not commit (cause "store") for `ms`. */
-  stalled(cause: "loop" | "store", ms: number): void {
+  /** The loop did not run (cause "loop"), the store did not commit ("store") or connections were turned away ("crowded") for `ms`. */
+  stalled(cause: StallCause, ms: number): void {
     this.stalls.inc({ cause });
     this.stalledSeconds.inc({ cause }, ms / 1000);
   }
@@ -275,6 +306,16 @@ export class Metrics {
   /** A file descriptor could not be had: `op` is "pidfd" or "accept". */
   fdError(op: "pidfd" | "accept", code: string): void {
     this.fdErrors.inc({ op, code });
+  }
+
+  /** A unix socket connection closed at accept (src/http/connection-limits.ts). */
+  connectionRefused(limit: "uid" | "total"): void {
+    this.connectionsRefused.inc({ limit });
+  }
+
+  /** An idle unix socket connection closed to make room for a new one. */
+  connectionEvicted(limit: "uid" | "total"): void {
+    this.connectionsEvicted.inc({ limit });
   }
 
   /** The heartbeat path: one integer increment, nothing else. */

@@ -130,6 +130,8 @@ export class LiveSessions {
    * downtime. No time-based timeout counts time before it.
    */
   private floor = Number.NEGATIVE_INFINITY;
+  /** The last moment connections were turned away: no heartbeat timeout counts time before it. */
+  private heartbeatFloor = Number.NEGATIVE_INFINITY;
   /** wall - mono at the last flush: a change means the wall clock was stepped. */
   private wallOffset: number;
   /**
@@ -281,9 +283,19 @@ export class LiveSessions {
     this.floor = Math.max(this.floor, this.clock.mono());
   }
 
+  /**
+   * The restart rule for heartbeat timeouts alone: the daemon turned connections away (a
+   * heartbeat sent now may have been refused), so no heartbeat timeout counts time before now.
+   * Idle and lifetime deadlines do not move: what crowding may defer is capped
+   * (src/detect/crowd.ts), and it is spent on the heartbeats that could not be delivered.
+   */
+  resumeHeartbeats(): void {
+    this.heartbeatFloor = Math.max(this.heartbeatFloor, this.clock.mono());
+  }
+
   /** The session's deadline on the monotonic clock. */
   deadline(s: LiveSession): Deadline {
-    return deadlineOf(s, this.floor);
+    return deadlineOf(s, this.floor, this.heartbeatFloor);
   }
 
   /** The session's deadline on the wall clock, in whole ms (for display and the stored index). */

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { request } from "node:http";
-import { createServer, type AddressInfo } from "node:net";
+import { createServer, type AddressInfo, type Socket } from "node:net";
 import { join } from "node:path";
 import { test } from "node:test";
 import type { Session } from "../../src/client/index.js";
@@ -62,6 +62,34 @@ test("run -- sh -c 'exit 7': exits 7, the session is registered first and reaped
   assert.ok(s.reason === "closed" || s.reason === "engine_gone", `reason ${s.reason}`);
   const registered = await d.waitFor((e) => e.event === "session.registered" && e.sessionId === "run-7");
   assert.ok(registered);
+});
+
+test("run: heartbeats within the daemon's keep-alive, on the one connection it keeps", async (t) => {
+  const dir = tempDir(t);
+  // Keep-alive 3 s: heartbeats about every 1.6 s, though a third of the 30 s timeout is 10 s.
+  const d = await startDaemon(t, testConfig(dir, { api: { keep_alive_timeout_ms: 3000 } }));
+  const byPid = new Map<number | null, number>();
+  d.daemon.app.server.on("connection", (socket: Socket) => {
+    const pid = d.daemon.callers.of(socket).pid;
+    byPid.set(pid, (byPid.get(pid) ?? 0) + 1);
+  });
+  const run = startCtl(t, ["run", "--socket", d.socket, "--id", "run-kept", "--", "sleep", "60"]);
+  await until(() => d.daemon.registry.get("run-kept") !== undefined, 15_000, "registered");
+  const beats = new Set<number>();
+  await until(
+    () => {
+      const s = d.daemon.registry.get("run-kept");
+      if (s !== undefined && s.heartbeatMono > s.createdMono) beats.add(s.heartbeatMono);
+      return beats.size >= 5;
+    },
+    20_000,
+    "five heartbeats within 20 s",
+  );
+  const opened = byPid.get(run.proc.pid) ?? 0;
+  // The registration's connection, kept; a timer late on a busy host may need one more.
+  assert.ok(opened <= 3, `${opened} connections from reaperctl for a registration and 5 heartbeats`);
+  run.proc.kill("SIGTERM");
+  assert.equal((await run.done).code, 143);
 });
 
 test("run with --port and --path: registered once listening, everything cleaned after it exits", async (t) => {

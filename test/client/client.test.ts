@@ -96,6 +96,31 @@ test("ReaperClient: by default heartbeats every third of the heartbeat timeout, 
   await client.close();
 });
 
+test("ReaperClient: by default heartbeats within the daemon's keep-alive, on the connection it keeps", async (t) => {
+  const dir = tempDir(t);
+  // Keep-alive 3 s: the connection is kept 2 s (Node's agent drops it a second before the
+  // daemon would); the loop beats at 80% of that, ±10%, though a third of the timeout is 10 s.
+  const d = await startDaemon(t, testConfig(dir, { api: { keep_alive_timeout_ms: 3000 } }));
+  let connections = 0;
+  d.daemon.app.server.on("connection", () => connections++);
+  const client = new ReaperClient({ socketPath: d.socket });
+  t.after(() => client.stop());
+  await client.register({ engine: { pid: sleeper(t).pid }, heartbeatTimeoutSec: 30 });
+  const before = connections;
+  const started = Date.now();
+  client.start();
+  const five = await Promise.race([
+    heartbeats(client, 5),
+    new Promise<null>((r) => setTimeout(() => r(null), 20_000).unref()),
+  ]);
+  const elapsed = Date.now() - started;
+  assert.ok(five !== null, `five heartbeats within 20 s (a third of the timeout is 10 s): ${elapsed} ms`);
+  // A timer that fires late on a busy host may find the connection dropped: most are kept.
+  const opened = connections - before;
+  assert.ok(opened <= 2, `${opened} connections opened for 5 heartbeats`);
+  await client.close();
+});
+
 test('ReaperClient: "fenced" once the session is force-reaped, and the loop stops', async (t) => {
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir));

@@ -527,6 +527,7 @@ test("a full file is mapped to camelCase values", (t) => {
     requestTimeoutMs: DEFAULTS.api.request_timeout_ms,
     keepAliveTimeoutMs: DEFAULTS.api.keep_alive_timeout_ms,
     maxConnections: DEFAULTS.api.max_connections,
+    maxConnectionsPerUid: DEFAULTS.api.max_connections_per_uid,
     tcp: null,
   });
   assert.deepEqual(c.store, { path: join(dir, "state/r.db"), flushIntervalMs: 250 });

@@ -79,3 +79,22 @@ test("a timestamp after recovery is used as is", () => {
     reason: "idle_timeout",
   });
 });
+
+test("the heartbeat floor (connections turned away) moves the heartbeat timeout alone", () => {
+  const floor = T0 + 50 * S;
+  // Heartbeat last at T0: measured from the floor instead.
+  assert.deepEqual(deadlineOf(timing(), Number.NEGATIVE_INFINITY, floor), {
+    at: floor + 30 * S,
+    reason: "heartbeat_timeout",
+  });
+  // The idle timeout does not move: it wins once it is the earlier.
+  assert.deepEqual(deadlineOf(timing({ idleTimeoutSec: 60 }), Number.NEGATIVE_INFINITY, floor), {
+    at: T0 + 60 * S,
+    reason: "idle_timeout",
+  });
+  // A heartbeat after the floor counts from itself.
+  assert.deepEqual(deadlineOf(timing({ heartbeatMono: floor + 10 * S }), Number.NEGATIVE_INFINITY, floor), {
+    at: floor + 40 * S,
+    reason: "heartbeat_timeout",
+  });
+});
