@@ -559,7 +559,12 @@ export class Daemon {
     if (this.probeTimer === null) {
       this.probeTimer = setInterval(() => {
         try {
-          this.store.probe(this.clock.now());
+          if (this.store.probe(this.clock.now())) return;
+          // What is still missing (a lock; room on the disk, and how much), once a minute.
+          const now = this.clock.mono();
+          if (now - (this.lastWarned.get("store") ?? Number.NEGATIVE_INFINITY) < WARN_EVERY_MS) return;
+          this.lastWarned.set("store", now);
+          this.log.warn({ fault: this.store.lastFault }, "the store still cannot commit");
         } catch (err) {
           this.log.error({ err }, "store probe failed");
         }

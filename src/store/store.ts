@@ -19,6 +19,7 @@ import type {
 import { SESSION_STATES, TRACKINGS } from "../sessions/types.js";
 import { ENGINE_READABLE, RowReading, engineReadable } from "./columns.js";
 import { migrate } from "./migrate.js";
+import { DiskSpace, bytes } from "./space.js";
 
 interface SessionRow {
   seq: number;
@@ -130,9 +131,6 @@ export function isStoreFault(err: unknown): boolean {
 const BUSY_TIMEOUT_MS = 200;
 const PROBE_BUSY_TIMEOUT_MS = 20;
 
-/** The WAL is truncated back to this after a checkpoint, so it cannot keep a disk full. */
-const JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024;
-
 /** Why a store could not be opened, said so that an operator knows what to do. */
 function openError(err: unknown, path: string): ReaperError {
   if (err instanceof ReaperError) return err;
@@ -239,6 +237,10 @@ export class Store {
   private fault: string | null = null;
   private readonly health: { unavailable: (fault: string) => void; available: () => void }[] = [];
   private readonly damageListeners: DamageListener[] = [];
+  /** The disk under the database (WAL bound, reserve, headroom); null for `:memory:`. */
+  readonly space: DiskSpace | null;
+  /** The WAL size at which the next commit checkpoints (the bound, or more while a reader holds the WAL). */
+  private walCheckpointAt = Number.POSITIVE_INFINITY;
 
   /**
    * Opens (and migrates) the database. Throws SR_STORE_CORRUPT when the integrity check
@@ -247,8 +249,12 @@ export class Store {
    */
   constructor(path: string, now: number) {
     let db: Database | null = null;
+    let space: DiskSpace | null = null;
     try {
-      if (path !== ":memory:") mkdirSync(dirname(path), { recursive: true });
+      if (path !== ":memory:") {
+        mkdirSync(dirname(path), { recursive: true });
+        space = new DiskSpace(path);
+      }
       db = new BetterSqlite3(path);
       db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
       db.pragma("journal_mode = WAL");
@@ -256,7 +262,17 @@ export class Store {
       // last transactions, and the journal is replayed from whatever did reach the disk.
       db.pragma("synchronous = NORMAL");
       db.pragma("foreign_keys = ON");
-      db.pragma(`journal_size_limit = ${JOURNAL_SIZE_LIMIT}`);
+      if (space !== null) {
+        // The WAL's bound (see DiskSpace): SQLite checkpoints at the commit that crosses it
+        // (writes outside `transaction` included), `boundWal` then truncates the file to zero,
+        // and a WAL that SQLite restarts is cut back to its first transaction. So every write
+        // after a checkpoint takes new blocks: a disk that someone else filled is found at the
+        // next commit, never written on through blocks the WAL happened to hold.
+        db.pragma(
+          `wal_autocheckpoint = ${Math.ceil(space.walLimit / (db.pragma("page_size", { simple: true }) as number))}`,
+        );
+        db.pragma("journal_size_limit = 0");
+      }
       // quick_check reads every page (not the indexes' contents): milliseconds for the few
       // MiB a session table takes, and garbage pages are found before anything acts on them.
       const check = db.pragma("quick_check(20)", { simple: false }) as { quick_check: string }[];
@@ -268,6 +284,8 @@ export class Store {
       throw openError(err, path);
     }
     this.db = db;
+    this.space = space;
+    this.walCheckpointAt = space?.walLimit ?? Number.POSITIVE_INFINITY;
     this.stmts = {
       insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,
           engine_uid, owner_pid, owner_start_time, owner_boot_id, owner_uid, ports, paths, labels,
@@ -352,6 +370,24 @@ export class Store {
       this.availableValue = false;
       this.fault = `${raw as string}: ${errorMessage(err)}`;
     }
+    // The reserve is made (a new database's migrations leave the WAL first): a store without
+    // room for its reserve and headroom starts unavailable, as after running out (see `probe`).
+    if (this.availableValue && space !== null) {
+      try {
+        if (!this.makeRoom()) this.availableValue = false;
+      } catch (err) {
+        if (isStoreFault(err)) {
+          this.availableValue = false;
+          this.fault = `${String((err as { code?: unknown }).code)}: ${errorMessage(err)}`;
+          return;
+        }
+        db.close();
+        throw new ReaperError(
+          "SR_STORE_UNUSABLE",
+          `cannot make the reserve ${space.reservePath} beside the database: ${errorMessage(err)}`,
+        );
+      }
+    }
   }
 
   /** Whether writes are expected to commit (false from a failed write until a probe succeeds). */
@@ -425,6 +461,7 @@ export class Store {
     // event loop that serves heartbeats; a lock free for a moment is found by a later probe.
     this.db.pragma(`busy_timeout = ${PROBE_BUSY_TIMEOUT_MS}`);
     try {
+      if (!this.makeRoom()) return false;
       this.db.transaction(() => this.stmts.probe.run(now)).immediate();
     } catch (err) {
       if (!isStoreFault(err)) throw err;
@@ -442,12 +479,92 @@ export class Store {
     return true;
   }
 
-  /** Moves the WAL's content into the database and truncates it (bounded disk use). */
+  /**
+   * Moves the WAL's content into the database and truncates it (bounded disk use), and grows
+   * the reserve back if it is short (someone removed it); a disk without room for it is left
+   * to the next outage's `probe`.
+   */
   checkpoint(): void {
     try {
       this.db.pragma("wal_checkpoint(TRUNCATE)");
     } catch (err) {
       throw this.failed(err);
+    }
+    try {
+      this.space?.fillReserve();
+    } catch {
+      // an unwritable directory: the next outage's probe says so
+    }
+  }
+
+  /**
+   * The store's room on its disk, made where the store itself holds it: true when the reserve
+   * is whole and `headroom` is free. When what the store holds (the reserve, the WAL) could
+   * not buy the room that is missing, nothing is touched: the disk is full of someone else's
+   * data (or the database outgrew it), and freeing the WAL or the reserve would only hand
+   * their blocks to whoever writes next. Otherwise the WAL is checkpointed and truncated (the
+   * reserve released first if the database has no room to grow), and the reserve remade.
+   * Runs before every probe write; the fault then says what is missing.
+   */
+  private makeRoom(): boolean {
+    const space = this.space;
+    if (space === null) return true;
+    const before = space.read();
+    if (before.reserve >= space.reserveSize && before.free >= space.headroom) return true;
+    const missing = space.shortfall(before);
+    if (missing > 0) {
+      this.fault = this.spaceFault(before, missing);
+      return false;
+    }
+    if (before.wal > 0) {
+      try {
+        this.db.pragma("wal_checkpoint(TRUNCATE)");
+      } catch (err) {
+        if (!/^SQLITE_FULL/.test(String((err as { code?: unknown }).code))) throw err;
+        // No room to grow the database: the reserve is there for this.
+        space.releaseReserve();
+        this.db.pragma("wal_checkpoint(TRUNCATE)");
+      }
+      this.walCheckpointAt = space.walLimit;
+    }
+    space.fillReserve();
+    const after = space.read();
+    if (after.reserve >= space.reserveSize && after.free >= space.headroom) return true;
+    this.fault = this.spaceFault(after, space.shortfall(after));
+    return false;
+  }
+
+  /** The fault while the disk lacks room: what the store needs, what it has, what is missing. */
+  private spaceFault(r: { free: number; reserve: number; wal: number }, missing: number): string {
+    const space = this.space as DiskSpace;
+    const cause = this.fault?.split(";")[0] ?? "no room";
+    const short = missing > 0 ? `${bytes(missing)} short` : "its WAL not emptied yet: another connection reads it";
+    return `${cause}; the store commits again with its reserve whole (${bytes(space.reserveSize)}) and ${bytes(space.headroom)} free for its WAL on the file system of the database, which has ${bytes(r.free)} free besides the store's ${bytes(r.reserve)} of reserve and ${bytes(r.wal)} of WAL: ${short}`;
+  }
+
+  /**
+   * After an outermost commit: a WAL at its bound is checkpointed and truncated. A reader of
+   * another connection holding the WAL (busy) defers the next try until the WAL grew by a
+   * quarter of the bound. No room for the checkpoint makes the store unavailable (its `probe`
+   * then makes room); the commit itself stands, so nothing is thrown.
+   */
+  private boundWal(): void {
+    if (this.space === null || !this.availableValue) return;
+    let wal: number;
+    try {
+      wal = this.space.walBytes();
+    } catch {
+      return;
+    }
+    if (wal < this.walCheckpointAt) return;
+    this.db.pragma("busy_timeout = 0");
+    try {
+      const [r] = this.db.pragma("wal_checkpoint(TRUNCATE)") as { busy: number }[];
+      this.walCheckpointAt = r?.busy === 1 ? wal + this.space.walLimit / 4 : this.space.walLimit;
+    } catch (err) {
+      this.failed(err);
+    } finally {
+      this.db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
     }
   }
 
@@ -464,13 +581,16 @@ export class Store {
   transaction<T>(fn: () => T): T {
     const outermost = !this.db.inTransaction;
     if (outermost && !this.availableValue) throw this.unavailableError(this.fault ?? "unavailable");
+    let result: T;
     try {
-      return this.db.transaction(fn)();
+      result = this.db.transaction(fn)();
     } catch (err) {
       // Rolled back: the counts moved by its writes no longer hold. Counted again when next asked.
       this.stateCounts = null;
       throw this.failed(err);
     }
+    if (outermost) this.boundWal();
+    return result;
   }
 
   /** `tree`: the engine's process tree seen at registration, kept durable (see `writeTree`). */
