@@ -1,5 +1,5 @@
 import { removePath } from "../paths/remove.js";
-import { ipcLeftovers, POSIX_SHM_DIR, removeSysv, startedAtMs, type IpcQuery } from "../proc/ipc.js";
+import { ipcLeftovers, POSIX_SHM_DIR, removeSysv, type IpcQuery } from "../proc/ipc.js";
 import { processUses } from "../proc/users.js";
 import type { Leftover } from "../sessions/types.js";
 import { damageOf, whereIs } from "../store/columns.js";
@@ -97,13 +97,13 @@ async function removeIpc(
 }
 
 /**
- * The session's IPC: its uid's since its engine started, or created by one of its processes;
- * the processes journaled as the session's are its members (those alive are survivors).
+ * The session's IPC, by identity (src/proc/ipc.ts): its engine's, and the processes journaled
+ * as the session's (by pid, start time and, where recorded, uid); those alive are survivors.
  */
 export function ipcQuery(ctx: Pick<StepContext, "session" | "journal">): IpcQuery {
   const { session } = ctx;
-  const members = [session.engine, ...knownProcesses(ctx.journal), ...terminatedProcesses(ctx)];
-  const pids = new Set(members.map((p) => p.pid));
-  const started = startedAtMs(session.engine.startTime);
-  return { uid: session.engine.uid, since: Math.min(session.createdAt, started ?? session.createdAt), pids, members };
+  return {
+    engine: session.engine,
+    members: [session.engine, ...knownProcesses(ctx.journal), ...terminatedProcesses(ctx)],
+  };
 }

@@ -95,17 +95,23 @@ export async function verifyGone(
     }
   }
   // cookie, ports and paths in one pass over /proc
+  const usesOnly = new Set<number>();
   for (const u of await processUses({
     cookie: session.id,
     paths: session.paths,
     sockets,
     skip: new Set([daemonPid, process.pid]),
   })) {
+    // processUses names the cookie first among a process's reasons.
+    if (!found.has(u.pid) && !u.why.startsWith("cookie")) usesOnly.add(u.pid);
     add(u);
   }
-  // The survivors found above are the session's members too: what they attach or map is its.
+  // The survivors found above are the session's members too: what they attach, map or made
+  // since their start is its. Not a process found only by what it uses (a registered port or
+  // path): it may be anyone's, and its IPC is not the session's.
   const q = ipcQuery({ session, journal });
-  const objects = await ipcLeftovers({ ...q, members: [...(q.members ?? []), ...found.values()] });
+  const survivors = [...found.values()].filter((u) => !usesOnly.has(u.pid));
+  const objects = await ipcLeftovers({ ...q, members: [...q.members, ...survivors] });
   const ipcInUse = objects.some((o) => o.inUse !== undefined);
   const ipc = objects.map((o): Leftover => ({
     step: "finish",

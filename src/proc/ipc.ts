@@ -1,6 +1,8 @@
 import { spawn } from "node:child_process";
 import { lstatSync, readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
+import type { ProcessIdentity } from "../sessions/types.js";
+import { bootId } from "./identity.js";
 import { passwdFileEntry } from "./passwd.js";
 import { readStat, readUid } from "./stat.js";
 import { filesInUse } from "./users.js";
@@ -24,48 +26,80 @@ export interface IpcObject {
   readonly inUse?: string;
 }
 
-export interface IpcQuery {
-  /** The engine's uid: POSIX objects and SysV semaphores and queues are matched by owner. */
-  readonly uid: number;
-  /** When the session was registered (wall ms): only objects created since are its. */
-  readonly since: number;
-  /** Pids of the session's processes (every one ever tracked): SysV shm is matched by creator pid. */
-  readonly pids: ReadonlySet<number>;
-  /**
-   * The session's processes by identity, as the caller knows them (journaled trees, the
-   * verification's finds): those still alive are its leftovers, and an object one of them
-   * uses is still the session's, in use.
-   */
-  readonly members?: readonly { readonly pid: number; readonly startTime: number }[];
+/** A process of the session, by identity, as the caller knows it. */
+export interface IpcMember {
+  readonly pid: number;
+  /** /proc/<pid>/stat start time (clock ticks after boot). */
+  readonly startTime: number;
+  /** Its uid as recorded (a journaled tree has it, terminate's record not); absent or -1: unknown. */
+  readonly uid?: number;
 }
 
-/** A second of slack for file-system timestamps against the daemon's clock. */
-const SLACK_MS = 1000;
+export interface IpcQuery {
+  /**
+   * The engine, by identity: POSIX objects and SysV semaphores and queues are matched by its
+   * uid and its start; nothing is matched for an engine of another boot (IPC lives in memory)
+   * or for none (pid 0: a path's session).
+   */
+  readonly engine: ProcessIdentity;
+  /**
+   * The session's processes by identity (every one ever journaled, and the verification's
+   * finds): SysV shm is matched by creator, and those still alive are survivors: an object one
+   * of them uses is still the session's, in use.
+   */
+  readonly members: readonly IpcMember[];
+}
 
 /**
  * IPC objects a session leaves when its engine dies without cleaning up (PostgreSQL after a
- * SIGKILL leaves /dev/shm/PostgreSQL.* and a SysV segment):
+ * SIGKILL leaves /dev/shm/PostgreSQL.* and a SysV segment). An object is the session's by
+ * identity, never by a pid or an owner alone (pid_max is 32768 on many hosts: a pid comes
+ * round again within minutes, and a segment outlives its creator by hours):
  *
- * - POSIX shared memory and named semaphores in /dev/shm owned by the engine's uid and
- *   created since the session was registered (birth time, else change time);
- * - SysV shared memory whose creator pid (`cpid`) was one of the session's processes;
- * - SysV semaphore sets and message queues created by the engine's uid since registration
- *   (the kernel keeps no creator pid for them).
+ * - SysV shared memory whose creator pid (`cpid`) is a member's *and* whose `ctime` is not
+ *   before that member's start, created and owned by the engine's uid or the member's own
+ *   (`cuid` and `uid`): a segment another process made under that pid before the member was
+ *   born, or another user made under it after the member died, is not the session's;
+ * - SysV semaphore sets and message queues created and owned by the engine's uid, with a
+ *   `ctime` not before the engine's start (the kernel keeps no creator pid for them);
+ * - POSIX shared memory and named semaphores in /dev/shm owned by the engine's uid, born
+ *   (else changed) not before the engine's start.
+ *
+ * Times: a member's start is taken as its earliest possible wall-clock moment (bootedAtMs:
+ * never after the truth, a few tens of ms before it at most). SysV keeps `ctime` in whole
+ * seconds, truncated, so an object counts as made after a start when its `ctime` is in the
+ * start's second or a later one: rounding never makes an object made after the start look
+ * older. The start's own second is taken as the member's: a segment made in that second
+ * under a recycled pid needs the pid space to wrap in under a second (or a root writing
+ * ns_last_pid), while an engine making its segment in its first second (ipcmk, a small
+ * PostgreSQL cluster) is common. `ctime` is the last change (IPC_SET; for semaphores also
+ * SETVAL and SETALL), never before the creation, so a change can only make an object look
+ * younger: none of the session's is lost by it, and an object of the same uid made before the
+ * member and changed after its start is taken for the session's (only its owner, creator or
+ * root may change it). A wall-clock step since the start shifts the comparison by its size
+ * (forward: the session's objects of its first moments look older and are missed; backward:
+ * older ones of its uid are taken), as it shifts /proc/stat's `btime`. A member with no uid
+ * on record counts with its uid now if it still runs, else with the engine's alone. Known
+ * limit: a segment the same uid made under the pid of a member that died (no exit time is
+ * kept) is taken for the session's.
  *
  * An object in use is listed only when it is still the session's for sure, with `inUse`
  * saying who uses it: SysV shm of the session's creator attached by anyone (`nattch` > 0:
  * the segment outlives the reap as long as its attacher does), a POSIX file open or mapped
  * by a live member of the session (a survivor of the reap). A POSIX file only processes
  * outside the session use is left out: another cluster of the same user keeps its own, and
- * owner and birth time alone do not make it the session's. `since` should be when the
- * engine started (its objects made before registration are its too). Matching by owner is for
- * an engine of its own uid: for a root engine everything root made meanwhile would match, so
- * only SysV shm (by creator pid) is looked at. What the same uid made meanwhile outside the
- * session, and left unused, is taken for the session's: the kernel records no creator.
+ * owner and birth time alone do not make it the session's. Matching by owner is for an
+ * engine of its own uid: for a root engine everything root made meanwhile would match, so only
+ * SysV shm (by creator) is looked at. What the engine's uid made meanwhile outside the
+ * session, and left unused, is taken for the session's: the kernel records no creator for it.
  */
 export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
+  const boot = q.engine.pid > 0 && q.engine.bootId === bootId() ? bootedAtMs() : null;
+  if (boot === null) return [];
+  const startedAt = (m: { startTime: number }): number => boot + (m.startTime * 1000) / USER_HZ;
   const out: IpcObject[] = [];
-  const byOwner = q.uid !== 0;
+  const byOwner = q.engine.uid !== 0;
+  const engineSince = startedAt(q.engine);
   let names: string[] = [];
   try {
     if (byOwner) names = readdirSync(POSIX_SHM_DIR);
@@ -77,7 +111,7 @@ export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
     try {
       const st = lstatSync(join(POSIX_SHM_DIR, name));
       const born = st.birthtimeMs > 0 ? st.birthtimeMs : st.ctimeMs;
-      if (!st.isFile() || st.uid !== q.uid || born < q.since - SLACK_MS) continue;
+      if (!st.isFile() || st.uid !== q.engine.uid || born < engineSince) continue;
       posix.push({
         kind: "posix_shm",
         item: join(POSIX_SHM_DIR, name),
@@ -89,10 +123,22 @@ export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
     }
   }
   const used = await filesInUse(new Set(posix.map((o) => o.item)));
+  // SysV shm by creator: the member that made it, by pid, start and uid.
+  const uids = recordedUids(q.members);
+  const creatorOf = (r: Record<string, string>): IpcMember | undefined =>
+    q.members.find((m) => {
+      if (m.pid !== Number(r.cpid) || Number(r.ctime) < Math.floor(startedAt(m) / 1000)) return false;
+      const own = uids.get(`${m.pid}:${m.startTime}`) ?? uidIfAlive(m);
+      const sessions = (uid: number): boolean => uid === q.engine.uid || uid === own;
+      return sessions(Number(r.cuid)) && sessions(Number(r.uid));
+    });
+  const shm = sysv("shm").flatMap((r) => {
+    const creator = creatorOf(r);
+    return creator === undefined ? [] : [{ r, creator }];
+  });
   // Who of the session's survivors uses what: read only when something is in use at all.
-  const shm = sysv("shm");
-  const anyInUse = used.size > 0 || shm.some((r) => q.pids.has(Number(r.cpid)) && r.nattch !== "0");
-  const survivors = anyInUse ? liveMembers(q.members ?? []) : [];
+  const anyInUse = used.size > 0 || shm.some(({ r }) => r.nattch !== "0");
+  const survivors = anyInUse ? liveMembers(q.members) : [];
   for (const o of posix) {
     if (!used.has(o.item)) {
       out.push(o);
@@ -107,16 +153,15 @@ export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
       inUse,
     });
   }
-  for (const r of shm) {
-    const cpid = Number(r.cpid);
-    if (!q.pids.has(cpid)) continue;
+  for (const { r, creator } of shm) {
     const base = { kind: "sysv_shm", item: String(r.shmid), uid: Number(r.uid) } as const;
+    const by = `created by pid ${creator.pid} of the session since its start`;
     if (r.nattch === "0") {
-      out.push({ ...base, why: `created by pid ${cpid} of the session` });
+      out.push({ ...base, why: by });
       continue;
     }
     const inUse = attachers(r, survivors);
-    out.push({ ...base, why: `created by pid ${cpid} of the session, still attached by ${inUse}`, inUse });
+    out.push({ ...base, why: `${by}, still attached by ${inUse}`, inUse });
   }
   for (const [kind, file, idKey] of byOwner
     ? ([
@@ -125,16 +170,33 @@ export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
       ] as const)
     : []) {
     for (const r of sysv(file)) {
-      if (Number(r.cuid) !== q.uid || Number(r.ctime) * 1000 < q.since - SLACK_MS) continue;
+      if (Number(r.cuid) !== q.engine.uid || Number(r.uid) !== q.engine.uid) continue;
+      if (Number(r.ctime) < Math.floor(engineSince / 1000)) continue;
       out.push({
         kind,
         item: String(r[idKey]),
         uid: Number(r.uid),
-        why: "created by the engine's uid during the session",
+        why: "created by the engine's uid since the engine started",
       });
     }
   }
   return out;
+}
+
+/** The uid recorded for each member identity ("pid:startTime"), by any record that has one. */
+function recordedUids(members: readonly IpcMember[]): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const m of members) {
+    if (m.uid !== undefined && m.uid >= 0) out.set(`${m.pid}:${m.startTime}`, m.uid);
+  }
+  return out;
+}
+
+/** A member's uid now, if it still runs under its identity (a zombie has none to tell). */
+function uidIfAlive(m: IpcMember): number | undefined {
+  const st = readStat(m.pid);
+  if (st === null || st.startTime !== m.startTime || st.state === "Z" || st.state === "X") return undefined;
+  return readUid(m.pid) ?? undefined;
 }
 
 interface LiveMember {
@@ -271,17 +333,35 @@ function gidOf(uid: number): number {
   return passwdFileEntry(uid)?.gid ?? uid;
 }
 
-let bootMs: number | null | undefined;
+/** USER_HZ, the unit of /proc/<pid>/stat's start time (fixed by the kernel's ABI). */
+const USER_HZ = 100;
 
-/** When a process started, on the wall clock (boot time + its start ticks); null if unknown. */
-export function startedAtMs(startTime: number): number | null {
-  if (bootMs === undefined) {
+/**
+ * When this boot began on the wall clock (ms), as the earliest it can be: never after the
+ * truth, a few tens of ms before it at most (/proc/stat's `btime` is whole seconds, up to one
+ * early), so that `bootedAtMs() + start ticks × 10` is no later than the process's start.
+ * Read anew each time: a wall-clock step moves it (as it moves `btime`). Real time by nature:
+ * it is compared with the kernel's own wall-clock stamps, never with the daemon's clock. Null
+ * when /proc/uptime cannot be read.
+ */
+function bootedAtMs(): number | null {
+  for (let attempt = 0; ; attempt++) {
     try {
-      const m = /^btime (\d+)$/m.exec(readFileSync("/proc/stat", "latin1"));
-      bootMs = m ? Number(m[1]) * 1000 : null;
+      const before = uptimeMs();
+      const wall = Date.now();
+      const after = uptimeMs();
+      // /proc/uptime is boot time in 10 ms steps, truncated; the wall clock read between the two:
+      // boot = wall - uptime at that moment >= wall - (after + 10 ms). A wide gap (the daemon
+      // preempted between the reads) only loosens the bound; it is read again a few times.
+      if (after - before <= 20 || attempt >= 4) return wall - after - 10;
     } catch {
-      bootMs = null;
+      return null;
     }
   }
-  return bootMs === null ? null : bootMs + (startTime / 100) * 1000;
+}
+
+function uptimeMs(): number {
+  const up = Number(readFileSync("/proc/uptime", "latin1").split(" ")[0]);
+  if (!Number.isFinite(up)) throw new Error("unreadable /proc/uptime");
+  return Math.round(up * 100) * 10;
 }
