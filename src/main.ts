@@ -86,7 +86,19 @@ async function main(): Promise<number | null> {
     daemon.announceReady();
   } catch (err) {
     process.stderr.write(`reaperd: ${errorMessage(err)}\n`);
-    daemon?.loggers.flush();
+    // A daemon that started but cannot serve is stopped as any other (reaps paused at a step
+    // boundary, the store closed, its empty cgroup base and the lock removed), within a bound:
+    // nothing half-started is left behind for the next start to trip on.
+    if (daemon !== undefined) {
+      const started = daemon;
+      await Promise.race([
+        started.stop().catch(() => undefined),
+        new Promise((r) =>
+          setTimeout(r, (started.config.reaper.shutdownGraceSec + FORCED_EXIT_MARGIN_SEC) * 1000).unref(),
+        ),
+      ]);
+      started.loggers.flush();
+    }
     // Exit now: timers and handles a half-started daemon opened would keep it alive with no
     // socket (a daemon that cannot serve must not look alive to systemd).
     process.exit(err instanceof ReaperError && START_REFUSALS.has(err.code) ? EXIT_CONFIG : EXIT_CRASH);

@@ -1,4 +1,5 @@
 import { Agent, request } from "node:http";
+import { reachablePath, SOCKET_PATH_MAX } from "../paths/socket-path.js";
 import { ReaperError } from "../errors.js";
 
 export interface ApiResponse<T = unknown> {
@@ -68,10 +69,22 @@ function callOnce<T>(
   opts: CallOptions,
 ): Promise<ApiResponse<T>> {
   const payload = opts.rawBody ?? (body === undefined ? undefined : JSON.stringify(body));
+  const reachable = reachablePath(socketPath);
+  if (reachable === null) {
+    // The kernel would cut the path short and try another name.
+    return Promise.reject(
+      new ReaperError(
+        "SR_DAEMON_UNREACHABLE",
+        `cannot reach the daemon at ${socketPath}: the path is ${Buffer.byteLength(socketPath)} bytes, longer than a unix socket path may be (${SOCKET_PATH_MAX}); give a shorter one (--socket or REAPER_SOCKET), or run from a directory nearer to it`,
+      ),
+    );
+  }
   return new Promise((resolve, reject) => {
     const req = request(
       {
-        socketPath,
+        // A path too long for the kernel (a clone in a deep directory) is reached by its name
+        // relative to the working directory, as the daemon bound it.
+        socketPath: reachable,
         agent,
         method,
         path,

@@ -7,6 +7,7 @@ import { parse as parseToml } from "smol-toml";
 import { templateProblem } from "../cleanup/hook-template.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import { globProblem } from "../orphans/matcher.js";
+import { reachablePath, SOCKET_PATH_MAX } from "../paths/socket-path.js";
 import { DEFAULTS, ORPHAN_DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
 
 export type CloseHook = { kind: "http"; path: string } | { kind: "command"; argv: readonly string[] };
@@ -247,6 +248,12 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
         : ["the working directory", join(opts.cwd, "reaper.sock")];
   if (!isAbsolute(socketPath)) {
     throw new ReaperError("SR_CONFIG_INVALID", `${socketFrom}: the socket path ${socketPath} must be absolute`);
+  }
+  if (reachablePath(socketPath, opts.cwd) === null) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${socketFrom}: the socket path ${socketPath} is ${Buffer.byteLength(socketPath)} bytes, longer than a unix socket path may be (${SOCKET_PATH_MAX}), and not reachable from the working directory by a shorter relative name: set ${socketFrom === "REAPER_SOCKET" ? "REAPER_SOCKET" : "api.socket (or REAPER_SOCKET)"} to a shorter path, e.g. /run/session-reaper/reaper.sock`,
+    );
   }
   const socket = socketPath;
   const dbPath =

@@ -6,6 +6,7 @@ import type { FastifyInstance } from "fastify";
 import { unixFd } from "../auth/caller.js";
 import { ReaperError } from "../errors.js";
 import { addon } from "../native/addon.js";
+import { reachablePath } from "../paths/socket-path.js";
 
 /** True if something accepts connections on this unix socket. */
 export async function socketAnswers(path: string): Promise<boolean> {
@@ -19,7 +20,7 @@ export async function socketAnswers(path: string): Promise<boolean> {
  */
 export function socketHolder(path: string): Promise<number | null | false> {
   return new Promise((resolve) => {
-    const c = connect({ path });
+    const c = connect({ path: reachablePath(path) ?? path });
     c.once("connect", () => {
       let pid: number | null = null;
       const fd = unixFd(c);
@@ -44,7 +45,18 @@ export const LISTEN_BACKLOG = 1024;
  * would both reap the same engines).
  */
 export async function listenUnix(app: FastifyInstance, path: string, mode: number, gid: number | null): Promise<void> {
-  mkdirSync(dirname(path), { recursive: true });
+  // The kernel cuts a longer path short and binds another name (config/load.ts refuses one
+  // that no relative name reaches either; this is the last guard before anything is made).
+  const bindPath = reachablePath(path);
+  if (bindPath === null) {
+    throw new ReaperError("SR_CONFIG_INVALID", `api.socket: ${path} is longer than a unix socket path may be`);
+  }
+  try {
+    mkdirSync(dirname(path), { recursive: true });
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code ?? String(err);
+    throw new ReaperError("SR_CONFIG_INVALID", `api.socket: cannot make the directory ${dirname(path)} (${code})`);
+  }
   let existing;
   try {
     existing = lstatSync(path);
@@ -62,10 +74,21 @@ export async function listenUnix(app: FastifyInstance, path: string, mode: numbe
   }
   // The socket unit's Backlog=: a burst of connections waits in the kernel's queue while the
   // loop is busy, instead of being refused (EAGAIN) past Node's default of 511.
-  await app.listen({ path, backlog: LISTEN_BACKLOG });
-  // The group first: until then the mode applies to the daemon's own group.
-  if (gid !== null) chownSync(path, -1, gid);
-  chmodSync(path, mode);
+  await app.listen({ path: bindPath, backlog: LISTEN_BACKLOG });
+  try {
+    // The group first: until then the mode applies to the daemon's own group.
+    if (gid !== null) chownSync(path, -1, gid);
+    chmodSync(path, mode);
+  } catch (err) {
+    // A socket that cannot be given its mode is not served, and not left behind.
+    await new Promise<void>((resolve) => app.server.close(() => resolve()));
+    try {
+      unlinkSync(path);
+    } catch {
+      // closing a listening unix server unlinks its file already
+    }
+    throw err;
+  }
 }
 
 /**
