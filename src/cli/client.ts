@@ -36,7 +36,9 @@ type CallOptions = { timeoutMs?: number; rawBody?: string; headers?: Record<stri
  * One JSON request to the daemon over its unix socket. Any HTTP answer resolves (callers
  * look at `status`); only transport failures reject: `SR_DAEMON_UNREACHABLE` (no socket, or
  * nobody listening), an error with code `ETIMEDOUT` (no answer in time), or the socket's own
- * error (`ECONNRESET`, `EPIPE`: the daemon went away mid-request).
+ * error (`ECONNRESET`, `EPIPE`: the daemon went away mid-request). A kept connection found
+ * closed before any answer (the process was paused past the daemon's keep-alive) is not an
+ * error: the request is sent once more on a new connection.
  *
  * A connect refused with EAGAIN (the socket's listen backlog is full: a burst, or a local
  * user crowding it) is tried again, from 5 ms doubling to 200 ms, within the timeout: nothing
@@ -50,11 +52,19 @@ export async function callApi<T = unknown>(
   opts: CallOptions = {},
 ): Promise<ApiResponse<T>> {
   const end = Date.now() + (opts.timeoutMs ?? 10_000);
+  let staleRetried = false;
   for (let delay = 5; ; delay = Math.min(CONNECT_RETRY_MAX_MS, delay * 2)) {
     try {
       return await callOnce<T>(socketPath, method, path, body, opts);
     } catch (err) {
-      const e = err as NodeJS.ErrnoException;
+      const e = err as NodeJS.ErrnoException & { staleConnection?: boolean };
+      // A kept connection the daemon had closed while this process could not see it (it was
+      // stopped, SIGSTOP, past the keep-alive): the request never reached the daemon, and is
+      // sent once more on a new connection.
+      if (e.staleConnection === true && !staleRetried) {
+        staleRetried = true;
+        continue;
+      }
       if (e.code !== "EAGAIN" || e.syscall !== "connect" || Date.now() + delay >= end) throw err;
     }
     await new Promise((r) => setTimeout(r, delay));
@@ -122,8 +132,12 @@ function callOnce<T>(
         }),
       ),
     );
+    let answered = false;
+    req.on("response", () => (answered = true));
     req.on("error", (err: NodeJS.ErrnoException) => {
-      if (err.code === "ENOENT" || err.code === "ECONNREFUSED") {
+      if (req.reusedSocket && !answered && (err.code === "ECONNRESET" || err.code === "EPIPE")) {
+        reject(Object.assign(err, { staleConnection: true }));
+      } else if (err.code === "ENOENT" || err.code === "ECONNREFUSED") {
         reject(
           new ReaperError(
             "SR_DAEMON_UNREACHABLE",

@@ -18,6 +18,13 @@ function validationMessage(fe: FastifyError): string {
     const where = extra.instancePath === "" ? context : `${context}${extra.instancePath.replaceAll("/", ".")}`;
     return `${where} has an unknown property "${name}" (not in the schema)`;
   }
+  // ajv says "must be equal to one of the allowed values" without them: they are named.
+  const oneOf = fe.validation?.find((v) => v.keyword === "enum");
+  const allowed = (oneOf?.params as { allowedValues?: unknown } | undefined)?.allowedValues;
+  if (oneOf !== undefined && Array.isArray(allowed)) {
+    const where = `${context}${oneOf.instancePath.replaceAll("/", ".")}`;
+    return `${where} must be one of ${allowed.map((v) => JSON.stringify(v)).join(", ")}`;
+  }
   return `${context}${fe.message.replace(/^\w+/, "")}`;
 }
 

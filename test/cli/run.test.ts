@@ -92,6 +92,36 @@ test("run: heartbeats within the daemon's keep-alive, on the one connection it k
   assert.equal((await run.done).code, 143);
 });
 
+/**
+ * reaperctl run paused (SIGSTOP) past the daemon's keep-alive: the daemon closed the kept
+ * connection meanwhile, and on SIGCONT the overdue heartbeat is written to it before the
+ * close is read. Before, that heartbeat failed (write EPIPE) and a "heartbeat failed …
+ * retrying" line was printed for a pause that lost nothing; now it goes out again at once on
+ * a new connection, silently.
+ */
+test("run: paused past the keep-alive and continued, heartbeats go on with nothing printed", async (t) => {
+  const dir = tempDir(t);
+  // The defaults: keep-alive 5 s, reaperctl heartbeats every 3.2 s.
+  const d = await startDaemon(t, testConfig(dir));
+  const run = startCtl(t, ["run", "--socket", d.socket, "--id", "run-paused", "--", "sleep", "120"]);
+  await until(() => d.daemon.registry.get("run-paused") !== undefined, 15_000, "registered");
+  const beat = (): number => d.daemon.registry.get("run-paused")?.heartbeatMono ?? 0;
+  for (const pauseMs of [7000, 9000]) {
+    const before = beat();
+    await until(() => beat() > before, 15_000, "a heartbeat");
+    // Its answer read and the connection back in reaperctl's pool, idle, when the pause begins.
+    await new Promise((r) => setTimeout(r, 1000));
+    run.proc.kill("SIGSTOP");
+    await new Promise((r) => setTimeout(r, pauseMs));
+    const paused = beat();
+    run.proc.kill("SIGCONT");
+    await until(() => beat() > paused, 15_000, `a heartbeat after a pause of ${pauseMs} ms`);
+  }
+  assert.equal(run.stderr(), "", "nothing printed for the pauses");
+  run.proc.kill("SIGTERM");
+  assert.equal((await run.done).code, 143);
+});
+
 test("run with --port and --path: registered once listening, everything cleaned after it exits", async (t) => {
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir));

@@ -208,6 +208,12 @@ test("heartbeat: 200 with the new deadline, 404 unknown, 409 once fenced, 400 ba
   assert.equal((await d.api("POST", "/v1/sessions/hb/heartbeat")).status, 200); // no body
   assert.equal((await d.api("POST", "/v1/sessions/hb/heartbeat", {})).status, 200);
   await expectError(d, "POST", "/v1/sessions/hb/heartbeat", { activity: "sleepy" }, 400, "SR_BAD_REQUEST");
+  // The message names the values that would do (ajv alone says "one of the allowed values").
+  const sleepy = await d.api<ErrorBody>("POST", "/v1/sessions/hb/heartbeat", { activity: "sleepy" });
+  assert.equal(sleepy.body.error.message, 'body.activity must be one of "busy", "idle"');
+  const badState = await d.api<ErrorBody>("GET", "/v1/sessions?state=alive");
+  assert.equal(badState.status, 400);
+  assert.match(badState.body.error.message, /state must be one of "live", "reaping", "reaped"/);
   await expectError(d, "POST", "/v1/sessions/nope/heartbeat", {}, 404, "SR_SESSION_NOT_FOUND");
 
   assert.equal((await d.api("POST", "/v1/sessions/hb/reap")).status, 202);
