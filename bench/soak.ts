@@ -37,6 +37,30 @@ interface Minute {
   failed: number;
   rssMB: number;
   fds: number;
+  /** The daemon's own view of the minute (its /metrics): the event loop's longest delay past its 100 ms probe, GC pauses. */
+  loopMaxMs: number;
+  gcMs: number;
+  gcOver100ms: number;
+}
+
+interface DaemonView {
+  loopMaxMs: number;
+  gcSum: number;
+  gcOver100: number;
+}
+
+/** The daemon's event loop and GC, from its /metrics (prom-client resets the loop's histogram on each scrape). */
+async function daemonView(socket: string): Promise<DaemonView> {
+  const res = await callApi<string>(socket, "GET", "/metrics").catch(() => null);
+  const text = typeof res?.body === "string" ? res.body : "";
+  const value = (re: RegExp): number => [...text.matchAll(re)].reduce((sum, m) => sum + Number(m[1]), 0);
+  return {
+    loopMaxMs: Math.max(0, (value(/^nodejs_eventloop_lag_max_seconds (\S+)$/gm) - 0.1) * 1000),
+    gcSum: value(/^nodejs_gc_duration_seconds_sum\{[^}]*\} (\S+)$/gm) * 1000,
+    gcOver100:
+      value(/^nodejs_gc_duration_seconds_bucket\{le="\+Inf"[^}]*\} (\S+)$/gm) -
+      value(/^nodejs_gc_duration_seconds_bucket\{le="0\.1"[^}]*\} (\S+)$/gm),
+  };
 }
 
 interface Run {
@@ -57,7 +81,7 @@ function fdCount(pid: number): number {
   }
 }
 
-function latency(beats: readonly Beat[]): Omit<Minute, "rssMB" | "fds"> {
+function latency(beats: readonly Beat[]): Omit<Minute, "rssMB" | "fds" | "loopMaxMs" | "gcMs" | "gcOver100ms"> {
   const ms = beats.map((b) => b.ms).sort((x, y) => x - y);
   return {
     n: ms.length,
@@ -119,6 +143,17 @@ async function runOnce(build: string, reaperd: string | undefined, bin: string):
   };
   const minutes: Minute[] = [];
   const samples: { rss: number; fds: number }[] = [];
+  const views: { loopMaxMs: number; gcMs: number; gcOver100ms: number }[] = [];
+  let view = await daemonView(daemon.socket);
+  const viewMinute = async (): Promise<void> => {
+    const next = await daemonView(daemon.socket);
+    views.push({
+      loopMaxMs: next.loopMaxMs,
+      gcMs: next.gcSum - view.gcSum,
+      gcOver100ms: next.gcOver100 - view.gcOver100,
+    });
+    view = next;
+  };
   const from = performance.now();
   let k = 0;
   let nextMinute = from + 60_000;
@@ -135,20 +170,33 @@ async function runOnce(build: string, reaperd: string | undefined, bin: string):
     }
     if (performance.now() >= nextMinute) {
       const last = samples[samples.length - 1] ?? { rss: Number.NaN, fds: Number.NaN };
-      minutes.push({ ...latency([]), rssMB: last.rss / MB, fds: last.fds });
+      await viewMinute();
+      const v = views[views.length - 1] as (typeof views)[number];
+      minutes.push({ ...latency([]), rssMB: last.rss / MB, fds: last.fds, ...v });
       nextMinute += 60_000;
     }
     await sleep(1000 / CHURN_PER_SEC);
   }
   await Promise.all(pending);
+  if (minutes.length < MINUTES) await viewMinute();
   const to = performance.now();
   const last = { rss: rssBytes(daemon.pid), fds: fdCount(daemon.pid) };
   const all = await load.stop();
   // Latency per minute, from the beats' send times.
   for (let m = 0; m < MINUTES; m++) {
     const inMinute = all.filter((b) => b.at >= from + m * 60_000 && b.at < from + (m + 1) * 60_000);
-    const sample = m < minutes.length ? (minutes[m] as Minute) : { rssMB: last.rss / MB, fds: last.fds };
-    minutes[m] = { ...latency(inMinute), rssMB: sample.rssMB, fds: sample.fds };
+    const sample =
+      m < minutes.length
+        ? (minutes[m] as Minute)
+        : { rssMB: last.rss / MB, fds: last.fds, ...(views[m] ?? { loopMaxMs: NaN, gcMs: NaN, gcOver100ms: NaN }) };
+    minutes[m] = {
+      ...latency(inMinute),
+      rssMB: sample.rssMB,
+      fds: sample.fds,
+      loopMaxMs: sample.loopMaxMs,
+      gcMs: sample.gcMs,
+      gcOver100ms: sample.gcOver100ms,
+    };
   }
   // Every churned session reaped (the last closes' cleanups finish first).
   const finished = (): Record<string, unknown>[] =>
@@ -192,10 +240,12 @@ async function main(): Promise<number> {
   const runs: Run[] = [await runOnce("this build", undefined, bin)];
   if (BEFORE !== undefined) runs.push(await runOnce("before", BEFORE, bin));
   for (const r of runs) {
-    say(`${r.build}: minute  beats  p50  p99  p999  max (ms)  not-200  RSS (MB)  fds`);
+    say(
+      `${r.build}: minute  beats  p50  p99  p999  max (ms)  not-200  RSS (MB)  fds  loop-max (ms)  GC (ms, pauses > 100 ms)`,
+    );
     for (const [i, m] of r.minutes.entries()) {
       say(
-        `${r.build}: ${String(i + 1).padStart(6)}  ${m.n}  ${fmt(m.p50)}  ${fmt(m.p99)}  ${fmt(m.p999)}  ${fmt(m.max)}  ${m.failed}  ${fmt(m.rssMB)}  ${m.fds}`,
+        `${r.build}: ${String(i + 1).padStart(6)}  ${m.n}  ${fmt(m.p50)}  ${fmt(m.p99)}  ${fmt(m.p999)}  ${fmt(m.max)}  ${m.failed}  ${fmt(m.rssMB)}  ${m.fds}  ${fmt(m.loopMaxMs)}  ${fmt(m.gcMs)} (${m.gcOver100ms})`,
       );
     }
     for (const f of r.churnFailures.slice(0, 10)) say(`${r.build}: churn failure ${f}`);
