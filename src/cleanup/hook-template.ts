@@ -9,7 +9,7 @@ import { basename } from "node:path";
 import type { Session } from "../sessions/types.js";
 import { describeDamage } from "../store/columns.js";
 
-/** The placeholders, in README order; `{label:NAME}` is one more form. */
+/** The placeholders, in the order of docs/configuration.md; `{label:NAME}` is one more form. */
 export const PLACEHOLDERS = ["id", "pid", "uid", "port", "ports", "path", "paths"] as const;
 
 /**

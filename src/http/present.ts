@@ -6,7 +6,7 @@ import type { StoredEvent } from "../store/store.js";
 
 const iso = (ms: number | null): string | null => (ms === null ? null : new Date(ms).toISOString());
 
-/** The session as the API shows it: the API's names (README, HTTP API), times in ISO 8601 UTC. */
+/** The session as the API shows it: the API's names (docs/api.md), times in ISO 8601 UTC. */
 export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: EngineUsage | SessionUsage | null) {
   return {
     id: s.id,

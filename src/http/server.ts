@@ -190,7 +190,7 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
     // for a session the API itself accepted. The fast path leaves longer ids to the router.
     routerOptions: { maxParamLength: MAX_PARAM_LENGTH },
     loggerInstance,
-    // No line per request: heartbeats would cost half the throughput (measured: README, Benchmarks).
+    // No line per request: heartbeats would cost half the throughput (measured: docs/benchmarks.md).
     logController: new LogController({ disableRequestLogging: true }),
     // req.log is the daemon's logger itself: fastify's default makes a pino child per request
     // (bindings, redaction setup), a few percent of a heartbeat, for lines never written

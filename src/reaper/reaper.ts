@@ -20,7 +20,7 @@ import { damageOf, describeDamage, engineDamage, engineReadable } from "../store
 import type { Store } from "../store/store.js";
 import { loopTurn } from "./turns.js";
 
-/** The cleanup order (README, How a session ends). `fence` happens in `begin`, `finish` closes the pipeline. */
+/** The cleanup order (docs/how-a-session-ends.md). `fence` happens in `begin`, `finish` closes the pipeline. */
 export const CLEANUP_STEPS: readonly CleanupStep[] = [
   closeEnvironment,
   terminate,

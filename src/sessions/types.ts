@@ -119,7 +119,7 @@ export interface Session {
   /**
    * Stored values of its row that could not be read (empty for an intact row). Each damaged
    * one reads as nothing (no ports, no paths, no labels, no tree, no containment), and what
-   * depends on it is treated conservatively: see README, "A damaged row".
+   * depends on it is treated conservatively: see docs/operations.md, "A damaged row".
    */
   readonly damage: readonly Damage[];
 }

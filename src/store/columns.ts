@@ -5,7 +5,7 @@
  * (SQLite's column types are only affinities). Such a value is a finding, never a crash: the
  * rest of its row is read, the damaged value reads as its fallback (nothing: no ports, no
  * paths, no tree), and the finding names the table, the row and the column. What depends on a
- * damaged value is then decided conservatively by its readers (see README, "A damaged row").
+ * damaged value is then decided conservatively by its readers (see docs/operations.md, "A damaged row").
  */
 import { errorMessage } from "../errors.js";
 import type { Containment, Damage, Leftover, ProcessIdentity } from "../sessions/types.js";

@@ -180,7 +180,7 @@ async function pgCtlUnderRun(t: TestContext, containment: "auto" | "none"): Prom
 }
 
 // Registered at the gate (no --port: `reaperctl run --port` starts the command before it
-// registers, and pg_ctl may exit before its server listens; see README, Known limits).
+// registers, and pg_ctl may exit before its server listens; see docs/operations.md, Known limits).
 test("contained, reaperctl run --path BASE -- pg_ctl start: the daemonized postmaster is reaped whole", (t) =>
   pgCtlUnderRun(t, "auto"));
 

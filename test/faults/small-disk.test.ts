@@ -17,7 +17,7 @@ import {
   type SessionBody,
 } from "./lib.js";
 
-/** The smallest disk README states the daemon lives on (Operate: "The disk under the database"). */
+/** The smallest disk docs/operations.md states the daemon lives on ("The disk under the database"). */
 const SIZE = "448k";
 /** On a disk of 1 MiB or less the WAL's bound (and the reserve) is 64 KiB, the headroom 128 KiB. */
 const WAL_BOUND = 64 * 1024;
@@ -40,7 +40,7 @@ function assertRefused(what: string, r: { status: number; body: unknown }): void
 }
 
 /**
- * Issue 22's small disk: the database alone on a tmpfs of the smallest size README states,
+ * Issue 22's small disk: the database alone on a tmpfs of the smallest size docs/operations.md states,
  * 40 sessions heartbeating every second over the real socket, registrations, force-reaps and
  * expiries going on. The WAL stays within its bound and the store commits throughout (before,
  * the WAL filled a 2 MiB disk in 24 s and the store never came back). Then something else

@@ -658,7 +658,7 @@ class ReaperProvisioner(LocalProvisioner):  # type: ignore[misc]
                 "the daemon is busy or cannot write its store: retry, or set kernel_provisioner.config.required "
                 "= false to run kernels unregistered meanwhile"
             )
-        return f"see the daemon's error code {code} in the session-reaper README"
+        return f"see the daemon's error code {code} in session-reaper's docs/api.md"
 
     async def _abort_launch(self, launch: Launch) -> None:
         """The kernel of a refused launch (required mode): killed, its own directory removed."""
