@@ -17,7 +17,7 @@ test("systemd-analyze verify prints nothing for the service and the socket", () 
 });
 
 // 3.0 before lineage; CAP_NET_ADMIN and AF_NETLINK (the process events connector) cost 0.2.
-test("systemd-analyze security --offline: exposure at most 3.2", (t) => {
+test("systemd-analyze security --offline: exposure at most 3.2, the figure README states", (t) => {
   const out = execFileSync("systemd-analyze", ["security", "--offline=true", SERVICE], { encoding: "utf8" });
   const m = /Overall exposure level for session-reaper\.service: ([\d.]+)/.exec(out);
   assert.ok(m, out);
@@ -25,6 +25,11 @@ test("systemd-analyze security --offline: exposure at most 3.2", (t) => {
   t.diagnostic(`exposure ${exposure}`);
   process.stdout.write(`# systemd-analyze security exposure: ${exposure}\n`);
   assert.ok(exposure <= 3.2, `exposure ${exposure} > 3.2`);
+  // The figure README gives is the one measured.
+  const readme = readFileSync(fileURLToPath(new URL("../../../README.md", import.meta.url)), "utf8");
+  const stated = /exposure ([\d.]+) by `systemd-analyze security --offline=true`/.exec(readme);
+  assert.ok(stated, "README states the exposure and the command");
+  assert.equal(Number(stated[1]), exposure, "README's exposure figure is the measured one");
 });
 
 test("the unit keeps its promises to the daemon", () => {
