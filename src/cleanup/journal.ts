@@ -9,8 +9,9 @@ import type { ProcessIdentity, StepName, StepResult } from "../sessions/types.js
  * which had the same fields (so every reader accepts both as they are).
  *
  * v1: the fields below, without `v`. v2: `v`, fence `peaks`, terminate `usage` and `cgroup`.
+ * v3: terminate `endedTicks`.
  */
-export const JOURNAL_VERSION = 2;
+export const JOURNAL_VERSION = 3;
 
 export interface FenceDetail {
   /** The session's last known process tree (from the liveness pass, the engine's exit, recovery). */
@@ -32,6 +33,11 @@ export interface TerminateDetail {
   /** What the session used, read before the first signal. */
   readonly usage?: UsageSample;
   readonly cgroup?: { readonly path: string; readonly kill: string; readonly removed: boolean };
+  /**
+   * Clock ticks after boot when the step ended (v3): a process that started later and is no
+   * member took a registered port after the session was gone (see reused-port.ts).
+   */
+  readonly endedTicks?: number;
 }
 
 /** The fields read back, per step. */

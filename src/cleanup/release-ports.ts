@@ -18,6 +18,7 @@ import {
 import type { Leftover, StepName, StepResult } from "../sessions/types.js";
 import { damageOf, whereIs } from "../store/columns.js";
 import { runReleaseHooks, type HookReport } from "./release-hooks.js";
+import { reuseEvidence, tookPortAfter, type ReuseEvidence } from "./reused-port.js";
 import { knownProcesses, sleep, type CleanupStep } from "./step.js";
 import { terminatedProcesses } from "./terminate.js";
 
@@ -25,11 +26,16 @@ import { terminatedProcesses } from "./terminate.js";
 const SETTLE_MS = 1500;
 const STEP: StepName = "release-connections-and-ports";
 
+/** Who holds a socket, as reported. */
 type Holder = { by: "session" | "outside"; pid: number; comm: string };
+/** A holder as found (its start time tells a newcomer on a reused port). */
+type FoundHolder = Holder & { startTime: number };
 
 type PortReport =
   | { port: number; status: "free"; timeWait: number }
   | ({ port: number; status: "held"; proto: string; state: string } & Holder)
+  /** Taken after the session was gone by a process that is not its own (reused-port.ts): not a leftover. */
+  | { port: number; status: "reused"; proto: string; state: string; pid: number; comm: string }
   | { port: number; status: "bind-failed"; proto: string; error: string; timeWait: number };
 
 type SocketItem = { kind: "listening" | "established" | "unix"; item: string; inode: number; port?: number };
@@ -70,20 +76,20 @@ function testBindUdp(port: number): Promise<string | null> {
 const isUdp = (s: { proto: string }): boolean => s.proto.startsWith("udp");
 const key = (pid: number, startTime: number): string => `${pid}:${startTime}`;
 
-function holderOf(pid: number, session: ReadonlySet<string>): Holder | null {
+function holderOf(pid: number, session: ReadonlySet<string>): FoundHolder | null {
   const st = readStat(pid);
   if (st === null) return null;
-  return { by: session.has(key(pid, st.startTime)) ? "session" : "outside", pid, comm: st.comm };
+  return { by: session.has(key(pid, st.startTime)) ? "session" : "outside", pid, comm: st.comm, startTime: st.startTime };
 }
 
 /** What matters most is whether the session itself still holds something. */
 const sessionFirst = (a: Holder, b: Holder): number => (a.by === b.by ? 0 : a.by === "session" ? -1 : 1);
 
 /** Holders of these inodes, session processes first. */
-function holdersIn(inodes: ReadonlySet<number>, session: ReadonlySet<string>): Holder[] {
+function holdersIn(inodes: ReadonlySet<number>, session: ReadonlySet<string>): FoundHolder[] {
   const found = holdersOf(inodes)
     .map((pid) => holderOf(pid, session))
-    .filter((h): h is Holder => h !== null);
+    .filter((h): h is FoundHolder => h !== null);
   return found.sort(sessionFirst);
 }
 
@@ -92,6 +98,7 @@ async function inspect(
   udp: boolean,
   session: ReadonlySet<string>,
   notBefore: number,
+  evidence: ReuseEvidence,
 ): Promise<PortReport> {
   const sockets = inetSockets("self", new Set([port]), notBefore);
   const timeWait = sockets.filter((s) => s.state === "TIME_WAIT").length;
@@ -100,11 +107,26 @@ async function inspect(
   // postmaster keeps its client's). A connection does not fail the test bind (the listener
   // it was accepted from set SO_REUSEADDR, as servers do), so only the tables tell.
   const bound = sockets.filter((s) => s.inode > 0 && (udp || !isUdp(s)));
-  const holder = holdersIn(new Set(bound.map((s) => s.inode)), session)[0];
+  const holders = holdersIn(new Set(bound.map((s) => s.inode)), session);
+  const holder = holders[0];
   if (holder !== undefined) {
-    const mine = socketInodes(holder.pid);
-    const held = bound.find((s) => mine.has(s.inode));
-    return { port, status: "held", proto: held?.proto ?? "tcp", state: held?.state ?? "?", ...holder };
+    const heldBy = (h: FoundHolder): InetSocket[] => {
+      const mine = socketInodes(h.pid);
+      return bound.filter((s) => mine.has(s.inode));
+    };
+    const held = heldBy(holder)[0];
+    const reused = holders.every(
+      (h) =>
+        h.by === "outside" &&
+        tookPortAfter(
+          h,
+          heldBy(h).map((s) => s.inode),
+          evidence,
+        ),
+    );
+    const where = { proto: held?.proto ?? "tcp", state: held?.state ?? "?" };
+    if (reused) return { port, status: "reused", ...where, pid: holder.pid, comm: holder.comm };
+    return { port, status: "held", ...where, by: holder.by, pid: holder.pid, comm: holder.comm };
   }
   const tcpError = await testBindTcp(port);
   if (tcpError !== null) return { port, status: "bind-failed", proto: "tcp", error: tcpError, timeWait };
@@ -189,12 +211,12 @@ function verifySockets(
   const survivors = left.map((i) => {
     const holder = (holders.get(i.inode) ?? [])
       .map((pid) => holderOf(pid, session))
-      .filter((h): h is Holder => h !== null)
+      .filter((h): h is FoundHolder => h !== null)
       .sort(sessionFirst)[0];
     return {
       item: i.item,
       ...(i.port === undefined ? {} : { port: i.port }),
-      ...(holder ?? { by: "unknown" as const }),
+      ...(holder === undefined ? { by: "unknown" as const } : { by: holder.by, pid: holder.pid, comm: holder.comm }),
     };
   });
 
@@ -267,13 +289,16 @@ export const releaseConnectionsAndPorts: CleanupStep = {
     const udpPorts = new Set(snap?.listening.filter(isUdp).map((s) => s.port));
     const tcpOnly = new Set(snap?.listening.filter((s) => !isUdp(s) && !udpPorts.has(s.port)).map((s) => s.port));
 
+    const evidence = reuseEvidence(ctx.journal, ctx.lineage);
     const settleEnd = Math.min(performance.now() + SETTLE_MS, ctx.deadline - 200);
     let ports: PortReport[];
     for (;;) {
       ports = [];
       // One reading of the tables for every reap checking in this turn.
       const round = await freshTables();
-      for (const port of session.ports) ports.push(await inspect(port, !tcpOnly.has(port), sessionKeys, round));
+      for (const port of session.ports) {
+        ports.push(await inspect(port, !tcpOnly.has(port), sessionKeys, round, evidence));
+      }
       const pending = ports.some((r) => r.status === "bind-failed" || (r.status === "held" && r.by === "session"));
       if (!pending || signal.aborted || performance.now() >= settleEnd) break;
       await sleep(100);
@@ -346,7 +371,9 @@ export const releaseConnectionsAndPorts: CleanupStep = {
     const damaged = damageOf(session, "ports");
     const hooksOk = hooks.every((h) => h.outcome === "ok");
     // An outsider on a port is reported, but the session itself released what it held.
-    const portsOk = ports.every((r) => r.status === "free" || (r.status === "held" && r.by === "outside"));
+    const portsOk = ports.every(
+      (r) => r.status === "free" || r.status === "reused" || (r.status === "held" && r.by === "outside"),
+    );
     const socketsOk = survivors.every((s) => s.by === "outside");
     return {
       ok: hooksOk && portsOk && socketsOk && damaged === undefined,

@@ -4,7 +4,7 @@ import { cgroupPids } from "../proc/cgroup.js";
 import { emptied, removeOnceEmptied } from "../proc/containment.js";
 import { bootId, liveness } from "../proc/identity.js";
 import { killCgroup, killSessionCgroup, signalProcess } from "../proc/signal.js";
-import { readStat, readUid } from "../proc/stat.js";
+import { readStat, readUid, ticksSinceBoot } from "../proc/stat.js";
 import { cgroupUsage, processUsage } from "../proc/usage.js";
 import { processUses } from "../proc/users.js";
 import { freshTable, recentTable, type ProcessTable } from "../proc/tree.js";
@@ -123,7 +123,12 @@ export const terminate: CleanupStep = {
       const removed = cg !== null && cg.made && removeCgroup(cg.path);
       return {
         ok: true,
-        detail: { skipped: "engine already gone", processes: [], ...cgroupDetail(cg, null, removed) },
+        detail: {
+          skipped: "engine already gone",
+          processes: [],
+          ...cgroupDetail(cg, null, removed),
+          ...endedNow(),
+        },
       };
     }
 
@@ -230,11 +235,18 @@ export const terminate: CleanupStep = {
         sigkill,
         ...(cgroupKill === null ? {} : { cgroupKill }),
         ...cgroupDetail(cg, containedKill, removed),
+        ...endedNow(),
       },
       leftovers,
     };
   },
 };
+
+/** When the step ended, in /proc's start-time clock (absent if /proc/uptime cannot be read). */
+function endedNow(): { endedTicks?: number } {
+  const t = ticksSinceBoot();
+  return t === null ? {} : { endedTicks: t };
+}
 
 /** What the terminate record says of the session's cgroup. */
 function cgroupDetail(

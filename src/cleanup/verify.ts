@@ -1,13 +1,14 @@
 import { cgroupPids } from "../proc/cgroup.js";
 import { ipcLeftovers } from "../proc/ipc.js";
 import { liveness } from "../proc/identity.js";
-import { freshTables, inetSockets } from "../proc/sockets.js";
+import { freshTables, inetSockets, socketInodes } from "../proc/sockets.js";
 import { readStat, readUid } from "../proc/stat.js";
 import { processUses, type ProcessUse } from "../proc/users.js";
 import type { Leftover, ProcessIdentity, Session } from "../sessions/types.js";
 import { damageOf, engineReadable } from "../store/columns.js";
 import { journaled, type Journal } from "./journal.js";
 import { ipcQuery } from "./remove-paths.js";
+import { reuseEvidence, tookPortAfter } from "./reused-port.js";
 import { knownProcesses, type SessionMembers } from "./step.js";
 
 /** What a verification pass looked at: a `clean` is backed by exactly these. */
@@ -16,6 +17,11 @@ export type Verified = "cgroup" | "lineage" | "tree" | "cookie" | "ports" | "pat
 export interface Verification {
   readonly verified: Verified[];
   readonly leftovers: Leftover[];
+  /**
+   * Processes that hold a registered port but took it after the session was gone, and are
+   * not its own (reused-port.ts): reported, not leftovers.
+   */
+  readonly reused?: { pid: number; comm: string; why: string }[];
 }
 
 /**
@@ -109,6 +115,22 @@ export async function verifyGone(
   // The survivors found above are the session's members too: what they attach, map or made
   // since their start is its. Not a process found only by what it uses (a registered port or
   // path): it may be anyone's, and its IPC is not the session's.
+  // A process found only on a registered port, that took it after the session was gone and
+  // is none of its own, is a reuse of the port number, not a leftover (reused-port.ts).
+  const reused: { pid: number; comm: string; why: string }[] = [];
+  if (sockets.size > 0) {
+    const evidence = reuseEvidence(journal, lineage);
+    const onPortOnly = (u: ProcessUse): boolean => u.why.split(", ").every((r) => /^port \d+ /.test(r));
+    for (const pid of usesOnly) {
+      const u = found.get(pid) as ProcessUse;
+      if (!onPortOnly(u)) continue;
+      const held = [...socketInodes(pid)].filter((i) => sockets.has(i));
+      if (!tookPortAfter(u, held, evidence)) continue;
+      found.delete(pid);
+      usesOnly.delete(pid);
+      reused.push({ pid: u.pid, comm: u.comm, why: u.why });
+    }
+  }
   const q = ipcQuery({ session, journal });
   const survivors = [...found.values()].filter((u) => !usesOnly.has(u.pid));
   const objects = await ipcLeftovers({ ...q, members: [...q.members, ...survivors] });
@@ -143,5 +165,6 @@ export async function verifyGone(
         why: u.why,
       }))
       .concat(ipc),
+    ...(reused.length > 0 ? { reused } : {}),
   };
 }

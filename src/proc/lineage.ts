@@ -1,8 +1,7 @@
-import { readFileSync } from "node:fs";
 import { addon } from "../native/addon.js";
 import type { ProcessIdentity, Tracking } from "../sessions/types.js";
 import { bootId } from "./identity.js";
-import { isExited, isKernelThread, listStats, readStat, readUid } from "./stat.js";
+import { CLOCK_TICKS, isExited, isKernelThread, listStats, readStat, readUid, ticksSinceBoot } from "./stat.js";
 
 /**
  * Lineage: who started whom, from the kernel's process events connector (netlink CN_IDX_PROC,
@@ -56,8 +55,6 @@ const NO_GROUPS: readonly Membership[] = Object.freeze([]);
 const FIELDS = 5;
 const FORK = 1;
 const EXIT = 2;
-/** USER_HZ: the unit of /proc/<pid>/stat's times. */
-const CLOCK_TICKS = 100;
 
 /** The members of one session, by lineage. */
 export class Membership {
@@ -146,7 +143,7 @@ class HostLineage {
       this.statusValue = { available: false, why: "the native addon is not built" };
       return this.statusValue;
     }
-    const since = bootTicks();
+    const since = ticksSinceBoot() ?? 0;
     try {
       addon.procEventsOpen(() => this.sync(false));
     } catch (err) {
@@ -399,14 +396,6 @@ class HostLineage {
   }
 }
 
-/** Clock ticks after boot, now (as /proc's start times count them: /proc/uptime is boot time too). */
-function bootTicks(): number {
-  try {
-    return Math.floor(Number(readFileSync("/proc/uptime", "latin1").split(" ")[0]) * CLOCK_TICKS);
-  } catch {
-    return 0;
-  }
-}
 
 function connectorError(err: unknown): string {
   const e = err as NodeJS.ErrnoException;

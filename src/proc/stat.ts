@@ -21,6 +21,23 @@ export interface ProcStat {
   readonly rssPages: number;
 }
 
+/** USER_HZ: the unit of /proc/<pid>/stat's times (start time, CPU time). */
+export const CLOCK_TICKS = 100;
+
+/**
+ * Clock ticks after boot, now, as /proc's start times count them (/proc/uptime is boot time
+ * too, in 10 ms steps, truncated: a process started after this call has a start time of at
+ * least this); null when /proc/uptime cannot be read.
+ */
+export function ticksSinceBoot(): number | null {
+  try {
+    const up = Number(readFileSync("/proc/uptime", "latin1").split(" ")[0]);
+    return Number.isFinite(up) ? Math.floor(up * CLOCK_TICKS) : null;
+  } catch {
+    return null;
+  }
+}
+
 /** PF_KTHREAD in include/linux/sched.h. */
 const PF_KTHREAD = 0x00200000;
 

@@ -1,8 +1,7 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
+import { CLOCK_TICKS } from "./stat.js";
 
-/** USER_HZ: the unit of /proc/<pid>/stat's times (100 on every Linux architecture Node runs on). */
-const CLOCK_TICKS = 100;
 
 /** What a session's processes use now (or used, for a cgroup's peak). */
 export interface UsageSample {

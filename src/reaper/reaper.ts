@@ -356,6 +356,7 @@ export class Reaper {
         ? trackingOf(undefined, session.containment)
         : session.tracking;
     const damage = session.damage.length > 0 ? { damage: session.damage } : {};
+    const reused = verification.reused === undefined ? {} : { portsReused: verification.reused };
     const finished = audit.transaction(() => {
       if (!store.finish(id, outcome, leftovers, now)) return false;
       for (const r of missing) this.journalStep(session, r, attempt);
@@ -371,6 +372,7 @@ export class Reaper {
           verified: verification.verified,
           tracking,
           usage,
+          ...reused,
           ...damage,
           ...(crashed === undefined ? {} : { crashed }),
         },
@@ -388,6 +390,7 @@ export class Reaper {
           verified: verification.verified,
           tracking,
           usage,
+          ...reused,
           ...damage,
           ...(crashed === undefined ? {} : { crashed }),
         },

@@ -71,11 +71,12 @@ test("uncontained, an engine that ignores SIGTERM is SIGKILLed after the grace p
   for (const pid of [engine.pid, ...engine.children]) assert.ok(isGone(pid));
 });
 
-test("a port held by a process outside the session is reported and never touched", async (t) => {
-  // Registration only accepts the engine's own ports, so the outsider comes later, as in
-  // life: once the engine is gone, another service binds the freed port. A release hook
-  // (which runs before the verification) starts it: another engine process, listening on
-  // $SESSION_PORTS, outside the session's tree.
+test("a port taken after the session was gone by a process not its own is a reuse: reported, never touched, the outcome clean", async (t) => {
+  // Registration only accepts the engine's own ports, so the newcomer comes later, as in
+  // life: once the engine is gone, another program binds the freed port (an ephemeral port
+  // comes round again within seconds on a busy host). A release hook (which runs after
+  // terminate, before the verification) starts it: another engine process, listening on
+  // $SESSION_PORTS, outside the session's tree and started after terminate ended.
   const dir = tempDir(t);
   const ready = join(dir, "outsider.json");
   const startOutsider = [
@@ -99,17 +100,61 @@ test("a port held by a process outside the session is reported and never touched
   const outsider = JSON.parse(readFileSync(ready, "utf8")) as { pid: number; port: number };
   t.after(() => void process.kill(outsider.pid, "SIGKILL"));
   assert.equal(outsider.port, engine.port);
+  assert.equal(finished.outcome, "clean");
+  const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
+  assert.deepEqual(s.leftovers, []);
+  const ports = step(s, "release-connections-and-ports").detail.ports as { status: string; pid?: number }[];
+  assert.deepEqual(
+    ports.map((p) => [p.status, p.pid]),
+    [["reused", outsider.pid]],
+  );
+  assert.ok(isGone(engine.pid));
+  assert.ok(!isGone(outsider.pid), "the outsider was signalled");
+  assert.equal(await portFree(engine.port), false, "the outsider still listens");
+});
+
+test("a port held by a process outside the session since before terminate ended is a leftover, never touched", async (t) => {
+  // The close hook runs before terminate: the outsider it starts listens on the registered
+  // port number on another loopback address (127.0.0.2) while the engine still holds it on
+  // 127.0.0.1. It was there all along, so it is not a reuse: the session did not end with its
+  // port free, and says so.
+  const dir = tempDir(t);
+  const ready = join(dir, "outsider.pid");
+  const listener = [
+    "import os, socket, sys",
+    "s = socket.socket()",
+    "s.bind(('127.0.0.2', int(sys.argv[1])))",
+    "s.listen(1)",
+    "open(sys.argv[2] + '.tmp', 'w').write(str(os.getpid()))",
+    "os.rename(sys.argv[2] + '.tmp', sys.argv[2])",
+    "while True: s.accept()",
+  ].join("\n");
+  const startOutsider = [
+    "/bin/sh",
+    "-c",
+    'python3 -c "$0" "$SESSION_PORTS" "$1" >/dev/null 2>&1 </dev/null & while [ ! -s "$1" ]; do sleep 0.05; done',
+    listener,
+    ready,
+  ];
+  const d = await startDaemon(t, testConfig(dir, { profiles: { default: { close_hook: startOutsider } } }));
+  const engine = await startEngine(t, [], join(dir, "engine"));
+  const id = (
+    await d.api<{ id: string }>("POST", "/v1/sessions", { engine: { pid: engine.pid }, ports: [engine.port] })
+  ).body.id;
+  await d.api("POST", `/v1/sessions/${id}/reap`);
+  const finished = await d.reaped(id);
+  const outsider = Number(readFileSync(ready, "utf8"));
+  t.after(() => void process.kill(outsider, "SIGKILL"));
   assert.equal(finished.outcome, "partial");
   const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
   assert.deepEqual(
     s.leftovers.map((l) => [l.kind, l.item]),
     [["port", String(engine.port)]],
   );
-  assert.match(s.leftovers[0]?.detail ?? "", new RegExp(`pid ${outsider.pid}.*not touched`));
+  assert.match(s.leftovers[0]?.detail ?? "", new RegExp(`pid ${outsider}.*not touched`));
   assert.equal(step(s, "release-connections-and-ports").outcome, "ok");
   assert.ok(isGone(engine.pid));
-  assert.ok(!isGone(outsider.pid), "the outsider was signalled");
-  assert.equal(await portFree(engine.port), false, "the outsider still listens");
+  assert.ok(!isGone(outsider), "the outsider was signalled");
 });
 
 test("a command close hook runs with the session's environment", async (t) => {
