@@ -79,7 +79,12 @@ const key = (pid: number, startTime: number): string => `${pid}:${startTime}`;
 function holderOf(pid: number, session: ReadonlySet<string>): FoundHolder | null {
   const st = readStat(pid);
   if (st === null) return null;
-  return { by: session.has(key(pid, st.startTime)) ? "session" : "outside", pid, comm: st.comm, startTime: st.startTime };
+  return {
+    by: session.has(key(pid, st.startTime)) ? "session" : "outside",
+    pid,
+    comm: st.comm,
+    startTime: st.startTime,
+  };
 }
 
 /** What matters most is whether the session itself still holds something. */

@@ -396,7 +396,6 @@ class HostLineage {
   }
 }
 
-
 function connectorError(err: unknown): string {
   const e = err as NodeJS.ErrnoException;
   switch (e.code) {

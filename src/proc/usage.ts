@@ -2,7 +2,6 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { CLOCK_TICKS } from "./stat.js";
 
-
 /** What a session's processes use now (or used, for a cgroup's peak). */
 export interface UsageSample {
   /** CPU seconds, user + system, the processes' waited-for children included. */
