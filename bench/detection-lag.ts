@@ -12,7 +12,7 @@
  * other reaps queue behind it, and no engine exit turns a timeout into engine_gone.
  */
 import { performance } from "node:perf_hooks";
-import { callApi } from "../src/cli/client.js";
+import { callApi } from "../src/client/transport.js";
 import { logLines, startReaperd } from "./lib/daemon.js";
 import { QUICK, fmt, judge, percentile, report, runFigure, say, sleep } from "./lib/report.js";
 import { cleanupAll, startGroup, tempDir } from "./lib/resources.js";

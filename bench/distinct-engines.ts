@@ -25,7 +25,7 @@ import { isExited, listStats, readStat } from "../src/proc/stat.js";
 import { DEFAULTS } from "../src/config/schema.js";
 import { ProcessTable } from "../src/proc/tree.js";
 import { LiveSessions } from "../src/sessions/live.js";
-import type { ProcessIdentity } from "../src/sessions/types.js";
+import type { ProcessIdentity } from "../src/model/session.js";
 import { Store } from "../src/store/store.js";
 import { logLines, startReaperd, type Reaperd } from "./lib/daemon.js";
 import { compileEngine, startManyEngines, type Engine } from "./lib/engines.js";

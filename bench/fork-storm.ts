@@ -20,7 +20,7 @@
  */
 import { readFileSync, readdirSync } from "node:fs";
 import { performance } from "node:perf_hooks";
-import { callApi } from "../src/cli/client.js";
+import { callApi } from "../src/client/transport.js";
 import { logLines, startReaperd, type Reaperd } from "./lib/daemon.js";
 import { compileEngine, startManyEngines } from "./lib/engines.js";
 import { startHeartbeatLoad, type Beat } from "./lib/heartbeat-load.js";

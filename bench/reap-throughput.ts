@@ -9,7 +9,7 @@
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { callApi } from "../src/cli/client.js";
+import { callApi } from "../src/client/transport.js";
 import { logLines, startReaperd } from "./lib/daemon.js";
 import { cleanedAfter, compileEngine, startEngines } from "./lib/engines.js";
 import { QUICK, fmt, report, runFigure, say, sleep } from "./lib/report.js";

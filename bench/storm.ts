@@ -12,7 +12,7 @@
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
-import { callApi } from "../src/cli/client.js";
+import { callApi } from "../src/client/transport.js";
 import { logLines, startReaperd } from "./lib/daemon.js";
 import { allCleaned, compileEngine, startEngines } from "./lib/engines.js";
 import { QUICK, fmt, percentile, report, runFigure, say, sleep } from "./lib/report.js";
@@ -28,7 +28,7 @@ const WINDOW_MS = QUICK ? 8_000 : 15_000;
 const GOAL_P99_MS = 50;
 const MODE = process.env.STORM_MODE === "reap" ? "reap" : "expire";
 
-const CLIENT = new URL("../src/cli/client.js", import.meta.url).href;
+const CLIENT = new URL("../src/client/transport.js", import.meta.url).href;
 
 /** The daemon's event-loop delay since the previous scrape (prom-client's default metrics), ms. */
 async function loopLag(socket: string): Promise<{ p99: number; max: number }> {

@@ -7,14 +7,14 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { RecordedAuditEvent } from "../src/audit/audit.js";
-import { callApi, type ApiResponse } from "../src/cli/client.js";
+import { callApi, type ApiResponse } from "../src/client/transport.js";
 import type { Clock } from "../src/clock.js";
 import { buildConfig, type Config } from "../src/config/load.js";
 import { Daemon } from "../src/daemon/daemon.js";
 import { mountPoints } from "../src/paths/validate.js";
 import { cgroup2Mount } from "../src/proc/cgroup.js";
 import { readStat, isExited } from "../src/proc/stat.js";
-import { NOT_YET_REAPED, type Session } from "../src/sessions/types.js";
+import { NOT_YET_REAPED, type ProcessIdentity, type Session } from "../src/model/session.js";
 
 export const ENGINE = fileURLToPath(new URL("./fixtures/engine.js", import.meta.url));
 export const REAPERD = fileURLToPath(new URL("../src/main.js", import.meta.url));
@@ -425,4 +425,39 @@ export async function unusedPort(): Promise<number> {
   const port = (server.address() as AddressInfo).port;
   await new Promise<void>((r) => server.close(() => r()));
   return port;
+}
+
+/**
+ * A session being reaped (forced, by root), as a step or the verification receives it: for
+ * tests that run a step or the verification directly on a journal they write themselves.
+ */
+export function reapingSession(id: string, engine: ProcessIdentity, ports: number[]): Session {
+  return {
+    id,
+    profile: "default",
+    owner: null,
+    engine,
+    ownerPid: null,
+    ports,
+    paths: [],
+    labels: {},
+    heartbeatTimeoutSec: 30,
+    idleTimeoutSec: 30,
+    maxLifetimeSec: 0,
+    createdAt: 0,
+    lastHeartbeatAt: 0,
+    lastActivityAt: 0,
+    deadline: null,
+    state: "reaping",
+    reason: "forced",
+    outcome: null,
+    leftovers: [],
+    reapStartedAt: 0,
+    reapedAt: null,
+    reapAttempts: 1,
+    registeredBy: { uid: 0, admin: true, via: "unix" },
+    containment: null,
+    tracking: null,
+    damage: [],
+  };
 }

@@ -2,7 +2,7 @@ import type { ChildProcess } from "node:child_process";
 import { closeSync, openSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { callApi, type ApiResponse } from "../../src/cli/client.js";
+import { callApi, type ApiResponse } from "../../src/client/transport.js";
 import { exited, start } from "./resources.js";
 import { sleep } from "./report.js";
 

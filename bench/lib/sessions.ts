@@ -1,6 +1,6 @@
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { identify } from "../../src/proc/identity.js";
-import { NOT_YET_REAPED, type ProcessIdentity, type Session } from "../../src/sessions/types.js";
+import { NOT_YET_REAPED, type ProcessIdentity, type Session } from "../../src/model/session.js";
 import { Store } from "../../src/store/store.js";
 
 /**

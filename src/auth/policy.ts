@@ -1,6 +1,6 @@
 import type { Profile } from "../config/load.js";
 import { ReaperError } from "../errors.js";
-import type { ProcessIdentity, RegisteredBy } from "../sessions/types.js";
+import type { ProcessIdentity, RegisteredBy } from "../model/session.js";
 import type { Caller } from "./caller.js";
 
 /**

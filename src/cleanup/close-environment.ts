@@ -1,10 +1,9 @@
 import { performance } from "node:perf_hooks";
 import { liveness } from "../proc/identity.js";
 import { readUid } from "../proc/stat.js";
-import { freshTables, socketSnapshot } from "../proc/sockets.js";
+import { freshTables, inetSockets, socketSnapshot } from "../proc/sockets.js";
 import { recentTable } from "../proc/tree.js";
-import { hookRefusal } from "./hook-template.js";
-import { commandHook } from "./release-hooks.js";
+import { commandHook, hookRefusal } from "./release-hooks.js";
 import { knownProcesses, sleep, type CleanupStep, type StepContext, type StepOutput } from "./step.js";
 
 /**
@@ -32,7 +31,16 @@ export const closeEnvironment: CleanupStep = {
       processes.map((p) => p.pid),
       since,
     );
-    ctx.record({ processes, sockets }); // kept even if the hook below hangs
+    // And every socket on a registered port now, whoever holds it: one found there later that
+    // is not among these is new (src/cleanup/reused-port.ts).
+    const ports = new Set(session.ports);
+    const portInodes =
+      ports.size === 0
+        ? []
+        : inetSockets(processes[0]?.pid ?? "self", ports, since)
+            .map((s) => s.inode)
+            .filter((inode) => inode > 0);
+    ctx.record({ processes, sockets, portInodes }); // kept even if the hook below hangs
     if (hook === null) return { ok: true, detail: { skipped: "the profile has no close hook" } };
 
     let out: StepOutput;

@@ -1,6 +1,6 @@
 import type { SocketSnapshot } from "../proc/sockets.js";
 import type { UsageSample } from "../proc/usage.js";
-import type { ProcessIdentity, StepName, StepResult } from "../sessions/types.js";
+import type { ProcessIdentity, StepName, StepResult } from "../model/session.js";
 
 /**
  * The step journal's protocol: what each step writes into its `detail` that a later step (or
@@ -9,7 +9,7 @@ import type { ProcessIdentity, StepName, StepResult } from "../sessions/types.js
  * which had the same fields (so every reader accepts both as they are).
  *
  * v1: the fields below, without `v`. v2: `v`, fence `peaks`, terminate `usage` and `cgroup`.
- * v3: terminate `endedTicks`.
+ * v3: close-environment `portInodes`.
  */
 export const JOURNAL_VERSION = 3;
 
@@ -25,6 +25,11 @@ export interface CloseEnvironmentDetail {
   readonly processes?: readonly ProcessIdentity[];
   /** Its sockets then: release-connections-and-ports verifies each one gone. */
   readonly sockets?: SocketSnapshot;
+  /**
+   * Every socket on a registered port at that moment, whoever held it (v3): one not among
+   * them later is new (reused-port.ts).
+   */
+  readonly portInodes?: readonly number[];
 }
 
 export interface TerminateDetail {
@@ -33,11 +38,6 @@ export interface TerminateDetail {
   /** What the session used, read before the first signal. */
   readonly usage?: UsageSample;
   readonly cgroup?: { readonly path: string; readonly kill: string; readonly removed: boolean };
-  /**
-   * Clock ticks after boot when the step ended (v3): a process that started later and is no
-   * member took a registered port after the session was gone (see reused-port.ts).
-   */
-  readonly endedTicks?: number;
 }
 
 /** The fields read back, per step. */

@@ -4,8 +4,9 @@ import type { Logger } from "pino";
 import type { ReleaseHook } from "../config/load.js";
 import { errorMessage } from "../errors.js";
 import { passwdEntry } from "../proc/passwd.js";
-import { TemplateError, expandArgv, hookRefusal } from "./hook-template.js";
-import type { Session } from "../sessions/types.js";
+import { TemplateError, expandArgv } from "../config/hook-template.js";
+import type { Session } from "../model/session.js";
+import { describeDamage } from "../store/columns.js";
 
 type HookResult = { outcome: "ok" | "failed" | "timeout"; error?: string };
 type HttpOutcome = { hook: "http"; url: string; status?: number } & HookResult;
@@ -16,6 +17,18 @@ type CommandOutcome = {
   stderr?: string;
 } & HookResult;
 type HookOutcome = HttpOutcome | CommandOutcome;
+
+/**
+ * Why no hook may run for this session, or null: a hook is given the session's ports, paths
+ * and labels (argv placeholders, environment, HTTP body), and one of them cannot be read (a
+ * damaged row). A hook fed a wrong value (no port, no path) could act on the wrong thing.
+ */
+export function hookRefusal(session: Session): string | null {
+  const facts = session.damage.filter((d) => d.table === "sessions" && ["ports", "paths", "labels"].includes(d.column));
+  return facts.length === 0
+    ? null
+    : `not run: the session's stored ${facts.map((d) => d.column).join(" and ")} cannot be read (${describeDamage(facts)}), and a hook would be given a wrong value`;
+}
 
 /** One hook's entry in the step detail. */
 export type HookReport = HookOutcome & { durationMs: number };
@@ -108,7 +121,7 @@ async function postHook(url: string, session: Session, attempt: number, signal: 
 }
 
 /**
- * Runs a hook's argv, its placeholders expanded (hook-template.ts), with the session's facts
+ * Runs a hook's argv, its placeholders expanded (src/config/hook-template.ts), with the session's facts
  * and the user's HOME, USER and LOGNAME (from the passwd database) in its environment, in a
  * process group of its own, so that on timeout the hook and whatever it started are
  * SIGKILLed together. The group id is the hook's own pid, which cannot have been reused

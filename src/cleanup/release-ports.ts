@@ -3,10 +3,9 @@ import { createSocket } from "node:dgram";
 import { createServer } from "node:net";
 import { performance } from "node:perf_hooks";
 import { readStat } from "../proc/stat.js";
+import { socketHolders, type SocketHolder } from "../proc/users.js";
 import {
   endpoint,
-  holdersByInode,
-  holdersOf,
   freshTables,
   inetSockets,
   netnsOf,
@@ -15,10 +14,10 @@ import {
   type InetSocket,
   type SocketSnapshot,
 } from "../proc/sockets.js";
-import type { Leftover, StepName, StepResult } from "../sessions/types.js";
+import { type Leftover, processKey, type StepName, type StepResult } from "../model/session.js";
 import { damageOf, whereIs } from "../store/columns.js";
 import { runReleaseHooks, type HookReport } from "./release-hooks.js";
-import { reuseEvidence, tookPortAfter, type ReuseEvidence } from "./reused-port.js";
+import { reuseEvidence, reusesPort, type ReuseEvidence } from "./reused-port.js";
 import { knownProcesses, sleep, type CleanupStep } from "./step.js";
 import { terminatedProcesses } from "./terminate.js";
 
@@ -74,58 +73,76 @@ function testBindUdp(port: number): Promise<string | null> {
 }
 
 const isUdp = (s: { proto: string }): boolean => s.proto.startsWith("udp");
-const key = (pid: number, startTime: number): string => `${pid}:${startTime}`;
 
-function holderOf(pid: number, session: ReadonlySet<string>): FoundHolder | null {
-  const st = readStat(pid);
-  if (st === null) return null;
-  return {
-    by: session.has(key(pid, st.startTime)) ? "session" : "outside",
-    pid,
-    comm: st.comm,
-    startTime: st.startTime,
-  };
+/** The holder as it is now, if it is still the process the walk saw (pid and start time). */
+function holderOf(h: SocketHolder, session: ReadonlySet<string>): FoundHolder | null {
+  const st = readStat(h.pid);
+  if (st === null || st.startTime !== h.startTime) return null;
+  return { by: session.has(processKey(h)) ? "session" : "outside", pid: h.pid, comm: st.comm, startTime: h.startTime };
 }
 
 /** What matters most is whether the session itself still holds something. */
 const sessionFirst = (a: Holder, b: Holder): number => (a.by === b.by ? 0 : a.by === "session" ? -1 : 1);
 
-/** Holders of these inodes, session processes first. */
-function holdersIn(inodes: ReadonlySet<number>, session: ReadonlySet<string>): FoundHolder[] {
-  const found = holdersOf(inodes)
-    .map((pid) => holderOf(pid, session))
-    .filter((h): h is FoundHolder => h !== null);
-  return found.sort(sessionFirst);
+/** Each holder once, with the inodes it holds among `inodes`, session processes first. */
+function holdersIn(
+  inodes: readonly number[],
+  byInode: ReadonlyMap<number, readonly SocketHolder[]>,
+  session: ReadonlySet<string>,
+): (FoundHolder & { inodes: number[] })[] {
+  const found = new Map<string, FoundHolder & { inodes: number[] }>();
+  for (const inode of inodes) {
+    for (const h of byInode.get(inode) ?? []) {
+      const known = found.get(processKey(h));
+      if (known !== undefined) {
+        known.inodes.push(inode);
+        continue;
+      }
+      const now = holderOf(h, session);
+      if (now !== null) found.set(processKey(h), { ...now, inodes: [inode] });
+    }
+  }
+  return [...found.values()].sort(sessionFirst);
+}
+
+/**
+ * Any socket on the port that a process still refers to (inode > 0) holds it: a listener, a
+ * bound UDP socket, and a connection too (a PostgreSQL backend that outlived its postmaster
+ * keeps its client's). A connection does not fail the test bind (the listener it was
+ * accepted from set SO_REUSEADDR, as servers do), so only the tables tell.
+ */
+function boundOn(port: number, udp: boolean, notBefore: number): { bound: InetSocket[]; timeWait: number } {
+  const sockets = inetSockets("self", new Set([port]), notBefore);
+  return {
+    bound: sockets.filter((s) => s.inode > 0 && (udp || !isUdp(s))),
+    timeWait: sockets.filter((s) => s.state === "TIME_WAIT").length,
+  };
 }
 
 async function inspect(
   port: number,
   udp: boolean,
+  on: { bound: InetSocket[]; timeWait: number },
+  byInode: ReadonlyMap<number, readonly SocketHolder[]>,
   session: ReadonlySet<string>,
-  notBefore: number,
   evidence: ReuseEvidence,
 ): Promise<PortReport> {
-  const sockets = inetSockets("self", new Set([port]), notBefore);
-  const timeWait = sockets.filter((s) => s.state === "TIME_WAIT").length;
-  // Any socket on the port that a process still refers to (inode > 0) holds it: a listener,
-  // a bound UDP socket, and a connection too (a PostgreSQL backend that outlived its
-  // postmaster keeps its client's). A connection does not fail the test bind (the listener
-  // it was accepted from set SO_REUSEADDR, as servers do), so only the tables tell.
-  const bound = sockets.filter((s) => s.inode > 0 && (udp || !isUdp(s)));
-  const holders = holdersIn(new Set(bound.map((s) => s.inode)), session);
+  const { bound, timeWait } = on;
+  const holders = holdersIn(
+    bound.map((s) => s.inode),
+    byInode,
+    session,
+  );
   const holder = holders[0];
   if (holder !== undefined) {
-    const heldBy = (h: FoundHolder): InetSocket[] => {
-      const mine = socketInodes(h.pid);
-      return bound.filter((s) => mine.has(s.inode));
-    };
-    const held = heldBy(holder)[0];
+    const held = bound.find((s) => holder.inodes.includes(s.inode));
     const reused = holders.every(
       (h) =>
         h.by === "outside" &&
-        tookPortAfter(
+        reusesPort(
           h,
-          heldBy(h).map((s) => s.inode),
+          port,
+          bound.filter((s) => h.inodes.includes(s.inode)),
           evidence,
         ),
     );
@@ -181,11 +198,11 @@ function itemsOf(snap: SocketSnapshot): SocketItem[] {
  * Every socket of the snapshot must be gone from the kernel's tables (a socket no file refers
  * to any more keeps its line with inode 0 while TCP finishes closing: that is released).
  */
-function verifySockets(
+async function verifySockets(
   snap: SocketSnapshot | null,
   tables: { inet: InetSocket[]; unix: Set<number> },
   session: ReadonlySet<string>,
-): SocketsReport {
+): Promise<SocketsReport> {
   if (snap === null) {
     return { skipped: "no socket snapshot in the journal (engine gone before close-environment, or an older journal)" };
   }
@@ -211,11 +228,11 @@ function verifySockets(
     return pids.length === 0;
   });
 
-  // One walk of every process's fds for all the survivors (usually there are none).
-  const holders = holdersByInode(new Set(left.map((i) => i.inode)));
+  // One shared walk of every process's fds for all the survivors (usually there are none).
+  const holders = await socketHolders(left.map((i) => i.inode));
   const survivors = left.map((i) => {
     const holder = (holders.get(i.inode) ?? [])
-      .map((pid) => holderOf(pid, session))
+      .map((h) => holderOf(h, session))
       .filter((h): h is FoundHolder => h !== null)
       .sort(sessionFirst)[0];
     return {
@@ -286,23 +303,27 @@ export const releaseConnectionsAndPorts: CleanupStep = {
       }
     }
 
-    const processes = [...terminatedProcesses(ctx), ...knownProcesses(ctx.journal)];
-    const sessionKeys = new Set(processes.map((p) => key(p.pid, p.startTime)));
+    // The session's processes: what terminate handled, the journaled trees, and lineage's.
+    const processes = [...terminatedProcesses(ctx), ...knownProcesses(ctx.journal), ...ctx.lineage.members()];
+    const sessionKeys = new Set(processes.map(processKey));
     const snap = snapshotOf(ctx.journal);
     // A port the snapshot shows as TCP only is not checked for UDP (an unrelated UDP
     // service may use the same number); without the snapshot's word, both are.
     const udpPorts = new Set(snap?.listening.filter(isUdp).map((s) => s.port));
     const tcpOnly = new Set(snap?.listening.filter((s) => !isUdp(s) && !udpPorts.has(s.port)).map((s) => s.port));
 
-    const evidence = reuseEvidence(ctx.journal, ctx.lineage);
+    const evidence = reuseEvidence(session.id, ctx.journal, ctx.lineage);
     const settleEnd = Math.min(performance.now() + SETTLE_MS, ctx.deadline - 200);
     let ports: PortReport[];
     for (;;) {
       ports = [];
-      // One reading of the tables for every reap checking in this turn.
+      // One reading of the tables for every reap checking in this turn, and one shared walk
+      // of /proc for the holders of every port's sockets.
       const round = await freshTables();
-      for (const port of session.ports) {
-        ports.push(await inspect(port, !tcpOnly.has(port), sessionKeys, round, evidence));
+      const on = new Map(session.ports.map((port) => [port, boundOn(port, !tcpOnly.has(port), round)] as const));
+      const byInode = await socketHolders([...on.values()].flatMap((o) => o.bound.map((s) => s.inode)));
+      for (const [port, sockets] of on) {
+        ports.push(await inspect(port, !tcpOnly.has(port), sockets, byInode, sessionKeys, evidence));
       }
       const pending = ports.some((r) => r.status === "bind-failed" || (r.status === "held" && r.by === "session"));
       if (!pending || signal.aborted || performance.now() >= settleEnd) break;
@@ -337,10 +358,10 @@ export const releaseConnectionsAndPorts: CleanupStep = {
       unix: new Set(unixSockets("self", t).map((s) => s.inode)),
     });
     const since = await freshTables();
-    let sockets = verifySockets(snap, tablesSince(since), sessionKeys);
+    let sockets = await verifySockets(snap, tablesSince(since), sessionKeys);
     while ("survivors" in sockets && sockets.survivors.length > 0 && !signal.aborted && performance.now() < settleEnd) {
       await sleep(50);
-      sockets = verifySockets(snap, tablesSince(await freshTables()), sessionKeys);
+      sockets = await verifySockets(snap, tablesSince(await freshTables()), sessionKeys);
     }
     const registered = new Set(session.ports);
     const survivors = "survivors" in sockets ? sockets.survivors : [];

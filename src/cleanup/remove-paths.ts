@@ -1,7 +1,7 @@
 import { removePath } from "../paths/remove.js";
 import { ipcLeftovers, POSIX_SHM_DIR, removeSysv, type IpcQuery } from "../proc/ipc.js";
 import { processUses } from "../proc/users.js";
-import type { Leftover } from "../sessions/types.js";
+import type { Leftover } from "../model/session.js";
 import { damageOf, whereIs } from "../store/columns.js";
 import { knownProcesses, type CleanupStep, type StepContext } from "./step.js";
 import { terminatedProcesses } from "./terminate.js";

@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import type { Profile } from "../config/load.js";
-import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from "../sessions/types.js";
-import { loopTurn } from "../reaper/turns.js";
+import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from "../model/session.js";
+import { loopTurn } from "../pace/turns.js";
 import { journaled, type Journal } from "./journal.js";
 
 export interface StepContext {
@@ -66,7 +66,7 @@ export function knownProcesses(journal: Journal): ProcessIdentity[] {
 }
 
 /**
- * A step's poll interval: the timer, then a paced turn (src/reaper/turns.ts), so that a
+ * A step's poll interval: the timer, then a paced turn (src/pace/turns.ts), so that a
  * storm's polls (hundreds of reaps waking in the same turn) share the loop with heartbeats.
  */
 export async function sleep(ms: number): Promise<void> {

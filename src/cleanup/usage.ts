@@ -1,4 +1,4 @@
-import type { Session } from "../sessions/types.js";
+import type { Session } from "../model/session.js";
 import { journaled, type Journal } from "./journal.js";
 
 /** What a session cost, reported when it ends (no peer does: a cost nobody sees is never cut). */

@@ -1,14 +1,14 @@
 import { cgroupPids } from "../proc/cgroup.js";
 import { ipcLeftovers } from "../proc/ipc.js";
 import { liveness } from "../proc/identity.js";
-import { freshTables, inetSockets, socketInodes } from "../proc/sockets.js";
+import { freshTables, inetSockets, socketInodes, type InetSocket } from "../proc/sockets.js";
 import { readStat, readUid } from "../proc/stat.js";
 import { processUses, type ProcessUse } from "../proc/users.js";
-import type { Leftover, ProcessIdentity, Session } from "../sessions/types.js";
+import type { Leftover, ProcessIdentity, Session } from "../model/session.js";
 import { damageOf, engineReadable } from "../store/columns.js";
 import { journaled, type Journal } from "./journal.js";
 import { ipcQuery } from "./remove-paths.js";
-import { reuseEvidence, tookPortAfter } from "./reused-port.js";
+import { reuseEvidence, reusesPort } from "./reused-port.js";
 import { knownProcesses, type SessionMembers } from "./step.js";
 
 /** What a verification pass looked at: a `clean` is backed by exactly these. */
@@ -68,8 +68,10 @@ export async function verifyGone(
   }
   // lineage: every live process the engine ever started, wherever it went (another session,
   // process group or cgroup, re-parented to init), after every fork reported before now
+  // members() drains the kernel's queue first: complete() then speaks of every fork until now.
+  const byLineage = lineage.members();
   const complete = lineage.complete();
-  for (const p of lineage.members()) {
+  for (const p of byLineage) {
     if (p.pid <= 1 || p.pid === daemonPid || liveness(p) !== "alive") continue;
     const st = readStat(p.pid);
     if (st === null || st.state === "Z") continue;
@@ -93,11 +95,13 @@ export async function verifyGone(
   // ports: the sockets on a registered port, in the daemon's network namespace (the engine's,
   // when it shares it; the release step says when it did not).
   const sockets = new Map<number, string>();
+  const onPorts = new Map<number, InetSocket>();
   if (session.ports.length > 0) {
     const since = await freshTables(); // one reading for every reap verifying in this turn
     for (const s of inetSockets("self", new Set(session.ports), since)) {
       if (s.inode === 0 || !session.ports.includes(s.localPort)) continue;
       sockets.set(s.inode, `port ${s.localPort} (${s.proto} ${s.state})`);
+      onPorts.set(s.inode, s);
     }
   }
   // cookie, ports and paths in one pass over /proc
@@ -119,13 +123,25 @@ export async function verifyGone(
   // is none of its own, is a reuse of the port number, not a leftover (reused-port.ts).
   const reused: { pid: number; comm: string; why: string }[] = [];
   if (sockets.size > 0) {
-    const evidence = reuseEvidence(journal, lineage);
-    const onPortOnly = (u: ProcessUse): boolean => u.why.split(", ").every((r) => /^port \d+ /.test(r));
+    const evidence = reuseEvidence(session.id, journal, lineage);
     for (const pid of usesOnly) {
       const u = found.get(pid) as ProcessUse;
-      if (!onPortOnly(u)) continue;
-      const held = [...socketInodes(pid)].filter((i) => sockets.has(i));
-      if (!tookPortAfter(u, held, evidence)) continue;
+      // Found by something else than a registered port too: not a question of port numbers.
+      if (!u.why.split(", ").every((r) => /^port \d+ /.test(r))) continue;
+      const held = [...socketInodes(pid)].flatMap((i) => onPorts.get(i) ?? []);
+      const ports = new Set(held.map((s) => s.localPort));
+      if (ports.size === 0) continue;
+      if (
+        ![...ports].every((p) =>
+          reusesPort(
+            u,
+            p,
+            held.filter((s) => s.localPort === p),
+            evidence,
+          ),
+        )
+      )
+        continue;
       found.delete(pid);
       usesOnly.delete(pid);
       reused.push({ pid: u.pid, comm: u.comm, why: u.why });

@@ -1,5 +1,5 @@
 import { resolve } from "node:path";
-import type { ApiResponse } from "./client.js";
+import type { ApiResponse } from "../client/transport.js";
 
 /** reaperctl's exit codes; `run` exits with its command's status instead, once it ran. */
 export const EXIT = { ok: 0, error: 1, usage: 2, notFound: 3, unreachable: 4, auditIncomplete: 5 } as const;

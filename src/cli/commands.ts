@@ -1,7 +1,7 @@
 /** The commands that read or act on the daemon's sessions: one API call (or page loop) each. */
 import type { Session } from "../client/index.js";
 import type { ExpiringJson, OrphanJson } from "../http/present.js";
-import { SESSION_STATES } from "../sessions/types.js";
+import { SESSION_STATES } from "../model/session.js";
 import { EXIT, UsageError, apiFailure, parseAdditions, stringOption, type Context } from "./command.js";
 import { parseDuration, plural, relativeTime, table } from "./format.js";
 

@@ -9,7 +9,7 @@ import { resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { ReaperError, errorMessage } from "../errors.js";
 import { auditVerify } from "./audit-verify.js";
-import { callApi } from "./client.js";
+import { callApi } from "../client/transport.js";
 import { EXIT, UsageError, type Context } from "./command.js";
 import { end, events, expiring, list, orphans, show, status, update } from "./commands.js";
 import { runCommand } from "./run.js";

@@ -20,8 +20,8 @@ import { spawn as spawnProcess, type ChildProcess, type SpawnOptions } from "nod
 import { randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { Writable } from "node:stream";
-import { callApi, type ApiResponse } from "../cli/client.js";
-import type { RegisterBody, UpdateBody } from "../http/schemas.js";
+import { callApi, type ApiResponse } from "./transport.js";
+import type { RegisterBody, UpdateBody } from "../model/requests.js";
 import {
   SESSION_COOKIE,
   type Damage,
@@ -34,7 +34,7 @@ import {
   type StepOutcome,
   type StepResult,
   type TimeReason,
-} from "../sessions/types.js";
+} from "../model/session.js";
 
 export type { RegisterBody, UpdateBody };
 

@@ -4,9 +4,9 @@ import { isAbsolute, join, normalize, resolve } from "node:path";
 import { Ajv, type ErrorObject } from "ajv";
 import { Cron } from "croner";
 import { parse as parseToml } from "smol-toml";
-import { templateProblem } from "../cleanup/hook-template.js";
+import { templateProblem } from "./hook-template.js";
 import { ReaperError, errorMessage } from "../errors.js";
-import { globProblem } from "../orphans/matcher.js";
+import { globProblem } from "../paths/glob.js";
 import { reachablePath, SOCKET_PATH_MAX } from "../paths/socket-path.js";
 import { DEFAULTS, ORPHAN_DEFAULTS, PROFILE_DEFAULTS, configSchema } from "./schema.js";
 
@@ -387,7 +387,7 @@ function buildProfile(
   };
 }
 
-/** A command hook's argv, its placeholders checked (src/cleanup/hook-template.ts). */
+/** A command hook's argv, its placeholders checked (src/config/hook-template.ts). */
 function template(argv: readonly string[], key: string): readonly string[] {
   const problem = templateProblem(argv);
   if (problem !== null) throw new ReaperError("SR_CONFIG_INVALID", `${key}: ${problem}`);

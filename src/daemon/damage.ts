@@ -3,7 +3,7 @@ import type { AuditTrail } from "../audit/audit.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { describeDamage, engineDamage, whereIs } from "../store/columns.js";
 import type { Store } from "../store/store.js";
-import type { Damage, SessionState } from "../sessions/types.js";
+import type { Damage, SessionState } from "../model/session.js";
 
 /**
  * What the daemon does with a session whose row is damaged, by the session's state:

@@ -9,11 +9,13 @@ import { liveness } from "../proc/identity.js";
 import { ProcessHandle } from "../proc/pidfd.js";
 import { listStatsPaced, readUid } from "../proc/stat.js";
 import { descendantTree, freshTable, ProcessTable } from "../proc/tree.js";
-import type { CpuSample, LiveSession, LiveSessions, LiveWatcher } from "../sessions/live.js";
-import type { ProcessIdentity, Reason } from "../sessions/types.js";
+import type { CpuSample, LiveSession } from "../model/live-session.js";
+import type { LiveSessions, LiveWatcher } from "../sessions/live.js";
+import { type ProcessIdentity, processKey, type Reason } from "../model/session.js";
 import type { SessionLineage } from "../proc/lineage.js";
-import { loopTurn } from "../reaper/turns.js";
+import { loopTurn } from "../pace/turns.js";
 import { DeadlineHeap } from "./heap.js";
+import { BUDGETS } from "../pace/budgets.js";
 
 /** An engine or owner process watched for the live sessions that name it. */
 interface WatchedProcess {
@@ -25,7 +27,7 @@ interface WatchedProcess {
   /** Live sessions whose owner this is. */
   readonly ownerOf: Set<LiveSession>;
   /** The engine's tree at the last liveness pass (shared by its sessions' `tree`). */
-  tree: ProcessIdentity[];
+  tree: readonly ProcessIdentity[];
   /**
    * Its pidfd said it exited (set after the last look at its tree, before its sessions are
    * expired): an expiry the store could
@@ -68,7 +70,7 @@ function cpuNow(s: LiveSession, stats: Record<string, pidusage.Status | null>, a
   for (const p of members(s)) {
     const u = stats[p.pid];
     if (!u) continue;
-    perProcess.set(`${p.pid}:${p.startTime}`, u.ctime);
+    perProcess.set(processKey(p), u.ctime);
     cpuMs += u.ctime;
   }
   return perProcess.size === 0 ? null : { atMs, cpuMs, perProcess };
@@ -136,7 +138,7 @@ export interface DetectorOptions {
 }
 
 /** Loop time the detector may spend fencing due sessions in one turn (see expireDue). */
-const FENCE_BUDGET_MS = 8;
+const FENCE_BUDGET_MS = BUDGETS.fenceMs;
 
 /**
  * Finds sessions that are due. Time-based: a min-heap of deadlines and one timer armed for
@@ -194,7 +196,7 @@ export class Detector implements LiveWatcher {
     const engine = this.watch(s.engine);
     engine.engineOf.add(s);
     if (engine.engineOf.size === 1) engine.tree = s.tree;
-    else s.tree = engine.tree;
+    else this.registry.shareTree(s, engine.tree);
     if (s.ownerPid !== null) this.watch(s.ownerPid).ownerOf.add(s);
     if (s.busyCpuPercent !== null) {
       this.cpuWatched.set(s.id, s);
@@ -435,7 +437,7 @@ export class Detector implements LiveWatcher {
       this.refreshTree(p, table);
       // Resident memory (the peak reported at finish), from the snapshot's stat lines.
       const rss = table.rssBytes(p.tree);
-      for (const s of p.engineOf) if (rss > s.peaks.rssBytes) s.peaks.rssBytes = rss;
+      for (const s of p.engineOf) this.registry.notePeakRss(s, rss);
     }
     // Engines first: a session whose engine and owner are both gone is engine_gone.
     gone.sort((a, b) => Number(b.engineOf.size > 0) - Number(a.engineOf.size > 0));
@@ -499,7 +501,7 @@ export class Detector implements LiveWatcher {
       if (prev !== undefined && at - prev.atMs < MIN_CPU_WINDOW_MS) continue;
       const next = cpuNow(s, stats, at);
       if (next === null) continue; // gone
-      s.cpuSample = next;
+      this.registry.setCpuSample(s, next);
       if (prev === undefined) continue; // a baseline
       if ((cpuSince(prev, next) / (at - prev.atMs)) * 100 > s.busyCpuPercent) {
         this.registry.active(s);

@@ -1,7 +1,7 @@
 import type { OrphanFinding } from "../orphans/sweep.js";
 import type { SessionUsage } from "../cleanup/usage.js";
 import type { EngineUsage, ExpiringSession } from "../sessions/sessions.js";
-import type { Session, StepResult } from "../sessions/types.js";
+import type { Session, StepResult } from "../model/session.js";
 import type { StoredEvent } from "../store/store.js";
 
 const iso = (ms: number | null): string | null => (ms === null ? null : new Date(ms).toISOString());

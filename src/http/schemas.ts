@@ -9,7 +9,8 @@
  * real answers against them so they cannot drift from present.ts.
  */
 import { AUDIT_EVENTS } from "../audit/audit.js";
-import { REASONS, SESSION_STATES, STEP_NAMES, TRACKINGS } from "../sessions/types.js";
+import { MAX_ITEMS } from "../model/requests.js";
+import { REASONS, SESSION_STATES, STEP_NAMES, TRACKINGS } from "../model/session.js";
 
 export const SESSION_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$";
 
@@ -31,14 +32,24 @@ export const registerBody = {
       properties: { pid: { type: "number" } },
     },
     ownerPid: { type: "number" },
-    ports: { type: "array", maxItems: 64, uniqueItems: true, items: { type: "integer", minimum: 1, maximum: 65535 } },
-    paths: { type: "array", maxItems: 64, uniqueItems: true, items: { type: "string", minLength: 1, maxLength: 4096 } },
+    ports: {
+      type: "array",
+      maxItems: MAX_ITEMS,
+      uniqueItems: true,
+      items: { type: "integer", minimum: 1, maximum: 65535 },
+    },
+    paths: {
+      type: "array",
+      maxItems: MAX_ITEMS,
+      uniqueItems: true,
+      items: { type: "string", minLength: 1, maxLength: 4096 },
+    },
     heartbeatTimeoutSec: timeout(1),
     idleTimeoutSec: timeout(1),
     maxLifetimeSec: timeout(0),
     labels: {
       type: "object",
-      maxProperties: 64,
+      maxProperties: MAX_ITEMS,
       propertyNames: { pattern: "^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$" },
       additionalProperties: { type: "string", maxLength: 256 },
     },
@@ -514,35 +525,3 @@ export const readyResponse = {
 /** A response in another media type than JSON (fastify's `content` form of a response schema). */
 export const textResponse = (mediaType: string, description: string) =>
   ({ description, content: { [mediaType]: { schema: { type: "string" } } } }) as const;
-
-export interface RegisterBody {
-  id?: string;
-  profile?: string;
-  owner?: string;
-  engine: { pid: number };
-  ownerPid?: number;
-  ports?: number[];
-  paths?: string[];
-  heartbeatTimeoutSec?: number;
-  idleTimeoutSec?: number;
-  maxLifetimeSec?: number;
-  labels?: Record<string, string>;
-}
-
-export interface UpdateBody {
-  ports?: number[];
-  paths?: string[];
-  labels?: Record<string, string>;
-}
-
-export interface ExpiringQuery {
-  withinSec: number;
-}
-
-export interface ListQuery {
-  state?: (typeof SESSION_STATES)[number];
-  profile?: string;
-  owner?: string;
-  limit: number;
-  cursor?: string;
-}

@@ -48,11 +48,8 @@ import {
   sessionResponse,
   textResponse,
   updateBody,
-  type ExpiringQuery,
-  type ListQuery,
-  type RegisterBody,
-  type UpdateBody,
 } from "./schemas.js";
+import type { ExpiringQuery, ListQuery, RegisterBody, UpdateBody } from "../model/requests.js";
 
 export interface DaemonInfo {
   state: "running" | "shutting_down";
@@ -161,8 +158,40 @@ const fastPaths = new WeakMap<FastifyInstance, FastHeartbeat>();
 
 /** Builds the API without listening (fastify's testing guide): only main.ts listens. */
 export function buildServer(deps: ServerDeps): FastifyInstance {
-  const { sessions, store, metrics } = deps;
-  const callerOf = (req: { raw: IncomingMessage }) => deps.callers.of(req.raw.socket);
+  const { app, fast, routes } = createApp(deps);
+  sessionRoutes(app, deps, fast);
+  daemonRoutes(app, deps);
+  let openApi: string | undefined;
+  app.get(
+    "/openapi.json",
+    {
+      schema: {
+        summary: "This document",
+        response: { 200: { type: "object", description: "An OpenAPI 3.1 document" } },
+      },
+    },
+    (_req, reply) => {
+      // Built once, on first request: every route is registered by then.
+      openApi ??= JSON.stringify(openApiDocument(routes, deps.info().version));
+      return reply.type("application/json; charset=utf-8").send(openApi);
+    },
+  );
+
+  return app;
+}
+
+/**
+ * The fastify instance every route is added to: its server (with the heartbeat fast path in
+ * front of the router and the connection limits at accept), validation, serialization, the
+ * per-route request counter and the error envelopes. Returns the fast path (the heartbeat
+ * route replays what it read) and the route list /openapi.json is made from.
+ */
+function createApp(deps: ServerDeps): {
+  app: FastifyInstance;
+  fast: FastHeartbeat;
+  routes: ReturnType<typeof collectRoutes>;
+} {
+  const { sessions, metrics } = deps;
   // Typed as fastify's logger, so the instance is the plain FastifyInstance type.
   const loggerInstance: FastifyBaseLogger = deps.log;
   // The heartbeat fast path sits in front of fastify's router (fast-heartbeat.ts).
@@ -231,7 +260,6 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
   app.setSerializerCompiler(() => (data) => JSON.stringify(data));
   // Before the first route: every route is collected for /openapi.json as it is registered.
   const routes = collectRoutes(app, (pre) => [pre].flat().includes(acceptMissingBody));
-  let openApi: string | undefined;
   // Route patterns, never raw URLs (ids would make one series per session). Each route's
   // pattern is bound when the route is added: reading req.routeOptions per request builds a
   // dozen-field object each time (a few percent of a heartbeat). Unmatched: the 404 handler.
@@ -251,6 +279,13 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
     metrics.httpRequest(req.method, "unmatched", 404);
     void reply.status(404).send(send("SR_ROUTE_NOT_FOUND", `no route ${req.method} ${req.url.split("?")[0]}`));
   });
+  return { app, fast, routes };
+}
+
+/** The routes of /v1/sessions (and /v1/expiring): what callers do with their sessions. */
+function sessionRoutes(app: FastifyInstance, deps: ServerDeps, fast: FastHeartbeat): void {
+  const { sessions, store } = deps;
+  const callerOf = (req: { raw: IncomingMessage }) => deps.callers.of(req.raw.socket);
   app.post<{ Body: RegisterBody }>(
     "/v1/sessions",
     {
@@ -393,7 +428,11 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
     },
     (req) => ({ sessions: sessions.expiring(req.query.withinSec).map(expiringJson) }),
   );
+}
 
+/** The daemon's own routes: orphans, state, health, readiness, metrics. */
+function daemonRoutes(app: FastifyInstance, deps: ServerDeps): void {
+  const { store, metrics } = deps;
   app.get(
     "/v1/orphans",
     {
@@ -458,23 +497,6 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
       return reply.type(contentType).send(body);
     },
   );
-
-  app.get(
-    "/openapi.json",
-    {
-      schema: {
-        summary: "This document",
-        response: { 200: { type: "object", description: "An OpenAPI 3.1 document" } },
-      },
-    },
-    (_req, reply) => {
-      // Built once, on first request: every route is registered by then.
-      openApi ??= JSON.stringify(openApiDocument(routes, deps.info().version));
-      return reply.type("application/json; charset=utf-8").send(openApi);
-    },
-  );
-
-  return app;
 }
 
 /**

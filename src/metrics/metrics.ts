@@ -6,7 +6,7 @@ import {
   type Reason,
   type StepName,
   type TimeReason,
-} from "../sessions/types.js";
+} from "../model/session.js";
 import type { Store } from "../store/store.js";
 
 export interface MetricsDeps {

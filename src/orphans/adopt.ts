@@ -12,7 +12,7 @@ import { ReaperError, errorMessage } from "../errors.js";
 import { checkPath } from "../paths/validate.js";
 import { identify } from "../proc/identity.js";
 import type { Reaper } from "../reaper/reaper.js";
-import { NOT_YET_REAPED, type ProcessIdentity, type Session } from "../sessions/types.js";
+import { NOT_YET_REAPED, type ProcessIdentity, type Session } from "../model/session.js";
 import type { Store } from "../store/store.js";
 
 export interface AdoptDeps {

@@ -26,11 +26,20 @@ import { checkPath } from "../paths/validate.js";
 import { bootId } from "../proc/identity.js";
 import { portsHeldBy } from "../proc/sockets.js";
 import { damageOf, describeDamage, engineReadable } from "../store/columns.js";
-import { isExited, isKernelThread, listStats, readUid, type ProcStat } from "../proc/stat.js";
+import {
+  isExited,
+  isKernelThread,
+  listStats,
+  readCmdline,
+  readExe,
+  readUid,
+  startedAtMs,
+  type ProcStat,
+} from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
-import type { ProcessIdentity, Session, StepName, StepResult } from "../sessions/types.js";
+import { type ProcessIdentity, processKey, type Session, type StepName, type StepResult } from "../model/session.js";
 import { adoptPath, adoptProcess, pathSessionId, processSessionId, type AdoptDeps } from "./adopt.js";
-import { compileGlob, expandGlob, readCmdline, readExe, startedAtMs, type PathGlob } from "./matcher.js";
+import { compileGlob, expandGlob, type PathGlob } from "../paths/glob.js";
 
 export const ORPHAN_KINDS = ["process", "path", "identity_mismatch"] as const;
 export type OrphanKind = (typeof ORPHAN_KINDS)[number];
@@ -89,8 +98,6 @@ interface Candidate {
   readonly identity?: ProcessIdentity;
   readonly tree?: readonly ProcessIdentity[];
 }
-
-const procKey = (p: { pid: number; startTime: number }): string => `${p.pid}:${p.startTime}`;
 
 export class OrphanSweep {
   private readonly matchers: Matcher[];
@@ -235,7 +242,7 @@ export class OrphanSweep {
    */
   private claimedProcesses(table: ProcessTable, live: readonly Session[], reaping: readonly Session[]): Set<string> {
     const claimed = new Set<string>();
-    const add = (p: { pid: number; startTime: number }): void => void claimed.add(procKey(p));
+    const add = (p: { pid: number; startTime: number }): void => void claimed.add(processKey(p));
     for (const s of [...live, ...reaping]) {
       add(s.engine);
       if (s.ownerPid !== null) add(s.ownerPid);
@@ -278,7 +285,7 @@ export class OrphanSweep {
       for (const st of byAge) {
         const ageMs = now - startedAtMs(st.startTime);
         if (ageMs < minAgeMs) break;
-        const key = procKey(st);
+        const key = processKey(st);
         if (st.pid <= 1 || excluded.has(st.pid) || claimed.has(key) || covered.has(key)) continue;
         const uid = readUid(st.pid);
         if (uid === null || !m.policy.uids.includes(uid)) continue;
@@ -289,9 +296,9 @@ export class OrphanSweep {
         const identity: ProcessIdentity = { pid: st.pid, startTime: st.startTime, bootId: boot, uid };
         const tree = table
           .tree(identity)
-          .filter((p) => !claimed.has(procKey(p)) && !excluded.has(p.pid))
+          .filter((p) => !claimed.has(processKey(p)) && !excluded.has(p.pid))
           .sort((a, b) => a.startTime - b.startTime || a.pid - b.pid);
-        for (const p of tree) covered.add(procKey(p));
+        for (const p of tree) covered.add(processKey(p));
         out.push({
           key: `process:${key}`,
           matcher: m,

@@ -2,7 +2,7 @@ import { closeSync, fstatSync, lstatSync, readdirSync, type Stats } from "node:f
 import { dirname } from "node:path";
 import type { Logger } from "pino";
 import { errorMessage } from "../errors.js";
-import { loopTurn } from "../reaper/turns.js";
+import { loopTurn } from "../pace/turns.js";
 import { addon, AT_FDCWD } from "../native/addon.js";
 import { runProgram, systemProgram } from "../native/spawn.js";
 import { checkPath } from "./validate.js";

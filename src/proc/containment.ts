@@ -2,7 +2,7 @@ import { createHash } from "node:crypto";
 import { accessSync, constants, mkdirSync, readFileSync, rmdirSync, watch, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Logger } from "pino";
-import type { Containment, ProcessIdentity } from "../sessions/types.js";
+import { type Containment, type ProcessIdentity, processKey } from "../model/session.js";
 import { cgroup2Mount, cgroupOf, cgroupPids, ownCgroup } from "./cgroup.js";
 import { liveness } from "./identity.js";
 import { childrenOf } from "./tree.js";
@@ -118,11 +118,11 @@ export class SessionCgroups {
     try {
       for (let round = 0; round < MOVE_ROUNDS && fresh.length > 0; round++) {
         for (const p of fresh) {
-          moved.add(`${p.pid}:${p.startTime}`);
+          moved.add(processKey(p));
           if (onlyUid !== undefined && p.uid !== onlyUid) continue;
           moveInto(dir, p);
         }
-        fresh = fresh.flatMap((p) => childrenOf(p)).filter((c) => !moved.has(`${c.pid}:${c.startTime}`));
+        fresh = fresh.flatMap((p) => childrenOf(p)).filter((c) => !moved.has(processKey(c)));
       }
       if (!cgroupPids(dir).includes(engine.pid)) throw new Error(`the engine (pid ${engine.pid}) could not be moved`);
     } catch (err) {

@@ -1,6 +1,6 @@
 import { readFileSync } from "node:fs";
 import { ReaperError } from "../errors.js";
-import type { ProcessIdentity } from "../sessions/types.js";
+import type { ProcessIdentity } from "../model/session.js";
 import { isExited, isKernelThread, readStat, readUid } from "./stat.js";
 
 let cachedBootId: string | undefined;

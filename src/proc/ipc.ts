@@ -1,10 +1,10 @@
 import { spawn } from "node:child_process";
 import { lstatSync, readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
-import type { ProcessIdentity } from "../sessions/types.js";
+import { type ProcessIdentity, processKey } from "../model/session.js";
 import { bootId } from "./identity.js";
 import { passwdFileEntry } from "./passwd.js";
-import { readStat, readUid } from "./stat.js";
+import { CLOCK_TICKS, readStat, readUid } from "./stat.js";
 import { filesInUse } from "./users.js";
 
 /** Where POSIX shared memory and named semaphores live (shm_open, sem_open). */
@@ -96,7 +96,7 @@ export interface IpcQuery {
 export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
   const boot = q.engine.pid > 0 && q.engine.bootId === bootId() ? bootedAtMs() : null;
   if (boot === null) return [];
-  const startedAt = (m: { startTime: number }): number => boot + (m.startTime * 1000) / USER_HZ;
+  const startedAt = (m: { startTime: number }): number => boot + (m.startTime * 1000) / CLOCK_TICKS;
   const out: IpcObject[] = [];
   const byOwner = q.engine.uid !== 0;
   const engineSince = startedAt(q.engine);
@@ -128,7 +128,7 @@ export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
   const creatorOf = (r: Record<string, string>): IpcMember | undefined =>
     q.members.find((m) => {
       if (m.pid !== Number(r.cpid) || Number(r.ctime) < Math.floor(startedAt(m) / 1000)) return false;
-      const own = uids.get(`${m.pid}:${m.startTime}`) ?? uidIfAlive(m);
+      const own = uids.get(processKey(m)) ?? uidIfAlive(m);
       const sessions = (uid: number): boolean => uid === q.engine.uid || uid === own;
       return sessions(Number(r.cuid)) && sessions(Number(r.uid));
     });
@@ -187,7 +187,7 @@ export async function ipcLeftovers(q: IpcQuery): Promise<IpcObject[]> {
 function recordedUids(members: readonly IpcMember[]): Map<string, number> {
   const out = new Map<string, number>();
   for (const m of members) {
-    if (m.uid !== undefined && m.uid >= 0) out.set(`${m.pid}:${m.startTime}`, m.uid);
+    if (m.uid !== undefined && m.uid >= 0) out.set(processKey(m), m.uid);
   }
   return out;
 }
@@ -332,9 +332,6 @@ export function removeSysv(o: IpcObject): Promise<string | null> {
 function gidOf(uid: number): number {
   return passwdFileEntry(uid)?.gid ?? uid;
 }
-
-/** USER_HZ, the unit of /proc/<pid>/stat's start time (fixed by the kernel's ABI). */
-const USER_HZ = 100;
 
 /**
  * When this boot began on the wall clock (ms), as the earliest it can be: never after the

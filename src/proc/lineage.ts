@@ -1,5 +1,5 @@
 import { addon } from "../native/addon.js";
-import type { ProcessIdentity, Tracking } from "../sessions/types.js";
+import type { ProcessIdentity, Tracking } from "../model/session.js";
 import { bootId } from "./identity.js";
 import { CLOCK_TICKS, isExited, isKernelThread, listStats, readStat, readUid, ticksSinceBoot } from "./stat.js";
 

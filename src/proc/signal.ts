@@ -2,7 +2,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { constants } from "node:os";
 import type { Logger } from "pino";
-import type { ProcessIdentity } from "../sessions/types.js";
+import type { ProcessIdentity } from "../model/session.js";
 import { cgroupPids, ownCgroup } from "./cgroup.js";
 import { bootId } from "./identity.js";
 import { ProcessHandle } from "./pidfd.js";

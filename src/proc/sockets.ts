@@ -1,8 +1,9 @@
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { endianness } from "node:os";
 import { performance } from "node:perf_hooks";
-import { loopTurn } from "../reaper/turns.js";
+import { askShared, SharedReading } from "../pace/shared-reading.js";
 import { readStat } from "./stat.js";
+import { BUDGETS } from "../pace/budgets.js";
 
 export interface TcpSocket {
   readonly family: 4 | 6;
@@ -85,8 +86,40 @@ interface Reading {
 const readings = new Map<string, Reading>();
 
 const TABLES: readonly (InetProto | "unix")[] = ["tcp", "tcp6", "udp", "udp6", "unix"];
-const asked: { pid: number | "self"; at: number; resolve: (since: number) => void }[] = [];
-let flushing = false;
+
+/**
+ * At most one reading of the tables per READ_EVERY_MS: the kernel's walk of a large socket
+ * table takes the loop for milliseconds, and in a storm every turn has someone asking. A
+ * caller waits for the next reading (never an older one), at most that long.
+ */
+const READ_EVERY_MS = BUDGETS.readEveryMs;
+
+interface Asked {
+  readonly pid: number | "self";
+  readonly at: number;
+  readonly resolve: (since: number) => void;
+}
+
+/** The shared readings of the tables (src/pace/shared-reading.ts): each namespace asked about, once. */
+const tables = new SharedReading<Asked>(
+  READ_EVERY_MS,
+  (batch, begunAt) => {
+    // Readings of namespaces nobody asked about for a while (a container gone) are dropped.
+    for (const [key, r] of readings) if (begunAt - r.at > 10_000) readings.delete(key);
+    const namespacesRead = new Set<string>();
+    for (const a of batch) {
+      const ns = netnsOf(a.pid);
+      if (ns !== null && !namespacesRead.has(ns)) {
+        namespacesRead.add(ns);
+        const at = performance.now();
+        for (const t of TABLES) readings.set(`${ns} ${t}`, { at, lines: readLines(`/proc/${a.pid}/net/${t}`) });
+      }
+      a.resolve(a.at);
+    }
+  },
+  // Nothing above throws (an unreadable table reads as empty); an ask is answered anyway.
+  (a) => a.resolve(a.at),
+);
 
 /**
  * Reads the network namespace's tables (tcp, tcp6, udp, udp6, unix) soon (see READ_EVERY_MS),
@@ -94,46 +127,9 @@ let flushing = false;
  * pass as `notBefore` to inetSockets, unixSockets and socketSnapshot, which then use that
  * shared reading. A storm of reaps reads each table a few times a second, not once per check.
  */
-export async function freshTables(pid: number | "self" = "self"): Promise<number> {
-  const since = await readSoon(pid);
-  await loopTurn(); // one reading answers many reaps: they continue a few per turn
-  return since;
-}
-
-/**
- * At most one reading of the tables per READ_EVERY_MS: the kernel's walk of a large socket
- * table takes the loop for milliseconds, and in a storm every turn has someone asking. A
- * caller waits for the next reading (never an older one), at most that long.
- */
-const READ_EVERY_MS = 100;
-let lastRead = -Infinity;
-
-function readSoon(pid: number | "self"): Promise<number> {
-  return new Promise((resolve) => {
-    asked.push({ pid, at: performance.now(), resolve });
-    if (flushing) return;
-    flushing = true;
-    const wait = Math.max(0, lastRead + READ_EVERY_MS - performance.now());
-    const read = (): void => {
-      flushing = false;
-      lastRead = performance.now();
-      // Readings of namespaces nobody asked about for a while (a container gone) are dropped.
-      for (const [key, r] of readings) if (lastRead - r.at > 10_000) readings.delete(key);
-      const batch = asked.splice(0);
-      const namespacesRead = new Set<string>();
-      for (const a of batch) {
-        const ns = netnsOf(a.pid);
-        if (ns !== null && !namespacesRead.has(ns)) {
-          namespacesRead.add(ns);
-          const at = performance.now();
-          for (const t of TABLES) readings.set(`${ns} ${t}`, { at, lines: readLines(`/proc/${a.pid}/net/${t}`) });
-        }
-        a.resolve(a.at);
-      }
-    };
-    if (wait > 0) setTimeout(read, wait);
-    else setImmediate(read);
-  });
+export function freshTables(pid: number | "self" = "self"): Promise<number> {
+  const at = performance.now();
+  return askShared<Asked, number>(tables, (resolve) => ({ pid, at, resolve }));
 }
 
 /**
@@ -315,42 +311,6 @@ export function socketInodes(pid: number): Set<number> {
       if (m) out.add(Number(m[1]));
     } catch {
       // the fd closed while we looked
-    }
-  }
-  return out;
-}
-
-/** Pids holding any of these socket inodes, found by walking /proc/<pid>/fd. */
-export function holdersOf(inodes: ReadonlySet<number>): number[] {
-  if (inodes.size === 0) return [];
-  const out: number[] = [];
-  for (const name of readdirSync("/proc")) {
-    const c = name.charCodeAt(0);
-    if (c < 48 || c > 57) continue;
-    const pid = Number(name);
-    for (const inode of socketInodes(pid)) {
-      if (inodes.has(inode)) {
-        out.push(pid);
-        break;
-      }
-    }
-  }
-  return out;
-}
-
-/** Socket inode -> every pid holding it, found by walking /proc/<pid>/fd once. */
-export function holdersByInode(inodes: ReadonlySet<number>): Map<number, number[]> {
-  const out = new Map<number, number[]>();
-  if (inodes.size === 0) return out;
-  for (const name of readdirSync("/proc")) {
-    const c = name.charCodeAt(0);
-    if (c < 48 || c > 57) continue;
-    const pid = Number(name);
-    for (const inode of socketInodes(pid)) {
-      if (!inodes.has(inode)) continue;
-      const list = out.get(inode);
-      if (list) list.push(pid);
-      else out.set(inode, [pid]);
     }
   }
   return out;

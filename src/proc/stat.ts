@@ -1,5 +1,6 @@
-import { closeSync, openSync, readFileSync, readSync, readdirSync } from "node:fs";
+import { closeSync, openSync, readFileSync, readSync, readdirSync, readlinkSync } from "node:fs";
 import { performance } from "node:perf_hooks";
+import { BUDGETS } from "../pace/budgets.js";
 
 /** The fields of /proc/<pid>/stat the daemon relies on. */
 export interface ProcStat {
@@ -21,7 +22,11 @@ export interface ProcStat {
   readonly rssPages: number;
 }
 
-/** USER_HZ: the unit of /proc/<pid>/stat's times (start time, CPU time). */
+/**
+ * USER_HZ, the unit of /proc/<pid>/stat's times (start time, CPU time): fixed at 100 by the
+ * kernel's ABI on every architecture Node runs on (x86, arm, arm64, ppc64, s390x, riscv64,
+ * loongarch).
+ */
 export const CLOCK_TICKS = 100;
 
 /**
@@ -30,12 +35,56 @@ export const CLOCK_TICKS = 100;
  * least this); null when /proc/uptime cannot be read.
  */
 export function ticksSinceBoot(): number | null {
+  let text: string;
   try {
-    const up = Number(readFileSync("/proc/uptime", "latin1").split(" ")[0]);
-    return Number.isFinite(up) ? Math.floor(up * CLOCK_TICKS) : null;
+    text = readFileSync("/proc/uptime", "latin1");
   } catch {
     return null;
   }
+  // "12345.67 …": read as whole hundredths, never through a float (0.29 * 100 is 28.999…).
+  const m = /^(\d+)\.(\d\d)\s/.exec(text);
+  return m === null ? null : Number(m[1]) * CLOCK_TICKS + Number(m[2]);
+}
+
+let cachedBootMs: number | undefined;
+
+/** When the host booted (/proc/stat `btime`, whole seconds), ms since the epoch. */
+export function bootTimeMs(): number {
+  if (cachedBootMs === undefined) {
+    const m = /^btime (\d+)$/m.exec(readFileSync("/proc/stat", "latin1"));
+    cachedBootMs = m ? Number(m[1]) * 1000 : 0;
+  }
+  return cachedBootMs;
+}
+
+/** When a process started, ms since the epoch, from its /proc/<pid>/stat start time. */
+export function startedAtMs(startTime: number): number {
+  return bootTimeMs() + (startTime * 1000) / CLOCK_TICKS;
+}
+
+/** The command line, arguments joined by single spaces; null when the process vanished. */
+export function readCmdline(pid: number): string | null {
+  try {
+    const raw = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    return raw.replace(/\0+$/, "").split("\0").join(" ");
+  } catch {
+    return null;
+  }
+}
+
+/** The executable (/proc/<pid>/exe); null when unreadable (another user's, without CAP_SYS_PTRACE) or gone. */
+export function readExe(pid: number): string | null {
+  try {
+    return readlinkSync(`/proc/${pid}/exe`).replace(/ \(deleted\)$/, "");
+  } catch {
+    return null;
+  }
+}
+
+/** Whether an entry of /proc names a process (its name is a pid, so it starts with a digit). */
+export function isPidEntry(name: string): boolean {
+  const c = name.charCodeAt(0);
+  return c >= 48 && c <= 57;
 }
 
 /** PF_KTHREAD in include/linux/sched.h. */
@@ -220,15 +269,14 @@ export function readUid(pid: number, which: "Uid" | "Gid" = "Uid"): number | nul
  */
 export async function listStatsPaced(
   pause: () => Promise<void>,
-  chunk = 256,
+  chunk: number = BUDGETS.statLinesPerTurn,
   cost?: { busyMs: number },
 ): Promise<ProcStat[]> {
   const out: ProcStat[] = [];
   let n = 0;
   let from = performance.now();
   for (const name of readdirSync("/proc")) {
-    const c = name.charCodeAt(0);
-    if (c < 48 || c > 57) continue;
+    if (!isPidEntry(name)) continue;
     if (++n % chunk === 0) {
       if (cost) cost.busyMs += performance.now() - from;
       await pause();
@@ -245,8 +293,7 @@ export async function listStatsPaced(
 export function listStats(): ProcStat[] {
   const out: ProcStat[] = [];
   for (const name of readdirSync("/proc")) {
-    const c = name.charCodeAt(0);
-    if (c < 48 || c > 57) continue;
+    if (!isPidEntry(name)) continue;
     const st = readStat(Number(name));
     if (st) out.push(st);
   }

@@ -1,8 +1,9 @@
 import { readFileSync, readdirSync } from "node:fs";
 import { performance } from "node:perf_hooks";
-import type { ProcessIdentity } from "../sessions/types.js";
+import { type ProcessIdentity, processKey } from "../model/session.js";
 import { bootId } from "./identity.js";
-import { loopTurn } from "../reaper/turns.js";
+import { askShared, SharedReading } from "../pace/shared-reading.js";
+import { loopTurn } from "../pace/turns.js";
 import {
   isExited,
   isKernelThread,
@@ -13,6 +14,7 @@ import {
   readUid,
   type ProcStat,
 } from "./stat.js";
+import { BUDGETS } from "../pace/budgets.js";
 
 /**
  * One snapshot of /proc, indexed by pid and parent pid: a single walk of /proc serves the
@@ -85,12 +87,12 @@ export class ProcessTable {
       }
     }
     // Identities already known keep their uid: /proc/<pid>/status is read only for newcomers.
-    const knownUid = new Map([engine, ...known].map((k) => [`${k.pid}:${k.startTime}`, k.uid]));
+    const knownUid = new Map([engine, ...known].map((k) => [processKey(k), k.uid]));
     const boot = bootId();
     const out: ProcessIdentity[] = [];
     for (const s of members.values()) {
       if (s.pid <= 1) continue;
-      const uid = knownUid.get(`${s.pid}:${s.startTime}`) ?? readUid(s.pid);
+      const uid = knownUid.get(processKey(s)) ?? readUid(s.pid);
       if (uid !== null) out.push({ pid: s.pid, startTime: s.startTime, bootId: boot, uid });
     }
     return out;
@@ -117,70 +119,38 @@ export async function recentTable(maxAgeMs: number): Promise<ProcessTable> {
 }
 
 /** At most one fresh walk (freshTable) starts per this many ms; the askers of the window share it. */
-const FRESH_EVERY_MS = 100;
+const FRESH_EVERY_MS = BUDGETS.readEveryMs;
 
 interface Waiter {
   resolve: (t: ProcessTable) => void;
   reject: (err: unknown) => void;
 }
-let waiting: Waiter[] = [];
-let freshScheduled = false;
-let freshWalking = false;
-let lastFreshAt = Number.NEGATIVE_INFINITY;
-/** Fresh walks done and askers served, for tests and the benchmark's report. */
-const freshStats = { walks: 0, asks: 0 };
+
+/** The fresh walks: read a chunk per paced turn (loopTurn), shared by every asker of a window. */
+const fresh = new SharedReading<Waiter>(
+  FRESH_EVERY_MS,
+  async (batch, begunAt) => {
+    const table = new ProcessTable(await listStatsPaced(loopTurn));
+    recent = { table, at: begunAt };
+    for (const w of batch) w.resolve(table);
+  },
+  (w, err) => w.reject(err),
+);
 
 /**
  * A snapshot of /proc whose walk began after this call: for decisions that need the state
  * after an action (no newcomer after a freeze, nothing left after the kill, an engine's
  * group after it exited). Everyone who asks before a walk begins shares it, and a walk begins
- * at most every FRESH_EVERY_MS, read a chunk per paced turn (loopTurn): a storm of a thousand
- * reaps costs a walk per 100 ms, not a synchronous walk of the host per reap. The table also
+ * at most every FRESH_EVERY_MS (src/pace/shared-reading.ts): a storm of a thousand reaps
+ * costs a walk per 100 ms, not a synchronous walk of the host per reap. The table also
  * serves recentTable's callers.
  */
-export async function freshTable(): Promise<ProcessTable> {
-  freshStats.asks++;
-  const table = await new Promise<ProcessTable>((resolve, reject) => {
-    waiting.push({ resolve, reject });
-    scheduleFresh();
-  });
-  // One walk answers a storm's reaps at once: they continue a few per paced turn, not all in
-  // the turn the walk ended (a thousand trees and journal records in one turn would hold
-  // every heartbeat for half a second).
-  await loopTurn();
-  return table;
+export function freshTable(): Promise<ProcessTable> {
+  return askShared<Waiter, ProcessTable>(fresh, (resolve, reject) => ({ resolve, reject }));
 }
 
 export function freshTableStats(): { walks: number; asks: number } {
-  return { ...freshStats };
-}
-
-function scheduleFresh(): void {
-  if (freshScheduled || freshWalking) return;
-  freshScheduled = true;
-  const wait = lastFreshAt + FRESH_EVERY_MS - performance.now();
-  const run = (): void => void walkFresh();
-  if (wait > 0) setTimeout(run, wait);
-  else setImmediate(run);
-}
-
-async function walkFresh(): Promise<void> {
-  freshScheduled = false;
-  freshWalking = true;
-  const batch = waiting;
-  waiting = [];
-  lastFreshAt = performance.now();
-  freshStats.walks++;
-  try {
-    const table = new ProcessTable(await listStatsPaced(loopTurn));
-    recent = { table, at: lastFreshAt };
-    for (const w of batch) w.resolve(table);
-  } catch (err) {
-    for (const w of batch) w.reject(err);
-  } finally {
-    freshWalking = false;
-    if (waiting.length > 0) scheduleFresh();
-  }
+  return { walks: fresh.stats.reads, asks: fresh.stats.asks };
 }
 
 /** The live children of a process (every thread's children file under /proc/<pid>/task); none if it is gone. */

@@ -1,9 +1,10 @@
 import { readFileSync, readdirSync, readlinkSync } from "node:fs";
-import { performance } from "node:perf_hooks";
-import { loopTurn } from "../reaper/turns.js";
-import { readStat, readUid } from "./stat.js";
+import { askShared, SharedReading } from "../pace/shared-reading.js";
+import { loopTurn } from "../pace/turns.js";
+import { isPidEntry, readStat, readUid } from "./stat.js";
 
-import { SESSION_COOKIE } from "../sessions/types.js";
+import { SESSION_COOKIE } from "../model/session.js";
+import { BUDGETS } from "../pace/budgets.js";
 
 export { SESSION_COOKIE };
 
@@ -29,13 +30,13 @@ export interface UseQuery {
 }
 
 /** Processes looked at between two yields to the event loop (about a millisecond's work). */
-const YIELD_EVERY = 8;
+const YIELD_EVERY = BUDGETS.walkProcessesPerTurn;
 /**
  * A walk begins at most every this many ms. A storm keeps scans coming: walking again at once
  * after each walk would spend the loop on walks of the whole host; 100 ms lets the scans of a
  * window share one, for at most 100 ms more per answer.
  */
-const WALK_EVERY_MS = 100;
+const WALK_EVERY_MS = BUDGETS.readEveryMs;
 
 /**
  * What one process exposes in /proc, each read at most once per walk, however many scans
@@ -213,89 +214,49 @@ function cookieValues(env: Buffer): string[] {
 }
 
 /**
- * Walks of /proc shared between everyone who asks at about the same time: a scan asked while
- * no walk runs starts one at the next turn of the event loop (so the scans of that turn
- * share it), or once WALK_EVERY_MS have passed since the previous walk began; a scan asked
- * during a walk waits for the next one, because it must see /proc as it is after it asked (a
- * verification after a kill, a delete after the last holder went). Each process's files are
- * read once per walk, whatever the number of scans: a storm of reaps costs a walk per 100 ms,
- * not one per reap step.
+ * One walk of /proc answers every scan asked before it began (src/pace/shared-reading.ts: at
+ * most a walk per WALK_EVERY_MS, a scan asked during a walk waits for the next, as it must
+ * see /proc as it is after it asked). Each process's files are read once per walk, whatever
+ * the number of scans: a storm of reaps costs a walk per 100 ms, not one per reap step.
  */
-class ProcWalker {
-  private pending: Scan[] = [];
-  private scheduled = false;
-  private walking = false;
-  private lastWalkAt = Number.NEGATIVE_INFINITY;
-  /** Walks done and scans served, for tests and the benchmark's report. */
-  readonly stats = { walks: 0, scans: 0 };
-
-  ask(scan: Scan): void {
-    this.pending.push(scan);
-    if (this.scheduled || this.walking) return;
-    this.scheduled = true;
-    setImmediate(() => void this.drain());
+async function walk(scans: Scan[]): Promise<void> {
+  const live = new Set(scans);
+  const index = new ScanIndex(scans);
+  let names: string[] = [];
+  try {
+    names = readdirSync("/proc");
+  } catch {
+    // no /proc: nothing is found
   }
-
-  private async drain(): Promise<void> {
-    this.scheduled = false;
-    this.walking = true;
-    try {
-      while (this.pending.length > 0) {
-        // One walk per WALK_EVERY_MS at most: the scans asked meanwhile share the next one.
-        const wait = this.lastWalkAt + WALK_EVERY_MS - performance.now();
-        if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-        this.lastWalkAt = performance.now();
-        await this.walk(this.pending.splice(0));
+  let looked = 0;
+  for (const name of names) {
+    if (!isPidEntry(name)) continue;
+    const view = new ProcView(Number(name));
+    for (const s of index.scansOf(view)) {
+      if (!live.has(s) || s.skip?.has(view.pid)) continue;
+      try {
+        s.visit(view);
+      } catch (err) {
+        live.delete(s);
+        s.fail(err);
       }
-    } finally {
-      this.walking = false;
     }
+    // A paced turn: the walk's chunks share the loop's budget with the reaps it serves.
+    if (++looked % YIELD_EVERY === 0) await loopTurn();
   }
-
-  private async walk(scans: Scan[]): Promise<void> {
-    this.stats.walks++;
-    this.stats.scans += scans.length;
-    const live = new Set(scans);
-    const index = new ScanIndex(scans);
-    let names: string[] = [];
-    try {
-      names = readdirSync("/proc");
-    } catch {
-      // no /proc: nothing is found
-    }
-    let looked = 0;
-    for (const name of names) {
-      const c = name.charCodeAt(0);
-      if (c < 48 || c > 57) continue;
-      const view = new ProcView(Number(name));
-      for (const s of index.scansOf(view)) {
-        if (!live.has(s) || s.skip?.has(view.pid)) continue;
-        try {
-          s.visit(view);
-        } catch (err) {
-          live.delete(s);
-          s.fail(err);
-        }
-      }
-      // A paced turn: the walk's chunks share the loop's budget with the reaps it serves.
-      if (++looked % YIELD_EVERY === 0) await loopTurn();
-    }
-    for (const s of live) s.done();
-  }
+  for (const s of live) s.done();
 }
 
-const walker = new ProcWalker();
+const walker = new SharedReading<Scan>(WALK_EVERY_MS, walk, (s, err) => s.fail(err));
 
 /** How many /proc walks served how many scans since the start (shared walks: scans > walks). */
 export function walkStats(): { walks: number; scans: number } {
-  return { ...walker.stats };
+  return { walks: walker.stats.reads, scans: walker.stats.asks };
 }
 
 /** A scan's answer, handed back at a paced turn (loopTurn): a walk answers many reaps at once. */
-async function scan<T>(make: (resolve: (value: T) => void) => Omit<Scan, "fail">): Promise<T> {
-  const answer = await new Promise<T>((resolve, reject) => walker.ask({ ...make(resolve), fail: reject }));
-  await loopTurn();
-  return answer;
+function scan<T>(make: (resolve: (value: T) => void) => Omit<Scan, "fail">): Promise<T> {
+  return askShared<Scan, T>(walker, (resolve, reject) => ({ ...make(resolve), fail: reject }));
 }
 
 const under = (target: string, root: string): boolean =>
@@ -309,7 +270,7 @@ const under = (target: string, root: string): boolean =>
  *
  * Cost: per process only what is asked (its environ for a cookie; its cwd and root links,
  * its fd links and its maps for paths; its fd links for sockets), read once per walk for all
- * the scans that share it (ProcWalker); the walk yields to the event loop every YIELD_EVERY
+ * the scans that share it (src/pace/shared-reading.ts); the walk yields to the event loop every YIELD_EVERY
  * processes, so heartbeats are served meanwhile. Nothing is read when nothing is asked.
  */
 export function processUses(q: UseQuery): Promise<ProcessUse[]> {
@@ -362,6 +323,36 @@ function link(path: string): string | null {
 }
 
 const SOCKET_LINK = /^socket:\[(\d+)\]$/;
+
+/** A live process holding a socket: its pid and start time, as the walk saw it. */
+export interface SocketHolder {
+  readonly pid: number;
+  readonly startTime: number;
+}
+
+/**
+ * The live holders of each of these socket inodes (inode -> holders, in /proc order), from
+ * the shared walk of /proc (processUses): one walk answers every reap that asks at about the
+ * same time, instead of a synchronous walk of every process's fds per question.
+ */
+export async function socketHolders(inodes: Iterable<number>): Promise<Map<number, SocketHolder[]>> {
+  const keys = new Map<number, string>();
+  for (const inode of inodes) keys.set(inode, `socket:[${inode}]`);
+  const out = new Map<number, SocketHolder[]>();
+  if (keys.size === 0) return out;
+  for (const u of await processUses({ sockets: keys })) {
+    for (const reason of u.why.split(", ")) {
+      const m = /^socket:\[(\d+)\]$/.exec(reason);
+      if (m === null) continue;
+      const inode = Number(m[1]);
+      const holders = out.get(inode);
+      const h = { pid: u.pid, startTime: u.startTime };
+      if (holders === undefined) out.set(inode, [h]);
+      else holders.push(h);
+    }
+  }
+  return out;
+}
 
 /** Every reason (distinct, in the order found) for which the process counts: cwd, root, fds, sockets, maps. */
 function fileUses(

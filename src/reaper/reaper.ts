@@ -15,10 +15,10 @@ import { ReaperError, errorMessage } from "../errors.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { trackingOf, type SessionLineage } from "../proc/lineage.js";
 import type { SessionCgroups } from "../proc/containment.js";
-import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../sessions/types.js";
+import type { Leftover, Outcome, ProcessIdentity, Reason, Session, StepName, StepResult } from "../model/session.js";
 import { damageOf, describeDamage, engineDamage, engineReadable } from "../store/columns.js";
 import type { Store } from "../store/store.js";
-import { loopTurn } from "./turns.js";
+import { loopTurn } from "../pace/turns.js";
 
 /** The cleanup order (docs/how-a-session-ends.md). `fence` happens in `begin`, `finish` closes the pipeline. */
 export const CLEANUP_STEPS: readonly CleanupStep[] = [

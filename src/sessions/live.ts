@@ -1,98 +1,12 @@
 import type { Clock } from "../clock.js";
-import { deadlineOf, type Deadline, type Timing } from "../detect/deadline.js";
-import type { ProcessIdentity, RegisteredBy } from "./types.js";
+import { deadlineOf, type Deadline } from "../model/deadline.js";
+import type { Admission, CpuSample, HeartbeatWrite, LiveSession, Stamp, StoredLive } from "../model/live-session.js";
+import type { ProcessIdentity } from "../model/session.js";
 
-/**
- * The in-memory view of a live session: all that heartbeats and detection touch. Owned by
- * `LiveSessions`: built there (admit, recover), changed there (heartbeat, activity), and
- * read by everyone else.
- *
- * Two sets of times: the `…Mono` fields (Timing) are monotonic and decide the deadline; the
- * `…At` fields are the wall clock at the same moments, for the record (SQLite, the API).
- */
-export interface LiveSession extends Timing {
-  readonly id: string;
-  readonly engine: ProcessIdentity;
-  readonly ownerPid: ProcessIdentity | null;
-  /** Who registered it: heartbeats are checked against this without touching SQLite. */
-  readonly registeredBy: RegisteredBy;
-  /** The profile's busy_cpu_percent: engine CPU above it counts as activity. null = off. */
-  readonly busyCpuPercent: number | null;
-  readonly createdAt: number;
-  lastHeartbeatAt: number;
-  lastActivityAt: number;
-  /**
-   * The engine's process tree at the last liveness pass: if the engine dies, its children
-   * are re-parented and only this snapshot still ties them to the session.
-   */
-  tree: ProcessIdentity[];
-  /** The session's CPU at the last sample (busy_cpu_percent): the next one measures from here. */
-  cpuSample?: CpuSample | undefined;
-  /** The session's own cgroup (containment), or null: where its CPU is read. */
-  readonly cgroup: string | null;
-  /** The most processes and the most resident memory its tree was seen with (usage at finish). */
+/** A live session as its owner holds it: the one place its fields are written. */
+type Owned = { -readonly [K in keyof LiveSession]: LiveSession[K] } & {
   peaks: { processes: number; rssBytes: number };
-  /**
-   * The deadline (wall ms) last written to SQLite's indexed column, if known (undefined:
-   * write it at the next flush). It may lag behind the real one: see `takeDirty`.
-   */
-  storedDeadline?: number | undefined;
-}
-
-/** CPU ms used by a session up to `atMs` (performance.now()), as a whole or per process ("pid:startTime"). */
-export interface CpuSample {
-  readonly atMs: number;
-  readonly cpuMs: number;
-  readonly perProcess?: ReadonlyMap<string, number> | undefined;
-}
-
-/** What a registration (or the orphan sweep's adoption) decides about a new live session. */
-export interface Admission {
-  readonly id: string;
-  readonly engine: ProcessIdentity;
-  readonly ownerPid: ProcessIdentity | null;
-  readonly registeredBy: RegisteredBy;
-  readonly busyCpuPercent: number | null;
-  readonly heartbeatTimeoutSec: number;
-  readonly idleTimeoutSec: number;
-  readonly maxLifetimeSec: number;
-  /** The session's own cgroup (containment), if it has one. */
-  readonly cgroup?: string | null | undefined;
-  /** The deadline the registration wrote to the indexed column, if it wrote one. */
-  readonly storedDeadline?: number | undefined;
-  /** When it was registered (`stamp()` taken for its row); default now. */
-  readonly at?: Stamp | undefined;
-  /** Its process tree as seen at registration. */
-  readonly tree?: readonly ProcessIdentity[] | undefined;
-}
-
-/** One moment on both clocks (see LiveSessions.stamp). */
-export interface Stamp {
-  readonly wall: number;
-  readonly mono: number;
-}
-
-/** A live session as the store holds it, for recovery at start. */
-export interface StoredLive extends Omit<Admission, "storedDeadline" | "at" | "tree"> {
-  /** The tree last made durable (see LiveSessions.setTree). */
-  readonly tree: readonly ProcessIdentity[];
-  readonly peaks?: { processes: number; rssBytes: number } | undefined;
-  readonly createdAt: number;
-  readonly lastHeartbeatAt: number;
-  readonly lastActivityAt: number;
-  readonly deadline: number | null;
-}
-
-/** What the write-behind hands to the store: the record's times, and a deadline to index. */
-export interface HeartbeatWrite {
-  id: string;
-  lastHeartbeatAt: number;
-  lastActivityAt: number;
-  /** The new stored deadline (wall ms), or null to leave the indexed column as it is. */
-  deadline: number | null;
-  /** The engine's tree, when it changed since the last write (kept durable for a restart). */
-  tree?: readonly ProcessIdentity[];
-}
+};
 
 /** Told of every session that enters or leaves the registry (the detector). */
 export interface LiveWatcher {
@@ -120,10 +34,10 @@ const WALL_STEP_MS = 1000;
  * records must reach SQLite (`takeDirty`, drained by the write-behind).
  */
 export class LiveSessions {
-  private readonly byId = new Map<string, LiveSession>();
-  private readonly dirty = new Set<LiveSession>();
+  private readonly byId = new Map<string, Owned>();
+  private readonly dirty = new Set<Owned>();
   /** Sessions whose tree changed since it was last written. */
-  private readonly treeDirty = new Set<LiveSession>();
+  private readonly treeDirty = new Set<Owned>();
   private readonly watchers: LiveWatcher[] = [];
   /**
    * The restart rule's floor (monotonic): the last moment the daemon came back from
@@ -197,7 +111,7 @@ export class LiveSessions {
    */
   recover(r: StoredLive): LiveSession {
     const mono = this.clock.mono();
-    const s = this.add({
+    const s: Owned = {
       id: r.id,
       engine: r.engine,
       ownerPid: r.ownerPid,
@@ -216,12 +130,13 @@ export class LiveSessions {
       tree: [...r.tree], // replaced, never mutated, by the liveness pass
       peaks: { ...(r.peaks ?? { processes: r.tree.length, rssBytes: 0 }) },
       storedDeadline: r.deadline ?? undefined,
-    });
+    };
+    this.add(s);
     if (deadlineStale(s.storedDeadline, this.wallDeadline(s), this.clock.now())) this.dirty.add(s);
     return s;
   }
 
-  private add(s: LiveSession): LiveSession {
+  private add(s: Owned): LiveSession {
     if (this.byId.has(s.id)) throw new Error(`live session ${s.id} admitted twice`);
     this.byId.set(s.id, s);
     for (const w of this.watchers) w.admitted(s);
@@ -255,8 +170,9 @@ export class LiveSessions {
   }
 
   /** Activity seen by the daemon itself (busy CPU). */
-  active(s: LiveSession): void {
-    if (this.byId.get(s.id) !== s) return;
+  active(live: LiveSession): void {
+    const s = this.byId.get(live.id);
+    if (s !== live || s === undefined) return;
     const { wall, mono } = this.stamp();
     s.lastActivityAt = wall;
     s.activityMono = mono;
@@ -267,12 +183,34 @@ export class LiveSessions {
    * The engine's tree as a liveness pass (or the engine's exit) saw it: kept in memory for the
    * fence, and made durable at the next flush, so that a restart starts from it.
    */
-  setTree(s: LiveSession, tree: ProcessIdentity[]): void {
-    s.tree = tree;
+  setTree(live: LiveSession, tree: readonly ProcessIdentity[]): void {
+    // Also for a session fenced meanwhile: the reap reads the tree it was last seen with.
+    const s = live as Owned;
+    s.tree = tree; // replaced, never mutated: sessions of one engine may share it
     if (tree.length > s.peaks.processes) s.peaks.processes = tree.length;
     if (this.byId.get(s.id) !== s) return;
     this.dirty.add(s);
     this.treeDirty.add(s);
+  }
+
+  /**
+   * The tree another live session of the same engine keeps (the detector watches an engine
+   * once, for all its sessions): taken in memory only; its record was written at admission.
+   */
+  shareTree(live: LiveSession, tree: readonly ProcessIdentity[]): void {
+    (live as Owned).tree = tree;
+  }
+
+  /** The resident memory the session's tree was just seen with: kept if it is the most yet. */
+  notePeakRss(live: LiveSession, rssBytes: number): void {
+    const s = live as Owned;
+    if (rssBytes > s.peaks.rssBytes) s.peaks.rssBytes = rssBytes;
+  }
+
+  /** The session's CPU at the latest sample (busy_cpu_percent): the next one measures from here. */
+  setCpuSample(live: LiveSession, sample: CpuSample): void {
+    const s = this.byId.get(live.id);
+    if (s === live && s !== undefined) s.cpuSample = sample;
   }
 
   /**

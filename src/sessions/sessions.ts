@@ -5,12 +5,12 @@ import type { Caller } from "../auth/caller.js";
 import { checkActor, checkRegistration, registeredBy } from "../auth/policy.js";
 import { isoTime, type Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
-import { deadlineOf } from "../detect/deadline.js";
+import { deadlineOf } from "../model/deadline.js";
 import type { SessionUsage } from "../cleanup/usage.js";
 import type { LiveSessions } from "./live.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import type { SessionCgroups } from "../proc/containment.js";
-import { registerBody, type ListQuery, type RegisterBody, type UpdateBody } from "../http/schemas.js";
+import { MAX_ITEMS, type ListQuery, type RegisterBody, type UpdateBody } from "../model/requests.js";
 import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
 import { freshTables, heldOf, inetSockets } from "../proc/sockets.js";
@@ -19,19 +19,19 @@ import { descendantTree, processTree } from "../proc/tree.js";
 import { trackingOf, type LineageStatus, type SessionLineage } from "../proc/lineage.js";
 import { checkPath } from "../paths/validate.js";
 import { damageOf, describeDamage, engineDamage, whereIs } from "../store/columns.js";
-import type { Reaper } from "../reaper/reaper.js";
-import { loopTurn } from "../reaper/turns.js";
+import { loopTurn } from "../pace/turns.js";
 import type { Store } from "../store/store.js";
 import {
-  NOT_YET_REAPED,
   type Containment,
+  NOT_YET_REAPED,
   type ProcessIdentity,
+  processKey,
   type Reason,
   type Session,
   type StepResult,
   type TimeReason,
   type Tracking,
-} from "./types.js";
+} from "../model/session.js";
 
 /** A registration's answer: the session, and what it could not be given. */
 export type RegisteredSession = Session & { readonly warnings: readonly RegistrationWarning[] };
@@ -92,13 +92,28 @@ export interface SessionView {
   usage: EngineUsage | SessionUsage | null;
 }
 
+/**
+ * What ending a session needs of the reaper (src/reaper/reaper.ts implements it): fence the
+ * session in one transaction (no more heartbeats count) and start its cleanup. False when the
+ * session was no longer live.
+ */
+export interface ReapStarter {
+  begin(
+    id: string,
+    reason: Reason,
+    detail?: Record<string, unknown>,
+    known?: readonly ProcessIdentity[],
+    last?: { lastHeartbeatAt: number; lastActivityAt: number; peaks?: { processes: number; rssBytes: number } },
+  ): boolean;
+}
+
 export interface SessionsDeps {
   store: Store;
   audit: AuditTrail;
   registry: LiveSessions;
   /** Where session cgroups are made (containment). */
   cgroups: SessionCgroups;
-  reaper: Reaper;
+  reaper: ReapStarter;
   clock: Clock;
   config: Config;
   metrics: Metrics;
@@ -108,9 +123,6 @@ export interface SessionsDeps {
   /** Lineage from the kernel's process events (membership of every process the engine started). */
   lineage: SessionLineage;
 }
-
-/** A session's cap on ports, on paths and on labels (the register body's caps). */
-const MAX_ITEMS = registerBody.properties.ports.maxItems;
 
 /**
  * What the API does with sessions: register (with every policy check), heartbeat (in
@@ -302,12 +314,8 @@ export class Sessions {
     const live = registry.heartbeat(id, activity === "busy");
     if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
     this.deps.metrics.heartbeat();
-    return {
-      id,
-      state: "live",
-      deadline: isoTime(registry.wallDeadline(live)),
-      expiresBy: registry.deadline(live).reason,
-    };
+    const d = registry.deadline(live);
+    return { id, state: "live", deadline: isoTime(registry.toWall(d.at)), expiresBy: d.reason };
   }
 
   /**
@@ -607,7 +615,7 @@ async function engineUsage(s: Session): Promise<EngineUsage | null> {
 function unionOf(a: readonly ProcessIdentity[], b: readonly ProcessIdentity[]): ProcessIdentity[] {
   const out = new Map<string, ProcessIdentity>();
   for (const p of [...a, ...b]) {
-    const key = `${p.pid}:${p.startTime}`;
+    const key = processKey(p);
     if (!out.has(key)) out.set(key, p);
   }
   return [...out.values()];

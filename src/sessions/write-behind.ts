@@ -1,10 +1,12 @@
 import type { Logger } from "pino";
 import { ReaperError } from "../errors.js";
 import type { Store } from "../store/store.js";
-import type { HeartbeatWrite, LiveSessions } from "./live.js";
+import type { HeartbeatWrite } from "../model/live-session.js";
+import type { LiveSessions } from "./live.js";
+import { BUDGETS } from "../pace/budgets.js";
 
 /** Rows per flush transaction: keeps each event-loop block to a few ms. */
-const FLUSH_CHUNK = 500;
+const FLUSH_CHUNK = BUDGETS.flushRecords;
 
 /**
  * Writes the live sessions' records (last heartbeat, last activity, the indexed deadline) to

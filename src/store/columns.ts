@@ -8,7 +8,7 @@
  * damaged value is then decided conservatively by its readers (see docs/operations.md, "A damaged row").
  */
 import { errorMessage } from "../errors.js";
-import type { Containment, Damage, Leftover, ProcessIdentity } from "../sessions/types.js";
+import type { Containment, Damage, Leftover, ProcessIdentity } from "../model/session.js";
 
 /** What is wrong with a parsed value, or null when it has the expected shape. */
 export type Shape = (value: unknown) => string | null;
@@ -90,7 +90,7 @@ const ENGINE_COLUMNS = [
 
 /**
  * An SQL condition, true for a sessions row whose engine identity can be read: a live row
- * where it is false is a `damaged` session (src/sessions/types.ts).
+ * where it is false is a `damaged` session (src/model/session.ts).
  */
 export const ENGINE_READABLE = `(${ENGINE_COLUMNS.map(({ column, integer }) =>
   integer === null

@@ -2,7 +2,7 @@ import BetterSqlite3, { type Database, type Statement } from "better-sqlite3";
 import { mkdirSync } from "node:fs";
 import { dirname } from "node:path";
 import { ReaperError, errorMessage } from "../errors.js";
-import type { HeartbeatWrite, StoredLive } from "../sessions/live.js";
+import type { HeartbeatWrite, StoredLive } from "../model/live-session.js";
 import type {
   Damage,
   Leftover,
@@ -15,8 +15,8 @@ import type {
   StepName,
   StepResult,
   Tracking,
-} from "../sessions/types.js";
-import { SESSION_STATES, TRACKINGS } from "../sessions/types.js";
+} from "../model/session.js";
+import { SESSION_STATES, TRACKINGS } from "../model/session.js";
 import { ENGINE_READABLE, RowReading, engineReadable } from "./columns.js";
 import { migrate } from "./migrate.js";
 import { DiskSpace, bytes } from "./space.js";

@@ -3,7 +3,7 @@ import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import type { VerifyReport } from "../../src/cli/audit-verify.js";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { ctl } from "../cli/ctl.js";
 import { fillUp, heartbeats, metric, mountTmpfs, orDied, readDb, register, stateOf } from "../faults/lib.js";
 import { sleeper, spawnDaemon, tempDir, until, writeDaemonConfig } from "../helpers.js";

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { FAILPOINTS } from "../../src/reaper/reaper.js";
 import { isGone, portFree, spawnDaemon, startEngine, tempDir, until, writeDaemonConfig } from "../helpers.js";
 

@@ -3,7 +3,7 @@ import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { FakeClock } from "../../src/clock.js";
 import { Daemon } from "../../src/daemon/daemon.js";
 import { listenUnix } from "../../src/http/listen.js";

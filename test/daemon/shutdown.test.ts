@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { Store } from "../../src/store/store.js";
 import { isGone, spawnDaemon, startEngine, tempDir, until, writeDaemonConfig } from "../helpers.js";
 

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync, readFileSync, renameSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { ctl } from "../cli/ctl.js";
 import { orDied, register, stateOf } from "../faults/lib.js";
 import { sleeper, spawnDaemon, tempDir, until, writeDaemonConfig } from "../helpers.js";

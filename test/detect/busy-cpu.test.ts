@@ -5,11 +5,12 @@ import pidusage from "pidusage";
 import { pino } from "pino";
 import { FakeClock } from "../../src/clock.js";
 import { Detector } from "../../src/detect/detector.js";
-import { LiveSessions, type Admission } from "../../src/sessions/live.js";
+import type { Admission } from "../../src/model/live-session.js";
+import { LiveSessions } from "../../src/sessions/live.js";
 import { identify } from "../../src/proc/identity.js";
 import { readStat } from "../../src/proc/stat.js";
 import { childrenOf } from "../../src/proc/tree.js";
-import type { ProcessIdentity } from "../../src/sessions/types.js";
+import type { ProcessIdentity } from "../../src/model/session.js";
 import { sleeper, startDaemon, tempDir, testConfig } from "../helpers.js";
 
 const BURN = ["-e", "for (;;) {}"];

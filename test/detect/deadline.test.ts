@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { deadlineOf, type Timing } from "../../src/detect/deadline.js";
+import { deadlineOf, type Timing } from "../../src/model/deadline.js";
 
 const T0 = Date.UTC(2026, 0, 1);
 const S = 1000;

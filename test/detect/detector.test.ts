@@ -7,10 +7,11 @@ import { pino } from "pino";
 import { FakeClock } from "../../src/clock.js";
 import { Detector } from "../../src/detect/detector.js";
 import { StallWatch } from "../../src/detect/stall.js";
-import { LiveSessions, type Admission } from "../../src/sessions/live.js";
+import type { Admission } from "../../src/model/live-session.js";
+import { LiveSessions } from "../../src/sessions/live.js";
 import { identify, liveness } from "../../src/proc/identity.js";
 import { readStat } from "../../src/proc/stat.js";
-import type { ProcessIdentity, Reason } from "../../src/sessions/types.js";
+import type { ProcessIdentity, Reason } from "../../src/model/session.js";
 
 const S = 1000;
 const SCHEDULE = "*/2 * * * * *";

@@ -6,7 +6,7 @@
  */
 import { readlinkSync } from "node:fs";
 import type { Session } from "../../src/client/index.js";
-import { callApi, type ApiResponse } from "../../src/cli/client.js";
+import { callApi, type ApiResponse } from "../../src/client/transport.js";
 import { until } from "../helpers.js";
 import { postgresIpcOf, ssUsers } from "./lib.js";
 

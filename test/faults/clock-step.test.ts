@@ -4,7 +4,7 @@ import { request } from "node:http";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { isGone, sleeper, spawnDaemon, tempDir, until, writeDaemonConfig } from "../helpers.js";
 import { counts, heartbeats, register, sleep, stateOf, type SessionBody } from "./lib.js";
 

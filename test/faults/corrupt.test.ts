@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { closeSync, existsSync, openSync, statSync, writeSync } from "node:fs";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { sleeper, spawnDaemon, tempDir, writeDaemonConfig } from "../helpers.js";
 import { auditLines, register, runReaperd } from "./lib.js";
 

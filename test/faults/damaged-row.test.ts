@@ -9,7 +9,7 @@ import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { FakeClock } from "../../src/clock.js";
 import type { OrphanJson } from "../../src/http/present.js";
 import { ctl } from "../cli/ctl.js";

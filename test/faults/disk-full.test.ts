@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { rmSync, statfsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import {
   isGone,
   sleeper,

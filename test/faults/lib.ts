@@ -7,7 +7,7 @@ import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { mkdirSync, openSync, closeSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { callApi, type ApiResponse } from "../../src/cli/client.js";
+import { callApi, type ApiResponse } from "../../src/client/transport.js";
 import { REAPERD } from "../helpers.js";
 
 type After = { after: (fn: () => void | Promise<void>) => void };

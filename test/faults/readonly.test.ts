@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { chmodSync, chownSync, existsSync, mkdirSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { sleeper, spawnDaemon, tempDir, testUser, writeConfig, type TestUser } from "../helpers.js";
 import { auditLines, register, runReaperd, type Finished } from "./lib.js";
 

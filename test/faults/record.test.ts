@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { sleeper, spawnDaemon, tempDir, until, writeConfig, writeDaemonConfig } from "../helpers.js";
 import { readDb, register, sleep, stateOf, type SessionBody } from "./lib.js";
 

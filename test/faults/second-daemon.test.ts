@@ -3,7 +3,7 @@ import { existsSync, mkdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { sleeper, spawnDaemon, tempDir, writeConfig, writeDaemonConfig } from "../helpers.js";
 import { auditLines, heartbeats, readDb, register, runReaperd, sleep, stateOf } from "./lib.js";
 

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { performance } from "node:perf_hooks";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { isGone, sleeper, spawnDaemon, tempDir, until, writeDaemonConfig } from "../helpers.js";
 import { counts, heartbeats, percentile, register, sleep, stateOf } from "./lib.js";
 

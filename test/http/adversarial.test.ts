@@ -12,7 +12,7 @@ import { chownSync, existsSync, mkdirSync, readdirSync, symlinkSync, writeFileSy
 import { connect } from "node:net";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { ERRORS } from "../../src/errors.js";
 import { isKernelThread, readStat } from "../../src/proc/stat.js";
 import { isGone, startDaemon, startEngine, tempDir, testConfig } from "../helpers.js";

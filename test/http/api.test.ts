@@ -3,7 +3,7 @@ import { execFileSync } from "node:child_process";
 import { mkdirSync, readFileSync, statSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { LISTEN_BACKLOG } from "../../src/http/listen.js";
 import {
   foreignPort,

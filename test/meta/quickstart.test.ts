@@ -16,7 +16,7 @@ import { tmpdir } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import type { Session } from "../../src/client/index.js";
 import { isGone, portFree, removeCgroupBaseAfter, until } from "../helpers.js";
 

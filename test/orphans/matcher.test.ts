@@ -2,7 +2,8 @@ import assert from "node:assert/strict";
 import { mkdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { compileGlob, expandGlob, readCmdline, readExe, startedAtMs } from "../../src/orphans/matcher.js";
+import { compileGlob, expandGlob } from "../../src/paths/glob.js";
+import { readCmdline, readExe, startedAtMs } from "../../src/proc/stat.js";
 import { readStat } from "../../src/proc/stat.js";
 import { sleeper, tempDir } from "../helpers.js";
 

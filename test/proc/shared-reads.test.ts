@@ -13,7 +13,7 @@ import { createServer, type AddressInfo } from "node:net";
 import { test } from "node:test";
 import { freshTables, inetSockets } from "../../src/proc/sockets.js";
 import { SESSION_COOKIE, filesInUse, processUses, walkStats } from "../../src/proc/users.js";
-import { loopTurn, turnsWaiting } from "../../src/reaper/turns.js";
+import { loopTurn, turnsWaiting } from "../../src/pace/turns.js";
 import { identify } from "../../src/proc/identity.js";
 import { freshTable, freshTableStats, recentTable } from "../../src/proc/tree.js";
 

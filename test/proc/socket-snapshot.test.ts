@@ -7,13 +7,13 @@ import { test } from "node:test";
 import {
   ancestorsOf,
   decodeAddress,
-  holdersByInode,
   inetSockets,
   portsHeldBy,
   socketSnapshot,
   unixSockets,
 } from "../../src/proc/sockets.js";
 import { processTree } from "../../src/proc/tree.js";
+import { socketHolders } from "../../src/proc/users.js";
 import { identify } from "../../src/proc/identity.js";
 import { startEngine, tempDir, type Engine } from "../helpers.js";
 
@@ -145,10 +145,11 @@ test("ancestorsOf stops at the given processes and reaches pid 1", () => {
   );
 });
 
-test("holdersByInode: one walk of /proc, every holder of each inode", async (t) => {
+test("socketHolders: one shared walk of /proc, every holder of each inode", async (t) => {
   const { port } = await listen(t);
   const inode = inetSockets().find((s) => s.localPort === port && s.state === "LISTEN")?.inode;
   assert.ok(inode !== undefined && inode > 0);
-  assert.deepEqual([...holdersByInode(new Set([inode, 2 ** 31]))], [[inode, [process.pid]]]);
-  assert.equal(holdersByInode(new Set()).size, 0);
+  const holders = [...(await socketHolders([inode, 2 ** 31]))].map(([i, hs]) => [i, hs.map((h) => h.pid)]);
+  assert.deepEqual(holders, [[inode, [process.pid]]]);
+  assert.equal((await socketHolders([])).size, 0);
 });

@@ -3,15 +3,13 @@ import { once } from "node:events";
 import { createConnection, createServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { test } from "node:test";
 import { createSocket } from "node:dgram";
-import {
-  heldOf,
-  holdersOf,
-  inetSockets,
-  portsHeldBy,
-  socketInodes,
-  tcpSockets,
-  type InetSocket,
-} from "../../src/proc/sockets.js";
+import { heldOf, inetSockets, portsHeldBy, socketInodes, tcpSockets, type InetSocket } from "../../src/proc/sockets.js";
+import { socketHolders } from "../../src/proc/users.js";
+
+/** Every pid holding one of these inodes (the shared walk's answer, flattened). */
+const holdersOf = async (inodes: Iterable<number>): Promise<number[]> => [
+  ...new Set([...(await socketHolders(inodes)).values()].flat().map((h) => h.pid)),
+];
 
 async function listen(t: { after: (fn: () => Promise<void>) => void }): Promise<{ server: Server; port: number }> {
   const server = createServer((s) => s.on("error", () => undefined));
@@ -30,7 +28,7 @@ test("a listening server shows up in tcpSockets() as LISTEN with its port, held 
   assert.equal(sock.family, 4);
   assert.ok(sock.inode > 0);
   assert.ok(socketInodes(process.pid).has(sock.inode));
-  assert.ok(holdersOf(new Set([sock.inode])).includes(process.pid));
+  assert.ok((await holdersOf([sock.inode])).includes(process.pid));
 });
 
 test("an established connection shows up on both ends", async (t) => {
@@ -43,7 +41,7 @@ test("an established connection shows up on both ends", async (t) => {
     (s) => s.state === "ESTABLISHED" && (s.localPort === port || s.localPort === client.localPort),
   );
   assert.equal(est.length, 2, JSON.stringify(est));
-  const holders = holdersOf(new Set(est.map((s) => s.inode)));
+  const holders = await holdersOf(est.map((s) => s.inode));
   // Closed here: server.close() (the after hook) waits for open connections.
   client.destroy();
   peer.destroy();
@@ -62,8 +60,8 @@ test("a closed server's port is no longer LISTEN", async () => {
   );
 });
 
-test("holdersOf an empty set is empty; socketInodes of a missing pid is empty", () => {
-  assert.deepEqual(holdersOf(new Set()), []);
+test("socketHolders of an empty set is empty; socketInodes of a missing pid is empty", async () => {
+  assert.deepEqual(await holdersOf([]), []);
   assert.equal(socketInodes(2 ** 22 + 1).size, 0);
 });
 

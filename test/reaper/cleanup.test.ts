@@ -76,7 +76,7 @@ test("a port taken after the session was gone by a process not its own is a reus
   // life: once the engine is gone, another program binds the freed port (an ephemeral port
   // comes round again within seconds on a busy host). A release hook (which runs after
   // terminate, before the verification) starts it: another engine process, listening on
-  // $SESSION_PORTS, outside the session's tree and started after terminate ended.
+  // $SESSION_PORTS where the engine did (127.0.0.1), outside the session's tree.
   const dir = tempDir(t);
   const ready = join(dir, "outsider.json");
   const startOutsider = [
@@ -113,11 +113,11 @@ test("a port taken after the session was gone by a process not its own is a reus
   assert.equal(await portFree(engine.port), false, "the outsider still listens");
 });
 
-test("a port held by a process outside the session since before terminate ended is a leftover, never touched", async (t) => {
+test("a port held by a process outside the session on another address of the same port is a leftover, never touched", async (t) => {
   // The close hook runs before terminate: the outsider it starts listens on the registered
   // port number on another loopback address (127.0.0.2) while the engine still holds it on
-  // 127.0.0.1. It was there all along, so it is not a reuse: the session did not end with its
-  // port free, and says so.
+  // 127.0.0.1. It did not need the engine to let go, so nothing says it is a newcomer: the
+  // session did not end with its port free, and says so.
   const dir = tempDir(t);
   const ready = join(dir, "outsider.pid");
   const listener = [

@@ -240,7 +240,7 @@ test("without the connector (no CAP_NET_ADMIN): snapshots, a warning, the daemon
   );
   // Root without CAP_NET_ADMIN in its bounding set: the kernel refuses the connector's group.
   const daemon = await spawnDaemon(t, config, socket, {}, ["setpriv", "--bounding-set=-net_admin", "--"]);
-  const { callApi } = await import("../../src/cli/client.js");
+  const { callApi } = await import("../../src/client/transport.js");
   const info = await callApi<{ lineage: { available: boolean; why?: string } }>(socket, "GET", "/v1/daemon");
   assert.equal(info.body.lineage.available, false);
   assert.match(info.body.lineage.why ?? "", /CAP_NET_ADMIN/);

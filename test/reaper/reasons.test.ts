@@ -3,7 +3,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { FakeClock } from "../../src/clock.js";
-import type { Reason } from "../../src/sessions/types.js";
+import type { Reason } from "../../src/model/session.js";
 import {
   isGone,
   portFree,

@@ -13,8 +13,18 @@ import type { StepContext } from "../../src/cleanup/step.js";
 import { identify } from "../../src/proc/identity.js";
 import { inetSockets, socketSnapshot, type SocketSnapshot } from "../../src/proc/sockets.js";
 import { processTree } from "../../src/proc/tree.js";
-import type { ProcessIdentity, Session, StepName, StepResult } from "../../src/sessions/types.js";
-import { isGone, startDaemon, startEngine, tempDir, testConfig, testUser, until, type Engine } from "../helpers.js";
+import type { ProcessIdentity, StepName, StepResult } from "../../src/model/session.js";
+import {
+  isGone,
+  reapingSession,
+  startDaemon,
+  startEngine,
+  tempDir,
+  testConfig,
+  testUser,
+  until,
+  type Engine,
+} from "../helpers.js";
 
 type Ready = Engine & { childPorts: number[]; udpPort: number | null; connectedFrom: number | null };
 type Step = { name: string; outcome: string; durationMs: number; detail: Record<string, unknown> };
@@ -93,34 +103,7 @@ async function runRelease(
 ) {
   const profile = testConfig(dir).profiles.default;
   assert.ok(profile);
-  const session: Session = {
-    id: "direct",
-    profile: "default",
-    owner: null,
-    engine,
-    ownerPid: null,
-    ports,
-    paths: [],
-    labels: {},
-    heartbeatTimeoutSec: 30,
-    idleTimeoutSec: 30,
-    maxLifetimeSec: 0,
-    createdAt: 0,
-    lastHeartbeatAt: 0,
-    lastActivityAt: 0,
-    deadline: null,
-    state: "reaping",
-    reason: "forced",
-    outcome: null,
-    leftovers: [],
-    reapStartedAt: 0,
-    reapedAt: null,
-    reapAttempts: 1,
-    registeredBy: { uid: 0, admin: true, via: "unix" },
-    containment: null,
-    tracking: null,
-    damage: [],
-  };
+  const session = reapingSession("direct", engine, ports);
   const entry = (name: StepName, detail: StepResult["detail"]): [StepName, StepResult] => [
     name,
     { name, outcome: "ok", startedAt: 0, durationMs: 0, detail },

@@ -1,93 +1,83 @@
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import type { SessionMembers } from "../../src/cleanup/step.js";
 import { verifyGone } from "../../src/cleanup/verify.js";
 import { identify } from "../../src/proc/identity.js";
 import { inetSockets, socketInodes, socketSnapshot, type SocketSnapshot } from "../../src/proc/sockets.js";
-import { readStat, ticksSinceBoot } from "../../src/proc/stat.js";
-import type { ProcessIdentity, Session, StepName, StepResult } from "../../src/sessions/types.js";
-import { isGone, startEngine, tempDir, until } from "../helpers.js";
+import {
+  SESSION_COOKIE,
+  type ProcessIdentity,
+  type Session,
+  type StepName,
+  type StepResult,
+} from "../../src/model/session.js";
+import { isGone, portFree, reapingSession, startEngine, tempDir, until, type Engine } from "../helpers.js";
 
-// The soak's one `partial` in 4,500 churned sessions: an engine-lite that was not the
-// session's held its registered port at verification. The session's engine was gone; a newer
-// engine had been given the same ephemeral port by the kernel in the moment between the port
-// step and the verification. These run the verification directly on that situation.
+// The soak's `partial`s (one in 4,500 churned sessions, six in 9,000): an engine-lite that was
+// not the session's held its registered port at the port step or the verification. The
+// session's engine was gone; a newer engine had been given the same ephemeral port by the
+// kernel meanwhile. These run the verification directly on that situation.
 
 const complete: SessionMembers = { members: () => [], exitedCpuSec: () => 0, complete: () => true };
 const incomplete: SessionMembers = { ...complete, complete: () => false };
 
-function sessionOf(engine: ProcessIdentity, port: number): Session {
-  return {
-    id: "reused",
-    profile: "default",
-    owner: null,
-    engine,
-    ownerPid: null,
-    ports: [port],
-    paths: [],
-    labels: {},
-    heartbeatTimeoutSec: 30,
-    idleTimeoutSec: 30,
-    maxLifetimeSec: 0,
-    createdAt: 0,
-    lastHeartbeatAt: 0,
-    lastActivityAt: 0,
-    deadline: null,
-    state: "reaping",
-    reason: "forced",
-    outcome: null,
-    leftovers: [],
-    reapStartedAt: 0,
-    reapedAt: null,
-    reapAttempts: 1,
-    registeredBy: { uid: 0, admin: true, via: "unix" },
-    containment: null,
-    tracking: "lineage",
-    damage: [],
-  };
-}
+/** The session as the reap has it: tracked by lineage (complete or not is the test's choice). */
+const sessionOf = (engine: ProcessIdentity, port: number): Session => ({
+  ...reapingSession("reused", engine, [port]),
+  tracking: "lineage",
+});
 
-function journalOf(engine: ProcessIdentity, sockets: SocketSnapshot, endedTicks?: number) {
+/** The journal a reap has by verification: close-environment's snapshot (and what was on the port), terminate's list. */
+function journalOf(engine: ProcessIdentity, sockets: SocketSnapshot, portInodes: readonly number[] | undefined) {
   const entry = (name: StepName, detail: StepResult["detail"]): [StepName, StepResult] => [
     name,
     { name, outcome: "ok", startedAt: 0, durationMs: 0, detail },
   ];
-  const processes = [{ pid: engine.pid, startTime: engine.startTime }];
   return new Map([
-    entry("close-environment", { processes: [engine], sockets }),
-    entry("terminate", { processes, ...(endedTicks === undefined ? {} : { endedTicks }) }),
+    entry("close-environment", { processes: [engine], sockets, ...(portInodes === undefined ? {} : { portInodes }) }),
+    entry("terminate", { processes: [{ pid: engine.pid, startTime: engine.startTime }] }),
   ]);
 }
 
 /**
- * An engine with a port, its socket snapshot, then its end (SIGKILL, gone) and the tick that
- * ended it; then a newcomer, another process started after that tick, listening on the same
- * port number.
+ * An engine with a port (an ephemeral one, or `fixed`), its socket snapshot and what was on
+ * the port then, its end (SIGKILL, gone); then a newcomer, another process (with the
+ * session's cookie in its environment if `cookie`), listening on the same address and port.
  */
-async function portTakenAfter(t: TestContext) {
+async function portTakenAfter(t: TestContext, opts: { fixed?: number; cookie?: boolean } = {}) {
   const dir = tempDir(t);
-  const engine = await startEngine(t, [], join(dir, "engine"));
+  const engine = await startEngine(
+    t,
+    opts.fixed === undefined ? [] : ["--port", String(opts.fixed)],
+    join(dir, "engine"),
+  );
   const id = identify(engine.pid, "engine.pid", process.pid);
   const sockets = socketSnapshot([engine.pid]);
-  assert.ok(sockets.listening.some((s) => s.port === engine.port));
+  assert.ok(sockets.listening.some((s) => s.port === engine.port && s.address === "127.0.0.1"));
+  const portInodes = inetSockets("self", new Set([engine.port])).map((s) => s.inode);
   engine.child.kill("SIGKILL");
   await engine.exited;
   await until(() => isGone(engine.pid), 5_000, "engine gone");
-  const endedTicks = ticksSinceBoot();
-  assert.ok(endedTicks !== null);
-  // A clock tick is 10 ms: the newcomer starts in a later one.
-  await new Promise((r) => setTimeout(r, 30));
-  const newcomer = await startEngine(t, ["--port", String(engine.port)]);
+  if (opts.cookie === true) process.env[SESSION_COOKIE] = "reused";
+  let newcomer: Engine;
+  try {
+    newcomer = await startEngine(t, ["--port", String(engine.port)]);
+  } finally {
+    delete process.env[SESSION_COOKIE];
+  }
   assert.equal(newcomer.port, engine.port, "the newcomer took the freed port");
-  const newcomerStart = readStat(newcomer.pid)?.startTime;
-  assert.ok(newcomerStart !== undefined && newcomerStart > endedTicks);
-  return { id, port: engine.port, sockets, endedTicks, newcomer };
+  const held = socketInodes(newcomer.pid);
+  const listener = inetSockets("self", new Set([engine.port])).find((s) => s.state === "LISTEN" && held.has(s.inode));
+  assert.ok(listener, "the newcomer's listening socket");
+  const identity = identify(newcomer.pid, "newcomer", process.pid);
+  return { id, port: engine.port, sockets, portInodes, newcomer, identity, listener };
 }
 
-test("a newcomer that took the port after terminate ended, outside the session: reported as a reuse, not a leftover", async (t) => {
-  const { id, port, sockets, endedTicks, newcomer } = await portTakenAfter(t);
-  const v = await verifyGone(sessionOf(id, port), journalOf(id, sockets, endedTicks), complete, process.pid);
+test("a newcomer that took the port where the engine held it, with a new socket, outside the session: reported as a reuse, not a leftover", async (t) => {
+  const { id, port, sockets, portInodes, newcomer } = await portTakenAfter(t);
+  const v = await verifyGone(sessionOf(id, port), journalOf(id, sockets, portInodes), complete, process.pid);
   assert.deepEqual(v.leftovers, []);
   assert.deepEqual(
     v.reused?.map((r) => [r.pid, r.why]),
@@ -98,28 +88,69 @@ test("a newcomer that took the port after terminate ended, outside the session: 
 });
 
 test("the same newcomer stays a leftover whenever identity cannot tell it apart", async (t) => {
-  const { id, port, sockets, endedTicks, newcomer } = await portTakenAfter(t);
+  const { id, port, sockets, portInodes, newcomer, identity, listener } = await portTakenAfter(t);
   const leftoverPids = async (journal: ReturnType<typeof journalOf>, lineage: SessionMembers) =>
     (await verifyGone(sessionOf(id, port), journal, lineage, process.pid)).leftovers.map((l) => l.pid);
 
   // Lineage lost events (or never ran): a process it does not name may still be the engine's.
-  assert.deepEqual(await leftoverPids(journalOf(id, sockets, endedTicks), incomplete), [newcomer.pid]);
-  // An older journal, without terminate's end tick.
-  assert.deepEqual(await leftoverPids(journalOf(id, sockets), complete), [newcomer.pid]);
-  // Terminate ended after the newcomer started: it held the port while the session ran.
-  const late = ticksSinceBoot();
-  assert.ok(late !== null);
-  assert.deepEqual(await leftoverPids(journalOf(id, sockets, late), complete), [newcomer.pid]);
-  // The socket it holds is the engine's own (one it inherited or was passed).
-  const held = socketInodes(newcomer.pid);
-  const listener = inetSockets("self", new Set([port])).find((s) => s.state === "LISTEN" && held.has(s.inode));
-  assert.ok(listener, "the newcomer's listening socket");
-  const passed: SocketSnapshot = {
+  assert.deepEqual(await leftoverPids(journalOf(id, sockets, portInodes), incomplete), [newcomer.pid]);
+  // An older journal, without what was on the port at the snapshot.
+  assert.deepEqual(await leftoverPids(journalOf(id, sockets, undefined), complete), [newcomer.pid]);
+  // Its socket was on the port already at the snapshot: it shared the port all along.
+  assert.deepEqual(await leftoverPids(journalOf(id, sockets, [...portInodes, listener.inode]), complete), [
+    newcomer.pid,
+  ]);
+  // The engine held the port on another address: the newcomer's may have been there all along.
+  const elsewhere: SocketSnapshot = {
     ...sockets,
-    listening: sockets.listening.map((s) => ({ ...s, inode: listener.inode })),
+    listening: sockets.listening.map((s) => ({ ...s, address: "127.0.0.3" })),
   };
-  assert.deepEqual(await leftoverPids(journalOf(id, passed, endedTicks), complete), [newcomer.pid]);
-  // A snapshot that left sockets out cannot say which sockets were the engine's.
+  assert.deepEqual(await leftoverPids(journalOf(id, elsewhere, portInodes), complete), [newcomer.pid]);
+  // A snapshot that left sockets out cannot say where the engine's were.
   const capped: SocketSnapshot = { ...sockets, omitted: { listening: 1, established: 0, unix: 0 } };
-  assert.deepEqual(await leftoverPids(journalOf(id, capped, endedTicks), complete), [newcomer.pid]);
+  assert.deepEqual(await leftoverPids(journalOf(id, capped, portInodes), complete), [newcomer.pid]);
+  // Lineage names it: a process the engine started.
+  const member: SessionMembers = { ...complete, members: () => [identity] };
+  assert.deepEqual(await leftoverPids(journalOf(id, sockets, portInodes), member), [newcomer.pid]);
 });
+
+test("a newcomer carrying the session's cookie, or on a port outside the ephemeral range, stays a leftover", async (t) => {
+  const withCookie = await portTakenAfter(t, { cookie: true });
+  const v = await verifyGone(
+    sessionOf(withCookie.id, withCookie.port),
+    journalOf(withCookie.id, withCookie.sockets, withCookie.portInodes),
+    complete,
+    process.pid,
+  );
+  assert.deepEqual(
+    v.leftovers.map((l) => l.pid),
+    [withCookie.newcomer.pid],
+  );
+
+  // Gone before the next case: its cookie would name it a process of that session too.
+  withCookie.newcomer.child.kill("SIGKILL");
+  await withCookie.newcomer.exited;
+
+  // A fixed port below the ephemeral range: a service may take it up again; the kernel never hands it out.
+  const [low] = readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "latin1").trim().split(/\s+/).map(Number);
+  assert.ok(low !== undefined && low > 1100);
+  const onFixed = await portTakenAfter(t, { fixed: await freePortBelow(low) });
+  const w = await verifyGone(
+    sessionOf(onFixed.id, onFixed.port),
+    journalOf(onFixed.id, onFixed.sockets, onFixed.portInodes),
+    complete,
+    process.pid,
+  );
+  assert.deepEqual(
+    w.leftovers.map((l) => l.pid),
+    [onFixed.newcomer.pid],
+  );
+});
+
+/** A loopback TCP port below `limit` that nothing uses now. */
+async function freePortBelow(limit: number): Promise<number> {
+  for (let port = limit - 1000; port < limit; port++) {
+    if (await portFree(port)) return port;
+  }
+  throw new Error(`no free port below ${limit}`);
+}

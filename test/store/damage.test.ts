@@ -7,7 +7,7 @@ import BetterSqlite3 from "better-sqlite3";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { test } from "node:test";
-import type { Damage, Session, StepResult } from "../../src/sessions/types.js";
+import type { Damage, Session, StepResult } from "../../src/model/session.js";
 import { Store } from "../../src/store/store.js";
 import { storedSession, tempDir } from "../helpers.js";
 

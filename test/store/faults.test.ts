@@ -4,7 +4,7 @@ import { closeSync, openSync, readFileSync, statSync, writeSync } from "node:fs"
 import { join } from "node:path";
 import { test } from "node:test";
 import { ReaperError } from "../../src/errors.js";
-import type { Session } from "../../src/sessions/types.js";
+import type { Session } from "../../src/model/session.js";
 import { DatabaseLock } from "../../src/store/lock.js";
 import { Store, isStoreFault } from "../../src/store/store.js";
 import { storedSession, tempDir } from "../helpers.js";

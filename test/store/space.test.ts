@@ -4,7 +4,7 @@ import { statSync, statfsSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { ReaperError } from "../../src/errors.js";
-import type { HeartbeatWrite } from "../../src/sessions/live.js";
+import type { HeartbeatWrite } from "../../src/model/live-session.js";
 import { Store } from "../../src/store/store.js";
 import { fillUp, mountTmpfs } from "../faults/lib.js";
 import { storedSession, tempDir } from "../helpers.js";

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { test } from "node:test";
 import { ReaperError } from "../../src/errors.js";
-import { type Leftover, type Session, type StepResult } from "../../src/sessions/types.js";
+import { type Leftover, type Session, type StepResult } from "../../src/model/session.js";
 import { Store } from "../../src/store/store.js";
 import { storedSession, tempDir } from "../helpers.js";
 

@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import { fileURLToPath } from "node:url";
-import { callApi } from "../../src/cli/client.js";
+import { callApi } from "../../src/client/transport.js";
 import { REAPERD, spawnDaemon, startEngine, tempDir, until, writeDaemonConfig } from "../helpers.js";
 
 const RECEIVER = fileURLToPath(new URL("../../../test/fixtures/notify_socket.py", import.meta.url));

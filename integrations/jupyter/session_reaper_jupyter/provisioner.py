@@ -49,7 +49,7 @@ from traitlets import Bool, Dict as DictTrait, Float, Integer, Unicode
 
 from .client import ReaperApiError, ReaperClient, ReaperUnreachable, default_socket
 
-#: The daemon's session cookie (``src/sessions/types.ts`` SESSION_COOKIE).
+#: The daemon's session cookie (``src/model/session.ts`` SESSION_COOKIE).
 SESSION_COOKIE = "REAPER_SESSION_ID"
 
 #: The five ports of a kernel's connection info, in a fixed order.

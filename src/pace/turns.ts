@@ -1,4 +1,5 @@
 import { performance } from "node:perf_hooks";
+import { BUDGETS } from "./budgets.js";
 
 /*
  * Paces the synchronous work of many reaps: a turn of the event loop gives it BUDGET_MS at
@@ -10,10 +11,10 @@ import { performance } from "node:perf_hooks";
  */
 
 /**
- * The loop time the paced work may take per turn: after that, the rest waits for the next
- * turn, and the I/O that arrived meanwhile (heartbeats) is read first.
+ * The loop time the paced work may take per turn (src/pace/budgets.ts): after that, the rest
+ * waits for the next turn, and the I/O that arrived meanwhile (heartbeats) is read first.
  */
-const BUDGET_MS = 5;
+const BUDGET_MS = BUDGETS.turnMs;
 
 class Pacer {
   private readonly waiting: (() => void)[] = [];
@@ -66,7 +67,7 @@ class Pacer {
  * shared reading's answer, a /proc walk's next chunk, an rm spawn): together they take at
  * most BUDGET_MS per turn.
  */
-const paced = new Pacer(64);
+const paced = new Pacer(BUDGETS.turnWaiters);
 
 export const loopTurn = (): Promise<void> => paced.turn();
 

@@ -6,8 +6,7 @@
  * per reap (a value the session does not have fails the hook, with a detail that says which).
  */
 import { basename } from "node:path";
-import type { Session } from "../sessions/types.js";
-import { describeDamage } from "../store/columns.js";
+import type { Session } from "../model/session.js";
 
 /** The placeholders, in the order of docs/configuration.md; `{label:NAME}` is one more form. */
 export const PLACEHOLDERS = ["id", "pid", "uid", "port", "ports", "path", "paths"] as const;
@@ -46,18 +45,6 @@ export function templateProblem(argv: readonly string[]): string | null {
 
 function isPlaceholder(name: string): boolean {
   return (PLACEHOLDERS as readonly string[]).includes(name) || LABEL.test(name);
-}
-
-/**
- * Why no hook may run for this session, or null: a hook is given the session's ports, paths
- * and labels (argv placeholders, environment, HTTP body), and one of them cannot be read (a
- * damaged row). A hook fed a wrong value (no port, no path) could act on the wrong thing.
- */
-export function hookRefusal(session: Session): string | null {
-  const facts = session.damage.filter((d) => d.table === "sessions" && ["ports", "paths", "labels"].includes(d.column));
-  return facts.length === 0
-    ? null
-    : `not run: the session's stored ${facts.map((d) => d.column).join(" and ")} cannot be read (${describeDamage(facts)}), and a hook would be given a wrong value`;
 }
 
 /** The argv with every placeholder replaced by the session's value; throws TemplateError. */

@@ -1,4 +1,4 @@
-import type { TimeReason } from "../sessions/types.js";
+import type { TimeReason } from "./session.js";
 
 /**
  * What time-based expiry needs to know about a live session, on the monotonic clock
@@ -7,8 +7,8 @@ import type { TimeReason } from "../sessions/types.js";
 export interface Timing {
   /** Registration, or the daemon start that recovered the session. */
   readonly createdMono: number;
-  heartbeatMono: number;
-  activityMono: number;
+  readonly heartbeatMono: number;
+  readonly activityMono: number;
   readonly heartbeatTimeoutSec: number;
   readonly idleTimeoutSec: number;
   /** 0 = no maximum lifetime. */

@@ -1,51 +1,10 @@
 /**
- * How the orphan sweep recognises a profile's engines and leftovers: a process matcher
- * (exe, command-line regex, uids) and path globs below the profile's allowed roots. Pure
- * reading of /proc and of directories; nothing here acts.
+ * Path globs below a profile's allowed roots (the orphan sweep's `paths`): compiled, checked
+ * at config load, expanded by a walk that never follows a symlink. Pure reading of
+ * directories; nothing here acts.
  */
-import { readFileSync, readdirSync, readlinkSync } from "node:fs";
+import { readdirSync } from "node:fs";
 import { normalize } from "node:path";
-
-/**
- * USER_HZ, the unit of /proc/<pid>/stat's start time: fixed at 100 by the kernel's ABI on
- * every architecture Node runs on (x86, arm, arm64, ppc64, s390x, riscv64, loongarch).
- */
-export const USER_HZ = 100;
-
-let cachedBootMs: number | undefined;
-
-/** When the host booted (/proc/stat `btime`, whole seconds), ms since the epoch. */
-export function bootTimeMs(): number {
-  if (cachedBootMs === undefined) {
-    const m = /^btime (\d+)$/m.exec(readFileSync("/proc/stat", "latin1"));
-    cachedBootMs = m ? Number(m[1]) * 1000 : 0;
-  }
-  return cachedBootMs;
-}
-
-/** When a process started, ms since the epoch, from its /proc/<pid>/stat start time. */
-export function startedAtMs(startTime: number): number {
-  return bootTimeMs() + (startTime * 1000) / USER_HZ;
-}
-
-/** The command line, arguments joined by single spaces; null when the process vanished. */
-export function readCmdline(pid: number): string | null {
-  try {
-    const raw = readFileSync(`/proc/${pid}/cmdline`, "utf8");
-    return raw.replace(/\0+$/, "").split("\0").join(" ");
-  } catch {
-    return null;
-  }
-}
-
-/** The executable (/proc/<pid>/exe); null when unreadable (another user's, without CAP_SYS_PTRACE) or gone. */
-export function readExe(pid: number): string | null {
-  try {
-    return readlinkSync(`/proc/${pid}/exe`).replace(/ \(deleted\)$/, "");
-  } catch {
-    return null;
-  }
-}
 
 const GLOB_CHAR = /[*?[]/;
 

@@ -14,6 +14,11 @@ export interface ProcessIdentity {
   readonly uid: number;
 }
 
+/** A process named for good within one boot, as a map key: "pid:startTime". */
+export function processKey(p: { readonly pid: number; readonly startTime: number }): string {
+  return `${p.pid}:${p.startTime}`;
+}
+
 /**
  * `damaged`: a live session whose engine the daemon cannot identify, because the stored values
  * of its identity (engine_pid, engine_start_time, engine_boot_id, engine_uid) cannot be read.
