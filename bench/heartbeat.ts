@@ -60,7 +60,10 @@ async function main(): Promise<number> {
   const ids = Array.from({ length: SESSIONS }, (_, i) => `hb-${String(i).padStart(6, "0")}`);
   const daemons: Reaperd[] = [];
   const reaperd = async (name: string, build?: string): Promise<Subject> => {
-    const daemon = await startReaperd({ dir: tempDir(), ...(build ? { reaperd: build } : {}) });
+    // Each daemon is loaded 5 s of every round of all the subjects (half a minute with two
+    // earlier builds): its sessions must outlive the gaps, or their heartbeats answer 409.
+    const toml = "[profiles.default]\nheartbeat_timeout_sec = 3600\n";
+    const daemon = await startReaperd({ dir: tempDir(), toml, ...(build ? { reaperd: build } : {}) });
     daemons.push(daemon);
     say(`${name} ready in ${daemon.readyMs} ms; registering ${SESSIONS} sessions`);
     await registerMany(
@@ -99,8 +102,11 @@ async function main(): Promise<number> {
       const r = await load(s.socket, RUN_MS);
       s.cpuUs.push(((cpuMs(s.pid) - cpu0) * 1000) / r.requests);
       s.runs.push(r);
+      const odd = Object.entries(r.statuses).filter(([status]) => Number(status) < 200 || Number(status) > 299);
       parts.push(
-        `${s.name} ${fmt(r.reqPerSec)} req/s (p99 ${fmt(r.p99Ms)} ms, ${fmt(s.cpuUs.at(-1) as number)} µs CPU/req)`,
+        `${s.name} ${fmt(r.reqPerSec)} req/s (p99 ${fmt(r.p99Ms)} ms, ${fmt(s.cpuUs.at(-1) as number)} µs CPU/req${
+          odd.length === 0 ? "" : `; answered ${odd.map(([status, n]) => `${status} x${n}`).join(", ")}`
+        })`,
       );
     }
     const ratio = (s: Subject): string =>
