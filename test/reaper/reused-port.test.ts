@@ -115,17 +115,14 @@ test("the same newcomer stays a leftover whenever identity cannot tell it apart"
 });
 
 test("a newcomer carrying the session's cookie, or on a port outside the ephemeral range, stays a leftover", async (t) => {
+  /** The leftovers' pids when the verification runs on this case with a complete lineage. */
+  const leftoverPids = async (c: Awaited<ReturnType<typeof portTakenAfter>>): Promise<(number | undefined)[]> =>
+    (
+      await verifyGone(sessionOf(c.id, c.port), journalOf(c.id, c.sockets, c.portInodes), complete, process.pid)
+    ).leftovers.map((l) => l.pid);
+
   const withCookie = await portTakenAfter(t, { cookie: true });
-  const v = await verifyGone(
-    sessionOf(withCookie.id, withCookie.port),
-    journalOf(withCookie.id, withCookie.sockets, withCookie.portInodes),
-    complete,
-    process.pid,
-  );
-  assert.deepEqual(
-    v.leftovers.map((l) => l.pid),
-    [withCookie.newcomer.pid],
-  );
+  assert.deepEqual(await leftoverPids(withCookie), [withCookie.newcomer.pid]);
 
   // Gone before the next case: its cookie would name it a process of that session too.
   withCookie.newcomer.child.kill("SIGKILL");
@@ -135,16 +132,7 @@ test("a newcomer carrying the session's cookie, or on a port outside the ephemer
   const [low] = readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "latin1").trim().split(/\s+/).map(Number);
   assert.ok(low !== undefined && low > 1100);
   const onFixed = await portTakenAfter(t, { fixed: await freePortBelow(low) });
-  const w = await verifyGone(
-    sessionOf(onFixed.id, onFixed.port),
-    journalOf(onFixed.id, onFixed.sockets, onFixed.portInodes),
-    complete,
-    process.pid,
-  );
-  assert.deepEqual(
-    w.leftovers.map((l) => l.pid),
-    [onFixed.newcomer.pid],
-  );
+  assert.deepEqual(await leftoverPids(onFixed), [onFixed.newcomer.pid]);
 });
 
 /** A loopback TCP port below `limit` that nothing uses now. */

@@ -37,8 +37,10 @@ async function escapeeSession(t: TestContext, containment: "auto" | "none") {
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir, { profiles: { default: { grace_period_sec: 2, containment } } }));
   const id = `escapee-${containment}`;
-  // The escapee ignores SIGTERM too (SIG_IGN survives exec): only SIGKILL ends it.
-  const escape = `setsid -f sh -c 'trap "" TERM; exec sleep 301'`;
+  // The escapee ignores SIGTERM too (SIG_IGN survives fork and exec): only SIGKILL ends it.
+  // It is ignored before the escapee is forked, not by the escapee itself: lineage finds a
+  // newborn at once, and a SIGTERM that came before its own `trap` would end it (a loaded host).
+  const escape = `trap "" TERM; setsid -f sleep 301`;
   const engine = spawn(
     "sh",
     ["-c", `trap '${escape.replace(/'/g, "'\\''")}; exit 0' TERM; while :; do sleep 0.1; done`],
