@@ -11,7 +11,7 @@ import { knownProcesses, sleep, type CleanupStep, type StepContext, type StepOut
  * the engine's first registered port on loopback, or an admin-configured argv run as the
  * engine's uid), then gives it the grace period to exit on its own before `terminate`.
  */
-export const closeEnvironment: CleanupStep = {
+export const closeEnvironment: CleanupStep<"close-environment"> = {
   name: "close-environment",
   timeoutMs: (p) => p.stepTimeoutSec * 1000,
 
@@ -43,7 +43,7 @@ export const closeEnvironment: CleanupStep = {
     ctx.record({ processes, sockets, portInodes }); // kept even if the hook below hangs
     if (hook === null) return { ok: true, detail: { skipped: "the profile has no close hook" } };
 
-    let out: StepOutput;
+    let out: StepOutput<"close-environment">;
     if (hook.kind === "http") {
       const refused = hookRefusal(session);
       if (refused !== null) return { ok: false, detail: { hook: "http", error: refused } };
@@ -73,7 +73,11 @@ export const closeEnvironment: CleanupStep = {
 };
 
 /** The close hook's argv, as the engine's user whenever that is not us. */
-async function runCommand(ctx: StepContext, argv: readonly string[], signal: AbortSignal): Promise<StepOutput> {
+async function runCommand(
+  ctx: StepContext<"close-environment">,
+  argv: readonly string[],
+  signal: AbortSignal,
+): Promise<StepOutput<"close-environment">> {
   const { session } = ctx;
   const gid = readUid(session.engine.pid, "Gid");
   const runAs =
@@ -86,7 +90,7 @@ async function runCommand(ctx: StepContext, argv: readonly string[], signal: Abo
 }
 
 /** Polls until the engine is gone, the grace period ends, or the step's own time runs out. */
-async function waitForExit(ctx: StepContext, signal: AbortSignal): Promise<boolean> {
+async function waitForExit(ctx: StepContext<"close-environment">, signal: AbortSignal): Promise<boolean> {
   const until = Math.min(performance.now() + ctx.profile.gracePeriodSec * 1000, ctx.deadline - 100);
   while (!signal.aborted && performance.now() < until) {
     if (liveness(ctx.session.engine) === "gone") return true;

@@ -1,17 +1,37 @@
 import type { SocketSnapshot } from "../proc/sockets.js";
 import type { UsageSample } from "../proc/usage.js";
-import type { ProcessIdentity, StepName, StepResult } from "../model/session.js";
+import type { Leftover, Outcome, ProcessIdentity, StepName, StepResult, Tracking } from "../model/session.js";
+import type { HookReport } from "./release-hooks.js";
 
 /**
- * The step journal's protocol: what each step writes into its `detail` that a later step (or
- * a resumed pipeline, after a restart) reads back. One type per step; every record carries
- * the version it was written in (`v`), and records written before versions existed are v1,
- * which had the same fields (so every reader accepts both as they are).
+ * The step journal's protocol: what each step writes into its `detail`, for a later step, a
+ * resumed pipeline after a restart, the API and the audit trail. One type per step, written
+ * through `StepOutput<N>` and read through `journaled` (the one reader); every record carries
+ * the version it was written in (`v`).
  *
- * v1: the fields below, without `v`. v2: `v`, fence `peaks`, terminate `usage` and `cgroup`.
- * v3: close-environment `portInodes`.
+ * v1: no `v`. v2: `v`, fence `peaks`, terminate `usage` and `cgroup`. v3: close-environment
+ * `portInodes`. Each version only added optional fields, so an older record is upgraded by
+ * saying so (`upgradeRecord`): its `v` becomes the current one and `upgradedFrom` keeps the
+ * one it was written in; a field a version added stays absent, and every reader treats an
+ * absent field as unknown (reused-port.ts: no `portInodes`, no reuse). The daemon upgrades
+ * the records of the reaps it resumes at start (daemon.ts).
  */
 export const JOURNAL_VERSION = 3;
+
+/** Fields the runner adds to every step's record. */
+export interface CommonDetail {
+  /** The journal version the record was written in (absent: v1). */
+  readonly v?: number;
+  /** The version it was written in, if it was upgraded since. */
+  readonly upgradedFrom?: number;
+  /** Which start of the reap pipeline wrote it. */
+  readonly attempt?: number;
+  readonly leftovers?: Leftover[];
+  /** The step threw or timed out. */
+  readonly error?: string;
+  /** The step was not run (the pipeline crashed before it). */
+  readonly notRun?: string;
+}
 
 export interface FenceDetail {
   /** The session's last known process tree (from the liveness pass, the engine's exit, recovery). */
@@ -30,6 +50,9 @@ export interface CloseEnvironmentDetail {
    * them later is new (reused-port.ts).
    */
   readonly portInodes?: readonly number[];
+  /** The close hooks run (argv or URL, outcome, time). */
+  readonly hooks?: readonly HookReport[];
+  [field: string]: unknown;
 }
 
 export interface TerminateDetail {
@@ -38,16 +61,107 @@ export interface TerminateDetail {
   /** What the session used, read before the first signal. */
   readonly usage?: UsageSample;
   readonly cgroup?: { readonly path: string; readonly kill: string; readonly removed: boolean };
+  [field: string]: unknown;
 }
 
-/** The fields read back, per step. */
+/** Who holds a socket, as reported. */
+export type Holder = { by: "session" | "outside"; pid: number; comm: string };
+
+/** One registered port after the release step. */
+export type PortReport =
+  | { port: number; status: "free"; timeWait: number }
+  | ({ port: number; status: "held"; proto: string; state: string } & Holder)
+  /** Taken after the session was gone by a process that is not its own (reused-port.ts): not a leftover. */
+  | { port: number; status: "reused"; proto: string; state: string; pid: number; comm: string }
+  | { port: number; status: "bind-failed"; proto: string; error: string; timeWait: number };
+
+/** The close-environment snapshot's sockets after the release step. */
+export type SocketsReport =
+  | { skipped: string }
+  | { unverified: string }
+  | {
+      checked: number;
+      gone: number;
+      /** Still open, but also held since before the reap by an ancestor of the engine. */
+      shared: { item: string; pids: number[] }[];
+      /** Snapshot connections the kernel is still closing (FIN_WAIT, LAST_ACK, …; TIME_WAIT is listed apart). */
+      closing: { item: string; state: string }[];
+      survivors: ({ item: string; port?: number } & (Holder | { by: "unknown" }))[];
+    };
+
+export interface ReleaseDetail {
+  /** The release hooks run. */
+  readonly hooks?: readonly HookReport[];
+  readonly ports?: readonly PortReport[];
+  /** Why the session's ports could not be read (a damaged row). */
+  readonly unreadable?: string;
+  readonly sockets?: SocketsReport;
+  /** Connections of the snapshot in TIME_WAIT (the kernel's, never a leftover). */
+  readonly timeWait?: unknown;
+}
+
+export interface RemovePathsDetail {
+  readonly paths?: readonly { path: string; status: string; detail?: string }[];
+  /** Why the session's paths could not be read (a damaged row). */
+  readonly unreadable?: string;
+  readonly ipc?: readonly { kind: string; item: string; status: string }[];
+}
+
+/** What a session cost, reported when it ends (no peer does: a cost nobody sees is never cut). */
+export interface SessionUsage {
+  /** CPU seconds its processes used: the cgroup's total when contained, else the tree's at the reap. */
+  readonly cpuSec: number;
+  /** The most memory seen: the cgroup's memory.peak where the memory controller is on, else the largest resident sum the liveness passes and the reap saw. */
+  readonly peakMemoryBytes: number;
+  readonly peakMemorySource: "memory.peak" | "rss-samples";
+  /** The most processes its tree was seen with. */
+  readonly peakProcesses: number;
+  /** From registration to the fence. */
+  readonly lifetimeSec: number;
+}
+
+/** What a verification pass looked at: a `clean` is backed by exactly these. */
+export type Verified = "cgroup" | "lineage" | "tree" | "cookie" | "ports" | "paths" | "ipc";
+
+export interface FinishDetail {
+  readonly outcome?: Outcome;
+  readonly verified?: readonly Verified[];
+  readonly tracking?: Tracking | null;
+  readonly usage?: SessionUsage;
+  /** Holders of a registered port that took it after the session was gone (reused-port.ts). */
+  readonly portsReused?: readonly { pid: number; comm: string; why: string }[];
+  readonly damage?: readonly unknown[];
+  /** Why the pipeline crashed, when it did. */
+  readonly crashed?: string;
+}
+
+/** What each step records, by name. */
 export interface StepDetails {
   readonly fence: FenceDetail;
   readonly "close-environment": CloseEnvironmentDetail;
   readonly terminate: TerminateDetail;
-  readonly "release-connections-and-ports": Record<string, unknown>;
-  readonly "remove-paths": Record<string, unknown>;
-  readonly finish: Record<string, unknown>;
+  readonly "release-connections-and-ports": ReleaseDetail;
+  readonly "remove-paths": RemovePathsDetail;
+  readonly finish: FinishDetail;
+}
+
+/** A step's record as journaled: its own fields and the runner's. */
+export type StepRecord<N extends StepName> = StepDetails[N] & CommonDetail;
+
+/**
+ * An older record as the current version reads it (see JOURNAL_VERSION): the same fields,
+ * `v` the current one, `upgradedFrom` the one it was written in. A current record is
+ * returned as it is.
+ */
+export function upgradeRecord(detail: Readonly<Record<string, unknown>>): Record<string, unknown> {
+  return olderRecord(detail) ?? { ...detail };
+}
+
+/** The record upgraded to the current version, or null if it is current (the daemon's start rewrites only those). */
+export function olderRecord(detail: Readonly<Record<string, unknown>>): Record<string, unknown> | null {
+  const v = typeof detail.v === "number" && Number.isSafeInteger(detail.v) ? detail.v : 1;
+  if (v >= JOURNAL_VERSION) return null;
+  return { ...detail, v: JOURNAL_VERSION, upgradedFrom: v };
 }
 
 /** A journal as the steps see it: results by step name (also from before a restart). */
@@ -65,15 +179,16 @@ const isProcess = (p: unknown): boolean =>
  * fields that a damaged or foreign record holds as something else read as absent, and their
  * items that are no process are left out (a reap must never crash on its own journal).
  */
-export function journaled<N extends StepName>(journal: Journal, name: N): StepDetails[N] | undefined {
+export function journaled<N extends StepName>(journal: Journal, name: N): StepRecord<N> | undefined {
   const detail = journal.get(name)?.detail;
   if (detail === undefined) return undefined;
-  const out: Record<string, unknown> = { ...detail };
+  const out = upgradeRecord(detail);
   for (const key of ["processes"]) {
     if (!(key in out)) continue;
     const v = out[key];
     if (Array.isArray(v)) out[key] = v.filter(isProcess);
     else delete out[key];
   }
-  return out as unknown as StepDetails[N];
+  // The one place a stored record becomes a typed one: the store holds JSON.
+  return out as StepRecord<N>;
 }

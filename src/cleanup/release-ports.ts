@@ -1,4 +1,4 @@
-import { journaled } from "./journal.js";
+import { journaled, type Holder, type PortReport, type SocketsReport } from "./journal.js";
 import { createSocket } from "node:dgram";
 import { createServer } from "node:net";
 import { performance } from "node:perf_hooks";
@@ -18,39 +18,17 @@ import { type Leftover, processKey, type StepName, type StepResult } from "../mo
 import { damageOf, whereIs } from "../store/columns.js";
 import { runReleaseHooks, type HookReport } from "./release-hooks.js";
 import { reuseEvidence, reusesPort, type ReuseEvidence } from "./reused-port.js";
-import { knownProcesses, sleep, type CleanupStep } from "./step.js";
+import { knownProcesses, sleep, type CleanupStep, type StepContext } from "./step.js";
 import { terminatedProcesses } from "./terminate.js";
 
 /** Sockets close as their last holder exits; give the kernel a moment before judging. */
 const SETTLE_MS = 1500;
 const STEP: StepName = "release-connections-and-ports";
 
-/** Who holds a socket, as reported. */
-type Holder = { by: "session" | "outside"; pid: number; comm: string };
 /** A holder as found (its start time tells a newcomer on a reused port). */
 type FoundHolder = Holder & { startTime: number };
 
-type PortReport =
-  | { port: number; status: "free"; timeWait: number }
-  | ({ port: number; status: "held"; proto: string; state: string } & Holder)
-  /** Taken after the session was gone by a process that is not its own (reused-port.ts): not a leftover. */
-  | { port: number; status: "reused"; proto: string; state: string; pid: number; comm: string }
-  | { port: number; status: "bind-failed"; proto: string; error: string; timeWait: number };
-
 type SocketItem = { kind: "listening" | "established" | "unix"; item: string; inode: number; port?: number };
-
-type SocketsReport =
-  | { skipped: string }
-  | { unverified: string }
-  | {
-      checked: number;
-      gone: number;
-      /** Still open, but also held since before the reap by an ancestor of the engine. */
-      shared: { item: string; pids: number[] }[];
-      /** Snapshot connections the kernel is still closing (FIN_WAIT, LAST_ACK, …; TIME_WAIT is listed apart). */
-      closing: { item: string; state: string }[];
-      survivors: ({ item: string; port?: number } & (Holder | { by: "unknown" }))[];
-    };
 
 /** Whether a test bind on loopback succeeds (the port is really usable again). */
 function testBindTcp(port: number): Promise<string | null> {
@@ -159,7 +137,7 @@ async function inspect(
 
 /** close-environment's snapshot, if it took one (absent: engine already gone, or an older journal). */
 function snapshotOf(journal: ReadonlyMap<StepName, StepResult>): SocketSnapshot | null {
-  const s = journaled(journal, "close-environment")?.sockets as Partial<SocketSnapshot> | undefined;
+  const s: Partial<SocketSnapshot> | undefined = journaled(journal, "close-environment")?.sockets;
   if (!s || !Array.isArray(s.listening) || !Array.isArray(s.established) || !Array.isArray(s.unix)) return null;
   return {
     ...s,
@@ -267,131 +245,25 @@ async function verifySockets(
  * TIME_WAIT is reported, not a failure. A port or socket now held by a process outside the
  * session is reported as a leftover and never touched.
  */
-export const releaseConnectionsAndPorts: CleanupStep = {
+export const releaseConnectionsAndPorts: CleanupStep<"release-connections-and-ports"> = {
   name: STEP,
   // Hooks get step_timeout_sec (they run side by side), the verification as much again.
   timeoutMs: (p) => p.stepTimeoutSec * 1000 * (p.releaseHooks.length > 0 ? 2 : 1),
 
   async run(ctx, signal) {
-    const { session, profile } = ctx;
-    const leftovers: Leftover[] = [];
-
+    const { session } = ctx;
     // Hooks first: one may free what the verification checks (an external lock on a port).
-    let hooks: HookReport[] = [];
-    if (profile.releaseHooks.length > 0) {
-      const budget = Math.min(profile.stepTimeoutSec * 1000, (ctx.deadline - performance.now()) / 2);
-      hooks = await runReleaseHooks(
-        profile.releaseHooks,
-        profile.hookPath,
-        session,
-        ctx.attempt,
-        Math.max(0, budget),
-        signal,
-        ctx.log,
-      );
-      for (const h of hooks) {
-        if (h.outcome === "ok") continue;
-        leftovers.push({
-          step: STEP,
-          kind: "hook",
-          item: h.hook === "http" ? h.url : h.argv.join(" "),
-          detail:
-            h.outcome === "timeout"
-              ? `release hook timed out: ${h.error ?? ""}`
-              : `release hook failed: ${h.hook === "http" ? (h.status ?? h.error) : (h.exit ?? h.error)}`,
-        });
-      }
-    }
-
+    const hooks = await releaseHooks(ctx, signal);
     // The session's processes: what terminate handled, the journaled trees, and lineage's.
     const processes = [...terminatedProcesses(ctx), ...knownProcesses(ctx.journal), ...ctx.lineage.members()];
     const sessionKeys = new Set(processes.map(processKey));
     const snap = snapshotOf(ctx.journal);
-    // A port the snapshot shows as TCP only is not checked for UDP (an unrelated UDP
-    // service may use the same number); without the snapshot's word, both are.
-    const udpPorts = new Set(snap?.listening.filter(isUdp).map((s) => s.port));
-    const tcpOnly = new Set(snap?.listening.filter((s) => !isUdp(s) && !udpPorts.has(s.port)).map((s) => s.port));
-
-    const evidence = reuseEvidence(session.id, ctx.journal, ctx.lineage);
     const settleEnd = Math.min(performance.now() + SETTLE_MS, ctx.deadline - 200);
-    let ports: PortReport[];
-    for (;;) {
-      ports = [];
-      // One reading of the tables for every reap checking in this turn, and one shared walk
-      // of /proc for the holders of every port's sockets.
-      const round = await freshTables();
-      const on = new Map(session.ports.map((port) => [port, boundOn(port, !tcpOnly.has(port), round)] as const));
-      const byInode = await socketHolders([...on.values()].flatMap((o) => o.bound.map((s) => s.inode)));
-      for (const [port, sockets] of on) {
-        ports.push(await inspect(port, !tcpOnly.has(port), sockets, byInode, sessionKeys, evidence));
-      }
-      const pending = ports.some((r) => r.status === "bind-failed" || (r.status === "held" && r.by === "session"));
-      if (!pending || signal.aborted || performance.now() >= settleEnd) break;
-      await sleep(100);
-    }
-    for (const r of ports) {
-      if (r.status === "held") {
-        leftovers.push({
-          step: STEP,
-          kind: "port",
-          item: String(r.port),
-          detail:
-            r.by === "outside"
-              ? `held by pid ${r.pid} (${r.comm}), a process outside the session (${r.proto} ${r.state}): not touched`
-              : `still held by session process ${r.pid} (${r.comm}): ${r.proto} ${r.state}`,
-        });
-      } else if (r.status === "bind-failed") {
-        leftovers.push({
-          step: STEP,
-          kind: "port",
-          item: String(r.port),
-          detail: `no process holds a socket on it, but a ${r.proto} test bind failed: ${r.error}`,
-        });
-      }
-    }
-
-    // A multithreaded engine (a JVM, Node) shows as a zombie, gone for terminate, while its
-    // last threads still release the shared fd table: its sockets may outlive it by a
-    // moment, longer on a loaded host. Give them the same settle time as the ports.
-    const tablesSince = (t: number) => ({
-      inet: inetSockets("self", undefined, t),
-      unix: new Set(unixSockets("self", t).map((s) => s.inode)),
-    });
-    const since = await freshTables();
-    let sockets = await verifySockets(snap, tablesSince(since), sessionKeys);
-    while ("survivors" in sockets && sockets.survivors.length > 0 && !signal.aborted && performance.now() < settleEnd) {
-      await sleep(50);
-      sockets = await verifySockets(snap, tablesSince(await freshTables()), sessionKeys);
-    }
+    const ports = await settlePorts(ctx, snap, sessionKeys, settleEnd, signal);
+    const { sockets, since } = await settleSockets(snap, sessionKeys, settleEnd, signal);
     const registered = new Set(session.ports);
     const survivors = "survivors" in sockets ? sockets.survivors : [];
-    for (const s of survivors) {
-      // A socket on a registered port (listening or connected) is already reported by the port check.
-      if (s.port !== undefined && registered.has(s.port)) continue;
-      leftovers.push({
-        step: STEP,
-        kind: "socket",
-        item: s.item,
-        detail:
-          s.by === "outside"
-            ? `socket still open in pid ${s.pid} (${s.comm}), a process outside the session: not touched`
-            : s.by === "session"
-              ? `socket still open in session process ${s.pid} (${s.comm})`
-              : "socket still open; no process holding it was found",
-      });
-    }
-
-    // TIME_WAIT: the TCP close is done on the session's side; the kernel keeps the line for a
-    // while (2 * MSL). Reported, never a failure: a test bind still succeeds (SO_REUSEADDR).
-    const snapConnections = new Set(snap?.established.map((c) => `${c.proto} ${c.local} -> ${c.remote}`));
-    const timeWait = inetSockets("self", undefined, since)
-      .filter((s) => s.state === "TIME_WAIT")
-      .map((s) => ({
-        item: `${s.proto} ${endpoint(s.localAddress, s.localPort)} -> ${endpoint(s.remoteAddress, s.remotePort)}`,
-        port: s.localPort,
-      }))
-      .filter((s) => registered.has(s.port) || snapConnections.has(s.item))
-      .map((s) => s.item);
+    const leftovers = [...hookLeftovers(hooks), ...portLeftovers(ports), ...socketLeftovers(survivors, registered)];
 
     // Ports that cannot be read were neither checked nor released: the step cannot have succeeded.
     const damaged = damageOf(session, "ports");
@@ -412,9 +284,158 @@ export const releaseConnectionsAndPorts: CleanupStep = {
               unreadable: `${whereIs(damaged)} cannot be read (${damaged.error}): the session's ports are unknown, none was verified free`,
             }),
         sockets,
-        timeWait,
+        timeWait: timeWaitOf(snap, registered, since),
       },
       leftovers,
     };
   },
 };
+
+type ReleaseContext = StepContext<"release-connections-and-ports">;
+
+/** The profile's release hooks, with at most half of what is left of the step's time. */
+async function releaseHooks(ctx: ReleaseContext, signal: AbortSignal): Promise<HookReport[]> {
+  const { session, profile } = ctx;
+  if (profile.releaseHooks.length === 0) return [];
+  const budget = Math.min(profile.stepTimeoutSec * 1000, (ctx.deadline - performance.now()) / 2);
+  return runReleaseHooks(
+    profile.releaseHooks,
+    profile.hookPath,
+    session,
+    ctx.attempt,
+    Math.max(0, budget),
+    signal,
+    ctx.log,
+  );
+}
+
+function hookLeftovers(hooks: readonly HookReport[]): Leftover[] {
+  return hooks
+    .filter((h) => h.outcome !== "ok")
+    .map((h) => ({
+      step: STEP,
+      kind: "hook",
+      item: h.hook === "http" ? h.url : h.argv.join(" "),
+      detail:
+        h.outcome === "timeout"
+          ? `release hook timed out: ${h.error ?? ""}`
+          : `release hook failed: ${h.hook === "http" ? (h.status ?? h.error) : (h.exit ?? h.error)}`,
+    }));
+}
+
+/**
+ * Every registered port, checked until none is held by the session or fails a test bind, or
+ * the settle time ends: a port the snapshot shows as TCP only is not checked for UDP (an
+ * unrelated UDP service may use the same number); without the snapshot's word, both are.
+ */
+async function settlePorts(
+  ctx: ReleaseContext,
+  snap: SocketSnapshot | null,
+  sessionKeys: ReadonlySet<string>,
+  settleEnd: number,
+  signal: AbortSignal,
+): Promise<PortReport[]> {
+  const { session } = ctx;
+  const udpPorts = new Set(snap?.listening.filter(isUdp).map((s) => s.port));
+  const tcpOnly = new Set(snap?.listening.filter((s) => !isUdp(s) && !udpPorts.has(s.port)).map((s) => s.port));
+  const evidence = reuseEvidence(session.id, ctx.journal, ctx.lineage);
+  for (;;) {
+    const ports: PortReport[] = [];
+    // One reading of the tables for every reap checking in this turn, and one shared walk
+    // of /proc for the holders of every port's sockets.
+    const round = await freshTables();
+    const on = new Map(session.ports.map((port) => [port, boundOn(port, !tcpOnly.has(port), round)] as const));
+    const byInode = await socketHolders([...on.values()].flatMap((o) => o.bound.map((s) => s.inode)));
+    for (const [port, sockets] of on) {
+      ports.push(await inspect(port, !tcpOnly.has(port), sockets, byInode, sessionKeys, evidence));
+    }
+    const pending = ports.some((r) => r.status === "bind-failed" || (r.status === "held" && r.by === "session"));
+    if (!pending || signal.aborted || performance.now() >= settleEnd) return ports;
+    await sleep(100);
+  }
+}
+
+function portLeftovers(ports: readonly PortReport[]): Leftover[] {
+  const leftovers: Leftover[] = [];
+  for (const r of ports) {
+    if (r.status === "held") {
+      leftovers.push({
+        step: STEP,
+        kind: "port",
+        item: String(r.port),
+        detail:
+          r.by === "outside"
+            ? `held by pid ${r.pid} (${r.comm}), a process outside the session (${r.proto} ${r.state}): not touched`
+            : `still held by session process ${r.pid} (${r.comm}): ${r.proto} ${r.state}`,
+      });
+    } else if (r.status === "bind-failed") {
+      leftovers.push({
+        step: STEP,
+        kind: "port",
+        item: String(r.port),
+        detail: `no process holds a socket on it, but a ${r.proto} test bind failed: ${r.error}`,
+      });
+    }
+  }
+  return leftovers;
+}
+
+/**
+ * The snapshot's sockets, checked until none survives or the settle time ends. A
+ * multithreaded engine (a JVM, Node) shows as a zombie, gone for terminate, while its last
+ * threads still release the shared fd table: its sockets may outlive it by a moment, longer
+ * on a loaded host. Returns the report and when the tables it ends on were read.
+ */
+async function settleSockets(
+  snap: SocketSnapshot | null,
+  sessionKeys: ReadonlySet<string>,
+  settleEnd: number,
+  signal: AbortSignal,
+): Promise<{ sockets: SocketsReport; since: number }> {
+  const tablesSince = (t: number) => ({
+    inet: inetSockets("self", undefined, t),
+    unix: new Set(unixSockets("self", t).map((s) => s.inode)),
+  });
+  const since = await freshTables();
+  let sockets = await verifySockets(snap, tablesSince(since), sessionKeys);
+  while ("survivors" in sockets && sockets.survivors.length > 0 && !signal.aborted && performance.now() < settleEnd) {
+    await sleep(50);
+    sockets = await verifySockets(snap, tablesSince(await freshTables()), sessionKeys);
+  }
+  return { sockets, since };
+}
+
+type Survivor = Extract<SocketsReport, { survivors: unknown }>["survivors"][number];
+
+function socketLeftovers(survivors: readonly Survivor[], registered: ReadonlySet<number>): Leftover[] {
+  // A socket on a registered port (listening or connected) is already reported by the port check.
+  return survivors
+    .filter((s) => s.port === undefined || !registered.has(s.port))
+    .map((s) => ({
+      step: STEP,
+      kind: "socket",
+      item: s.item,
+      detail:
+        s.by === "outside"
+          ? `socket still open in pid ${s.pid} (${s.comm}), a process outside the session: not touched`
+          : s.by === "session"
+            ? `socket still open in session process ${s.pid} (${s.comm})`
+            : "socket still open; no process holding it was found",
+    }));
+}
+
+/**
+ * TIME_WAIT: the TCP close is done on the session's side; the kernel keeps the line for a
+ * while (2 * MSL). Reported, never a failure: a test bind still succeeds (SO_REUSEADDR).
+ */
+function timeWaitOf(snap: SocketSnapshot | null, registered: ReadonlySet<number>, since: number): string[] {
+  const snapConnections = new Set(snap?.established.map((c) => `${c.proto} ${c.local} -> ${c.remote}`));
+  return inetSockets("self", undefined, since)
+    .filter((s) => s.state === "TIME_WAIT")
+    .map((s) => ({
+      item: `${s.proto} ${endpoint(s.localAddress, s.localPort)} -> ${endpoint(s.remoteAddress, s.remotePort)}`,
+      port: s.localPort,
+    }))
+    .filter((s) => registered.has(s.port) || snapConnections.has(s.item))
+    .map((s) => s.item);
+}

@@ -16,7 +16,7 @@ import { terminatedProcesses } from "./terminate.js";
  * directory under a running postmaster (a daemonizing launcher's engine that the session
  * never knew) destroys a live database.
  */
-export const removePaths: CleanupStep = {
+export const removePaths: CleanupStep<"remove-paths"> = {
   name: "remove-paths",
   timeoutMs: (p) => p.stepTimeoutSec * 1000,
 

@@ -2,9 +2,9 @@ import type { Logger } from "pino";
 import type { Profile } from "../config/load.js";
 import type { Leftover, ProcessIdentity, Session, StepName, StepResult } from "../model/session.js";
 import { loopTurn } from "../pace/turns.js";
-import { journaled, type Journal } from "./journal.js";
+import { journaled, type Journal, type StepDetails, type StepRecord } from "./journal.js";
 
-export interface StepContext {
+export interface StepContext<N extends StepName = StepName> {
   readonly session: Session;
   readonly profile: Profile;
   /** Bound to sessionId and step. */
@@ -20,7 +20,7 @@ export interface StepContext {
    * Journals fields with the step's result even if the step then times out or throws (a
    * snapshot taken before a hook that hangs must not be lost).
    */
-  record(fields: Record<string, unknown>): void;
+  record(fields: Partial<StepDetails[N]>): void;
   /** The session's members by lineage: every process the engine started (src/proc/lineage.ts). */
   readonly lineage: SessionMembers;
 }
@@ -35,10 +35,11 @@ export interface SessionMembers {
   complete(): boolean;
 }
 
-export interface StepOutput {
+export interface StepOutput<N extends StepName = StepName> {
   /** The step did what it is for (leftovers may still be reported, e.g. an outsider's port). */
   readonly ok: boolean;
-  readonly detail: Record<string, unknown>;
+  /** Its record (journal.ts): the runner adds the version, what `record` kept and the leftovers. */
+  readonly detail: StepRecord<N>;
   readonly leftovers?: Leftover[];
 }
 
@@ -47,10 +48,10 @@ export interface StepOutput {
  * throws past the runner (which catches and records anyway), and honours `signal`, which
  * aborts when its own timeout passes.
  */
-export interface CleanupStep {
-  readonly name: StepName;
+export interface CleanupStep<N extends StepName = StepName> {
+  readonly name: N;
   timeoutMs(profile: Profile): number;
-  run(ctx: StepContext, signal: AbortSignal): Promise<StepOutput>;
+  run(ctx: StepContext<N>, signal: AbortSignal): Promise<StepOutput<N>>;
 }
 
 /**

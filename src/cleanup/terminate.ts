@@ -32,7 +32,7 @@ const MAX_FREEZE_ROUNDS = 50;
  * the identity-checked path; a zombie counts as gone. The processes handled are journaled
  * for the port step.
  */
-export const terminate: CleanupStep = {
+export const terminate: CleanupStep<"terminate"> = {
   name: "terminate",
   // The grace period is part of this step's job, so its budget is grace + step timeout.
   timeoutMs: (p) => (p.gracePeriodSec + p.stepTimeoutSec) * 1000,
@@ -57,7 +57,7 @@ class Termination {
   private readonly counts = { sigterm: 0, sigstop: 0, sigkill: 0 };
 
   constructor(
-    private readonly ctx: StepContext,
+    private readonly ctx: StepContext<"terminate">,
     private readonly signal: AbortSignal,
   ) {
     const c = ctx.session.containment;
@@ -65,7 +65,7 @@ class Termination {
     this.policy = { onlyUid: ctx.session.registeredBy.admin ? undefined : ctx.session.engine.uid };
   }
 
-  async run(): Promise<StepOutput> {
+  async run(): Promise<StepOutput<"terminate">> {
     const { ctx, cg } = this;
     for (const p of [...knownProcesses(ctx.journal), ...(await this.byCookie())]) this.known.push(p);
     // What the session used, read before anything is signalled: the usage reported at finish.
@@ -236,7 +236,10 @@ class Termination {
   }
 
   /** The step's result: survivors, refusals, what is still in the cgroup, and the cgroup itself. */
-  private report(containedKill: "sent" | "refused" | "failed" | null, cgroupKill: string | null): StepOutput {
+  private report(
+    containedKill: "sent" | "refused" | "failed" | null,
+    cgroupKill: string | null,
+  ): StepOutput<"terminate"> {
     const { ctx, cg } = this;
     const survivors = this.alive();
     const refused = [...this.notOurs.values()].filter((p) => liveness(p) === "alive");

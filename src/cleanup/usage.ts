@@ -1,18 +1,7 @@
 import type { Session } from "../model/session.js";
-import { journaled, type Journal } from "./journal.js";
+import { journaled, type Journal, type SessionUsage } from "./journal.js";
 
-/** What a session cost, reported when it ends (no peer does: a cost nobody sees is never cut). */
-export interface SessionUsage {
-  /** CPU seconds its processes used: the cgroup's total when contained, else the tree's at the reap. */
-  readonly cpuSec: number;
-  /** The most memory seen: the cgroup's memory.peak where the memory controller is on, else the largest resident sum the liveness passes and the reap saw. */
-  readonly peakMemoryBytes: number;
-  readonly peakMemorySource: "memory.peak" | "rss-samples";
-  /** The most processes its tree was seen with. */
-  readonly peakProcesses: number;
-  /** From registration to the fence. */
-  readonly lifetimeSec: number;
-}
+export type { SessionUsage } from "./journal.js";
 
 /** The session's usage, from what the fence (peaks) and terminate (usage before signalling) journaled. */
 export function sessionUsage(session: Session, journal: Journal, now: number): SessionUsage {

@@ -6,13 +6,12 @@ import { readStat, readUid } from "../proc/stat.js";
 import { processUses, type ProcessUse } from "../proc/users.js";
 import type { Leftover, ProcessIdentity, Session } from "../model/session.js";
 import { damageOf, engineReadable } from "../store/columns.js";
-import { journaled, type Journal } from "./journal.js";
+import { journaled, type Journal, type Verified } from "./journal.js";
 import { ipcQuery } from "./remove-paths.js";
 import { reuseEvidence, reusesPort } from "./reused-port.js";
 import { knownProcesses, type SessionMembers } from "./step.js";
 
-/** What a verification pass looked at: a `clean` is backed by exactly these. */
-export type Verified = "cgroup" | "lineage" | "tree" | "cookie" | "ports" | "paths" | "ipc";
+export type { Verified } from "./journal.js";
 
 export interface Verification {
   readonly verified: Verified[];

@@ -183,47 +183,73 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
     client.stop();
     const portsAdded = await ports;
 
-    // Close, so that the full cleanup runs (leftover children, ports, paths). The daemon may
-    // have ended the session first: its pidfd saw the exit (engine_gone), or it reaped the
-    // session (force-reap, a timeout, a close by someone else); then close answers 409.
-    let closedHere = false;
-    for (let delay = 100; ; delay *= 2) {
-      try {
-        closedHere = (await client.close()) !== null;
-        break;
-      } catch (err) {
-        if (transportFailure(err) && delay <= 5000) {
-          await sleep(delay);
-          continue;
-        }
-        ctx.note(`cannot close session ${o.id}: ${describe(err)}; the daemon reaps it once it sees reaperctl gone`);
-        killGroup("SIGKILL"); // at least no process of the command stays behind
-        return status;
-      }
-    }
-    let reaped: Session;
-    try {
-      reaped = await client.waitForReap({ timeoutMs: o.waitReapMs, signal: waiting.signal });
-    } catch (err) {
-      if (!waiting.signal.aborted)
-        ctx.note(`session ${o.id}: ${describe(err)}; not waiting for its cleanup any longer`);
-      return status;
-    }
-    const left = reaped.leftovers.map((l) => `${l.kind} ${l.item}`).join(", ");
-    const outcome = `outcome ${reaped.outcome}${left ? `: ${left}` : ""}`;
-    if (!closedHere && !fencedSeen && reaped.reason !== "engine_gone" && !signalled) {
-      // The daemon ended it (its SIGTERM usually ends the command before a heartbeat meets
-      // the fence): say so and why, or the exit status alone would leave the user guessing.
-      ctx.note(
-        `session ${o.id} was ended by the daemon (reason ${reaped.reason}); ${cmd} exited with status ${status}, ${outcome}`,
-      );
-    } else if (reaped.outcome !== "clean") {
-      ctx.note(`session ${o.id} ended (${reaped.reason}) with ${outcome}`);
-    }
-    return portsAdded ? status : EXIT.error;
+    const waited = await closeAndReport(ctx, client, o.id, cmd, status, {
+      waitReapMs: o.waitReapMs,
+      waiting: waiting.signal,
+      endedByUs: () => fencedSeen || signalled,
+      killGroup,
+    });
+    // Not closed or not waited for: the command's own status. Else a port never added is an error.
+    return !waited || portsAdded ? status : EXIT.error;
   } finally {
     untrap();
   }
+}
+
+/**
+ * Closes the session once the command exited, so that the full cleanup runs (leftover
+ * children, ports, paths), waits for its reap and says how it ended when that is news
+ * (false: it could not be closed, or its reap was not waited for). The
+ * daemon may have ended the session first: its pidfd saw the exit (engine_gone), or it
+ * reaped the session (force-reap, a timeout, a close by someone else); close then answers 409.
+ */
+async function closeAndReport(
+  ctx: Context,
+  client: ReaperClient,
+  id: string,
+  cmd: string | undefined,
+  status: number,
+  o: {
+    waitReapMs: number;
+    waiting: AbortSignal;
+    endedByUs: () => boolean;
+    killGroup: (signal: NodeJS.Signals) => void;
+  },
+): Promise<boolean> {
+  let closedHere = false;
+  for (let delay = 100; ; delay *= 2) {
+    try {
+      closedHere = (await client.close()) !== null;
+      break;
+    } catch (err) {
+      if (transportFailure(err) && delay <= 5000) {
+        await sleep(delay);
+        continue;
+      }
+      ctx.note(`cannot close session ${id}: ${describe(err)}; the daemon reaps it once it sees reaperctl gone`);
+      o.killGroup("SIGKILL"); // at least no process of the command stays behind
+      return false;
+    }
+  }
+  let reaped: Session;
+  try {
+    reaped = await client.waitForReap({ timeoutMs: o.waitReapMs, signal: o.waiting });
+  } catch (err) {
+    if (!o.waiting.aborted) ctx.note(`session ${id}: ${describe(err)}; not waiting for its cleanup any longer`);
+    return false;
+  }
+  const left = reaped.leftovers.map((l) => `${l.kind} ${l.item}`).join(", ");
+  const outcome = `outcome ${reaped.outcome}${left ? `: ${left}` : ""}`;
+  if (!closedHere && !o.endedByUs() && reaped.reason !== "engine_gone") {
+    // The daemon ended it (its SIGTERM usually ends the command before a heartbeat meets
+    // the fence): say so and why, or the exit status alone would leave the user guessing.
+    ctx.note(
+      `session ${id} was ended by the daemon (reason ${reaped.reason}); ${cmd} exited with status ${status}, ${outcome}`,
+    );
+  } else if (reaped.outcome !== "clean") {
+    ctx.note(`session ${id} ended (${reaped.reason}) with ${outcome}`);
+  }
+  return true;
 }
 
 /**

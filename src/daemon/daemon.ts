@@ -1,4 +1,5 @@
 import { readFileSync, readdirSync } from "node:fs";
+import { JOURNAL_VERSION, olderRecord } from "../cleanup/journal.js";
 import type { FastifyInstance } from "fastify";
 import pidusage from "pidusage";
 import type { DestinationStream, Logger } from "pino";
@@ -288,6 +289,10 @@ export class Daemon {
     }
     // Forks made while no daemon listened are unknown: no unfinished session keeps "lineage".
     this.store.downgradeTracking();
+    // Reaps written by an older build resume on records of the current journal version.
+    const upgraded = this.store.upgradeJournal(olderRecord);
+    if (upgraded > 0)
+      this.log.info({ records: upgraded, version: JOURNAL_VERSION }, "journal records of unfinished reaps upgraded");
     const resumed = this.reaper.resumeAll();
     let recovered = 0;
     // A damaged row never stops a start (src/store/columns.ts): its session is watched if its

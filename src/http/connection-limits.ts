@@ -213,9 +213,22 @@ export class ConnectionLimits {
     if (limit === "total") this.opts.crowded();
   }
 
+  /**
+   * A connection answered without a request event (the heartbeat lane answers in the same
+   * turn as it reads, so nothing is ever in flight there): the most recently used.
+   */
+  used(socket: Socket): void {
+    const c = (socket as Tracked)[CONNECTION];
+    if (c !== undefined) this.touch(socket, c);
+  }
+
   /** A request's answer is finished (or its connection closed): the connection is the most recently used. */
   private answered(socket: Socket, c: Connection): void {
     c.inFlight--;
+    this.touch(socket, c);
+  }
+
+  private touch(socket: Socket, c: Connection): void {
     c.usedAt = this.opts.clock.mono();
     const connections = c.peer.connections;
     if (connections.get(socket) !== c) return;

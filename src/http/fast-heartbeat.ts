@@ -1,8 +1,9 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
+import type { Socket } from "node:net";
 import { PassThrough } from "node:stream";
 import type { Logger } from "pino";
 import type { Callers } from "../auth/caller.js";
-import type { Metrics } from "../metrics/metrics.js";
+import type { HttpCount, Metrics } from "../metrics/metrics.js";
 import type { Sessions } from "../sessions/sessions.js";
 import { toApiError } from "./api-error.js";
 import { SESSION_ID_PATTERN } from "./schemas.js";
@@ -10,18 +11,18 @@ import { SESSION_ID_PATTERN } from "./schemas.js";
 /** The heartbeat route's pattern, as fastify registers it (and as the request counter names it). */
 export const HEARTBEAT_ROUTE = "/v1/sessions/:id/heartbeat";
 
-const PREFIX = "/v1/sessions/";
-const SUFFIX = "/heartbeat";
-const SESSION_ID = new RegExp(SESSION_ID_PATTERN);
+export const PREFIX = "/v1/sessions/";
+export const SUFFIX = "/heartbeat";
+export const SESSION_ID = new RegExp(SESSION_ID_PATTERN);
 /** The two bodies the fast path answers itself; both are 19 bytes long. */
-const BUSY = Buffer.from('{"activity":"busy"}');
-const IDLE = Buffer.from('{"activity":"idle"}');
+export const BUSY = Buffer.from('{"activity":"busy"}');
+export const IDLE = Buffer.from('{"activity":"idle"}');
 const BODY_LENGTH = "19";
-const JSON_TYPE = "application/json; charset=utf-8";
+export const JSON_TYPE = "application/json; charset=utf-8";
 
 export interface FastHeartbeatDeps {
   sessions: Pick<Sessions, "heartbeat">;
-  metrics: Pick<Metrics, "httpRequest">;
+  metrics: Pick<Metrics, "httpCount">;
   callers: Callers;
   log: Logger;
   /** The router's maxParamLength: a longer id is left to fastify (400 SR_BAD_REQUEST via frameworkErrors). */
@@ -69,7 +70,12 @@ export class FastHeartbeat {
   /** Bodies read here that were not one of the two forms: fastify's route replays them. */
   private readonly bodies = new WeakMap<IncomingMessage, Buffer>();
 
-  constructor(private readonly deps: FastHeartbeatDeps) {}
+  /** This route's request counter, found once. */
+  private readonly counted: HttpCount;
+
+  constructor(private readonly deps: FastHeartbeatDeps) {
+    this.counted = deps.metrics.httpCount("POST", HEARTBEAT_ROUTE);
+  }
 
   /** Serves `req` if it is the plain heartbeat; hands it to `next` (fastify's router) otherwise. */
   serve(req: IncomingMessage, res: ServerResponse, next: Handler): void {
@@ -127,21 +133,29 @@ export class FastHeartbeat {
   }
 
   private answer(req: IncomingMessage, res: ServerResponse, id: string, activity: "busy" | "idle"): void {
-    const { sessions, callers, metrics, log } = this.deps;
+    const { status, body } = this.respond(id, activity, req.socket);
+    res.writeHead(status, { "content-type": JSON_TYPE, "content-length": Buffer.byteLength(body) });
+    res.end(body);
+  }
+
+  /**
+   * The heartbeat itself, as the route makes it: the caller from the connection's per-socket
+   * cache (SR_CALLER_UNKNOWN, SR_NOT_SESSION_OWNER), the answer's status and JSON (errors
+   * through the same `toApiError`), counted under the route's pattern. Shared by the fast
+   * path and the heartbeat lane (heartbeat-lane.ts).
+   */
+  respond(id: string, activity: "busy" | "idle", socket: Socket): { status: number; body: string } {
+    const { sessions, callers, log } = this.deps;
     let status = 200;
     let body: string;
-    let length: number;
     try {
-      body = answerJson(sessions.heartbeat(id, activity, callers.of(req.socket)));
-      length = body.length; // ASCII only
+      body = answerJson(sessions.heartbeat(id, activity, callers.of(socket)));
     } catch (err) {
       const e = toApiError(err, log);
       status = e.status;
       body = JSON.stringify(e.body);
-      length = Buffer.byteLength(body);
     }
-    res.writeHead(status, { "content-type": JSON_TYPE, "content-length": length });
-    res.end(body);
-    metrics.httpRequest("POST", HEARTBEAT_ROUTE, status);
+    this.counted.add(status);
+    return { status, body };
   }
 }

@@ -27,6 +27,7 @@ import type { Store } from "../store/store.js";
 import { errorBody as send, toApiError } from "./api-error.js";
 import type { ConnectionLimits } from "./connection-limits.js";
 import { FastHeartbeat } from "./fast-heartbeat.js";
+import { HeartbeatLane } from "./heartbeat-lane.js";
 import { collectRoutes, openApiDocument } from "./openapi.js";
 import { eventJson, expiringJson, orphanJson, sessionJson } from "./present.js";
 import {
@@ -204,15 +205,29 @@ function createApp(deps: ServerDeps): {
     maxIdLength: MAX_PARAM_LENGTH,
     closing: () => closing,
   });
+  // Connections that carry only plain heartbeats are answered before node:http parses them
+  // (heartbeat-lane.ts); the rest are node:http's, then the fast path's or fastify's.
+  const limits = deps.connectionLimits;
+  const lane = new HeartbeatLane({
+    fast,
+    maxIdLength: MAX_PARAM_LENGTH,
+    headerTimeoutMs: deps.api.headerTimeoutMs,
+    keepAliveTimeoutMs: deps.api.keepAliveTimeoutMs,
+    closing: () => closing,
+    timedOut: (socket) =>
+      answerClientError(Object.assign(new Error("timeout"), { code: "ERR_HTTP_REQUEST_TIMEOUT" }), socket),
+    ...(limits === undefined ? {} : { used: (socket: Socket) => limits.used(socket) }),
+  });
   const app = Fastify({
-    // The server fastify would make (the same options and timeouts), with the fast path in
-    // front of its request handler.
+    // The server fastify would make (the same options and timeouts), with the heartbeat lane
+    // at its connections and the fast path in front of its request handler.
     serverFactory: (handler) => {
       const server = createServer(serverOptions(deps.api), (req, res) => fast.serve(req, res, handler));
       server.requestTimeout = deps.api.requestTimeoutMs;
       server.keepAliveTimeout = deps.api.keepAliveTimeoutMs;
-      if (deps.connectionLimits === undefined) server.maxConnections = deps.api.maxConnections;
-      else deps.connectionLimits.attach(server);
+      lane.attach(server);
+      if (limits === undefined) server.maxConnections = deps.api.maxConnections;
+      else limits.attach(server);
       return server;
     },
     // Session ids have up to 128 characters: find-my-way's default cap of 100 would answer 414
@@ -238,6 +253,7 @@ function createApp(deps: ServerDeps): {
   // every request is fastify's (503 while closing, as return503OnClosing says).
   app.addHook("preClose", (done) => {
     closing = true;
+    lane.closeAll();
     done();
   });
 

@@ -3,10 +3,60 @@ import { deadlineOf, type Deadline } from "../model/deadline.js";
 import type { Admission, CpuSample, HeartbeatWrite, LiveSession, Stamp, StoredLive } from "../model/live-session.js";
 import type { ProcessIdentity } from "../model/session.js";
 
-/** A live session as its owner holds it: the one place its fields are written. */
-type Owned = { -readonly [K in keyof LiveSession]: LiveSession[K] } & {
+type Fields = { -readonly [K in keyof LiveSession]: LiveSession[K] } & {
   peaks: { processes: number; rssBytes: number };
 };
+
+/**
+ * A live session as its owner holds it: the one place its fields are written. A class, so
+ * that every live session has one hidden class in V8 whichever way it was made (admitted,
+ * recovered), with every field present from the start: built from object literals and
+ * spreads, each session ended up with a map of its own, and the heartbeat's loads and
+ * stores (and the deadline's) went megamorphic, a third of a heartbeat's CPU.
+ */
+class Owned implements Fields {
+  id: string;
+  engine: LiveSession["engine"];
+  ownerPid: LiveSession["ownerPid"];
+  registeredBy: LiveSession["registeredBy"];
+  busyCpuPercent: number | null;
+  heartbeatTimeoutSec: number;
+  idleTimeoutSec: number;
+  maxLifetimeSec: number;
+  cgroup: string | null;
+  createdAt: number;
+  lastHeartbeatAt: number;
+  lastActivityAt: number;
+  createdMono: number;
+  heartbeatMono: number;
+  activityMono: number;
+  tree: readonly ProcessIdentity[];
+  peaks: { processes: number; rssBytes: number };
+  cpuSample: CpuSample | undefined;
+  storedDeadline: number | undefined;
+
+  constructor(f: Fields) {
+    this.id = f.id;
+    this.engine = f.engine;
+    this.ownerPid = f.ownerPid;
+    this.registeredBy = f.registeredBy;
+    this.busyCpuPercent = f.busyCpuPercent;
+    this.heartbeatTimeoutSec = f.heartbeatTimeoutSec;
+    this.idleTimeoutSec = f.idleTimeoutSec;
+    this.maxLifetimeSec = f.maxLifetimeSec;
+    this.cgroup = f.cgroup;
+    this.createdAt = f.createdAt;
+    this.lastHeartbeatAt = f.lastHeartbeatAt;
+    this.lastActivityAt = f.lastActivityAt;
+    this.createdMono = f.createdMono;
+    this.heartbeatMono = f.heartbeatMono;
+    this.activityMono = f.activityMono;
+    this.tree = f.tree;
+    this.peaks = f.peaks;
+    this.cpuSample = f.cpuSample;
+    this.storedDeadline = f.storedDeadline;
+  }
+}
 
 /** Told of every session that enters or leaves the registry (the detector). */
 export interface LiveWatcher {
@@ -88,20 +138,31 @@ export class LiveSessions {
 
   /** A new session, live from `a.at` (default now). */
   admit(a: Admission): LiveSession {
-    const { at, tree, cgroup, ...admission } = a;
+    const { at, tree } = a;
     const { wall: now, mono } = at ?? this.stamp();
-    return this.add({
-      ...admission,
-      cgroup: cgroup ?? null,
-      createdAt: now,
-      lastHeartbeatAt: now,
-      lastActivityAt: now,
-      createdMono: mono,
-      heartbeatMono: mono,
-      activityMono: mono,
-      tree: tree === undefined ? [] : [...tree],
-      peaks: { processes: tree?.length ?? 1, rssBytes: 0 },
-    });
+    return this.add(
+      new Owned({
+        id: a.id,
+        engine: a.engine,
+        ownerPid: a.ownerPid,
+        registeredBy: a.registeredBy,
+        busyCpuPercent: a.busyCpuPercent,
+        heartbeatTimeoutSec: a.heartbeatTimeoutSec,
+        idleTimeoutSec: a.idleTimeoutSec,
+        maxLifetimeSec: a.maxLifetimeSec,
+        storedDeadline: a.storedDeadline,
+        cpuSample: undefined,
+        cgroup: a.cgroup ?? null,
+        createdAt: now,
+        lastHeartbeatAt: now,
+        lastActivityAt: now,
+        createdMono: mono,
+        heartbeatMono: mono,
+        activityMono: mono,
+        tree: tree === undefined ? [] : [...tree],
+        peaks: { processes: tree?.length ?? 1, rssBytes: 0 },
+      }),
+    );
   }
 
   /**
@@ -111,7 +172,7 @@ export class LiveSessions {
    */
   recover(r: StoredLive): LiveSession {
     const mono = this.clock.mono();
-    const s: Owned = {
+    const s = new Owned({
       id: r.id,
       engine: r.engine,
       ownerPid: r.ownerPid,
@@ -130,7 +191,8 @@ export class LiveSessions {
       tree: [...r.tree], // replaced, never mutated, by the liveness pass
       peaks: { ...(r.peaks ?? { processes: r.tree.length, rssBytes: 0 }) },
       storedDeadline: r.deadline ?? undefined,
-    };
+      cpuSample: undefined,
+    });
     this.add(s);
     if (deadlineStale(s.storedDeadline, this.wallDeadline(s), this.clock.now())) this.dirty.add(s);
     return s;
@@ -158,7 +220,15 @@ export class LiveSessions {
   heartbeat(id: string, busy: boolean): LiveSession | undefined {
     const s = this.byId.get(id);
     if (s === undefined) return undefined;
-    const { wall: now, mono } = this.stamp();
+    this.beat(s, busy);
+    return s;
+  }
+
+  /** A heartbeat for a session just read with `get` (the API's: one lookup per heartbeat). */
+  beat(live: LiveSession, busy: boolean): void {
+    const s = live as Owned;
+    const mono = this.clock.mono();
+    const now = this.toWall(mono);
     s.lastHeartbeatAt = now;
     s.heartbeatMono = mono;
     if (busy) {
@@ -166,7 +236,6 @@ export class LiveSessions {
       s.activityMono = mono;
     }
     this.dirty.add(s);
-    return s;
   }
 
   /** Activity seen by the daemon itself (busy CPU). */

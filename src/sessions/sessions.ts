@@ -6,7 +6,7 @@ import { checkActor, checkRegistration, registeredBy } from "../auth/policy.js";
 import { isoTime, type Clock } from "../clock.js";
 import type { Config, Profile } from "../config/load.js";
 import { deadlineOf } from "../model/deadline.js";
-import type { SessionUsage } from "../cleanup/usage.js";
+import { journaled, type SessionUsage } from "../cleanup/journal.js";
 import type { LiveSessions } from "./live.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import type { SessionCgroups } from "../proc/containment.js";
@@ -309,10 +309,10 @@ export class Sessions {
     caller: Caller,
   ): { id: string; state: "live"; deadline: string; expiresBy: string } {
     const { registry } = this.deps;
-    const known = registry.get(id);
-    if (known !== undefined) checkActor(caller, known.registeredBy, id);
-    const live = registry.heartbeat(id, activity === "busy");
+    const live = registry.get(id);
     if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
+    checkActor(caller, live.registeredBy, id);
+    registry.beat(live, activity === "busy");
     this.deps.metrics.heartbeat();
     const d = registry.deadline(live);
     return { id, state: "live", deadline: isoTime(registry.toWall(d.at)), expiresBy: d.reason };
@@ -460,7 +460,7 @@ export class Sessions {
   async view(id: string): Promise<SessionView> {
     const session = this.get(id);
     const steps = this.deps.store.steps(id);
-    const finished = steps.find((s) => s.name === "finish")?.detail.usage as SessionUsage | undefined;
+    const finished = journaled(new Map(steps.map((s) => [s.name, s])), "finish")?.usage;
     const usage = session.state === "live" ? await engineUsage(session) : (finished ?? null);
     return { session, steps, usage };
   }

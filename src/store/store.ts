@@ -812,6 +812,40 @@ export class Store {
   }
 
   /**
+   * Rewrites the journal records of unfinished reaps that `upgrade` changes (records of an
+   * older journal version: src/cleanup/journal.ts upgradeRecord), in one transaction, before
+   * those reaps resume. `upgrade` returns null for a record that is current. A record whose
+   * detail cannot be read is left as it is (steps() reports it as damage). Returns how many
+   * records were rewritten.
+   */
+  upgradeJournal(upgrade: (detail: Readonly<Record<string, unknown>>) => Record<string, unknown> | null): number {
+    let rewritten = 0;
+    this.transaction(() => {
+      const rows = this.db
+        .prepare(
+          `SELECT s.session_id AS id, s.name AS name, s.detail AS detail FROM reap_steps s
+           JOIN sessions ON sessions.id = s.session_id WHERE sessions.state = 'reaping'`,
+        )
+        .all() as { id: string; name: string; detail: string }[];
+      const write = this.db.prepare("UPDATE reap_steps SET detail = ? WHERE session_id = ? AND name = ?");
+      for (const r of rows) {
+        let detail: unknown;
+        try {
+          detail = JSON.parse(r.detail);
+        } catch {
+          continue;
+        }
+        if (detail === null || typeof detail !== "object" || Array.isArray(detail)) continue;
+        const upgraded = upgrade(detail as Record<string, unknown>);
+        if (upgraded === null) continue;
+        write.run(JSON.stringify(upgraded), r.id, r.name);
+        rewritten++;
+      }
+    });
+    return rewritten;
+  }
+
+  /**
    * The session's journal. A record whose detail cannot be read comes with `damage` and an
    * empty detail: a resumed reap runs that step again (steps are idempotent).
    */

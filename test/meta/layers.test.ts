@@ -92,3 +92,18 @@ test("the floors name every room of src/, and only those", () => {
   const rooms = new Set(sources(SRC).map(roomOf));
   assert.deepEqual([...rooms].sort(), FLOORS.flat().slice().sort());
 });
+
+test("one door to a transaction: only the audit trail opens one on the store (audit/audit.ts), so every decision commits with its audit line", () => {
+  const found: string[] = [];
+  for (const file of sources(SRC)) {
+    const room = roomOf(file);
+    if (room === "store" || room === "audit") continue;
+    const text = readFileSync(file, "utf8");
+    // `store.transaction(`, `this.store.transaction(`, `deps.store.transaction(`, `db.transaction(`.
+    for (const m of text.matchAll(/\b(?:store|db)\s*\.\s*transaction\s*\(/g)) {
+      const line = text.slice(0, m.index).split("\n").length;
+      found.push(`${relative(SRC, file)}:${line}`);
+    }
+  }
+  assert.deepEqual(found, [], "open transactions through AuditTrail.transaction or commitSoon");
+});

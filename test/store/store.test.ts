@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { test } from "node:test";
+import { JOURNAL_VERSION, olderRecord } from "../../src/cleanup/journal.js";
 import { ReaperError } from "../../src/errors.js";
 import { type Leftover, type Session, type StepResult } from "../../src/model/session.js";
 import { Store } from "../../src/store/store.js";
@@ -337,4 +338,38 @@ test("transaction() commits together or not at all", (t) => {
   });
   assert.equal(n, 2);
   assert.equal(store.counts().live, 2);
+});
+
+test("upgradeJournal: records of unfinished reaps written by an older journal version are rewritten once, current and finished ones are not", (t) => {
+  const { store } = openStore(t);
+  const rec = (name: StepResult["name"], detail: Record<string, unknown>): StepResult => ({
+    name,
+    outcome: "ok",
+    startedAt: T0,
+    durationMs: 1,
+    detail,
+  });
+  store.insertSession(session("resuming"));
+  store.fence("resuming", "forced", T0 + 1);
+  const v1 = { processes: [{ pid: 10, startTime: 20 }] };
+  const v2 = { v: 2, processes: [{ pid: 10, startTime: 20 }], sockets: { listening: [] } };
+  const v3 = { v: 3, processes: [], portInodes: [7] };
+  store.recordStep("resuming", 0, rec("fence", v1));
+  store.recordStep("resuming", 1, rec("close-environment", v2));
+  store.recordStep("resuming", 2, rec("terminate", v3));
+  // A finished session's journal is history: left as written.
+  store.insertSession(session("finished"));
+  store.fence("finished", "forced", T0 + 1);
+  store.recordStep("finished", 0, rec("fence", v1));
+  store.finish("finished", "clean", [], T0 + 2);
+
+  assert.equal(JOURNAL_VERSION, 3, "this test's records are the versions before 3");
+  assert.equal(store.upgradeJournal(olderRecord), 2);
+  const steps = store.steps("resuming");
+  assert.deepEqual(steps[0]?.detail, { ...v1, v: 3, upgradedFrom: 1 });
+  assert.deepEqual(steps[1]?.detail, { ...v2, v: 3, upgradedFrom: 2 });
+  assert.deepEqual(steps[2]?.detail, v3);
+  assert.deepEqual(store.steps("finished")[0]?.detail, v1);
+  // Once upgraded, nothing is left to rewrite.
+  assert.equal(store.upgradeJournal(olderRecord), 0);
 });
