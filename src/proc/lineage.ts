@@ -45,6 +45,12 @@ interface LineageNode {
   epoch: number;
   /** The memberships it belongs to (copy on write; shared by the children it forks). */
   groups: readonly Membership[];
+  /**
+   * `groups` is this node's alone (no child shares it): a join appends in place. Without it a
+   * join copied the array, and an engine shared by K sessions cost O(K) a join: O(K²) to
+   * recover them (100,000 sessions on a few engines took 30 s to READY and 500 MB).
+   */
+  ownGroups?: boolean;
   /** Its uid, read the first time it is asked for as an identity. */
   uid?: number;
 }
@@ -226,7 +232,10 @@ class HostLineage {
       epoch: this.epoch,
       groups: parent?.groups ?? NO_GROUPS,
     };
-    if (parent !== null) (parent.children ??= new Set()).add(node);
+    if (parent !== null) {
+      (parent.children ??= new Set()).add(node);
+      parent.ownGroups = false; // shared with the child from now on
+    }
     for (const g of node.groups) {
       g.members.add(node);
       g.joined++;
@@ -247,7 +256,7 @@ class HostLineage {
     for (const g of node.groups) {
       // A member's reaper that is a live member gets its CPU in cutime: counted there.
       const reaper = parentAtExit > 0 ? this.byPid.get(parentAtExit) : undefined;
-      if (reaper !== undefined && reaper.groups.includes(g)) continue;
+      if (reaper !== undefined && g.members.has(reaper)) continue;
       if (cpuTicks >= 0) g.exitedCpuTicks += cpuTicks;
       else g.exitsUnread++;
     }
@@ -317,6 +326,7 @@ class HostLineage {
       // A newcomer under a member is a member (it was forked while events were lost).
       if (parent.groups.length > 0) {
         node.groups = parent.groups;
+        parent.ownGroups = false; // shared with the child from now on
         for (const g of node.groups) {
           g.members.add(node);
           g.joined++;
@@ -378,8 +388,12 @@ class HostLineage {
   private join(m: Membership, queue: LineageNode[]): void {
     while (queue.length > 0) {
       const n = queue.pop() as LineageNode;
-      if (n.groups.includes(m)) continue;
-      n.groups = [...n.groups, m];
+      if (m.members.has(n)) continue;
+      if (n.ownGroups === true) (n.groups as Membership[]).push(m);
+      else {
+        n.groups = [...n.groups, m];
+        n.ownGroups = true;
+      }
       m.members.add(n);
       m.joined++;
       if (n.children !== null) for (const c of n.children) queue.push(c);
@@ -391,7 +405,10 @@ class HostLineage {
     if (m.released) return;
     m.released = true;
     this.memberships.delete(m);
-    for (const n of m.members) n.groups = n.groups.filter((g) => g !== m);
+    for (const n of m.members) {
+      n.groups = n.groups.filter((g) => g !== m);
+      n.ownGroups = true;
+    }
     m.members.clear();
   }
 }
