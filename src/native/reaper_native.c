@@ -707,10 +707,12 @@ static napi_value memfd_create_js(napi_env env, napi_callback_info info) {
  * Record: 5 doubles [kind, pid, parent, startTime, cpuTicks]
  *   kind 1 fork: pid = the new process (thread-group id; new threads are skipped), parent = the
  *                forking process, startTime = its /proc start time (-1 if it was gone already,
- *                or the pid was reused before the read: checked against the event's time)
+ *                or the pid was reused before the read: checked against the event's time and
+ *                the parent, pe_is_forked_child)
  *   kind 2 exit: pid = the process (its thread-group leader), parent = its parent at exit
- *                (-1 unknown), startTime as read then (-1 unknown), cpuTicks = utime + stime +
- *                cutime + cstime as read at the exit (-1 unknown)
+ *                (-1 unknown), startTime as read then (-1 unknown, or a process born after
+ *                the exit under its pid), cpuTicks = utime + stime + cutime + cstime as read at
+ *                the exit (-1 unknown)
  * Lost events are counted, never silent: `overruns` (the socket's buffer overran: ENOBUFS)
  * and `dropped` (our buffer was full: PE_MAX_RECORDS, 10 MB).
  */
@@ -748,7 +750,7 @@ typedef struct {
 static proc_events *pe = NULL;
 
 /* /proc/<pid>/stat: state, ppid, utime+stime+cutime+cstime, starttime; 0 if unreadable. */
-static int pe_read_stat(int pid, long long *ppid, double *cpu, double *start) {
+static int pe_read_stat(int pid, char *state, long long *ppid, double *cpu, double *start) {
   char path[40];
   snprintf(path, sizeof path, "/proc/%d/stat", pid);
   int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -760,6 +762,7 @@ static int pe_read_stat(int pid, long long *ppid, double *cpu, double *start) {
   buf[n] = '\0';
   char *p = strrchr(buf, ')'); /* comm may hold spaces and parentheses */
   if (p == NULL || p[1] != ' ' || p[2] == '\0') return 0;
+  *state = p[2];
   char *s = p + 3; /* after the state */
   long long f[23];
   for (int i = 4; i <= 22; i++) {
@@ -807,17 +810,38 @@ static void pe_push(double kind, double pid, double parent, double start, double
   pe->events++;
 }
 
+/*
+ * Is the process now under the forked child's pid the child the event names? Its start time
+ * (clock ticks since boot, rounded down) is at or before the event's moment, which the kernel
+ * took after the child was made: a process born later under a recycled pid starts after it
+ * (the boot-time offset read now is never smaller than at the event, so `at` is never early).
+ * Within the same tick, the parent tells them apart: a child leaves its parent only when that
+ * parent exits, so a child whose parent still lives under it must be its child still.
+ */
+static int pe_is_forked_child(const struct fork_proc_event *f, long long at, long long ppid, double start) {
+  long long tick_per_s = 1000000000LL / pe->tick_ns;
+  if ((long long)start > at) return 0;
+  if ((long long)start < at - tick_per_s) return 0; /* a read long after (a suspend between): unknown */
+  if (ppid == f->parent_tgid) return 1;
+  char pstate;
+  long long pppid;
+  double pcpu, pstart;
+  if (!pe_read_stat(f->parent_tgid, &pstate, &pppid, &pcpu, &pstart)) return 1; /* the parent is gone */
+  if (pstate == 'Z' || pstate == 'X' || (long long)pstart > at) return 1;   /* it exited (or its pid was reused) */
+  return 0; /* the parent lives on, and the process under the child's pid is not its child */
+}
+
 static void pe_event(const struct proc_event *ev) {
   long long ppid;
   double cpu, start;
+  char state;
   if (ev->what == PROC_EVENT_FORK) {
     const struct fork_proc_event *f = &ev->event_data.fork;
     if (f->child_pid != f->child_tgid) return; /* a new thread, not a process */
-    if (pe_read_stat(f->child_tgid, &ppid, &cpu, &start)) {
-      /* A read long after the fork may find another process under a recycled pid. */
+    if (pe_read_stat(f->child_tgid, &state, &ppid, &cpu, &start)) {
+      /* A read after the child exited may find another process under a recycled pid. */
       long long at = ((long long)ev->timestamp_ns + pe_boot_offset_ns()) / pe->tick_ns;
-      long long tick_per_s = 1000000000LL / pe->tick_ns;
-      if ((long long)start < at - tick_per_s || (long long)start > at + tick_per_s) start = -1;
+      if (!pe_is_forked_child(f, at, ppid, start)) start = -1;
     } else {
       start = -1;
     }
@@ -825,8 +849,11 @@ static void pe_event(const struct proc_event *ev) {
   } else if (ev->what == PROC_EVENT_EXIT) {
     const struct exit_proc_event *x = &ev->event_data.exit;
     if (x->process_pid != x->process_tgid) return; /* a thread */
-    if (pe_read_stat(x->process_tgid, &ppid, &cpu, &start)) {
-      pe_push(PE_KIND_EXIT, x->process_tgid, (double)ppid, start, cpu);
+    if (pe_read_stat(x->process_tgid, &state, &ppid, &cpu, &start)) {
+      /* A process born after the exit under the same pid is not the one that exited. */
+      long long at = ((long long)ev->timestamp_ns + pe_boot_offset_ns()) / pe->tick_ns;
+      if ((long long)start > at) pe_push(PE_KIND_EXIT, x->process_tgid, -1, -1, -1);
+      else pe_push(PE_KIND_EXIT, x->process_tgid, (double)ppid, start, cpu);
     } else {
       pe_push(PE_KIND_EXIT, x->process_tgid, -1, -1, -1);
     }
