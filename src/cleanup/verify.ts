@@ -56,53 +56,14 @@ export async function verifyGone(
   const add = (u: ProcessUse): void => {
     if (!found.has(u.pid)) found.set(u.pid, u);
   };
-  // cgroup: a contained session's cgroup is empty (or removed)
   const cg = session.containment?.kind === "cgroup" ? session.containment : null;
-  if (cg !== null) {
-    for (const pid of cgroupPids(cg.path)) {
-      const st = readStat(pid);
-      if (st === null || st.state === "Z") continue;
-      add({ pid, startTime: st.startTime, comm: st.comm, uid: readUid(pid) ?? -1, why: `in cgroup ${cg.path}` });
-    }
-  }
-  // lineage: every live process the engine ever started, wherever it went (another session,
-  // process group or cgroup, re-parented to init), after every fork reported before now
+  if (cg !== null) inCgroup(cg.path).forEach(add);
   // members() drains the kernel's queue first: complete() then speaks of every fork until now.
   const byLineage = lineage.members();
   const complete = lineage.complete();
-  for (const p of byLineage) {
-    if (p.pid <= 1 || p.pid === daemonPid || liveness(p) !== "alive") continue;
-    const st = readStat(p.pid);
-    if (st === null || st.state === "Z") continue;
-    add({ pid: p.pid, startTime: p.startTime, comm: st.comm, uid: p.uid, why: "started by the engine (lineage)" });
-  }
-  // tree
-  const boot = session.engine.bootId;
-  const tree: ProcessIdentity[] = [session.engine, ...knownProcesses(journal)];
-  for (const p of journaled(journal, "terminate")?.processes ?? []) tree.push({ ...p, bootId: boot, uid: -1 });
-  for (const p of tree) {
-    if (p.pid <= 1 || liveness(p) !== "alive") continue;
-    const st = readStat(p.pid);
-    add({
-      pid: p.pid,
-      startTime: p.startTime,
-      comm: st?.comm ?? "?",
-      uid: readUid(p.pid) ?? -1,
-      why: "in the session's tree",
-    });
-  }
-  // ports: the sockets on a registered port, in the daemon's network namespace (the engine's,
-  // when it shares it; the release step says when it did not).
-  const sockets = new Map<number, string>();
-  const onPorts = new Map<number, InetSocket>();
-  if (session.ports.length > 0) {
-    const since = await freshTables(); // one reading for every reap verifying in this turn
-    for (const s of inetSockets("self", new Set(session.ports), since)) {
-      if (s.inode === 0 || !session.ports.includes(s.localPort)) continue;
-      sockets.set(s.inode, `port ${s.localPort} (${s.proto} ${s.state})`);
-      onPorts.set(s.inode, s);
-    }
-  }
+  byLineageAlive(byLineage, daemonPid).forEach(add);
+  inTree(session, journal).forEach(add);
+  const { sockets, onPorts } = await socketsOnPorts(session);
   // cookie, ports and paths in one pass over /proc
   const usesOnly = new Set<number>();
   for (const u of await processUses({
@@ -115,47 +76,14 @@ export async function verifyGone(
     if (!found.has(u.pid) && !u.why.startsWith("cookie")) usesOnly.add(u.pid);
     add(u);
   }
+  const reused = sockets.size === 0 ? [] : portReuses(session, journal, lineage, found, usesOnly, onPorts);
   // The survivors found above are the session's members too: what they attach, map or made
   // since their start is its. Not a process found only by what it uses (a registered port or
   // path): it may be anyone's, and its IPC is not the session's.
-  // A process found only on a registered port, that took it after the session was gone and
-  // is none of its own, is a reuse of the port number, not a leftover (reused-port.ts).
-  const reused: { pid: number; comm: string; why: string }[] = [];
-  if (sockets.size > 0) {
-    const evidence = reuseEvidence(session.id, journal, lineage);
-    for (const pid of usesOnly) {
-      const u = found.get(pid) as ProcessUse;
-      // Found by something else than a registered port too: not a question of port numbers.
-      if (!u.why.split(", ").every((r) => /^port \d+ /.test(r))) continue;
-      const held = [...socketInodes(pid)].flatMap((i) => onPorts.get(i) ?? []);
-      const ports = new Set(held.map((s) => s.localPort));
-      if (ports.size === 0) continue;
-      if (
-        ![...ports].every((p) =>
-          reusesPort(
-            u,
-            p,
-            held.filter((s) => s.localPort === p),
-            evidence,
-          ),
-        )
-      )
-        continue;
-      found.delete(pid);
-      usesOnly.delete(pid);
-      reused.push({ pid: u.pid, comm: u.comm, why: u.why });
-    }
-  }
   const q = ipcQuery({ session, journal });
   const survivors = [...found.values()].filter((u) => !usesOnly.has(u.pid));
   const objects = await ipcLeftovers({ ...q, members: [...q.members, ...survivors] });
   const ipcInUse = objects.some((o) => o.inUse !== undefined);
-  const ipc = objects.map((o): Leftover => ({
-    step: "finish",
-    kind: "ipc",
-    item: `${o.kind} ${o.item}`,
-    detail: o.why,
-  }));
   // A check is named only if it looked at what the session holds: its ports and paths as
   // stored, its tree from its engine. One whose stored values cannot be read checked nothing.
   return {
@@ -169,17 +97,126 @@ export async function verifyGone(
       ...(ipcInUse ? [] : (["ipc"] as const)),
     ],
     leftovers: [...found.values()]
-      .map((u): Leftover => ({
-        step: "finish",
-        kind: "process",
-        item: String(u.pid),
-        detail: `${u.comm} (pid ${u.pid}, uid ${u.uid}) still alive: ${u.why}`,
-        pid: u.pid,
-        comm: u.comm,
-        uid: u.uid,
-        why: u.why,
-      }))
-      .concat(ipc),
+      .map(processLeftover)
+      .concat(
+        objects.map((o): Leftover => ({ step: "finish", kind: "ipc", item: `${o.kind} ${o.item}`, detail: o.why })),
+      ),
     ...(reused.length > 0 ? { reused } : {}),
+  };
+}
+
+/** cgroup: a contained session's cgroup is empty (or removed). */
+function inCgroup(path: string): ProcessUse[] {
+  const out: ProcessUse[] = [];
+  for (const pid of cgroupPids(path)) {
+    const st = readStat(pid);
+    if (st === null || st.state === "Z") continue;
+    out.push({ pid, startTime: st.startTime, comm: st.comm, uid: readUid(pid) ?? -1, why: `in cgroup ${path}` });
+  }
+  return out;
+}
+
+/**
+ * lineage: every live process the engine ever started, wherever it went (another session,
+ * process group or cgroup, re-parented to init), after every fork reported before now.
+ */
+function byLineageAlive(members: readonly ProcessIdentity[], daemonPid: number): ProcessUse[] {
+  const out: ProcessUse[] = [];
+  for (const p of members) {
+    if (p.pid <= 1 || p.pid === daemonPid || liveness(p) !== "alive") continue;
+    const st = readStat(p.pid);
+    if (st === null || st.state === "Z") continue;
+    out.push({ pid: p.pid, startTime: p.startTime, comm: st.comm, uid: p.uid, why: "started by the engine (lineage)" });
+  }
+  return out;
+}
+
+/** tree: the engine and every process the steps journaled (the fence's, close-environment's, terminate's). */
+function inTree(session: Session, journal: Journal): ProcessUse[] {
+  const boot = session.engine.bootId;
+  const tree: ProcessIdentity[] = [session.engine, ...knownProcesses(journal)];
+  for (const p of journaled(journal, "terminate")?.processes ?? []) tree.push({ ...p, bootId: boot, uid: -1 });
+  const out: ProcessUse[] = [];
+  for (const p of tree) {
+    if (p.pid <= 1 || liveness(p) !== "alive") continue;
+    const st = readStat(p.pid);
+    out.push({
+      pid: p.pid,
+      startTime: p.startTime,
+      comm: st?.comm ?? "?",
+      uid: readUid(p.pid) ?? -1,
+      why: "in the session's tree",
+    });
+  }
+  return out;
+}
+
+/**
+ * ports: the sockets on a registered port, in the daemon's network namespace (the engine's,
+ * when it shares it; the release step says when it did not), by inode.
+ */
+async function socketsOnPorts(
+  session: Session,
+): Promise<{ sockets: Map<number, string>; onPorts: Map<number, InetSocket> }> {
+  const sockets = new Map<number, string>();
+  const onPorts = new Map<number, InetSocket>();
+  if (session.ports.length === 0) return { sockets, onPorts };
+  const since = await freshTables(); // one reading for every reap verifying in this turn
+  for (const s of inetSockets("self", new Set(session.ports), since)) {
+    if (s.inode === 0 || !session.ports.includes(s.localPort)) continue;
+    sockets.set(s.inode, `port ${s.localPort} (${s.proto} ${s.state})`);
+    onPorts.set(s.inode, s);
+  }
+  return { sockets, onPorts };
+}
+
+/**
+ * A process found only on a registered port, that took it after the session was gone and is
+ * none of its own, is a reuse of the port number, not a leftover (reused-port.ts): taken out
+ * of `found` and `usesOnly`, and returned.
+ */
+function portReuses(
+  session: Session,
+  journal: Journal,
+  lineage: SessionMembers,
+  found: Map<number, ProcessUse>,
+  usesOnly: Set<number>,
+  onPorts: ReadonlyMap<number, InetSocket>,
+): { pid: number; comm: string; why: string }[] {
+  const reused: { pid: number; comm: string; why: string }[] = [];
+  const evidence = reuseEvidence(session.id, journal, lineage);
+  for (const pid of usesOnly) {
+    const u = found.get(pid) as ProcessUse;
+    // Found by something else than a registered port too: not a question of port numbers.
+    if (!u.why.split(", ").every((r) => /^port \d+ /.test(r))) continue;
+    const held = [...socketInodes(pid)].flatMap((i) => onPorts.get(i) ?? []);
+    const ports = new Set(held.map((s) => s.localPort));
+    if (ports.size === 0) continue;
+    const allReused = [...ports].every((p) =>
+      reusesPort(
+        u,
+        p,
+        held.filter((s) => s.localPort === p),
+        evidence,
+      ),
+    );
+    if (!allReused) continue;
+    found.delete(pid);
+    usesOnly.delete(pid);
+    reused.push({ pid: u.pid, comm: u.comm, why: u.why });
+  }
+  return reused;
+}
+
+function processLeftover(u: ProcessUse): Leftover {
+  return {
+    step: "finish",
+    kind: "process",
+    item: String(u.pid),
+    detail: `${u.comm} (pid ${u.pid}, uid ${u.uid}) still alive: ${u.why}`,
+    pid: u.pid,
+    comm: u.comm,
+    uid: u.uid,
+    why: u.why,
   };
 }

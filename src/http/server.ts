@@ -160,7 +160,8 @@ const fastPaths = new WeakMap<FastifyInstance, FastHeartbeat>();
 /** Builds the API without listening (fastify's testing guide): only main.ts listens. */
 export function buildServer(deps: ServerDeps): FastifyInstance {
   const { app, fast, routes } = createApp(deps);
-  sessionRoutes(app, deps, fast);
+  sessionWriteRoutes(app, deps, fast);
+  sessionReadRoutes(app, deps);
   daemonRoutes(app, deps);
   let openApi: string | undefined;
   app.get(
@@ -298,9 +299,9 @@ function createApp(deps: ServerDeps): {
   return { app, fast, routes };
 }
 
-/** The routes of /v1/sessions (and /v1/expiring): what callers do with their sessions. */
-function sessionRoutes(app: FastifyInstance, deps: ServerDeps, fast: FastHeartbeat): void {
-  const { sessions, store } = deps;
+/** The routes that change a session: register, heartbeat, update, close, force-reap. */
+function sessionWriteRoutes(app: FastifyInstance, deps: ServerDeps, fast: FastHeartbeat): void {
+  const { sessions } = deps;
   const callerOf = (req: { raw: IncomingMessage }) => deps.callers.of(req.raw.socket);
   app.post<{ Body: RegisterBody }>(
     "/v1/sessions",
@@ -316,37 +317,6 @@ function sessionRoutes(app: FastifyInstance, deps: ServerDeps, fast: FastHeartbe
       const { warnings, ...session } = await sessions.register(req.body, callerOf(req));
       reply.status(201);
       return { ...sessionJson(session), ...(warnings.length > 0 ? { warnings } : {}) };
-    },
-  );
-
-  app.get<{ Querystring: ListQuery }>(
-    "/v1/sessions",
-    {
-      schema: {
-        summary: "List sessions, oldest first, a page at a time",
-        querystring: listQuery,
-        response: { 200: sessionListResponse },
-      },
-    },
-    (req) => {
-      const page = sessions.list(req.query);
-      return { sessions: page.sessions.map((s) => sessionJson(s)), next: page.next };
-    },
-  );
-
-  app.get<{ Params: { id: string } }>(
-    "/v1/sessions/:id",
-    {
-      schema: {
-        summary: "One session, with its reap steps and its engine's usage",
-        params: sessionIdParams,
-        querystring: noQuery,
-        response: { 200: sessionResponse },
-      },
-    },
-    async (req) => {
-      const v = await sessions.view(req.params.id);
-      return sessionJson(v.session, v.steps, v.usage);
     },
   );
 
@@ -414,6 +384,41 @@ function sessionRoutes(app: FastifyInstance, deps: ServerDeps, fast: FastHeartbe
       const session = await sessions.end(req.params.id, "forced", callerOf(req));
       reply.status(202);
       return sessionJson(session);
+    },
+  );
+}
+
+/** The routes that read sessions: list, one, its events, and /v1/expiring. */
+function sessionReadRoutes(app: FastifyInstance, deps: ServerDeps): void {
+  const { sessions, store } = deps;
+  app.get<{ Querystring: ListQuery }>(
+    "/v1/sessions",
+    {
+      schema: {
+        summary: "List sessions, oldest first, a page at a time",
+        querystring: listQuery,
+        response: { 200: sessionListResponse },
+      },
+    },
+    (req) => {
+      const page = sessions.list(req.query);
+      return { sessions: page.sessions.map((s) => sessionJson(s)), next: page.next };
+    },
+  );
+
+  app.get<{ Params: { id: string } }>(
+    "/v1/sessions/:id",
+    {
+      schema: {
+        summary: "One session, with its reap steps and its engine's usage",
+        params: sessionIdParams,
+        querystring: noQuery,
+        response: { 200: sessionResponse },
+      },
+    },
+    async (req) => {
+      const v = await sessions.view(req.params.id);
+      return sessionJson(v.session, v.steps, v.usage);
     },
   );
 

@@ -42,6 +42,18 @@ export interface RegistrationWarning {
 }
 
 /** What a tracking weaker than lineage leaves unknown, and why the session has no lineage. */
+/** A registration that passed every check: what the session will be made of. */
+interface CheckedRegistration {
+  id: string;
+  profileName: string;
+  profile: Profile;
+  engine: ProcessIdentity;
+  ownerPid: ProcessIdentity | null;
+  timeouts: ReturnType<typeof clampTimeouts>;
+  paths: string[];
+  ports: number[];
+}
+
 const TRACKING_COVERS: Record<Exclude<Tracking, "lineage">, string> = {
   "cgroup-from-birth": "its own cgroup holds everything it started, unless a process was moved out of the cgroup",
   cgroup:
@@ -152,8 +164,46 @@ export class Sessions {
   }
 
   private registerNow(body: RegisterBody, caller: Caller, tablesSince: number | undefined): RegisteredSession {
-    const { config, store, audit, registry, daemonPid } = this.deps;
+    const { registry } = this.deps;
     this.refuseWhileShuttingDown();
+    const checked = this.checkRegistration(body, caller, tablesSince);
+    const { id, profile, engine } = checked;
+    // Before anything is moved into a cgroup: the commit would fail anyway.
+    this.requireStore();
+    const { tree, containment, tracking } = this.track(id, profile, engine, caller);
+    // Committed first, then admitted: a failed commit (SR_STORE_UNAVAILABLE) leaves nothing
+    // in memory, and nothing after the commit can fail (the audit line never throws).
+    const at = registry.stamp();
+    let session: Session;
+    try {
+      session = this.commitRegistration(body, caller, checked, { tree, containment, tracking }, at.wall);
+    } catch (err) {
+      this.deps.cgroups.undo(containment);
+      this.deps.lineage.release(id);
+      throw err;
+    }
+    const live = registry.admit({
+      id,
+      engine,
+      ownerPid: checked.ownerPid,
+      registeredBy: session.registeredBy,
+      busyCpuPercent: profile.busyCpuPercent,
+      ...checked.timeouts,
+      storedDeadline: session.deadline ?? undefined,
+      at,
+      tree,
+      cgroup: containment.kind === "cgroup" ? containment.path : null,
+    });
+    return {
+      ...session,
+      deadline: registry.wallDeadline(live),
+      warnings: trackingWarnings(tracking, engine, this.deps.lineage.status),
+    };
+  }
+
+  /** Everything a registration is refused for, checked before anything is changed. */
+  private checkRegistration(body: RegisterBody, caller: Caller, tablesSince: number | undefined): CheckedRegistration {
+    const { config, store, daemonPid } = this.deps;
     const profileName = body.profile ?? "default";
     // Own keys only: "__proto__", "constructor" or "toString" must not find Object.prototype's.
     const profile = Object.hasOwn(config.profiles, profileName) ? config.profiles[profileName] : undefined;
@@ -185,16 +235,24 @@ export class Sessions {
       tablesSince,
     );
     const id = body.id ?? randomUUID();
-    const who = registeredBy(caller);
     if (store.getSession(id) !== undefined) {
       throw new ReaperError("SR_SESSION_EXISTS", `a session with id "${id}" already exists`);
     }
-    // Before anything is moved into a cgroup: the commit would fail anyway.
-    this.requireStore();
-    // Every live descendant of the engine by lineage (through setsid, double forks and
-    // re-parenting, born before this registration) and the tree seen now by its children files
-    // are the session's from the start, journaled with its row; containment moves all of it into
-    // the session's cgroup. From now on a fork by a member makes a member (src/proc/lineage.ts).
+    return { id, profileName, profile, engine, ownerPid, timeouts, paths, ports };
+  }
+
+  /**
+   * Every live descendant of the engine by lineage (through setsid, double forks and
+   * re-parenting, born before this registration) and the tree seen now by its children files
+   * are the session's from the start, journaled with its row; containment moves all of it into
+   * the session's cgroup. From now on a fork by a member makes a member (src/proc/lineage.ts).
+   */
+  private track(
+    id: string,
+    profile: Profile,
+    engine: ProcessIdentity,
+    caller: Caller,
+  ): { tree: ProcessIdentity[]; containment: Containment; tracking: Tracking } {
     const membership = this.deps.lineage.adopt(id, engine);
     const tree = unionOf(membership.identities(), descendantTree(engine));
     let containment: Containment;
@@ -205,71 +263,56 @@ export class Sessions {
       throw err;
     }
     this.deps.lineage.include(id, tree);
-    const tracking = trackingOf(membership, containment);
-    // Committed first, then admitted: a failed commit (SR_STORE_UNAVAILABLE) leaves nothing
-    // in memory, and nothing after the commit can fail (the audit line never throws).
-    let session: Session | undefined;
-    const at = registry.stamp();
-    try {
-      audit.transaction(() => {
-        const now = at.wall;
-        session = {
-          id,
-          profile: profileName,
-          owner: body.owner ?? null,
-          engine,
-          ownerPid,
-          ports,
-          paths,
-          labels: body.labels ?? {},
-          ...timeouts,
-          createdAt: now,
-          lastHeartbeatAt: now,
-          lastActivityAt: now,
-          deadline: deadlineOf({ createdMono: now, heartbeatMono: now, activityMono: now, ...timeouts }).at,
-          ...NOT_YET_REAPED,
-          registeredBy: who,
-          containment,
-          tracking,
-        };
-        store.insertSession(session, tree);
-        audit.record({
-          event: "session.registered",
-          sessionId: id,
-          detail: {
-            profile: profileName,
-            enginePid: engine.pid,
-            ownerPid: ownerPid?.pid ?? null,
-            registeredBy: who,
-            callerPid: caller.pid,
-            containment,
-            tracking,
-            processes: tree.length,
-          },
-        });
-      });
-    } catch (err) {
-      this.deps.cgroups.undo(containment);
-      this.deps.lineage.release(id);
-      throw err;
-    }
-    const live = registry.admit({
-      id,
-      engine,
-      ownerPid,
+    return { tree, containment, tracking: trackingOf(membership, containment) };
+  }
+
+  /** The session's row and its `session.registered` event, in one transaction. */
+  private commitRegistration(
+    body: RegisterBody,
+    caller: Caller,
+    c: CheckedRegistration,
+    t: { tree: ProcessIdentity[]; containment: Containment; tracking: Tracking },
+    now: number,
+  ): Session {
+    const { store, audit } = this.deps;
+    const who = registeredBy(caller);
+    const session: Session = {
+      id: c.id,
+      profile: c.profileName,
+      owner: body.owner ?? null,
+      engine: c.engine,
+      ownerPid: c.ownerPid,
+      ports: c.ports,
+      paths: c.paths,
+      labels: body.labels ?? {},
+      ...c.timeouts,
+      createdAt: now,
+      lastHeartbeatAt: now,
+      lastActivityAt: now,
+      deadline: deadlineOf({ createdMono: now, heartbeatMono: now, activityMono: now, ...c.timeouts }).at,
+      ...NOT_YET_REAPED,
       registeredBy: who,
-      busyCpuPercent: profile.busyCpuPercent,
-      ...timeouts,
-      storedDeadline: (session as Session).deadline ?? undefined,
-      at,
-      tree,
-      cgroup: containment.kind === "cgroup" ? containment.path : null,
-    });
-    return {
-      ...(session as Session),
-      deadline: registry.wallDeadline(live),
-      warnings: trackingWarnings(tracking, engine, this.deps.lineage.status),
+      containment: t.containment,
+      tracking: t.tracking,
     };
+    audit.transaction(() => {
+      store.insertSession(session, t.tree);
+      audit.record({
+        event: "session.registered",
+        sessionId: c.id,
+        detail: {
+          profile: c.profileName,
+          enginePid: c.engine.pid,
+          ownerPid: c.ownerPid?.pid ?? null,
+          registeredBy: who,
+          callerPid: caller.pid,
+          containment: t.containment,
+          tracking: t.tracking,
+          processes: t.tree.length,
+        },
+      });
+    });
+    return session;
   }
 
   /**

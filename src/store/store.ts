@@ -1,6 +1,4 @@
-import BetterSqlite3, { type Database, type Statement } from "better-sqlite3";
-import { mkdirSync } from "node:fs";
-import { dirname } from "node:path";
+import type { Database } from "better-sqlite3";
 import { ReaperError, errorMessage } from "../errors.js";
 import type { HeartbeatWrite, StoredLive } from "../model/live-session.js";
 import type {
@@ -16,49 +14,13 @@ import type {
   StepResult,
   Tracking,
 } from "../model/session.js";
-import { SESSION_STATES, TRACKINGS } from "../model/session.js";
+import { SESSION_STATES } from "../model/session.js";
 import { ENGINE_READABLE, RowReading, engineReadable } from "./columns.js";
-import { migrate } from "./migrate.js";
-import { DiskSpace, bytes } from "./space.js";
-
-interface SessionRow {
-  seq: number;
-  id: string;
-  profile: string;
-  owner: string | null;
-  // What the row should hold; src/store/columns.ts reads what it does hold (issue 22).
-  engine_pid: number;
-  engine_start_time: number;
-  engine_boot_id: string;
-  engine_uid: number;
-  owner_pid: number | null;
-  owner_start_time: number | null;
-  owner_boot_id: string | null;
-  owner_uid: number | null;
-  ports: string;
-  paths: string;
-  labels: string;
-  heartbeat_timeout_sec: number;
-  idle_timeout_sec: number;
-  max_lifetime_sec: number;
-  created_at: number;
-  last_heartbeat_at: number;
-  last_activity_at: number;
-  deadline: number | null;
-  state: SessionState;
-  reason: Reason | null;
-  outcome: Outcome | null;
-  leftovers: string | null;
-  reap_started_at: number | null;
-  reaped_at: number | null;
-  reap_attempts: number;
-  registered_by_uid: number | null;
-  registered_as_admin: number;
-  registered_via: "unix" | "tcp" | null;
-  containment: string | null;
-  tree: string | null;
-  tracking: string | null;
-}
+import { BUSY_TIMEOUT_MS, PROBE_BUSY_TIMEOUT_MS, isStoreFault, openDatabase, openError } from "./open.js";
+import { sessionRow, toSession, type SessionRow } from "./rows.js";
+import { prepareStatements, type Statements } from "./statements.js";
+import type { DiskSpace } from "./space.js";
+import { bytes } from "./space.js";
 
 export interface StoredEvent {
   seq: number;
@@ -110,93 +72,7 @@ export type RecoveredSession = Omit<StoredLive, "busyCpuPercent"> & {
 export type DamageListener = (sessionId: string, damage: readonly Damage[]) => void;
 
 export type { HeartbeatWrite };
-
-/**
- * SQLite result codes that say the store cannot commit now, not that the daemon is wrong:
- * another process holds the lock, the disk is full, an I/O error, a file made read-only or
- * damaged under the daemon. Such a failure fences nothing and crashes nothing (the daemon
- * answers 503 SR_STORE_UNAVAILABLE and waits for the store to commit again).
- */
-const STORE_FAULTS = /^SQLITE_(BUSY|LOCKED|FULL|IOERR|READONLY|CANTOPEN|CORRUPT|NOTADB|PROTOCOL|NOMEM|PERM)/;
-
-export function isStoreFault(err: unknown): boolean {
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === "string" && STORE_FAULTS.test(code);
-}
-
-/**
- * Lock contention is waited for this long per statement, no longer: the wait blocks the
- * event loop (better-sqlite3 is synchronous), and heartbeats are served on it.
- */
-const BUSY_TIMEOUT_MS = 200;
-const PROBE_BUSY_TIMEOUT_MS = 20;
-
-/** Why a store could not be opened, said so that an operator knows what to do. */
-function openError(err: unknown, path: string): ReaperError {
-  if (err instanceof ReaperError) return err;
-  const raw = (err as { code?: unknown }).code;
-  const code = typeof raw === "string" ? raw : "";
-  if (/^SQLITE_(CORRUPT|NOTADB)/.test(code)) return corrupt(path, errorMessage(err));
-  return new ReaperError(
-    "SR_STORE_UNUSABLE",
-    `cannot open the database ${path} for writing (${code || "error"}: ${errorMessage(err)}): check that the file, its -wal and -shm files and its directory are writable by the daemon's user and that the disk has space`,
-  );
-}
-
-function corrupt(path: string, found: string): ReaperError {
-  return new ReaperError(
-    "SR_STORE_CORRUPT",
-    `the database ${path} is corrupt (${found}); the daemon will not start on it. Stop here: move the file and its -wal and -shm files aside (keep them for inspection, e.g. sqlite3 FILE .recover), then restore a backup or start on a new, empty database; engines of sessions it listed as live are then unknown to the daemon (an orphan sweep profile can find them)`,
-  );
-}
-
-/** A sessions row's reading: its key names the row in every finding. */
-const sessionRow = (r: Pick<SessionRow, "seq" | "id">): RowReading =>
-  new RowReading("sessions", { seq: r.seq, id: r.id });
-
-/**
- * A row as a session. Never throws on a damaged value (src/store/columns.ts): the session says
- * what could not be read in `damage`, and a live one whose engine cannot be identified is
- * `damaged`.
- */
-function toSession(r: SessionRow): Session {
-  const read = sessionRow(r);
-  const engine = read.engine(r);
-  const ownerPid = read.owner(r);
-  const session: Session = {
-    id: r.id,
-    profile: r.profile,
-    owner: r.owner,
-    engine,
-    ownerPid,
-    ports: read.json("ports", "ports", r.ports, []),
-    paths: read.json("paths", "paths", r.paths, []),
-    labels: read.json("labels", "labels", r.labels, {}),
-    heartbeatTimeoutSec: r.heartbeat_timeout_sec,
-    idleTimeoutSec: r.idle_timeout_sec,
-    maxLifetimeSec: r.max_lifetime_sec,
-    createdAt: r.created_at,
-    lastHeartbeatAt: r.last_heartbeat_at,
-    lastActivityAt: r.last_activity_at,
-    deadline: r.deadline,
-    state: r.state,
-    reason: r.reason,
-    outcome: r.outcome,
-    leftovers: read.nullableJson("leftovers", "leftovers", r.leftovers, []) ?? [],
-    reapStartedAt: r.reap_started_at,
-    reapedAt: r.reaped_at,
-    reapAttempts: r.reap_attempts,
-    registeredBy: { uid: r.registered_by_uid, admin: r.registered_as_admin === 1, via: r.registered_via },
-    containment: read.nullableJson("containment", "containment", r.containment, null),
-    tracking: (TRACKINGS as readonly string[]).includes(r.tracking ?? "") ? (r.tracking as Tracking) : null,
-    damage: read.damage,
-  };
-  // Nothing watches a session whose engine cannot be identified: no deadline applies to it.
-  return r.state === "live" && !engineReadable(session) ? { ...session, state: "damaged", deadline: null } : session;
-}
-
-/** A live row whose engine cannot be identified counts as `damaged` (see ENGINE_READABLE). */
-const STATE_OF_ROW = `CASE WHEN state = 'live' AND NOT ${ENGINE_READABLE} THEN 'damaged' ELSE state END`;
+export { isStoreFault };
 
 /**
  * All SQL lives here. Every statement is prepared once; `now` is always a bound parameter
@@ -206,32 +82,7 @@ export class Store {
   readonly db: Database;
   /** Sessions by state, once counted (see `counts`); null: count again when asked. */
   private stateCounts: Record<SessionState, number> | null = null;
-  private readonly stmts: {
-    insert: Statement;
-    setTracking: Statement;
-    downgradeTracking: Statement;
-    get: Statement;
-    seqOf: Statement;
-    fence: Statement;
-    finish: Statement;
-    attempt: Statement;
-    heartbeat: Statement;
-    heartbeatDeadline: Statement;
-    insertStep: Statement;
-    steps: Statement;
-    insertEvent: Statement;
-    events: Statement;
-    byState: Statement;
-    liveForRecovery: Statement;
-    counts: Statement;
-    unfinishedByProfile: Statement;
-    reapedByProfile: Statement;
-    liveByUid: Statement;
-    liveDueBy: Statement;
-    probe: Statement;
-    tree: Statement;
-    additions: Statement;
-  };
+  private readonly stmts: Statements;
   /** False from a failed write until a probe commits again (see `probe`). */
   private availableValue = true;
   private fault: string | null = null;
@@ -248,112 +99,11 @@ export class Store {
    * daemon (exit 78) rather than let it run on a store it cannot trust.
    */
   constructor(path: string, now: number) {
-    let db: Database | null = null;
-    let space: DiskSpace | null = null;
-    try {
-      if (path !== ":memory:") {
-        mkdirSync(dirname(path), { recursive: true });
-        space = new DiskSpace(path);
-      }
-      db = new BetterSqlite3(path);
-      db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
-      db.pragma("journal_mode = WAL");
-      // NORMAL in WAL mode: a commit survives a daemon crash; only an OS crash may lose the
-      // last transactions, and the journal is replayed from whatever did reach the disk.
-      db.pragma("synchronous = NORMAL");
-      db.pragma("foreign_keys = ON");
-      if (space !== null) {
-        // The WAL's bound (see DiskSpace): SQLite checkpoints at the commit that crosses it
-        // (writes outside `transaction` included), `boundWal` then truncates the file to zero,
-        // and a WAL that SQLite restarts is cut back to its first transaction. So every write
-        // after a checkpoint takes new blocks: a disk that someone else filled is found at the
-        // next commit, never written on through blocks the WAL happened to hold.
-        db.pragma(
-          `wal_autocheckpoint = ${Math.ceil(space.walLimit / (db.pragma("page_size", { simple: true }) as number))}`,
-        );
-        db.pragma("journal_size_limit = 0");
-      }
-      // quick_check reads every page (not the indexes' contents): milliseconds for the few
-      // MiB a session table takes, and garbage pages are found before anything acts on them.
-      const check = db.pragma("quick_check(20)", { simple: false }) as { quick_check: string }[];
-      const problems = check.map((r) => r.quick_check).filter((m) => m !== "ok");
-      if (problems.length > 0) throw corrupt(path, `quick_check: ${problems.slice(0, 3).join("; ")}`);
-      migrate(db, now);
-    } catch (err) {
-      db?.close();
-      throw openError(err, path);
-    }
+    const { db, space } = openDatabase(path, now);
     this.db = db;
     this.space = space;
     this.walCheckpointAt = space?.walLimit ?? Number.POSITIVE_INFINITY;
-    this.stmts = {
-      insert: db.prepare(`INSERT INTO sessions (id, profile, owner, engine_pid, engine_start_time, engine_boot_id,
-          engine_uid, owner_pid, owner_start_time, owner_boot_id, owner_uid, ports, paths, labels,
-          heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, created_at, last_heartbeat_at,
-          last_activity_at, deadline, state, registered_by_uid, registered_as_admin, registered_via, containment, tree, tracking)
-        VALUES (@id, @profile, @owner, @engine_pid, @engine_start_time, @engine_boot_id, @engine_uid, @owner_pid,
-          @owner_start_time, @owner_boot_id, @owner_uid, @ports, @paths, @labels, @heartbeat_timeout_sec,
-          @idle_timeout_sec, @max_lifetime_sec, @created_at, @last_heartbeat_at, @last_activity_at, @deadline, 'live',
-          @registered_by_uid, @registered_as_admin, @registered_via, @containment, @tree, @tracking)`),
-      setTracking: db.prepare("UPDATE sessions SET tracking = ? WHERE id = ? AND tracking IS NOT ?"),
-      // After a restart (or lost events), forks the daemon did not see may have escaped: a lineage
-      // that was complete falls back to what the session's containment gives.
-      // A containment that is not valid JSON (a damaged row) gives nothing: json_extract would fail the start.
-      downgradeTracking: db.prepare(`UPDATE sessions SET tracking = CASE
-          WHEN NOT json_valid(containment) THEN 'snapshots'
-          WHEN json_extract(containment, '$.kind') = 'cgroup' AND json_extract(containment, '$.made') = 0 THEN 'cgroup-from-birth'
-          WHEN json_extract(containment, '$.kind') = 'cgroup' THEN 'cgroup'
-          ELSE 'snapshots' END
-        WHERE tracking = 'lineage' AND state IN ('live', 'reaping')`),
-      get: db.prepare("SELECT * FROM sessions WHERE id = ?"),
-      seqOf: db.prepare("SELECT seq FROM sessions WHERE id = ?"),
-      // A `damaged` session is a live row too (STATE_OF_ROW): `readable` tells which count it left.
-      fence:
-        db.prepare(`UPDATE sessions SET state = 'reaping', reason = @reason, reap_started_at = @now, deadline = NULL,
-          last_heartbeat_at = COALESCE(@hb, last_heartbeat_at), last_activity_at = COALESCE(@activity, last_activity_at)
-        WHERE id = @id AND state = 'live' RETURNING ${ENGINE_READABLE} AS readable`),
-      finish:
-        db.prepare(`UPDATE sessions SET state = 'reaped', outcome = @outcome, leftovers = @leftovers, reaped_at = @now
-        WHERE id = @id AND state = 'reaping'`),
-      attempt: db.prepare(
-        "UPDATE sessions SET reap_attempts = reap_attempts + 1 WHERE id = ? AND state = 'reaping' RETURNING reap_attempts",
-      ),
-      heartbeat: db.prepare(
-        `UPDATE sessions SET last_heartbeat_at = ?, last_activity_at = ? WHERE id = ? AND state = 'live'`,
-      ),
-      heartbeatDeadline: db.prepare(`UPDATE sessions SET last_heartbeat_at = ?, last_activity_at = ?, deadline = ?
-          WHERE id = ? AND state = 'live'`),
-      insertStep:
-        db.prepare(`INSERT OR REPLACE INTO reap_steps (session_id, position, name, outcome, started_at, duration_ms, detail)
-        VALUES (?, ?, ?, ?, ?, ?, ?)`),
-      steps: db.prepare("SELECT * FROM reap_steps WHERE session_id = ? ORDER BY position"),
-      insertEvent:
-        db.prepare(`INSERT INTO audit_events (at, event, session_id, reason, step, outcome, duration_ms, detail)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?)`),
-      events: db.prepare("SELECT * FROM audit_events WHERE session_id = ? ORDER BY seq"),
-      byState: db.prepare("SELECT * FROM sessions WHERE state = ? ORDER BY seq"),
-      liveForRecovery: db.prepare(`SELECT seq, id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
-          owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
-          heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline, registered_by_uid,
-          registered_as_admin, registered_via, tree, containment
-        FROM sessions WHERE state = 'live' ORDER BY seq`),
-      counts: db.prepare(`SELECT ${STATE_OF_ROW} AS state, COUNT(*) AS n FROM sessions GROUP BY 1`),
-      // These three search the (state, deadline) index by state, so they visit only the rows
-      // of the states they count: live and reaping rows are few, reaped ones most of the table.
-      unfinishedByProfile: db.prepare(
-        `SELECT ${STATE_OF_ROW} AS state, profile, COUNT(*) AS n FROM sessions WHERE state IN ('live', 'reaping') GROUP BY 1, profile`,
-      ),
-      reapedByProfile: db.prepare(
-        "SELECT profile, COUNT(*) AS n FROM sessions WHERE state = 'reaped' GROUP BY profile",
-      ),
-      liveByUid: db.prepare("SELECT COUNT(*) AS n FROM sessions WHERE registered_by_uid = ? AND state = 'live'"),
-      liveDueBy: db.prepare(
-        "SELECT id, profile, owner FROM sessions WHERE state = 'live' AND deadline <= ? ORDER BY deadline",
-      ),
-      probe: db.prepare("UPDATE store_probe SET at = ? WHERE id = 1"),
-      tree: db.prepare("UPDATE sessions SET tree = ? WHERE id = ?"),
-      additions: db.prepare("UPDATE sessions SET ports = ?, paths = ?, labels = ? WHERE id = ? AND state = 'live'"),
-    };
+    this.stmts = prepareStatements(db);
     // One real write before anything is served: a database the daemon may never write (a
     // read-only file or directory, another owner) stops the start (SR_STORE_UNUSABLE) instead
     // of a daemon that answers 503 forever; a lock held or a full disk is an outage that may
