@@ -333,7 +333,7 @@ export class Detector implements LiveWatcher {
       // The snapshot is read a chunk per turn: nothing of the pass scales with the host's
       // processes inside one turn of the loop (the trees are then walked in memory).
       const cost = { busyMs: 0 };
-      const stats = await listStatsPaced(loopTurn, 256, cost);
+      const stats = await listStatsPaced(loopTurn, BUDGETS.statLinesPerTurn, cost);
       if (!this.running) return;
       const from = performance.now();
       this.checkLiveness(new ProcessTable(stats));

@@ -30,6 +30,7 @@ import {
   isExited,
   isKernelThread,
   listStats,
+  listStatsPaced,
   readCmdline,
   readExe,
   readUid,
@@ -37,6 +38,7 @@ import {
   type ProcStat,
 } from "../proc/stat.js";
 import { ProcessTable } from "../proc/tree.js";
+import { loopTurn } from "../pace/turns.js";
 import { type ProcessIdentity, processKey, type Session, type StepName, type StepResult } from "../model/session.js";
 import { adoptPath, adoptProcess, pathSessionId, processSessionId, type AdoptDeps } from "./adopt.js";
 import { compileGlob, expandGlob, type PathGlob } from "../paths/glob.js";
@@ -138,7 +140,7 @@ export class OrphanSweep {
     if (!this.enabled) return;
     this.runLogged();
     // protect: a pass still running when the next is due makes that one skip.
-    this.cron = new Cron(this.deps.config.orphans.schedule, { protect: true }, () => this.runLogged());
+    this.cron = new Cron(this.deps.config.orphans.schedule, { protect: true }, () => this.runPaced());
   }
 
   stop(): void {
@@ -151,24 +153,41 @@ export class OrphanSweep {
     return { enabled: this.enabled, sweptAt: this.sweptAt, findings: [...this.findings.values()] };
   }
 
-  private runLogged(): void {
+  private runLogged(stats?: ProcStat[]): void {
     try {
-      this.sweep();
+      this.sweep(stats);
     } catch (err) {
       this.deps.log.error({ err }, "orphan sweep failed");
     }
   }
 
   /**
-   * One pass. Synchronous: /proc and the globbed directories are read in one go, and a
+   * A scheduled pass: its snapshot of /proc is read a chunk per turn of the loop (heartbeats
+   * are answered between), then judged in one synchronous run on it.
+   */
+  private async runPaced(): Promise<void> {
+    if (!this.enabled || !this.deps.store.available) return;
+    let stats: ProcStat[];
+    try {
+      stats = await listStatsPaced(loopTurn);
+    } catch (err) {
+      this.deps.log.error({ err }, "orphan sweep failed");
+      return;
+    }
+    this.runLogged(stats);
+  }
+
+  /**
+   * One pass. Synchronous on its snapshot of /proc (`stats`: read now when not given; the
+   * scheduled passes read it paced, runPaced): the globbed directories are read and a
    * reap-mode finding is inserted and fenced before anything else can claim it.
    */
-  sweep(): OrphanFinding[] {
+  sweep(snapshot?: ProcStat[]): OrphanFinding[] {
     // Adoption inserts and fences: nothing to do while the store cannot commit.
     if (!this.enabled || !this.deps.store.available) return [];
     const { clock, detector, metrics, log } = this.deps;
     const now = clock.now();
-    const stats = listStats().filter((s) => !isExited(s) && !isKernelThread(s));
+    const stats = (snapshot ?? listStats()).filter((s) => !isExited(s) && !isKernelThread(s));
     const table = new ProcessTable(stats);
     // The detector's own pass on this snapshot: engines gone are expired by it (engine_gone),
     // and the trees counted as claimed below are this snapshot's.

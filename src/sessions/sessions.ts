@@ -15,7 +15,8 @@ import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
 import { freshTables, heldOf, inetSockets } from "../proc/sockets.js";
 import { cgroupPids } from "../proc/cgroup.js";
-import { descendantTree, processTree } from "../proc/tree.js";
+import type { ProcessTable} from "../proc/tree.js";
+import { descendantTree, freshTable } from "../proc/tree.js";
 import { trackingOf, type LineageStatus, type SessionLineage } from "../proc/lineage.js";
 import { checkPath } from "../paths/validate.js";
 import { damageOf, describeDamage, engineDamage, whereIs } from "../store/columns.js";
@@ -153,7 +154,7 @@ export class Sessions {
    */
   async register(body: RegisterBody, caller: Caller): Promise<RegisteredSession> {
     this.refuseWhileShuttingDown();
-    const since = (body.ports?.length ?? 0) > 0 ? await freshTables(body.engine.pid) : undefined;
+    const since = (body.ports?.length ?? 0) > 0 ? await portReading(body.engine.pid, body.ports ?? []) : undefined;
     return this.registerNow(body, caller, since);
   }
 
@@ -163,7 +164,7 @@ export class Sessions {
     }
   }
 
-  private registerNow(body: RegisterBody, caller: Caller, tablesSince: number | undefined): RegisteredSession {
+  private registerNow(body: RegisterBody, caller: Caller, tablesSince: PortReading | undefined): RegisteredSession {
     const { registry } = this.deps;
     this.refuseWhileShuttingDown();
     const checked = this.checkRegistration(body, caller, tablesSince);
@@ -202,7 +203,11 @@ export class Sessions {
   }
 
   /** Everything a registration is refused for, checked before anything is changed. */
-  private checkRegistration(body: RegisterBody, caller: Caller, tablesSince: number | undefined): CheckedRegistration {
+  private checkRegistration(
+    body: RegisterBody,
+    caller: Caller,
+    tablesSince: PortReading | undefined,
+  ): CheckedRegistration {
     const { config, store, daemonPid } = this.deps;
     const profileName = body.profile ?? "default";
     // Own keys only: "__proto__", "constructor" or "toString" must not find Object.prototype's.
@@ -371,11 +376,11 @@ export class Sessions {
   async update(id: string, body: UpdateBody, caller: Caller): Promise<Session> {
     // The same shared reading of the network tables as registration's, begun after the ask.
     const engine = (body.ports?.length ?? 0) > 0 ? this.deps.registry.get(id)?.engine : undefined;
-    const since = engine === undefined ? undefined : await freshTables(engine.pid);
+    const since = engine === undefined ? undefined : await portReading(engine.pid, body.ports ?? []);
     return this.updateNow(id, body, caller, since);
   }
 
-  private updateNow(id: string, body: UpdateBody, caller: Caller, tablesSince: number | undefined): Session {
+  private updateNow(id: string, body: UpdateBody, caller: Caller, tablesSince: PortReading | undefined): Session {
     const { registry, store, audit, config } = this.deps;
     const known = registry.get(id);
     if (known === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
@@ -602,6 +607,23 @@ function clampTimeouts(
 }
 
 /**
+ * What checking declared ports reads, begun after the ask and awaited before the synchronous
+ * check: the network tables (one shared reading, `since`), and, when the engine alone does not
+ * hold every port, a fresh snapshot of /proc for its tree (the shared paced walk: the check
+ * never walks /proc on the loop in one go).
+ */
+interface PortReading {
+  since: number;
+  table?: ProcessTable;
+}
+
+async function portReading(pid: number, ports: readonly number[]): Promise<PortReading> {
+  const since = await freshTables(pid);
+  if (heldOf([pid], new Set(ports), since).size >= new Set(ports).size) return { since };
+  return { since, table: await freshTable() };
+}
+
+/**
  * Every declared port must be held by the engine's process tree (a TCP LISTEN socket, or a
  * bound UDP socket) right now: the reaper later test-binds and reports these ports, so a
  * caller may not name a port that belongs to someone else. SR_PORT_NOT_OWNED otherwise.
@@ -615,16 +637,18 @@ function checkPortsHeld(
   declared: readonly (readonly [port: number, index: number])[],
   engine: ProcessIdentity,
   cgroup: string | null,
-  tablesSince: number | undefined,
+  reading: PortReading | undefined,
 ): void {
   if (declared.length === 0) return;
   const ports = declared.map(([port]) => port);
   const wanted = new Set(ports);
+  const tablesSince = reading?.since;
   let held = heldOf([engine.pid], wanted, tablesSince);
   if (held.size < wanted.size || liveness(engine) !== "alive") {
     // The tree, and a contained session's cgroup: what a launcher started and left (a
     // daemonized server, re-parented away from the tree) is still in there.
-    const pids = new Set(processTree(engine).map((p) => p.pid));
+    const tree = reading?.table !== undefined ? reading.table.tree(engine) : descendantTree(engine);
+    const pids = new Set(tree.map((p) => p.pid));
     if (cgroup !== null) for (const pid of cgroupPids(cgroup)) pids.add(pid);
     held = heldOf([...pids], wanted, tablesSince);
   }
