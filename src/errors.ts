@@ -54,6 +54,11 @@ export const ERRORS = {
   },
   SR_SESSION_EXISTS: { status: 409, summary: "a session with this id already exists" },
   SR_SESSION_NOT_FOUND: { status: 404, summary: "no session has this id" },
+  SR_SESSION_GONE: {
+    status: 410,
+    summary:
+      "the session ended and its record was purged (store.retain_reaped_sec): its tombstone says when and why; do not register it again",
+  },
   SR_SESSION_FENCED: { status: 409, summary: "the session is being reaped or was reaped" },
   SR_SESSION_NOT_LIVE: { status: 409, summary: "the session is no longer live" },
   SR_SESSION_DAMAGED: {

@@ -20,6 +20,7 @@ export const AUDIT_EVENTS = [
   "daemon.stalled",
   "daemon.lines_dropped",
   "session.damaged",
+  "store.purged",
 ] as const;
 export type AuditEventName = (typeof AUDIT_EVENTS)[number];
 

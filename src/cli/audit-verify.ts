@@ -49,7 +49,7 @@ export interface Trail {
   lines: number;
   /** JSON lines without an `event` (operational pino lines: "signal sent", …): skipped. */
   nonAudit: number;
-  /** Events that concern no session: daemon.*, and orphan.found in report mode. */
+  /** Events that concern no session: daemon.*, store.purged, and orphan.found in report mode. */
   daemonEvents: number;
   malformed: { line: number; text: string }[];
   unknown: { line: number; event: string; sessionId: string | null }[];
@@ -133,7 +133,9 @@ function addEvent(
   }
   // A report-mode orphan.found concerns a process or path, not a session; in reap mode it
   // names the session it became, and counts in that session's trail.
-  if (event.startsWith("daemon.") || (event === "orphan.found" && sessionId === null)) {
+  // store.purged (retention) names counts and a time range, no session: the sessions it
+  // removed are asked of the daemon, which answers their tombstones (410).
+  if (event.startsWith("daemon.") || event.startsWith("store.") || (event === "orphan.found" && sessionId === null)) {
     trail.daemonEvents++;
     return;
   }
@@ -228,9 +230,12 @@ export async function readTrail(input: Readable): Promise<Trail> {
   return trail;
 }
 
-/** What the daemon's events say about one session; `known: false` when it answers 404. */
+/**
+ * What the daemon's events say about one session; `known: false` when it answers 404;
+ * `purged` when it answers 410 (reaped, its record purged by retention: only its tombstone is left).
+ */
 export type DaemonView =
-  { known: false } | { known: true; leftLive: boolean; finished: boolean; quarantined?: boolean };
+  { known: false } | { known: true; leftLive: boolean; finished: boolean; quarantined?: boolean; purged?: boolean };
 
 export type DaemonCheck =
   | { status: "checked"; socket: string; sessions: number }
@@ -381,6 +386,9 @@ async function askDaemon(ctx: Context, ids: string[]): Promise<Map<string, Daemo
           finished: names.includes("reap.finished"),
           quarantined,
         });
+      } else if (res.status === 410) {
+        // Reaped, and its record purged since (retention): its tombstone stands for its events.
+        views.set(id, { known: true, leftLive: true, finished: true, purged: true });
       } else if (res.status === 404 || res.status === 400) {
         views.set(id, { known: false }); // 400: not even a valid session id
       } else {

@@ -166,7 +166,8 @@ export interface ReaperClientEvents {
   retrying: [RetryInfo];
   /**
    * The daemon refuses this session's heartbeats: 409 `SR_SESSION_FENCED` (it is being
-   * reaped: the engine is about to be terminated), or 404 if it no longer knows it. The
+   * reaped: the engine is about to be terminated), 410 `SR_SESSION_GONE` (reaped, its record
+   * purged since), or 404 if it no longer knows it. The
    * loop has stopped; `close()` is not needed.
    */
   fenced: [ReaperApiError];
@@ -333,7 +334,8 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
     this.stop();
     const res = await this.call<Session>("DELETE", this.path());
     if (res.status === 202) return (this.current = res.body);
-    if (res.status === 409) return null;
+    // 409: being reaped or reaped already; 410: reaped, and its record purged since.
+    if (res.status === 409 || res.status === 410) return null;
     throw ReaperApiError.from(res);
   }
 
@@ -348,12 +350,33 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
   async waitForReap(opts: { timeoutMs?: number; pollMs?: number; signal?: AbortSignal } = {}): Promise<Session> {
     const end = Date.now() + (opts.timeoutMs ?? 60_000);
     for (;;) {
-      const s = await this.get();
+      let s: Session;
+      try {
+        s = await this.get();
+      } catch (err) {
+        // Reaped, and its record purged since (store.retain_reaped_sec): what its tombstone says.
+        if (err instanceof ReaperApiError && err.status === 410 && this.current !== null) return this.gone(err);
+        throw err;
+      }
       if (s.state === "reaped") return s;
       opts.signal?.throwIfAborted();
       if (Date.now() >= end) throw new Error(`session ${s.id} is still ${s.state}`);
       await new Promise((r) => setTimeout(r, opts.pollMs ?? 100));
     }
+  }
+
+  /** The session as last known, ended as its tombstone says (410 SR_SESSION_GONE's detail). */
+  private gone(err: ReaperApiError): Session {
+    const d = err.detail ?? {};
+    const str = (v: unknown): string | null => (typeof v === "string" ? v : null);
+    return (this.current = {
+      ...(this.current as Session),
+      state: "reaped",
+      deadline: null,
+      reason: str(d.reason) as Reason | null,
+      outcome: str(d.outcome) as Outcome | null,
+      reapedAt: str(d.endedAt),
+    });
   }
 
   private sessionId(): string {
@@ -401,7 +424,7 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
     } else if (res.status >= 500) {
       this.retry(loop, ReaperApiError.from(res)); // e.g. 503 while the daemon closes
     } else {
-      // 409 fenced, 404 unknown: no later heartbeat can succeed. Stop before telling.
+      // 409 fenced, 410 gone, 404 unknown: no later heartbeat can succeed. Stop before telling.
       this.stop();
       this.emit("fenced", ReaperApiError.from(res));
     }

@@ -68,7 +68,14 @@ export interface Config {
   /** The file this came from, or null when running on embedded defaults. */
   readonly source: string | null;
   readonly api: ApiConfig;
-  readonly store: { readonly path: string; readonly flushIntervalMs: number };
+  readonly store: {
+    readonly path: string;
+    readonly flushIntervalMs: number;
+    /** Reaped sessions older than this (by the reap's end) are purged, leaving a tombstone; 0: never. */
+    readonly retainReapedSec: number;
+    /** Tombstones older than this (by the session's end) are purged; 0: never. */
+    readonly retainTombstonesSec: number;
+  };
   readonly log: { readonly level: LogLevel; readonly file: string };
   readonly detect: { readonly livenessSchedule: string; readonly livenessCpuPercent: number };
   readonly reaper: { readonly concurrency: number; readonly shutdownGraceSec: number };
@@ -183,7 +190,7 @@ type Raw = {
     max_connections_per_uid?: number;
     tcp?: { listen: string; token_file: string };
   };
-  store?: { path?: string; flush_interval_ms?: number };
+  store?: { path?: string; flush_interval_ms?: number; retain_reaped_sec?: number; retain_tombstones_sec?: number };
   log?: { level?: LogLevel; file?: string };
   detect?: { liveness_schedule?: string; liveness_cpu_percent?: number };
   reaper?: { concurrency?: number; shutdown_grace_sec?: number };
@@ -259,6 +266,14 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
   const dbPath =
     envValue(env, "REAPER_DB") ?? raw.store?.path ?? join(firstDir(env, "STATE_DIRECTORY") ?? opts.cwd, "reaper.db");
 
+  const retainReapedSec = raw.store?.retain_reaped_sec ?? DEFAULTS.store.retain_reaped_sec;
+  const retainTombstonesSec = raw.store?.retain_tombstones_sec ?? DEFAULTS.store.retain_tombstones_sec;
+  if (retainTombstonesSec !== 0 && (retainReapedSec === 0 || retainTombstonesSec < retainReapedSec)) {
+    throw new ReaperError(
+      "SR_CONFIG_INVALID",
+      `${where}: store.retain_tombstones_sec: ${retainTombstonesSec} is shorter than store.retain_reaped_sec (${retainReapedSec === 0 ? "0: reaped sessions are kept for ever" : retainReapedSec}): a tombstone must outlive the session it stands for (0 keeps tombstones for ever)`,
+    );
+  }
   const headerTimeout = raw.api?.header_timeout_ms ?? DEFAULTS.api.header_timeout_ms;
   const requestTimeout = raw.api?.request_timeout_ms ?? DEFAULTS.api.request_timeout_ms;
   if (headerTimeout > requestTimeout) {
@@ -310,6 +325,8 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
     store: {
       path: dbPath === ":memory:" ? dbPath : resolve(opts.cwd, dbPath),
       flushIntervalMs: raw.store?.flush_interval_ms ?? DEFAULTS.store.flush_interval_ms,
+      retainReapedSec,
+      retainTombstonesSec,
     },
     log: { level: level as LogLevel, file: raw.log?.file ?? DEFAULTS.log.file },
     detect: {

@@ -28,7 +28,8 @@ export const DEFAULTS = {
     max_connections: 1024,
     max_connections_per_uid: 128,
   },
-  store: { flush_interval_ms: 1000 },
+  // Retention: reaped sessions 30 days, their tombstones a year (0: kept for ever).
+  store: { flush_interval_ms: 1000, retain_reaped_sec: 2_592_000, retain_tombstones_sec: 31_536_000 },
   log: { level: "info", file: "" },
   detect: { liveness_schedule: "*/2 * * * * *", liveness_cpu_percent: 0.25 },
   reaper: { concurrency: 1024, shutdown_grace_sec: 20 },
@@ -168,6 +169,8 @@ export const configSchema = {
       properties: {
         path: { type: "string", minLength: 1 },
         flush_interval_ms: { type: "integer", minimum: 10, maximum: 60000 },
+        retain_reaped_sec: { type: "integer", minimum: 0, maximum: 3_153_600_000 },
+        retain_tombstones_sec: { type: "integer", minimum: 0, maximum: 3_153_600_000 },
       },
     },
     log: {

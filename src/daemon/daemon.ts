@@ -3,6 +3,7 @@ import { JOURNAL_VERSION, olderRecord } from "../cleanup/journal.js";
 import type { FastifyInstance } from "fastify";
 import pidusage from "pidusage";
 import type { DestinationStream, Logger } from "pino";
+import { Retention } from "../audit/retention.js";
 import { AuditTrail } from "../audit/audit.js";
 import { Callers } from "../auth/caller.js";
 import { createLogger, type Loggers } from "../audit/logger.js";
@@ -94,6 +95,8 @@ export class Daemon {
   readonly reaper: Reaper;
   readonly sessions: Sessions;
   readonly orphans: OrphanSweep;
+  /** Purges reaped sessions past store.retain_reaped_sec, leaving tombstones. */
+  readonly retention: Retention;
   readonly app: FastifyInstance;
   /** Peer credentials per connection, shared by the unix socket and loopback TCP. */
   readonly callers: Callers;
@@ -142,6 +145,13 @@ export class Daemon {
     }
     const sink = this.loggers.sink;
     this.audit = new AuditTrail(this.store, this.loggers.audit, clock);
+    this.retention = new Retention({
+      store: this.store,
+      audit: this.audit,
+      clock,
+      log: this.log,
+      policy: { retainReapedSec: config.store.retainReapedSec, retainTombstonesSec: config.store.retainTombstonesSec },
+    });
     if (sink !== null) sink.onRecovered = () => this.reportDroppedLines();
     this.metrics = new Metrics({
       store: this.store,
@@ -354,6 +364,7 @@ export class Daemon {
     });
     // After recovery, so that every session the table still knows claims its processes.
     this.orphans.start();
+    this.retention.start();
   }
 
   /**
@@ -452,6 +463,7 @@ export class Daemon {
     await part("detector", () => this.detector.stop());
     await part("stall watch", () => (this.stallWatch.stop(), this.crowdWatch.stop()));
     await part("orphan sweep", () => this.orphans.stop());
+    await part("retention", () => this.retention.stop());
     // Watchdog pings go on while reaps drain: a long, healthy stop is not a hang.
     await part("reaper", () => this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000));
     await part("timers", () => {

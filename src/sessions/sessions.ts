@@ -15,7 +15,7 @@ import type { Metrics } from "../metrics/metrics.js";
 import { identify, liveness } from "../proc/identity.js";
 import { freshTables, heldOf, inetSockets } from "../proc/sockets.js";
 import { cgroupPids } from "../proc/cgroup.js";
-import type { ProcessTable} from "../proc/tree.js";
+import type { ProcessTable } from "../proc/tree.js";
 import { descendantTree, freshTable } from "../proc/tree.js";
 import { trackingOf, type LineageStatus, type SessionLineage } from "../proc/lineage.js";
 import { checkPath } from "../paths/validate.js";
@@ -243,6 +243,14 @@ export class Sessions {
     if (store.getSession(id) !== undefined) {
       throw new ReaperError("SR_SESSION_EXISTS", `a session with id "${id}" already exists`);
     }
+    const tomb = store.tombstone(id);
+    if (tomb !== undefined) {
+      throw new ReaperError(
+        "SR_SESSION_EXISTS",
+        `a session with id "${id}" existed: it ended at ${isoTime(tomb.endedAt)} and its id may not be used again`,
+        { endedAt: isoTime(tomb.endedAt), reason: tomb.reason, outcome: tomb.outcome },
+      );
+    }
     return { id, profileName, profile, engine, ownerPid, timeouts, paths, ports };
   }
 
@@ -456,7 +464,7 @@ export class Sessions {
 
   private endNow(id: string, reason: "closed" | "forced", caller: Caller): Session {
     const s = this.deps.store.getSession(id);
-    if (s === undefined) throw new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
+    if (s === undefined) throw this.missing(id);
     checkActor(caller, s.registeredBy, id);
     const by = { uid: caller.uid, pid: caller.pid, via: caller.via, admin: caller.admin };
     if (!this.expire(id, reason, { by })) throw this.notLive(id, "SR_SESSION_NOT_LIVE");
@@ -515,7 +523,7 @@ export class Sessions {
 
   get(id: string): Session {
     const session = this.deps.store.getSession(id);
-    if (session === undefined) throw new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
+    if (session === undefined) throw this.missing(id);
     return this.withLiveTiming(session);
   }
 
@@ -556,9 +564,24 @@ export class Sessions {
     };
   }
 
+  /**
+   * An id with no session: 410 SR_SESSION_GONE when its record was purged (its tombstone: when
+   * and why it ended), else 404. A client must not read a purged session as one to register again.
+   */
+  private missing(id: string): ReaperError {
+    const t = this.deps.store.tombstone(id);
+    if (t === undefined) return new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
+    const ended = isoTime(t.endedAt);
+    return new ReaperError(
+      "SR_SESSION_GONE",
+      `session "${id}" ended at ${ended}${t.reason ? ` (${t.reason}` : ""}${t.outcome ? `, ${t.outcome})` : t.reason ? ")" : ""}; its record was purged`,
+      { endedAt: ended, reason: t.reason, outcome: t.outcome },
+    );
+  }
+
   private notLive(id: string, code: "SR_SESSION_FENCED" | "SR_SESSION_NOT_LIVE"): ReaperError {
     const s = this.deps.store.getSession(id);
-    if (s === undefined) return new ReaperError("SR_SESSION_NOT_FOUND", `no session has id "${id}"`);
+    if (s === undefined) return this.missing(id);
     if (s.state === "damaged") {
       return new ReaperError(
         "SR_SESSION_DAMAGED",

@@ -49,6 +49,34 @@ export function corrupt(path: string, found: string): ReaperError {
   );
 }
 
+/** A database up to this size is converted to incremental vacuum at open (a VACUUM: well under a second). */
+const CONVERT_UP_TO_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Retention frees pages; with auto_vacuum = INCREMENTAL they are given back to the file
+ * system (the purge's `vacuumStep`), so the file shrinks after a burst. A new database gets
+ * it before anything is written (openDatabase); an existing one needs a VACUUM (a rewrite of the whole file under
+ * an exclusive lock), done here only for a small file. A larger one keeps reusing its free
+ * pages (it stops growing, it does not shrink): docs/operations.md says how to convert it.
+ * A VACUUM that fails (a full disk) changes nothing and does not stop the start.
+ */
+function incrementalVacuum(db: Database): void {
+  if (db.memory || db.pragma("auto_vacuum", { simple: true }) === 2) return;
+  const size =
+    (db.pragma("page_count", { simple: true }) as number) * (db.pragma("page_size", { simple: true }) as number);
+  if (size > CONVERT_UP_TO_BYTES) return;
+  try {
+    db.pragma("auto_vacuum = INCREMENTAL");
+    db.exec("VACUUM");
+  } catch {
+    // stays as it was; the free pages are still reused
+  }
+}
+
+function isEmpty(db: Database): boolean {
+  return (db.prepare("SELECT COUNT(*) AS n FROM sqlite_schema").get() as { n: number }).n === 0;
+}
+
 /** Opens, checks and migrates the database at `path` (":memory:" for none on disk). */
 export function openDatabase(path: string, now: number): { db: Database; space: DiskSpace | null } {
   let db: Database | null = null;
@@ -60,6 +88,9 @@ export function openDatabase(path: string, now: number): { db: Database; space: 
     }
     db = new BetterSqlite3(path);
     db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    // Before WAL: a new database takes its vacuum mode only before its header is written.
+    const fresh = isEmpty(db);
+    if (fresh) db.pragma("auto_vacuum = INCREMENTAL");
     db.pragma("journal_mode = WAL");
     // NORMAL in WAL mode: a commit survives a daemon crash; only an OS crash may lose the
     // last transactions, and the journal is replayed from whatever did reach the disk.
@@ -81,6 +112,7 @@ export function openDatabase(path: string, now: number): { db: Database; space: 
     const check = db.pragma("quick_check(20)", { simple: false }) as { quick_check: string }[];
     const problems = check.map((r) => r.quick_check).filter((m) => m !== "ok");
     if (problems.length > 0) throw corrupt(path, `quick_check: ${problems.slice(0, 3).join("; ")}`);
+    if (!fresh) incrementalVacuum(db);
     migrate(db, now);
   } catch (err) {
     db?.close();

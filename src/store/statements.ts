@@ -31,6 +31,14 @@ export type Statements = {
   probe: Statement;
   tree: Statement;
   additions: Statement;
+  purgeable: Statement;
+  bury: Statement;
+  purgeSteps: Statement;
+  purgeEvents: Statement;
+  purgeSession: Statement;
+  purgeTombstones: Statement;
+  purgeUnsessioned: Statement;
+  tombstone: Statement;
 };
 
 export function prepareStatements(db: Database): Statements {
@@ -98,5 +106,18 @@ export function prepareStatements(db: Database): Statements {
     probe: db.prepare("UPDATE store_probe SET at = ? WHERE id = 1"),
     tree: db.prepare("UPDATE sessions SET tree = ? WHERE id = ?"),
     additions: db.prepare("UPDATE sessions SET ports = ?, paths = ?, labels = ? WHERE id = ? AND state = 'live'"),
+    // Retention (issue 25): only reaped rows are ever selected; live and reaping ones never.
+    purgeable: db.prepare(`SELECT id, reaped_at, reason, outcome FROM sessions
+      WHERE state = 'reaped' AND reaped_at < ? ORDER BY reaped_at LIMIT ?`),
+    bury: db.prepare(`INSERT OR REPLACE INTO tombstones (id, ended_at, reason, outcome, purged_at)
+      VALUES (?, ?, ?, ?, ?)`),
+    purgeSteps: db.prepare("DELETE FROM reap_steps WHERE session_id = ?"),
+    purgeEvents: db.prepare("DELETE FROM audit_events WHERE session_id = ?"),
+    purgeSession: db.prepare("DELETE FROM sessions WHERE id = ? AND state = 'reaped'"),
+    purgeTombstones: db.prepare(`DELETE FROM tombstones WHERE id IN
+      (SELECT id FROM tombstones WHERE ended_at < ? ORDER BY ended_at LIMIT ?)`),
+    purgeUnsessioned: db.prepare(`DELETE FROM audit_events WHERE seq IN
+      (SELECT seq FROM audit_events WHERE session_id IS NULL AND at < ? ORDER BY at LIMIT ?)`),
+    tombstone: db.prepare("SELECT id, ended_at, reason, outcome FROM tombstones WHERE id = ?"),
   };
 }

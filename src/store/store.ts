@@ -68,6 +68,23 @@ export type RecoveredSession = Omit<StoredLive, "busyCpuPercent"> & {
   readonly damage: readonly Damage[];
 };
 
+/** What a purge batch removed: sessions (with their steps and events), and the range of their reaps' ends. */
+export interface PurgedSessions {
+  sessions: number;
+  steps: number;
+  events: number;
+  from: number | null;
+  to: number | null;
+}
+
+/** A purged session's tombstone: its id may not be used again, and it is answered 410. */
+export interface Tombstone {
+  readonly id: string;
+  readonly endedAt: number;
+  readonly reason: string | null;
+  readonly outcome: string | null;
+}
+
 /** Told of every damaged stored value met while reading (`sessionId`: the session it belongs to). */
 export type DamageListener = (sessionId: string, damage: readonly Damage[]) => void;
 
@@ -526,6 +543,65 @@ export class Store {
       this.stateCounts.reaped++;
     }
     return finished;
+  }
+
+  /**
+   * Purges up to `limit` reaped sessions whose reap ended before `before` (oldest first): their
+   * reap steps, their audit events and their rows, each leaving a tombstone (`tombstone`).
+   * Never a live or reaping session: only rows in state `reaped` are selected and deleted. The
+   * caller runs it inside a transaction (with the `store.purged` event that says so).
+   */
+  purgeReaped(before: number, limit: number, now: number): PurgedSessions {
+    const rows = this.stmts.purgeable.all(before, limit) as {
+      id: string;
+      reaped_at: number;
+      reason: string | null;
+      outcome: string | null;
+    }[];
+    const out: PurgedSessions = { sessions: 0, steps: 0, events: 0, from: null, to: null };
+    for (const r of rows) {
+      this.stmts.bury.run(r.id, r.reaped_at, r.reason, r.outcome, now);
+      out.steps += this.stmts.purgeSteps.run(r.id).changes;
+      out.events += this.stmts.purgeEvents.run(r.id).changes;
+      if (this.stmts.purgeSession.run(r.id).changes !== 1) continue;
+      out.sessions++;
+      out.from = Math.min(out.from ?? r.reaped_at, r.reaped_at);
+      out.to = Math.max(out.to ?? r.reaped_at, r.reaped_at);
+    }
+    if (out.sessions > 0 && this.stateCounts !== null) this.stateCounts.reaped -= out.sessions;
+    return out;
+  }
+
+  /** Tombstones of sessions that ended before `before`, at most `limit`: how many went. */
+  purgeTombstones(before: number, limit: number): number {
+    return this.stmts.purgeTombstones.run(before, limit).changes;
+  }
+
+  /** Audit events of no session (daemon.*, store.purged, orphans) older than `before`, at most `limit`. */
+  purgeUnsessionedEvents(before: number, limit: number): number {
+    return this.stmts.purgeUnsessioned.run(before, limit).changes;
+  }
+
+  /** What is left of a purged session: when and how it ended. */
+  tombstone(id: string): Tombstone | undefined {
+    const r = this.stmts.tombstone.get(id) as
+      { id: string; ended_at: number; reason: string | null; outcome: string | null } | undefined;
+    return r && { id: r.id, endedAt: r.ended_at, reason: r.reason, outcome: r.outcome };
+  }
+
+  /**
+   * Gives up to `pages` free pages back to the file system (incremental vacuum), when the
+   * database was made with auto_vacuum = INCREMENTAL; returns the free pages left.
+   */
+  vacuumStep(pages: number): number {
+    try {
+      if (this.db.pragma("auto_vacuum", { simple: true }) !== 2) return 0;
+      this.db.pragma(`incremental_vacuum(${Math.max(1, Math.floor(pages))})`);
+      return this.db.pragma("freelist_count", { simple: true }) as number;
+    } catch (err) {
+      if (isStoreFault(err)) return 0; // the next pass tries again; the pages are reused meanwhile
+      throw err;
+    }
   }
 
   /** Counts one more start of the session's reap pipeline; returns the attempt number. */
