@@ -9,6 +9,7 @@ import { resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { ReaperError, errorMessage } from "../errors.js";
 import { auditVerify } from "./audit-verify.js";
+import { backup } from "./backup.js";
 import { callApi } from "../client/transport.js";
 import { EXIT, UsageError, type Context } from "./command.js";
 import { end, events, expiring, list, orphans, show, status, update } from "./commands.js";
@@ -203,6 +204,27 @@ Examples:
       label: { type: "string", multiple: true },
     },
     run: update,
+  },
+  {
+    name: "backup",
+    synopsis: "backup FILE [--db PATH]",
+    summary: "a consistent copy of the daemon's database, while it runs",
+    help: `Copies the daemon's SQLite database to FILE while the daemon runs, with SQLite's online
+backup API: one consistent snapshot (the daemon goes on writing meanwhile), written under a
+temporary name, checked (integrity_check) and renamed to FILE. The daemon says where its
+database is; --db names it instead (a stopped daemon). reaperctl reads the database itself:
+run it as root or as the daemon's user. FILE must not exist. Prints the copy's size and what
+it holds. To restore: stop the daemon, move reaper.db and its -wal and -shm files aside, copy
+FILE to reaper.db, start the daemon (docs/operations.md, "Backup and restore").
+
+Options:
+  --db PATH   the database to copy (default: the one the daemon names)
+
+Examples:
+  reaperctl backup /var/backups/session-reaper/reaper-$(date +%F).db
+  reaperctl backup --db /var/lib/session-reaper/reaper.db /root/reaper.db`,
+    options: { db: { type: "string" } },
+    run: backup,
   },
   {
     name: "audit verify",

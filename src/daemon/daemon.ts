@@ -270,6 +270,7 @@ export class Daemon {
       version: VERSION,
       startedAt: new Date(this.startedAt).toISOString(),
       ready: this.stateValue === "running",
+      database: this.config.store.path,
       lineage: {
         available: status.available,
         ...(status.available ? {} : { why: status.why }),

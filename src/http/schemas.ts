@@ -477,6 +477,7 @@ export const daemonResponse = {
     state: { enum: ["running", "shutting_down"] },
     version: { type: "string" },
     startedAt: time,
+    database: { type: "string", description: "the SQLite database's path (store.path): what reaperctl backup copies" },
     lineage: {
       type: "object",
       additionalProperties: false,

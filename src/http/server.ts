@@ -57,6 +57,8 @@ export interface DaemonInfo {
   version: string;
   startedAt: string;
   ready: boolean;
+  /** The SQLite database's path (store.path). */
+  database: string;
   lineage: { available: boolean; why?: string; events: number; lost: number; processes: number };
 }
 

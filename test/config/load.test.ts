@@ -506,6 +506,8 @@ test("a full file is mapped to camelCase values", (t) => {
       "[store]",
       'path = "state/r.db"',
       "flush_interval_ms = 250",
+      "retain_reaped_sec = 86400",
+      "retain_tombstones_sec = 604800",
       "[log]",
       'level = "error"',
       'file = "/var/log/sr.log"',
@@ -530,7 +532,12 @@ test("a full file is mapped to camelCase values", (t) => {
     maxConnectionsPerUid: DEFAULTS.api.max_connections_per_uid,
     tcp: null,
   });
-  assert.deepEqual(c.store, { path: join(dir, "state/r.db"), flushIntervalMs: 250 });
+  assert.deepEqual(c.store, {
+    path: join(dir, "state/r.db"),
+    flushIntervalMs: 250,
+    retainReapedSec: 86400,
+    retainTombstonesSec: 604800,
+  });
   assert.deepEqual(c.log, { level: "error", file: "/var/log/sr.log" });
   assert.deepEqual(c.reaper, { concurrency: 2, shutdownGraceSec: 1.5 });
 });
