@@ -58,7 +58,7 @@ test("a backup taken mid-storm restores: started on it, every session ends once 
     const s = (await restored.api<{ state: string; reason: string; outcome: string }>("GET", `/v1/sessions/${id(i)}`))
       .body;
     if (s.state === "reaped") ends.set(id(i), { at: 0, reason: s.reason, outcome: s.outcome });
-    else ends.set(id(i), (await restored.reaped(id(i), 30_000)));
+    else ends.set(id(i), await restored.reaped(id(i), 30_000));
   }
   const db = new BetterSqlite3(join(dirB, "reaper.db"), { readonly: true });
   t.after(() => db.close());
