@@ -26,6 +26,8 @@ export interface ReaperdOptions {
   toml?: string;
   /** flush_interval_ms; default the daemon's (1000). */
   flushIntervalMs?: number;
+  /** More [store] keys (e.g. "retain_reaped_sec = 60"), one per line. */
+  storeToml?: string;
   env?: NodeJS.ProcessEnv;
   /** Another build's dist/src/main.js (before/after comparisons); default this build's. */
   reaperd?: string;
@@ -57,7 +59,8 @@ export async function startReaperd(opts: ReaperdOptions): Promise<Reaperd> {
   const db = opts.db ?? join(opts.dir, "reaper.db");
   const config = join(opts.dir, "config.toml");
   const flush = opts.flushIntervalMs === undefined ? "" : `flush_interval_ms = ${opts.flushIntervalMs}\n`;
-  writeFileSync(config, `[api]\nsocket = "${socket}"\n[store]\npath = "${db}"\n${flush}${opts.toml ?? ""}\n`);
+  const store = opts.storeToml === undefined ? "" : `${opts.storeToml}\n`;
+  writeFileSync(config, `[api]\nsocket = "${socket}"\n[store]\npath = "${db}"\n${flush}${store}${opts.toml ?? ""}\n`);
 
   const notifyPath = join(opts.dir, "notify.sock");
   const notify = start("python3", [NOTIFY_FIXTURE, notifyPath], { stdio: ["ignore", "pipe", "inherit"] });

@@ -1,0 +1,156 @@
+/**
+ * Figure 12, a year on a host in minutes: 1,000,000 sessions registered and closed, one after
+ * the other in batches, with store.retain_reaped_sec = 60: the database's size (the file and
+ * its WAL) and the daemon's RSS after 250,000, 500,000 and 1,000,000, and the reaps a second.
+ * Goal: bounded, the size at the end within 1.2 × the size at the first point (retention purges
+ * what is older than a minute, and incremental vacuum gives the pages back). BENCH_QUICK=1:
+ * 100,000 sessions, points at 25,000, 50,000 and 100,000, retention 10 s.
+ *
+ * Each batch of sessions names one engine (`sleep`), so a close costs a whole reap without a
+ * process per session: the batch's first reap ends the engine, and the rest are reaped as
+ * `engine_gone` (a close that comes after answers 409) or find it gone. The
+ * closes are not waited for; a batch starts once fewer than BACKLOG sessions are reaping.
+ */
+import { statSync } from "node:fs";
+import { callApi } from "../src/client/transport.js";
+import { startReaperd } from "./lib/daemon.js";
+import { MB, rssBytes } from "./lib/proc.js";
+import { QUICK, fmt, report, runFigure, say, sleep } from "./lib/report.js";
+import { cleanupAll, start, tempDir } from "./lib/resources.js";
+
+const TOTAL = Number(process.env.RETENTION_TOTAL ?? (QUICK ? 100_000 : 1_000_000));
+const POINTS = [TOTAL / 4, TOTAL / 2, TOTAL];
+const RETAIN_SEC = QUICK ? 10 : 60;
+const BATCH = 250;
+const IN_FLIGHT = 16;
+const BACKLOG = 2_000;
+const GOAL = 1.2;
+
+function sizeOf(path: string): number {
+  let n = 0;
+  for (const f of [path, `${path}-wal`]) {
+    try {
+      n += statSync(f).size;
+    } catch {
+      // no WAL at this moment
+    }
+  }
+  return n;
+}
+
+async function parallel(n: number, work: (i: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: IN_FLIGHT }, async () => {
+      while (next < n) await work(next++);
+    }),
+  );
+}
+
+async function main(): Promise<number> {
+  const daemon = await startReaperd({
+    dir: tempDir(),
+    storeToml: `retain_reaped_sec = ${RETAIN_SEC}`,
+    toml: '[profiles.default]\ngrace_period_sec = 1\ncontainment = "none"\n',
+  });
+  const counts = async (): Promise<Record<string, number>> =>
+    (await callApi<{ counts: Record<string, number> }>(daemon.socket, "GET", "/v1/daemon")).body.counts;
+  const points: { n: number; bytes: number; rssMb: number; reapsPerSec: number; rows: number }[] = [];
+  const t0 = performance.now();
+  let done = 0;
+  let engines = 0;
+  while (done < TOTAL) {
+    const engine = start("sleep", ["3600"]);
+    engines++;
+    await sleep(5); // exec'd: its identity is sleep's
+    const ids = Array.from({ length: Math.min(BATCH, TOTAL - done) }, (_, i) => `r-${done + i}`);
+    await parallel(ids.length, async (i) => {
+      const r = await callApi(
+        daemon.socket,
+        "POST",
+        "/v1/sessions",
+        { id: ids[i], engine: { pid: engine.pid } },
+        { timeoutMs: 60_000 },
+      );
+      if (r.status !== 201) throw new Error(`registration answered ${r.status}: ${JSON.stringify(r.body)}`);
+    });
+    await parallel(ids.length, async (i) => {
+      const r = await callApi(daemon.socket, "DELETE", `/v1/sessions/${ids[i] as string}`, undefined, {
+        timeoutMs: 60_000,
+      });
+      // 409: the batch's engine is gone already (ended by the first reap): engine_gone reaps it.
+      if (r.status !== 202 && r.status !== 409)
+        throw new Error(`close answered ${r.status}: ${JSON.stringify(r.body)}`);
+    });
+    done += ids.length;
+    for (;;) {
+      const c = await counts();
+      if ((c.reaping ?? 0) < BACKLOG) break;
+      await sleep(50);
+    }
+    const point = POINTS.find((p) => p === done);
+    if (point !== undefined) {
+      for (;;) {
+        const c = await counts(); // every close of the point reaped
+        if ((c.reaping ?? 0) === 0 && (c.live ?? 0) === 0) break;
+        await sleep(50);
+      }
+      const c = await counts();
+      const s = (performance.now() - t0) / 1000;
+      points.push({
+        n: done,
+        bytes: sizeOf(daemon.db),
+        rssMb: rssBytes(daemon.pid) / MB,
+        reapsPerSec: done / s,
+        rows: c.reaped ?? 0,
+      });
+      say(
+        `${done} sessions in ${fmt(s)} s: database ${fmt(sizeOf(daemon.db) / MB)} MB holding ${c.reaped ?? 0} reaped, RSS ${fmt(
+          rssBytes(daemon.pid) / MB,
+        )} MB, ${fmt(done / s)} reaps/s`,
+      );
+    }
+  }
+  await daemon.stop();
+  const first = points[0] as (typeof points)[number];
+  const last = points.at(-1) as (typeof points)[number];
+  const ratio = last.bytes / first.bytes;
+  return report(
+    `Figure 12: a year of sessions in minutes, retention ${RETAIN_SEC} s`,
+    [
+      {
+        figure: `database file + WAL after ${points.map((p) => fmt(p.n)).join(", ")} sessions (MB)`,
+        baseline: `${fmt(first.bytes / MB)} (after ${fmt(first.n)})`,
+        result: points.map((p) => fmt(p.bytes / MB)).join(", "),
+        ratio: fmt(ratio),
+        goal: `<= ${GOAL} x the first`,
+        pass: ratio <= GOAL,
+        noise: "none (file sizes)",
+      },
+      {
+        figure: "daemon RSS at the same points (MB)",
+        baseline: fmt(first.rssMb),
+        result: points.map((p) => fmt(p.rssMb)).join(", "),
+        ratio: fmt(last.rssMb / first.rssMb),
+        goal: "reported",
+        pass: null,
+        noise: "one run",
+      },
+      {
+        figure: "reaps per second (registered, closed and reaped), cumulative at each point",
+        baseline: "",
+        result: points.map((p) => fmt(p.reapsPerSec)).join(", "),
+        ratio: "",
+        goal: "reported",
+        pass: null,
+        noise: "one run",
+      },
+    ],
+    [
+      `retention ${RETAIN_SEC} s; reaped sessions held at each point: ${points.map((p) => fmt(p.rows)).join(", ")}`,
+      `${fmt(engines)} engines (sleep), ${BATCH} sessions each; ${IN_FLIGHT} requests in flight`,
+    ],
+  );
+}
+
+runFigure(main, cleanupAll);
