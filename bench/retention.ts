@@ -18,7 +18,7 @@
  * `engine_gone` (a close that comes after answers 409) or find it gone. The
  * closes are not waited for; a batch starts once fewer than BACKLOG sessions are reaping.
  */
-import { readFileSync, statSync } from "node:fs";
+import { closeSync, fstatSync, openSync, readSync, statSync } from "node:fs";
 import BetterSqlite3 from "better-sqlite3";
 import { callApi } from "../src/client/transport.js";
 import { startReaperd } from "./lib/daemon.js";
@@ -56,9 +56,38 @@ function pagesSize(path: string): { bytes: number; free: number; tombstones: num
   }
 }
 
-/** store.purged lines in the daemon's log so far. */
-function purges(logFile: string): number {
-  return readFileSync(logFile, "utf8").split('"event":"store.purged"').length - 1;
+const PURGED = '"event":"store.purged"';
+
+/**
+ * store.purged lines in the daemon's log so far, read as the log grows: only what was
+ * appended since the last call (a million reaps write about 3.5 GB of log, more than one
+ * string can hold). A match cut by a read is found whole in the next one, with the tail kept.
+ */
+class PurgeCount {
+  private offset = 0;
+  private tail = "";
+  private n = 0;
+  private readonly buf = Buffer.alloc(1 << 20);
+
+  constructor(private readonly file: string) {}
+
+  read(): number {
+    const fd = openSync(this.file, "r");
+    try {
+      const size = fstatSync(fd).size;
+      while (this.offset < size) {
+        const got = readSync(fd, this.buf, 0, Math.min(this.buf.length, size - this.offset), this.offset);
+        if (got === 0) break;
+        this.offset += got;
+        const text = this.tail + this.buf.toString("latin1", 0, got);
+        this.n += text.split(PURGED).length - 1;
+        this.tail = text.slice(-(PURGED.length - 1));
+      }
+    } finally {
+      closeSync(fd);
+    }
+    return this.n;
+  }
 }
 
 async function parallel(n: number, work: (i: number) => Promise<void>): Promise<void> {
@@ -89,6 +118,7 @@ async function main(): Promise<number> {
     reapsPerSec: number;
     rows: number;
   }[] = [];
+  const purged = new PurgeCount(daemon.logFile);
   const t0 = performance.now();
   let done = 0;
   let engines = 0;
@@ -130,8 +160,8 @@ async function main(): Promise<number> {
       }
       const s = (performance.now() - t0) / 1000; // the rate up to the point, not the wait below
       // The next retention pass's end, and a second for its vacuum.
-      const seen = purges(daemon.logFile);
-      while (purges(daemon.logFile) === seen) await sleep(100);
+      const seen = purged.read();
+      while (purged.read() === seen) await sleep(100);
       await sleep(1_000);
       const c = await counts();
       const size = pagesSize(daemon.db);

@@ -43,11 +43,16 @@ export const ERRORS = {
   SR_UID_NOT_ALLOWED: { status: 403, summary: "the profile's allowed_uids does not include the engine's uid" },
   SR_NOT_SESSION_OWNER: {
     status: 403,
-    summary: "only the uid that registered the session, or an admin, may heartbeat, close or reap it",
+    summary:
+      "only the uid that registered the session, or an admin, may heartbeat, close or reap it, or follow its events (GET /v1/events?session=)",
   },
   SR_TOO_MANY_SESSIONS: { status: 429, summary: "the caller's uid already has api.max_sessions_per_uid live sessions" },
   SR_UNKNOWN_PROFILE: { status: 400, summary: "no profile has this name" },
   SR_TIMEOUT_ABOVE_MAX: { status: 400, summary: "a requested timeout exceeds the profile's maximum" },
+  SR_EXTEND_ABOVE_MAX: {
+    status: 400,
+    summary: "a requested extension exceeds the profile's max_extend_sec (detail: maxExtendSec)",
+  },
   SR_CONTAINMENT_UNAVAILABLE: {
     status: 400,
     summary: 'the profile requires a cgroup per session (containment = "cgroup") and none could be made or filled',
@@ -58,6 +63,11 @@ export const ERRORS = {
     status: 410,
     summary:
       "the session ended and its record was purged (store.retain_reaped_sec): its tombstone says when and why; do not register it again",
+  },
+  SR_EVENTS_PURGED: {
+    status: 410,
+    summary:
+      "GET /v1/events: events after `since` were purged (store.retain_reaped_sec): detail.purgedThrough is the highest seq removed; resume from it knowing what is lost",
   },
   SR_SESSION_FENCED: { status: 409, summary: "the session is being reaped or was reaped" },
   SR_SESSION_NOT_LIVE: { status: 409, summary: "the session is no longer live" },

@@ -16,11 +16,15 @@ export const AUDIT_EVENTS = [
   "reap.started",
   "reap.step",
   "reap.finished",
+  // A reap that left unkillable processes, finished once they were all gone (src/reaper/resolver.ts).
+  "reap.resolved",
   "orphan.found",
   "daemon.stalled",
   "daemon.lines_dropped",
   "session.damaged",
   "store.purged",
+  "session.warning",
+  "session.extended",
 ] as const;
 export type AuditEventName = (typeof AUDIT_EVENTS)[number];
 
@@ -31,6 +35,11 @@ export interface AuditEvent extends Omit<NewEvent, "at" | "event"> {
 
 export interface RecordedAuditEvent extends AuditEvent {
   at: number;
+  /**
+   * Its row's seq in audit_events (SQLite AUTOINCREMENT: commit order), which the event stream
+   * (GET /v1/events) resumes from; absent when the row could not be stored (`stored: false`).
+   */
+  seq?: number;
 }
 
 /**
@@ -145,12 +154,12 @@ export class AuditTrail {
     const full: RecordedAuditEvent = { ...e, at: this.clock.now() };
     if (full.durationMs !== undefined) full.durationMs = Math.round(full.durationMs);
     if (this.pending !== null) {
-      this.store.insertEvent(full);
+      full.seq = this.store.insertEvent(full);
       this.pending.push(full);
       return;
     }
     try {
-      this.store.transaction(() => this.store.insertEvent(full));
+      full.seq = this.store.transaction(() => this.store.insertEvent(full));
     } catch (err) {
       if (!(err instanceof ReaperError && err.code === "SR_STORE_UNAVAILABLE")) throw err;
       full.detail = { ...full.detail, stored: false };
@@ -180,8 +189,9 @@ export class AuditTrail {
    * what fails here (a listener) must not turn it into an error for the caller.
    */
   private publish(e: RecordedAuditEvent): void {
-    const { at, ...fields } = e;
+    const { at, seq, ...fields } = e;
     void at; // pino stamps the line with the same injected clock (see createLogger)
+    void seq; // the row's own: the line stays as it was (audit verify reads lines, not rows)
     try {
       this.log.info(fields, e.event);
     } catch {

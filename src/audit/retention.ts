@@ -101,12 +101,14 @@ export class Retention {
       const now = clock.now();
       const before = now - policy.retainReapedSec * 1000;
       const batch = audit.transaction(() => {
+        // Read before this batch removes anything: it may remove the store.purged that holds it.
+        const priorThrough = store.purgedThroughSeq();
         const purged = store.purgeReaped(before, SESSIONS_PER_BATCH, now);
         const tombstones =
           policy.retainTombstonesSec === 0
             ? 0
             : store.purgeTombstones(now - policy.retainTombstonesSec * 1000, ROWS_PER_BATCH);
-        const unsessioned = store.purgeUnsessionedEvents(before, ROWS_PER_BATCH);
+        const { events: unsessioned, throughSeq } = store.purgeUnsessionedEvents(before, ROWS_PER_BATCH);
         const any = purged.sessions + tombstones + unsessioned > 0;
         if (any) {
           audit.record({
@@ -120,6 +122,10 @@ export class Retention {
               to: purged.to,
               before,
               retainReapedSec: policy.retainReapedSec,
+              // The highest seq removed by this batch or any before it (the event stream answers
+              // a `since` below it 410 SR_EVENTS_PURGED): carried from the newest store.purged,
+              // which a batch may remove, so that the highest is never lost.
+              throughSeq: Math.max(priorThrough, purged.throughSeq ?? 0, throughSeq ?? 0),
             },
           });
         }

@@ -31,6 +31,11 @@ export interface CommonDetail {
   readonly error?: string;
   /** The step was not run (the pipeline crashed before it). */
   readonly notRun?: string;
+  /**
+   * Run again by the reap's resolution, once the processes it left unkillable were gone
+   * (src/reaper/resolver.ts): when, ms since the epoch. The first run's record is in its reap.step event.
+   */
+  readonly resolution?: number;
 }
 
 export interface FenceDetail {
@@ -61,6 +66,10 @@ export interface TerminateDetail {
   /** What the session used, read before the first signal. */
   readonly usage?: UsageSample;
   readonly cgroup?: { readonly path: string; readonly kill: string; readonly removed: boolean };
+  /** How many processes outlived their SIGKILL by unkillable_timeout_sec (each an `unkillable` leftover). */
+  readonly unkillable?: number;
+  /** The profile's unkillable hook, when it ran. */
+  readonly unkillableHook?: HookReport;
   [field: string]: unknown;
 }
 

@@ -37,9 +37,20 @@ export type HookReport = HookOutcome & { durationMs: number };
 const STDERR_TAIL = 1024;
 
 /**
- * Runs the profile's release hooks concurrently, each isolated: its own timeout, its own
- * error handling, its own report. Never rejects; a failing or hanging hook only marks its
- * own report, so the other hooks and the port verification always run.
+ * What a kind of hook adds to the session's facts: placeholders for its argv, fields for its
+ * JSON body, and its name in the log (a warning's hooks: `{reason}` and `{in_sec}`).
+ */
+export interface HookNotice {
+  readonly kind: string;
+  readonly placeholders: Readonly<Record<string, string>>;
+  readonly body: Readonly<Record<string, unknown>>;
+}
+
+/**
+ * Runs the profile's release hooks (or a warning's, with `notice`) concurrently, each
+ * isolated: its own timeout, its own error handling, its own report. Never rejects; a failing
+ * or hanging hook only marks its own report, so the other hooks and the port verification
+ * always run.
  */
 export function runReleaseHooks(
   hooks: readonly ReleaseHook[],
@@ -51,6 +62,7 @@ export function runReleaseHooks(
   timeoutMs: number,
   signal: AbortSignal,
   log: Logger,
+  notice?: HookNotice,
 ): Promise<HookReport[]> {
   return Promise.all(
     hooks.map(async (hook): Promise<HookReport> => {
@@ -66,8 +78,11 @@ export function runReleaseHooks(
         try {
           report =
             hook.kind === "http"
-              ? await postHook(hook.url, session, attempt, controller.signal)
-              : await commandHook(hook.argv, session, attempt, controller.signal, { path: hookPath });
+              ? await postHook(hook.url, session, attempt, controller.signal, notice?.body)
+              : await commandHook(hook.argv, session, attempt, controller.signal, {
+                  path: hookPath,
+                  extra: notice?.placeholders,
+                });
         } catch (err) {
           // e.g. spawn() throwing synchronously on an argument it refuses
           const error = errorMessage(err);
@@ -77,7 +92,7 @@ export function runReleaseHooks(
               : { hook: "command", argv: hook.argv, outcome: "failed", error };
         }
         const full: HookReport = { ...report, durationMs: Math.round(performance.now() - t0) };
-        if (full.outcome !== "ok") log.warn({ hook: full }, "release hook did not succeed");
+        if (full.outcome !== "ok") log.warn({ hook: full }, `${notice?.kind ?? "release"} hook did not succeed`);
         return full;
       } finally {
         clearTimeout(timer);
@@ -87,8 +102,14 @@ export function runReleaseHooks(
   );
 }
 
-/** POSTs the session's facts as JSON; any 2xx answer is success. Redirects are refused. */
-async function postHook(url: string, session: Session, attempt: number, signal: AbortSignal): Promise<HookOutcome> {
+/** POSTs the session's facts (and `extra`'s) as JSON; any 2xx answer is success. Redirects are refused. */
+async function postHook(
+  url: string,
+  session: Session,
+  attempt: number,
+  signal: AbortSignal,
+  extra: Readonly<Record<string, unknown>> = {},
+): Promise<HookOutcome> {
   const refused = hookRefusal(session);
   if (refused !== null) return { hook: "http", url, outcome: "failed", error: refused };
   const body = JSON.stringify({
@@ -99,6 +120,7 @@ async function postHook(url: string, session: Session, attempt: number, signal: 
     ports: session.ports,
     paths: session.paths,
     labels: session.labels,
+    ...extra,
   });
   try {
     const res = await fetch(url, {
@@ -135,13 +157,18 @@ export async function commandHook(
   session: Session,
   attempt: number,
   signal: AbortSignal,
-  opts: { path: string; runAs?: { uid: number; gid: number } },
+  opts: {
+    path: string;
+    runAs?: { uid: number; gid: number };
+    /** Placeholders a kind of hook adds (a warning's `{reason}`, `{in_sec}`). */
+    extra?: Readonly<Record<string, string>> | undefined;
+  },
 ): Promise<CommandOutcome> {
   const refused = hookRefusal(session);
   if (refused !== null) return { hook: "command", argv, outcome: "failed", error: refused };
   let expanded: string[];
   try {
-    expanded = expandArgv(argv, session);
+    expanded = expandArgv(argv, session, opts.extra);
   } catch (err) {
     if (!(err instanceof TemplateError)) throw err;
     return { hook: "command", argv, outcome: "failed", error: `not run: ${err.message}` };

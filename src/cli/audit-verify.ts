@@ -190,6 +190,12 @@ function addEvent(
     s.verified = Array.isArray(detail.verified) ? detail.verified.filter((v) => typeof v === "string") : null;
     s.tracking = typeof detail.tracking === "string" ? detail.tracking : null;
   }
+  // A reap that left unkillable processes, resolved once they were gone: its outcome and the
+  // checks that back it are the resolution's from then on (its end is still reap.finished).
+  if (event === "reap.resolved" && s.finished) {
+    s.outcome = typeof rec.outcome === "string" ? rec.outcome : s.outcome;
+    s.verified = Array.isArray(detail.verified) ? detail.verified.filter((v) => typeof v === "string") : s.verified;
+  }
 }
 
 /**

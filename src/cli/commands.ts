@@ -1,5 +1,6 @@
 /** The commands that read or act on the daemon's sessions: one API call (or page loop) each. */
-import type { Session } from "../client/index.js";
+import { ReaperApiError, streamEvents, type AuditEventLine, type ExtendAnswer, type Session } from "../client/index.js";
+import { ReaperError, errorMessage } from "../errors.js";
 import type { ExpiringJson, OrphanJson } from "../http/present.js";
 import { SESSION_STATES } from "../model/session.js";
 import { EXIT, UsageError, apiFailure, parseAdditions, stringOption, type Context } from "./command.js";
@@ -127,6 +128,10 @@ function showSession(s: Session, now: number): string {
     ["created", when(s.createdAt)],
     ["last heartbeat", when(s.lastHeartbeatAt)],
     ["deadline", when(s.deadline)],
+    ...(s.extendedUntil ? [["extended until", when(s.extendedUntil)]] : []),
+    ...(s.warning
+      ? [["warning", `${s.warning.reason}: reaped ${when(s.warning.deadline)} unless active or extended first`]]
+      : []),
     ["ports", s.ports.join(", ") || "-"],
     ["paths", s.paths.join(", ") || "-"],
     [
@@ -188,7 +193,88 @@ export async function update(ctx: Context): Promise<number> {
   return EXIT.ok;
 }
 
+/**
+ * `events ID`: one session's stored events, one document (GET /v1/sessions/{id}/events);
+ * `events [--session ID] [--since SEQ] [-f]`: the event stream (GET /v1/events), one line each.
+ */
 export async function events(ctx: Context): Promise<number> {
+  const follow = ctx.values.follow === true;
+  const session = stringOption(ctx.values, "session");
+  const sinceText = stringOption(ctx.values, "since");
+  if (ctx.args.length > 1) throw new UsageError("events takes at most one session id");
+  const id = ctx.args[0];
+  if (id !== undefined && session !== undefined)
+    throw new UsageError("events: name the session once (ID or --session)");
+  if (id !== undefined && !follow && sinceText === undefined) return storedEvents(ctx);
+  if (sinceText !== undefined && !/^(0|[1-9][0-9]{0,14})$/.test(sinceText)) {
+    throw new UsageError(`--since: "${sinceText}" is not a seq (a whole number, as the events print it)`);
+  }
+  return streamedEvents(ctx, {
+    follow,
+    ...((id ?? session) === undefined ? {} : { session: id ?? session }),
+    ...(sinceText === undefined ? {} : { since: Number(sinceText) }),
+  });
+}
+
+/** Reconnections `events -f` tries before it says the daemon is gone (about 10 s of waits). */
+const EVENTS_RETRIES = 8;
+
+/**
+ * Prints the stream as it arrives: one line per event (NDJSON with --json). Following, a
+ * dropped connection is resumed from the last seq printed, each attempt noted on stderr; when
+ * none succeeds, exit 4 naming the seq to resume from.
+ */
+async function streamedEvents(
+  ctx: Context,
+  opts: { follow: boolean; session?: string; since?: number },
+): Promise<number> {
+  let last: number | null = opts.since ?? null;
+  try {
+    for await (const e of streamEvents(ctx.socket, {
+      ...opts,
+      retries: EVENTS_RETRIES,
+      backoff: { maxMs: 2000 },
+      onRetry: ({ attempt, error, since }) =>
+        ctx.note(
+          `the event stream was cut (${errorMessage(error)}); reconnecting${since === null ? "" : ` after seq ${since}`} (${attempt} of ${EVENTS_RETRIES})`,
+        ),
+    })) {
+      if (e.seq !== null) last = e.seq;
+      ctx.out(ctx.json ? JSON.stringify(e) + "\n" : eventLine(e));
+    }
+  } catch (err) {
+    if (err instanceof ReaperApiError) {
+      ctx.note(`${err.message} (${err.code})`);
+      return err.status === 404 ? EXIT.notFound : EXIT.error;
+    }
+    const unreachable = err instanceof ReaperError && err.code === "SR_DAEMON_UNREACHABLE";
+    const resume = last === null ? "" : `; resume with --since ${last}`;
+    if (!opts.follow || !(unreachable || isTransport(err))) throw err;
+    ctx.note(`the daemon is gone: ${errorMessage(err)}; gave up after ${EVENTS_RETRIES} reconnections${resume}`);
+    return EXIT.unreachable;
+  }
+  return EXIT.ok;
+}
+
+/** A connection that failed or broke (not a refusal, not a bug). */
+function isTransport(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return typeof code === "string" && /^(E[A-Z]+|ERR_STREAM_PREMATURE_CLOSE)$/.test(code);
+}
+
+/** One event in one line: time, seq, event, session, then what it carries. */
+function eventLine(e: AuditEventLine): string {
+  const more = [
+    e.step === null ? null : `step=${e.step}`,
+    e.reason === null ? null : `reason=${e.reason}`,
+    e.outcome === null ? null : `outcome=${e.outcome}`,
+    e.durationMs === null ? null : `${e.durationMs}ms`,
+  ].filter((x) => x !== null);
+  const seq = e.seq === null ? "-" : String(e.seq);
+  return `${e.time}  ${seq.padStart(7)}  ${e.event.padEnd(20)}  ${e.sessionId ?? "-"}${more.length > 0 ? `  ${more.join(" ")}` : ""}\n`;
+}
+
+async function storedEvents(ctx: Context): Promise<number> {
   const res = await ctx.api<{
     events: { time: string; event: string; step: string | null; outcome: string | null; durationMs: number | null }[];
   }>("GET", `/v1/sessions/${sessionIdArg(ctx, "events")}/events`);
@@ -219,6 +305,33 @@ export async function end(ctx: Context, command: "close" | "reap"): Promise<numb
       : await ctx.api("POST", `/v1/sessions/${id}/reap`);
   if (res.status !== 202) return apiFailure(ctx, res);
   print(ctx, res.body, () => `${decodeURIComponent(id)}: reaping (${command === "close" ? "closed" : "forced"})\n`);
+  return EXIT.ok;
+}
+
+/** `extend ID DURATION`: keep a live session at least that long from now, however idle. */
+export async function extend(ctx: Context): Promise<number> {
+  if (ctx.args.length !== 2) throw new UsageError("extend takes a session id and a duration (e.g. 2h)");
+  const [rawId, text] = ctx.args as [string, string];
+  const ms = parseDuration(text);
+  if (ms === null || ms < 1000)
+    throw new UsageError(`"${text}" is not a duration of a second or more (e.g. 90m, 2h, 1d)`);
+  const res = await ctx.api<ExtendAnswer>("POST", `/v1/sessions/${encodeURIComponent(rawId)}/extend`, {
+    sec: Math.ceil(ms / 1000),
+  });
+  if (res.status === 404 && (res.body as { error?: { code?: string } } | null)?.error?.code === "SR_ROUTE_NOT_FOUND") {
+    ctx.note("this daemon does not serve POST /v1/sessions/{id}/extend yet: upgrade reaperd");
+    return EXIT.error;
+  }
+  if (res.status !== 200) return apiFailure(ctx, res);
+  const a = res.body;
+  const now = Date.now();
+  print(
+    ctx,
+    a,
+    () =>
+      `${rawId}: kept until ${a.keptUntil} (${relativeTime(a.keptUntil, now)})${a.cappedBy === "max_lifetime" ? ", when its max lifetime ends (before the extension would)" : ""}; heartbeats must go on (a missed one still reaps it: ${a.expiresBy} ${relativeTime(a.deadline, now)})
+`,
+  );
   return EXIT.ok;
 }
 

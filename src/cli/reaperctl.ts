@@ -12,7 +12,7 @@ import { auditVerify } from "./audit-verify.js";
 import { backup } from "./backup.js";
 import { callApi } from "../client/transport.js";
 import { EXIT, UsageError, type Context } from "./command.js";
-import { end, events, expiring, list, orphans, show, status, update } from "./commands.js";
+import { end, events, expiring, extend, list, orphans, show, status, update } from "./commands.js";
 import { runCommand } from "./run.js";
 
 type Options = NonNullable<ParseArgsConfig["options"]>;
@@ -104,14 +104,42 @@ Example:
   },
   {
     name: "events",
-    synopsis: "events ID",
-    summary: "one session's audit events",
-    help: `Lists one session's audit events as the daemon stored them: time, event, step,
-outcome and duration. Exit 3 if no session has this id.
+    synopsis: "events [ID] [-f] [--session ID] [--since SEQ]",
+    summary: "audit events: one session's, or the daemon's stream (-f: follow it)",
+    help: `With only a session ID: lists that session's audit events as the daemon stored them
+(time, event, step, outcome and duration; --json: one document). Exit 3 if no session has
+this id.
 
-Example:
-  reaperctl events spark-42 --json`,
-    options: {},
+Otherwise streams the daemon's audit events (GET /v1/events), oldest first, one line each:
+time, seq, event, session, then step, reason, outcome and duration (--json: one JSON object
+a line, NDJSON). An admin (root, the daemon's user, api.admin_group) sees every event; any
+other user only the events of the sessions it registered. Without -f, prints what is kept
+(after --since) and exits 0.
+
+With -f, prints each new event as the daemon commits it (from now, or after --since) until
+interrupted. If the connection drops (the daemon restarts, or cut a reader that fell
+behind), reconnects after the last seq printed: no event is lost or printed twice; each
+attempt is noted on stderr. If the daemon cannot be reached for about 10 s (8 attempts),
+exits 4 naming the seq to resume from with --since.
+
+A --since below what retention purged (store.retain_reaped_sec) is refused (exit 1,
+SR_EVENTS_PURGED, naming the seq to resume from).
+
+Options:
+  -f, --follow      go on printing new events as they are committed
+  --session ID      only this session's events (ID alone with -f or --since does the same)
+  --since SEQ       only events after seq SEQ (the seq column; resume where a run stopped)
+
+Examples:
+  reaperctl events spark-42 --json
+  reaperctl events -f
+  reaperctl events -f --session spark-42
+  reaperctl events --since 1200 --json | jq -c 'select(.event == "reap.finished")'`,
+    options: {
+      follow: { type: "boolean", short: "f", default: false },
+      session: { type: "string" },
+      since: { type: "string" },
+    },
     run: events,
   },
   {
@@ -179,6 +207,24 @@ Example:
   reaperctl reap spark-42`,
     options: {},
     run: (ctx) => end(ctx, "reap"),
+  },
+  {
+    name: "extend",
+    synopsis: "extend ID DURATION",
+    summary: "keep a live session at least DURATION from now, however idle",
+    help: `Extends a live session (POST /v1/sessions/{id}/extend): its idle deadline becomes at
+least DURATION from now (an extension never shortens one in force). The profile's
+max_extend_sec caps DURATION (a longer one is refused, exit 1, naming the cap), and the
+session's max lifetime still ends it (the answer says so). Heartbeats must go on: a session
+whose client stops heartbeating is still reaped. A warning given for the old deadline no
+longer stands. DURATION: 90 (seconds), 90s, 30m, 2h, 1d, 1h30m. Exit 3 if no session has
+this id, 1 if it is refused or no longer live.
+
+Examples:
+  reaperctl extend kernel-7 2h
+  reaperctl extend spark-42 45m --json`,
+    options: {},
+    run: extend,
   },
   {
     name: "update",

@@ -20,7 +20,7 @@ import { spawn as spawnProcess, type ChildProcess, type SpawnOptions } from "nod
 import { randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { Writable } from "node:stream";
-import { callApi, type ApiResponse } from "./transport.js";
+import { callApi, streamApi, type ApiResponse, type ApiStream } from "./transport.js";
 import type { RegisterBody, UpdateBody } from "../model/requests.js";
 import {
   SESSION_COOKIE,
@@ -76,6 +76,13 @@ export interface Session {
   deadline: string | null;
   reapStartedAt: string | null;
   reapedAt: string | null;
+  /** An extension (extend()): while live, its idle deadline is at least this; null if none. */
+  extendedUntil: string | null;
+  /**
+   * While live: the warning given (the profile's warn_before_sec) and still standing: the
+   * session is reaped at `deadline` unless it is active (a busy heartbeat) or extended first.
+   */
+  warning: { reason: "idle_timeout" | "max_lifetime" | "memory_pressure"; deadline: string; at: string } | null;
   reapAttempts: number;
   /** Who registered the session (the unix socket peer's uid); uid null for loopback TCP. */
   registeredBy: { uid: number | null; admin: boolean; via: "unix" | "tcp" | null };
@@ -124,6 +131,21 @@ export interface HeartbeatAnswer {
   expiresBy: TimeReason;
 }
 
+/** What extend() answers. */
+export interface ExtendAnswer {
+  id: string;
+  state: "live";
+  /** Its idle deadline is at least this while it is live. */
+  extendedUntil: string;
+  /** When it is reaped if it stays idle and keeps heartbeating: its idle deadline, or its max lifetime. */
+  keptUntil: string;
+  /** "max_lifetime": the session's max lifetime ends before the extension does. */
+  cappedBy: "max_lifetime" | null;
+  /** The earliest deadline now: a missed heartbeat still reaps the session. */
+  deadline: string;
+  expiresBy: TimeReason;
+}
+
 export type Activity = "busy" | "idle";
 
 /** The daemon answered with an error: `code` is the stable `SR_…` code. */
@@ -156,6 +178,137 @@ export interface RetryInfo {
   /** The wait before the next try. */
   delayMs: number;
   error: Error;
+}
+
+/**
+ * One audit event as GET /v1/events streams it (`src/http/present.ts` `eventJson`: the objects
+ * of GET /v1/sessions/{id}/events), with `seq` null for an event the daemon could not store.
+ */
+export interface AuditEventLine {
+  /** audit_events' seq, in commit order: resume after it with `since`. */
+  seq: number | null;
+  time: string;
+  event: string;
+  sessionId: string | null;
+  reason: string | null;
+  step: string | null;
+  outcome: string | null;
+  durationMs: number | null;
+  detail: Record<string, unknown> | null;
+  /** The stored detail cannot be read (then detail is null). */
+  damage?: Damage;
+}
+
+export interface EventStreamOptions {
+  /** After the backlog, each event as it is committed; a dropped connection is resumed (`retries`). */
+  follow?: boolean;
+  /** Only this session's events (a non-admin: one it registered). */
+  session?: string;
+  /** Only events after this seq. Default: following, from now; else from the oldest event kept. */
+  since?: number;
+  /** Aborting ends the iteration (without an error). */
+  signal?: AbortSignal;
+  /**
+   * Following, once a stream was open: reconnections in a row that may fail before the
+   * iteration throws the last error (default 10). The first connection is not retried.
+   */
+  retries?: number;
+  /** The wait before each reconnection: from `initialMs` (100) doubling to `maxMs` (5000), ±10%. */
+  backoff?: { initialMs?: number; maxMs?: number };
+  /** Nothing received for this long drops the connection (default 45 s; the daemon sends an empty line every 15 s). */
+  idleTimeoutMs?: number;
+  /** Told before each reconnection: why, the wait, and the seq it resumes after. */
+  onRetry?: (info: RetryInfo & { since: number | null }) => void;
+}
+
+/** The seq a stream starts after, as the daemon says (its `reaper-events-after` header). */
+function streamStart(stream: ApiStream): number | null {
+  const v = Number(stream.headers["reaper-events-after"]);
+  return Number.isSafeInteger(v) && v >= 0 ? v : null;
+}
+
+function eventsPath(opts: EventStreamOptions, since: number | null): string {
+  const q = new URLSearchParams();
+  if (opts.follow === true) q.set("follow", "1");
+  if (opts.session !== undefined) q.set("session", opts.session);
+  if (since !== null) q.set("since", String(since));
+  const query = q.toString();
+  return query === "" ? "/v1/events" : `/v1/events?${query}`;
+}
+
+/** Waits `ms`; false if `signal` aborts first. */
+function pause(ms: number, signal: AbortSignal | undefined): Promise<boolean> {
+  return new Promise((resolve) => {
+    if (signal?.aborted === true) return resolve(false);
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", aborted);
+      resolve(true);
+    }, ms);
+    const aborted = (): void => {
+      clearTimeout(timer);
+      resolve(false);
+    };
+    signal?.addEventListener("abort", aborted, { once: true });
+  });
+}
+
+/**
+ * The daemon's audit events (GET /v1/events), oldest first: what is kept after `since`, then,
+ * following, each new one as it is committed. A follower whose connection drops (the daemon
+ * restarts, cuts a reader that fell behind, or stops answering) reconnects with `since` = the
+ * last seq it received: no event is lost or repeated. Empty keep-alive lines are skipped.
+ * Throws ReaperApiError for a refusal (400, 403, 404, 410 SR_EVENTS_PURGED: its detail's
+ * `purgedThrough` is where to resume), and the last error once `retries` reconnections failed.
+ */
+export async function* streamEvents(
+  socketPath: string,
+  opts: EventStreamOptions = {},
+): AsyncGenerator<AuditEventLine, void, undefined> {
+  const retries = opts.retries ?? 10;
+  const initialMs = opts.backoff?.initialMs ?? 100;
+  const maxMs = opts.backoff?.maxMs ?? 5000;
+  let since = opts.since ?? null;
+  let opened = false;
+  let failures = 0;
+  for (;;) {
+    let error: Error;
+    let stream: ApiStream | null = null;
+    try {
+      stream = await streamApi(socketPath, eventsPath(opts, since), {
+        ...(opts.idleTimeoutMs === undefined ? {} : { idleTimeoutMs: opts.idleTimeoutMs }),
+        ...(opts.signal === undefined ? {} : { signal: opts.signal }),
+      });
+      if (stream.status !== 200) throw ReaperApiError.from({ status: stream.status, body: await stream.body() });
+      opened = true;
+      failures = 0;
+      since ??= streamStart(stream);
+      for await (const line of stream.lines) {
+        if (line === "") continue; // a keep-alive
+        const e = JSON.parse(line) as AuditEventLine;
+        if (e.seq !== null) {
+          if (since !== null && e.seq <= since) continue;
+          since = e.seq;
+        }
+        yield e;
+      }
+      if (opts.follow !== true) return;
+      error = Object.assign(new Error("the daemon ended the stream (it is stopping or restarting)"), {
+        code: "ERR_STREAM_PREMATURE_CLOSE",
+      });
+    } catch (err) {
+      if (opts.signal?.aborted === true) return;
+      error = err instanceof Error ? err : new Error(String(err));
+      const refused = err instanceof ReaperApiError && err.status < 500;
+      if (opts.follow !== true || !opened || refused) throw error;
+    } finally {
+      stream?.close();
+    }
+    failures++;
+    if (failures > retries) throw error;
+    const delayMs = jitter(Math.min(maxMs, initialMs * 2 ** (failures - 1)));
+    opts.onRetry?.({ attempt: failures, delayMs, error, since });
+    if (!(await pause(delayMs, opts.signal))) return;
+  }
 }
 
 /** Typed events of the heartbeat loop. */
@@ -319,6 +472,18 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
     return (this.current = res.body);
   }
 
+  /**
+   * Keeps the session at least `sec` seconds from now however idle (POST …/extend): up to the
+   * profile's max_extend_sec (400 SR_EXTEND_ABOVE_MAX beyond, its detail naming the cap), never
+   * past the session's max lifetime (`cappedBy`). Heartbeats must go on: a missed one still
+   * reaps it. Throws ReaperApiError on a refusal.
+   */
+  async extend(sec: number): Promise<ExtendAnswer> {
+    const res = await this.call<ExtendAnswer>("POST", `${this.path()}/extend`, { sec });
+    if (res.status !== 200) throw ReaperApiError.from(res);
+    return res.body;
+  }
+
   /** One heartbeat now, outside the loop; throws ReaperApiError on a refusal. */
   async heartbeat(): Promise<HeartbeatAnswer> {
     const res = await this.call<HeartbeatAnswer>("POST", `${this.path()}/heartbeat`, { activity: this.activity });
@@ -344,6 +509,16 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
     const res = await this.call<Session>("GET", this.path());
     if (res.status !== 200) throw ReaperApiError.from(res);
     return (this.current = res.body);
+  }
+
+  /**
+   * The daemon's audit events as an async iterator (GET /v1/events; see `streamEvents`): this
+   * caller's sessions' only, unless it is an admin. Needs no registered session.
+   *
+   *   for await (const e of client.events({ follow: true, session: id })) console.log(e.seq, e.event);
+   */
+  events(opts: EventStreamOptions = {}): AsyncGenerator<AuditEventLine, void, undefined> {
+    return streamEvents(this.socketPath, opts);
   }
 
   /** Polls until the session is `reaped` (cleanup finished); rejects after `timeoutMs`. */

@@ -1,4 +1,4 @@
-import { Agent, request } from "node:http";
+import { Agent, request, type IncomingHttpHeaders } from "node:http";
 import { reachablePath, SOCKET_PATH_MAX } from "../paths/socket-path.js";
 import { ReaperError } from "../errors.js";
 
@@ -147,6 +147,109 @@ function callOnce<T>(
       } else reject(err);
     });
     if (payload !== undefined) req.write(payload);
+    req.end();
+  });
+}
+
+/** A streamed answer (GET /v1/events): its status and headers at once, its lines as they arrive. */
+export interface ApiStream {
+  status: number;
+  headers: IncomingHttpHeaders;
+  /**
+   * The body's lines, without their newline (empty ones included), until the daemon ends the
+   * body; throws if the connection breaks first, or (`ETIMEDOUT`) stays silent past the idle timeout.
+   */
+  lines: AsyncIterable<string>;
+  /** The whole body, parsed as JSON when it is (an error's envelope). */
+  body(): Promise<unknown>;
+  /** Closes the connection (ends `lines`). */
+  close(): void;
+}
+
+/**
+ * A GET whose answer is read as it arrives, on a connection of its own (never the kept ones:
+ * a stream holds its connection for as long as it runs). Rejects as `callApi` does when the
+ * daemon cannot be reached. `idleTimeoutMs`: the connection is dropped (`ETIMEDOUT`) when
+ * nothing arrives for that long, headers or body (default 45 s: three of the daemon's 15 s
+ * keep-alive lines). `signal` closes it.
+ */
+export function streamApi(
+  socketPath: string,
+  path: string,
+  opts: { idleTimeoutMs?: number; signal?: AbortSignal } = {},
+): Promise<ApiStream> {
+  const reachable = reachablePath(socketPath);
+  if (reachable === null) {
+    return Promise.reject(
+      new ReaperError(
+        "SR_DAEMON_UNREACHABLE",
+        `cannot reach the daemon at ${socketPath}: the path is longer than a unix socket path may be (${SOCKET_PATH_MAX})`,
+      ),
+    );
+  }
+  const idleMs = opts.idleTimeoutMs ?? 45_000;
+  return new Promise((resolve, reject) => {
+    // Why the connection was dropped here, when it was (the body's own error only says "aborted").
+    let dropped: Error | null = null;
+    const req = request(
+      {
+        socketPath: reachable,
+        agent: false,
+        method: "GET",
+        path,
+        headers: { host: "localhost", accept: "application/x-ndjson" },
+        timeout: idleMs,
+        ...(opts.signal === undefined ? {} : { signal: opts.signal }),
+      },
+      (res) => {
+        res.setEncoding("utf8");
+        const lines = async function* (): AsyncGenerator<string> {
+          let rest = "";
+          try {
+            for await (const chunk of res as AsyncIterable<string>) {
+              rest += chunk;
+              for (let nl = rest.indexOf("\n"); nl >= 0; nl = rest.indexOf("\n")) {
+                yield rest.slice(0, nl);
+                rest = rest.slice(nl + 1);
+              }
+            }
+          } catch (err) {
+            throw dropped ?? err;
+          }
+          if (dropped !== null) throw dropped;
+          if (rest !== "") yield rest;
+        };
+        resolve({
+          status: res.statusCode ?? 0,
+          headers: res.headers,
+          lines: lines(),
+          body: async () => {
+            let text = "";
+            for await (const chunk of res as AsyncIterable<string>) text += chunk;
+            try {
+              return text === "" ? null : (JSON.parse(text) as unknown);
+            } catch {
+              return text;
+            }
+          },
+          close: () => req.destroy(),
+        });
+      },
+    );
+    req.on("timeout", () => {
+      dropped = Object.assign(new Error(`nothing from ${socketPath} within ${idleMs} ms`), { code: "ETIMEDOUT" });
+      req.destroy(dropped);
+    });
+    req.on("error", (err: NodeJS.ErrnoException) => {
+      if (err.code === "ENOENT" || err.code === "ECONNREFUSED") {
+        reject(
+          new ReaperError(
+            "SR_DAEMON_UNREACHABLE",
+            `cannot reach the daemon at ${socketPath} (${err.code}): is it running?`,
+          ),
+        );
+      } else reject(err);
+    });
     req.end();
   });
 }

@@ -12,10 +12,10 @@ import type { Session } from "../model/session.js";
 export const PLACEHOLDERS = ["id", "pid", "uid", "port", "ports", "path", "paths"] as const;
 
 /**
- * `{name}` (lowercase letters) or `{label:…}`. Anything else in braces is left as written, so
+ * `{name}` (lowercase letters and underscores) or `{label:…}`. Anything else in braces is left as written, so
  * a shell's `${SESSION_PORTS%%,*}` or a JSON argument keeps its braces.
  */
-const TOKEN = /\{([a-z]+|label:[^{}]*)\}/g;
+const TOKEN = /\{([a-z][a-z_]*|label:[^{}]*)\}/g;
 const SHELLS = new Set(["sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish"]);
 const LABEL = /^label:([A-Za-z0-9][A-Za-z0-9_./-]{0,62})$/;
 
@@ -26,7 +26,7 @@ export class TemplateError extends Error {}
  * The first problem with an argv's placeholders, or null: an unknown name, a lone brace. For
  * the config loader, which names the key.
  */
-export function templateProblem(argv: readonly string[]): string | null {
+export function templateProblem(argv: readonly string[], extra: readonly string[] = []): string | null {
   // A value spliced into a shell script would run as code (a label is the registrant's
   // text; release hooks run as the daemon's user): pass it as a positional parameter.
   const shell = SHELLS.has(basename(argv[0] ?? "")) && argv[1] === "-c";
@@ -35,8 +35,8 @@ export function templateProblem(argv: readonly string[]): string | null {
   }
   for (const [i, item] of argv.entries()) {
     for (const [, name] of item.matchAll(TOKEN)) {
-      if (!isPlaceholder(name as string)) {
-        return `item ${i}: unknown placeholder "{${name}}" (known: ${PLACEHOLDERS.map((p) => `{${p}}`).join(", ")}, {label:NAME})`;
+      if (!isPlaceholder(name as string) && !extra.includes(name as string)) {
+        return `item ${i}: unknown placeholder "{${name}}" (known: ${[...PLACEHOLDERS, ...extra].map((p) => `{${p}}`).join(", ")}, {label:NAME})`;
       }
     }
   }
@@ -47,9 +47,20 @@ function isPlaceholder(name: string): boolean {
   return (PLACEHOLDERS as readonly string[]).includes(name) || LABEL.test(name);
 }
 
-/** The argv with every placeholder replaced by the session's value; throws TemplateError. */
-export function expandArgv(argv: readonly string[], session: Session): string[] {
-  return argv.map((item) => item.replace(TOKEN, (_whole, name: string) => valueOf(name, session)));
+/**
+ * The argv with every placeholder replaced by the session's value, or by `extra`'s (the
+ * placeholders a kind of hook adds: a warning's `{reason}` and `{in_sec}`); throws TemplateError.
+ */
+export function expandArgv(
+  argv: readonly string[],
+  session: Session,
+  extra: Readonly<Record<string, string>> = {},
+): string[] {
+  return argv.map((item) =>
+    item.replace(TOKEN, (_whole, name: string) =>
+      Object.hasOwn(extra, name) ? (extra[name] as string) : valueOf(name, session),
+    ),
+  );
 }
 
 function valueOf(name: string, s: Session): string {

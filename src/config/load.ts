@@ -31,6 +31,10 @@ export interface Profile {
   readonly allowedUids: readonly number[] | null;
   readonly closeHook: CloseHook | null;
   readonly releaseHooks: readonly ReleaseHook[];
+  /** How long a SIGKILLed process may take to die before it is an `unkillable` leftover. */
+  readonly unkillableTimeoutSec: number;
+  /** Run (as the daemon's user) once per reap that leaves unkillable processes; `{pids}` names them. Null: none. */
+  readonly unkillableHook: readonly string[] | null;
   /**
    * Engine CPU (percent of one core, averaged since the previous liveness pass) above which
    * the liveness pass counts the engine as active, moving its activity time; null = off.
@@ -44,6 +48,28 @@ export interface Profile {
   readonly hookPath: string;
   /** How the orphan sweep recognises this profile's engines and leftovers; null = off. */
   readonly orphans: OrphanPolicy | null;
+  /** A warning this long before an idle or lifetime deadline (and before a reclaim under pressure); 0 = none. */
+  readonly warnBeforeSec: number;
+  /** Run at each warning, like release hooks, with `{reason}` and `{in_sec}` besides the hook templates. */
+  readonly warnHooks: readonly ReleaseHook[];
+  /** The longest extension a client may ask; 0 = none. */
+  readonly maxExtendSec: number;
+}
+
+/** [pressure]: reclaiming idle sessions while the host's memory pressure holds (src/detect/pressure.ts). */
+export interface PressureConfig {
+  /** The PSI file read: /proc/pressure/memory, or a cgroup v2 memory.pressure. */
+  readonly file: string;
+  /** `some avg10` (percent) at or above which pressure holds; 0 = off. */
+  readonly someAvg10: number;
+  /** How long pressure must hold before the first reclaim. */
+  readonly durationSec: number;
+  /** Between two reclaims. */
+  readonly cooldownSec: number;
+  /** Activity (heartbeat or busy CPU) within this spares a session. */
+  readonly spareActiveSec: number;
+  /** CPU above this (percent of one core) over the sample spares a session. */
+  readonly spareCpuPercent: number;
 }
 
 /** A profile's [profiles.NAME.orphans], validated (src/orphans/ reads it). */
@@ -82,6 +108,7 @@ export interface Config {
   readonly orphans: { readonly schedule: string };
   /** Where session cgroups are made: an absolute path in the cgroup v2 tree, or "" (found at start). */
   readonly containment: { readonly cgroupBase: string };
+  readonly pressure: PressureConfig;
   readonly profiles: Readonly<Record<string, Profile>>;
 }
 
@@ -196,6 +223,14 @@ type Raw = {
   reaper?: { concurrency?: number; shutdown_grace_sec?: number };
   orphans?: { schedule?: string };
   containment?: { cgroup_base?: string };
+  pressure?: {
+    file?: string;
+    some_avg10?: number;
+    duration_sec?: number;
+    cooldown_sec?: number;
+    spare_active_sec?: number;
+    spare_cpu_percent?: number;
+  };
   profiles?: Record<string, RawProfile>;
 };
 type RawOrphans = {
@@ -212,6 +247,8 @@ type RawProfile = {
   max_lifetime_sec?: number;
   grace_period_sec?: number;
   step_timeout_sec?: number;
+  unkillable_timeout_sec?: number;
+  unkillable_hook?: string[];
   allowed_roots?: string[];
   allowed_uids?: number[];
   close_hook?: string | string[];
@@ -221,6 +258,9 @@ type RawProfile = {
   remove_ipc?: boolean;
   hook_path?: string;
   orphans?: RawOrphans;
+  warn_before_sec?: number;
+  warn_hooks?: (string | string[])[];
+  max_extend_sec?: number;
 };
 
 /** Validates an already-parsed document (exported for tests and for embedding). */
@@ -339,6 +379,7 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
     },
     orphans: { schedule: orphanSchedule },
     containment: { cgroupBase: raw.containment?.cgroup_base ?? DEFAULTS.containment.cgroup_base },
+    pressure: pressureConfig(raw.pressure ?? {}),
     profiles,
   });
 }
@@ -346,11 +387,23 @@ export function buildConfig(doc: Record<string, unknown>, source: string | null,
 function buildProfile(
   name: string,
   p: Required<
-    Omit<RawProfile, "close_hook" | "allowed_roots" | "allowed_uids" | "release_hooks" | "busy_cpu_percent" | "orphans">
+    Omit<
+      RawProfile,
+      | "close_hook"
+      | "allowed_roots"
+      | "allowed_uids"
+      | "release_hooks"
+      | "busy_cpu_percent"
+      | "orphans"
+      | "warn_hooks"
+      | "unkillable_hook"
+    >
   > & {
+    warn_hooks: readonly (string | string[])[];
     allowed_roots: readonly string[];
     allowed_uids?: readonly number[];
     close_hook?: string | string[];
+    unkillable_hook?: readonly string[];
     release_hooks: readonly (string | string[])[];
     busy_cpu_percent?: number;
     orphans?: RawOrphans | undefined;
@@ -376,8 +429,22 @@ function buildProfile(
       `${where}: profiles.${name}.busy_cpu_percent: ${busy} exceeds 100 × the host's ${cores} cores (${100 * cores})`,
     );
   }
+  for (const [key, limit] of [
+    ["idle_timeout_sec", p.idle_timeout_sec],
+    ["max_lifetime_sec", p.max_lifetime_sec],
+  ] as const) {
+    if (p.warn_before_sec > 0 && limit > 0 && p.warn_before_sec >= limit) {
+      throw new ReaperError(
+        "SR_CONFIG_INVALID",
+        `${where}: profiles.${name}.warn_before_sec: ${p.warn_before_sec} is not shorter than ${key} (${limit}): the warning would come before the session began`,
+      );
+    }
+  }
   return {
     name,
+    warnBeforeSec: p.warn_before_sec,
+    warnHooks: p.warn_hooks.map((h, i) => hookOf(h, `${where}: profiles.${name}.warn_hooks.${i}`, WARN_PLACEHOLDERS)),
+    maxExtendSec: p.max_extend_sec,
     heartbeatTimeoutSec: p.heartbeat_timeout_sec,
     idleTimeoutSec: p.idle_timeout_sec,
     maxLifetimeSec: p.max_lifetime_sec,
@@ -391,11 +458,12 @@ function buildProfile(
         : typeof hook === "string"
           ? { kind: "http", path: hook }
           : { kind: "command", argv: template(hook, `${where}: profiles.${name}.close_hook`) },
-    releaseHooks: p.release_hooks.map((h, i) =>
-      typeof h === "string"
-        ? { kind: "http", url: loopbackUrl(h, `${where}: profiles.${name}.release_hooks.${i}`) }
-        : { kind: "command", argv: template(h, `${where}: profiles.${name}.release_hooks.${i}`) },
-    ),
+    releaseHooks: p.release_hooks.map((h, i) => hookOf(h, `${where}: profiles.${name}.release_hooks.${i}`)),
+    unkillableTimeoutSec: p.unkillable_timeout_sec,
+    unkillableHook:
+      p.unkillable_hook === undefined
+        ? null
+        : template(p.unkillable_hook, `${where}: profiles.${name}.unkillable_hook`, UNKILLABLE_PLACEHOLDERS),
     hookPath: p.hook_path,
     busyCpuPercent: busy > 0 ? busy : null,
     containment: p.containment,
@@ -404,9 +472,35 @@ function buildProfile(
   };
 }
 
+/** What the unkillable hook's argv may name besides the hook templates: the unkillable pids, comma-joined. */
+export const UNKILLABLE_PLACEHOLDERS = ["pids"] as const;
+
+/** What a warning hook's argv may name besides the hook templates. */
+export const WARN_PLACEHOLDERS = ["reason", "in_sec"] as const;
+
+/** A release or warning hook: a loopback URL, or an argv whose placeholders are checked. */
+function hookOf(h: string | readonly string[], key: string, extra: readonly string[] = []): ReleaseHook {
+  return typeof h === "string"
+    ? { kind: "http", url: loopbackUrl(h, key) }
+    : { kind: "command", argv: template(h, key, extra) };
+}
+
+/** [pressure], with its defaults. */
+function pressureConfig(p: NonNullable<Raw["pressure"]>): PressureConfig {
+  const d = DEFAULTS.pressure;
+  return {
+    file: p.file ?? d.file,
+    someAvg10: p.some_avg10 ?? d.some_avg10,
+    durationSec: p.duration_sec ?? d.duration_sec,
+    cooldownSec: p.cooldown_sec ?? d.cooldown_sec,
+    spareActiveSec: p.spare_active_sec ?? d.spare_active_sec,
+    spareCpuPercent: p.spare_cpu_percent ?? d.spare_cpu_percent,
+  };
+}
+
 /** A command hook's argv, its placeholders checked (src/config/hook-template.ts). */
-function template(argv: readonly string[], key: string): readonly string[] {
-  const problem = templateProblem(argv);
+function template(argv: readonly string[], key: string, extra: readonly string[] = []): readonly string[] {
+  const problem = templateProblem(argv, extra);
   if (problem !== null) throw new ReaperError("SR_CONFIG_INVALID", `${key}: ${problem}`);
   return argv;
 }

@@ -8,11 +8,20 @@ export const PROFILE_DEFAULTS = {
   max_lifetime_sec: 0,
   grace_period_sec: 10,
   step_timeout_sec: 30,
+  // SIGKILL to death: 5 s, not the 3 s terminate waited before it had a name. A process with
+  // a large resident set (tens of GB to unmap) or thousands of threads, on a loaded host, may
+  // need more than 3 s to finish dying; past this it is reported `unkillable`, and that (its
+  // alert, its hook) must mean the kernel holds it, not that it was slow.
+  unkillable_timeout_sec: 5,
   allowed_roots: ["/tmp", "/var/tmp"],
   release_hooks: [],
   containment: "auto",
   remove_ipc: false,
   hook_path: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+  // No warning before a reap; an extension of up to 8 hours (a working day) on request.
+  warn_before_sec: 0,
+  warn_hooks: [],
+  max_extend_sec: 28800,
 } as const;
 
 export const DEFAULTS = {
@@ -35,6 +44,15 @@ export const DEFAULTS = {
   reaper: { concurrency: 1024, shutdown_grace_sec: 20 },
   // Every minute (croner, with seconds); the sweep also runs once at start, after recovery.
   orphans: { schedule: "0 * * * * *" },
+  // Off (some_avg10 = 0): see src/detect/pressure.ts.
+  pressure: {
+    file: "/proc/pressure/memory",
+    some_avg10: 0,
+    duration_sec: 30,
+    cooldown_sec: 60,
+    spare_active_sec: 300,
+    spare_cpu_percent: 5,
+  },
   // "": found at start (the service's own delegated cgroup under systemd, else a
   // session-reaper tree at the cgroup v2 root); see src/proc/containment.ts.
   containment: { cgroup_base: "" },
@@ -84,6 +102,12 @@ const profileSchema = {
         { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
       ],
     },
+    // How long a SIGKILLed process may take to die before it is an `unkillable` leftover
+    // (terminate's budget includes it).
+    unkillable_timeout_sec: { type: "number", minimum: 0.1, maximum: 3600 },
+    // Run once per reap that leaves unkillable processes: an argv run by the daemon, as its own
+    // user (the hook templates, plus {pids}).
+    unkillable_hook: { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
     release_hooks: {
       type: "array",
       maxItems: 32,
@@ -97,6 +121,22 @@ const profileSchema = {
         ],
       },
     },
+    // A warning (session.warning, warn_hooks) this long before an idle or lifetime deadline; 0: none.
+    warn_before_sec: seconds(0),
+    // Run at each warning: a loopback URL POSTed to, or an argv run as the daemon's user (the
+    // hook templates, plus {reason} and {in_sec}).
+    warn_hooks: {
+      type: "array",
+      maxItems: 32,
+      items: {
+        oneOf: [
+          { type: "string", pattern: "^http://[^\\s]+$", maxLength: 2048 },
+          { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
+        ],
+      },
+    },
+    // The longest extension POST /v1/sessions/{id}/extend may ask (0: none may be asked).
+    max_extend_sec: seconds(0),
     // How to recognise this profile's engines and leftovers that no session claims (the orphan
     // sweep, src/orphans/). Not inherited from [profiles.default]: a matcher names one profile's
     // engines. load.ts checks the regex, the uids and that every glob lies below allowed_roots.
@@ -202,6 +242,22 @@ export const configSchema = {
       additionalProperties: false,
       properties: {
         schedule: { type: "string", minLength: 1 },
+      },
+    },
+    pressure: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        // A PSI file in the kernel's format: /proc/pressure/memory, or a cgroup v2 memory.pressure.
+        file: { type: "string", pattern: "^/", minLength: 2, maxLength: 4096 },
+        // The `some avg10` percentage at or above which pressure holds; 0 = off.
+        some_avg10: { type: "number", minimum: 0, maximum: 100 },
+        duration_sec: { type: "number", minimum: 0, maximum: 3600 },
+        cooldown_sec: { type: "number", minimum: 0, maximum: 86400 },
+        // A session active (heartbeat activity, busy CPU) this recently is never reclaimed.
+        spare_active_sec: seconds(0),
+        // Nor one whose processes used more CPU than this (percent of one core) over a sample.
+        spare_cpu_percent: { type: "number", minimum: 0 },
       },
     },
     containment: {

@@ -11,10 +11,12 @@ import { systemClock, type Clock } from "../clock.js";
 import type { Config } from "../config/load.js";
 import { Detector } from "../detect/detector.js";
 import { StallWatch } from "../detect/stall.js";
+import { PressureWatch } from "../detect/pressure.js";
 import { CrowdWatch } from "../detect/crowd.js";
 import { ReaperError } from "../errors.js";
 import { LiveSessions } from "../sessions/live.js";
 import { WriteBehind } from "../sessions/write-behind.js";
+import { Warnings } from "../sessions/warnings.js";
 import { DatabaseLock } from "../store/lock.js";
 import { SessionCgroups } from "../proc/containment.js";
 import { SessionLineage, trackingOf } from "../proc/lineage.js";
@@ -26,6 +28,7 @@ import { ConnectionLimits } from "../http/connection-limits.js";
 import { Metrics, type StallCause } from "../metrics/metrics.js";
 import { OrphanSweep } from "../orphans/sweep.js";
 import { Reaper } from "../reaper/reaper.js";
+import { Resolver } from "../reaper/resolver.js";
 import { Sessions } from "../sessions/sessions.js";
 import { damageOf, engineReadable } from "../store/columns.js";
 import { Store } from "../store/store.js";
@@ -93,6 +96,8 @@ export class Daemon {
   readonly lineage = new SessionLineage();
   readonly detector: Detector;
   readonly reaper: Reaper;
+  /** Watches the processes reaps left unkillable, and resolves each reap once they are gone. */
+  readonly unkillable: Resolver;
   readonly sessions: Sessions;
   readonly orphans: OrphanSweep;
   /** Purges reaped sessions past store.retain_reaped_sec, leaving tombstones. */
@@ -104,6 +109,10 @@ export class Daemon {
   private startedAt = 0;
   private readonly lock: DatabaseLock;
   private readonly writeBehind: WriteBehind;
+  /** Warnings before a reap (profiles.NAME.warn_before_sec). */
+  private readonly warnings: Warnings;
+  /** Reclaims idle sessions while memory pressure holds ([pressure]; off by default). */
+  private readonly pressure: PressureWatch;
   private readonly stallWatch: StallWatch;
   /** Connections turned away that may have kept heartbeats out (src/detect/crowd.ts). */
   private readonly crowdWatch: CrowdWatch;
@@ -159,6 +168,7 @@ export class Daemon {
       logLinesDropped: () => sink?.dropped ?? 0,
       lineage: () => ({ available: this.lineage.status.available, ...this.lineage.counters() }),
       connections: () => this.connectionLimits.open,
+      unkillable: () => this.unkillable.processes,
     });
     this.damage = new DamageWatch({ store: this.store, audit: this.audit, metrics: this.metrics, log: this.log });
     this.cgroups =
@@ -177,9 +187,29 @@ export class Daemon {
       cgroups: this.cgroups,
       failpoints: opts.failpoints,
       crash: opts.crash,
+      unkillable: { watch: (id) => this.unkillable.watch(id) },
+    });
+    this.unkillable = new Resolver({
+      store: this.store,
+      audit: this.audit,
+      clock,
+      log: this.log,
+      config,
+      daemonPid,
+      reaper: this.reaper,
+      onPidfdError: (code) => this.resourceError("pidfd", code),
     });
     this.registry = new LiveSessions(clock);
     this.stallWatch = new StallWatch(clock, STALL_THRESHOLD_MS, (ms) => this.stalled("loop", ms));
+    this.warnings = new Warnings({
+      store: this.store,
+      audit: this.audit,
+      registry: this.registry,
+      config,
+      log: this.log,
+      clock,
+      metrics: this.metrics,
+    });
     this.detector = new Detector({
       registry: this.registry,
       clock,
@@ -187,11 +217,20 @@ export class Daemon {
       livenessCpuPercent: config.detect.livenessCpuPercent,
       log: this.log,
       expire: (id, reason, detail) => this.expire(id, reason, detail),
+      warn: (s, deadline) => this.warnings.deadline(s, deadline),
       // A stall is noticed before any deadline is read; nothing is judged on time while the
       // store cannot commit.
       mayJudgeTime: () => (this.stallWatch.check(), this.store.available),
       lineage: this.lineage,
       onPidfdError: (code) => this.resourceError("pidfd", code),
+    });
+    this.pressure = new PressureWatch({
+      config: config.pressure,
+      registry: this.registry,
+      clock,
+      log: this.log,
+      expire: (id, reason, detail) => this.expire(id, reason, detail),
+      warn: (s, sec) => this.warnings.give(s, "memory_pressure", clock.mono() + sec * 1000),
     });
     this.sessions = new Sessions({
       store: this.store,
@@ -242,6 +281,7 @@ export class Daemon {
     this.app = buildServer({
       sessions: this.sessions,
       store: this.store,
+      audit: this.audit,
       metrics: this.metrics,
       orphans: this.orphans,
       log: this.log,
@@ -327,6 +367,7 @@ export class Daemon {
         ...s,
         cgroup,
         busyCpuPercent: this.config.profiles[s.profile]?.busyCpuPercent ?? null,
+        warnBeforeSec: this.config.profiles[s.profile]?.warnBeforeSec ?? 0,
       });
       // Lineage from now on: the engine's descendants by the seed walk, and the tree kept durable.
       this.lineage.adopt(s.id, s.engine);
@@ -340,6 +381,9 @@ export class Daemon {
       this.log.warn("no pidfd on this kernel: signals fall back to an identity check before kill(2)");
     }
     const goneAtStart = this.detector.checkLiveness();
+    // Reaps whose unkillable processes were still alive at the last stop: watched again (one
+    // gone meanwhile resolves at once, after this start).
+    const unkillable = this.unkillable.start();
     this.stallWatch.start();
     this.detector.start();
     this.writeBehind.start();
@@ -359,6 +403,7 @@ export class Daemon {
         recovered,
         resumedReaps: resumed,
         reapedAtStart: goneAtStart,
+        unkillable,
         damaged,
         lineage: lineage.available ? { available: true } : { available: false, why: lineage.why },
       },
@@ -366,6 +411,7 @@ export class Daemon {
     // After recovery, so that every session the table still knows claims its processes.
     this.orphans.start();
     this.retention.start();
+    this.pressure.start();
   }
 
   /**
@@ -461,12 +507,13 @@ export class Daemon {
         detail: { inFlightReaps: this.reaper.inFlight, queuedReaps: this.reaper.pending },
       }),
     );
-    await part("detector", () => this.detector.stop());
+    await part("detector", () => (this.detector.stop(), this.pressure.stop()));
     await part("stall watch", () => (this.stallWatch.stop(), this.crowdWatch.stop()));
     await part("orphan sweep", () => this.orphans.stop());
     await part("retention", () => this.retention.stop());
     // Watchdog pings go on while reaps drain: a long, healthy stop is not a hang.
     await part("reaper", () => this.reaper.drain(this.config.reaper.shutdownGraceSec * 1000));
+    await part("unkillable watch", () => this.unkillable.drain(this.config.reaper.shutdownGraceSec * 1000));
     await part("timers", () => {
       if (this.watchdogTimer) clearInterval(this.watchdogTimer);
       if (this.probeTimer) clearInterval(this.probeTimer);

@@ -15,6 +15,7 @@ import { type ProcessIdentity, processKey, type Reason } from "../model/session.
 import type { SessionLineage } from "../proc/lineage.js";
 import { loopTurn } from "../pace/turns.js";
 import { DeadlineHeap } from "./heap.js";
+import type { Deadline } from "../model/deadline.js";
 import { BUDGETS } from "../pace/budgets.js";
 
 /** An engine or owner process watched for the live sessions that name it. */
@@ -108,6 +109,8 @@ const MIN_CPU_WINDOW_MS = 500;
 const LIVENESS_CPU_PERCENT = 0.25;
 
 export type ExpireFn = (id: string, reason: Reason, detail: Record<string, unknown>) => void;
+/** A warning's moment came (profiles.NAME.warn_before_sec): `deadline` is the idle or lifetime deadline warned of. */
+export type WarnFn = (s: LiveSession, deadline: Deadline) => void;
 
 export interface DetectorOptions {
   registry: LiveSessions;
@@ -125,6 +128,8 @@ export interface DetectorOptions {
   livenessCpuPercent?: number;
   log: Logger;
   expire: ExpireFn;
+  /** Gives a warning whose moment came; by the same timer as expiry, so within milliseconds of it. */
+  warn?: WarnFn | undefined;
   /**
    * Asked before any time-based expiry is judged: false while time may not be trusted to
    * have passed for the sessions (the store cannot commit). The daemon also notices a stall
@@ -173,6 +178,7 @@ export class Detector implements LiveWatcher {
   private readonly walkShare: number;
   private readonly log: Logger;
   private readonly expire: ExpireFn;
+  private readonly warn: WarnFn;
   private readonly mayJudgeTime: () => boolean;
   private readonly onPidfdError: (code: string) => void;
   private readonly lineage: Pick<SessionLineage, "members"> | undefined;
@@ -184,6 +190,7 @@ export class Detector implements LiveWatcher {
     this.walkShare = (opts.livenessCpuPercent ?? LIVENESS_CPU_PERCENT) / 100;
     this.log = opts.log;
     this.expire = opts.expire;
+    this.warn = opts.warn ?? (() => undefined);
     this.mayJudgeTime = opts.mayJudgeTime ?? (() => true);
     this.onPidfdError = opts.onPidfdError ?? (() => undefined);
     this.lineage = opts.lineage;
@@ -192,7 +199,7 @@ export class Detector implements LiveWatcher {
 
   /** A session entered the registry: watch its processes, queue its deadline. */
   admitted(s: LiveSession): void {
-    this.heap.push(this.registry.deadline(s).at, s.id);
+    this.heap.push(this.registry.nextMoment(s), s.id);
     const engine = this.watch(s.engine);
     engine.engineOf.add(s);
     if (engine.engineOf.size === 1) engine.tree = s.tree;
@@ -389,7 +396,11 @@ export class Detector implements LiveWatcher {
         if (this.registry.get(s.id) === s) unfenced.push(entry);
         if (!this.mayJudgeTime()) break;
       } else {
-        this.heap.push(d.at, s.id);
+        const warning = this.registry.dueWarning(s, now);
+        if (warning !== null) this.warn(s, warning);
+        // A warning that could not be given (its record failed) is tried again in a second.
+        const next = this.registry.nextMoment(s);
+        this.heap.push(next <= now ? now + 1000 : next, s.id);
       }
     }
     // Tried again in a second (or at `rearm`, once the store commits again).

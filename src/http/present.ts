@@ -30,6 +30,15 @@ export function sessionJson(s: Session, steps?: readonly StepResult[], usage?: E
     deadline: iso(s.deadline),
     reapStartedAt: iso(s.reapStartedAt),
     reapedAt: iso(s.reapedAt),
+    extendedUntil: iso(s.extendedUntil ?? null),
+    warning:
+      s.warning === null || s.warning === undefined
+        ? null
+        : {
+            reason: s.warning.reason,
+            deadline: new Date(s.warning.deadline).toISOString(),
+            at: new Date(s.warning.at).toISOString(),
+          },
     reapAttempts: s.reapAttempts,
     registeredBy: s.registeredBy,
     containment: s.containment,

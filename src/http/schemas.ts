@@ -74,6 +74,20 @@ export const heartbeatBody = {
   properties: { activity: { enum: ["busy", "idle"] } },
 } as const;
 
+export const extendBody = {
+  type: "object",
+  additionalProperties: false,
+  required: ["sec"],
+  properties: {
+    sec: {
+      type: "integer",
+      minimum: 1,
+      maximum: 10 * 365 * 86400,
+      description: "keep the session at least this long from now (its idle deadline); capped by max_extend_sec",
+    },
+  },
+} as const;
+
 export const emptyBody = { type: "object", additionalProperties: false, properties: {} } as const;
 
 export const sessionIdParams = {
@@ -124,19 +138,59 @@ const processIdentity = {
   },
 } as const;
 
+/** One reading of /proc/<pid>/ (src/model/evidence.ts); a field is null where its file could not be read. */
+const processReading = {
+  type: "object",
+  additionalProperties: false,
+  required: ["at", "state", "wchan", "syscall", "stack", "cgroups"],
+  properties: {
+    at: { type: "integer", description: "when it was read, ms since the epoch" },
+    state: { type: ["string", "null"], description: "/proc/<pid>/stat's state: D is uninterruptible sleep" },
+    wchan: { type: ["string", "null"], description: "/proc/<pid>/wchan: the kernel function it sleeps in" },
+    syscall: { type: ["string", "null"], description: "/proc/<pid>/syscall" },
+    stack: {
+      type: ["array", "null"],
+      items: { type: "string" },
+      description: "/proc/<pid>/stack, its innermost frames (null: not readable)",
+    },
+    stackOmitted: { type: "integer", description: "frames left out" },
+    cgroups: { type: "array", items: { type: "string" }, description: "/proc/<pid>/cgroup" },
+  },
+} as const;
+
+/** Why an unkillable process does not die: readings before its SIGKILL and after the wait. */
+const unkillableEvidence = {
+  type: "object",
+  additionalProperties: false,
+  required: ["before", "after", "stateSince", "inStateSec", "sinceKillSec"],
+  properties: {
+    before: { oneOf: [{ type: "null" }, processReading] },
+    after: processReading,
+    stateSince: { type: "integer", description: "ms since the epoch: the first reading that saw it in after.state" },
+    inStateSec: { type: "number", description: "seconds in that state, at least" },
+    sinceKillSec: { type: "number", description: "seconds from its first SIGKILL to the after reading" },
+  },
+} as const;
+
 const leftover = {
   type: "object",
   additionalProperties: false,
   required: ["step", "kind", "item", "detail"],
   properties: {
     step: { enum: STEP_NAMES },
-    kind: { enum: ["process", "port", "socket", "path", "ipc", "hook"] },
+    kind: {
+      enum: ["process", "port", "socket", "path", "ipc", "hook", "unkillable"],
+      description:
+        "unkillable: a process still alive profiles.NAME.unkillable_timeout_sec after its SIGKILL; watched until it dies, then the reap is resolved (reap.resolved)",
+    },
     item: { type: "string" },
     detail: { type: "string" },
     pid: { type: "integer" },
     comm: { type: "string" },
     uid: { type: "integer" },
     why: { type: "string" },
+    startTime: { type: "integer", description: "an unkillable process's start time (/proc/<pid>/stat field 22)" },
+    evidence: unkillableEvidence,
   },
 } as const;
 
@@ -229,6 +283,27 @@ export const sessionResponse = {
     },
     reapStartedAt: timeOrNull,
     reapedAt: timeOrNull,
+    extendedUntil: {
+      ...timeOrNull,
+      description: "an extension (POST /v1/sessions/{id}/extend): while live, its idle deadline is at least this",
+    },
+    warning: {
+      description:
+        "while live: the warning given (session.warning, profiles.NAME.warn_before_sec) and still standing; activity that moves the deadline voids it",
+      oneOf: [
+        { type: "null" },
+        {
+          type: "object",
+          additionalProperties: false,
+          required: ["reason", "deadline", "at"],
+          properties: {
+            reason: { enum: ["idle_timeout", "max_lifetime", "memory_pressure"] },
+            deadline: { ...time, description: "when the session is reaped unless it is active first" },
+            at: { ...time, description: "when the warning was given" },
+          },
+        },
+      ],
+    },
     reapAttempts: { type: "integer", minimum: 0 },
     registeredBy: {
       type: "object",
@@ -346,6 +421,28 @@ export const heartbeatResponse = {
   },
 } as const;
 
+export const extendResponse = {
+  type: "object",
+  additionalProperties: false,
+  required: ["id", "state", "extendedUntil", "keptUntil", "cappedBy", "deadline", "expiresBy"],
+  properties: {
+    id: { type: "string" },
+    state: { const: "live" },
+    extendedUntil: { ...time, description: "the idle deadline is at least this while the session is live" },
+    keptUntil: {
+      ...time,
+      description:
+        "when the session is reaped if it stays idle and keeps heartbeating: its idle deadline, or its max lifetime",
+    },
+    cappedBy: {
+      enum: ["max_lifetime", null],
+      description: "max_lifetime: the session's max lifetime ends before the extension does",
+    },
+    deadline: { ...time, description: "the earliest deadline now (a missed heartbeat still reaps it)" },
+    expiresBy: { enum: TIME_REASONS },
+  },
+} as const;
+
 export const eventsResponse = {
   type: "object",
   additionalProperties: false,
@@ -370,6 +467,50 @@ export const eventsResponse = {
           damage: { ...damage, description: "the stored detail cannot be read (then detail is null)" },
         },
       },
+    },
+  },
+} as const;
+
+/**
+ * GET /v1/events (src/http/events-stream.ts): follow, one session, and the seq to resume after.
+ * `follow` is 0 or 1 only (an integer, so "1" and never "true", "yes" or an empty value).
+ */
+export const eventStreamQuery = {
+  type: "object",
+  additionalProperties: false,
+  properties: {
+    follow: {
+      type: "integer",
+      enum: [0, 1],
+      default: 0,
+      description: "1: after the backlog, keep the response open and write each event as it is committed",
+    },
+    session: {
+      type: "string",
+      pattern: SESSION_ID_PATTERN,
+      description: "only this session's events (a non-admin: a session it registered)",
+    },
+    since: {
+      type: "integer",
+      minimum: 0,
+      maximum: 999999999999999,
+      description:
+        "only events with a seq above this one (the last seq a client saw: it resumes with no gap and no duplicate); without it, follow=1 starts at the newest event and follow=0 at the oldest kept",
+    },
+  },
+} as const;
+
+/** One line of GET /v1/events: an event of GET /v1/sessions/{id}/events, with seq null for one never stored. */
+export const eventStreamLine = {
+  ...eventsResponse.properties.events.items,
+  description:
+    "each line of the body is one such JSON object (NDJSON); an empty line is a keep-alive, sent to a follower after 15 to 20 s without a line",
+  properties: {
+    ...eventsResponse.properties.events.items.properties,
+    seq: {
+      type: ["integer", "null"],
+      description:
+        "audit_events' seq, in commit order; null for an event the daemon could not store (detail.stored false: followers only, never in a backlog)",
     },
   },
 } as const;

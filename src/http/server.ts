@@ -17,6 +17,7 @@ import Fastify, {
   type onResponseHookHandler,
 } from "fastify";
 import type { Logger } from "pino";
+import type { AuditTrail } from "../audit/audit.js";
 import type { Callers } from "../auth/caller.js";
 import { tcpRefusal } from "../auth/tcp.js";
 import type { ApiConfig } from "../config/load.js";
@@ -26,6 +27,7 @@ import type { Sessions } from "../sessions/sessions.js";
 import type { Store } from "../store/store.js";
 import { errorBody as send, toApiError } from "./api-error.js";
 import type { ConnectionLimits } from "./connection-limits.js";
+import { eventStreamRoutes } from "./events-stream.js";
 import { FastHeartbeat } from "./fast-heartbeat.js";
 import { HeartbeatLane } from "./heartbeat-lane.js";
 import { collectRoutes, openApiDocument } from "./openapi.js";
@@ -37,6 +39,8 @@ import {
   expiringQuery,
   expiringResponse,
   healthResponse,
+  extendBody,
+  extendResponse,
   heartbeatBody,
   heartbeatResponse,
   listQuery,
@@ -65,6 +69,8 @@ export interface DaemonInfo {
 export interface ServerDeps {
   sessions: Sessions;
   store: Store;
+  /** The audit trail's emitter: GET /v1/events follows it (src/http/events-stream.ts). */
+  audit: Pick<AuditTrail, "events">;
   metrics: Metrics;
   orphans: Pick<OrphanSweep, "current">;
   log: Logger;
@@ -164,6 +170,7 @@ export function buildServer(deps: ServerDeps): FastifyInstance {
   const { app, fast, routes } = createApp(deps);
   sessionWriteRoutes(app, deps, fast);
   sessionReadRoutes(app, deps);
+  eventStreamRoutes(app, deps);
   daemonRoutes(app, deps);
   let openApi: string | undefined;
   app.get(
@@ -351,6 +358,21 @@ function sessionWriteRoutes(app: FastifyInstance, deps: ServerDeps, fast: FastHe
       },
     },
     async (req) => sessionJson(await sessions.update(req.params.id, req.body, callerOf(req))),
+  );
+
+  app.post<{ Params: { id: string }; Body: { sec: number } }>(
+    "/v1/sessions/:id/extend",
+    {
+      schema: {
+        summary:
+          "Keep a live session at least sec seconds from now however idle (up to the profile's max_extend_sec, never past its max lifetime)",
+        params: sessionIdParams,
+        body: extendBody,
+        querystring: noQuery,
+        response: { 200: extendResponse },
+      },
+    },
+    (req) => sessions.extend(req.params.id, req.body.sec, callerOf(req)),
   );
 
   app.delete<{ Params: { id: string } }>(

@@ -19,6 +19,10 @@ export interface MetricsDeps {
   lineage?: () => { available: boolean; events: number; lost: number; processes: number };
   /** Connections open on the unix socket, by kind of peer (src/http/connection-limits.ts), read at scrape time. */
   connections?: () => { admin: number; user: number };
+  /** Unkillable processes the daemon watches (src/reaper/resolver.ts), read at scrape time. */
+  unkillable?: () => number;
+  /** [pressure]: the last `some avg10` read (null: unreadable or off) and whether pressure holds, read at scrape time. */
+  pressure?: () => { someAvg10: number | null; holding: boolean };
 }
 
 /** What made the daemon lose time: its loop, its store, or connections it turned away. */
@@ -67,6 +71,7 @@ export class Metrics {
   private readonly usageCpu: Histogram<"profile">;
   private readonly usageMemory: Histogram<"profile">;
   private readonly usageLifetime: Histogram<"profile">;
+  private readonly warnings: Counter<"reason">;
 
   constructor(deps: MetricsDeps) {
     const registers = [this.registry];
@@ -266,6 +271,15 @@ export class Metrics {
       labelNames: ["limit"],
       registers,
     });
+    const unkillable = deps.unkillable ?? (() => 0);
+    new Gauge({
+      name: "session_reaper_unkillable_processes",
+      help: "Processes reaps left alive after SIGKILL (unkillable leftovers: uninterruptible sleep in a hung file system, a frozen cgroup, a driver) that the daemon still watches; each reap is resolved (reap.resolved) once all of its are gone.",
+      registers,
+      collect() {
+        this.set(unkillable());
+      },
+    });
     const connections = deps.connections ?? (() => ({ admin: 0, user: 0 }));
     new Gauge({
       name: "session_reaper_connections",
@@ -278,6 +292,38 @@ export class Metrics {
         this.set({ peer: "user" }, open.user);
       },
     });
+    this.warnings = new Counter({
+      name: "session_reaper_warnings_total",
+      help: "Warnings given before a reap (session.warning), by reason: idle_timeout, max_lifetime, memory_pressure.",
+      labelNames: ["reason"],
+      registers,
+    });
+    const pressure = deps.pressure;
+    if (pressure !== undefined) {
+      new Gauge({
+        name: "session_reaper_memory_pressure_some_avg10",
+        help: "The last `some avg10` read from [pressure] file (percent); absent while it cannot be read or [pressure] is off.",
+        registers,
+        collect() {
+          this.reset();
+          const p = pressure();
+          if (p.someAvg10 !== null) this.set(p.someAvg10);
+        },
+      });
+      new Gauge({
+        name: "session_reaper_memory_pressure_holding",
+        help: "1 while memory pressure holds at or above [pressure] some_avg10 (idle sessions are being reclaimed), else 0.",
+        registers,
+        collect() {
+          this.set(pressure().holding ? 1 : 0);
+        },
+      });
+    }
+  }
+
+  /** A warning was given (session.warning). */
+  warned(reason: string): void {
+    this.warnings.inc({ reason });
   }
 
   /** The loop did not run (cause "loop"), the store did not commit ("store") or connections were turned away ("crowded") for `ms`. */

@@ -13,6 +13,11 @@ export interface Timing {
   readonly idleTimeoutSec: number;
   /** 0 = no maximum lifetime. */
   readonly maxLifetimeSec: number;
+  /**
+   * An extension (POST /v1/sessions/{id}/extend): the idle deadline is at least this
+   * (monotonic ms); -Infinity when never extended. The heartbeat and lifetime deadlines do not move.
+   */
+  readonly extendedUntilMono?: number;
 }
 
 export interface Deadline {
@@ -35,12 +40,22 @@ export function deadlineOf(
   heartbeatFloor = Number.NEGATIVE_INFINITY,
 ): Deadline {
   const from = (since: number, sec: number): number => Math.max(since, floor) + sec * 1000;
-  let best: Deadline = {
+  const best: Deadline = {
     at: from(Math.max(t.heartbeatMono, heartbeatFloor), t.heartbeatTimeoutSec),
     reason: "heartbeat_timeout",
   };
-  const idle = from(t.activityMono, t.idleTimeoutSec);
-  if (idle < best.at) best = { at: idle, reason: "idle_timeout" };
+  const warnable = warnableDeadline(t, floor);
+  return warnable.at < best.at ? warnable : best;
+}
+
+/**
+ * The deadline a warning is given for (profiles.NAME.warn_before_sec): min(idle, lifetime),
+ * both measured as in `deadlineOf`. A heartbeat timeout is never warned of: its client is gone.
+ */
+export function warnableDeadline(t: Timing, floor = Number.NEGATIVE_INFINITY): Deadline {
+  const from = (since: number, sec: number): number => Math.max(since, floor) + sec * 1000;
+  const idle = Math.max(from(t.activityMono, t.idleTimeoutSec), t.extendedUntilMono ?? Number.NEGATIVE_INFINITY);
+  let best: Deadline = { at: idle, reason: "idle_timeout" };
   if (t.maxLifetimeSec > 0) {
     const life = from(t.createdMono, t.maxLifetimeSec);
     if (life < best.at) best = { at: life, reason: "max_lifetime" };

@@ -1,5 +1,5 @@
 import type { Timing } from "./deadline.js";
-import type { ProcessIdentity, RegisteredBy } from "./session.js";
+import type { ProcessIdentity, RegisteredBy, WarnReason } from "./session.js";
 
 /**
  * The in-memory view of a live session: all that heartbeats and detection touch. Owned by
@@ -18,6 +18,12 @@ export interface LiveSession extends Timing {
   readonly registeredBy: RegisteredBy;
   /** The profile's busy_cpu_percent: engine CPU above it counts as activity. null = off. */
   readonly busyCpuPercent: number | null;
+  /** How long before an idle or lifetime deadline it is warned (profiles.NAME.warn_before_sec); 0 = never. */
+  readonly warnBeforeSec: number;
+  /** The extension's end on the wall clock (POST …/extend), for the record; null if never extended. */
+  readonly extendedUntil: number | null;
+  /** The warning given and still standing, if any (see LiveSessions.warningOf: activity voids it). */
+  readonly warning: SessionWarning | null;
   readonly createdAt: number;
   readonly lastHeartbeatAt: number;
   readonly lastActivityAt: number;
@@ -30,6 +36,8 @@ export interface LiveSession extends Timing {
   readonly cpuSample?: CpuSample | undefined;
   /** The session's own cgroup (containment), or null: where its CPU is read. */
   readonly cgroup: string | null;
+  /** The resident memory its tree was last seen with (a liveness pass): memory pressure's first pick. */
+  readonly lastRssBytes: number;
   /** The most processes and the most resident memory its tree was seen with (usage at finish). */
   readonly peaks: { readonly processes: number; readonly rssBytes: number };
   /**
@@ -37,6 +45,18 @@ export interface LiveSession extends Timing {
    * write it at the next flush). It may lag behind the real one: see `takeDirty`.
    */
   readonly storedDeadline?: number | undefined;
+}
+
+/** A warning given to a live session (session.warning): what it was for, and when. */
+export interface SessionWarning {
+  readonly reason: WarnReason;
+  /** The deadline warned of, monotonic ms (the idle or lifetime deadline it was given for). */
+  readonly deadlineMono: number;
+  /** The same deadline on the wall clock, and when the warning was given (wall ms). */
+  readonly deadline: number;
+  readonly at: number;
+  /** When it was given, monotonic ms: activity after this voids a memory-pressure warning. */
+  readonly atMono: number;
 }
 
 /** CPU ms used by a session up to `atMs` (performance.now()), as a whole or per process ("pid:startTime"). */
@@ -56,6 +76,10 @@ export interface Admission {
   readonly heartbeatTimeoutSec: number;
   readonly idleTimeoutSec: number;
   readonly maxLifetimeSec: number;
+  /** The profile's warn_before_sec (0: never warned); see LiveSessions.admit for the cap. */
+  readonly warnBeforeSec?: number | undefined;
+  /** An extension in force (wall ms), from the stored row at recovery. */
+  readonly extendedUntil?: number | null | undefined;
   /** The session's own cgroup (containment), if it has one. */
   readonly cgroup?: string | null | undefined;
   /** The deadline the registration wrote to the indexed column, if it wrote one. */

@@ -1,5 +1,7 @@
 /** The domain's words, one name each, shared by the store, the API and the audit trail. */
 
+import type { UnkillableEvidence } from "./evidence.js";
+
 /**
  * The environment variable that marks every process of a session, wherever it is re-parented
  * (`reaperctl run` and ReaperClient.spawn set it; launchers that spawn engines should too).
@@ -39,9 +41,13 @@ export const REASONS = [
   "closed",
   "forced",
   "orphaned",
+  // Reclaimed while the host's memory pressure held ([pressure]): an idle session, largest first.
+  "memory_pressure",
 ] as const;
 export type Reason = (typeof REASONS)[number];
 export type TimeReason = "heartbeat_timeout" | "idle_timeout" | "max_lifetime";
+/** What a warning (profiles.NAME.warn_before_sec) is given for: a deadline, or a reclaim under memory pressure. */
+export type WarnReason = "idle_timeout" | "max_lifetime" | "memory_pressure";
 
 export type Outcome = "clean" | "partial" | "failed";
 
@@ -58,7 +64,8 @@ export type StepOutcome = "ok" | "failed" | "timeout";
 
 export interface Leftover {
   readonly step: StepName;
-  readonly kind: "process" | "port" | "socket" | "path" | "ipc" | "hook";
+  /** `unkillable`: a process still alive profiles.NAME.unkillable_timeout_sec after its SIGKILL. */
+  readonly kind: "process" | "port" | "socket" | "path" | "ipc" | "hook" | "unkillable";
   readonly item: string;
   readonly detail: string;
   /** A process found alive by the verification pass: who it is and why it counts. */
@@ -66,6 +73,10 @@ export interface Leftover {
   readonly comm?: string;
   readonly uid?: number;
   readonly why?: string;
+  /** An unkillable process's start time: with `pid` and the engine's boot, what the daemon watches it by. */
+  readonly startTime?: number;
+  /** Why an unkillable process does not die (src/model/evidence.ts); kept for the first few of a reap. */
+  readonly evidence?: UnkillableEvidence;
 }
 
 export interface StepResult {
@@ -127,6 +138,14 @@ export interface Session {
    * depends on it is treated conservatively: see docs/operations.md, "A damaged row".
    */
   readonly damage: readonly Damage[];
+  /** An extension in force (POST …/extend): kept at least until then (wall ms) while live; null if none. */
+  readonly extendedUntil?: number | null;
+  /** While live: the warning given and still standing (session.warning), or null. */
+  readonly warning?: {
+    readonly reason: WarnReason;
+    readonly deadline: number;
+    readonly at: number;
+  } | null;
 }
 
 /**

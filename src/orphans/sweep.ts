@@ -194,8 +194,11 @@ export class OrphanSweep {
     detector.checkLiveness(table);
     const live = this.deps.store.sessionsInState("live");
     const reaping = this.deps.store.sessionsInState("reaping");
-    const claimed = this.claimedProcesses(table, live, reaping);
-    const claimedPaths = new PathClaims([...live, ...reaping].flatMap((s) => s.paths));
+    // A reap that left unkillable processes owns them, and its paths, until it is resolved
+    // (src/reaper/resolver.ts): nothing else takes them up meanwhile.
+    const unresolved = this.deps.store.unresolvedReaps();
+    const claimed = this.claimedProcesses(table, live, reaping, unresolved);
+    const claimedPaths = new PathClaims([...live, ...reaping, ...unresolved].flatMap((s) => s.paths));
     // A session whose row is damaged may own what nothing else claims: its unreadable paths,
     // the processes of an engine it can no longer identify. Nothing is reaped on that doubt.
     this.doubts = {
@@ -257,9 +260,15 @@ export class OrphanSweep {
   /**
    * Claimed: every live or reaping session's engine and owner, the live ones' trees (the
    * detector's, refreshed on this snapshot), and for reaping sessions what their journal
-   * lists plus whatever their engine forked since.
+   * lists plus whatever their engine forked since; the unkillable processes of reaps not yet
+   * resolved (by identity: pid and start time).
    */
-  private claimedProcesses(table: ProcessTable, live: readonly Session[], reaping: readonly Session[]): Set<string> {
+  private claimedProcesses(
+    table: ProcessTable,
+    live: readonly Session[],
+    reaping: readonly Session[],
+    unresolved: readonly Session[],
+  ): Set<string> {
     const claimed = new Set<string>();
     const add = (p: { pid: number; startTime: number }): void => void claimed.add(processKey(p));
     for (const s of [...live, ...reaping]) {
@@ -273,6 +282,12 @@ export class OrphanSweep {
       (journaled(journal, "terminate")?.processes ?? []).forEach(add);
       known.forEach(add);
       table.tree(s.engine, known).forEach(add);
+    }
+    for (const s of unresolved) {
+      for (const l of s.leftovers) {
+        if (l.kind === "unkillable" && l.pid !== undefined && l.startTime !== undefined)
+          add({ pid: l.pid, startTime: l.startTime });
+      }
     }
     return claimed;
   }

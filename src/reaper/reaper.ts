@@ -28,7 +28,8 @@ export const CLEANUP_STEPS: readonly CleanupStep[] = [
   removePaths,
 ];
 
-const POSITION: Record<StepName, number> = {
+/** Each step's place in the journal (reap_steps.position). */
+export const POSITION: Record<StepName, number> = {
   fence: 0,
   "close-environment": 1,
   terminate: 2,
@@ -79,6 +80,8 @@ export interface ReaperDeps {
   failpoints?: ReadonlySet<string> | undefined;
   /** What a failpoint does: main.ts passes a SIGKILL to the daemon itself. */
   crash?: (() => void) | undefined;
+  /** Told of each reap that finished leaving unkillable processes, once committed: it watches them (resolver.ts). */
+  unkillable?: { watch(sessionId: string): void } | undefined;
 }
 
 /**
@@ -287,7 +290,7 @@ export class Reaper {
    * when its stored containment cannot be read, the cgroup the daemon made for it if there is
    * one (a damaged containment means: start from the engine, its cgroup and its lineage).
    */
-  private sessionToReap(stored: Session, records: readonly StepResult[]): Session {
+  sessionToReap(stored: Session, records: readonly StepResult[]): Session {
     const journalDamage = records.flatMap((r) => (r.damage === undefined ? [] : [r.damage]));
     const containment =
       damageOf(stored, "containment") === undefined
@@ -298,7 +301,7 @@ export class Reaper {
   }
 
   /** A step's record and its reap.step event (inside the caller's transaction). */
-  private journalStep(session: Session, result: StepResult, attempt: number): void {
+  journalStep(session: Session, result: StepResult, attempt: number): void {
     this.deps.store.recordStep(session.id, POSITION[result.name], result);
     this.deps.audit.record({
       event: "reap.step",
@@ -334,18 +337,10 @@ export class Reaper {
     const verification = await verify(session, journal, members, this.deps.daemonPid, log);
     await loopTurn(); // the finish transaction, paced too
     const verifyMs = performance.now() - verifyStart;
-    const stepLeftovers = steps.flatMap((s) => s.detail.leftovers ?? []);
-    // What a step already named is not listed twice: a survivor of terminate (its pid), the
-    // holder of a port the release step reported (that port).
-    const named = new Set(stepLeftovers.map((l) => `${l.kind}:${l.item}`));
-    const leftovers = [
-      ...stepLeftovers,
-      ...verification.leftovers.filter(
-        (l) =>
-          !named.has(`${l.kind}:${l.item}`) &&
-          !(l.why ?? "").split(", ").every((r) => named.has(`port:${/^port (\d+) /.exec(r)?.[1]}`)),
-      ),
-    ];
+    const leftovers = mergeLeftovers(
+      steps.flatMap((s) => s.detail.leftovers ?? []),
+      verification.leftovers,
+    );
     const verified = outcomeOf(steps, leftovers);
     const outcome = verified === "clean" && session.damage.length > 0 ? "partial" : verified;
     const now = clock.now();
@@ -400,6 +395,7 @@ export class Reaper {
     if (finished) {
       lineage.release(id);
       this.crashes.delete(id);
+      if (leftovers.some((l) => l.kind === "unkillable")) this.deps.unkillable?.watch(id);
       this.deps.metrics?.reapFinished(session.reason ?? "forced", outcome, session.profile);
       this.deps.metrics?.sessionUsage(session.profile, usage);
     }
@@ -452,8 +448,11 @@ export class Reaper {
     this.deps.crash?.();
   }
 
-  /** Own deadline, own try/catch, own record: a step never throws past here. */
-  private async runStep(
+  /**
+   * Own deadline, own try/catch, own record: a step never throws past here. Also how a reap's
+   * resolution runs again the steps its unkillable processes kept from completing.
+   */
+  async runStep(
     step: CleanupStep,
     run: {
       session: Session;
@@ -514,7 +513,7 @@ export class Reaper {
  * nothing, and says so (a `clean` then rests on the steps alone, and `reaperctl audit
  * verify` names it).
  */
-async function verify(
+export async function verify(
   session: Session,
   journal: ReadonlyMap<StepName, StepResult>,
   members: SessionMembers,
@@ -534,6 +533,23 @@ const isStoreUnavailable = (err: unknown): boolean => err instanceof ReaperError
 /** A step that was not run (its reason in `detail.notRun`): failed, and journaled like any. */
 function notRunResult(name: StepName, now: number, why: string): StepResult {
   return { name, outcome: "failed", startedAt: now, durationMs: 0, detail: { v: JOURNAL_VERSION, notRun: why } };
+}
+
+/**
+ * A reap's leftovers: the steps' own, then what the verification found that no step named
+ * already: a survivor of terminate (by its pid, unkillable or not), the holder of a port the
+ * release step reported (by that port).
+ */
+export function mergeLeftovers(stepLeftovers: readonly Leftover[], found: readonly Leftover[]): Leftover[] {
+  const named = new Set(stepLeftovers.map((l) => `${l.kind === "unkillable" ? "process" : l.kind}:${l.item}`));
+  return [
+    ...stepLeftovers,
+    ...found.filter(
+      (l) =>
+        !named.has(`${l.kind}:${l.item}`) &&
+        !(l.why ?? "").split(", ").every((r) => named.has(`port:${/^port (\d+) /.exec(r)?.[1]}`)),
+    ),
+  ];
 }
 
 /** clean: every step ok and nothing left; failed: no step succeeded; partial otherwise. */

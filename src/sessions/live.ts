@@ -1,10 +1,19 @@
 import type { Clock } from "../clock.js";
-import { deadlineOf, type Deadline } from "../model/deadline.js";
-import type { Admission, CpuSample, HeartbeatWrite, LiveSession, Stamp, StoredLive } from "../model/live-session.js";
-import type { ProcessIdentity } from "../model/session.js";
+import { deadlineOf, warnableDeadline, type Deadline } from "../model/deadline.js";
+import type {
+  Admission,
+  CpuSample,
+  HeartbeatWrite,
+  LiveSession,
+  SessionWarning,
+  Stamp,
+  StoredLive,
+} from "../model/live-session.js";
+import type { ProcessIdentity, WarnReason } from "../model/session.js";
 
 type Fields = { -readonly [K in keyof LiveSession]: LiveSession[K] } & {
   peaks: { processes: number; rssBytes: number };
+  extendedUntilMono: number;
 };
 
 /**
@@ -23,6 +32,10 @@ class Owned implements Fields {
   heartbeatTimeoutSec: number;
   idleTimeoutSec: number;
   maxLifetimeSec: number;
+  warnBeforeSec: number;
+  extendedUntil: number | null;
+  extendedUntilMono: number;
+  warning: SessionWarning | null;
   cgroup: string | null;
   createdAt: number;
   lastHeartbeatAt: number;
@@ -32,6 +45,7 @@ class Owned implements Fields {
   activityMono: number;
   tree: readonly ProcessIdentity[];
   peaks: { processes: number; rssBytes: number };
+  lastRssBytes: number;
   cpuSample: CpuSample | undefined;
   storedDeadline: number | undefined;
 
@@ -44,6 +58,10 @@ class Owned implements Fields {
     this.heartbeatTimeoutSec = f.heartbeatTimeoutSec;
     this.idleTimeoutSec = f.idleTimeoutSec;
     this.maxLifetimeSec = f.maxLifetimeSec;
+    this.warnBeforeSec = f.warnBeforeSec;
+    this.extendedUntil = f.extendedUntil;
+    this.extendedUntilMono = f.extendedUntilMono;
+    this.warning = f.warning;
     this.cgroup = f.cgroup;
     this.createdAt = f.createdAt;
     this.lastHeartbeatAt = f.lastHeartbeatAt;
@@ -53,6 +71,7 @@ class Owned implements Fields {
     this.activityMono = f.activityMono;
     this.tree = f.tree;
     this.peaks = f.peaks;
+    this.lastRssBytes = f.lastRssBytes;
     this.cpuSample = f.cpuSample;
     this.storedDeadline = f.storedDeadline;
   }
@@ -70,6 +89,15 @@ export interface LiveWatcher {
  */
 function deadlineStale(stored: number | undefined, at: number, now: number): boolean {
   return stored === undefined || stored - now < (at - now) / 2;
+}
+
+/**
+ * A session's warn_before_sec, at most half its idle timeout: a warning given at activity +
+ * idle - warn must come after the activity that set the deadline, or every busy heartbeat of a
+ * session whose idle timeout was shortened at registration would warn again.
+ */
+function warnBefore(a: { warnBeforeSec?: number | undefined; idleTimeoutSec: number }): number {
+  return Math.min(a.warnBeforeSec ?? 0, a.idleTimeoutSec / 2);
 }
 
 /** See LiveSessions.displayOffset. */
@@ -150,6 +178,10 @@ export class LiveSessions {
         heartbeatTimeoutSec: a.heartbeatTimeoutSec,
         idleTimeoutSec: a.idleTimeoutSec,
         maxLifetimeSec: a.maxLifetimeSec,
+        warnBeforeSec: warnBefore(a),
+        extendedUntil: null,
+        extendedUntilMono: Number.NEGATIVE_INFINITY,
+        warning: null,
         storedDeadline: a.storedDeadline,
         cpuSample: undefined,
         cgroup: a.cgroup ?? null,
@@ -161,6 +193,7 @@ export class LiveSessions {
         activityMono: mono,
         tree: tree === undefined ? [] : [...tree],
         peaks: { processes: tree?.length ?? 1, rssBytes: 0 },
+        lastRssBytes: 0,
       }),
     );
   }
@@ -181,6 +214,15 @@ export class LiveSessions {
       heartbeatTimeoutSec: r.heartbeatTimeoutSec,
       idleTimeoutSec: r.idleTimeoutSec,
       maxLifetimeSec: r.maxLifetimeSec,
+      warnBeforeSec: warnBefore(r),
+      // An extension is a promise on the wall clock ("kept until 18:00"): what is left of it
+      // runs from now (never less than the restart rule's full idle timeout, see deadlineOf).
+      extendedUntil: r.extendedUntil ?? null,
+      extendedUntilMono:
+        r.extendedUntil === null || r.extendedUntil === undefined
+          ? Number.NEGATIVE_INFINITY
+          : mono + Math.max(0, r.extendedUntil - this.clock.now()),
+      warning: null,
       cgroup: r.cgroup ?? null,
       createdAt: r.createdAt,
       lastHeartbeatAt: r.lastHeartbeatAt,
@@ -190,6 +232,7 @@ export class LiveSessions {
       activityMono: mono,
       tree: [...r.tree], // replaced, never mutated, by the liveness pass
       peaks: { ...(r.peaks ?? { processes: r.tree.length, rssBytes: 0 }) },
+      lastRssBytes: 0,
       storedDeadline: r.deadline ?? undefined,
       cpuSample: undefined,
     });
@@ -270,9 +313,10 @@ export class LiveSessions {
     (live as Owned).tree = tree;
   }
 
-  /** The resident memory the session's tree was just seen with: kept if it is the most yet. */
+  /** The resident memory the session's tree was just seen with: the last, and the peak if the most yet. */
   notePeakRss(live: LiveSession, rssBytes: number): void {
     const s = live as Owned;
+    s.lastRssBytes = rssBytes;
     if (rssBytes > s.peaks.rssBytes) s.peaks.rssBytes = rssBytes;
   }
 
@@ -303,6 +347,84 @@ export class LiveSessions {
   /** The session's deadline on the monotonic clock. */
   deadline(s: LiveSession): Deadline {
     return deadlineOf(s, this.floor, this.heartbeatFloor);
+  }
+
+  /**
+   * When the detector must look at the session next (its heap key): the deadline, or, for a
+   * session that warns and has no standing warning for its idle or lifetime deadline, that
+   * deadline minus warn_before_sec if it comes first.
+   */
+  nextMoment(s: LiveSession): number {
+    const d = this.deadline(s).at;
+    if (s.warnBeforeSec <= 0) return d;
+    const w = warnableDeadline(s, this.floor);
+    if (this.warningOf(s)?.deadlineMono === w.at) return d;
+    return Math.min(d, w.at - s.warnBeforeSec * 1000);
+  }
+
+  /** The deadline to warn of now (its moment has come, none stands for it), or null. */
+  dueWarning(s: LiveSession, now: number): Deadline | null {
+    if (s.warnBeforeSec <= 0) return null;
+    const w = warnableDeadline(s, this.floor);
+    if (w.at <= now || w.at - s.warnBeforeSec * 1000 > now) return null;
+    return this.warningOf(s)?.deadlineMono === w.at ? null : w;
+  }
+
+  /**
+   * The warning standing for the session, or null: a deadline's warning stands while that is
+   * still the deadline (activity, an extension, the restart rule move it, and void it); a
+   * memory-pressure warning stands until the session is active again.
+   */
+  warningOf(s: LiveSession): SessionWarning | null {
+    const w = s.warning;
+    if (w === null) return null;
+    const stands =
+      w.reason === "memory_pressure"
+        ? s.activityMono <= w.atMono
+        : warnableDeadline(s, this.floor).at === w.deadlineMono && s.warnBeforeSec > 0;
+    if (!stands) (s as Owned).warning = null;
+    return stands ? w : null;
+  }
+
+  /** A warning was given (and recorded) for the session. */
+  warned(live: LiveSession, reason: WarnReason, deadlineMono: number): SessionWarning | null {
+    const s = this.byId.get(live.id);
+    if (s !== live || s === undefined) return null;
+    const { wall, mono } = this.stamp();
+    s.warning = { reason, deadlineMono, deadline: this.toWall(deadlineMono), at: wall, atMono: mono };
+    return s.warning;
+  }
+
+  /**
+   * An extension of `sec` from now: its end on both clocks, never earlier than one in force
+   * (an extension never shortens another). Nothing changes until `extend`.
+   */
+  extension(s: LiveSession, sec: number): Stamp {
+    const mono = Math.max(s.extendedUntilMono ?? Number.NEGATIVE_INFINITY, this.clock.mono() + sec * 1000);
+    return { mono, wall: this.toWall(mono) };
+  }
+
+  /** The session's deadlines were it extended until `untilMono`: the earliest, and the one it is kept until (idle or lifetime). */
+  deadlinesWith(s: LiveSession, untilMono: number): { deadline: Deadline; kept: Deadline } {
+    const t = {
+      createdMono: s.createdMono,
+      heartbeatMono: s.heartbeatMono,
+      activityMono: s.activityMono,
+      heartbeatTimeoutSec: s.heartbeatTimeoutSec,
+      idleTimeoutSec: s.idleTimeoutSec,
+      maxLifetimeSec: s.maxLifetimeSec,
+      extendedUntilMono: untilMono,
+    };
+    return { deadline: deadlineOf(t, this.floor, this.heartbeatFloor), kept: warnableDeadline(t, this.floor) };
+  }
+
+  /** The extension (from `extension`), committed: the idle deadline is at least its end. */
+  extend(live: LiveSession, until: Stamp): void {
+    const s = live as Owned;
+    if (this.byId.get(s.id) !== s) return;
+    s.extendedUntilMono = until.mono;
+    s.extendedUntil = until.wall;
+    this.dirty.add(s); // the stored (indexed) deadline moves later
   }
 
   /** The session's deadline on the wall clock, in whole ms (for display and the stored index). */

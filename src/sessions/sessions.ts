@@ -98,6 +98,18 @@ export interface ExpiringSession {
 
 const TIME_REASONS: ReadonlySet<Reason> = new Set<TimeReason>(["heartbeat_timeout", "idle_timeout", "max_lifetime"]);
 
+/** What POST /v1/sessions/{id}/extend answers (times in ISO 8601 UTC). */
+export interface ExtendedSession {
+  id: string;
+  state: "live";
+  extendedUntil: string;
+  /** When it is reaped if it stays idle and keeps heartbeating: its idle deadline, or its max lifetime. */
+  keptUntil: string;
+  cappedBy: "max_lifetime" | null;
+  deadline: string;
+  expiresBy: TimeReason;
+}
+
 export interface SessionView {
   session: Session;
   steps: StepResult[];
@@ -189,6 +201,7 @@ export class Sessions {
       ownerPid: checked.ownerPid,
       registeredBy: session.registeredBy,
       busyCpuPercent: profile.busyCpuPercent,
+      warnBeforeSec: profile.warnBeforeSec,
       ...checked.timeouts,
       storedDeadline: session.deadline ?? undefined,
       at,
@@ -375,6 +388,62 @@ export class Sessions {
   }
 
   /**
+   * POST /v1/sessions/{id}/extend: the session is kept at least `sec` from now, however idle
+   * (its idle deadline is never earlier; an earlier extension is never shortened), up to the
+   * profile's max_extend_sec (SR_EXTEND_ABOVE_MAX beyond, naming the cap) and never past its max
+   * lifetime. A missed heartbeat still reaps it. Committed (the row's extended_until, so that a
+   * restart keeps it, and a `session.extended` event) before it counts; a warning given for the
+   * old deadline no longer stands.
+   */
+  extend(id: string, sec: number, caller: Caller): ExtendedSession {
+    const { registry, store, audit, config } = this.deps;
+    const live = registry.get(id);
+    if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
+    checkActor(caller, live.registeredBy, id);
+    const s = store.getSession(id);
+    if (s === undefined || s.state !== "live") throw this.notLive(id, "SR_SESSION_FENCED");
+    const max = Object.hasOwn(config.profiles, s.profile) ? (config.profiles[s.profile]?.maxExtendSec ?? 0) : 0;
+    if (sec > max) {
+      throw new ReaperError(
+        "SR_EXTEND_ABOVE_MAX",
+        max === 0
+          ? `sec: profile "${s.profile}" allows no extension (max_extend_sec = 0)`
+          : `sec: ${sec} exceeds the profile "${s.profile}" maximum extension of ${max} s (max_extend_sec)`,
+        { maxExtendSec: max },
+      );
+    }
+    this.requireStore();
+    const until = registry.extension(live, sec);
+    const after = registry.deadlinesWith(live, until.mono);
+    const cappedBy = after.kept.reason === "max_lifetime" && after.kept.at < until.mono ? "max_lifetime" : null;
+    const out: ExtendedSession = {
+      id,
+      state: "live",
+      extendedUntil: isoTime(until.wall),
+      keptUntil: isoTime(registry.toWall(after.kept.at)),
+      cappedBy,
+      deadline: isoTime(registry.toWall(after.deadline.at)),
+      expiresBy: after.deadline.reason,
+    };
+    audit.transaction(() => {
+      if (!store.setExtendedUntil(id, until.wall)) throw this.notLive(id, "SR_SESSION_FENCED");
+      audit.record({
+        event: "session.extended",
+        sessionId: id,
+        detail: {
+          sec,
+          extendedUntil: out.extendedUntil,
+          keptUntil: out.keptUntil,
+          cappedBy,
+          by: { uid: caller.uid, pid: caller.pid, via: caller.via, admin: caller.admin },
+        },
+      });
+    });
+    registry.extend(live, until);
+    return out;
+  }
+
+  /**
    * PATCH: a live session gains ports (each held by its engine's tree now, as at
    * registration), paths (the profile's path policy) and labels (a new value replaces the old
    * one). All or nothing: the first refusal changes nothing. Ports and paths already
@@ -556,11 +625,14 @@ export class Sessions {
   private withLiveTiming(s: Session): Session {
     const live = s.state === "live" ? this.deps.registry.get(s.id) : undefined;
     if (live === undefined) return s;
+    const warning = this.deps.registry.warningOf(live);
     return {
       ...s,
       lastHeartbeatAt: live.lastHeartbeatAt,
       lastActivityAt: live.lastActivityAt,
       deadline: this.deps.registry.wallDeadline(live),
+      extendedUntil: live.extendedUntil ?? s.extendedUntil ?? null,
+      warning: warning === null ? null : { reason: warning.reason, deadline: warning.deadline, at: warning.at },
     };
   }
 

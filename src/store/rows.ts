@@ -43,6 +43,7 @@ export interface SessionRow {
   containment: string | null;
   tree: string | null;
   tracking: string | null;
+  extended_until?: number | null;
 }
 
 export /** A sessions row's reading: its key names the row in every finding. */
@@ -85,6 +86,8 @@ export function toSession(r: SessionRow): Session {
     containment: read.nullableJson("containment", "containment", r.containment, null),
     tracking: (TRACKINGS as readonly string[]).includes(r.tracking ?? "") ? (r.tracking as Tracking) : null,
     damage: read.damage,
+    // Only when extended: a session never extended reads as it was written.
+    ...(typeof r.extended_until === "number" ? { extendedUntil: r.extended_until } : {}),
   };
   // Nothing watches a session whose engine cannot be identified: no deadline applies to it.
   return r.state === "live" && !engineReadable(session) ? { ...session, state: "damaged", deadline: null } : session;

@@ -14,6 +14,8 @@ export type Statements = {
   seqOf: Statement;
   fence: Statement;
   finish: Statement;
+  unresolvedReaps: Statement;
+  resolveReap: Statement;
   attempt: Statement;
   heartbeat: Statement;
   heartbeatDeadline: Statement;
@@ -21,6 +23,12 @@ export type Statements = {
   steps: Statement;
   insertEvent: Statement;
   events: Statement;
+  eventsAfter: Statement;
+  sessionEventsAfter: Statement;
+  lastEventSeq: Statement;
+  lastPurge: Statement;
+  topEventSeq: Statement;
+  registeredByUid: Statement;
   byState: Statement;
   liveForRecovery: Statement;
   counts: Statement;
@@ -31,6 +39,7 @@ export type Statements = {
   probe: Statement;
   tree: Statement;
   additions: Statement;
+  extend: Statement;
   purgeable: Statement;
   bury: Statement;
   purgeSteps: Statement;
@@ -68,8 +77,12 @@ export function prepareStatements(db: Database): Statements {
         last_heartbeat_at = COALESCE(@hb, last_heartbeat_at), last_activity_at = COALESCE(@activity, last_activity_at)
       WHERE id = @id AND state = 'live' RETURNING ${ENGINE_READABLE} AS readable`),
     finish:
-      db.prepare(`UPDATE sessions SET state = 'reaped', outcome = @outcome, leftovers = @leftovers, reaped_at = @now
-      WHERE id = @id AND state = 'reaping'`),
+      db.prepare(`UPDATE sessions SET state = 'reaped', outcome = @outcome, leftovers = @leftovers, reaped_at = @now,
+      unkillable = @unkillable WHERE id = @id AND state = 'reaping'`),
+    // Reaps whose unkillable processes are still watched (migration 008's partial index).
+    unresolvedReaps: db.prepare("SELECT * FROM sessions WHERE unkillable > 0 AND state = 'reaped' ORDER BY seq"),
+    resolveReap: db.prepare(`UPDATE sessions SET outcome = @outcome, leftovers = @leftovers, unkillable = 0
+      WHERE id = @id AND state = 'reaped' AND unkillable > 0`),
     attempt: db.prepare(
       "UPDATE sessions SET reap_attempts = reap_attempts + 1 WHERE id = ? AND state = 'reaping' RETURNING reap_attempts",
     ),
@@ -86,11 +99,25 @@ export function prepareStatements(db: Database): Statements {
       db.prepare(`INSERT INTO audit_events (at, event, session_id, reason, step, outcome, duration_ms, detail)
       VALUES (?, ?, ?, ?, ?, ?, ?, ?)`),
     events: db.prepare("SELECT * FROM audit_events WHERE session_id = ? ORDER BY seq"),
+    // The event stream's pages (GET /v1/events): at most `limit` rows of the table after a seq,
+    // each with its session's registering uid (what a non-admin may see), so a page reads that
+    // many rows however few of them the caller may see.
+    eventsAfter: db.prepare(`SELECT e.*, s.registered_by_uid AS registered_by_uid
+      FROM (SELECT * FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?) e
+      LEFT JOIN sessions s ON s.id = e.session_id ORDER BY e.seq`),
+    sessionEventsAfter: db.prepare("SELECT * FROM audit_events WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?"),
+    // The highest seq ever given (AUTOINCREMENT never gives one again), rows purged or not.
+    lastEventSeq: db.prepare("SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'"),
+    // The newest store.purged event: its detail's throughSeq is the highest seq retention removed.
+    lastPurge: db.prepare(`SELECT seq, detail FROM audit_events
+      WHERE session_id IS NULL AND event = 'store.purged' ORDER BY seq DESC LIMIT 1`),
+    topEventSeq: db.prepare("SELECT MAX(seq) AS seq FROM audit_events WHERE session_id = ?"),
+    registeredByUid: db.prepare("SELECT registered_by_uid AS uid FROM sessions WHERE id = ?"),
     byState: db.prepare("SELECT * FROM sessions WHERE state = ? ORDER BY seq"),
     liveForRecovery: db.prepare(`SELECT seq, id, profile, engine_pid, engine_start_time, engine_boot_id, engine_uid,
         owner_pid, owner_start_time, owner_boot_id, owner_uid, created_at, last_heartbeat_at, last_activity_at,
         heartbeat_timeout_sec, idle_timeout_sec, max_lifetime_sec, deadline, registered_by_uid,
-        registered_as_admin, registered_via, tree, containment
+        registered_as_admin, registered_via, tree, containment, extended_until
       FROM sessions WHERE state = 'live' ORDER BY seq`),
     counts: db.prepare(`SELECT ${STATE_OF_ROW} AS state, COUNT(*) AS n FROM sessions GROUP BY 1`),
     // These three search the (state, deadline) index by state, so they visit only the rows
@@ -106,9 +133,10 @@ export function prepareStatements(db: Database): Statements {
     probe: db.prepare("UPDATE store_probe SET at = ? WHERE id = 1"),
     tree: db.prepare("UPDATE sessions SET tree = ? WHERE id = ?"),
     additions: db.prepare("UPDATE sessions SET ports = ?, paths = ?, labels = ? WHERE id = ? AND state = 'live'"),
+    extend: db.prepare("UPDATE sessions SET extended_until = ? WHERE id = ? AND state = 'live'"),
     // Retention (issue 25): only reaped rows are ever selected; live and reaping ones never.
     purgeable: db.prepare(`SELECT id, reaped_at, reason, outcome FROM sessions
-      WHERE state = 'reaped' AND reaped_at < ? ORDER BY reaped_at LIMIT ?`),
+      WHERE state = 'reaped' AND reaped_at < ? AND unkillable = 0 ORDER BY reaped_at LIMIT ?`),
     bury: db.prepare(`INSERT OR REPLACE INTO tombstones (id, ended_at, reason, outcome, purged_at)
       VALUES (?, ?, ?, ?, ?)`),
     purgeSteps: db.prepare("DELETE FROM reap_steps WHERE session_id = ?"),
@@ -117,7 +145,7 @@ export function prepareStatements(db: Database): Statements {
     purgeTombstones: db.prepare(`DELETE FROM tombstones WHERE id IN
       (SELECT id FROM tombstones WHERE ended_at < ? ORDER BY ended_at LIMIT ?)`),
     purgeUnsessioned: db.prepare(`DELETE FROM audit_events WHERE seq IN
-      (SELECT seq FROM audit_events WHERE session_id IS NULL AND at < ? ORDER BY at LIMIT ?)`),
+      (SELECT seq FROM audit_events WHERE session_id IS NULL AND at < ? ORDER BY at LIMIT ?) RETURNING seq`),
     tombstone: db.prepare("SELECT id, ended_at, reason, outcome FROM tombstones WHERE id = ?"),
   };
 }

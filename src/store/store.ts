@@ -75,6 +75,54 @@ export interface PurgedSessions {
   events: number;
   from: number | null;
   to: number | null;
+  /** The highest seq of the events removed, or null if none was. */
+  throughSeq: number | null;
+}
+
+/** A page of the event stream (`eventsAfter`). */
+export interface EventPage {
+  /** The page's events the filter lets through. */
+  events: StoredEvent[];
+  /** The last seq the page read, its events let through or not; null for an empty page. */
+  lastSeq: number | null;
+  /** The page read as many rows as asked: there may be more. */
+  full: boolean;
+}
+
+/** Which events a page of the event stream keeps: one session's, or those of the sessions one uid registered. */
+export type EventFilter = { sessionId: string } | { registeredBy: number };
+
+/** An audit_events row as SQLite returns it (with the registering uid where a page joins it). */
+interface EventRow {
+  seq: number;
+  at: number;
+  event: string;
+  session_id: string | null;
+  reason: string | null;
+  step: string | null;
+  outcome: string | null;
+  duration_ms: number | null;
+  detail: string | null;
+  registered_by_uid?: number | null;
+}
+
+/** A stored event from its row; a detail that cannot be read is null, with `damage`. */
+function storedEvent(r: EventRow): StoredEvent {
+  const read = new RowReading("audit_events", { seq: r.seq });
+  const detail = read.nullableJson("detail", "detail", r.detail, null);
+  const found = read.damage[0];
+  return {
+    seq: r.seq,
+    at: r.at,
+    event: r.event,
+    sessionId: r.session_id,
+    reason: r.reason,
+    step: r.step,
+    outcome: r.outcome,
+    durationMs: r.duration_ms,
+    detail,
+    ...(found === undefined ? {} : { damage: found }),
+  };
 }
 
 /** A purged session's tombstone: its id may not be used again, and it is answered 410. */
@@ -410,6 +458,11 @@ export class Store {
     return r.changes === 1;
   }
 
+  /** A live session's extension (POST …/extend); false if it is no longer live. */
+  setExtendedUntil(id: string, until: number): boolean {
+    return this.stmts.extend.run(until, id).changes === 1;
+  }
+
   getSession(id: string): Session | undefined {
     const row = this.stmts.get.get(id) as SessionRow | undefined;
     return row && this.noticed(toSession(row));
@@ -500,6 +553,7 @@ export class Store {
         tree,
         cgroup: containment?.kind === "cgroup" ? containment.path : null,
         damage,
+        extendedUntil: typeof r.extended_until === "number" ? r.extended_until : null,
       });
     }
   }
@@ -536,8 +590,11 @@ export class Store {
     return fenced !== undefined;
   }
 
+  /** The reap's end; its unkillable leftovers are counted in the row: the reaps to watch (unresolvedReaps). */
   finish(id: string, outcome: Outcome, leftovers: readonly Leftover[], now: number): boolean {
-    const finished = this.stmts.finish.run({ id, outcome, leftovers: JSON.stringify(leftovers), now }).changes === 1;
+    const unkillable = leftovers.filter((l) => l.kind === "unkillable").length;
+    const finished =
+      this.stmts.finish.run({ id, outcome, leftovers: JSON.stringify(leftovers), now, unkillable }).changes === 1;
     if (finished && this.stateCounts !== null) {
       this.stateCounts.reaping--;
       this.stateCounts.reaped++;
@@ -546,9 +603,27 @@ export class Store {
   }
 
   /**
+   * Reaped sessions whose reap left unkillable processes not yet gone (src/reaper/resolver.ts
+   * watches them), by the partial index: no scan of the reaped rows.
+   */
+  unresolvedReaps(): Session[] {
+    return (this.stmts.unresolvedReaps.all() as SessionRow[]).map((r) => this.noticed(toSession(r)));
+  }
+
+  /**
+   * A reap resolved once its unkillable processes were all gone: the row's outcome and
+   * leftovers become the resolution's (reaped_at stays: the reap ended then), and it is no
+   * longer watched. True if this call resolved it.
+   */
+  resolveReap(id: string, outcome: Outcome, leftovers: readonly Leftover[]): boolean {
+    return this.stmts.resolveReap.run({ id, outcome, leftovers: JSON.stringify(leftovers) }).changes === 1;
+  }
+
+  /**
    * Purges up to `limit` reaped sessions whose reap ended before `before` (oldest first): their
    * reap steps, their audit events and their rows, each leaving a tombstone (`tombstone`).
-   * Never a live or reaping session: only rows in state `reaped` are selected and deleted. The
+   * Never a live or reaping session: only rows in state `reaped` are selected and deleted; nor
+   * one whose unkillable processes are still watched (its reap is not over until resolved). The
    * caller runs it inside a transaction (with the `store.purged` event that says so).
    */
   purgeReaped(before: number, limit: number, now: number): PurgedSessions {
@@ -558,10 +633,12 @@ export class Store {
       reason: string | null;
       outcome: string | null;
     }[];
-    const out: PurgedSessions = { sessions: 0, steps: 0, events: 0, from: null, to: null };
+    const out: PurgedSessions = { sessions: 0, steps: 0, events: 0, from: null, to: null, throughSeq: null };
     for (const r of rows) {
       this.stmts.bury.run(r.id, r.reaped_at, r.reason, r.outcome, now);
       out.steps += this.stmts.purgeSteps.run(r.id).changes;
+      const top = (this.stmts.topEventSeq.get(r.id) as { seq: number | null }).seq;
+      if (top !== null) out.throughSeq = Math.max(out.throughSeq ?? 0, top);
       out.events += this.stmts.purgeEvents.run(r.id).changes;
       if (this.stmts.purgeSession.run(r.id).changes !== 1) continue;
       out.sessions++;
@@ -577,9 +654,13 @@ export class Store {
     return this.stmts.purgeTombstones.run(before, limit).changes;
   }
 
-  /** Audit events of no session (daemon.*, store.purged, orphans) older than `before`, at most `limit`. */
-  purgeUnsessionedEvents(before: number, limit: number): number {
-    return this.stmts.purgeUnsessioned.run(before, limit).changes;
+  /**
+   * Audit events of no session (daemon.*, store.purged, orphans) older than `before`, at most
+   * `limit`: how many went, and the highest seq among them (null if none).
+   */
+  purgeUnsessionedEvents(before: number, limit: number): { events: number; throughSeq: number | null } {
+    const seqs = (this.stmts.purgeUnsessioned.all(before, limit) as { seq: number }[]).map((r) => r.seq);
+    return { events: seqs.length, throughSeq: seqs.length === 0 ? null : Math.max(...seqs) };
   }
 
   /** What is left of a purged session: when and how it ended. */
@@ -703,8 +784,9 @@ export class Store {
     return steps;
   }
 
-  insertEvent(e: NewEvent): void {
-    this.stmts.insertEvent.run(
+  /** Inserts one audit event; returns its seq (the row id AUTOINCREMENT gave it). */
+  insertEvent(e: NewEvent): number {
+    const inserted = this.stmts.insertEvent.run(
       e.at,
       e.event,
       e.sessionId ?? null,
@@ -714,41 +796,62 @@ export class Store {
       e.durationMs === undefined ? null : Math.round(e.durationMs),
       e.detail === undefined ? null : JSON.stringify(e.detail),
     );
+    return Number(inserted.lastInsertRowid);
   }
 
   events(sessionId: string): StoredEvent[] {
-    const rows = this.stmts.events.all(sessionId) as {
-      seq: number;
-      at: number;
-      event: string;
-      session_id: string | null;
-      reason: string | null;
-      step: string | null;
-      outcome: string | null;
-      duration_ms: number | null;
-      detail: string | null;
-    }[];
-    const damage: Damage[] = [];
-    const events = rows.map((r): StoredEvent => {
-      const read = new RowReading("audit_events", { seq: r.seq });
-      const detail = read.nullableJson("detail", "detail", r.detail, null);
-      const found = read.damage[0];
-      if (found !== undefined) damage.push(found);
-      return {
-        seq: r.seq,
-        at: r.at,
-        event: r.event,
-        sessionId: r.session_id,
-        reason: r.reason,
-        step: r.step,
-        outcome: r.outcome,
-        durationMs: r.duration_ms,
-        detail,
-        ...(found === undefined ? {} : { damage: found }),
-      };
-    });
+    const events = (this.stmts.events.all(sessionId) as EventRow[]).map(storedEvent);
+    const damage = events.flatMap((e) => (e.damage === undefined ? [] : [e.damage]));
     if (damage.length > 0) this.damageFound(sessionId, damage);
     return events;
+  }
+
+  /**
+   * The event stream's next page: the events among the next `limit` rows with a seq above
+   * `afterSeq`, oldest first; all of them, one session's, or those of the sessions a uid
+   * registered (no daemon event: it has no session). A page reads `limit` rows at most,
+   * however few it keeps, and parses only the details it keeps.
+   */
+  eventsAfter(afterSeq: number, limit: number, filter?: EventFilter): EventPage {
+    const rows = (
+      filter !== undefined && "sessionId" in filter
+        ? this.stmts.sessionEventsAfter.all(filter.sessionId, afterSeq, limit)
+        : this.stmts.eventsAfter.all(afterSeq, limit)
+    ) as EventRow[];
+    const uid = filter !== undefined && "registeredBy" in filter ? filter.registeredBy : null;
+    const kept = uid === null ? rows : rows.filter((r) => r.session_id !== null && r.registered_by_uid === uid);
+    const events = kept.map(storedEvent);
+    for (const e of events) {
+      if (e.damage !== undefined && e.sessionId !== null) this.damageFound(e.sessionId, [e.damage]);
+    }
+    return { events, lastSeq: rows.at(-1)?.seq ?? null, full: rows.length === limit };
+  }
+
+  /** The highest seq any audit event was ever given (0 before the first): its row may be purged since. */
+  lastEventSeq(): number {
+    return (this.stmts.lastEventSeq.get() as { seq: number } | undefined)?.seq ?? 0;
+  }
+
+  /**
+   * The highest seq retention has removed (0 if none): the newest `store.purged` event's
+   * `throughSeq`, which carries the highest of every batch before it. A `store.purged` of a
+   * build before throughSeq answers its own seq (everything it removed was older).
+   */
+  purgedThroughSeq(): number {
+    const r = this.stmts.lastPurge.get() as { seq: number; detail: string | null } | undefined;
+    if (r === undefined) return 0;
+    let through: unknown;
+    try {
+      through = (JSON.parse(r.detail ?? "null") as { throughSeq?: unknown } | null)?.throughSeq;
+    } catch {
+      // a damaged detail: its own seq bounds what it removed
+    }
+    return typeof through === "number" ? through : r.seq;
+  }
+
+  /** The uid that registered the session (null: a TCP caller, or none recorded); undefined: no such session. */
+  registeredByUid(id: string): number | null | undefined {
+    return (this.stmts.registeredByUid.get(id) as { uid: number | null } | undefined)?.uid;
   }
 
   /** Live, damaged and reaping sessions counted by state and profile (an index range, cheap at scrape time). */

@@ -67,6 +67,11 @@ test("no config file: embedded defaults, socket and db under the working directo
     maxLifetimeSec: PROFILE_DEFAULTS.max_lifetime_sec,
     gracePeriodSec: PROFILE_DEFAULTS.grace_period_sec,
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
+    unkillableTimeoutSec: PROFILE_DEFAULTS.unkillable_timeout_sec,
+    unkillableHook: null,
+    warnBeforeSec: 0,
+    warnHooks: [],
+    maxExtendSec: 28800,
     allowedRoots: [...PROFILE_DEFAULTS.allowed_roots],
     allowedUids: null,
     closeHook: null,
@@ -442,6 +447,11 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     maxLifetimeSec: PROFILE_DEFAULTS.max_lifetime_sec,
     gracePeriodSec: 2,
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
+    unkillableTimeoutSec: PROFILE_DEFAULTS.unkillable_timeout_sec,
+    unkillableHook: null,
+    warnBeforeSec: 0,
+    warnHooks: [],
+    maxExtendSec: 28800,
     allowedRoots: ["/srv/scratch"],
     allowedUids: null,
     closeHook: null,
@@ -459,6 +469,11 @@ test("a named profile inherits missing keys from [profiles.default], which inher
     maxLifetimeSec: 7200, // its own
     gracePeriodSec: 2, // from [profiles.default]
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
+    unkillableTimeoutSec: PROFILE_DEFAULTS.unkillable_timeout_sec,
+    unkillableHook: null,
+    warnBeforeSec: 0,
+    warnHooks: [],
+    maxExtendSec: 28800,
     allowedRoots: ["/srv/scratch"], // from [profiles.default]
     allowedUids: null,
     closeHook: null,
@@ -554,6 +569,7 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
   assert.deepEqual(c.reaper, defaults.reaper);
   assert.deepEqual(c.orphans, defaults.orphans);
   assert.deepEqual(c.containment, defaults.containment);
+  assert.deepEqual(c.pressure, defaults.pressure);
   assert.deepEqual(c.profiles.default, defaults.profiles.default);
   // Copied as it ships, it defines no other profile (and no orphan sweep): the example
   // profile is commented out, and uncommented it loads as documented.
@@ -577,6 +593,8 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     maxLifetimeSec: 86400,
     gracePeriodSec: 30,
     stepTimeoutSec: PROFILE_DEFAULTS.step_timeout_sec,
+    unkillableTimeoutSec: PROFILE_DEFAULTS.unkillable_timeout_sec,
+    unkillableHook: null,
     allowedRoots: ["/tmp", "/var/tmp/spark"],
     allowedUids: [1001, 1002],
     closeHook: { kind: "http", path: "/api/v1/shutdown" },
@@ -585,6 +603,9 @@ test("the shipped systemd/config.example.toml loads and matches the built-in def
     containment: "auto",
     removeIpc: false,
     hookPath: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    warnBeforeSec: 0,
+    warnHooks: [],
+    maxExtendSec: 28800,
     orphans: {
       mode: "report",
       exe: null,
@@ -657,9 +678,93 @@ test("hook templates: an unknown placeholder or one inside a shell -c script is 
   assertInvalid(() => build(profile({ hook_path: "bin:/usr/bin" })), "hook_path");
 });
 
+test("warnings, extensions and [pressure]: defaults, checks naming the key, {reason} and {in_sec} only in warn_hooks", () => {
+  const d = build({});
+  assert.equal(d.profiles.default!.warnBeforeSec, 0);
+  assert.deepEqual(d.profiles.default!.warnHooks, []);
+  assert.equal(d.profiles.default!.maxExtendSec, 28800);
+  assert.deepEqual(d.pressure, {
+    file: "/proc/pressure/memory",
+    someAvg10: 0,
+    durationSec: 30,
+    cooldownSec: 60,
+    spareActiveSec: 300,
+    spareCpuPercent: 5,
+  });
+  const ok = build({
+    pressure: { some_avg10: 20, file: "/sys/fs/cgroup/engines/memory.pressure", duration_sec: 10 },
+    profiles: {
+      default: { warn_before_sec: 300, max_extend_sec: 0 },
+      nb: {
+        idle_timeout_sec: 1800,
+        warn_hooks: [["/usr/local/bin/notify", "{id}", "{reason}", "{in_sec}"], "http://127.0.0.1:8081/warn"],
+      },
+    },
+  });
+  assert.equal(ok.pressure.someAvg10, 20);
+  assert.equal(ok.pressure.file, "/sys/fs/cgroup/engines/memory.pressure");
+  assert.equal(ok.pressure.cooldownSec, 60);
+  const nb = ok.profiles.nb!;
+  assert.equal(nb.warnBeforeSec, 300, "inherited from default");
+  assert.equal(nb.maxExtendSec, 0);
+  assert.deepEqual(nb.warnHooks, [
+    { kind: "command", argv: ["/usr/local/bin/notify", "{id}", "{reason}", "{in_sec}"] },
+    { kind: "http", url: "http://127.0.0.1:8081/warn" },
+  ]);
+  const e1 = assertInvalid(
+    () => build({ profiles: { nb: { idle_timeout_sec: 60, warn_before_sec: 60 } } }),
+    "profiles.nb.warn_before_sec",
+  );
+  assert.match(e1.message, /not shorter than idle_timeout_sec \(60\)/);
+  assertInvalid(
+    () => build({ profiles: { nb: { max_lifetime_sec: 100, warn_before_sec: 200 } } }),
+    "profiles.nb.warn_before_sec",
+    "max_lifetime_sec",
+  );
+  assertInvalid(() => build({ profiles: { nb: { warn_hooks: [["x", "{prot}"]] } } }), "profiles.nb.warn_hooks.0");
+  assertInvalid(
+    () => build({ profiles: { nb: { warn_hooks: ["http://example.com/x"] } } }),
+    "profiles.nb.warn_hooks.0",
+  );
+  // {reason} means nothing to a release hook.
+  assertInvalid(
+    () => build({ profiles: { nb: { release_hooks: [["x", "{reason}"]] } } }),
+    "profiles.nb.release_hooks.0",
+  );
+  assertInvalid(() => build({ pressure: { some_avg10: 101 } }), "pressure.some_avg10");
+  assertInvalid(() => build({ pressure: { file: "relative" } }), "pressure.file");
+  assertInvalid(() => build({ pressure: { threshold: 1 } }), "pressure.threshold");
+  assertInvalid(() => build({ profiles: { nb: { max_extend_sec: -1 } } }), "profiles.nb.max_extend_sec");
+});
+
 test("api.socket_group: a name or a gid; an unknown name is an error naming the key", () => {
   assert.equal(build({ api: { socket_group: "0" } }).api.socketGid, 0);
   assert.equal(build({ api: { socket_group: "root" } }).api.socketGid, 0);
   assert.equal(build({}).api.socketGid, null);
   assertInvalid(() => build({ api: { socket_group: "no-such-group-here" } }), "api.socket_group");
+});
+
+test("unkillable_timeout_sec and unkillable_hook: defaults, inheritance, {pids}, and errors naming the key", () => {
+  const c = build({
+    profiles: {
+      default: { unkillable_timeout_sec: 2.5 },
+      nfs: { unkillable_hook: ["/usr/local/bin/page", "--session", "{id}", "--pids", "{pids}"] },
+    },
+  });
+  assert.equal(PROFILE_DEFAULTS.unkillable_timeout_sec, 5);
+  assert.equal(build({}).profiles.default?.unkillableTimeoutSec, 5);
+  assert.equal(c.profiles.default?.unkillableTimeoutSec, 2.5);
+  assert.equal(c.profiles.nfs?.unkillableTimeoutSec, 2.5, "inherited from [profiles.default]");
+  assert.equal(c.profiles.default?.unkillableHook, null);
+  assert.deepEqual(c.profiles.nfs?.unkillableHook, ["/usr/local/bin/page", "--session", "{id}", "--pids", "{pids}"]);
+  assertInvalid(() => build({ profiles: { x: { unkillable_timeout_sec: 0 } } }), "profiles.x.unkillable_timeout_sec");
+  assertInvalid(() => build({ profiles: { x: { unkillable_hook: [] } } }), "profiles.x.unkillable_hook");
+  assertInvalid(() => build({ profiles: { x: { unkillable_hook: "/page" } } }), "profiles.x.unkillable_hook");
+  const e = assertInvalid(
+    () => build({ profiles: { x: { unkillable_hook: ["/page", "{reason}"] } } }),
+    "profiles.x.unkillable_hook",
+  );
+  assert.match(e.message, /unknown placeholder "\{reason\}".*\{pids\}/);
+  // {pids} is the unkillable hook's own: no other hook may name it.
+  assertInvalid(() => build({ profiles: { x: { close_hook: ["/stop", "{pids}"] } } }), "profiles.x.close_hook");
 });

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { deadlineOf, type Timing } from "../../src/model/deadline.js";
+import { deadlineOf, warnableDeadline, type Timing } from "../../src/model/deadline.js";
 
 const T0 = Date.UTC(2026, 0, 1);
 const S = 1000;
@@ -96,5 +96,28 @@ test("the heartbeat floor (connections turned away) moves the heartbeat timeout 
   assert.deepEqual(deadlineOf(timing({ heartbeatMono: floor + 10 * S }), Number.NEGATIVE_INFINITY, floor), {
     at: floor + 40 * S,
     reason: "heartbeat_timeout",
+  });
+});
+
+test("an extension holds the idle deadline, never the heartbeat's nor the lifetime's", () => {
+  const ext = T0 + 7200 * S;
+  // Idle since T0 with a one-minute idle timeout, extended two hours: heartbeats decide meanwhile.
+  assert.deepEqual(deadlineOf(timing({ heartbeatMono: T0 + 7000 * S, idleTimeoutSec: 60, extendedUntilMono: ext })), {
+    at: T0 + 7030 * S,
+    reason: "heartbeat_timeout",
+  });
+  assert.deepEqual(warnableDeadline(timing({ idleTimeoutSec: 60, extendedUntilMono: ext })), {
+    at: ext,
+    reason: "idle_timeout",
+  });
+  // An extension shorter than the idle timeout changes nothing.
+  assert.deepEqual(warnableDeadline(timing({ idleTimeoutSec: 60, extendedUntilMono: T0 + 10 * S })), {
+    at: T0 + 60 * S,
+    reason: "idle_timeout",
+  });
+  // The max lifetime still ends it.
+  assert.deepEqual(warnableDeadline(timing({ idleTimeoutSec: 60, maxLifetimeSec: 600, extendedUntilMono: ext })), {
+    at: T0 + 600 * S,
+    reason: "max_lifetime",
   });
 });

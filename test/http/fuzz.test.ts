@@ -59,7 +59,9 @@ const ROUTES = [
   "DELETE /v1/sessions/{id}",
   "POST /v1/sessions/{id}/heartbeat",
   "POST /v1/sessions/{id}/reap",
+  "POST /v1/sessions/{id}/extend",
   "GET /v1/sessions/{id}/events",
+  "GET /v1/events",
   "GET /v1/expiring",
   "GET /v1/orphans",
   "GET /v1/daemon",
@@ -588,6 +590,29 @@ const reap = withId(
   "/reap",
   smallBody(fc.constantFrom({}, {}, { x: 1 }, [], { reason: "forced" })),
 );
+/** Extensions: in the cap (the default 8 h), over it, and every wrong shape. */
+const extend = withId(
+  "POST /v1/sessions/{id}/extend",
+  "POST",
+  "/extend",
+  smallBody(
+    fc.oneof(
+      fc.record({ sec: fc.integer({ min: 1, max: 28800 }) }),
+      fc.constantFrom(
+        { sec: 28801 },
+        { sec: 0 },
+        { sec: -1 },
+        { sec: 1.5 },
+        { sec: "2h" },
+        { sec: null },
+        {},
+        { sec: 1, x: 1 },
+        [],
+        { sec: 1e300 },
+      ),
+    ),
+  ),
+);
 const close = withId(
   "DELETE /v1/sessions/{id}",
   "DELETE",
@@ -674,6 +699,42 @@ const expiring = fc.tuple(fc.option(oddInt, { freq: 5 }), queryNoise, fc.boolean
   if (Array.isArray(noise)) pairs.push(...noise);
   return spec({ route: "GET /v1/expiring", method: "GET", path: ["/v1/expiring"], query: pairs });
 });
+
+/**
+ * GET /v1/events, never a stream that stays open (the next request waits on the connection):
+ * follow=1 only as HEAD, or duplicated (refused); mostly one session's backlog, now and then
+ * the whole table's.
+ */
+const eventStream = fc
+  .tuple(
+    fc.record(
+      {
+        follow: fc.oneof(
+          often(fc.constant("0"), 6),
+          often(fc.constantFrom("2", "true", "yes", "", "-1", "01", " 1", "1.0", "１"), 2),
+        ),
+        session: fc.oneof(
+          often(poolId, 4),
+          often(recentId, 4),
+          often(fc.constantFrom("", "..", "a/b", "x".repeat(129), "__proto__", "toString"), 1),
+        ),
+        since: fc.oneof(often(oddInt, 4), often(fc.constantFrom("0", "999999999999999"), 1)),
+      },
+      { requiredKeys: [] },
+    ),
+    fc.oneof(often(fc.constant("none"), 8), often(fc.constantFrom("dup", "unknown", "headFollow", "dupFollow"), 1)),
+    extraHeaders,
+  )
+  .filter(([q]) => q.session !== undefined || q.since !== undefined || q.follow !== undefined)
+  .map(([q, noise, h]) => {
+    const pairs: [string, unknown][] = Object.entries(q);
+    if (noise === "dup" && pairs.length > 0) pairs.push(pairs[0] as [string, unknown]);
+    if (noise === "unknown") pairs.push(["x", "1"]);
+    if (noise === "dupFollow") pairs.push(["follow", "1"], ["follow", "1"]);
+    if (noise === "headFollow") pairs.push(["follow", "1"]);
+    const method = noise === "headFollow" ? "HEAD" : "GET";
+    return spec({ route: "GET /v1/events", method, path: ["/v1/events"], query: pairs, headers: h });
+  });
 
 const simpleGet = (p: string) =>
   fc
@@ -802,7 +863,9 @@ const requestArb: fc.Arbitrary<RequestSpec> = fc.oneof(
   often(heartbeat, 10),
   often(close, 5),
   often(reap, 5),
+  often(extend, 3),
   often(events, 4),
+  often(eventStream, 3),
   often(expiring, 4),
   often(simpleGet("/v1/orphans"), 2),
   often(simpleGet("/v1/daemon"), 2),

@@ -256,6 +256,19 @@ test("a kernel started and shut down normally: its session ends closed and clean
     "the ports were added once the kernel listened (PATCH)",
   );
 
+  // The server passes a user's "keep it 2 hours" on (the default max_extend_sec is 8 h), and a
+  // longer ask is refused naming the cap.
+  driver.send("extend 7200");
+  const ext = (await driver.next()) as unknown as { event: string; extendedUntil: string; cappedBy: string | null };
+  assert.equal(ext.event, "extended", JSON.stringify(ext));
+  assert.equal(ext.cappedBy, null);
+  assert.ok(Math.abs(Date.parse(ext.extendedUntil) - (Date.now() + 7200_000)) < 10_000, ext.extendedUntil);
+  assert.equal((await api.session(k.session_id)).extendedUntil, ext.extendedUntil);
+  driver.send("extend 999999");
+  const refused = (await driver.next()) as unknown as { event: string; error: string };
+  assert.equal(refused.event, "extend-refused");
+  assert.match(refused.error, /SR_EXTEND_ABOVE_MAX/);
+
   driver.send("shutdown");
   assert.equal((await driver.next()).event, "shut-down");
   assert.equal(await within(driver.exited, 10_000, "driver exit"), 0);

@@ -133,6 +133,12 @@ class ReaperClient:
         body = None if activity is None else {"activity": activity}
         return self.request("POST", self._session_path(session_id) + "/heartbeat", body)
 
+    def extend(self, session_id: str, sec: int) -> Dict[str, Any]:
+        """POST /v1/sessions/{id}/extend: keeps the session at least ``sec`` seconds from now
+        however idle, up to the profile's max_extend_sec (400 ``SR_EXTEND_ABOVE_MAX`` beyond) and
+        never past its max lifetime; 200 ``{extendedUntil, keptUntil, cappedBy, deadline, expiresBy}``."""
+        return self.request("POST", self._session_path(session_id) + "/extend", {"sec": int(sec)})
+
     def close(self, session_id: str) -> Dict[str, Any]:
         """DELETE /v1/sessions/{id}: 202, the daemon runs the full cleanup (reason ``closed``)."""
         return self.request("DELETE", self._session_path(session_id))

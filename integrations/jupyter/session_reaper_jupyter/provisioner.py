@@ -437,6 +437,16 @@ class ReaperProvisioner(LocalProvisioner):  # type: ignore[misc]
         """Blocking socket I/O off the server's event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
+    async def extend(self, seconds: int) -> Dict[str, Any]:
+        """Keeps the kernel's session at least ``seconds`` from now however idle (the user asked
+        to keep the notebook): passed on to the daemon (POST /v1/sessions/{id}/extend), up to the
+        profile's max_extend_sec, never past the session's max lifetime. Raises ReaperApiError on
+        a refusal (``SR_EXTEND_ABOVE_MAX`` names the cap), RuntimeError before a launch."""
+        session_id = self.session_id
+        if session_id is None:
+            raise RuntimeError("no kernel has been launched: nothing to extend")
+        return await self._in_thread(self.reaper_client().extend, session_id, seconds)
+
     def interval_for(self, session: Dict[str, Any]) -> float:
         if self.heartbeat_interval > 0:
             return self.heartbeat_interval
