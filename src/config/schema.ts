@@ -63,6 +63,21 @@ export const ORPHAN_DEFAULTS = { mode: "report", min_age_sec: 600 } as const;
 
 const seconds = (minimum: number) => ({ type: "integer", minimum, maximum: 10 * 365 * 86400 });
 
+/**
+ * A list of release or warning hooks: each a loopback URL POSTed to (load.ts checks that the
+ * host is a loopback address), or an argv run by the daemon, as its own user.
+ */
+const hookList = {
+  type: "array",
+  maxItems: 32,
+  items: {
+    oneOf: [
+      { type: "string", pattern: "^http://[^\\s]+$", maxLength: 2048 },
+      { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
+    ],
+  },
+} as const;
+
 const profileSchema = {
   type: "object",
   additionalProperties: false,
@@ -108,33 +123,13 @@ const profileSchema = {
     // Run once per reap that leaves unkillable processes: an argv run by the daemon, as its own
     // user (the hook templates, plus {pids}).
     unkillable_hook: { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
-    release_hooks: {
-      type: "array",
-      maxItems: 32,
-      items: {
-        oneOf: [
-          // A loopback URL POSTed to (the engine is gone by then: an outside registry or lock
-          // service); load.ts checks that the host is a loopback address.
-          { type: "string", pattern: "^http://[^\\s]+$", maxLength: 2048 },
-          // An argv run by the daemon, as the daemon's own user.
-          { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
-        ],
-      },
-    },
+    // Run once the engine is gone (an outside registry or lock service).
+    release_hooks: hookList,
     // A warning (session.warning, warn_hooks) this long before an idle or lifetime deadline; 0: none.
     warn_before_sec: seconds(0),
     // Run at each warning: a loopback URL POSTed to, or an argv run as the daemon's user (the
     // hook templates, plus {reason} and {in_sec}).
-    warn_hooks: {
-      type: "array",
-      maxItems: 32,
-      items: {
-        oneOf: [
-          { type: "string", pattern: "^http://[^\\s]+$", maxLength: 2048 },
-          { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
-        ],
-      },
-    },
+    warn_hooks: hookList,
     // The longest extension POST /v1/sessions/{id}/extend may ask (0: none may be asked).
     max_extend_sec: seconds(0),
     // How to recognise this profile's engines and leftovers that no session claims (the orphan
