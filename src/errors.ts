@@ -47,6 +47,10 @@ export const ERRORS = {
       "only the uid that registered the session, or an admin, may heartbeat, close or reap it, or follow its events (GET /v1/events?session=)",
   },
   SR_TOO_MANY_SESSIONS: { status: 429, summary: "the caller's uid already has api.max_sessions_per_uid live sessions" },
+  SR_TOO_MANY_STREAMS: {
+    status: 429,
+    summary: "the caller's uid (not an admin) already has 8 event streams (GET /v1/events) open",
+  },
   SR_UNKNOWN_PROFILE: { status: 400, summary: "no profile has this name" },
   SR_TIMEOUT_ABOVE_MAX: { status: 400, summary: "a requested timeout exceeds the profile's maximum" },
   SR_EXTEND_ABOVE_MAX: {

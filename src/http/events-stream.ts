@@ -43,6 +43,8 @@ const PAGE_ROWS = 500;
 const MAX_HELD_EVENTS = 10_000;
 /** Bytes written to a follower and not yet taken by its socket: past this, it is disconnected. */
 const MAX_UNSENT_BYTES = 4 * 1024 * 1024;
+/** Event streams one non-admin uid may hold open at once (each may hold MAX_UNSENT_BYTES): 32 MiB at most. */
+const MAX_STREAMS_PER_UID = 8;
 /** A follower with nothing to read for this long gets an empty line (checked every third of it). */
 const KEEP_ALIVE_MS = 15_000;
 /** Sessions whose registering uid is remembered (live ones, mostly); past this, forgotten at once. */
@@ -264,6 +266,19 @@ class EventHub {
         throw new ReaperError(
           "SR_NOT_SESSION_OWNER",
           `session "${q.session}" was registered by ${registeredBy.uid === null ? "an admin" : `uid ${registeredBy.uid}`}; uid ${caller.uid} may follow only the events of sessions it registered`,
+        );
+      }
+    }
+    if (!caller.admin) {
+      // Each stream may hold MAX_UNSENT_BYTES: a uid's streams are capped, so that one local
+      // user who never reads cannot make the daemon hold its connections' worth of buffers.
+      let open = 0;
+      for (const st of this.streams) if (st.filter.uid === caller.uid) open++;
+      if (open >= MAX_STREAMS_PER_UID) {
+        throw new ReaperError(
+          "SR_TOO_MANY_STREAMS",
+          `uid ${caller.uid} already has ${open} event streams open (at most ${MAX_STREAMS_PER_UID} per non-admin uid); close one first`,
+          { open, max: MAX_STREAMS_PER_UID },
         );
       }
     }

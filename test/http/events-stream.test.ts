@@ -407,6 +407,35 @@ test("GET /v1/events: bad parameters answer 400 with a stable code and open noth
   assert.equal((await d.api("GET", "/v1/daemon")).status, 200);
 });
 
+test("a non-admin uid may hold 8 event streams open: the 9th answers 429 SR_TOO_MANY_STREAMS; an admin is not counted", async (t) => {
+  const dir = tempDir(t);
+  chmodSync(dir, 0o755);
+  const d = await startDaemon(t, testConfig(dir, { api: { socket_mode: "0666" } }));
+  const user = testUser(t);
+  const open = Array.from({ length: 8 }, () => readerAs(t, user, d.socket, "/v1/events?follow=1"));
+  for (const r of open) await until(() => r.head() !== undefined, 15_000, "a stream's head");
+  assert.deepEqual(
+    open.map((r) => r.head()?.status),
+    Array.from({ length: 8 }, () => 200),
+  );
+  const ninth = readerAs(t, user, d.socket, "/v1/events?follow=1");
+  await until(() => ninth.head() !== undefined, 15_000, "the ninth's answer");
+  assert.equal(ninth.head()?.status, 429);
+  // The root test process is an admin: its streams are not counted against anyone.
+  const mine = await new Promise<number>((resolve, reject) => {
+    const req = request(
+      { socketPath: d.socket, path: "/v1/events?follow=1", headers: { host: "localhost" } },
+      (res) => {
+        resolve(res.statusCode ?? 0);
+        res.destroy();
+      },
+    );
+    req.on("error", reject);
+    req.end();
+  });
+  assert.equal(mine, 200);
+});
+
 test("GET /v1/events: a since below what retention purged answers 410 SR_EVENTS_PURGED, naming where to resume", async (t) => {
   const d = await startDaemon(t, testConfig(tempDir(t), { store: { retain_reaped_sec: 1 } }));
   await session(d, t, "old");
