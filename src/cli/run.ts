@@ -168,7 +168,9 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
     let fencedSeen = false;
     client.on("fenced", (e) => {
       fencedSeen = true;
-      ctx.note(`session ${o.id} was ended by the daemon (${e.code}): heartbeats stopped; waiting for ${cmd} to exit`);
+      // The refusal names the session's state and reason (a 410 for a purged one: its reason too).
+      const reason = typeof e.detail?.reason === "string" ? `reason ${e.detail.reason}` : e.code;
+      ctx.note(`session ${o.id} was ended by the daemon (${reason}): heartbeats stopped; waiting for ${cmd} to exit`);
     });
     client.on("retrying", (r) => {
       if (!outage) ctx.note(`heartbeat failed (${r.error.message}); retrying`);
@@ -186,7 +188,8 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
     const waited = await closeAndReport(ctx, client, o.id, cmd, status, {
       waitReapMs: o.waitReapMs,
       waiting: waiting.signal,
-      endedByUs: () => fencedSeen || signalled,
+      fenced: () => fencedSeen,
+      signalled: () => signalled,
       killGroup,
     });
     // Not closed or not waited for: the command's own status. Else a port never added is an error.
@@ -212,7 +215,10 @@ async function closeAndReport(
   o: {
     waitReapMs: number;
     waiting: AbortSignal;
-    endedByUs: () => boolean;
+    /** A heartbeat met the fence: the user was told then, and hears here how it ended. */
+    fenced: () => boolean;
+    /** reaperctl forwarded a signal to the command: the end was the user's. */
+    signalled: () => boolean;
     killGroup: (signal: NodeJS.Signals) => void;
   },
 ): Promise<boolean> {
@@ -240,7 +246,10 @@ async function closeAndReport(
   }
   const left = reaped.leftovers.map((l) => `${l.kind} ${l.item}`).join(", ");
   const outcome = `outcome ${reaped.outcome}${left ? `: ${left}` : ""}`;
-  if (!closedHere && !o.endedByUs() && reaped.reason !== "engine_gone") {
+  if (!closedHere && o.fenced()) {
+    // Said at the fence, with the reason; the command's status and the cleanup come now.
+    ctx.note(`session ${id}: ${cmd} exited with status ${status}, ${outcome}`);
+  } else if (!closedHere && !o.signalled() && reaped.reason !== "engine_gone") {
     // The daemon ended it (its SIGTERM usually ends the command before a heartbeat meets
     // the fence): say so and why, or the exit status alone would leave the user guessing.
     ctx.note(

@@ -220,7 +220,7 @@ test("run: SIGKILL to reaperctl makes the daemon reap the engine as owner_gone",
   for (const pid of [ready.pid, ...ready.children]) assert.equal(isGone(pid), true, `${pid} is gone`);
 });
 
-test("run: the daemon fences the session; reaperctl says so once and waits for the engine", async (t) => {
+test("run: the daemon fences the session; reaperctl says so with the reason, waits for the engine, then says how it ended", async (t) => {
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir));
   // --ignore-term: the engine outlives the SIGTERM for the grace period (1 s), long enough
@@ -232,8 +232,12 @@ test("run: the daemon fences the session; reaperctl says so once and waits for t
   const r = await run.done;
   assert.equal(r.code, 137, r.stderr); // SIGKILLed by the daemon after the grace period
   const notes = r.stderr.trim().split("\n");
-  assert.equal(notes.length, 1, r.stderr);
-  assert.match(notes[0]!, /^reaperctl: session run-fenced was ended by the daemon \(SR_SESSION_FENCED\)/);
+  assert.equal(notes.length, 2, r.stderr);
+  assert.match(
+    notes[0]!,
+    /^reaperctl: session run-fenced was ended by the daemon \(reason forced\): heartbeats stopped; waiting for .* to exit$/,
+  );
+  assert.match(notes[1]!, /^reaperctl: session run-fenced: .* exited with status 137, outcome clean$/);
   assert.equal((await d.reaped("run-fenced")).reason, "forced");
 });
 
