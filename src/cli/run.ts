@@ -19,7 +19,7 @@ import {
 } from "../client/index.js";
 import { ReaperError, errorMessage } from "../errors.js";
 import { EXIT, UsageError, parseAdditions, stringOption, type Context } from "./command.js";
-import { formatMs, parseDuration } from "./format.js";
+import { formatMs, parseDuration, relativeTime } from "./format.js";
 
 export const FORWARDED_SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"] as const;
 
@@ -171,6 +171,17 @@ export async function runCommand(ctx: Context, env: NodeJS.ProcessEnv): Promise<
       // The refusal names the session's state and reason (a 410 for a purged one: its reason too).
       const reason = typeof e.detail?.reason === "string" ? `reason ${e.detail.reason}` : e.code;
       ctx.note(`session ${o.id} was ended by the daemon (${reason}): heartbeats stopped; waiting for ${cmd} to exit`);
+    });
+    client.on("warning", (w) => {
+      // Told once per warning, with what can still keep the session.
+      const unless = {
+        idle_timeout: `unless it is busy first or extended (reaperctl extend ${o.id} 2h)`,
+        max_lifetime: "when its max lifetime ends (no extension goes past it)",
+        memory_pressure: "to relieve memory pressure, unless it is busy first",
+      }[w.reason];
+      ctx.note(
+        `session ${o.id} will be reclaimed at ${w.deadline} (${relativeTime(w.deadline, Date.now())}, reason ${w.reason}) ${unless}`,
+      );
     });
     client.on("retrying", (r) => {
       if (!outage) ctx.note(`heartbeat failed (${r.error.message}); retrying`);

@@ -5,6 +5,7 @@
  *   const client = new ReaperClient({ socketPath: "/run/session-reaper/reaper.sock" });
  *   await client.register({ engine: { pid: process.pid }, paths: [tmp] });
  *   client.on("fenced", () => shutDown());
+ *   client.on("warning", (w) => tellUser(w.deadline)); // reclaimed then unless busy or extended
  *   client.start();               // heartbeats on one kept connection, ±10%
  *   client.idle(); client.busy(); // the activity sent with the next heartbeats
  *   await client.close();         // DELETE: the daemon runs the full cleanup
@@ -82,7 +83,7 @@ export interface Session {
    * While live: the warning given (the profile's warn_before_sec) and still standing: the
    * session is reaped at `deadline` unless it is active (a busy heartbeat) or extended first.
    */
-  warning: { reason: "idle_timeout" | "max_lifetime" | "memory_pressure"; deadline: string; at: string } | null;
+  warning: SessionWarning | null;
   reapAttempts: number;
   /** Who registered the session (the unix socket peer's uid); uid null for loopback TCP. */
   registeredBy: { uid: number | null; admin: boolean; via: "unix" | "tcp" | null };
@@ -123,12 +124,23 @@ export interface Session {
     | null;
 }
 
+/** A warning given before the daemon reclaims a session (the profile's warn_before_sec, or memory pressure). */
+export interface SessionWarning {
+  reason: "idle_timeout" | "max_lifetime" | "memory_pressure";
+  /** When the session is reaped unless it is active (a busy heartbeat) or extended first. */
+  deadline: string;
+  /** When the warning was given: one warning, one `at`. */
+  at: string;
+}
+
 /** The answer to a heartbeat: the session's new deadline and the timeout that sets it. */
 export interface HeartbeatAnswer {
   id: string;
   state: "live";
   deadline: string;
   expiresBy: TimeReason;
+  /** The warning standing after this heartbeat, or null (a busy one voids an idle warning). */
+  warning: SessionWarning | null;
 }
 
 /** What extend() answers. */
@@ -315,6 +327,11 @@ export async function* streamEvents(
 export interface ReaperClientEvents {
   /** A heartbeat was accepted. */
   heartbeat: [HeartbeatAnswer];
+  /**
+   * A heartbeat's answer carries a warning this loop had not seen (once per warning): the
+   * session will be reclaimed at `deadline` unless it is active (busy()) or extended first.
+   */
+  warning: [SessionWarning];
   /** A heartbeat could not be delivered (daemon unreachable, timeout, 5xx); the loop retries. */
   retrying: [RetryInfo];
   /**
@@ -365,6 +382,8 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
   private loop = 0;
   private looping = false;
   private failures = 0;
+  /** The `at` of the last warning emitted: each warning is told once. */
+  private warnedAt: string | null = null;
   /** The daemon's keep-alive timeout, as its last answer announced it; null: none announced. */
   private keepAliveMs: number | null = null;
 
@@ -594,7 +613,11 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
     if (loop !== this.loop) return;
     if (res.status === 200) {
       this.failures = 0;
+      const w = res.body.warning;
+      const fresh = w !== null && w !== undefined && w.at !== this.warnedAt;
+      if (fresh) this.warnedAt = w.at;
       this.emit("heartbeat", res.body);
+      if (fresh && loop === this.loop) this.emit("warning", w);
       this.schedule(loop, this.nextInterval());
     } else if (res.status >= 500) {
       this.retry(loop, ReaperApiError.from(res)); // e.g. 503 while the daemon closes

@@ -225,6 +225,25 @@ const stepResult = {
   },
 } as const;
 
+/** A live session's standing warning (in the session and in each heartbeat's answer). */
+const standingWarning = {
+  description:
+    "while live: the warning given (session.warning, profiles.NAME.warn_before_sec) and still standing; activity that moves the deadline voids it",
+  oneOf: [
+    { type: "null" },
+    {
+      type: "object",
+      additionalProperties: false,
+      required: ["reason", "deadline", "at"],
+      properties: {
+        reason: { enum: ["idle_timeout", "max_lifetime", "memory_pressure"] },
+        deadline: { ...time, description: "when the session is reaped unless it is active first" },
+        at: { ...time, description: "when the warning was given" },
+      },
+    },
+  ],
+} as const;
+
 export const sessionResponse = {
   type: "object",
   additionalProperties: false,
@@ -287,23 +306,7 @@ export const sessionResponse = {
       ...timeOrNull,
       description: "an extension (POST /v1/sessions/{id}/extend): while live, its idle deadline is at least this",
     },
-    warning: {
-      description:
-        "while live: the warning given (session.warning, profiles.NAME.warn_before_sec) and still standing; activity that moves the deadline voids it",
-      oneOf: [
-        { type: "null" },
-        {
-          type: "object",
-          additionalProperties: false,
-          required: ["reason", "deadline", "at"],
-          properties: {
-            reason: { enum: ["idle_timeout", "max_lifetime", "memory_pressure"] },
-            deadline: { ...time, description: "when the session is reaped unless it is active first" },
-            at: { ...time, description: "when the warning was given" },
-          },
-        },
-      ],
-    },
+    warning: standingWarning,
     reapAttempts: { type: "integer", minimum: 0 },
     registeredBy: {
       type: "object",
@@ -412,12 +415,13 @@ export const sessionListResponse = {
 export const heartbeatResponse = {
   type: "object",
   additionalProperties: false,
-  required: ["id", "state", "deadline", "expiresBy"],
+  required: ["id", "state", "deadline", "expiresBy", "warning"],
   properties: {
     id: { type: "string" },
     state: { const: "live" },
     deadline: time,
     expiresBy: { enum: TIME_REASONS },
+    warning: standingWarning,
   },
 } as const;
 

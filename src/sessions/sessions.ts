@@ -32,6 +32,7 @@ import {
   type StepResult,
   type TimeReason,
   type Tracking,
+  type WarnReason,
 } from "../model/session.js";
 
 /** A registration's answer: the session, and what it could not be given. */
@@ -97,6 +98,17 @@ export interface ExpiringSession {
 }
 
 const TIME_REASONS: ReadonlySet<Reason> = new Set<TimeReason>(["heartbeat_timeout", "idle_timeout", "max_lifetime"]);
+
+/** What a heartbeat answers (times in ISO 8601 UTC). */
+export interface HeartbeatAnswer {
+  id: string;
+  state: "live";
+  /** The earliest deadline after this beat, and the timeout that sets it. */
+  deadline: string;
+  expiresBy: TimeReason;
+  /** The warning standing for the session (session.warning), or null: a client learns of it here. */
+  warning: { reason: WarnReason; deadline: string; at: string } | null;
+}
 
 /** What POST /v1/sessions/{id}/extend answers (times in ISO 8601 UTC). */
 export interface ExtendedSession {
@@ -372,11 +384,7 @@ export class Sessions {
     return c;
   }
 
-  heartbeat(
-    id: string,
-    activity: "busy" | "idle",
-    caller: Caller,
-  ): { id: string; state: "live"; deadline: string; expiresBy: string } {
+  heartbeat(id: string, activity: "busy" | "idle", caller: Caller): HeartbeatAnswer {
     const { registry } = this.deps;
     const live = registry.get(id);
     if (live === undefined) throw this.notLive(id, "SR_SESSION_FENCED");
@@ -384,7 +392,15 @@ export class Sessions {
     registry.beat(live, activity === "busy");
     this.deps.metrics.heartbeat();
     const d = registry.deadline(live);
-    return { id, state: "live", deadline: isoTime(registry.toWall(d.at)), expiresBy: d.reason };
+    // After the beat: a busy one that moved the deadline warned of has voided the warning.
+    const w = registry.warningOf(live);
+    return {
+      id,
+      state: "live",
+      deadline: isoTime(registry.toWall(d.at)),
+      expiresBy: d.reason,
+      warning: w === null ? null : { reason: w.reason, deadline: isoTime(w.deadline), at: isoTime(w.at) },
+    };
   }
 
   /**

@@ -328,6 +328,34 @@ test("run: when the daemon ends the session before a heartbeat sees it, reaperct
   );
 });
 
+test("run: a warning the heartbeats carry is told once, before the daemon ends the session", async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(
+    t,
+    testConfig(dir, { profiles: { default: { heartbeat_timeout_sec: 30, max_lifetime_sec: 3, warn_before_sec: 2 } } }),
+  );
+  const args = ["run", "--socket", d.socket, "--id", "run-warned", "--heartbeat", "100ms"];
+  const run = startCtl(t, [...args, "--", process.execPath, ENGINE]);
+  await run.firstLine;
+  const r = await run.done;
+  assert.equal(r.code, 143, r.stderr); // the daemon's SIGTERM at the max lifetime
+  const notes = r.stderr.trim().split("\n");
+  const warned = await d.waitFor((e) => e.event === "session.warning" && e.sessionId === "run-warned", 1000);
+  const deadline = (warned.detail as { deadline: string }).deadline;
+  assert.match(
+    notes[0] ?? "",
+    new RegExp(
+      `^reaperctl: session run-warned will be reclaimed at ${deadline.replace(/\./g, "\\.")} \\(in \\d+s, reason max_lifetime\\) when its max lifetime ends \\(no extension goes past it\\)$`,
+    ),
+    r.stderr,
+  );
+  assert.equal(notes.filter((l) => l.includes("will be reclaimed")).length, 1, r.stderr);
+  // Then the end, told as ever (at the fence or once the command exited).
+  assert.match(r.stderr, /session run-warned was ended by the daemon \(reason max_lifetime\)/);
+  assert.match(r.stderr, /exited with status 143, outcome clean\n$/);
+  assert.equal((await d.reaped("run-warned")).reason, "max_lifetime");
+});
+
 test("run: a --heartbeat not shorter than the session's timeout is refused before the command starts", async (t) => {
   const dir = tempDir(t);
   const d = await startDaemon(t, testConfig(dir, { profiles: { default: { heartbeat_timeout_sec: 3 } } }));

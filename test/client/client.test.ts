@@ -138,6 +138,40 @@ test('ReaperClient: "fenced" once the session is force-reaped, and the loop stop
   assert.equal((await d.reaped("lib-fenced")).reason, "forced");
 });
 
+test('ReaperClient: "warning" once per warning a heartbeat\'s answer carries; a busy beat voids it and the next comes again', async (t) => {
+  const dir = tempDir(t);
+  const d = await startDaemon(
+    t,
+    testConfig(dir, { profiles: { default: { heartbeat_timeout_sec: 60, idle_timeout_sec: 3, warn_before_sec: 2 } } }),
+  );
+  const client = new ReaperClient({ socketPath: d.socket, intervalMs: 50 });
+  t.after(() => client.stop());
+  await client.register({ id: "lib-warned", engine: { pid: sleeper(t).pid } });
+  const warnings: { reason: string; deadline: string; at: string }[] = [];
+  let withWarning = 0;
+  client.on("warning", (w) => warnings.push(w));
+  client.on("heartbeat", (a) => void (a.warning !== null && withWarning++));
+  client.idle();
+  client.start();
+  // Idle beats move nothing: the warning comes 2 s before the idle deadline (3 s), and each
+  // later answer carries it again; the event fires once.
+  await until(() => withWarning >= 5, 10_000, "five answers carrying the warning");
+  assert.equal(warnings.length, 1, JSON.stringify(warnings));
+  const recorded = await d.waitFor((e) => e.event === "session.warning" && e.sessionId === "lib-warned", 1000);
+  assert.equal(warnings[0]?.reason, "idle_timeout");
+  assert.equal(warnings[0]?.deadline, (recorded.detail as { deadline: string }).deadline);
+  // A busy beat voids it; idle again, a new warning (another `at`) is told again.
+  client.busy();
+  const [voided] = (await once(client, "heartbeat")) as [HeartbeatAnswer]; // may have left before busy()
+  const [busyBeat] = voided.warning === null ? [voided] : ((await once(client, "heartbeat")) as [HeartbeatAnswer]);
+  assert.equal(busyBeat.warning, null, "a busy beat's answer carries no warning");
+  client.idle();
+  await until(() => warnings.length === 2, 10_000, "a second warning, for the moved deadline");
+  assert.notEqual(warnings[1]?.at, warnings[0]?.at);
+  assert.ok(Date.parse(warnings[1]!.deadline) > Date.parse(warnings[0].deadline));
+  await client.close();
+});
+
 test('ReaperClient: "retrying" with backoff while the daemon restarts, then heartbeats again', async (t) => {
   const dir = tempDir(t);
   const config = testConfig(dir);

@@ -101,8 +101,12 @@ test("a warning comes within 100 ms of its moment, stands with the session, runs
 
   // A busy heartbeat moves the deadline: the warning no longer stands, and a new one comes
   // 1 s before the new deadline, as punctual.
+  // An idle heartbeat's answer carries the warning standing; a busy one's, none.
+  const idle = await d.api<Answer>("POST", "/v1/sessions/warned-1/heartbeat", { activity: "idle" });
+  assert.deepEqual(idle.body.warning, shown);
   const beat = await d.api<Answer>("POST", "/v1/sessions/warned-1/heartbeat", { activity: "busy" });
   assert.equal(beat.status, 200);
+  assert.equal(beat.body.warning, null);
   const beatAt = Date.now();
   assert.equal((await d.api<Answer>("GET", "/v1/sessions/warned-1")).body.warning, null);
   const again = await d.waitFor(warningOf("warned-1", w.at), 10_000);
@@ -112,6 +116,8 @@ test("a warning comes within 100 ms of its moment, stands with the session, runs
   assert.ok(lateAgain >= -2 && lateAgain <= 100, `the second warning came ${lateAgain} ms after its moment`);
 
   // Idle heartbeats keep it alive but move nothing: it is reaped at the deadline it was warned of.
+  const idleAgain = await d.api<Answer>("POST", "/v1/sessions/warned-1/heartbeat", { activity: "idle" });
+  assert.equal((idleAgain.body.warning as Record<string, string> | null)?.deadline, new Date(againOf).toISOString());
   const expired = await d.waitFor((e) => e.event === "session.expired" && e.sessionId === "warned-1", 10_000);
   assert.equal(expired.reason, "idle_timeout");
   assert.ok(expired.at >= againOf - 2, "not reaped before the deadline it was warned of");

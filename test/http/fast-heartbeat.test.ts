@@ -141,7 +141,8 @@ test("fast path: every heartbeat variant answers the route's status and code", a
     const got = typeof res.body.error === "object" ? res.body.error.code : null;
     assert.equal(got, code, `${what}: ${JSON.stringify(res.body)}`);
     if (status === 200) {
-      assert.deepEqual(Object.keys(res.body), ["id", "state", "deadline", "expiresBy"], what);
+      assert.deepEqual(Object.keys(res.body), ["id", "state", "deadline", "expiresBy", "warning"], what);
+      assert.equal(res.body.warning, null, what);
       assert.equal(res.body.id, "hb", what);
     }
     if (status < 500) assert.match(res.headers["content-type"] ?? "", /^application\/json/, what);
@@ -187,6 +188,27 @@ test("fast path: its answer is fastify's, byte for byte apart from the time; bus
   assert.equal((await raw(d.socket, post(path, []))).status, 200);
   const afterBusy = await view();
   assert.ok(afterBusy.lastActivityAt > afterIdle.lastActivityAt, "no body: busy");
+});
+
+test("fast path: a warning standing is in its answer as in fastify's, field for field", async (t) => {
+  const { d, register } = await setup(t, {
+    profiles: { default: { heartbeat_timeout_sec: 60, idle_timeout_sec: 4, warn_before_sec: 3 } },
+  });
+  await register("warned");
+  const path = "/v1/sessions/warned/heartbeat";
+  await d.waitFor((e) => e.event === "session.warning" && e.sessionId === "warned", 10_000);
+  // IDLE is served by the fast path; the same body spaced out (another length) by fastify.
+  const viaFast = await raw(d.socket, post(path, [JSON_TYPE], IDLE));
+  const viaFastify = await raw(d.socket, post(path, [JSON_TYPE], '{"activity": "idle"}'));
+  assert.equal(viaFast.status, 200, JSON.stringify(viaFast.body));
+  assert.deepEqual(viaFast.body, viaFastify.body);
+  assert.equal(Number(viaFast.headers["content-length"]), JSON.stringify(viaFast.body).length);
+  const shown = (await d.api<{ warning: unknown }>("GET", "/v1/sessions/warned")).body.warning;
+  assert.deepEqual(viaFast.body.warning, shown);
+  assert.equal((viaFast.body.warning as { reason: string }).reason, "idle_timeout");
+  // A busy beat voids it: null in the answer of the beat itself.
+  const busy = await raw(d.socket, post(path, [JSON_TYPE], BUSY));
+  assert.equal(busy.body.warning, null);
 });
 
 test("fast path: heartbeats and refusals are counted as the route's", async (t) => {

@@ -221,11 +221,12 @@ async function assertNothingLeft(k: Kernel, kernel: ProcId): Promise<void> {
 /** A real reaperd whose default profile may delete below `dir`, and a Jupyter set up in `dir`. */
 async function setUp(
   t: TestContext,
+  profile = "",
 ): Promise<{ dir: string; api: SocketApi; socket: string; jup: ReturnType<typeof jupyter> }> {
   const dir = tempDir(t, "sr-jupyter-");
   const { file, socket } = writeDaemonConfig(
     dir,
-    `[profiles.default]\nallowed_roots = ["${dir}"]\ngrace_period_sec = 3\nstep_timeout_sec = 10\n`,
+    `[profiles.default]\nallowed_roots = ["${dir}"]\ngrace_period_sec = 3\nstep_timeout_sec = 10\n${profile}`,
   );
   await spawnDaemon(t, file, socket);
   return { dir, api: socketApi(socket), socket, jup: jupyter(dir) };
@@ -276,6 +277,34 @@ test("a kernel started and shut down normally: its session ends closed and clean
   t.diagnostic(`reaped ${done.reason} ${done.outcome} ${JSON.stringify(done.leftovers)}`);
   assert.equal(done.reason, "closed");
   assert.equal(done.outcome, "clean", JSON.stringify(done.leftovers));
+  await assertNothingLeft(k, kernel);
+});
+
+test("a warning the heartbeats carry is logged once by the server, before the kernel is reclaimed at its max lifetime", async (t) => {
+  // The warning is due 4 s after registration, the reap 14 s after.
+  const { api, socket, jup } = await setUp(t, "max_lifetime_sec = 14\nwarn_before_sec = 10\n");
+  jup.spec("warned", { socket, heartbeat_interval: 0.3 });
+  const driver = new Driver(t, jup.env, ["start", "warned"]);
+  const k = await driver.next();
+  assert.equal(k.event, "started", JSON.stringify(k));
+  const kernel = procId(k.pid);
+  killAfter(t, kernel);
+  const warned =
+    /session-reaper: kernel (\S+) \(session (\S+)\) will be reclaimed at (\S+) \(reason max_lifetime\) unless it is busy first$/m;
+  await until(() => warned.test(driver.stderr), 20_000, `the server to log the warning (stderr: ${driver.stderr})`);
+  const [, kernelId, sessionId, deadline] = warned.exec(driver.stderr) ?? [];
+  assert.equal(kernelId, k.kernel_id);
+  assert.equal(sessionId, k.session_id);
+  const recorded = (await api.events(k.session_id)).find((e) => e.event === "session.warning");
+  assert.equal(deadline, (recorded?.detail as { deadline?: string } | undefined)?.deadline);
+  const done = await api.reaped(k.session_id, 30_000);
+  assert.equal(done.reason, "max_lifetime");
+  assert.equal(done.outcome, "clean", JSON.stringify(done.leftovers));
+  assert.equal(
+    driver.stderr.match(new RegExp(warned.source, "gm"))?.length,
+    1,
+    "logged once, though every answer carried it",
+  );
   await assertNothingLeft(k, kernel);
 });
 

@@ -129,7 +129,9 @@ class ReaperClient:
         return self.request("PATCH", self._session_path(session_id), body)
 
     def heartbeat(self, session_id: str, activity: Optional[str] = None) -> Dict[str, Any]:
-        """POST /v1/sessions/{id}/heartbeat; 409 ``SR_SESSION_FENCED`` once it is being reaped."""
+        """POST /v1/sessions/{id}/heartbeat: 200 ``{id, state, deadline, expiresBy, warning}``
+        (``warning``: ``{reason, deadline, at}`` while one stands, else None); 409
+        ``SR_SESSION_FENCED`` once it is being reaped, 410 ``SR_SESSION_GONE`` once purged."""
         body = None if activity is None else {"activity": activity}
         return self.request("POST", self._session_path(session_id) + "/heartbeat", body)
 

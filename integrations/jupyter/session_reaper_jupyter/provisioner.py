@@ -178,6 +178,7 @@ class Launch:
         self.registered = False
         self.closed = False
         self.interval = 10.0
+        self.warned_at: Optional[str] = None  # the last warning logged (its "at")
 
     def to_info(self) -> Dict[str, Any]:
         return {
@@ -319,13 +320,14 @@ class Keeper(threading.Thread):
 
             if now >= next_beat:
                 try:
-                    client.heartbeat(launch.session_id)
+                    answer = client.heartbeat(launch.session_id)
                     reachable()
+                    self._warned(answer)
                     next_beat = time.monotonic() + _jitter(launch.interval)
                 except ReaperUnreachable as e:
                     next_beat = now + min(unreachable(e), launch.interval)
                 except ReaperApiError as e:
-                    if e.status in (404, 409):
+                    if e.status in (404, 409, 410):
                         self._ended(client, e)
                         return
                     if e.retryable:
@@ -339,8 +341,24 @@ class Keeper(threading.Thread):
                 wake = min(wake, next_ports)
             self.stopped.wait(max(0.0, wake - time.monotonic()))
 
+    def _warned(self, answer: Any) -> None:
+        """Logs a warning the heartbeat's answer carries, once per warning (its ``at``)."""
+        w = answer.get("warning") if isinstance(answer, dict) else None
+        if not isinstance(w, dict) or w.get("at") == self.launch.warned_at:
+            return
+        self.launch.warned_at = w.get("at")
+        self.prov.log.warning(
+            "session-reaper: kernel %s (session %s) will be reclaimed at %s (reason %s) unless it is "
+            "busy first%s",
+            self.prov.kernel_id,
+            self.launch.session_id,
+            w.get("deadline"),
+            w.get("reason"),
+            " or extended (await provisioner.extend(seconds))" if w.get("reason") == "idle_timeout" else "",
+        )
+
     def _ended(self, client: ReaperClient, e: ReaperApiError) -> None:
-        """The daemon no longer takes this session (409: it is being reaped; 404: unknown)."""
+        """The daemon no longer takes this session (409: it is being reaped; 410: reaped and purged; 404: unknown)."""
         launch, log = self.launch, self.prov.log
         if launch.closed or self.stopped.is_set():
             return  # we closed it ourselves
