@@ -10,7 +10,7 @@ import type { RecordedAuditEvent } from "../src/audit/audit.js";
 import { callApi, type ApiResponse } from "../src/client/transport.js";
 import type { Clock } from "../src/clock.js";
 import { buildConfig, type Config } from "../src/config/load.js";
-import { Daemon } from "../src/daemon/daemon.js";
+import { Daemon, type DaemonOptions } from "../src/daemon/daemon.js";
 import { mountPoints } from "../src/paths/validate.js";
 import { cgroup2Mount } from "../src/proc/cgroup.js";
 import { readStat, isExited } from "../src/proc/stat.js";
@@ -67,15 +67,19 @@ export interface TestDaemon {
   stop(): Promise<void>;
 }
 
-/** A real daemon in this process, on a real unix socket and a real SQLite file. */
+/**
+ * A real daemon in this process, on a real unix socket and a real SQLite file; `extra`: the
+ * daemon's other options (test-only timings: eventStreams).
+ */
 export async function startDaemon(
   t: { after: (fn: () => Promise<void> | void) => void },
   config: Config,
   clock?: Clock,
+  extra: Omit<DaemonOptions, "config" | "clock" | "logStream"> = {},
 ): Promise<TestDaemon> {
   const lines: string[] = [];
   const seen: RecordedAuditEvent[] = [];
-  const daemon = new Daemon({ config, clock, logStream: { write: (s: string) => void lines.push(s) } });
+  const daemon = new Daemon({ ...extra, config, clock, logStream: { write: (s: string) => void lines.push(s) } });
   daemon.audit.events.on("audit", (e) => seen.push(e));
   await daemon.start();
   await daemon.listen();

@@ -26,6 +26,7 @@ import type { Server } from "node:http";
 import { loadToken } from "../auth/tcp.js";
 import { closeServer, listenFd, listenTcp, listenUnix } from "../http/listen.js";
 import { buildServer, buildTcpServer, type DaemonInfo } from "../http/server.js";
+import type { EventStreamLimits } from "../http/events-stream.js";
 import { ConnectionLimits } from "../http/connection-limits.js";
 import { Metrics, type StallCause } from "../metrics/metrics.js";
 import { OrphanSweep } from "../orphans/sweep.js";
@@ -92,6 +93,12 @@ export interface DaemonOptions {
   notifySocket?: string | undefined;
   /** Watchdog ping interval (WATCHDOG_USEC / 2), or null. */
   watchdogMs?: number | null;
+  /**
+   * Testing only: GET /v1/events' keep-alive period (15 s) and the unsent bytes past which a
+   * follower is cut (4 MiB), shortened. Not configuration: clients rely on both (their idle
+   * timeout is three keep-alive periods; SECURITY.md bounds a uid's unsent lines).
+   */
+  eventStreams?: Partial<EventStreamLimits>;
   /** Crash-safety testing only: step boundaries at which `crash` is called. */
   failpoints?: ReadonlySet<string>;
   crash?: () => void;
@@ -313,6 +320,7 @@ export class Daemon {
       callers: this.callers,
       connectionLimits: this.connectionLimits,
       info: () => this.info(),
+      eventStreams: opts.eventStreams,
     });
     this.store.onHealth({
       unavailable: (fault) => this.storeUnavailable(fault),

@@ -23,6 +23,12 @@
  * `since`. A quiet follower gets an empty line every KEEP_ALIVE_MS (clients skip empty lines),
  * so that a client's idle timeout can tell a quiet daemon from a dead connection; the server's
  * own timeouts (headers, request, keep-alive) no longer apply once the request is read.
+ *
+ * Both are contracts, not settings: the client library's idle timeout (45 s) is three
+ * keep-alive periods, and SECURITY.md bounds one uid's unsent lines by MAX_UNSENT_BYTES ×
+ * MAX_STREAMS_PER_UID. Tests shorten them (DaemonOptions.eventStreams), never the config file.
+ * Open streams are the session_reaper_event_streams gauge; those the daemon ends before their
+ * reader is done, session_reaper_event_streams_cut_total by reason.
  */
 import type { ServerResponse } from "node:http";
 import { performance } from "node:perf_hooks";
@@ -32,6 +38,7 @@ import type { AuditTrail, RecordedAuditEvent } from "../audit/audit.js";
 import type { Caller, Callers } from "../auth/caller.js";
 import { ReaperError } from "../errors.js";
 import { loopTurn } from "../pace/turns.js";
+import type { EventStreamCut, Metrics } from "../metrics/metrics.js";
 import type { Sessions } from "../sessions/sessions.js";
 import type { EventFilter, EventPage, Store } from "../store/store.js";
 import { eventJson } from "./present.js";
@@ -62,12 +69,21 @@ export interface EventStreamQuery {
   since?: number;
 }
 
+/** KEEP_ALIVE_MS and MAX_UNSENT_BYTES, shortened by tests only (DaemonOptions.eventStreams). */
+export interface EventStreamLimits {
+  readonly keepAliveMs: number;
+  readonly maxUnsentBytes: number;
+}
+
 export interface EventStreamDeps {
   store: Pick<Store, "eventsAfter" | "lastEventSeq" | "purgedThroughSeq" | "registeredByUid">;
   sessions: Pick<Sessions, "get">;
   audit: Pick<AuditTrail, "events">;
   callers: Pick<Callers, "of">;
+  metrics: Pick<Metrics, "countEventStreams" | "eventStreamCut">;
   log: Logger;
+  /** Default: KEEP_ALIVE_MS and MAX_UNSENT_BYTES. */
+  eventStreams?: Partial<EventStreamLimits> | undefined;
 }
 
 /** Which events a stream shows. */
@@ -81,6 +97,8 @@ interface Filter {
 /** A stream the request may have: what it shows, and where it starts. */
 interface Opening {
   readonly filter: Filter;
+  /** The reader's uid (an admin's too; null over TCP), for the log. */
+  readonly uid: number | null;
   readonly follow: boolean;
   readonly after: number;
 }
@@ -165,15 +183,18 @@ class EventStream {
   closed = false;
   /** When the last line was written (monotonic ms). */
   private wroteAt = performance.now();
+  readonly filter: Filter;
+  readonly follow: boolean;
 
   constructor(
     readonly res: ServerResponse,
-    readonly filter: Filter,
-    readonly follow: boolean,
-    after: number,
+    readonly opening: Opening,
+    private readonly limits: EventStreamLimits,
     private readonly tooSlow: (s: EventStream, why: string) => void,
   ) {
-    this.after = after;
+    this.filter = opening.filter;
+    this.follow = opening.follow;
+    this.after = opening.after;
     res.once("close", () => (this.closed = true));
     // A write to a connection the peer has just closed fails there; 'close' follows and ends the stream.
     res.on("error", () => undefined);
@@ -196,7 +217,9 @@ class EventStream {
     }
     this.res.write(line);
     this.wroteAt = performance.now();
-    if (this.res.writableLength > MAX_UNSENT_BYTES) this.tooSlow(this, `${this.res.writableLength} bytes unsent`);
+    if (this.res.writableLength > this.limits.maxUnsentBytes) {
+      this.tooSlow(this, `more than ${this.limits.maxUnsentBytes} bytes unsent`);
+    }
   }
 
   /** The backlog read up to `seq`: what it did not write was not for this caller. */
@@ -213,7 +236,7 @@ class EventStream {
 
   /** An empty line if nothing was written for KEEP_ALIVE_MS (live followers only). */
   keepAlive(now: number): void {
-    if (this.closed || this.held !== null || !this.follow || now - this.wroteAt < KEEP_ALIVE_MS) return;
+    if (this.closed || this.held !== null || !this.follow || now - this.wroteAt < this.limits.keepAliveMs) return;
     this.res.write("\n");
     this.wroteAt = now;
   }
@@ -245,8 +268,24 @@ class EventHub {
   private readonly uids = new Map<string, number | null>();
   private timer: NodeJS.Timeout | null = null;
   private lastWarning = Number.NEGATIVE_INFINITY;
+  /** Readers cut for falling behind since the last warning (that warning's own excluded). */
+  private unwarned = 0;
+  private readonly limits: EventStreamLimits;
 
-  constructor(private readonly deps: EventStreamDeps) {}
+  constructor(private readonly deps: EventStreamDeps) {
+    this.limits = {
+      keepAliveMs: deps.eventStreams?.keepAliveMs ?? KEEP_ALIVE_MS,
+      maxUnsentBytes: deps.eventStreams?.maxUnsentBytes ?? MAX_UNSENT_BYTES,
+    };
+    deps.metrics.countEventStreams(() => this.counts());
+  }
+
+  /** Open streams: following, or reading a backlog only (the gauge, at scrape time). */
+  private counts(): { follow: number; backlog: number } {
+    let follow = 0;
+    for (const s of this.streams) if (s.follow) follow++;
+    return { follow, backlog: this.streams.size - follow };
+  }
 
   /**
    * What this caller may stream, or a 4xx: a session it may not see (403 SR_NOT_SESSION_OWNER),
@@ -286,6 +325,7 @@ class EventHub {
     if (q.since !== undefined) this.checkSince(q.since, last, q.session);
     return {
       filter: { session: q.session, uid: caller.admin ? null : caller.uid },
+      uid: caller.uid,
       follow: q.follow === 1,
       // Without since: a follower starts now, a reader of the backlog at the oldest event kept.
       after: q.since ?? (q.follow === 1 ? last : 0),
@@ -315,7 +355,7 @@ class EventHub {
   async serve(res: ServerResponse, o: Opening, headers: Record<string, string>): Promise<void> {
     // Gone while the request waited for its handler: its 'close' was emitted already.
     if (res.destroyed || res.socket === null || res.socket.destroyed) return;
-    const s = new EventStream(res, o.filter, o.follow, o.after, (stream, why) => this.tooSlow(stream, why));
+    const s = new EventStream(res, o, this.limits, (stream, why) => this.tooSlow(stream, why));
     this.add(s);
     res.once("close", () => this.remove(s));
     // A follower's connection serves nothing after it: closed with the stream.
@@ -324,8 +364,8 @@ class EventHub {
     try {
       await this.backlog(s);
     } catch (err) {
-      this.deps.log.warn({ err }, "an event stream's backlog could not be read: its connection was cut");
-      s.cut();
+      this.deps.log.warn({ err, uid: o.uid }, "an event stream's backlog could not be read: its connection was cut");
+      this.cut(s, "store_error");
       return;
     }
     if (s.closed) return;
@@ -355,7 +395,7 @@ class EventHub {
   private add(s: EventStream): void {
     if (this.streams.size === 0) {
       this.deps.audit.events.on("audit", this.onAudit);
-      this.timer = setInterval(() => this.keepAlive(), KEEP_ALIVE_MS / 3);
+      this.timer = setInterval(() => this.keepAlive(), this.limits.keepAliveMs / 3);
       this.timer.unref();
     }
     this.streams.add(s);
@@ -371,7 +411,18 @@ class EventHub {
 
   /** The daemon closes its API: every stream ends now (server.close() would wait for them). */
   closeAll(): void {
-    for (const s of [...this.streams]) s.close();
+    for (const s of [...this.streams]) {
+      if (s.closed) continue;
+      this.deps.metrics.eventStreamCut("shutdown");
+      s.close();
+    }
+  }
+
+  /** Ends a stream its reader is not done with: a broken response, counted by why. */
+  private cut(s: EventStream, reason: EventStreamCut): void {
+    if (s.closed) return;
+    this.deps.metrics.eventStreamCut(reason);
+    s.cut();
   }
 
   private keepAlive(): void {
@@ -389,8 +440,11 @@ class EventHub {
         if (!this.visible(s.filter, e)) continue;
       } catch (err) {
         // The registering uid could not be read (the store failed): this stream resumes later.
-        this.deps.log.warn({ err }, "an event stream could not tell whose event it was: its connection was cut");
-        s.cut();
+        this.deps.log.warn(
+          { err, uid: s.opening.uid },
+          "an event stream could not tell whose event it was: its connection was cut",
+        );
+        this.cut(s, "store_error");
         continue;
       }
       s.offer(e.seq ?? null, (line ??= liveLine(e)));
@@ -425,13 +479,29 @@ class EventHub {
   }
 
   private tooSlow(s: EventStream, why: string): void {
-    s.cut();
+    if (s.closed) return;
+    // Read before the cut: destroy() drops what was buffered.
+    const unsentBytes = s.res.writableLength;
+    this.cut(s, "slow_reader");
     const now = performance.now();
-    if (now - this.lastWarning < WARN_EVERY_MS) return;
+    if (now - this.lastWarning < WARN_EVERY_MS) {
+      this.unwarned++;
+      return;
+    }
     this.lastWarning = now;
+    const alsoCut = this.unwarned;
+    this.unwarned = 0;
     this.deps.log.warn(
-      { uid: s.filter.uid, session: s.filter.session, why },
-      "an event stream's reader fell behind: its connection was closed; it resumes with since= (logged at most once a minute)",
+      {
+        uid: s.opening.uid,
+        session: s.filter.session,
+        unsentBytes,
+        maxUnsentBytes: this.limits.maxUnsentBytes,
+        why,
+        // Readers cut for falling behind since the last such warning, not logged one by one.
+        alsoCut,
+      },
+      "an event stream's reader fell behind: its connection was cut; it resumes with since= (logged at most once a minute)",
     );
   }
 }

@@ -27,7 +27,7 @@ import type { Sessions } from "../sessions/sessions.js";
 import type { Store } from "../store/store.js";
 import { errorBody as send, toApiError } from "./api-error.js";
 import type { ConnectionLimits } from "./connection-limits.js";
-import { eventStreamRoutes } from "./events-stream.js";
+import { eventStreamRoutes, type EventStreamLimits } from "./events-stream.js";
 import { FastHeartbeat } from "./fast-heartbeat.js";
 import { HeartbeatLane } from "./heartbeat-lane.js";
 import { collectRoutes, openApiDocument } from "./openapi.js";
@@ -86,6 +86,8 @@ export interface ServerDeps {
    */
   connectionLimits?: ConnectionLimits;
   info: () => DaemonInfo;
+  /** GET /v1/events' keep-alive period and unsent-bytes cut, shortened by tests only (DaemonOptions.eventStreams). */
+  eventStreams?: Partial<EventStreamLimits> | undefined;
 }
 
 /** The router's cap on a path parameter's length: above the longest session id (128). */

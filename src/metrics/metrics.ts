@@ -25,6 +25,14 @@ export interface MetricsDeps {
   pressure?: () => { someAvg10: number | null; holding: boolean };
 }
 
+/**
+ * Why the daemon ended an event stream (GET /v1/events) its reader was not done with:
+ * slow_reader (too many bytes unsent, or live events held while its backlog was read),
+ * store_error (the store could not be read for it), shutdown (the daemon closed its API).
+ */
+export type EventStreamCut = "slow_reader" | "store_error" | "shutdown";
+const EVENT_STREAM_CUTS: readonly EventStreamCut[] = ["slow_reader", "store_error", "shutdown"];
+
 /** What made the daemon lose time: its loop, its store, or connections it turned away. */
 export type StallCause = "loop" | "store" | "crowded";
 
@@ -72,6 +80,9 @@ export class Metrics {
   private readonly usageMemory: Histogram<"profile">;
   private readonly usageLifetime: Histogram<"profile">;
   private readonly warnings: Counter<"reason">;
+  private readonly eventStreamCuts: Counter<"reason">;
+  /** Event streams open now, by kind (src/http/events-stream.ts registers its count). */
+  private eventStreams: () => { follow: number; backlog: number } = () => ({ follow: 0, backlog: 0 });
 
   constructor(deps: MetricsDeps) {
     const registers = [this.registry];
@@ -298,6 +309,25 @@ export class Metrics {
       labelNames: ["reason"],
       registers,
     });
+    const eventStreams = (): { follow: number; backlog: number } => this.eventStreams();
+    new Gauge({
+      name: "session_reaper_event_streams",
+      help: "Audit event streams (GET /v1/events) open now, by kind: follow (follow=1, its backlog included) or backlog (the backlog only).",
+      labelNames: ["kind"],
+      registers,
+      collect() {
+        const open = eventStreams();
+        this.set({ kind: "follow" }, open.follow);
+        this.set({ kind: "backlog" }, open.backlog);
+      },
+    });
+    this.eventStreamCuts = new Counter({
+      name: "session_reaper_event_streams_cut_total",
+      help: "Audit event streams the daemon ended before their reader was done, by reason: slow_reader (more than 4 MiB unsent, or 10,000 live events held while its backlog was read: cut), store_error (the store could not be read for it: cut), shutdown (the daemon closed its API: a follower ended cleanly, or cut if its socket was still full; a backlog cut short).",
+      labelNames: ["reason"],
+      registers,
+    });
+    for (const reason of EVENT_STREAM_CUTS) this.eventStreamCuts.inc({ reason }, 0);
     const pressure = deps.pressure;
     if (pressure !== undefined) {
       new Gauge({
@@ -319,6 +349,16 @@ export class Metrics {
         },
       });
     }
+  }
+
+  /** How many event streams are open, read at scrape time (the API's event hub). */
+  countEventStreams(read: () => { follow: number; backlog: number }): void {
+    this.eventStreams = read;
+  }
+
+  /** The daemon ended an event stream its reader was not done with. */
+  eventStreamCut(reason: EventStreamCut): void {
+    this.eventStreamCuts.inc({ reason });
   }
 
   /** A warning was given (session.warning). */

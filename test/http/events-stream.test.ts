@@ -11,7 +11,10 @@ import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { chmodSync } from "node:fs";
 import { request, type ClientRequest, type IncomingHttpHeaders } from "node:http";
+import { connect, type Socket } from "node:net";
+import { performance } from "node:perf_hooks";
 import { test } from "node:test";
+import { setTimeout as delay } from "node:timers/promises";
 import { streamEvents, type AuditEventLine, type RetryInfo } from "../../src/client/index.js";
 import type { eventJson } from "../../src/http/present.js";
 import {
@@ -62,9 +65,13 @@ class Reader {
   status = 0;
   headers: IncomingHttpHeaders = {};
   readonly raw: string[] = [];
+  /** When each raw line arrived (performance.now()). */
+  readonly arrived: number[] = [];
   /** "end": the daemon ended the body; "cut": the connection broke first. */
   readonly done: Promise<"end" | "cut">;
   private rest = "";
+  private readonly parsed: Line[] = [];
+  private parsedUpTo = 0;
   private changed: () => void = () => undefined;
 
   private constructor(
@@ -99,24 +106,35 @@ class Reader {
 
   private take(chunk: string): void {
     this.rest += chunk;
+    const now = performance.now();
     for (let nl = this.rest.indexOf("\n"); nl >= 0; nl = this.rest.indexOf("\n")) {
       this.raw.push(this.rest.slice(0, nl));
+      this.arrived.push(now);
       this.rest = this.rest.slice(nl + 1);
     }
     this.changed();
   }
 
-  /** The events so far (keep-alive lines skipped). */
+  /** The events so far (keep-alive lines skipped): each raw line is parsed once. */
   get lines(): Line[] {
-    return this.raw.filter((l) => l !== "").map((l) => JSON.parse(l) as Line);
+    for (; this.parsedUpTo < this.raw.length; this.parsedUpTo++) {
+      const l = this.raw[this.parsedUpTo]!;
+      if (l !== "") this.parsed.push(JSON.parse(l) as Line);
+    }
+    return this.parsed.slice();
   }
 
   /** Resolves once the lines read satisfy `pred` (woken by each chunk); rejects after `timeoutMs`, or if the stream ends first. */
   async until(pred: (lines: Line[]) => boolean, what: string, timeoutMs = 30_000): Promise<Line[]> {
+    await this.untilRaw(() => pred(this.lines), what, timeoutMs);
+    return this.lines;
+  }
+
+  /** As `until`, on the raw lines (keep-alives included). */
+  async untilRaw(pred: (raw: readonly string[]) => boolean, what: string, timeoutMs = 30_000): Promise<void> {
     const end = Date.now() + timeoutMs;
     for (;;) {
-      const lines = this.lines;
-      if (pred(lines)) return lines;
+      if (pred(this.raw)) return;
       const left = end - Date.now();
       if (left <= 0) throw new Error(`${what}: not within ${timeoutMs} ms; read:\n${this.raw.join("\n")}`);
       const ended = await new Promise<boolean>((resolve) => {
@@ -130,7 +148,7 @@ class Reader {
           resolve(true);
         });
       });
-      if (ended && !pred(this.lines)) throw new Error(`${what}: the stream ended first; read:\n${this.raw.join("\n")}`);
+      if (ended && !pred(this.raw)) throw new Error(`${what}: the stream ended first; read:\n${this.raw.join("\n")}`);
     }
   }
 
@@ -161,6 +179,79 @@ async function session(d: TestDaemon, t: Parameters<typeof sleeper>[0], id: stri
   assert.equal(res.status, 201, JSON.stringify(res.body));
   return id;
 }
+
+/** A response read over a raw socket: its head, then nothing until `drain()`; the kernel's buffers fill, then the daemon's. */
+class Stalled {
+  private readonly chunks: Buffer[] = [];
+  private headRead = false;
+  readonly closed: Promise<void>;
+
+  private constructor(private readonly socket: Socket) {
+    this.closed = new Promise((r) => socket.once("close", () => r()));
+  }
+
+  static open(socketPath: string, path: string, t: { after: (fn: () => void) => void }): Promise<Stalled> {
+    return new Promise((resolve, reject) => {
+      const socket = connect(socketPath);
+      t.after(() => void socket.destroy());
+      const s = new Stalled(socket);
+      socket.on("error", reject);
+      socket.on("data", (b: Buffer) => {
+        s.chunks.push(b);
+        if (s.headRead || !Buffer.concat(s.chunks).includes("\r\n\r\n")) return;
+        s.headRead = true;
+        socket.pause();
+        resolve(s);
+      });
+      socket.write(`GET ${path} HTTP/1.1\r\nHost: localhost\r\n\r\n`);
+    });
+  }
+
+  /** Reads what the kernel kept, to the end of the connection: every byte received. */
+  async drain(): Promise<Buffer> {
+    this.socket.resume();
+    await this.closed;
+    return Buffer.concat(this.chunks);
+  }
+}
+
+/** A chunked HTTP/1.1 response: its head, its body's bytes as received, and whether its last chunk (size 0) came. */
+function dechunk(raw: Buffer): { head: string; body: string; complete: boolean } {
+  const headEnd = raw.indexOf("\r\n\r\n");
+  assert.ok(headEnd > 0, "a response head");
+  const head = raw.subarray(0, headEnd).toString("latin1");
+  assert.match(head, /^transfer-encoding: chunked\r?$/im);
+  const parts: Buffer[] = [];
+  const result = (complete: boolean) => ({ head, body: Buffer.concat(parts).toString("utf8"), complete });
+  for (let at = headEnd + 4; ;) {
+    const eol = raw.indexOf("\r\n", at);
+    if (eol < 0) return result(false);
+    const size = Number.parseInt(raw.subarray(at, eol).toString("latin1"), 16);
+    assert.ok(Number.isSafeInteger(size), `a chunk size at byte ${at}`);
+    if (size === 0) return result(true);
+    const data = raw.subarray(eol + 2, eol + 2 + size);
+    parts.push(data);
+    at = eol + 2 + size + 2;
+    if (data.length < size || at > raw.length) return result(false);
+    assert.equal(raw.subarray(at - 2, at).toString("latin1"), "\r\n", "a chunk's end");
+  }
+}
+
+/** `name{labels}` (as printed) → value, from GET /metrics. */
+async function scrape(d: TestDaemon): Promise<Map<string, number>> {
+  const res = await d.api<string>("GET", "/metrics");
+  assert.equal(res.status, 200);
+  const out = new Map<string, number>();
+  for (const line of res.body.split("\n")) {
+    if (line === "" || line.startsWith("#")) continue;
+    const at = line.lastIndexOf(" ");
+    out.set(line.slice(0, at), Number(line.slice(at + 1)));
+  }
+  return out;
+}
+
+const STREAMS = "session_reaper_event_streams";
+const CUT = "session_reaper_event_streams_cut_total";
 
 /** Short server timeouts: a follower must outlive them while it waits, idle. */
 const SHORT_TIMEOUTS = { header_timeout_ms: 1000, request_timeout_ms: 1000, keep_alive_timeout_ms: 1000 };
@@ -467,15 +558,162 @@ test("GET /v1/events: a since below what retention purged answers 410 SR_EVENTS_
   assert.equal(gone.body.error.code, "SR_SESSION_GONE");
 });
 
+test("GET /v1/events: a quiet follower gets an empty line every keep-alive period, and none while events are written", async (t) => {
+  // The period shortened from 15 s (a test-only option of the daemon: clients rely on 15 s).
+  const PERIOD = 1200;
+  // Tolerances for a loaded 2-core host: a line read late (this process reads what it serves)
+  // makes the next gap look shorter; a late timer, longer. Both stay clear of a period.
+  const EARLY = 150;
+  const LATE = 700;
+  const d = await startDaemon(t, testConfig(tempDir(t)), undefined, { eventStreams: { keepAliveMs: PERIOD } });
+  await session(d, t, "ka");
+  const follower = await open(d, "/v1/events?follow=1", t);
+  const opened = performance.now();
+  // Busy: an event (a PATCH: session.updated) every quarter of a period, for three periods.
+  const busy = 12;
+  for (let i = 0; i < busy; i++) {
+    const res = await d.api("PATCH", "/v1/sessions/ka", { labels: { n: String(i) } });
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    await delay(PERIOD / 4);
+  }
+  await follower.until((l) => l.filter((e) => e.event === "session.updated").length === busy, "the updates");
+  // Quiet: three keep-alives after the last event.
+  const trailingEmpty = (raw: readonly string[]): number => raw.length - 1 - raw.findLastIndex((l) => l !== "");
+  await follower.untilRaw((raw) => trailingEmpty(raw) >= 3, "three keep-alives", 10 * PERIOD);
+
+  const raw = follower.raw.slice();
+  const arrived = follower.arrived.slice(0, raw.length);
+  const gap = (i: number): number => arrived[i]! - (i === 0 ? opened : arrived[i - 1]!);
+  // An empty line only after a period with nothing written: never between events a quarter period apart.
+  for (let i = 0; i < raw.length; i++) {
+    if (raw[i] !== "") continue;
+    assert.ok(gap(i) >= PERIOD - EARLY, `keep-alive ${i} came ${Math.round(gap(i))} ms after the line before it`);
+  }
+  const updates = raw.flatMap((l, i) => (l !== "" && (JSON.parse(l) as Line).event === "session.updated" ? [i] : []));
+  const busyGaps = updates.slice(1).map((i) => gap(i));
+  assert.ok(
+    busyGaps.filter((g) => g < PERIOD / 2).length >= busyGaps.length / 2,
+    `the events came faster than the period: ${busyGaps.map(Math.round).join(", ")} ms apart`,
+  );
+  // Between two events less than a period apart, nothing but events.
+  for (let k = 1; k < updates.length; k++) {
+    const [a, b] = [updates[k - 1]!, updates[k]!];
+    if (arrived[b]! - arrived[a]! >= PERIOD - EARLY) continue;
+    assert.deepEqual(
+      raw.slice(a, b + 1).filter((l) => l === ""),
+      [],
+      `a keep-alive between events ${Math.round(arrived[b]! - arrived[a]!)} ms apart`,
+    );
+  }
+  // While quiet: one every period (checked every third of it: up to a third later).
+  const last = raw.findLastIndex((l) => l !== "");
+  const quiet = raw.slice(last + 1).map((_, k) => gap(last + 1 + k));
+  assert.ok(quiet.length >= 3);
+  for (const g of quiet) {
+    assert.ok(
+      g >= PERIOD - EARLY && g <= (PERIOD * 4) / 3 + LATE,
+      `keep-alives ${quiet.map(Math.round).join(", ")} ms apart`,
+    );
+  }
+});
+
+test("GET /v1/events: a follower that stops reading is cut once its unsent bytes pass the limit, after whole lines; another follower gets every event", async (t) => {
+  // Shortened from 4 MiB (a test-only option of the daemon).
+  const MAX = 256 * 1024;
+  const d = await startDaemon(t, testConfig(tempDir(t)), undefined, { eventStreams: { maxUnsentBytes: MAX } });
+  const ids = await Promise.all(["big-1", "big-2", "big-3"].map((id) => session(d, t, id)));
+  const since = d.daemon.store.lastEventSeq();
+  const healthy = await open(d, `/v1/events?follow=1&since=${since}`, t);
+  const stalled = await Stalled.open(d.socket, `/v1/events?follow=1&since=${since}`, t);
+  let m = await scrape(d);
+  assert.equal(m.get(`${STREAMS}{kind="follow"}`), 2);
+  assert.equal(m.get(`${STREAMS}{kind="backlog"}`), 0);
+  assert.equal(m.get(`${CUT}{reason="slow_reader"}`), 0);
+
+  // Events of about 10 KiB each (PATCHes of 40 labels: session.updated), until the daemon cuts
+  // the reader that stopped: its kernel buffers take a few hundred KiB first, then the daemon's.
+  const cutLog = (): Record<string, unknown> | undefined =>
+    d.lines
+      .map((l) => JSON.parse(l) as Record<string, unknown>)
+      .find((l) => typeof l.msg === "string" && l.msg.startsWith("an event stream's reader fell behind"));
+  let patches = 0;
+  while (cutLog() === undefined && patches < 1000) {
+    const labels = Object.fromEntries(
+      Array.from({ length: 40 }, (_, k) => [`k${k}`, `${patches}.${k}:`.padEnd(240, "x")]),
+    );
+    const res = await d.api("PATCH", `/v1/sessions/${ids[patches % ids.length]}`, { labels });
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    patches++;
+  }
+  const log = cutLog();
+  assert.ok(log !== undefined, `no cut after ${patches} events of 10 KiB`);
+  assert.equal(log.level, "warn");
+  assert.equal(log.uid, 0, "the reader's uid (root: the test)");
+  const unsent = log.unsentBytes as number;
+  const longest = Math.max(...healthy.raw.map((l) => Buffer.byteLength(l) + 1));
+  assert.ok(
+    unsent > MAX && unsent <= MAX + longest + 16,
+    `cut at ${unsent} bytes unsent: over ${MAX}, by one line at most`,
+  );
+  m = await scrape(d);
+  assert.equal(m.get(`${CUT}{reason="slow_reader"}`), 1);
+  assert.equal(m.get(`${STREAMS}{kind="follow"}`), 1, "the cut stream is gone; the other follows");
+
+  // Sessions end after the cut (real processes, reaped): the other follower gets every event.
+  await Promise.all(ids.map((id) => d.api("DELETE", `/v1/sessions/${id}`)));
+  const lines = await healthy.until((l) => ids.every((id) => has("reap.finished", id)(l)), "the reaps, live");
+  rising(lines);
+  assert.deepEqual(lines, table(d, "seq > ? AND seq <= ?", since, lines.at(-1)?.seq));
+  assert.equal(lines.filter((l) => l.event === "session.updated").length, patches);
+
+  // What the cut reader gets, reading at last: the lines the other got, in order, whole but
+  // the last one perhaps (the kernel takes part of a write), and a broken response, never its end.
+  const got = dechunk(await stalled.drain());
+  assert.match(got.head, /^HTTP\/1\.1 200 /);
+  assert.equal(got.complete, false, "cut, not ended");
+  const all = healthy.raw.map((l) => l + "\n").join("");
+  assert.ok(all.startsWith(got.body), "a prefix of the stream the other follower read");
+  const whole = got.body.split("\n").slice(0, -1);
+  assert.ok(whole.length >= 1 && whole.length < lines.length, `${whole.length} whole lines of ${lines.length}`);
+  assert.deepEqual(
+    whole.map((l) => JSON.parse(l) as Line),
+    lines.slice(0, whole.length),
+  );
+
+  // A reader of the backlog only that stops reading is never cut: its backlog waits for it.
+  const backlog = await Stalled.open(d.socket, `/v1/events?since=${since}`, t);
+  await delay(200); // time enough to write it all, had it not waited
+  m = await scrape(d);
+  assert.equal(m.get(`${STREAMS}{kind="backlog"}`), 1);
+  const read = dechunk(await backlog.drain());
+  assert.equal(read.complete, true);
+  assert.deepEqual(
+    read.body
+      .split("\n")
+      .slice(0, -1)
+      .map((l) => JSON.parse(l) as Line)
+      .slice(0, lines.length),
+    lines,
+  );
+  m = await scrape(d);
+  assert.equal(m.get(`${STREAMS}{kind="backlog"}`), 0);
+  assert.equal(m.get(`${CUT}{reason="slow_reader"}`), 1);
+});
+
 test("the daemon's stop ends a follower's stream at once, after its last events", async (t) => {
   const d = await startDaemon(t, testConfig(tempDir(t)));
   await session(d, t, "live-1");
   const follower = await open(d, "/v1/events?follow=1", t);
   const backlog = await open(d, "/v1/events?follow=1&since=0", t);
   await backlog.until((l) => has("session.registered", "live-1")(l), "the backlog");
+  assert.equal((await scrape(d)).get(`${STREAMS}{kind="follow"}`), 2);
   await d.stop();
   assert.equal(await follower.done, "end");
   assert.equal(await backlog.done, "end");
+  // Ended by the stop: counted (the API is closed: read from the daemon's registry).
+  const after = await d.daemon.metrics.registry.getSingleMetricAsString(CUT);
+  assert.match(after, new RegExp(`^${CUT}\\{reason="shutdown"\\} 2$`, "m"));
+  assert.match(after, new RegExp(`^${CUT}\\{reason="slow_reader"\\} 0$`, "m"));
   assert.ok(follower.lines.some((l) => l.event === "daemon.stopping"));
   assert.ok(backlog.lines.some((l) => l.event === "daemon.stopping"));
 });
