@@ -296,6 +296,7 @@ export class Daemon {
       log: this.log,
       clock,
       crowded: () => this.crowdWatch.refused(),
+      acceptPending: addon?.acceptPending.bind(addon),
     });
     this.orphans = new OrphanSweep({
       config,

@@ -32,6 +32,11 @@ export interface NativeAddon {
   waitExited(pid: number): { code: number; signal: number } | null;
   memfdCreate(name: string): number;
   /**
+   * The connections waiting in a listening socket's backlog, up to `max`: accept4 until
+   * EAGAIN, non-blocking and close-on-exec fds (libuv takes one per turn of the loop).
+   */
+  acceptPending(listenFd: number, max: number): number[];
+  /**
    * Subscribes to the kernel's process events connector (netlink CN_IDX_PROC) on a thread of
    * the addon's own; `onBatch` runs on the event loop when records are waiting (coalesced).
    * Throws EPERM without CAP_NET_ADMIN, EPROTONOSUPPORT outside the initial network namespace,

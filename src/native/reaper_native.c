@@ -676,6 +676,39 @@ static napi_value wait_exited_js(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * acceptPending(listenFd, max): the connections waiting in a listening socket's backlog, up
+ * to max, as non-blocking close-on-exec fds (accept4 until EAGAIN). libuv (1.45+) accepts one
+ * connection per turn of the event loop; a loop whose turns are long (a reap storm) would
+ * let new connections wait in the backlog one turn each. Any error but EINTR and
+ * ECONNABORTED ends the batch (EMFILE: libuv's own accept meets it next and handles it).
+ */
+static napi_value accept_pending_js(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int32_t fd = -1, max = 0;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int32(env, argv[1], &max) != napi_ok || fd < 0 || max < 0 || max > 4096) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "expected a listening fd and a count (0-4096)");
+    return NULL;
+  }
+  napi_value result;
+  napi_create_array(env, &result);
+  uint32_t n = 0;
+  while ((int32_t)n < max) {
+    int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (c < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      break;
+    }
+    napi_value v;
+    napi_create_int32(env, c, &v);
+    napi_set_element(env, result, n++, v);
+  }
+  return result;
+}
+
 static napi_value memfd_create_js(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
@@ -1198,6 +1231,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"spawnAt", NULL, spawn_at_js, NULL, NULL, NULL, napi_default, NULL},
       {"waitExited", NULL, wait_exited_js, NULL, NULL, NULL, napi_default, NULL},
       {"memfdCreate", NULL, memfd_create_js, NULL, NULL, NULL, napi_default, NULL},
+      {"acceptPending", NULL, accept_pending_js, NULL, NULL, NULL, napi_default, NULL},
       {"procEventsOpen", NULL, proc_events_open_js, NULL, NULL, NULL, napi_default, NULL},
       {"procEventsDrain", NULL, proc_events_drain_js, NULL, NULL, NULL, napi_default, NULL},
       {"procEventsClose", NULL, proc_events_close_js, NULL, NULL, NULL, napi_default, NULL},

@@ -230,3 +230,61 @@ test("connections turned away while every slot is busy do not count against hear
     for (const p of all) p.kill("SIGKILL");
   }
 });
+
+test("a burst of new connections is accepted in a few turns of a busy loop, not one connection a turn", async (t) => {
+  const dir = tempDir(t);
+  chmodSync(dir, 0o755);
+  const d = await startDaemon(t, testConfig(dir));
+  const engine = sleeper(t);
+  assert.equal((await d.api("POST", "/v1/sessions", { id: "burst", engine: { pid: engine.pid } })).status, 201);
+  // Long turns, as in a reap storm: every turn of the daemon's loop (this process's) spends
+  // 20 ms in a check-phase callback. libuv accepts one connection a turn: 300 would take 6 s.
+  let spinning = true;
+  let turns = 0;
+  const spin = (): void => {
+    if (!spinning) return;
+    const end = performance.now() + 20;
+    while (performance.now() < end);
+    turns++;
+    setImmediate(spin);
+  };
+  t.after(() => void (spinning = false));
+  let accepted = 0;
+  d.daemon.app.server.on("connection", () => accepted++);
+  // 300 heartbeats, each on a new connection, sent at once by another process.
+  const script = `
+    const { request } = require("node:http");
+    const one = () => new Promise((done) => {
+      const t0 = performance.now();
+      const req = request({ socketPath: ${JSON.stringify(d.socket)}, agent: false, method: "POST",
+        path: "/v1/sessions/burst/heartbeat", headers: { "content-type": "application/json" } }, (res) => {
+        res.resume();
+        res.on("end", () => done([res.statusCode, performance.now() - t0]));
+      });
+      req.on("error", (e) => done([String(e.code), performance.now() - t0]));
+      req.end('{"activity":"busy"}');
+    });
+    Promise.all(Array.from({ length: 300 }, one)).then((r) => process.stdout.write(JSON.stringify(r)));`;
+  setImmediate(spin);
+  const child = spawn(process.execPath, ["-e", script], { stdio: ["ignore", "pipe", "inherit"] });
+  t.after(() => void child.kill("SIGKILL"));
+  let out = "";
+  child.stdout?.setEncoding("utf8").on("data", (s: string) => (out += s));
+  const turnsBefore = turns;
+  const started = performance.now();
+  await new Promise((r) => child.once("exit", r));
+  const elapsed = performance.now() - started;
+  spinning = false;
+  const answers = JSON.parse(out) as [number | string, number][];
+  assert.deepEqual(
+    answers.filter(([status]) => status !== 200),
+    [],
+    "every heartbeat answered 200",
+  );
+  const slowest = Math.max(...answers.map(([, ms]) => ms));
+  const spun = turns - turnsBefore;
+  t.diagnostic(`300 connections in ${spun} turns of ≥ 20 ms (${elapsed.toFixed(0)} ms); slowest heartbeat ${slowest.toFixed(0)} ms`);
+  assert.ok(accepted >= 300, `${accepted} connections accepted`);
+  // Each turn lasted at least 20 ms; one connection a turn would make the last wait 6 s.
+  assert.ok(slowest < 2000, `the slowest heartbeat waited ${slowest.toFixed(0)} ms`);
+});
