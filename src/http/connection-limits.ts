@@ -169,12 +169,17 @@ export class ConnectionLimits {
    * handed to the same accept callback, screened the same way. Anything missing (no addon, a
    * Node whose handle cannot be made so) leaves libuv's one connection per turn.
    */
-  private drain(listen: ListenHandle, first: AcceptedHandle, one: (err: number, client: AcceptedHandle) => unknown): void {
+  private drain(
+    listen: ListenHandle,
+    first: AcceptedHandle,
+    one: (err: number, client: AcceptedHandle) => unknown,
+  ): void {
     const pending = this.opts.acceptPending;
     const fd = listen.fd;
     const Handle = first.constructor as HandleClass | undefined;
     if (pending === undefined || typeof fd !== "number" || fd < 0) return;
-    if (typeof Handle !== "function" || typeof Handle.prototype?.open !== "function") return;
+    const proto = (Handle as { prototype?: { open?: unknown } } | undefined)?.prototype;
+    if (typeof Handle !== "function" || typeof proto?.open !== "function") return;
     let fds: number[];
     try {
       fds = pending(fd, ACCEPTS_PER_TURN);
