@@ -283,7 +283,9 @@ test("a burst of new connections is accepted in a few turns of a busy loop, not 
   );
   const slowest = Math.max(...answers.map(([, ms]) => ms));
   const spun = turns - turnsBefore;
-  t.diagnostic(`300 connections in ${spun} turns of ≥ 20 ms (${elapsed.toFixed(0)} ms); slowest heartbeat ${slowest.toFixed(0)} ms`);
+  t.diagnostic(
+    `300 connections in ${spun} turns of ≥ 20 ms (${elapsed.toFixed(0)} ms); slowest heartbeat ${slowest.toFixed(0)} ms`,
+  );
   assert.ok(accepted >= 300, `${accepted} connections accepted`);
   // Each turn lasted at least 20 ms; one connection a turn would make the last wait 6 s.
   assert.ok(slowest < 2000, `the slowest heartbeat waited ${slowest.toFixed(0)} ms`);
