@@ -296,7 +296,6 @@ export class Daemon {
       log: this.log,
       clock,
       crowded: () => this.crowdWatch.refused(),
-      acceptPending: addon?.acceptPending.bind(addon),
     });
     this.orphans = new OrphanSweep({
       config,
@@ -320,6 +319,7 @@ export class Daemon {
       api: config.api,
       callers: this.callers,
       connectionLimits: this.connectionLimits,
+      acceptPending: addon?.acceptPending.bind(addon),
       info: () => this.info(),
       eventStreams: opts.eventStreams,
     });
@@ -461,7 +461,13 @@ export class Daemon {
     if (tcp !== null && this.tcpToken !== null) {
       const server = buildTcpServer(
         this.app,
-        { api: this.config.api, callers: this.callers, metrics: this.metrics },
+        {
+          api: this.config.api,
+          callers: this.callers,
+          metrics: this.metrics,
+          acceptPending: addon?.acceptPending.bind(addon),
+          log: this.log,
+        },
         this.tcpToken,
       );
       await listenTcp(server, tcp.host, tcp.port);

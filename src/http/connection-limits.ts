@@ -1,4 +1,3 @@
-import { closeSync } from "node:fs";
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import type { Socket } from "node:net";
 import type { Logger } from "pino";
@@ -32,22 +31,7 @@ export interface ConnectionLimitsOptions {
    * by a busy connection, so a heartbeat may have been kept out (src/detect/crowd.ts).
    */
   readonly crowded: () => void;
-  /**
-   * The connections waiting in the listening socket's backlog, up to `max` (the native
-   * addon's accept4 loop), or absent: libuv then accepts one connection per turn of the loop.
-   */
-  readonly acceptPending?: ((listenFd: number, max: number) => number[]) | undefined;
 }
-
-/**
- * Connections taken from the backlog per turn of the loop beside the one libuv accepted. libuv
- * (1.45+) accepts a single connection per turn: during a reap storm a turn lasts 10-20 ms, so
- * new connections (a shell's curl, a client without a kept connection) were accepted at
- * 50-100 a second and waited in the backlog, up to a second each. 32 a turn at ~0.3 ms each.
- */
-export const ACCEPTS_PER_TURN = 32;
-/** Node's Pipe wrap type for a connected socket (PipeConstants.SOCKET). */
-const PIPE_SOCKET = 0;
 
 /** The connections of one peer uid (null: SO_PEERCRED could not be read), least recently used first. */
 interface Peer {
@@ -65,15 +49,12 @@ interface Connection {
 
 /** The listening handle (Node's Pipe wrap) and an accepted connection's, as net.Server's onconnection sees them. */
 interface ListenHandle {
-  readonly fd?: number;
   onconnection?: (this: unknown, err: number, client?: AcceptedHandle) => unknown;
 }
 interface AcceptedHandle {
   readonly fd?: number;
   close(): void;
 }
-/** The accepted handle's class (Node's Pipe wrap): a handle made of an fd accepted here. */
-type HandleClass = new (type: number) => AcceptedHandle & { open(fd: number): number };
 
 const CONNECTION = Symbol("session-reaper.connection");
 type Tracked = Socket & { [CONNECTION]?: Connection };
@@ -148,7 +129,7 @@ export class ConnectionLimits {
     const handle = (server as unknown as { _handle?: ListenHandle | null })._handle;
     const accept = handle?.onconnection;
     if (handle === undefined || handle === null || typeof accept !== "function") return;
-    const one = (err: number, client?: AcceptedHandle): unknown => {
+    handle.onconnection = (err, client) => {
       if (err === 0 && client !== undefined && this.screen(client)) return;
       try {
         return accept.call(handle, err, client);
@@ -156,50 +137,6 @@ export class ConnectionLimits {
         this.screened = null;
       }
     };
-    handle.onconnection = (err, client) => {
-      const out = one(err, client);
-      if (err === 0 && client !== undefined) this.drain(handle, client, one);
-      return out;
-    };
-  }
-
-  /**
-   * The rest of the backlog, in this turn: each connection waiting is accepted here (up to
-   * ACCEPTS_PER_TURN), made a handle of the class libuv's accept gave (Node's Pipe wrap), and
-   * handed to the same accept callback, screened the same way. Anything missing (no addon, a
-   * Node whose handle cannot be made so) leaves libuv's one connection per turn.
-   */
-  private drain(
-    listen: ListenHandle,
-    first: AcceptedHandle,
-    one: (err: number, client: AcceptedHandle) => unknown,
-  ): void {
-    const pending = this.opts.acceptPending;
-    const fd = listen.fd;
-    const Handle = first.constructor as HandleClass | undefined;
-    if (pending === undefined || typeof fd !== "number" || fd < 0) return;
-    const proto = (Handle as { prototype?: { open?: unknown } } | undefined)?.prototype;
-    if (typeof Handle !== "function" || typeof proto?.open !== "function") return;
-    let fds: number[];
-    try {
-      fds = pending(fd, ACCEPTS_PER_TURN);
-    } catch (err) {
-      this.opts.log.error({ err }, "the listening socket's backlog could not be read: one connection a turn");
-      return;
-    }
-    for (const c of fds) {
-      let client: InstanceType<HandleClass>;
-      try {
-        client = new Handle(PIPE_SOCKET);
-        const failed = client.open(c);
-        if (failed !== 0) throw new Error(`open: ${failed}`);
-      } catch (err) {
-        closeQuietly(c);
-        this.opts.log.error({ err }, "a connection accepted from the backlog could not be opened: it was closed");
-        continue;
-      }
-      one(0, client);
-    }
   }
 
   /**
@@ -359,14 +296,5 @@ export class ConnectionLimits {
       },
       `${what} (logged at most once a minute per uid)`,
     );
-  }
-}
-
-/** Closes an fd this module accepted and could not hand on. */
-function closeQuietly(fd: number): void {
-  try {
-    closeSync(fd);
-  } catch {
-    // closed already
   }
 }

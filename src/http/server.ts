@@ -26,6 +26,7 @@ import type { OrphanSweep } from "../orphans/sweep.js";
 import type { Sessions } from "../sessions/sessions.js";
 import type { Store } from "../store/store.js";
 import { errorBody as send, toApiError } from "./api-error.js";
+import { acceptBacklog, type AcceptPending } from "./accept-backlog.js";
 import type { ConnectionLimits } from "./connection-limits.js";
 import { eventStreamRoutes, type EventStreamLimits } from "./events-stream.js";
 import { FastHeartbeat } from "./fast-heartbeat.js";
@@ -85,6 +86,8 @@ export interface ServerDeps {
    * own cap (api.max_connections, for every peer alike) applies.
    */
   connectionLimits?: ConnectionLimits;
+  /** The rest of the listen backlog each turn (src/http/accept-backlog.ts); absent: libuv's one a turn. */
+  acceptPending?: AcceptPending | undefined;
   info: () => DaemonInfo;
   /** GET /v1/events' keep-alive period and unsent-bytes cut, shortened by tests only (DaemonOptions.eventStreams). */
   eventStreams?: Partial<EventStreamLimits> | undefined;
@@ -240,6 +243,7 @@ function createApp(deps: ServerDeps): {
       lane.attach(server);
       if (limits === undefined) server.maxConnections = deps.api.maxConnections;
       else limits.attach(server);
+      acceptBacklog(server, deps.acceptPending, deps.log); // outermost: what it accepts is screened
       return server;
     },
     // Session ids have up to 128 characters: find-my-way's default cap of 100 would answer 414
@@ -553,7 +557,7 @@ function daemonRoutes(app: FastifyInstance, deps: ServerDeps): void {
  */
 export function buildTcpServer(
   app: FastifyInstance,
-  deps: Pick<ServerDeps, "api" | "callers" | "metrics">,
+  deps: Pick<ServerDeps, "api" | "callers" | "metrics" | "acceptPending" | "log">,
   token: Buffer,
 ): Server {
   const route = (req: IncomingMessage, res: ServerResponse): void => app.routing(req, res);
@@ -580,5 +584,6 @@ export function buildTcpServer(
   server.maxConnections = deps.api.maxConnections;
   // Marked before any byte is parsed: a TCP peer is a token holder, never a unix peer.
   server.on("connection", (socket: Socket) => deps.callers.markTcp(socket));
+  acceptBacklog(server, deps.acceptPending, deps.log);
   return server;
 }
