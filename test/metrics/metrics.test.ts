@@ -137,3 +137,33 @@ test("/metrics: each daemon has its own registry; reaped counts survive a restar
   assert.equal(after.values.get('session_reaper_sessions{state="reaped",profile="default"}'), 1);
   assert.equal(after.values.get("session_reaper_heartbeats_total"), 0); // counters restart with the process
 });
+
+test("/metrics: the event-loop delay is the delay itself, not the 100 ms sampling period plus it", async (t) => {
+  const d = await startDaemon(t, testConfig(tempDir(t)));
+  const lag = (values: Map<string, number>, stat: string): number => {
+    const v = values.get(`nodejs_eventloop_lag_${stat}_seconds`);
+    assert.ok(v !== undefined, `nodejs_eventloop_lag_${stat}_seconds is exposed once`);
+    return v;
+  };
+  await scrape(d); // starts a window
+  // A quiet second: a few ms at most (Node's monitor alone read 0.100 s at p50 here).
+  await new Promise((r) => setTimeout(r, 1000));
+  const quiet = (await scrape(d)).values;
+  assert.ok(lag(quiet, "p50") < 0.02, `p50 ${lag(quiet, "p50")} s on a quiet loop`);
+  assert.ok(lag(quiet, "min") < 0.02, `min ${lag(quiet, "min")} s`);
+  // The daemon's loop (this process's) held for 300 ms: its timer fired up to 300 ms late.
+  await new Promise((r) => setTimeout(r, 150));
+  const end = performance.now() + 300;
+  while (performance.now() < end);
+  await new Promise((r) => setTimeout(r, 150));
+  const held = (await scrape(d)).values;
+  const max = lag(held, "max");
+  assert.ok(max >= 0.18 && max <= 0.4, `max ${max} s after a 300 ms hold`);
+  assert.ok(lag(held, "p50") < 0.05, `p50 ${lag(held, "p50")} s: one late firing among quiet ones`);
+  const text = (await scrape(d)).text;
+  assert.equal(
+    text.match(/^nodejs_eventloop_lag_p99_seconds /gm)?.length,
+    1,
+    "one series, not prom-client's beside ours",
+  );
+});
