@@ -49,13 +49,19 @@ interface DaemonView {
   gcOver100: number;
 }
 
-/** The daemon's event loop and GC, from its /metrics (prom-client resets the loop's histogram on each scrape). */
+/**
+ * The daemon's event loop and GC, from its /metrics (the loop's histogram restarts at each
+ * scrape). Builds before 2026-12-07 reported the loop's delay plus the monitor's 100 ms period
+ * (their min never reads below ~0.099 s): that period is taken off theirs, not ours.
+ */
 async function daemonView(socket: string): Promise<DaemonView> {
   const res = await callApi<string>(socket, "GET", "/metrics").catch(() => null);
   const text = typeof res?.body === "string" ? res.body : "";
   const value = (re: RegExp): number => [...text.matchAll(re)].reduce((sum, m) => sum + Number(m[1]), 0);
+  const min = value(/^nodejs_eventloop_lag_min_seconds (\S+)$/gm);
+  const period = min >= 0.09 && min < 1 ? 0.1 : 0;
   return {
-    loopMaxMs: Math.max(0, (value(/^nodejs_eventloop_lag_max_seconds (\S+)$/gm) - 0.1) * 1000),
+    loopMaxMs: Math.max(0, (value(/^nodejs_eventloop_lag_max_seconds (\S+)$/gm) - period) * 1000),
     gcSum: value(/^nodejs_gc_duration_seconds_sum\{[^}]*\} (\S+)$/gm) * 1000,
     gcOver100:
       value(/^nodejs_gc_duration_seconds_bucket\{le="\+Inf"[^}]*\} (\S+)$/gm) -

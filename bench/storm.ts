@@ -30,7 +30,10 @@ const MODE = process.env.STORM_MODE === "reap" ? "reap" : "expire";
 
 const CLIENT = new URL("../src/client/transport.js", import.meta.url).href;
 
-/** The daemon's event-loop delay since the previous scrape (prom-client's default metrics), ms. */
+/**
+ * The daemon's event-loop delay since the previous scrape (its nodejs_eventloop_lag_* series),
+ * ms. A build before 2026-12-07 reported it plus its monitor's 100 ms period.
+ */
 async function loopLag(socket: string): Promise<{ p99: number; max: number }> {
   const res = await callApi<string>(socket, "GET", "/metrics");
   const text = typeof res.body === "string" ? res.body : "";
@@ -106,7 +109,7 @@ async function main(): Promise<number> {
   const aFrom = performance.now();
   await sleep(WINDOW_MS);
   const aTo = performance.now();
-  await loopLag(daemon.socket); // prom-client's event-loop histogram restarts at each scrape
+  await loopLag(daemon.socket); // the event-loop histogram restarts at each scrape
   let bFrom: number;
   if (MODE === "expire") {
     // Window B from just before the deadlines.

@@ -257,9 +257,10 @@ async function closeAndReport(
   }
   const left = reaped.leftovers.map((l) => `${l.kind} ${l.item}`).join(", ");
   const outcome = `outcome ${reaped.outcome}${left ? `: ${left}` : ""}`;
-  if (!closedHere && o.fenced()) {
-    // Said at the fence, with the reason; the command's status and the cleanup come now.
-    ctx.note(`session ${id}: ${cmd} exited with status ${status}, ${outcome}`);
+  if (!closedHere && o.fenced() && reaped.reason !== "engine_gone") {
+    // Said at the fence; the reason again (the refusal may not have named it), the command's
+    // status and the cleanup now.
+    ctx.note(`session ${id} (reason ${reaped.reason}): ${cmd} exited with status ${status}, ${outcome}`);
   } else if (!closedHere && !o.signalled() && reaped.reason !== "engine_gone") {
     // The daemon ended it (its SIGTERM usually ends the command before a heartbeat meets
     // the fence): say so and why, or the exit status alone would leave the user guessing.

@@ -614,10 +614,11 @@ export class ReaperClient extends EventEmitter<ReaperClientEvents> {
     if (res.status === 200) {
       this.failures = 0;
       const w = res.body.warning;
-      const fresh = w !== null && w !== undefined && w.at !== this.warnedAt;
-      if (fresh) this.warnedAt = w.at;
       this.emit("heartbeat", res.body);
-      if (fresh && loop === this.loop) this.emit("warning", w);
+      if (w !== null && w !== undefined && w.at !== this.warnedAt && loop === this.loop) {
+        this.warnedAt = w.at; // told once: marked as it is emitted, never before
+        this.emit("warning", w);
+      }
       this.schedule(loop, this.nextInterval());
     } else if (res.status >= 500) {
       this.retry(loop, ReaperApiError.from(res)); // e.g. 503 while the daemon closes

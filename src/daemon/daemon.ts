@@ -27,6 +27,7 @@ import { loadToken } from "../auth/tcp.js";
 import { closeServer, listenFd, listenTcp, listenUnix } from "../http/listen.js";
 import { buildServer, buildTcpServer, type DaemonInfo } from "../http/server.js";
 import type { EventStreamLimits } from "../http/events-stream.js";
+import type { AcceptPending } from "../http/accept-backlog.js";
 import { ConnectionLimits } from "../http/connection-limits.js";
 import { Metrics, type StallCause } from "../metrics/metrics.js";
 import { OrphanSweep } from "../orphans/sweep.js";
@@ -148,6 +149,8 @@ export class Daemon {
   /** Connections turned away that may have kept heartbeats out (src/detect/crowd.ts). */
   private readonly crowdWatch: CrowdWatch;
   private readonly connectionLimits: ConnectionLimits;
+  /** The addon's accept4 loop for the listeners (src/http/accept-backlog.ts), if built. */
+  private readonly acceptPending: AcceptPending | undefined;
   private statusTimer: NodeJS.Timeout | null = null;
   private watchdogTimer: NodeJS.Timeout | null = null;
   private probeTimer: NodeJS.Timeout | null = null;
@@ -309,6 +312,9 @@ export class Daemon {
       log: this.log,
       daemonPid,
     });
+    // An addon built before acceptPending existed leaves libuv's one connection a turn.
+    const acceptPending = typeof addon?.acceptPending === "function" ? addon.acceptPending.bind(addon) : undefined;
+    this.acceptPending = acceptPending;
     this.app = buildServer({
       sessions: this.sessions,
       store: this.store,
@@ -319,7 +325,7 @@ export class Daemon {
       api: config.api,
       callers: this.callers,
       connectionLimits: this.connectionLimits,
-      acceptPending: addon?.acceptPending.bind(addon),
+      acceptPending,
       info: () => this.info(),
       eventStreams: opts.eventStreams,
     });
@@ -465,7 +471,7 @@ export class Daemon {
           api: this.config.api,
           callers: this.callers,
           metrics: this.metrics,
-          acceptPending: addon?.acceptPending.bind(addon),
+          acceptPending: this.acceptPending,
           log: this.log,
         },
         this.tcpToken,

@@ -65,18 +65,26 @@ function drain(
     log.error({ err }, "the listening socket's backlog could not be read: one connection a turn");
     return;
   }
-  for (const c of fds) {
-    let client: InstanceType<HandleClass>;
-    try {
-      client = new Made(SOCKET);
-      const failed = client.open(c);
-      if (failed !== 0) throw new Error(`open: ${failed}`);
-    } catch (err) {
-      closeQuietly(c);
-      log.error({ err }, "a connection accepted from the backlog could not be opened: it was closed");
-      continue;
+  let next = 0;
+  try {
+    for (; next < fds.length; next++) {
+      const c = fds[next] as number;
+      let client: InstanceType<HandleClass> | undefined;
+      try {
+        client = new Made(SOCKET);
+        const failed = client.open(c);
+        if (failed !== 0) throw new Error(`open: ${failed}`);
+      } catch (err) {
+        client?.close(); // a handle whose open() failed does not own the fd: closed here
+        closeQuietly(c);
+        log.error({ err }, "a connection accepted from the backlog could not be opened: it was closed");
+        continue;
+      }
+      accept.call(listen, 0, client);
     }
-    accept.call(listen, 0, client);
+  } finally {
+    // An accept callback that threw leaves the rest unhanded: closed, never leaked.
+    for (next++; next < fds.length; next++) closeQuietly(fds[next] as number);
   }
 }
 

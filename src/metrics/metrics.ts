@@ -90,7 +90,9 @@ export class Metrics {
     // The event-loop lag monitor samples on a timer of this period: prom-client's default
     // (10 ms) wakes an idle daemon 100 times a second, about 0.6 % of a core by itself on
     // this machine; 100 ms still gives the lag histogram ten samples a second.
-    collectDefaultMetrics({ register: this.registry, eventLoopMonitoringPrecision: LOOP_SAMPLE_MS });
+    // prom-client's own loop-delay histogram is replaced (eventLoopDelay): its timer is given
+    // the longest period a timer takes, so that it never wakes the daemon.
+    collectDefaultMetrics({ register: this.registry, eventLoopMonitoringPrecision: 2 ** 31 - 1 });
     eventLoopDelay(this.registry);
     this.reapedByProfile = new Map(deps.store.reapedByProfile().map((r) => [r.profile, r.n]));
     const reapedByProfile = this.reapedByProfile;
@@ -501,8 +503,8 @@ function eventLoopDelay(registry: Registry): void {
     ["p90", "The 90th percentile of the recorded event loop delays", (h) => delay(h.percentile(90))],
     ["p99", "The 99th percentile of the recorded event loop delays", (h) => delay(h.percentile(99))],
   ];
-  // The first gauge's collect sets them all (a scrape reads the registry's metrics in the
-  // order registered: these seven after every other), then starts the next window.
+  // The first gauge's collect sets all seven, then starts the next window: a scrape reads the
+  // registry's metrics one after the other in the order registered, min first of the seven.
   const gauges: { gauge: Gauge; value: (h: typeof histogram) => number }[] = [];
   const all = (): void => {
     // No sample yet (the first scrape within 100 ms of start): Node's min is then 2^63 ns.

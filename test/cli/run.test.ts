@@ -237,7 +237,10 @@ test("run: the daemon fences the session; reaperctl says so with the reason, wai
     notes[0]!,
     /^reaperctl: session run-fenced was ended by the daemon \(reason forced\): heartbeats stopped; waiting for .* to exit$/,
   );
-  assert.match(notes[1]!, /^reaperctl: session run-fenced: .* exited with status 137, outcome clean$/);
+  assert.match(
+    notes[1]!,
+    /^reaperctl: session run-fenced \(reason forced\): .* exited with status 137, outcome clean$/,
+  );
   assert.equal((await d.reaped("run-fenced")).reason, "forced");
 });
 

@@ -38,11 +38,12 @@ class ReaperUnreachable(Exception):
 class ReaperApiError(Exception):
     """The daemon answered with an error; ``code`` is its stable ``SR_…`` code."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, detail: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(f"{code}: {message}" if message else code)
         self.status = status
         self.code = code
         self.message = message
+        self.detail: Dict[str, Any] = detail or {}  # e.g. a fence's or a tombstone's {state, reason}
 
     @property
     def retryable(self) -> bool:
@@ -99,7 +100,13 @@ class ReaperClient:
             return answer
         err = answer.get("error") if isinstance(answer, dict) else None
         if isinstance(err, dict):
-            raise ReaperApiError(res.status, str(err.get("code")), str(err.get("message", "")))
+            detail = err.get("detail")
+            raise ReaperApiError(
+                res.status,
+                str(err.get("code")),
+                str(err.get("message", "")),
+                detail if isinstance(detail, dict) else None,
+            )
         raise ReaperApiError(res.status, f"HTTP_{res.status}", raw[:200].decode("utf-8", "replace"))
 
     @staticmethod

@@ -309,7 +309,7 @@ class Keeper(threading.Thread):
                                 launch.session_id,
                             )
                             launch.ports = []
-                        elif e.status in (404, 409):
+                        elif e.status in (404, 409, 410):
                             self._ended(client, e)
                             return
                         elif e.retryable:
@@ -362,11 +362,13 @@ class Keeper(threading.Thread):
         launch, log = self.launch, self.prov.log
         if launch.closed or self.stopped.is_set():
             return  # we closed it ourselves
-        reason = "?"
-        try:
-            reason = str(client.get(launch.session_id).get("reason"))
-        except Exception:
-            pass
+        # The refusal names it (a fence's or a tombstone's detail); else the session does.
+        reason = str(e.detail.get("reason") or "?")
+        if reason == "?":
+            try:
+                reason = str(client.get(launch.session_id).get("reason"))
+            except Exception:
+                pass
         log.warning(
             "session-reaper: the daemon ended session %s of kernel %s (%s, reason %s): the kernel is being "
             "terminated",
