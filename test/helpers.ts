@@ -122,6 +122,8 @@ export interface Engine {
   pid: number;
   port: number;
   children: number[];
+  /** The engine's and its children's identities when it said it was ready. */
+  started: { pid: number; startTime: number | undefined }[];
   dir: string | undefined;
   child: ChildProcess;
   exited: Promise<void>;
@@ -147,22 +149,46 @@ export async function startEngine(
     child.stdout?.setEncoding("utf8").once("data", (line: string) => resolve(JSON.parse(line) as never));
     child.once("exit", (code) => reject(new Error(`engine exited early with ${code}`)));
   });
+  // Identities now: by the time the test ends, these pids may name other processes.
+  const started = [ready.pid, ...ready.children].map((pid) => ({ pid, startTime: readStat(pid)?.startTime }));
   t.after(() => {
-    for (const pid of [ready.pid, ...ready.children]) {
-      try {
-        process.kill(pid, "SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
+    for (const p of started) killIfSame(p.pid, p.startTime);
   });
-  return { ...ready, dir, child, exited };
+  return { ...ready, started, dir, child, exited };
+}
+
+/**
+ * Sends `signal` to `pid` only if it still names the process that started at `startTime` (read
+ * when the test learnt the pid). A test's cleanup runs long after: by then the pid may be
+ * another test's process, or a thread of another test file's process (thread ids share the pid
+ * space, and kill(2) on a thread's id kills its whole process). `startTime` undefined: the pid
+ * was already gone when it was learnt, so nothing is sent.
+ */
+export function killIfSame(pid: number, startTime: number | undefined, signal: NodeJS.Signals = "SIGKILL"): void {
+  const st = readStat(pid);
+  if (startTime === undefined || st === null || isExited(st) || st.startTime !== startTime) return;
+  try {
+    process.kill(pid, signal);
+  } catch {
+    // gone meanwhile
+  }
+}
+
+/** The start time of `pid` now (undefined when it is gone): what killIfSame checks later. */
+export function startTimeOf(pid: number): number | undefined {
+  return readStat(pid)?.startTime;
 }
 
 /** A process is gone for the reaper when it does not exist or is a zombie. */
 export function isGone(pid: number): boolean {
   const st = readStat(pid);
   return st === null || isExited(st);
+}
+
+/** Whether the process that started at `startTime` under `pid` is gone (a recycled pid names another). */
+export function isGoneProcess(p: { pid: number; startTime: number | undefined }): boolean {
+  const st = readStat(p.pid);
+  return st === null || isExited(st) || st.startTime !== p.startTime;
 }
 
 /** Whether a test bind on 127.0.0.1:port succeeds. */

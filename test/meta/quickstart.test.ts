@@ -18,7 +18,7 @@ import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { callApi } from "../../src/client/transport.js";
 import type { Session } from "../../src/client/index.js";
-import { isGone, portFree, removeCgroupBaseAfter, until } from "../helpers.js";
+import { isGone, killIfSame, portFree, removeCgroupBaseAfter, until } from "../helpers.js";
 
 const ROOT = fileURLToPath(new URL("../../../", import.meta.url));
 
@@ -137,13 +137,7 @@ test("README's Quick start works as written, line by line", async (t) => {
   t.after(async () => {
     shell.stdin.end();
     killGroup(shell, "SIGKILL");
-    if (engine !== undefined && !isGone(engine)) {
-      try {
-        process.kill(engine, "SIGKILL");
-      } catch {
-        // gone meanwhile
-      }
-    }
+    if (engine !== undefined) killIfSame(engine, session?.engine.startTime);
     if (daemon.exitCode === null && daemon.signalCode === null) {
       const gone = new Promise((r) => daemon.once("exit", r));
       killGroup(daemon, "SIGTERM");

@@ -4,7 +4,7 @@ import { test } from "node:test";
 import { identify } from "../../src/proc/identity.js";
 import { readStat } from "../../src/proc/stat.js";
 import { ProcessTable, processTree } from "../../src/proc/tree.js";
-import { until } from "../helpers.js";
+import { killIfSame, startTimeOf, until } from "../helpers.js";
 
 /** `sh` that starts a grandchild `sleep`, prints its pid and waits; both killed when the test ends. */
 async function parentWithGrandchild(
@@ -17,14 +17,9 @@ async function parentWithGrandchild(
     child.stdout.setEncoding("utf8").once("data", (line: string) => resolve(Number(line.trim())));
     child.once("exit", () => reject(new Error("sh exited early")));
   });
+  const started = [child.pid, grandchild].map((pid) => ({ pid, startTime: startTimeOf(pid) }));
   t.after(() => {
-    for (const pid of [child.pid, grandchild]) {
-      try {
-        process.kill(pid as number, "SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
+    for (const p of started) killIfSame(p.pid, p.startTime);
   });
   // The grandchild has exec'd sleep once its parent is the shell and its comm is sleep.
   await until(() => readStat(grandchild)?.comm === "sleep", 5000, "grandchild exec");

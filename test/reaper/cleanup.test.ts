@@ -2,7 +2,18 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync, readFileSync, renameSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
-import { ENGINE, isGone, portFree, startDaemon, startEngine, tempDir, testConfig, until } from "../helpers.js";
+import {
+  ENGINE,
+  isGone,
+  killIfSame,
+  portFree,
+  startDaemon,
+  startEngine,
+  startTimeOf,
+  tempDir,
+  testConfig,
+  until,
+} from "../helpers.js";
 
 type Step = { name: string; outcome: string; durationMs: number; detail: Record<string, unknown> };
 type SessionJson = {
@@ -98,7 +109,8 @@ test("a port taken after the session was gone by a process not its own is a reus
   await d.api("POST", `/v1/sessions/${id}/reap`);
   const finished = await d.reaped(id);
   const outsider = JSON.parse(readFileSync(ready, "utf8")) as { pid: number; port: number };
-  t.after(() => void process.kill(outsider.pid, "SIGKILL"));
+  const outsiderStart = startTimeOf(outsider.pid);
+  t.after(() => killIfSame(outsider.pid, outsiderStart));
   assert.equal(outsider.port, engine.port);
   assert.equal(finished.outcome, "clean");
   const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
@@ -144,7 +156,8 @@ test("a port held by a process outside the session on another address of the sam
   await d.api("POST", `/v1/sessions/${id}/reap`);
   const finished = await d.reaped(id);
   const outsider = Number(readFileSync(ready, "utf8"));
-  t.after(() => void process.kill(outsider, "SIGKILL"));
+  const outsiderStart = startTimeOf(outsider);
+  t.after(() => killIfSame(outsider, outsiderStart));
   assert.equal(finished.outcome, "partial");
   const s = (await d.api<SessionJson>("GET", `/v1/sessions/${id}`)).body;
   assert.deepEqual(

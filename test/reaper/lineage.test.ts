@@ -5,7 +5,17 @@ import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import { fileURLToPath } from "node:url";
 import { cgroup2Mount } from "../../src/proc/cgroup.js";
-import { isGone, spawnDaemon, startDaemon, tempDir, testConfig, until, writeConfig } from "../helpers.js";
+import {
+  isGone,
+  killIfSame,
+  spawnDaemon,
+  startTimeOf,
+  startDaemon,
+  tempDir,
+  testConfig,
+  until,
+  writeConfig,
+} from "../helpers.js";
 
 // Every process an engine ever started is the session's, known from the kernel's process events
 // (src/proc/lineage.ts): each reap below is judged from /proc by the test itself, never from the
@@ -255,7 +265,8 @@ test("without the connector (no CAP_NET_ADMIN): snapshots, a warning, the daemon
   t.after(() => void e.kill("SIGKILL"));
   await until(() => readFileSync(`/proc/${e.pid}/task/${e.pid}/children`, "latin1").trim() !== "", 5_000, "child");
   const child = Number(readFileSync(`/proc/${e.pid}/task/${e.pid}/children`, "latin1").trim());
-  t.after(() => void (isGone(child) || process.kill(child, "SIGKILL")));
+  const childStart = startTimeOf(child);
+  t.after(() => killIfSame(child, childStart));
   const reg = await callApi<SessionJson>(socket, "POST", "/v1/sessions", { id: "nolineage", engine: { pid: e.pid } });
   assert.equal(reg.status, 201, JSON.stringify(reg.body));
   assert.equal(reg.body.tracking, "snapshots");
